@@ -1,0 +1,13 @@
+#pragma once
+// Each subcommand registers itself on the app; its callback runs when it is chosen.
+#include <CLI/CLI.hpp>
+
+namespace moelab::cli {
+
+void register_inspect(CLI::App& app);
+void register_generate(CLI::App& app);
+void register_forward(CLI::App& app);
+void register_demo(CLI::App& app);
+void register_devices(CLI::App& app);
+
+}  // namespace moelab::cli

@@ -1,0 +1,131 @@
+#include "core/checkpoint.hpp"
+
+#include <filesystem>
+#include <fmt/format.h>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "core/error.hpp"
+#include "core/progress.hpp"
+
+namespace moelab {
+
+namespace fs = std::filesystem;
+
+std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_progress) {
+  if (!fs::is_directory(dir)) throw Error(fmt::format("{}: not a directory (expected a checkpoint folder)", dir));
+  std::unique_ptr<Checkpoint> ck(new Checkpoint());
+  ck->dir_ = dir;
+  const fs::path root(dir);
+  ck->config_ = ModelConfig::from_json_file((root / "config.json").string());
+
+  const fs::path single = root / "model.safetensors";
+  const fs::path index = root / "model.safetensors.index.json";
+  std::vector<std::string> shard_names;
+  std::map<std::string, std::string> weight_map;  // tensor -> shard file name
+  if (fs::exists(index)) {
+    std::ifstream in(index);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(fmt::format("{}: not valid JSON ({})", index.string(), e.what()));
+    }
+    if (!j.contains("weight_map") || !j["weight_map"].is_object())
+      throw Error(fmt::format("{}: no 'weight_map' object", index.string()));
+    std::set<std::string> seen;
+    for (const auto& [name, file] : j["weight_map"].items()) {
+      if (!file.is_string()) throw Error(fmt::format("{}: weight_map['{}'] is not a file name", index.string(), name));
+      const auto f = file.get<std::string>();
+      if (f.find('/') != std::string::npos || f == "..")
+        throw Error(fmt::format("{}: shard name '{}' for '{}' is not a plain file name", index.string(), f, name));
+      weight_map[name] = f;
+      if (seen.insert(f).second) shard_names.push_back(f);
+    }
+    for (const auto& f : shard_names)
+      if (!fs::exists(root / f))
+        throw Error(fmt::format("{}: missing shard (listed in {})", (root / f).string(), index.filename().string()));
+  } else if (fs::exists(single)) {
+    shard_names.push_back("model.safetensors");
+  } else {
+    throw Error(fmt::format("{}: no model.safetensors or model.safetensors.index.json", dir));
+  }
+
+  Progress progress("validating shards", int64_t(shard_names.size()), show_progress);
+  for (const auto& f : shard_names) {
+    ck->shards_.push_back(std::make_unique<SafetensorsFile>((root / f).string()));
+    progress.advance();
+  }
+  progress.finish();
+
+  for (const auto& shard : ck->shards_) {
+    const auto shard_file = fs::path(shard->path()).filename().string();
+    for (const auto& [name, _] : shard->tensors()) {
+      if (!weight_map.empty()) {
+        auto it = weight_map.find(name);
+        if (it == weight_map.end()) {
+          ck->warnings_.push_back(fmt::format("{}: tensor '{}' is not listed in the index", shard->path(), name));
+          continue;
+        }
+        if (it->second != shard_file) continue;  // the index says it lives elsewhere
+      }
+      if (!ck->where_.emplace(name, shard.get()).second)
+        throw Error(fmt::format("{}: tensor '{}' also appears in {}", shard->path(), name,
+                                ck->where_[name]->path()));
+    }
+  }
+  for (const auto& [name, file] : weight_map)
+    if (!ck->where_.count(name))
+      throw Error(fmt::format("{}: tensor '{}' is listed in the index for this shard but is not in it",
+                              (root / file).string(), name));
+  ck->validate_against_config();
+  return ck;
+}
+
+void Checkpoint::validate_against_config() {
+  std::set<std::string> expected;
+  for (const auto& spec : config_.expected_tensors()) {
+    expected.insert(spec.name);
+    auto it = where_.find(spec.name);
+    if (it == where_.end())
+      throw Error(fmt::format("{}: missing tensor '{}' (config.json implies it with shape {})", dir_, spec.name,
+                              shape_str(spec.shape)));
+    const auto& t = it->second->info(spec.name);
+    if (t.shape != spec.shape)
+      throw Error(fmt::format("{}: tensor '{}' has shape {} but config.json implies {}", it->second->path(),
+                              spec.name, shape_str(t.shape), shape_str(spec.shape)));
+    if (!dtype_is_float_convertible(t.dtype))
+      throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", it->second->path(),
+                              spec.name, dtype_name(t.dtype)));
+  }
+  for (const auto& [name, file] : where_)
+    if (!expected.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
+      warnings_.push_back(fmt::format("{}: tensor '{}' is not used by a {} with this config", file->path(), name,
+                                      config_.arch_name()));
+}
+
+std::string Checkpoint::tokenizer_path() const { return (fs::path(dir_) / "tokenizer.model").string(); }
+
+const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw Error(fmt::format("{}: no tensor named '{}'", dir_, name));
+  return *it->second;
+}
+
+const TensorInfo& Checkpoint::info(const std::string& name) const { return file_of(name).info(name); }
+
+std::vector<float> Checkpoint::read_f32(const std::string& name) const { return file_of(name).read_f32(name); }
+
+void Checkpoint::read_rows_f32(const std::string& name, int64_t first, int64_t count, float* dst) const {
+  const auto& f = file_of(name);
+  const auto& t = f.info(name);
+  if (t.shape.size() != 2) throw Error(fmt::format("{}: tensor '{}' is not 2-D", f.path(), name));
+  if (first < 0 || first + count > t.shape[0])
+    throw Error(fmt::format("{}: tensor '{}': rows [{}, {}) outside its {} rows", f.path(), name, first,
+                            first + count, t.shape[0]));
+  f.read_f32(t, first * t.shape[1], count * t.shape[1], dst);
+}
+
+}  // namespace moelab

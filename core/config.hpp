@@ -1,0 +1,73 @@
+#pragma once
+// ModelConfig: the facts of a Hugging Face config.json for MixtralForCausalLM (sparse MoE) or
+// MistralForCausalLM (treated as the dense case: one expert, always chosen, weight 1).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moelab {
+
+enum class Architecture { Mixtral, Mistral };
+
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+struct ModelConfig {
+  Architecture arch = Architecture::Mixtral;
+  std::string source;  // path it was read from, for messages
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int intermediate_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int num_experts = 1;  // 1 for the dense (Mistral) case
+  int top_k = 1;
+  float rms_norm_eps = 1e-5f;
+  double rope_theta = 10000.0;
+  int max_position_embeddings = 0;
+  int sliding_window = 0;  // 0: plain causal attention
+  bool tie_word_embeddings = false;
+  int bos_token_id = 1;
+  int eos_token_id = 2;
+  std::string torch_dtype;
+
+  bool is_moe() const { return arch == Architecture::Mixtral; }
+  std::string arch_name() const;
+
+  // Reads and checks config.json; unknown architectures, missing keys, non-positive sizes,
+  // heads that do not divide, top_k > experts are errors naming the file.
+  static ModelConfig from_json_file(const std::string& path);
+  static ModelConfig from_json_text(const std::string& text, const std::string& source);
+
+  // Every tensor the checkpoint must contain, with its shape (HF on-disk names).
+  std::vector<TensorSpec> expected_tensors() const;
+
+  // Names of the three MLP matrices of one expert: {w1 (gate), w3 (up), w2 (down)}.
+  std::string w1_name(int layer, int expert) const;
+  std::string w3_name(int layer, int expert) const;
+  std::string w2_name(int layer, int expert) const;
+  std::string router_name(int layer) const;  // empty for dense models
+  std::string lm_head_name() const;          // the embedding when tied
+
+  // Parameter counts. Active = the weights one token's forward pass reads, counted as in Mistral's
+  // "12.9B active" for Mixtral-8x7B: embedding, lm_head, attention, norms, router and top_k experts.
+  int64_t total_params() const;
+  int64_t active_params() const;
+  int64_t expert_params() const;  // one expert's three matrices
+  int64_t kv_cache_bytes_per_token(int bytes_per_value) const;
+};
+
+// Memory an engine needs to hold the model (weights) and a KV cache of `context` tokens.
+struct MemoryEstimate {
+  std::string engine;
+  std::string how;
+  int64_t weight_bytes;
+  int64_t kv_cache_bytes;
+};
+std::vector<MemoryEstimate> memory_estimates(const ModelConfig& c, int context);
+
+}  // namespace moelab

@@ -1,0 +1,48 @@
+#pragma once
+// The one interface every engine (ref, cpu-nf4, cuda-nf4) implements, and the optional Probe through
+// which analysis tools observe each layer. See DESIGN.md "The Engine contract".
+#include <Eigen/Core>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "core/config.hpp"
+
+namespace moelab {
+
+using MatrixRF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MatrixRI = Eigen::Matrix<int32_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// What a Probe sees for one decoder layer, for the n tokens of one forward call.
+// Names follow the shared per-layer scheme: layers.<i>.hidden, .router_logits, .experts, .gates.
+struct LayerObservation {
+  int layer = 0;
+  const MatrixRF* hidden = nullptr;         // [n, hidden] the layer's output
+  const MatrixRF* router_logits = nullptr;  // [n, experts] before softmax; null for dense models
+  const MatrixRI* experts = nullptr;        // [n, top_k] chosen experts in rank order (dense: all 0)
+  const MatrixRF* gates = nullptr;          // [n, top_k] renormalized gate weights (dense: all 1)
+  double attention_seconds = 0, router_seconds = 0, experts_seconds = 0;
+};
+
+class Probe {
+ public:
+  virtual ~Probe() = default;
+  virtual void on_layer(const LayerObservation& obs) = 0;
+  // Called once per forward call after the lm_head.
+  virtual void on_logits(const MatrixRF& /*logits*/, double /*lm_head_seconds*/) {}
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual std::string name() const = 0;
+  virtual const ModelConfig& config() const = 0;
+  // Appends `tokens` to the KV cache at the next positions and returns their logits [n, vocab].
+  // Prefill (n > 1) and decode (n == 1) are the same call. Throws moelab::Error past max_context().
+  virtual MatrixRF forward(std::span<const int32_t> tokens, Probe* probe = nullptr) = 0;
+  virtual void reset() = 0;            // clears the KV cache
+  virtual int position() const = 0;    // tokens in the cache
+  virtual int max_context() const = 0; // the context length the engine was built for
+};
+
+}  // namespace moelab

@@ -1,0 +1,209 @@
+#include "core/safetensors.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/error.hpp"
+
+namespace moelab {
+
+using nlohmann::json;
+
+int64_t TensorInfo::numel() const {
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  return fmt::format("[{}]", fmt::join(shape, ", "));
+}
+
+namespace {
+
+// nlohmann keeps the last of duplicate keys silently; the format forbids duplicates, so we look
+// for them with a parser callback while parsing.
+json parse_header_json(const std::string& path, std::string_view text) {
+  std::string duplicate;
+  std::vector<std::set<std::string>> keys_by_depth(4);
+  auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start && depth < 3) keys_by_depth[depth + 1].clear();
+    if (event == json::parse_event_t::key && depth <= 2) {
+      const auto key = parsed.get<std::string>();
+      if (!keys_by_depth[depth].insert(key).second && duplicate.empty()) duplicate = key;
+    }
+    return true;
+  };
+  json header;
+  try {
+    header = json::parse(text.begin(), text.end(), callback);
+  } catch (const json::exception& e) {
+    throw Error(fmt::format("{}: safetensors header is not valid JSON ({})", path, e.what()));
+  }
+  if (!duplicate.empty())
+    throw Error(fmt::format("{}: safetensors header has duplicate key '{}'", path, duplicate));
+  return header;
+}
+
+TensorInfo parse_entry(const std::string& path, const std::string& name, const json& entry) {
+  auto bad = [&](const std::string& what) {
+    return Error(fmt::format("{}: tensor '{}': {}", path, name, what));
+  };
+  if (!entry.is_object()) throw bad("header entry is not an object");
+  if (!entry.contains("dtype") || !entry["dtype"].is_string()) throw bad("missing or non-string 'dtype'");
+  if (!entry.contains("shape") || !entry["shape"].is_array()) throw bad("missing or non-array 'shape'");
+  if (!entry.contains("data_offsets") || !entry["data_offsets"].is_array() ||
+      entry["data_offsets"].size() != 2)
+    throw bad("missing 'data_offsets' [begin, end]");
+  for (const auto& [key, _] : entry.items())
+    if (key != "dtype" && key != "shape" && key != "data_offsets") throw bad("unknown field '" + key + "'");
+
+  TensorInfo t;
+  t.name = name;
+  const auto dtype_text = entry["dtype"].get<std::string>();
+  auto dtype = parse_dtype(dtype_text);
+  if (!dtype) throw bad("unknown dtype '" + dtype_text + "'");
+  t.dtype = *dtype;
+  for (const auto& d : entry["shape"]) {
+    if (!d.is_number_unsigned()) throw bad("shape entries must be non-negative integers");
+    t.shape.push_back(d.get<int64_t>());
+  }
+  for (int i = 0; i < 2; ++i)
+    if (!entry["data_offsets"][i].is_number_unsigned()) throw bad("data_offsets must be non-negative integers");
+  t.begin = entry["data_offsets"][0].get<uint64_t>();
+  t.end = entry["data_offsets"][1].get<uint64_t>();
+  if (t.end < t.begin) throw bad(fmt::format("data_offsets [{}, {}] end before begin", t.begin, t.end));
+
+  // numel * bits must not overflow, and must be whole bytes.
+  unsigned __int128 bits = dtype_bits(t.dtype);
+  for (auto d : t.shape) {
+    bits *= uint64_t(d);
+    if (bits > std::numeric_limits<uint64_t>::max()) throw bad("shape " + shape_str(t.shape) + " overflows");
+  }
+  if (bits % 8 != 0) throw bad("shape " + shape_str(t.shape) + " is not a whole number of bytes");
+  const uint64_t expect = uint64_t(bits / 8);
+  if (t.nbytes() != expect)
+    throw bad(fmt::format("shape {} of {} needs {} bytes but data_offsets [{}, {}] span {}",
+                          shape_str(t.shape), dtype_text, expect, t.begin, t.end, t.nbytes()));
+  return t;
+}
+
+}  // namespace
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw Error(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
+  struct stat st{};
+  if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd_);
+    throw Error(fmt::format("{}: not a regular file", path));
+  }
+  file_size_ = uint64_t(st.st_size);
+  try {
+    if (file_size_ < 8)
+      throw Error(fmt::format("{}: file is {} bytes, too small for a safetensors header", path, file_size_));
+    void* m = ::mmap(nullptr, file_size_, PROT_READ, MAP_SHARED, fd_, 0);
+    if (m == MAP_FAILED) throw Error(fmt::format("{}: mmap failed ({})", path, std::strerror(errno)));
+    map_ = static_cast<const std::byte*>(m);
+
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | uint64_t(map_[i]);  // little-endian
+    if (header_len > kMaxHeaderBytes)
+      throw Error(fmt::format("{}: header length {} exceeds the {} byte limit (corrupt or not safetensors)",
+                              path, header_len, kMaxHeaderBytes));
+    if (header_len > file_size_ - 8)
+      throw Error(fmt::format("{}: header length {} points past the end of the {}-byte file (truncated?)",
+                              path, header_len, file_size_));
+    std::string_view text(reinterpret_cast<const char*>(map_ + 8), header_len);
+    if (text.empty() || text.front() != '{')
+      throw Error(fmt::format("{}: safetensors header does not start with '{{'", path));
+    const json header = parse_header_json(path, text);
+    if (!header.is_object()) throw Error(fmt::format("{}: safetensors header is not a JSON object", path));
+
+    data_ = map_ + 8 + header_len;
+    const uint64_t buffer_size = file_size_ - 8 - header_len;
+    std::vector<const TensorInfo*> by_offset;
+    for (const auto& [name, entry] : header.items()) {
+      if (name == "__metadata__") {
+        if (!entry.is_object()) throw Error(fmt::format("{}: __metadata__ is not an object", path));
+        for (const auto& [k, v] : entry.items()) {
+          if (!v.is_string()) throw Error(fmt::format("{}: __metadata__ value '{}' is not a string", path, k));
+          metadata_[k] = v.get<std::string>();
+        }
+        continue;
+      }
+      auto [it, _] = tensors_.emplace(name, parse_entry(path, name, entry));
+      by_offset.push_back(&it->second);
+    }
+    // Tensors must tile the buffer exactly: sorted by offset, each starts where the previous ended.
+    std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) {
+      return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+    });
+    uint64_t cursor = 0;
+    for (const TensorInfo* t : by_offset) {
+      if (t->end > buffer_size)
+        throw Error(fmt::format("{}: tensor '{}': data [{}, {}] runs past the end of the {}-byte data buffer "
+                                "(file truncated?)", path, t->name, t->begin, t->end, buffer_size));
+      if (t->begin < cursor)
+        throw Error(fmt::format("{}: tensor '{}': data [{}, {}] overlaps the previous tensor (ends at {})",
+                                path, t->name, t->begin, t->end, cursor));
+      if (t->begin > cursor)
+        throw Error(fmt::format("{}: tensor '{}': gap of {} unused bytes before its data at {}", path,
+                                t->name, t->begin - cursor, t->begin));
+      cursor = t->end;
+    }
+    if (cursor != buffer_size)
+      throw Error(fmt::format("{}: data buffer is {} bytes but the tensors cover {} (trailing bytes)", path,
+                              buffer_size, cursor));
+  } catch (...) {
+    if (map_) ::munmap(const_cast<std::byte*>(map_), file_size_);
+    ::close(fd_);
+    throw;
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_) ::munmap(const_cast<std::byte*>(map_), file_size_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+const TensorInfo& SafetensorsFile::info(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error(fmt::format("{}: no tensor named '{}'", path_, name));
+  return it->second;
+}
+
+std::span<const std::byte> SafetensorsFile::bytes(const TensorInfo& t) const {
+  return {data_ + t.begin, t.nbytes()};
+}
+
+void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst) const {
+  if (!dtype_is_float_convertible(t.dtype))
+    throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16)", path_,
+                            t.name, dtype_name(t.dtype)));
+  if (first < 0 || count < 0 || first + count > t.numel())
+    throw Error(fmt::format("{}: tensor '{}': element range [{}, {}) outside its {} elements", path_, t.name,
+                            first, first + count, t.numel()));
+  const int bytes_per = dtype_bits(t.dtype) / 8;
+  convert_to_f32(t.dtype, data_ + t.begin + uint64_t(first) * bytes_per, size_t(count), dst);
+}
+
+std::vector<float> SafetensorsFile::read_f32(const std::string& name) const {
+  const auto& t = info(name);
+  std::vector<float> out(size_t(t.numel()));
+  read_f32(t, 0, t.numel(), out.data());
+  return out;
+}
+
+}  // namespace moelab

@@ -1,0 +1,92 @@
+#include "core/tokenizer.hpp"
+
+#include <fmt/format.h>
+#include <sentencepiece_processor.h>
+
+#include <filesystem>
+
+#include "core/error.hpp"
+
+namespace moelab {
+
+Tokenizer::Tokenizer(const std::string& model_path)
+    : path_(model_path), sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
+  if (!std::filesystem::exists(model_path)) throw Error(fmt::format("{}: tokenizer model not found", model_path));
+  const auto status = sp_->Load(model_path);
+  if (!status.ok())
+    throw Error(fmt::format("{}: not a sentencepiece model ({})", model_path, status.ToString()));
+}
+
+Tokenizer::~Tokenizer() = default;
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) const {
+  std::vector<int> ids;
+  const auto status = sp_->Encode(text, &ids);
+  if (!status.ok()) throw Error(fmt::format("{}: encode failed ({})", path_, status.ToString()));
+  std::vector<int32_t> out;
+  out.reserve(ids.size() + 1);
+  if (add_bos && bos_id() >= 0) out.push_back(bos_id());
+  out.insert(out.end(), ids.begin(), ids.end());
+  return out;
+}
+
+std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
+  std::vector<int> v(ids.begin(), ids.end());
+  for (int id : v)
+    if (id < 0 || id >= vocab_size())
+      throw Error(fmt::format("{}: token id {} outside the vocabulary of {}", path_, id, vocab_size()));
+  std::string text;
+  const auto status = sp_->Decode(v, &text);
+  if (!status.ok()) throw Error(fmt::format("{}: decode failed ({})", path_, status.ToString()));
+  return text;
+}
+
+std::string Tokenizer::piece(int32_t id) const { return sp_->IdToPiece(id); }
+int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
+int Tokenizer::bos_id() const { return sp_->bos_id(); }
+int Tokenizer::eos_id() const { return sp_->eos_id(); }
+
+namespace {
+// Length of the prefix of `s` that does not end inside a multi-byte UTF-8 sequence or on the
+// replacement character sentencepiece emits for an incomplete byte-fallback sequence.
+size_t complete_prefix(const std::string& s) {
+  static const std::string kReplacement = "\xEF\xBF\xBD";
+  size_t n = s.size();
+  if (n >= 3 && s.compare(n - 3, 3, kReplacement) == 0) return n - 3;
+  // Walk back over continuation bytes to the lead byte and check the sequence is whole.
+  size_t i = n;
+  int cont = 0;
+  while (i > 0 && (static_cast<unsigned char>(s[i - 1]) & 0xC0) == 0x80 && cont < 3) {
+    --i;
+    ++cont;
+  }
+  if (i == 0) return n;
+  const auto lead = static_cast<unsigned char>(s[i - 1]);
+  const int need = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
+  return need > cont ? i - 1 : n;
+}
+}  // namespace
+
+StreamDecoder::StreamDecoder(const Tokenizer& tok, std::vector<int32_t> context)
+    : tok_(tok), ids_(std::move(context)) {
+  emitted_ = complete_prefix(tok_.decode(ids_));
+}
+
+std::string StreamDecoder::push(int32_t id) {
+  ids_.push_back(id);
+  const std::string text = tok_.decode(ids_);
+  const size_t ready = complete_prefix(text);
+  if (ready <= emitted_) return {};
+  std::string out = text.substr(emitted_, ready - emitted_);
+  emitted_ = ready;
+  return out;
+}
+
+std::string StreamDecoder::flush() {
+  const std::string text = tok_.decode(ids_);
+  std::string out = emitted_ < text.size() ? text.substr(emitted_) : std::string();
+  emitted_ = text.size();
+  return out;
+}
+
+}  // namespace moelab
