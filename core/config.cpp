@@ -102,7 +102,7 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
       throw r.error(fmt::format("num_experts_per_tok {} exceeds num_local_experts {}", c.top_k, c.num_experts));
     if (c.num_experts > 255) throw r.error("more than 255 experts are not supported");
   }
-  c.rms_norm_eps = float(r.number("rms_norm_eps", 1e-6));
+  c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
   double theta = r.number("rope_theta", 0);
   if (theta == 0 && r.has("rope_parameters") && j["rope_parameters"].is_object() &&
       j["rope_parameters"].contains("rope_theta"))

@@ -26,7 +26,7 @@ struct ModelConfig {
   int head_dim = 0;
   int num_experts = 1;  // 1 for the dense (Mistral) case
   int top_k = 1;
-  float rms_norm_eps = 1e-5f;
+  double rms_norm_eps = 1e-5;
   double rope_theta = 10000.0;
   int max_position_embeddings = 0;
   int sliding_window = 0;  // 0: plain causal attention
