@@ -50,20 +50,12 @@ namespace {
 // Length of the prefix of `s` that does not end inside a multi-byte UTF-8 sequence or on the
 // replacement character sentencepiece emits for an incomplete byte-fallback sequence.
 size_t complete_prefix(const std::string& s) {
+  // sentencepiece decodes each byte of an unfinished byte-fallback sequence to U+FFFD; a UTF-8
+  // character has at most 3 bytes after its first, so at most 3 trailing U+FFFD are held back.
   static const std::string kReplacement = "\xEF\xBF\xBD";
   size_t n = s.size();
-  if (n >= 3 && s.compare(n - 3, 3, kReplacement) == 0) return n - 3;
-  // Walk back over continuation bytes to the lead byte and check the sequence is whole.
-  size_t i = n;
-  int cont = 0;
-  while (i > 0 && (static_cast<unsigned char>(s[i - 1]) & 0xC0) == 0x80 && cont < 3) {
-    --i;
-    ++cont;
-  }
-  if (i == 0) return n;
-  const auto lead = static_cast<unsigned char>(s[i - 1]);
-  const int need = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
-  return need > cont ? i - 1 : n;
+  for (int held = 0; held < 3 && n >= 3 && s.compare(n - 3, 3, kReplacement) == 0; ++held) n -= 3;
+  return n;
 }
 }  // namespace
 

@@ -1,1 +1,108 @@
+// ModelConfig against the real Mixtral-8x7B-v0.1 config.json and an independent parameter count
+// (transformers on the meta device, recorded in tests/fixtures/configs/README.md).
 #include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "core/config.hpp"
+#include "core/error.hpp"
+#include "fixture_util.hpp"
+
+namespace moelab::test {
+namespace {
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+TEST(Config, Mixtral8x7BRealConfig) {
+  const auto c = ModelConfig::from_json_file(fixture("configs/mixtral-8x7b-v0.1.json"));
+  EXPECT_EQ(c.arch, Architecture::Mixtral);
+  EXPECT_EQ(c.num_layers, 32);
+  EXPECT_EQ(c.head_dim, 128);  // derived: the file has no head_dim
+  EXPECT_EQ(c.num_kv_heads, 8);
+  EXPECT_EQ(c.num_experts, 8);
+  EXPECT_EQ(c.top_k, 2);
+  EXPECT_EQ(c.rope_theta, 1e6);
+  EXPECT_EQ(c.sliding_window, 0);
+  EXPECT_FALSE(c.tie_word_embeddings);
+  // Independent counts: transformers' MixtralForCausalLM on the meta device (fixtures README).
+  EXPECT_EQ(c.total_params(), 46'702'792'704);
+  EXPECT_EQ(c.active_params(), 12'879'925'248);
+  EXPECT_EQ(c.expected_tensors().size(), 995u);  // 32 * 31 + 3
+}
+
+TEST(Config, MemoryEstimatesFollowFromTheCounts) {
+  const auto c = ModelConfig::from_json_file(fixture("configs/mixtral-8x7b-v0.1.json"));
+  const auto m = memory_estimates(c, 4096);
+  ASSERT_GE(m.size(), 2u);
+  EXPECT_EQ(m[0].engine, "ref");
+  EXPECT_EQ(m[0].weight_bytes, c.total_params() * 4);
+  // KV cache: 32 layers x (K and V) x 8 heads x 128 dims x 4096 tokens x 4 bytes = 1 GiB.
+  EXPECT_EQ(m[0].kv_cache_bytes, int64_t(1) << 30);
+  EXPECT_LT(m[1].weight_bytes, m[0].weight_bytes / 20);  // streaming keeps one layer
+}
+
+TEST(Config, TransformersWrittenConfigsParse) {
+  // transformers 4.57 writes "dtype" (not torch_dtype) and "head_dim": null.
+  const auto c = ModelConfig::from_json_file(model_dir("mixtral-top1-swa") + "/config.json");
+  EXPECT_EQ(c.head_dim, c.hidden_size / c.num_heads);
+  EXPECT_EQ(c.top_k, 1);
+  EXPECT_EQ(c.sliding_window, 4);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.torch_dtype, "float32");
+  EXPECT_EQ(c.lm_head_name(), "model.embed_tokens.weight");
+}
+
+TEST(Config, MistralIsTheDenseCase) {
+  const auto c = ModelConfig::from_json_file(model_dir("mistral-dense") + "/config.json");
+  EXPECT_EQ(c.arch, Architecture::Mistral);
+  EXPECT_FALSE(c.is_moe());
+  EXPECT_EQ(c.num_experts, 1);
+  EXPECT_EQ(c.top_k, 1);
+  EXPECT_EQ(c.w1_name(1, 0), "model.layers.1.mlp.gate_proj.weight");
+  EXPECT_EQ(c.total_params(), c.active_params());
+}
+
+void expect_config_error(const std::string& text, const std::string& needle) {
+  try {
+    ModelConfig::from_json_text(text, "some/config.json");
+    FAIL() << "expected an error containing '" << needle << "'";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("some/config.json"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(needle), std::string::npos) << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  }
+}
+
+TEST(Config, BadConfigsAreClearErrors) {
+  const std::string good = read_text(fixture("configs/mixtral-8x7b-v0.1.json"));
+  auto with = [&](const std::string& key, const std::string& value) {
+    auto j = nlohmann::json::parse(good);
+    j[key] = nlohmann::json::parse(value);
+    return j.dump();
+  };
+  expect_config_error("{not json", "not valid JSON");
+  expect_config_error("[1, 2]", "not a JSON object");
+  expect_config_error(with("architectures", "[\"LlamaForCausalLM\"]"), "unsupported architecture");
+  expect_config_error(with("hidden_size", "0"), "hidden_size");
+  expect_config_error(with("hidden_size", "\"4096\""), "hidden_size");
+  expect_config_error(with("num_key_value_heads", "5"), "num_key_value_heads");
+  expect_config_error(with("num_experts_per_tok", "9"), "num_experts_per_tok");
+  expect_config_error(with("hidden_act", "\"gelu\""), "hidden_act");
+  expect_config_error(with("rms_norm_eps", "-1"), "rms_norm_eps");
+  expect_config_error(with("sliding_window", "{\"type\": 1}"), "sliding_window");
+  auto no_vocab = nlohmann::json::parse(good);
+  no_vocab.erase("vocab_size");
+  expect_config_error(no_vocab.dump(), "missing 'vocab_size'");
+  EXPECT_THROW(ModelConfig::from_json_file("/nonexistent/config.json"), Error);
+}
+
+}  // namespace
+}  // namespace moelab::test

@@ -1,0 +1,175 @@
+// The moelab command as a user meets it: the forward dump reproduces transformers' outputs, inspect
+// prints the real Mixtral counts, and bad files end in one clear error line with a non-zero exit.
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "fixture_util.hpp"
+
+namespace moelab::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct CliRun {
+  int exit_code;
+  std::string out, err;
+};
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    tmp = fs::temp_directory_path() /
+          ("moelab-cli-" + std::to_string(::getpid()) + "-" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+  }
+  void TearDown() override { fs::remove_all(tmp); }
+
+  CliRun moelab(const std::string& args) {
+    const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
+    const std::string cmd = std::string(MOELAB_BIN) + " " + args + " >" + out.string() + " 2>" + err.string();
+    const int status = std::system(cmd.c_str());
+    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+  }
+  static std::string slurp(const fs::path& p) {
+    std::ifstream in(p);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+  // A private copy of a fixture model that the test may corrupt.
+  fs::path copy_model(const std::string& name) {
+    const auto dst = tmp / name;
+    fs::copy(model_dir(name), dst, fs::copy_options::recursive);
+    return dst;
+  }
+  // Expects a failure whose stderr is exactly one line mentioning every needle.
+  void expect_one_line_error(const CliRun& r, const std::vector<std::string>& needles) {
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("moelab: error: ", 0), 0u) << r.err;
+    for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in: " << r.err;
+  }
+  fs::path tmp;
+};
+
+TEST_F(Cli, ForwardDumpReproducesTransformersOnEveryFixture) {
+  for (const std::string name : {"mixtral-4e-gqa-f32", "mixtral-8e-bf16-sharded", "mixtral-top1-swa", "mistral-dense"}) {
+    SCOPED_TRACE(name);
+    SafetensorsFile expected(model_dir(name) + "/expected.safetensors");
+    std::string ids;
+    for (int32_t t : read_i32(expected, "tokens")) ids += (ids.empty() ? "" : ",") + std::to_string(t);
+    const auto dump = (tmp / (name + ".safetensors")).string();
+    const CliRun r = moelab("forward --model " + model_dir(name) + " --tokens " + ids + " --dump " + dump);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    SafetensorsFile got(dump);
+    EXPECT_LT(rel_l2(read_matrix_f32(got, "logits"), read_matrix_f32(expected, "logits")), 1e-5);
+    EXPECT_EQ(read_i32(got, "tokens"), read_i32(expected, "tokens"));
+    const auto c = ModelConfig::from_json_file(model_dir(name) + "/config.json");
+    for (int l = 0; l < c.num_layers; ++l) {
+      const auto p = "layers." + std::to_string(l) + ".";
+      EXPECT_LT(rel_l2(read_matrix_f32(got, p + "hidden"), read_matrix_f32(expected, p + "hidden")), 1e-5);
+      EXPECT_EQ(got.info(p + "experts").dtype, DType::I32);
+      EXPECT_EQ(got.info(p + "experts").shape, (std::vector<int64_t>{12, c.top_k}));
+      if (!c.is_moe()) {
+        EXPECT_FALSE(got.contains(p + "router_logits"));
+        continue;
+      }
+      EXPECT_LT(rel_l2(read_matrix_f32(got, p + "router_logits"), read_matrix_f32(expected, p + "router_logits")), 1e-5);
+      EXPECT_EQ(read_i32(got, p + "experts"), read_i32(expected, p + "experts"));
+      EXPECT_LT((read_matrix_f32(got, p + "gates") - read_matrix_f32(expected, p + "gates")).cwiseAbs().maxCoeff(), 1e-5);
+    }
+  }
+}
+
+TEST_F(Cli, InspectPrintsMixtral8x7BParameterCounts) {
+  const CliRun r = moelab("inspect --config " + fixture("configs/mixtral-8x7b-v0.1.json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("46.7B total, 12.9B active"), std::string::npos) << r.out;
+}
+
+TEST_F(Cli, GenerateGreedyMatchesTransformers) {
+  // Greedy continuation of the fixture prompt, as transformers' generate() produced it.
+  SafetensorsFile expected(model_dir("mixtral-8e-bf16-sharded") + "/expected.safetensors");
+  const CliRun r = moelab("generate --model " + model_dir("mixtral-8e-bf16-sharded") +
+                       " --prompt 'The quick brown' --max-new-tokens 8");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("generated 8 tokens"), std::string::npos) << r.err;
+  EXPECT_EQ(r.out.rfind("The quick brown", 0), 0u) << r.out;
+}
+
+TEST_F(Cli, EverySubcommandHasHelp) {
+  for (const std::string sub : {"", "inspect", "generate", "forward", "demo", "devices"}) {
+    const CliRun r = moelab(sub + " --help");
+    EXPECT_EQ(r.exit_code, 0) << sub;
+    EXPECT_NE(r.out.find("Usage"), std::string::npos) << sub;
+  }
+}
+
+TEST_F(Cli, BadArgumentsFail) {
+  EXPECT_NE(moelab("").exit_code, 0);
+  EXPECT_NE(moelab("frobnicate").exit_code, 0);
+  EXPECT_NE(moelab("generate --prompt hi --top-p 2").exit_code, 0);
+  EXPECT_NE(moelab("generate").exit_code, 0);  // --prompt is required
+  expect_one_line_error(moelab("forward --tokens 1,x,3 --dump " + (tmp / "d.safetensors").string()), {"'x'"});
+  expect_one_line_error(moelab("inspect --model /nonexistent/model"), {"/nonexistent/model"});
+}
+
+TEST_F(Cli, TruncatedShardIsOneClearError) {
+  const auto dir = copy_model("mixtral-8e-bf16-sharded");
+  const auto shard = dir / "model-00002-of-00004.safetensors";
+  fs::resize_file(shard, fs::file_size(shard) - 100);
+  expect_one_line_error(moelab("inspect --model " + dir.string()), {shard.string(), "truncated"});
+}
+
+TEST_F(Cli, HeaderPointingPastTheEndIsOneClearError) {
+  const auto dir = copy_model("mixtral-4e-gqa-f32");
+  const auto file = dir / "model.safetensors";
+  const uint64_t too_long = fs::file_size(file) + 1000;
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  for (int i = 0; i < 8; ++i) f.put(char((too_long >> (8 * i)) & 0xff));
+  f.close();
+  expect_one_line_error(moelab("inspect --model " + dir.string()), {file.string(), "past the end"});
+}
+
+TEST_F(Cli, MissingTensorIsOneClearError) {
+  // One more layer in config.json than the checkpoint has: layer 3's tensors are missing.
+  const auto dir = copy_model("mixtral-8e-bf16-sharded");
+  auto cfg = nlohmann::json::parse(slurp(dir / "config.json"));
+  cfg["num_hidden_layers"] = 4;
+  std::ofstream(dir / "config.json") << cfg.dump(2);
+  expect_one_line_error(moelab("forward --model " + dir.string() + " --tokens 1,2 --dump " + (tmp / "x").string()),
+                        {"missing tensor", "model.layers.3."});
+  EXPECT_FALSE(fs::exists(tmp / "x"));
+}
+
+TEST_F(Cli, ShapeMismatchIsOneClearError) {
+  const auto dir = copy_model("mixtral-4e-gqa-f32");
+  auto cfg = nlohmann::json::parse(slurp(dir / "config.json"));
+  cfg["intermediate_size"] = 100;
+  std::ofstream(dir / "config.json") << cfg.dump(2);
+  expect_one_line_error(moelab("inspect --model " + dir.string()),
+                        {"model.layers.0.block_sparse_moe.experts.0.w1.weight", "[128, 64]", "[100, 64]"});
+}
+
+TEST_F(Cli, MissingShardIsOneClearError) {
+  const auto dir = copy_model("mixtral-8e-bf16-sharded");
+  fs::remove(dir / "model-00003-of-00004.safetensors");
+  expect_one_line_error(moelab("inspect --model " + dir.string()), {"model-00003-of-00004.safetensors", "missing shard"});
+}
+
+TEST_F(Cli, ContextOverflowIsOneClearError) {
+  expect_one_line_error(moelab("forward --model " + model_dir("mixtral-4e-gqa-f32") +
+                               " --context 4 --tokens 1,2,3,4,5 --dump " + (tmp / "x").string()),
+                        {"context overflow"});
+}
+
+}  // namespace
+}  // namespace moelab::test
