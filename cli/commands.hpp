@@ -9,5 +9,7 @@ void register_generate(CLI::App& app);
 void register_forward(CLI::App& app);
 void register_demo(CLI::App& app);
 void register_devices(CLI::App& app);
+void register_trace(CLI::App& app);    // trace and profile
+void register_stats(CLI::App& app);
 
 }  // namespace moelab::cli

@@ -17,6 +17,8 @@ int main(int argc, char** argv) {
   moelab::cli::register_generate(app);
   moelab::cli::register_forward(app);
   moelab::cli::register_demo(app);
+  moelab::cli::register_trace(app);
+  moelab::cli::register_stats(app);
   moelab::cli::register_devices(app);
   try {
     app.parse(argc, argv);
