@@ -11,5 +11,6 @@ void register_demo(CLI::App& app);
 void register_devices(CLI::App& app);
 void register_trace(CLI::App& app);    // trace and profile
 void register_stats(CLI::App& app);
+void register_diff(CLI::App& app);
 
 }  // namespace moelab::cli
