@@ -1,0 +1,254 @@
+#include "optimized/cpu/engine.hpp"
+
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.hpp"
+#include "core/progress.hpp"
+#include "optimized/cpu/linear.hpp"
+#include "optimized/cpu/quantize.hpp"
+
+namespace moelab::cpu {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+MatrixRF load_f32_matrix(const Checkpoint& ck, const std::string& name) {
+  const auto& t = ck.info(name);
+  MatrixRF m(t.shape[0], t.shape[1]);
+  ck.read_rows_f32(name, 0, t.shape[0], m.data());
+  return m;
+}
+
+Eigen::RowVectorXf load_vector(const Checkpoint& ck, const std::string& name) {
+  const auto v = ck.read_f32(name);
+  return Eigen::Map<const Eigen::RowVectorXf>(v.data(), Eigen::Index(v.size()));
+}
+
+}  // namespace
+
+Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
+    : cfg_(ck.config()), opt_(options), isa_(parse_isa(options.isa)) {
+  const auto t0 = clock_type::now();
+  if (opt_.threads > 0) omp_set_num_threads(opt_.threads);
+  max_context_ = opt_.max_context > 0 ? opt_.max_context : std::min(cfg_.max_position_embeddings, 4096);
+  if (max_context_ > cfg_.max_position_embeddings)
+    throw Error(fmt::format("context {} exceeds the model's max_position_embeddings {} ({})", max_context_,
+                            cfg_.max_position_embeddings, cfg_.source));
+
+  embedding_ = load_f32_matrix(ck, "model.embed_tokens.weight");
+  if (!cfg_.tie_word_embeddings) lm_head_ = load_f32_matrix(ck, "lm_head.weight");
+  final_norm_ = load_vector(ck, "model.norm.weight");
+
+  // Quantize every linear weight, one tensor per thread at a time (the conversion from BF16 and the
+  // quantization are both per-tensor work).
+  const auto names = quantized_weight_names(cfg_);
+  std::vector<Nf4Matrix> quantized(names.size());
+  Progress progress("quantizing to NF4", int64_t(names.size()), opt_.show_progress);
+#pragma omp parallel for schedule(dynamic)
+  for (size_t i = 0; i < names.size(); ++i) {
+    const auto& t = ck.info(names[i]);
+    quantized[i] = quantize_matrix(ck.read_f32(names[i]), t.shape[0], t.shape[1], opt_.blocksize, opt_.double_quant);
+#pragma omp critical
+    progress.advance();
+  }
+  progress.finish();
+
+  size_t next = 0;  // quantized_weight_names lists, per layer: q, k, v, o, router (MoE), experts' w1, w3, w2
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    Nf4Layer layer;
+    const auto p = fmt::format("model.layers.{}.", l);
+    layer.attn_norm = load_vector(ck, p + "input_layernorm.weight");
+    layer.ffn_norm = load_vector(ck, p + "post_attention_layernorm.weight");
+    layer.wq = std::move(quantized[next++]);
+    layer.wk = std::move(quantized[next++]);
+    layer.wv = std::move(quantized[next++]);
+    layer.wo = std::move(quantized[next++]);
+    if (cfg_.is_moe()) layer.router = std::move(quantized[next++]);
+    for (int e = 0; e < cfg_.num_experts; ++e) {
+      Nf4Expert ex;
+      ex.w1 = std::move(quantized[next++]);
+      ex.w3 = std::move(quantized[next++]);
+      ex.w2 = std::move(quantized[next++]);
+      layer.experts.push_back(std::move(ex));
+    }
+    layers_.push_back(std::move(layer));
+  }
+
+  for (int i = 0; i < cfg_.head_dim / 2; ++i)
+    inv_freq_.push_back(1.0f / std::pow(float(cfg_.rope_theta), float(2 * i) / float(cfg_.head_dim)));
+  const int kv_width = cfg_.num_kv_heads * cfg_.head_dim;
+  k_cache_.assign(size_t(cfg_.num_layers), MatrixRF(max_context_, kv_width));
+  v_cache_.assign(size_t(cfg_.num_layers), MatrixRF(max_context_, kv_width));
+  load_seconds_ = seconds_since(t0);
+}
+
+int64_t Nf4Engine::weight_bytes() const {
+  int64_t b = (embedding_.size() + lm_head_.size() + final_norm_.size()) * int64_t(sizeof(float));
+  for (const auto& l : layers_) {
+    b += l.wq.bytes() + l.wk.bytes() + l.wv.bytes() + l.wo.bytes() + l.router.bytes();
+    b += (l.attn_norm.size() + l.ffn_norm.size()) * int64_t(sizeof(float));
+    for (const auto& e : l.experts) b += e.w1.bytes() + e.w3.bytes() + e.w2.bytes();
+  }
+  return b;
+}
+
+// x / sqrt(mean(x²) + eps) · weight, per row.
+MatrixRF Nf4Engine::rms_norm(const MatrixRF& x, const Eigen::RowVectorXf& w) const {
+  MatrixRF out(x.rows(), x.cols());
+  for (Eigen::Index t = 0; t < x.rows(); ++t) {
+    const float inv = 1.0f / std::sqrt(x.row(t).squaredNorm() / float(x.cols()) + float(cfg_.rms_norm_eps));
+    out.row(t) = (x.row(t) * inv).cwiseProduct(w);
+  }
+  return out;
+}
+
+// Rotate-half RoPE: dimension d pairs with d + head_dim/2.
+void Nf4Engine::rope(MatrixRF& x, int heads, int start) const {
+  const int hd = cfg_.head_dim, half = hd / 2;
+  for (Eigen::Index t = 0; t < x.rows(); ++t)
+    for (int i = 0; i < half; ++i) {
+      const float angle = float(start + t) * inv_freq_[size_t(i)];
+      const float c = std::cos(angle), s = std::sin(angle);
+      for (int h = 0; h < heads; ++h) {
+        float* a = &x(t, h * hd + i);
+        float* b = a + half;
+        const float a0 = *a, b0 = *b;
+        *a = a0 * c - b0 * s;
+        *b = b0 * c + a0 * s;
+      }
+    }
+}
+
+// GQA attention over the KV cache, heads in parallel; causal, plus the sliding window when set.
+MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, int start) {
+  const int n = int(x.rows()), hd = cfg_.head_dim, heads = cfg_.num_heads;
+  const int group = cfg_.num_heads / cfg_.num_kv_heads;
+  MatrixRF q = nf4_linear(isa_, w.wq, x);
+  MatrixRF k = nf4_linear(isa_, w.wk, x);
+  const MatrixRF v = nf4_linear(isa_, w.wv, x);
+  rope(q, heads, start);
+  rope(k, cfg_.num_kv_heads, start);
+  auto& kc = k_cache_[size_t(layer)];
+  auto& vc = v_cache_[size_t(layer)];
+  kc.middleRows(start, n) = k;
+  vc.middleRows(start, n) = v;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  MatrixRF out(n, heads * hd);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int h = 0; h < heads; ++h)
+    for (int t = 0; t < n; ++t) {
+      const int kvh = h / group, p = start + t;
+      const int first = cfg_.sliding_window > 0 ? std::max(0, p - cfg_.sliding_window + 1) : 0;
+      const int len = p - first + 1;
+      Eigen::RowVectorXf s = (q.block(t, h * hd, 1, hd) * kc.block(first, kvh * hd, len, hd).transpose()) * scale;
+      s = (s.array() - s.maxCoeff()).exp();
+      s /= s.sum();
+      out.block(t, h * hd, 1, hd) = s * vc.block(first, kvh * hd, len, hd);
+    }
+  return nf4_linear(isa_, w.wo, out);
+}
+
+// Softmax over all experts, top-k, renormalized.
+void Nf4Engine::route(const Nf4Layer& w, const MatrixRF& x, MatrixRF& logits, MatrixRI& experts,
+                      MatrixRF& gates) const {
+  const int n = int(x.rows()), k = cfg_.top_k;
+  experts.resize(n, k);
+  gates.resize(n, k);
+  if (!cfg_.is_moe()) {
+    experts.setZero();
+    gates.setOnes();
+    return;
+  }
+  logits = nf4_linear(isa_, w.router, x);
+  std::vector<int> order(size_t(cfg_.num_experts));
+  for (int t = 0; t < n; ++t) {
+    Eigen::RowVectorXf p = (logits.row(t).array() - logits.row(t).maxCoeff()).exp();
+    p /= p.sum();
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
+    float kept = 0;
+    for (int j = 0; j < k; ++j) kept += p[order[size_t(j)]];
+    for (int j = 0; j < k; ++j) {
+      experts(t, j) = order[size_t(j)];
+      gates(t, j) = p[order[size_t(j)]] / kept;
+    }
+  }
+}
+
+// Tokens grouped by expert; only chosen experts run, each once on its tokens.
+MatrixRF Nf4Engine::moe(const Nf4Layer& w, const MatrixRF& x, const MatrixRI& experts, const MatrixRF& gates) const {
+  MatrixRF out = MatrixRF::Zero(x.rows(), x.cols());
+  for (int e = 0; e < cfg_.num_experts; ++e) {
+    std::vector<std::pair<int, float>> routed;  // (token, gate)
+    for (Eigen::Index t = 0; t < experts.rows(); ++t)
+      for (Eigen::Index j = 0; j < experts.cols(); ++j)
+        if (experts(t, j) == e) routed.emplace_back(int(t), gates(t, j));
+    if (routed.empty()) continue;
+    MatrixRF xe(Eigen::Index(routed.size()), x.cols());
+    for (size_t i = 0; i < routed.size(); ++i) xe.row(Eigen::Index(i)) = x.row(routed[i].first);
+    const auto& ex = w.experts[size_t(e)];
+    MatrixRF g = nf4_linear(isa_, ex.w1, xe);
+    const MatrixRF u = nf4_linear(isa_, ex.w3, xe);
+    g = (g.array() / (1.0f + (-g.array()).exp())) * u.array();  // silu(w1 x) · w3 x
+    const MatrixRF y = nf4_linear(isa_, ex.w2, g);
+    for (size_t i = 0; i < routed.size(); ++i) out.row(routed[i].first) += routed[i].second * y.row(Eigen::Index(i));
+  }
+  return out;
+}
+
+MatrixRF Nf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
+  const int n = int(tokens.size());
+  if (n == 0) throw Error("forward: no tokens");
+  if (pos_ + n > max_context_)
+    throw Error(fmt::format("context overflow: {} cached + {} new tokens exceed the context of {} tokens "
+                            "this engine was built for (see --context)", pos_, n, max_context_));
+  MatrixRF h(n, cfg_.hidden_size);
+  for (int t = 0; t < n; ++t) {
+    if (tokens[size_t(t)] < 0 || tokens[size_t(t)] >= cfg_.vocab_size)
+      throw Error(fmt::format("token id {} outside the vocabulary of {} ({})", tokens[size_t(t)], cfg_.vocab_size,
+                              cfg_.source));
+    h.row(t) = embedding_.row(tokens[size_t(t)]);
+  }
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    const auto& w = layers_[size_t(l)];
+    LayerObservation obs;
+    obs.layer = l;
+    auto t0 = clock_type::now();
+    h += attention(l, w, rms_norm(h, w.attn_norm), pos_);
+    obs.attention_seconds = seconds_since(t0);
+    t0 = clock_type::now();
+    const MatrixRF x = rms_norm(h, w.ffn_norm);
+    MatrixRF logits;
+    MatrixRI experts;
+    MatrixRF gates;
+    route(w, x, logits, experts, gates);
+    obs.router_seconds = seconds_since(t0);
+    t0 = clock_type::now();
+    h += moe(w, x, experts, gates);
+    obs.experts_seconds = seconds_since(t0);
+    if (probe) {
+      obs.hidden = &h;
+      obs.router_logits = cfg_.is_moe() ? &logits : nullptr;
+      obs.experts = &experts;
+      obs.gates = &gates;
+      probe->on_layer(obs);
+    }
+  }
+  pos_ += n;
+  const auto t0 = clock_type::now();
+  const MatrixRF normed = rms_norm(h, final_norm_);
+  MatrixRF logits = normed * (cfg_.tie_word_embeddings ? embedding_ : lm_head_).transpose();
+  if (probe) probe->on_logits(logits, seconds_since(t0));
+  return logits;
+}
+
+}  // namespace moelab::cpu

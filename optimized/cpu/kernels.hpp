@@ -1,0 +1,37 @@
+#pragma once
+// NF4 kernels with runtime dispatch. Each instruction set has the same two entry points; the scalar
+// one is always built and is the one every SIMD variant is tested against.
+#include <cstdint>
+#include <string>
+
+#include "optimized/cpu/nf4_matrix.hpp"
+
+namespace moelab::cpu {
+
+enum class Isa { Scalar, Avx2, Avx512 };
+
+Isa best_isa();                 // the widest this CPU supports (and this build compiled)
+bool isa_supported(Isa isa);
+std::string isa_name(Isa isa);
+Isa parse_isa(const std::string& name);  // "scalar", "avx2", "avx512", "auto"
+
+// y[r - r0] = sum_c W[r, c] * x[c] for rows r in [r0, r1). Reads each packed byte once.
+void gemv_rows(Isa isa, const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1);
+// out[(r - r0) * cols + c] = W[r, c] in FP32 (code value times its block's absmax).
+void dequantize_rows(Isa isa, const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
+
+// Per-ISA implementations (kernels_<isa>.cpp), called through the dispatchers above.
+namespace scalar {
+void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1);
+void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
+}  // namespace scalar
+namespace avx2 {
+void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1);
+void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
+}  // namespace avx2
+namespace avx512 {
+void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1);
+void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
+}  // namespace avx512
+
+}  // namespace moelab::cpu

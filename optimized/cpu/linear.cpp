@@ -1,0 +1,47 @@
+#include "optimized/cpu/linear.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace moelab::cpu {
+
+MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
+  const int64_t n = x.rows();
+  MatrixRF y(n, w.rows);
+  if (n <= kGemvMaxTokens) {
+    // ~128 KiB of packed weights per chunk: small enough to stay in L2 while each token reads it.
+    const int64_t chunk = std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(1, w.cols));
+    const int64_t chunks = (w.rows + chunk - 1) / chunk;
+#pragma omp parallel
+    {
+      std::vector<float> out(static_cast<size_t>(chunk));
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
+        for (int64_t t = 0; t < n; ++t) {
+          gemv_rows(isa, w, x.row(t).data(), out.data(), r0, r1);
+          for (int64_t r = r0; r < r1; ++r) y(t, r) = out[size_t(r - r0)];
+        }
+      }
+    }
+    return y;
+  }
+  // ~256 KiB of dequantized FP32 rows per tile.
+  const int64_t tile = std::max<int64_t>(4, (64 * 1024) / std::max<int64_t>(1, w.cols));
+  const int64_t tiles = (w.rows + tile - 1) / tile;
+#pragma omp parallel
+  {
+    MatrixRF wt(tile, w.cols);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t r0 = i * tile, rows = std::min(tile, w.rows - r0);
+      dequantize_rows(isa, w, r0, r0 + rows, wt.data());
+      y.middleCols(r0, rows).noalias() = x * wt.topRows(rows).transpose();
+    }
+  }
+  return y;
+}
+
+}  // namespace moelab::cpu

@@ -1,0 +1,133 @@
+// Every NF4 CPU kernel set against the scalar kernels and a float64 computation, on fresh random
+// inputs, including shapes that are not multiples of the vector width or the block size.
+//
+// GEMV bound: FP32 summation of m products has |error| <= gamma_m * sum|w_i x_i| with
+// gamma_m ~ m * 2^-24 (Higham, recursive summation); the kernels sum at most `cols` terms plus one per
+// block, so |y - y64| <= (cols + blocks + 2) * 2^-24 * sum|w x| must hold for every row, for any
+// correct kernel. A wrong code, nibble order or absmax is off by O(sum|w x|) and fails it.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/linear.hpp"
+
+namespace moelab::test {
+namespace {
+
+using cpu::Isa;
+using cpu::Nf4Matrix;
+
+Nf4Matrix random_matrix(int64_t rows, int64_t cols, int blocksize, std::mt19937& rng) {
+  Nf4Matrix w;
+  w.rows = rows;
+  w.cols = cols;
+  w.blocksize = blocksize;
+  const int64_t n = rows * cols;
+  w.packed.resize(size_t((n + 1) / 2));
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (auto& b : w.packed) b = uint8_t(byte(rng));
+  std::uniform_real_distribution<float> scale(0.01f, 2.0f);
+  w.absmax.resize(size_t((n + blocksize - 1) / blocksize));
+  for (auto& a : w.absmax) a = scale(rng);
+  return w;
+}
+
+double weight64(const Nf4Matrix& w, int64_t i) {
+  const int code = (i & 1) ? w.packed[size_t(i >> 1)] & 15 : w.packed[size_t(i >> 1)] >> 4;
+  return double(cpu::kNf4Codes[code]) * double(w.absmax[size_t(i / w.blocksize)]);
+}
+
+std::vector<Isa> available_isas() {
+  std::vector<Isa> isas;
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+    if (cpu::isa_supported(isa)) isas.push_back(isa);
+  return isas;
+}
+
+struct Shape {
+  int64_t rows, cols;
+  int blocksize;
+};
+
+class CpuKernels : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(CpuKernels, GemvMatchesFloat64AndScalar) {
+  const auto [rows, cols, bs] = GetParam();
+  std::mt19937 rng(uint32_t(rows * 131 + cols * 7 + bs));
+  const auto w = random_matrix(rows, cols, bs, rng);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<size_t>(cols));
+  for (auto& v : x) v = normal(rng);
+  std::vector<float> y_scalar(static_cast<size_t>(rows));
+  cpu::gemv_rows(Isa::Scalar, w, x.data(), y_scalar.data(), 0, rows);
+  for (Isa isa : available_isas()) {
+    SCOPED_TRACE(cpu::isa_name(isa));
+    std::vector<float> y(size_t(rows), std::nanf(""));  // poisoned: every row must be written
+    cpu::gemv_rows(isa, w, x.data(), y.data(), 0, rows);
+    const double blocks = double(cols) / bs + 2;
+    for (int64_t r = 0; r < rows; ++r) {
+      double exact = 0, magnitude = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        const double p = weight64(w, r * cols + c) * x[size_t(c)];
+        exact += p;
+        magnitude += std::abs(p);
+      }
+      const double bound = (double(cols) + blocks) * std::ldexp(1.0, -24) * magnitude;
+      ASSERT_LE(std::abs(y[size_t(r)] - exact), bound) << "row " << r;
+      ASSERT_LE(std::abs(y[size_t(r)] - y_scalar[size_t(r)]), 2 * bound) << "row " << r;
+    }
+  }
+}
+
+TEST_P(CpuKernels, DequantizeIsExactlyCodeTimesAbsmax) {
+  const auto [rows, cols, bs] = GetParam();
+  std::mt19937 rng(uint32_t(rows + cols + bs));
+  const auto w = random_matrix(rows, cols, bs, rng);
+  for (Isa isa : available_isas()) {
+    SCOPED_TRACE(cpu::isa_name(isa));
+    // A sub-range of rows too, as the prefill tiles use it.
+    const int64_t r0 = rows > 2 ? 1 : 0;
+    std::vector<float> out(size_t((rows - r0) * cols), std::nanf(""));
+    cpu::dequantize_rows(isa, w, r0, rows, out.data());
+    for (int64_t i = 0; i < (rows - r0) * cols; ++i)
+      ASSERT_EQ(out[size_t(i)], float(weight64(w, r0 * cols + i))) << "element " << i;  // one FP32 multiply: exact
+  }
+}
+
+TEST_P(CpuKernels, LinearBothPathsMatchFloat64) {
+  const auto [rows, cols, bs] = GetParam();
+  std::mt19937 rng(uint32_t(3 * rows + cols + bs));
+  const auto w = random_matrix(rows, cols, bs, rng);
+  for (int n : {1, 3, cpu::kGemvMaxTokens + 1, 17}) {  // GEMV path and tiled GEMM path
+    MatrixRF x = MatrixRF::Random(n, cols);
+    const MatrixRF y = cpu::nf4_linear(cpu::best_isa(), w, x);
+    ASSERT_EQ(y.rows(), n);
+    for (int t = 0; t < n; ++t)
+      for (int64_t r = 0; r < rows; ++r) {
+        double exact = 0, magnitude = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const double p = weight64(w, r * cols + c) * x(t, c);
+          exact += p;
+          magnitude += std::abs(p);
+        }
+        ASSERT_LE(std::abs(y(t, r) - exact), (double(cols) + double(cols) / bs + 2) * std::ldexp(1.0, -24) * magnitude)
+            << "n " << n << " token " << t << " row " << r;
+      }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CpuKernels,
+                         ::testing::Values(Shape{1, 64, 64}, Shape{7, 96, 64}, Shape{33, 160, 32},
+                                           Shape{5, 4096 + 32, 64}, Shape{3, 256, 128}, Shape{9, 32, 64},
+                                           Shape{4, 40, 64},    // cols not a multiple of 32: scalar fallback
+                                           Shape{3, 7, 64},     // odd cols, blocks straddle rows
+                                           Shape{2, 512, 4096}),
+                         [](const auto& info) {
+                           return std::to_string(info.param.rows) + "x" + std::to_string(info.param.cols) + "_b" +
+                                  std::to_string(info.param.blocksize);
+                         });
+
+}  // namespace
+}  // namespace moelab::test
