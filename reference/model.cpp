@@ -140,7 +140,7 @@ RouterOutput<S> Model<S>::route(const LayerWeights<S>& w, const Mat<S>& x) const
 
 // SwiGLU expert: w2(silu(w1 x) * w3 x).                                x: [m, hidden] → [m, hidden]
 template <typename S>
-Mat<S> Model<S>::expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x) const {
+Mat<S> Model<S>::expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x) {
   Mat<S> gate = x * e.w1.transpose();  // [m, intermediate]
   const Mat<S> up = x * e.w3.transpose();
   gate = gate.array() / (S(1) + (-gate.array()).exp());  // silu
@@ -150,14 +150,14 @@ Mat<S> Model<S>::expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x) const {
 // Mixture of experts: each expert runs once on the tokens routed to it, and its output is added to
 // those tokens with their gate weight (experts in ascending id order, as transformers does).
 template <typename S>
-Mat<S> Model<S>::moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r) const {
+Mat<S> Model<S>::moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r) {
   const int n = int(x.rows());
   Mat<S> out = Mat<S>::Zero(n, x.cols());
-  for (int e = 0; e < cfg_.num_experts; ++e) {
+  for (int e = 0; e < int(w.experts.size()); ++e) {
     std::vector<int> rows;
     std::vector<S> gate;
     for (int t = 0; t < n; ++t)
-      for (int j = 0; j < cfg_.top_k; ++j)
+      for (int j = 0; j < int(r.experts.cols()); ++j)
         if (r.experts(t, j) == e) {
           rows.push_back(t);
           gate.push_back(r.gates(t, j));

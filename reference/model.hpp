@@ -45,8 +45,9 @@ class Model final : public Engine {
   void apply_rope(Mat<S>& x, int num_heads, int start_pos) const;
   Mat<S> attention(int layer, const LayerWeights<S>& w, const Mat<S>& x, int start_pos);
   RouterOutput<S> route(const LayerWeights<S>& w, const Mat<S>& x) const;
-  Mat<S> moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r) const;
-  Mat<S> expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x) const;
+  // The expert half of the MoE block needs no config: static, so benchmarks can run it on its own.
+  static Mat<S> moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r);
+  static Mat<S> expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x);
 
  private:
   ModelConfig cfg_;

@@ -11,6 +11,7 @@
 #include "core/error.hpp"
 #include "core/progress.hpp"
 #include "optimized/cpu/linear.hpp"
+#include "optimized/cpu/moe.hpp"
 #include "optimized/cpu/quantize.hpp"
 
 namespace moelab::cpu {
@@ -184,27 +185,6 @@ void Nf4Engine::route(const Nf4Layer& w, const MatrixRF& x, MatrixRF& logits, Ma
   }
 }
 
-// Tokens grouped by expert; only chosen experts run, each once on its tokens.
-MatrixRF Nf4Engine::moe(const Nf4Layer& w, const MatrixRF& x, const MatrixRI& experts, const MatrixRF& gates) const {
-  MatrixRF out = MatrixRF::Zero(x.rows(), x.cols());
-  for (int e = 0; e < cfg_.num_experts; ++e) {
-    std::vector<std::pair<int, float>> routed;  // (token, gate)
-    for (Eigen::Index t = 0; t < experts.rows(); ++t)
-      for (Eigen::Index j = 0; j < experts.cols(); ++j)
-        if (experts(t, j) == e) routed.emplace_back(int(t), gates(t, j));
-    if (routed.empty()) continue;
-    MatrixRF xe(Eigen::Index(routed.size()), x.cols());
-    for (size_t i = 0; i < routed.size(); ++i) xe.row(Eigen::Index(i)) = x.row(routed[i].first);
-    const auto& ex = w.experts[size_t(e)];
-    MatrixRF g = nf4_linear(isa_, ex.w1, xe);
-    const MatrixRF u = nf4_linear(isa_, ex.w3, xe);
-    g = (g.array() / (1.0f + (-g.array()).exp())) * u.array();  // silu(w1 x) · w3 x
-    const MatrixRF y = nf4_linear(isa_, ex.w2, g);
-    for (size_t i = 0; i < routed.size(); ++i) out.row(routed[i].first) += routed[i].second * y.row(Eigen::Index(i));
-  }
-  return out;
-}
-
 MatrixRF Nf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
   const int n = int(tokens.size());
   if (n == 0) throw Error("forward: no tokens");
@@ -233,7 +213,7 @@ MatrixRF Nf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
     route(w, x, logits, experts, gates);
     obs.router_seconds = seconds_since(t0);
     t0 = clock_type::now();
-    h += moe(w, x, experts, gates);
+    h += moe_block(isa_, w.experts, x, experts, gates);
     obs.experts_seconds = seconds_since(t0);
     if (probe) {
       obs.hidden = &h;

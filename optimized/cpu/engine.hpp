@@ -8,6 +8,7 @@
 #include "core/checkpoint.hpp"
 #include "core/engine.hpp"
 #include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/moe.hpp"
 
 namespace moelab::cpu {
 
@@ -18,10 +19,6 @@ struct EngineOptions {
   int blocksize = 64;
   bool double_quant = true;
   bool show_progress = false;
-};
-
-struct Nf4Expert {
-  Nf4Matrix w1, w3, w2;
 };
 
 struct Nf4Layer {
@@ -50,7 +47,6 @@ class Nf4Engine final : public Engine {
   void rope(MatrixRF& x, int heads, int start) const;
   MatrixRF attention(int layer, const Nf4Layer& w, const MatrixRF& x, int start);
   void route(const Nf4Layer& w, const MatrixRF& x, MatrixRF& logits, MatrixRI& experts, MatrixRF& gates) const;
-  MatrixRF moe(const Nf4Layer& w, const MatrixRF& x, const MatrixRI& experts, const MatrixRF& gates) const;
 
   ModelConfig cfg_;
   EngineOptions opt_;

@@ -55,17 +55,17 @@ __attribute__((target("avx2,fma"))) void gemv_rows(const Nf4Matrix& w, const flo
     const int64_t begin = r * w.cols;
     const uint8_t* bytes = w.packed.data() + begin / 2;
     __m256 total = _mm256_setzero_ps();
-    for (int64_t c = 0; c < w.cols;) {
-      const int64_t block = (begin + c) / w.blocksize;
-      const int64_t block_end = std::min<int64_t>(w.cols, (block + 1) * w.blocksize - begin);
-      __m256 seg = _mm256_setzero_ps();
-      for (; c < block_end; c += 16) {
+    int64_t block = begin / w.blocksize;
+    int64_t seg_end = std::min<int64_t>(w.cols, (block + 1) * w.blocksize - begin);
+    for (int64_t c = 0; c < w.cols; ++block, seg_end = std::min<int64_t>(w.cols, seg_end + w.blocksize)) {
+      __m256 seg_even = _mm256_setzero_ps(), seg_odd = _mm256_setzero_ps();
+      for (; c < seg_end; c += 16) {
         __m256 even, odd;
         codes_to_floats(bytes + c / 2, t, even, odd);
-        seg = _mm256_fmadd_ps(even, _mm256_loadu_ps(xs.data() + c), seg);
-        seg = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xs.data() + c + 8), seg);
+        seg_even = _mm256_fmadd_ps(even, _mm256_loadu_ps(xs.data() + c), seg_even);
+        seg_odd = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xs.data() + c + 8), seg_odd);
       }
-      total = _mm256_fmadd_ps(seg, _mm256_set1_ps(w.absmax[size_t(block)]), total);
+      total = _mm256_fmadd_ps(_mm256_add_ps(seg_even, seg_odd), _mm256_set1_ps(w.absmax[size_t(block)]), total);
     }
     y[r - r0] = reduce(total);
   }

@@ -39,19 +39,19 @@ __attribute__((target("avx512f"))) void gemv_rows(const Nf4Matrix& w, const floa
     const int64_t begin = r * w.cols;
     const uint8_t* bytes = w.packed.data() + begin / 2;
     __m512 total = _mm512_setzero_ps();
-    // Rows start on a block boundary only when cols % blocksize == 0; in general a row starts
-    // inside a block, so track the block of each 32-element chunk.
-    for (int64_t c = 0; c < w.cols;) {
-      const int64_t block = (begin + c) / w.blocksize;
-      const int64_t block_end = std::min<int64_t>(w.cols, (block + 1) * w.blocksize - begin);
-      __m512 seg = _mm512_setzero_ps();
-      for (; c < block_end; c += 32) {
+    // A row may start inside a block (cols % blocksize != 0): walk its block segments without
+    // dividing in the loop. Even and odd accumulators keep two FMA chains in flight.
+    int64_t block = begin / w.blocksize;
+    int64_t seg_end = std::min<int64_t>(w.cols, (block + 1) * w.blocksize - begin);
+    for (int64_t c = 0; c < w.cols; ++block, seg_end = std::min<int64_t>(w.cols, seg_end + w.blocksize)) {
+      __m512 seg_even = _mm512_setzero_ps(), seg_odd = _mm512_setzero_ps();
+      for (; c < seg_end; c += 32) {
         __m512 even, odd;
         codes_to_floats(bytes + c / 2, table, even, odd);
-        seg = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs.data() + c), seg);
-        seg = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs.data() + c + 16), seg);
+        seg_even = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs.data() + c), seg_even);
+        seg_odd = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs.data() + c + 16), seg_odd);
       }
-      total = _mm512_fmadd_ps(seg, _mm512_set1_ps(w.absmax[size_t(block)]), total);
+      total = _mm512_fmadd_ps(_mm512_add_ps(seg_even, seg_odd), _mm512_set1_ps(w.absmax[size_t(block)]), total);
     }
     y[r - r0] = _mm512_reduce_add_ps(total);
   }

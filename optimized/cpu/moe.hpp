@@ -1,0 +1,19 @@
+#pragma once
+// The MoE block's expert half on NF4 weights: tokens grouped by expert, each chosen expert run once
+// on its tokens (SwiGLU: w2(silu(w1 x) · w3 x)), outputs added back with their gate weights.
+#include <vector>
+
+#include "core/engine.hpp"
+#include "optimized/cpu/kernels.hpp"
+
+namespace moelab::cpu {
+
+struct Nf4Expert {
+  Nf4Matrix w1, w3, w2;  // [ffn, hidden], [ffn, hidden], [hidden, ffn]
+};
+
+// x: [n, hidden]; experts, gates: [n, k]. Returns [n, hidden].
+MatrixRF moe_block(Isa isa, const std::vector<Nf4Expert>& experts, const MatrixRF& x, const MatrixRI& chosen,
+                   const MatrixRF& gates);
+
+}  // namespace moelab::cpu
