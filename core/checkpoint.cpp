@@ -14,6 +14,22 @@ namespace moelab {
 
 namespace fs = std::filesystem;
 
+namespace {
+// Tensor and shard names come from the files: escape control characters so messages stay one line.
+std::string printable(std::string_view s) {
+  std::string out;
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
+    else out += ch;
+  }
+  return out;
+}
+}  // namespace
+
 std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_progress) {
   if (!fs::is_directory(dir)) throw Error(fmt::format("{}: not a directory (expected a checkpoint folder)", dir));
   std::unique_ptr<Checkpoint> ck(new Checkpoint());
@@ -37,16 +53,18 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
       throw Error(fmt::format("{}: no 'weight_map' object", index.string()));
     std::set<std::string> seen;
     for (const auto& [name, file] : j["weight_map"].items()) {
-      if (!file.is_string()) throw Error(fmt::format("{}: weight_map['{}'] is not a file name", index.string(), name));
+      if (!file.is_string()) throw Error(fmt::format("{}: weight_map['{}'] is not a file name", index.string(), printable(name)));
       const auto f = file.get<std::string>();
       if (f.find('/') != std::string::npos || f == "..")
-        throw Error(fmt::format("{}: shard name '{}' for '{}' is not a plain file name", index.string(), f, name));
+        throw Error(fmt::format("{}: shard name '{}' for '{}' is not a plain file name", index.string(),
+                                printable(f), printable(name)));
       weight_map[name] = f;
       if (seen.insert(f).second) shard_names.push_back(f);
     }
     for (const auto& f : shard_names)
       if (!fs::exists(root / f))
-        throw Error(fmt::format("{}: missing shard (listed in {})", (root / f).string(), index.filename().string()));
+        throw Error(fmt::format("{}: missing shard (listed in {})", printable((root / f).string()),
+                                index.filename().string()));
   } else if (fs::exists(single)) {
     shard_names.push_back("model.safetensors");
   } else {
@@ -66,20 +84,21 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
       if (!weight_map.empty()) {
         auto it = weight_map.find(name);
         if (it == weight_map.end()) {
-          ck->warnings_.push_back(fmt::format("{}: tensor '{}' is not listed in the index", shard->path(), name));
+          ck->warnings_.push_back(
+              fmt::format("{}: tensor '{}' is not listed in the index", shard->path(), printable(name)));
           continue;
         }
         if (it->second != shard_file) continue;  // the index says it lives elsewhere
       }
       if (!ck->where_.emplace(name, shard.get()).second)
-        throw Error(fmt::format("{}: tensor '{}' also appears in {}", shard->path(), name,
+        throw Error(fmt::format("{}: tensor '{}' also appears in {}", shard->path(), printable(name),
                                 ck->where_[name]->path()));
     }
   }
   for (const auto& [name, file] : weight_map)
     if (!ck->where_.count(name))
       throw Error(fmt::format("{}: tensor '{}' is listed in the index for this shard but is not in it",
-                              (root / file).string(), name));
+                              printable((root / file).string()), printable(name)));
   ck->validate_against_config();
   return ck;
 }
@@ -102,7 +121,7 @@ void Checkpoint::validate_against_config() {
   }
   for (const auto& [name, file] : where_)
     if (!expected.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
-      warnings_.push_back(fmt::format("{}: tensor '{}' is not used by a {} with this config", file->path(), name,
+      warnings_.push_back(fmt::format("{}: tensor '{}' is not used by a {} with this config", file->path(), printable(name),
                                       config_.arch_name()));
 }
 
@@ -110,7 +129,7 @@ std::string Checkpoint::tokenizer_path() const { return (fs::path(dir_) / "token
 
 const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
   auto it = where_.find(name);
-  if (it == where_.end()) throw Error(fmt::format("{}: no tensor named '{}'", dir_, name));
+  if (it == where_.end()) throw Error(fmt::format("{}: no tensor named '{}'", dir_, printable(name)));
   return *it->second;
 }
 

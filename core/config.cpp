@@ -59,6 +59,15 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     throw Error(fmt::format("{}: not valid JSON ({})", source, e.what()));
   }
   if (!j.is_object()) throw Error(fmt::format("{}: config is not a JSON object", source));
+  try {
+    return parse_config(j, source);
+  } catch (const json::exception& e) {
+    // A value of the wrong JSON type (e.g. "tie_word_embeddings": "yes").
+    throw Error(fmt::format("{}: a value has the wrong type ({})", source, e.what()));
+  }
+}
+
+ModelConfig ModelConfig::parse_config(const nlohmann::json& j, const std::string& source) {
   Reader r{j, source};
   ModelConfig c;
   c.source = source;

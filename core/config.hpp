@@ -2,6 +2,7 @@
 // ModelConfig: the facts of a Hugging Face config.json for MixtralForCausalLM (sparse MoE) or
 // MistralForCausalLM (treated as the dense case: one expert, always chosen, weight 1).
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,9 @@ struct ModelConfig {
   int64_t active_params() const;
   int64_t expert_params() const;  // one expert's three matrices
   int64_t kv_cache_bytes_per_token(int bytes_per_value) const;
+
+ private:
+  static ModelConfig parse_config(const nlohmann::json& j, const std::string& source);
 };
 
 // Memory an engine needs to hold the model (weights) and a KV cache of `context` tokens.

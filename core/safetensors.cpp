@@ -32,6 +32,21 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 
 namespace {
 
+// Names and keys come from the file: control characters in them would break the one-line message,
+// so they are shown escaped (\n, \xNN).
+std::string printable(std::string_view s) {
+  std::string out;
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
+    else out += ch;
+  }
+  return out;
+}
+
 // nlohmann keeps the last of duplicate keys silently; the format forbids duplicates, so we look
 // for them with a parser callback while parsing.
 json parse_header_json(const std::string& path, std::string_view text) {
@@ -52,13 +67,13 @@ json parse_header_json(const std::string& path, std::string_view text) {
     throw Error(fmt::format("{}: safetensors header is not valid JSON ({})", path, e.what()));
   }
   if (!duplicate.empty())
-    throw Error(fmt::format("{}: safetensors header has duplicate key '{}'", path, duplicate));
+    throw Error(fmt::format("{}: safetensors header has duplicate key '{}'", path, printable(duplicate)));
   return header;
 }
 
 TensorInfo parse_entry(const std::string& path, const std::string& name, const json& entry) {
   auto bad = [&](const std::string& what) {
-    return Error(fmt::format("{}: tensor '{}': {}", path, name, what));
+    return Error(fmt::format("{}: tensor '{}': {}", path, printable(name), what));
   };
   if (!entry.is_object()) throw bad("header entry is not an object");
   if (!entry.contains("dtype") || !entry["dtype"].is_string()) throw bad("missing or non-string 'dtype'");
@@ -67,13 +82,13 @@ TensorInfo parse_entry(const std::string& path, const std::string& name, const j
       entry["data_offsets"].size() != 2)
     throw bad("missing 'data_offsets' [begin, end]");
   for (const auto& [key, _] : entry.items())
-    if (key != "dtype" && key != "shape" && key != "data_offsets") throw bad("unknown field '" + key + "'");
+    if (key != "dtype" && key != "shape" && key != "data_offsets") throw bad("unknown field '" + printable(key) + "'");
 
   TensorInfo t;
   t.name = name;
   const auto dtype_text = entry["dtype"].get<std::string>();
   auto dtype = parse_dtype(dtype_text);
-  if (!dtype) throw bad("unknown dtype '" + dtype_text + "'");
+  if (!dtype) throw bad("unknown dtype '" + printable(dtype_text) + "'");
   t.dtype = *dtype;
   for (const auto& d : entry["shape"]) {
     if (!d.is_number_unsigned()) throw bad("shape entries must be non-negative integers");
@@ -128,6 +143,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     std::string_view text(reinterpret_cast<const char*>(map_ + 8), header_len);
     if (text.empty() || text.front() != '{')
       throw Error(fmt::format("{}: safetensors header does not start with '{{'", path));
+    // nlohmann treats a NUL byte as the end of input, so "{...}\0<anything>" would parse; a raw NUL is
+    // never valid JSON (serde_json, in the Rust reader, rejects it).
+    if (const auto nul = text.find('\0'); nul != std::string_view::npos)
+      throw Error(fmt::format("{}: safetensors header is not valid JSON (NUL byte at header offset {})", path, nul));
     const json header = parse_header_json(path, text);
     if (!header.is_object()) throw Error(fmt::format("{}: safetensors header is not a JSON object", path));
 
@@ -138,7 +157,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       if (name == "__metadata__") {
         if (!entry.is_object()) throw Error(fmt::format("{}: __metadata__ is not an object", path));
         for (const auto& [k, v] : entry.items()) {
-          if (!v.is_string()) throw Error(fmt::format("{}: __metadata__ value '{}' is not a string", path, k));
+          if (!v.is_string()) throw Error(fmt::format("{}: __metadata__ value '{}' is not a string", path, printable(k)));
           metadata_[k] = v.get<std::string>();
         }
         continue;
@@ -154,13 +173,13 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     for (const TensorInfo* t : by_offset) {
       if (t->end > buffer_size)
         throw Error(fmt::format("{}: tensor '{}': data [{}, {}] runs past the end of the {}-byte data buffer "
-                                "(file truncated?)", path, t->name, t->begin, t->end, buffer_size));
+                                "(file truncated?)", path, printable(t->name), t->begin, t->end, buffer_size));
       if (t->begin < cursor)
         throw Error(fmt::format("{}: tensor '{}': data [{}, {}] overlaps the previous tensor (ends at {})",
-                                path, t->name, t->begin, t->end, cursor));
+                                path, printable(t->name), t->begin, t->end, cursor));
       if (t->begin > cursor)
         throw Error(fmt::format("{}: tensor '{}': gap of {} unused bytes before its data at {}", path,
-                                t->name, t->begin - cursor, t->begin));
+                                printable(t->name), t->begin - cursor, t->begin));
       cursor = t->end;
     }
     if (cursor != buffer_size)
@@ -180,7 +199,7 @@ SafetensorsFile::~SafetensorsFile() {
 
 const TensorInfo& SafetensorsFile::info(const std::string& name) const {
   auto it = tensors_.find(name);
-  if (it == tensors_.end()) throw Error(fmt::format("{}: no tensor named '{}'", path_, name));
+  if (it == tensors_.end()) throw Error(fmt::format("{}: no tensor named '{}'", path_, printable(name)));
   return it->second;
 }
 
@@ -190,10 +209,10 @@ std::span<const std::byte> SafetensorsFile::bytes(const TensorInfo& t) const {
 
 void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst) const {
   if (!dtype_is_float_convertible(t.dtype))
-    throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16)", path_,
-                            t.name, dtype_name(t.dtype)));
+    throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16, F64)", path_,
+                            printable(t.name), dtype_name(t.dtype)));
   if (first < 0 || count < 0 || first + count > t.numel())
-    throw Error(fmt::format("{}: tensor '{}': element range [{}, {}) outside its {} elements", path_, t.name,
+    throw Error(fmt::format("{}: tensor '{}': element range [{}, {}) outside its {} elements", path_, printable(t.name),
                             first, first + count, t.numel()));
   const int bytes_per = dtype_bits(t.dtype) / 8;
   convert_to_f32(t.dtype, data_ + t.begin + uint64_t(first) * bytes_per, size_t(count), dst);

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/error.hpp"
 
@@ -60,9 +61,22 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
 
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata) {
+  // Refuse anything the reader would reject: duplicate names, the reserved "__metadata__" key,
+  // negative dimensions, sizes that are not whole bytes, data that does not match the shape.
   std::vector<const TensorToWrite*> order;
+  std::set<std::string> names;
   for (const auto& t : tensors) {
-    const uint64_t expect = uint64_t(numel(t.shape)) * dtype_bits(t.dtype) / 8;
+    if (t.name == "__metadata__")
+      throw Error(fmt::format("{}: a tensor cannot be named '__metadata__' (reserved key)", path));
+    if (!names.insert(t.name).second)
+      throw Error(fmt::format("{}: tensor '{}' appears more than once", path, t.name));
+    for (auto d : t.shape)
+      if (d < 0) throw Error(fmt::format("{}: tensor '{}' has a negative dimension {}", path, t.name, d));
+    const unsigned __int128 bits = (unsigned __int128)uint64_t(numel(t.shape)) * uint64_t(dtype_bits(t.dtype));
+    if (bits % 8 != 0)
+      throw Error(fmt::format("{}: tensor '{}' of {} x {}-bit elements is not a whole number of bytes", path,
+                              t.name, numel(t.shape), dtype_bits(t.dtype)));
+    const uint64_t expect = uint64_t(bits / 8);
     if (t.data.size() != expect)
       throw Error(fmt::format("{}: tensor '{}' has {} bytes of data, its shape needs {}", path, t.name,
                               t.data.size(), expect));

@@ -101,6 +101,8 @@ TEST(Config, BadConfigsAreClearErrors) {
   auto no_vocab = nlohmann::json::parse(good);
   no_vocab.erase("vocab_size");
   expect_config_error(no_vocab.dump(), "missing 'vocab_size'");
+  expect_config_error(with("tie_word_embeddings", "\"yes\""), "wrong type");
+  expect_config_error(with("architectures", "[42]"), "wrong type");
   EXPECT_THROW(ModelConfig::from_json_file("/nonexistent/config.json"), Error);
 }
 
