@@ -123,7 +123,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CpuKernels,
                                            Shape{5, 4096 + 32, 64}, Shape{3, 256, 128}, Shape{9, 32, 64},
                                            Shape{4, 40, 64},    // cols not a multiple of 32: scalar fallback
                                            Shape{3, 7, 64},     // odd cols, blocks straddle rows
-                                           Shape{2, 512, 4096}),
+                                           Shape{2, 512, 4096}, Shape{5, 1024, 64}, Shape{3, 384, 32},
+                                           Shape{2, 1024, 256}, Shape{4, 8192 + 128, 64}),
                          [](const auto& info) {
                            return std::to_string(info.param.rows) + "x" + std::to_string(info.param.cols) + "_b" +
                                   std::to_string(info.param.blocksize);

@@ -1,6 +1,8 @@
 // Runtime choice of the NF4 kernel set: the widest the CPU supports, or one named by the user.
 #include <fmt/format.h>
 
+#include <vector>
+
 #include "core/error.hpp"
 #include "optimized/cpu/kernels.hpp"
 
@@ -40,12 +42,26 @@ Isa parse_isa(const std::string& name) {
   return isa;
 }
 
-void gemv_rows(Isa isa, const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1) {
+void prepare_x(Isa isa, const Nf4Matrix& w, const float* x, float* xs) {
   switch (isa) {
-    case Isa::Avx512: return avx512::gemv_rows(w, x, y, r0, r1);
-    case Isa::Avx2: return avx2::gemv_rows(w, x, y, r0, r1);
-    case Isa::Scalar: return scalar::gemv_rows(w, x, y, r0, r1);
+    case Isa::Avx512: return avx512::prepare_x(w, x, xs);
+    case Isa::Avx2: return avx2::prepare_x(w, x, xs);
+    case Isa::Scalar: return scalar::prepare_x(w, x, xs);
   }
+}
+
+void gemv_prepared(Isa isa, const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1) {
+  switch (isa) {
+    case Isa::Avx512: return avx512::gemv_prepared(w, xs, y, r0, r1);
+    case Isa::Avx2: return avx2::gemv_prepared(w, xs, y, r0, r1);
+    case Isa::Scalar: return scalar::gemv_prepared(w, xs, y, r0, r1);
+  }
+}
+
+void gemv_rows(Isa isa, const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1) {
+  std::vector<float> xs(static_cast<size_t>(w.cols));
+  prepare_x(isa, w, x, xs.data());
+  gemv_prepared(isa, w, xs.data(), y, r0, r1);
 }
 
 void dequantize_rows(Isa isa, const Nf4Matrix& w, int64_t r0, int64_t r1, float* out) {

@@ -17,20 +17,28 @@ Isa parse_isa(const std::string& name);  // "scalar", "avx2", "avx512", "auto"
 
 // y[r - r0] = sum_c W[r, c] * x[c] for rows r in [r0, r1). Reads each packed byte once.
 void gemv_rows(Isa isa, const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1);
+// The same in two steps, so one activation layout serves every row chunk and thread:
+// prepare_x writes `cols` floats in the layout the kernel of `isa` reads (SIMD kernels split each
+// chunk into the elements of high and low nibbles), gemv_prepared consumes it.
+void prepare_x(Isa isa, const Nf4Matrix& w, const float* x, float* xs);
+void gemv_prepared(Isa isa, const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
 // out[(r - r0) * cols + c] = W[r, c] in FP32 (code value times its block's absmax).
 void dequantize_rows(Isa isa, const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
 
 // Per-ISA implementations (kernels_<isa>.cpp), called through the dispatchers above.
 namespace scalar {
-void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1);
+void prepare_x(const Nf4Matrix& w, const float* x, float* xs);
+void gemv_prepared(const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
 void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
 }  // namespace scalar
 namespace avx2 {
-void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1);
+void prepare_x(const Nf4Matrix& w, const float* x, float* xs);
+void gemv_prepared(const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
 void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
 }  // namespace avx2
 namespace avx512 {
-void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1);
+void prepare_x(const Nf4Matrix& w, const float* x, float* xs);
+void gemv_prepared(const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
 void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
 }  // namespace avx512
 

@@ -44,12 +44,14 @@ __attribute__((target("avx2,fma"))) inline float reduce(__m256 v) {
 
 }  // namespace
 
-__attribute__((target("avx2,fma"))) void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0,
+void prepare_x(const Nf4Matrix& w, const float* x, float* xs) {
+  if (!w.simd_friendly()) return scalar::prepare_x(w, x, xs);
+  split_even_odd(x, w.cols, xs);
+}
+
+__attribute__((target("avx2,fma"))) void gemv_prepared(const Nf4Matrix& w, const float* xs, float* y, int64_t r0,
                                                     int64_t r1) {
-  if (!w.simd_friendly()) return scalar::gemv_rows(w, x, y, r0, r1);
-  thread_local std::vector<float> xs;
-  xs.resize(size_t(w.cols));
-  split_even_odd(x, w.cols, xs.data());
+  if (!w.simd_friendly()) return scalar::gemv_prepared(w, xs, y, r0, r1);
   const Table t{_mm256_loadu_ps(kNf4Codes), _mm256_loadu_ps(kNf4Codes + 8)};
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t begin = r * w.cols;
@@ -62,8 +64,8 @@ __attribute__((target("avx2,fma"))) void gemv_rows(const Nf4Matrix& w, const flo
       for (; c < seg_end; c += 16) {
         __m256 even, odd;
         codes_to_floats(bytes + c / 2, t, even, odd);
-        seg_even = _mm256_fmadd_ps(even, _mm256_loadu_ps(xs.data() + c), seg_even);
-        seg_odd = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xs.data() + c + 8), seg_odd);
+        seg_even = _mm256_fmadd_ps(even, _mm256_loadu_ps(xs + c), seg_even);
+        seg_odd = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xs + c + 8), seg_odd);
       }
       total = _mm256_fmadd_ps(_mm256_add_ps(seg_even, seg_odd), _mm256_set1_ps(w.absmax[size_t(block)]), total);
     }

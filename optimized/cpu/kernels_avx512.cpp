@@ -22,39 +22,145 @@ void split_even_odd(const float* x, int64_t n, float* xs) {
 __attribute__((target("avx512f"))) inline void codes_to_floats(const uint8_t* bytes, __m512 table, __m512& even,
                                                                  __m512& odd) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  // vpermps reads only the low 4 bits of each index, so the low nibble needs no mask.
   even = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-  odd = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0f)), table);
+  odd = _mm512_permutexvar_ps(b, table);
 }
 
 }  // namespace
 
-__attribute__((target("avx512f"))) void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0,
-                                                   int64_t r1) {
-  if (!w.simd_friendly()) return scalar::gemv_rows(w, x, y, r0, r1);
-  thread_local std::vector<float> xs;
-  xs.resize(size_t(w.cols));
-  split_even_odd(x, w.cols, xs.data());
-  const __m512 table = _mm512_loadu_ps(kNf4Codes);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t begin = r * w.cols;
-    const uint8_t* bytes = w.packed.data() + begin / 2;
-    __m512 total = _mm512_setzero_ps();
-    // A row may start inside a block (cols % blocksize != 0): walk its block segments without
-    // dividing in the loop. Even and odd accumulators keep two FMA chains in flight.
-    int64_t block = begin / w.blocksize;
-    int64_t seg_end = std::min<int64_t>(w.cols, (block + 1) * w.blocksize - begin);
-    for (int64_t c = 0; c < w.cols; ++block, seg_end = std::min<int64_t>(w.cols, seg_end + w.blocksize)) {
-      __m512 seg_even = _mm512_setzero_ps(), seg_odd = _mm512_setzero_ps();
-      for (; c < seg_end; c += 32) {
-        __m512 even, odd;
-        codes_to_floats(bytes + c / 2, table, even, odd);
-        seg_even = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs.data() + c), seg_even);
-        seg_odd = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs.data() + c + 16), seg_odd);
-      }
-      total = _mm512_fmadd_ps(_mm512_add_ps(seg_even, seg_odd), _mm512_set1_ps(w.absmax[size_t(block)]), total);
+void prepare_x(const Nf4Matrix& w, const float* x, float* xs) {
+  if (!w.simd_friendly()) return scalar::prepare_x(w, x, xs);
+  split_even_odd(x, w.cols, xs);
+}
+
+namespace {
+
+// One row, any block alignment: a row may start inside a block when cols % blocksize != 0, so walk
+// its block segments (without dividing in the loop).
+__attribute__((target("avx512f"))) float gemv_one_row(const Nf4Matrix& w, const float* xs, int64_t r, __m512 table) {
+  const int64_t begin = r * w.cols;
+  const uint8_t* bytes = w.packed.data() + begin / 2;
+  __m512 total = _mm512_setzero_ps();
+  int64_t block = begin / w.blocksize;
+  int64_t seg_end = std::min<int64_t>(w.cols, (block + 1) * w.blocksize - begin);
+  for (int64_t c = 0; c < w.cols; ++block, seg_end = std::min<int64_t>(w.cols, seg_end + w.blocksize)) {
+    __m512 seg_even = _mm512_setzero_ps(), seg_odd = _mm512_setzero_ps();  // two FMA chains in flight
+    for (; c < seg_end; c += 32) {
+      __m512 even, odd;
+      codes_to_floats(bytes + c / 2, table, even, odd);
+      seg_even = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs + c), seg_even);
+      seg_odd = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs + c + 16), seg_odd);
     }
-    y[r - r0] = _mm512_reduce_add_ps(total);
+    total = _mm512_fmadd_ps(_mm512_add_ps(seg_even, seg_odd), _mm512_set1_ps(w.absmax[size_t(block)]), total);
   }
+  return _mm512_reduce_add_ps(total);
+}
+
+// blocksize 64 and rows starting on block boundaries (the common case): one 32-byte load per block,
+// fully unrolled, two independent FMA chains.
+__attribute__((target("avx512f"))) float gemv_row_b64(const Nf4Matrix& w, const float* xs, int64_t r, __m512 table) {
+  const uint8_t* bytes = w.packed.data() + r * w.cols / 2;
+  const float* absmax = w.absmax.data() + r * w.cols / 64;
+  __m512 total0 = _mm512_setzero_ps(), total1 = _mm512_setzero_ps();
+  for (int64_t c = 0, block = 0; c < w.cols; c += 128, block += 2) {
+    // Two blocks per iteration so the two totals do not wait on each other.
+    const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2)));
+    const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2 + 16)));
+    const __m512i b2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2 + 32)));
+    const __m512i b3 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2 + 48)));
+    __m512 s0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table), _mm512_loadu_ps(xs + c));
+    __m512 s1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b2, 4), table), _mm512_loadu_ps(xs + c + 64));
+    s0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b0, table), _mm512_loadu_ps(xs + c + 16), s0);
+    s1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b2, table), _mm512_loadu_ps(xs + c + 80), s1);
+    s0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), table), _mm512_loadu_ps(xs + c + 32), s0);
+    s1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b3, 4), table), _mm512_loadu_ps(xs + c + 96), s1);
+    s0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b1, table), _mm512_loadu_ps(xs + c + 48), s0);
+    s1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b3, table), _mm512_loadu_ps(xs + c + 112), s1);
+    total0 = _mm512_fmadd_ps(s0, _mm512_set1_ps(absmax[block]), total0);
+    total1 = _mm512_fmadd_ps(s1, _mm512_set1_ps(absmax[block + 1]), total1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(total0, total1));
+}
+
+// blocksize 64 with x too large for L1 (w2: 14336 columns = 56 KiB): R rows share every x load.
+template <int R>
+__attribute__((target("avx512f"))) void gemv_rows_b64(const Nf4Matrix& w, const float* xs, int64_t r, float* y,
+                                                       __m512 table) {
+  const uint8_t* bytes[R];
+  const float* absmax[R];
+  __m512 total[R];
+  for (int i = 0; i < R; ++i) {
+    bytes[i] = w.packed.data() + (r + i) * w.cols / 2;
+    absmax[i] = w.absmax.data() + (r + i) * w.cols / 64;
+    total[i] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0, block = 0; c < w.cols; c += 64, ++block) {
+    const __m512 x0 = _mm512_loadu_ps(xs + c), x1 = _mm512_loadu_ps(xs + c + 16);
+    const __m512 x2 = _mm512_loadu_ps(xs + c + 32), x3 = _mm512_loadu_ps(xs + c + 48);
+    for (int i = 0; i < R; ++i) {
+      const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes[i] + c / 2)));
+      const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes[i] + c / 2 + 16)));
+      __m512 sa = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table), x0);
+      __m512 sb = _mm512_mul_ps(_mm512_permutexvar_ps(b0, table), x1);
+      sa = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), table), x2, sa);
+      sb = _mm512_fmadd_ps(_mm512_permutexvar_ps(b1, table), x3, sb);
+      total[i] = _mm512_fmadd_ps(_mm512_add_ps(sa, sb), _mm512_set1_ps(absmax[i][block]), total[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(total[i]);
+}
+
+// Four rows at once when every row starts on a block boundary: each x load then serves four rows,
+// which matters once x outgrows L1 (w2's 14336 columns are 56 KiB of x).
+constexpr int kRowBlock = 4;
+__attribute__((target("avx512f"))) void gemv_four_rows(const Nf4Matrix& w, const float* xs, int64_t r, float* y,
+                                                        __m512 table) {
+  const uint8_t* bytes[kRowBlock];
+  const float* absmax[kRowBlock];
+  __m512 total[kRowBlock];
+  for (int i = 0; i < kRowBlock; ++i) {
+    bytes[i] = w.packed.data() + (r + i) * w.cols / 2;
+    absmax[i] = w.absmax.data() + (r + i) * w.cols / w.blocksize;
+    total[i] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0, block = 0; c < w.cols; ++block) {
+    __m512 seg[kRowBlock];
+    for (int i = 0; i < kRowBlock; ++i) seg[i] = _mm512_setzero_ps();
+    for (const int64_t seg_end = c + w.blocksize; c < seg_end; c += 32) {
+      const __m512 x_even = _mm512_loadu_ps(xs + c), x_odd = _mm512_loadu_ps(xs + c + 16);
+      for (int i = 0; i < kRowBlock; ++i) {
+        __m512 even, odd;
+        codes_to_floats(bytes[i] + c / 2, table, even, odd);
+        seg[i] = _mm512_fmadd_ps(even, x_even, seg[i]);
+        seg[i] = _mm512_fmadd_ps(odd, x_odd, seg[i]);
+      }
+    }
+    for (int i = 0; i < kRowBlock; ++i)
+      total[i] = _mm512_fmadd_ps(seg[i], _mm512_set1_ps(absmax[i][block]), total[i]);
+  }
+  for (int i = 0; i < kRowBlock; ++i) y[i] = _mm512_reduce_add_ps(total[i]);
+}
+
+}  // namespace
+
+
+__attribute__((target("avx512f"))) void gemv_prepared(const Nf4Matrix& w, const float* xs, float* y, int64_t r0,
+                                                       int64_t r1) {
+  if (!w.simd_friendly()) return scalar::gemv_prepared(w, xs, y, r0, r1);
+  const __m512 table = _mm512_loadu_ps(kNf4Codes);
+  if (w.blocksize == 64 && w.cols % 128 == 0) {
+    int64_t r = r0;
+    if (w.cols * int64_t(sizeof(float)) > 32 * 1024)  // x outgrows L1: share its loads across rows
+      for (; r + 4 <= r1; r += 4) gemv_rows_b64<4>(w, xs, r, y + (r - r0), table);
+    for (; r < r1; ++r) y[r - r0] = gemv_row_b64(w, xs, r, table);
+    return;
+  }
+  int64_t r = r0;
+  // Row blocking pays only once x no longer fits L1 (~8K columns); below that it costs more than it saves.
+  if (w.cols % w.blocksize == 0 && w.cols * int64_t(sizeof(float)) > 32 * 1024)
+    for (; r + kRowBlock <= r1; r += kRowBlock) gemv_four_rows(w, xs, r, y + (r - r0), table);
+  for (; r < r1; ++r) y[r - r0] = gemv_one_row(w, xs, r, table);
 }
 
 __attribute__((target("avx512f"))) void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out) {

@@ -18,7 +18,9 @@ inline int code_at(const uint8_t* packed, int64_t i) {
 }
 }  // namespace
 
-void gemv_rows(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1) {
+void prepare_x(const Nf4Matrix& w, const float* x, float* xs) { std::copy(x, x + w.cols, xs); }
+
+void gemv_prepared(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t begin = r * w.cols, end = begin + w.cols;
     float acc = 0;

@@ -9,28 +9,24 @@ namespace moelab::cpu {
 
 MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
   const int64_t n = x.rows();
-  MatrixRF y(n, w.rows);
   if (n <= kGemvMaxTokens) {
     // ~128 KiB of packed weights per chunk: small enough to stay in L2 while each token reads it.
     const int64_t chunk = std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(1, w.cols));
     const int64_t chunks = (w.rows + chunk - 1) / chunk;
-#pragma omp parallel
-    {
-      std::vector<float> out(static_cast<size_t>(chunk));
-#pragma omp for schedule(static)
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
-        for (int64_t t = 0; t < n; ++t) {
-          gemv_rows(isa, w, x.row(t).data(), out.data(), r0, r1);
-          for (int64_t r = r0; r < r1; ++r) y(t, r) = out[size_t(r - r0)];
-        }
-      }
+    MatrixRF xs(n, w.cols);  // activations in the kernel's layout, prepared once for all threads
+    for (int64_t t = 0; t < n; ++t) prepare_x(isa, w, x.row(t).data(), xs.row(t).data());
+    MatrixRF yt(n, w.rows);
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
+      for (int64_t t = 0; t < n; ++t) gemv_prepared(isa, w, xs.row(t).data(), yt.row(t).data() + r0, r0, r1);
     }
-    return y;
+    return yt;
   }
   // ~256 KiB of dequantized FP32 rows per tile.
   const int64_t tile = std::max<int64_t>(4, (64 * 1024) / std::max<int64_t>(1, w.cols));
   const int64_t tiles = (w.rows + tile - 1) / tile;
+  MatrixRF y(n, w.rows);
 #pragma omp parallel
   {
     MatrixRF wt(tile, w.cols);
