@@ -4,13 +4,14 @@
 
 #include "core/error.hpp"
 #include "core/progress.hpp"
+#include "optimized/cpu/engine.hpp"
 #include "reference/model.hpp"
 
 namespace moelab::cli {
 
 void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
-  cmd.add_option("--engine", opts.engine, "Engine: ref (Eigen FP32 reference)")
-      ->check(CLI::IsMember({"ref"}))
+  cmd.add_option("--engine", opts.engine, "Engine: ref (Eigen FP32 reference) or cpu-nf4 (NF4 weights, SIMD, threads)")
+      ->check(CLI::IsMember({"ref", "cpu-nf4"}))
       ->capture_default_str();
   cmd.add_option("--precision", opts.precision, "Reference precision: f32, or f64 (a float64 oracle)")
       ->check(CLI::IsMember({"f32", "f64"}))
@@ -18,6 +19,10 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
   cmd.add_flag("--stream", opts.stream, "Stream layer weights from the mmap'd checkpoint instead of keeping a copy");
   cmd.add_option("--context", opts.context, "Context length to allocate the KV cache for (default: min(4096, model max))")
       ->check(CLI::NonNegativeNumber);
+  cmd.add_option("--threads", opts.threads, "cpu-nf4: threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  cmd.add_option("--kernels", opts.isa, "cpu-nf4: kernel set (auto, avx512, avx2, scalar)")
+      ->check(CLI::IsMember({"auto", "avx512", "avx2", "scalar"}))
+      ->capture_default_str();
 }
 
 std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& opts) {
@@ -25,6 +30,15 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
     ref::ModelOptions mo{opts.context, opts.stream, stderr_is_terminal()};
     if (opts.precision == "f64") return std::make_unique<ref::Model<double>>(ck, mo);
     return std::make_unique<ref::Model<float>>(ck, mo);
+  }
+  if (opts.engine == "cpu-nf4") {
+    if (opts.stream) throw Error("--stream applies to the ref engine only");
+    auto engine = std::make_unique<cpu::Nf4Engine>(
+        ck, cpu::EngineOptions{.max_context = opts.context, .threads = opts.threads, .isa = opts.isa,
+                               .show_progress = stderr_is_terminal()});
+    fmt::print(stderr, "[cpu-nf4] loaded in {:.2f}s: {:.1f} MiB of weights, {} kernels\n", engine->load_seconds(),
+               double(engine->weight_bytes()) / double(1 << 20), cpu::isa_name(engine->isa()));
+    return engine;
   }
   throw Error(fmt::format("unknown engine '{}'", opts.engine));
 }

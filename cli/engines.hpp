@@ -14,9 +14,11 @@ struct EngineOptions {
   std::string precision = "f32";  // ref only: f32 or f64
   bool stream = false;
   int context = 0;
+  int threads = 0;           // cpu-nf4: 0 = all
+  std::string isa = "auto";  // cpu-nf4 kernel set
 };
 
-// Adds --engine, --precision, --stream, --context to a subcommand.
+// Adds --engine, --precision, --stream, --context, --threads, --kernels to a subcommand.
 void add_engine_options(CLI::App& cmd, EngineOptions& opts);
 
 std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& opts);

@@ -1,0 +1,60 @@
+#include "optimized/cpu/quantize.hpp"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <set>
+
+#include "core/error.hpp"
+#include "core/safetensors_writer.hpp"
+#include "optimized/nf4/nf4.hpp"
+
+namespace moelab::cpu {
+
+Nf4Matrix quantize_matrix(const std::vector<float>& values, int64_t rows, int64_t cols, int blocksize,
+                          bool double_quant) {
+  const auto q = nf4::quantize_nf4(values.data(), rows * cols, blocksize, double_quant);
+  Nf4Matrix m;
+  m.rows = rows;
+  m.cols = cols;
+  m.blocksize = blocksize;
+  m.packed = q.packed;
+  m.absmax = nf4::block_absmax(q);  // double quantization undone once, here
+  return m;
+}
+
+std::vector<std::string> quantized_weight_names(const ModelConfig& c) {
+  std::vector<std::string> names;
+  for (int l = 0; l < c.num_layers; ++l) {
+    const auto p = fmt::format("model.layers.{}.self_attn.", l);
+    for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) names.push_back(p + proj + ".weight");
+    if (c.is_moe()) names.push_back(c.router_name(l));
+    for (int e = 0; e < c.num_experts; ++e) {
+      names.push_back(c.w1_name(l, e));
+      names.push_back(c.w3_name(l, e));
+      names.push_back(c.w2_name(l, e));
+    }
+  }
+  return names;
+}
+
+void write_dequantized_checkpoint(const Checkpoint& ck, const std::string& out_dir, int blocksize, bool double_quant) {
+  namespace fs = std::filesystem;
+  fs::create_directories(out_dir);
+  const auto names = quantized_weight_names(ck.config());
+  const std::set<std::string> quantized(names.begin(), names.end());
+  std::vector<TensorToWrite> tensors;
+  for (const auto& spec : ck.config().expected_tensors()) {
+    std::vector<float> values = ck.read_f32(spec.name);
+    if (quantized.count(spec.name))
+      values = nf4::dequantize(nf4::quantize_nf4(values.data(), int64_t(values.size()), blocksize, double_quant));
+    tensors.push_back(make_f32_tensor(spec.name, spec.shape, values.data()));
+  }
+  write_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  fs::copy_file(fs::path(ck.dir()) / "config.json", fs::path(out_dir) / "config.json",
+                fs::copy_options::overwrite_existing);
+  if (fs::exists(ck.tokenizer_path()))
+    fs::copy_file(ck.tokenizer_path(), fs::path(out_dir) / "tokenizer.model", fs::copy_options::overwrite_existing);
+}
+
+}  // namespace moelab::cpu
