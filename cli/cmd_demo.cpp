@@ -1,11 +1,12 @@
-// moelab demo: the main job on the bundled default model, in one run: generate a continuation with
-// the reference engine, show which experts each layer routed the text to, and write the outputs
-// (a forward dump and a JSON report) into one folder.
+// moelab demo: the main job on the bundled default model, in one run: generate a continuation with the
+// reference engine and with cpu-nf4, diff the two layer by layer, show which experts each layer routed
+// the text to, and write the outputs (JSON report, diff JSON) into one folder.
 #include <fmt/format.h>
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "analysis/diff.hpp"
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
 #include "core/checkpoint.hpp"
@@ -49,17 +50,26 @@ void register_demo(CLI::App& app) {
                c.num_layers, c.num_experts, c.top_k, c.total_params(), c.active_params());
 
     const Tokenizer tok(ck->tokenizer_path());
-    auto engine = make_engine(*ck, EngineOptions{});
-    Sampler greedy(SamplingParams{});
     const auto ids = tok.encode(prompt);
-    StreamDecoder stream(tok, ids);
-    fmt::print("\n== generate (engine {}, greedy)\n{}", engine->name(), prompt);
-    const auto r = generate(*engine, ids, max_new_tokens, greedy, tok.eos_id(), [&](int32_t id) {
-      fmt::print("{}", stream.push(id));
-      std::fflush(stdout);
-    });
-    fmt::print("{}\n   {} tokens, decode {:.1f} tokens/s\n", stream.flush(), r.tokens.size(),
-               r.decode_tokens_per_second());
+    auto engine = make_engine(*ck, EngineOptions{});
+    auto nf4 = make_engine(*ck, EngineOptions{.engine = "cpu-nf4"});
+    GenerationResult r;
+    nlohmann::json generations = nlohmann::json::object();
+    for (Engine* e : {engine.get(), nf4.get()}) {
+      Sampler greedy(SamplingParams{});
+      StreamDecoder stream(tok, ids);
+      fmt::print("\n== generate (engine {}, greedy)\n{}", e->name(), prompt);
+      const auto g = generate(*e, ids, max_new_tokens, greedy, tok.eos_id(), [&](int32_t id) {
+        fmt::print("{}", stream.push(id));
+        std::fflush(stdout);
+      });
+      fmt::print("{}\n   {} tokens, decode {:.1f} tokens/s\n", stream.flush(), g.tokens.size(),
+                 g.decode_tokens_per_second());
+      generations[e->name()] = {{"tokens", g.tokens},
+                                {"text", tok.decode(g.tokens)},
+                                {"decode_tokens_per_second", g.decode_tokens_per_second()}};
+      if (e == engine.get()) r = g;
+    }
 
     // Route the whole text again in one prefill and count expert choices per layer.
     std::vector<int32_t> all = ids;
@@ -83,15 +93,21 @@ void register_demo(CLI::App& app) {
       load.push_back(share);
     }
 
+    // The NF4 engine against the reference, layer by layer, on the reference's text.
+    const auto diff = analysis::diff_records(analysis::ForwardRecord::run(*engine, all),
+                                             analysis::ForwardRecord::run(*nf4, all), "ref", "cpu-nf4");
+    fmt::print("\n== {}", diff.table());
+    const auto diff_path = (std::filesystem::path(out) / "diff-ref-vs-cpu-nf4.json").string();
+    write_file_atomic(diff_path, diff.to_json().dump(2) + "\n");
+
     nlohmann::json report = {
         {"model", model},
         {"engine", engine->name()},
         {"prompt", prompt},
         {"prompt_tokens", ids},
-        {"generated_tokens", r.tokens},
-        {"generated_text", tok.decode(r.tokens)},
-        {"decode_tokens_per_second", r.decode_tokens_per_second()},
+        {"generations", generations},
         {"expert_load_share", load},
+        {"diff", diff_path},
     };
     const auto report_path = (std::filesystem::path(out) / "report.json").string();
     write_file_atomic(report_path, report.dump(2) + "\n");

@@ -9,6 +9,9 @@ namespace moelab::cpu {
 
 MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
   const int64_t n = x.rows();
+  // Below ~1M multiply-adds a parallel region costs more than it saves (and on a loaded machine a
+  // descheduled thread stalls the barrier), so small layers run on the calling thread.
+  const bool parallel = n * w.rows * w.cols >= (int64_t(1) << 20);
   if (n <= kGemvMaxTokens) {
     // ~128 KiB of packed weights per chunk: small enough to stay in L2 while each token reads it.
     const int64_t chunk = std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(1, w.cols));
@@ -16,7 +19,7 @@ MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
     MatrixRF xs(n, w.cols);  // activations in the kernel's layout, prepared once for all threads
     for (int64_t t = 0; t < n; ++t) prepare_x(isa, w, x.row(t).data(), xs.row(t).data());
     MatrixRF yt(n, w.rows);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
       for (int64_t t = 0; t < n; ++t) gemv_prepared(isa, w, xs.row(t).data(), yt.row(t).data() + r0, r0, r1);
@@ -27,7 +30,7 @@ MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
   const int64_t tile = std::max<int64_t>(4, (64 * 1024) / std::max<int64_t>(1, w.cols));
   const int64_t tiles = (w.rows + tile - 1) / tile;
   MatrixRF y(n, w.rows);
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
     MatrixRF wt(tile, w.cols);
 #pragma omp for schedule(static)
