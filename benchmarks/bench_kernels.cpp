@@ -34,10 +34,11 @@ Nf4Matrix random_nf4(int64_t rows, int64_t cols, uint32_t seed) {
   Nf4Matrix w;
   w.rows = rows;
   w.cols = cols;
-  w.packed.resize(size_t(rows * cols / 2));
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols / 2));
   w.absmax.resize(size_t(rows * cols / 64));
   std::mt19937 rng(seed);
-  for (auto& b : w.packed) b = uint8_t(rng());
+  for (auto& b : codes) b = uint8_t(rng());
+  w.own(std::move(codes));
   for (auto& a : w.absmax) a = 0.01f + float(rng() % 1000) / 1e5f;
   return w;
 }

@@ -25,9 +25,10 @@ Nf4Matrix random_matrix(int64_t rows, int64_t cols, int blocksize, std::mt19937&
   w.cols = cols;
   w.blocksize = blocksize;
   const int64_t n = rows * cols;
-  w.packed.resize(size_t((n + 1) / 2));
+  std::vector<uint8_t> codes(static_cast<size_t>((n + 1) / 2));
   std::uniform_int_distribution<int> byte(0, 255);
-  for (auto& b : w.packed) b = uint8_t(byte(rng));
+  for (auto& b : codes) b = uint8_t(byte(rng));
+  w.own(std::move(codes));
   std::uniform_real_distribution<float> scale(0.01f, 2.0f);
   w.absmax.resize(size_t((n + blocksize - 1) / blocksize));
   for (auto& a : w.absmax) a = scale(rng);

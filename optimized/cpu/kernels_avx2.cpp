@@ -55,7 +55,7 @@ __attribute__((target("avx2,fma"))) void gemv_prepared(const Nf4Matrix& w, const
   const Table t{_mm256_loadu_ps(kNf4Codes), _mm256_loadu_ps(kNf4Codes + 8)};
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t begin = r * w.cols;
-    const uint8_t* bytes = w.packed.data() + begin / 2;
+    const uint8_t* bytes = w.packed + begin / 2;
     __m256 total = _mm256_setzero_ps();
     int64_t block = begin / w.blocksize;
     int64_t seg_end = std::min<int64_t>(w.cols, (block + 1) * w.blocksize - begin);
@@ -78,7 +78,7 @@ __attribute__((target("avx2,fma"))) void dequantize_rows(const Nf4Matrix& w, int
   const Table t{_mm256_loadu_ps(kNf4Codes), _mm256_loadu_ps(kNf4Codes + 8)};
   for (int64_t i = r0 * w.cols; i < r1 * w.cols; i += 16) {
     __m256 even, odd;
-    codes_to_floats(w.packed.data() + i / 2, t, even, odd);
+    codes_to_floats(w.packed + i / 2, t, even, odd);
     const __m256 scale = _mm256_set1_ps(w.absmax[size_t(i / w.blocksize)]);
     // unpacklo/hi interleave within 128-bit lanes: (e0 o0 e1 o1 | e4 o4 e5 o5) and (e2 o2 e3 o3 | e6 o6 e7 o7).
     const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);

@@ -40,7 +40,7 @@ namespace {
 // its block segments (without dividing in the loop).
 __attribute__((target("avx512f"))) float gemv_one_row(const Nf4Matrix& w, const float* xs, int64_t r, __m512 table) {
   const int64_t begin = r * w.cols;
-  const uint8_t* bytes = w.packed.data() + begin / 2;
+  const uint8_t* bytes = w.packed + begin / 2;
   __m512 total = _mm512_setzero_ps();
   int64_t block = begin / w.blocksize;
   int64_t seg_end = std::min<int64_t>(w.cols, (block + 1) * w.blocksize - begin);
@@ -60,7 +60,7 @@ __attribute__((target("avx512f"))) float gemv_one_row(const Nf4Matrix& w, const 
 // blocksize 64 and rows starting on block boundaries (the common case): one 32-byte load per block,
 // fully unrolled, two independent FMA chains.
 __attribute__((target("avx512f"))) float gemv_row_b64(const Nf4Matrix& w, const float* xs, int64_t r, __m512 table) {
-  const uint8_t* bytes = w.packed.data() + r * w.cols / 2;
+  const uint8_t* bytes = w.packed + r * w.cols / 2;
   const float* absmax = w.absmax.data() + r * w.cols / 64;
   __m512 total0 = _mm512_setzero_ps(), total1 = _mm512_setzero_ps();
   for (int64_t c = 0, block = 0; c < w.cols; c += 128, block += 2) {
@@ -91,7 +91,7 @@ __attribute__((target("avx512f"))) void gemv_rows_b64(const Nf4Matrix& w, const 
   const float* absmax[R];
   __m512 total[R];
   for (int i = 0; i < R; ++i) {
-    bytes[i] = w.packed.data() + (r + i) * w.cols / 2;
+    bytes[i] = w.packed + (r + i) * w.cols / 2;
     absmax[i] = w.absmax.data() + (r + i) * w.cols / 64;
     total[i] = _mm512_setzero_ps();
   }
@@ -120,7 +120,7 @@ __attribute__((target("avx512f"))) void gemv_four_rows(const Nf4Matrix& w, const
   const float* absmax[kRowBlock];
   __m512 total[kRowBlock];
   for (int i = 0; i < kRowBlock; ++i) {
-    bytes[i] = w.packed.data() + (r + i) * w.cols / 2;
+    bytes[i] = w.packed + (r + i) * w.cols / 2;
     absmax[i] = w.absmax.data() + (r + i) * w.cols / w.blocksize;
     total[i] = _mm512_setzero_ps();
   }
@@ -171,7 +171,7 @@ __attribute__((target("avx512f"))) void dequantize_rows(const Nf4Matrix& w, int6
   const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int64_t i = r0 * w.cols; i < r1 * w.cols; i += 32) {
     __m512 even, odd;
-    codes_to_floats(w.packed.data() + i / 2, table, even, odd);
+    codes_to_floats(w.packed + i / 2, table, even, odd);
     const __m512 scale = _mm512_set1_ps(w.absmax[size_t(i / w.blocksize)]);
     _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_permutex2var_ps(even, lo_idx, odd), scale));
     _mm512_storeu_ps(out + 16, _mm512_mul_ps(_mm512_permutex2var_ps(even, hi_idx, odd), scale));

@@ -29,7 +29,7 @@ void gemv_prepared(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int
       const int64_t block = s / w.blocksize;
       const int64_t e = std::min(end, (block + 1) * w.blocksize);
       float seg = 0;
-      for (int64_t i = s; i < e; ++i) seg += kNf4Codes[code_at(w.packed.data(), i)] * x[i - begin];
+      for (int64_t i = s; i < e; ++i) seg += kNf4Codes[code_at(w.packed, i)] * x[i - begin];
       acc += w.absmax[size_t(block)] * seg;
       s = e;
     }
@@ -39,7 +39,7 @@ void gemv_prepared(const Nf4Matrix& w, const float* x, float* y, int64_t r0, int
 
 void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out) {
   for (int64_t i = r0 * w.cols; i < r1 * w.cols; ++i)
-    *out++ = kNf4Codes[code_at(w.packed.data(), i)] * w.absmax[size_t(i / w.blocksize)];
+    *out++ = kNf4Codes[code_at(w.packed, i)] * w.absmax[size_t(i / w.blocksize)];
 }
 
 }  // namespace scalar

@@ -11,12 +11,26 @@ namespace moelab::cpu {
 struct Nf4Matrix {
   int64_t rows = 0, cols = 0;
   int blocksize = 64;
-  std::vector<uint8_t> packed;  // (rows * cols + 1) / 2 bytes
-  std::vector<float> absmax;    // ceil(rows * cols / blocksize)
+  // (rows * cols + 1) / 2 bytes of codes: either `owned`, or inside a memory-mapped pre-quantized
+  // checkpoint (not copied; the Checkpoint must outlive the matrix).
+  const uint8_t* packed = nullptr;
+  std::vector<uint8_t> owned;
+  std::vector<float> absmax;  // ceil(rows * cols / blocksize)
 
+  Nf4Matrix() = default;
+  Nf4Matrix(Nf4Matrix&&) = default;  // a moved vector keeps its buffer, so `packed` stays valid
+  Nf4Matrix& operator=(Nf4Matrix&&) = default;
+  Nf4Matrix(const Nf4Matrix&) = delete;
+  Nf4Matrix& operator=(const Nf4Matrix&) = delete;
+
+  void own(std::vector<uint8_t> codes) {
+    owned = std::move(codes);
+    packed = owned.data();
+  }
+  int64_t packed_bytes() const { return (rows * cols + 1) / 2; }
   // The SIMD kernels need every row to start a whole 32-element chunk inside one block.
   bool simd_friendly() const { return cols % 32 == 0 && blocksize % 32 == 0; }
-  int64_t bytes() const { return int64_t(packed.size() + absmax.size() * sizeof(float)); }
+  int64_t bytes() const { return packed_bytes() + int64_t(absmax.size() * sizeof(float)); }
 };
 
 // The 16 NF4 code values (bitsandbytes get_4bit_type("nf4"), float32).

@@ -18,7 +18,7 @@ Nf4Matrix quantize_matrix(const std::vector<float>& values, int64_t rows, int64_
   m.rows = rows;
   m.cols = cols;
   m.blocksize = blocksize;
-  m.packed = q.packed;
+  m.own(q.packed);
   m.absmax = nf4::block_absmax(q);  // double quantization undone once, here
   return m;
 }
