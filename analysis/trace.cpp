@@ -1,1 +1,1051 @@
-// placeholder: being written
+#include "analysis/trace.hpp"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <hdf5.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <set>
+#include <sstream>
+
+#include "analysis/timing.hpp"
+#include "core/error.hpp"
+
+namespace moelab::analysis {
+
+// ---------------------------------------------------------------------------------------------------
+// IEEE half precision
+
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000);
+  const uint32_t abs = x & 0x7fffffff;
+  if (abs > 0x7f800000) return sign | 0x7e00 | uint16_t((abs >> 13) & 0x3ff);  // NaN, kept quiet
+  if (abs >= 0x477ff000) return sign | 0x7c00;  // >= 65520, halfway to 2^16 or more: infinity
+  if (abs >= 0x38800000) {                      // a normal half (>= 2^-14)
+    // Rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even; a
+    // mantissa carry correctly bumps the exponent.
+    const uint32_t odd = (abs >> 13) & 1;
+    return sign | uint16_t((abs - (uint32_t(112) << 23) + 0xfff + odd) >> 13);
+  }
+  // Subnormal half (multiples of 2^-24): adding 0.5 puts the value where one float ulp is 2^-24, so
+  // the FPU's own round-to-nearest-even does the rounding; the low bits are then the half mantissa.
+  float v;
+  std::memcpy(&v, &abs, 4);
+  v += 0.5f;
+  uint32_t r;
+  std::memcpy(&r, &v, 4);
+  return sign | uint16_t(r - 0x3f000000);
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
+    const float v = std::ldexp(float(mant), -24);
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000 | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Thin HDF5 helpers: owned ids, errors as moelab::Error naming the file.
+
+// An HDF5 id closed by the matching H5?close when it goes out of scope.
+class H5Id {
+ public:
+  H5Id() = default;
+  explicit H5Id(hid_t id) : id_(id) {}
+  H5Id(H5Id&& o) noexcept : id_(o.id_) { o.id_ = -1; }
+  H5Id& operator=(H5Id&& o) noexcept {
+    if (this != &o) {
+      reset();
+      id_ = o.id_;
+      o.id_ = -1;
+    }
+    return *this;
+  }
+  ~H5Id() { reset(); }
+  hid_t get() const { return id_; }
+  operator hid_t() const { return id_; }
+  bool valid() const { return id_ >= 0; }
+  // Closes any kind of id (file, dataset, type, ...) when its last reference goes.
+  herr_t reset() {
+    const herr_t rc = id_ >= 0 ? H5Idec_ref(id_) : 0;
+    id_ = -1;
+    return rc < 0 ? rc : 0;
+  }
+
+ private:
+  hid_t id_ = -1;
+};
+
+// HDF5 prints its error stack to stderr by default; while one of these lives we report errors ourselves,
+// in one line. The previous handler comes back afterwards (other code in the process may want it).
+class QuietHdf5 {
+ public:
+  QuietHdf5() {
+    H5Eget_auto2(H5E_DEFAULT, &func_, &data_);
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  }
+  ~QuietHdf5() { H5Eset_auto2(H5E_DEFAULT, func_, data_); }
+  QuietHdf5(const QuietHdf5&) = delete;
+  QuietHdf5& operator=(const QuietHdf5&) = delete;
+
+ private:
+  H5E_auto2_t func_ = nullptr;
+  void* data_ = nullptr;
+};
+
+// The innermost message of HDF5's current error stack (e.g. "file is already open for write").
+std::string hdf5_error_text() {
+  std::string text;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD,
+           [](unsigned, const H5E_error2_t* e, void* data) -> herr_t {
+             auto& s = *static_cast<std::string*>(data);
+             if (s.empty() && e->desc && *e->desc) s = e->desc;
+             return 0;
+           },
+           &text);
+  H5Eclear2(H5E_DEFAULT);
+  return text.empty() ? "HDF5 error" : text;
+}
+
+// Every HDF5 call goes through one of these, so a failure becomes "<file>: <what>: <hdf5 message>".
+struct H5Context {
+  std::string path;
+  [[noreturn]] void fail(const std::string& what) const {
+    throw Error(fmt::format("{}: {}: {}", path, what, hdf5_error_text()));
+  }
+  hid_t id(hid_t id, const std::string& what) const {
+    if (id < 0) fail(what);
+    return id;
+  }
+  void ok(herr_t rc, const std::string& what) const {
+    if (rc < 0) fail(what);
+  }
+};
+
+// The datatype h5py and numpy read as float16: IEEE binary16, little-endian.
+H5Id half_type() {
+  H5Id t(H5Tcopy(H5T_IEEE_F32LE));
+  H5Tset_fields(t, 15, 10, 5, 0, 10);  // sign bit, exponent at 10 (5 bits), mantissa at 0 (10 bits)
+  H5Tset_size(t, 2);
+  H5Tset_precision(t, 16);
+  H5Tset_ebias(t, 15);
+  return t;
+}
+
+H5Id vlen_string_type() {
+  H5Id t(H5Tcopy(H5T_C_S1));
+  H5Tset_size(t, H5T_VARIABLE);
+  H5Tset_cset(t, H5T_CSET_UTF8);
+  return t;
+}
+
+// File access with the newest format (superblock v3, checksummed metadata): SWMR needs it.
+H5Id latest_format_fapl() {
+  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS));
+  H5Pset_libver_bounds(fapl, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST);
+  return fapl;
+}
+
+std::vector<hsize_t> dims_of(const H5Context& cx, hid_t dset, const std::string& name) {
+  H5Id space(cx.id(H5Dget_space(dset), "cannot read the shape of " + name));
+  const int rank = H5Sget_simple_extent_ndims(space);
+  if (rank < 0) cx.fail("cannot read the shape of " + name);
+  std::vector<hsize_t> dims(static_cast<size_t>(rank));
+  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  return dims;
+}
+
+void delete_attribute_if_present(hid_t obj, const char* name) {
+  if (H5Aexists(obj, name) > 0) H5Adelete(obj, name);
+}
+
+void write_string_attr(const H5Context& cx, hid_t obj, const char* name, const std::string& value) {
+  delete_attribute_if_present(obj, name);
+  const H5Id type = vlen_string_type();
+  H5Id space(H5Screate(H5S_SCALAR));
+  H5Id attr(cx.id(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), fmt::format("cannot create attribute {}", name)));
+  const char* p = value.c_str();
+  cx.ok(H5Awrite(attr, type, &p), fmt::format("cannot write attribute {}", name));
+}
+
+void write_strings_attr(const H5Context& cx, hid_t obj, const char* name, const std::vector<std::string>& values) {
+  delete_attribute_if_present(obj, name);
+  const H5Id type = vlen_string_type();
+  const hsize_t n = values.size();
+  H5Id space(H5Screate_simple(1, &n, nullptr));
+  H5Id attr(cx.id(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), fmt::format("cannot create attribute {}", name)));
+  std::vector<const char*> ptrs;
+  for (const auto& v : values) ptrs.push_back(v.c_str());
+  if (ptrs.empty()) return;  // nothing to write into a zero-length array
+  cx.ok(H5Awrite(attr, type, ptrs.data()), fmt::format("cannot write attribute {}", name));
+}
+
+void write_int_attr(const H5Context& cx, hid_t obj, const char* name, int64_t value) {
+  delete_attribute_if_present(obj, name);
+  H5Id space(H5Screate(H5S_SCALAR));
+  H5Id attr(cx.id(H5Acreate2(obj, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT),
+                  fmt::format("cannot create attribute {}", name)));
+  cx.ok(H5Awrite(attr, H5T_NATIVE_INT64, &value), fmt::format("cannot write attribute {}", name));
+}
+
+// Reads a string attribute or string array attribute, stored variable- or fixed-length (h5py writes
+// either, depending on how the user made it).
+std::vector<std::string> read_strings(const H5Context& cx, hid_t attr, const std::string& name) {
+  H5Id ftype(H5Aget_type(attr));
+  H5Id space(H5Aget_space(attr));
+  const hssize_t n = H5Sget_simple_extent_npoints(space);
+  if (n < 0) cx.fail("cannot read attribute " + name);
+  std::vector<std::string> out;
+  if (n == 0) return out;
+  if (H5Tis_variable_str(ftype) > 0) {
+    const H5Id mtype = vlen_string_type();
+    std::vector<char*> ptrs(size_t(n), nullptr);
+    cx.ok(H5Aread(attr, mtype, ptrs.data()), "cannot read attribute " + name);
+    for (char* p : ptrs) out.emplace_back(p ? p : "");
+    H5Dvlen_reclaim(mtype, space, H5P_DEFAULT, ptrs.data());
+  } else {
+    const size_t len = H5Tget_size(ftype);
+    H5Id mtype(H5Tcopy(H5T_C_S1));
+    H5Tset_size(mtype, len);
+    std::vector<char> buf(size_t(n) * len);
+    cx.ok(H5Aread(attr, mtype, buf.data()), "cannot read attribute " + name);
+    for (hssize_t i = 0; i < n; ++i) {
+      const char* p = buf.data() + size_t(i) * len;
+      out.emplace_back(p, strnlen(p, len));
+    }
+  }
+  return out;
+}
+
+// An attribute as JSON: strings (JSON-valued ones parsed), integers, floats, and 1-D arrays of them.
+nlohmann::json read_attr_json(const H5Context& cx, hid_t obj, const std::string& name) {
+  H5Id attr(cx.id(H5Aopen(obj, name.c_str(), H5P_DEFAULT), "cannot open attribute " + name));
+  H5Id type(H5Aget_type(attr));
+  H5Id space(H5Aget_space(attr));
+  const bool scalar = H5Sget_simple_extent_type(space) == H5S_SCALAR;
+  const hssize_t n = H5Sget_simple_extent_npoints(space);
+  nlohmann::json values = nlohmann::json::array();
+  switch (H5Tget_class(type)) {
+    case H5T_STRING:
+      for (auto& s : read_strings(cx, attr, name)) values.push_back(s);
+      break;
+    case H5T_INTEGER: {
+      std::vector<int64_t> v(size_t(std::max<hssize_t>(n, 0)));
+      cx.ok(H5Aread(attr, H5T_NATIVE_INT64, v.data()), "cannot read attribute " + name);
+      for (auto x : v) values.push_back(x);
+      break;
+    }
+    case H5T_FLOAT: {
+      std::vector<double> v(size_t(std::max<hssize_t>(n, 0)));
+      cx.ok(H5Aread(attr, H5T_NATIVE_DOUBLE, v.data()), "cannot read attribute " + name);
+      for (auto x : v) values.push_back(x);
+      break;
+    }
+    default:
+      return nullptr;  // kinds a trace never holds
+  }
+  if (!scalar) return values;
+  if (values.empty()) return nullptr;
+  // model_config and runs are JSON documents stored as strings; give them back as JSON.
+  if ((name == "model_config" || name == "runs") && values[0].is_string()) {
+    auto parsed = nlohmann::json::parse(values[0].get<std::string>(), nullptr, false);
+    if (!parsed.is_discarded()) return parsed;
+  }
+  return values[0];
+}
+
+nlohmann::json read_all_attrs(const H5Context& cx, hid_t obj) {
+  std::vector<std::string> names;
+  H5Aiterate2(obj, H5_INDEX_NAME, H5_ITER_INC, nullptr,
+              [](hid_t, const char* name, const H5A_info_t*, void* data) -> herr_t {
+                static_cast<std::vector<std::string>*>(data)->push_back(name);
+                return 0;
+              },
+              &names);
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& n : names) j[n] = read_attr_json(cx, obj, n);
+  return j;
+}
+
+std::optional<int64_t> read_int_attr(const H5Context& cx, hid_t obj, const char* name) {
+  if (H5Aexists(obj, name) <= 0) return std::nullopt;
+  const auto j = read_attr_json(cx, obj, name);
+  if (!j.is_number_integer()) return std::nullopt;
+  return j.get<int64_t>();
+}
+
+std::string utc_now_iso8601() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Row datasets: [rows, ...row_shape], unlimited along rows.
+
+constexpr const char* kTokens = "tokens";
+constexpr const char* kOffsets = "sequence_offsets";
+constexpr const char* kDomain = "sequence_domain";
+constexpr const char* kExperts = "experts";
+constexpr const char* kGates = "gates";
+constexpr const char* kLogits = "router_logits";
+
+// Rows per chunk: the requested count, fewer when rows are wide, so that a chunk stays near 4 MiB
+// (HDF5 reads and decompresses whole chunks).
+hsize_t chunk_rows_for(int64_t requested, size_t row_bytes) {
+  const int64_t cap = std::max<int64_t>(64, int64_t((4u << 20) / std::max<size_t>(row_bytes, 1)));
+  return hsize_t(std::max<int64_t>(1, std::min(requested, cap)));
+}
+
+// A chunk cache big enough for the chunk being filled (the default 1 MiB would be bypassed by bigger
+// chunks, making every partial-chunk write a read-modify-write of the compressed chunk).
+H5Id row_dataset_access(hid_t dset) {
+  H5Id dcpl(H5Dget_create_plist(dset));
+  hsize_t chunk[3] = {1, 1, 1};
+  const int rank = H5Pget_chunk(dcpl, 3, chunk);
+  H5Id type(H5Dget_type(dset));
+  size_t bytes = H5Tget_size(type);
+  for (int i = 0; i < rank; ++i) bytes *= chunk[i];
+  H5Id dapl(H5Pcreate(H5P_DATASET_ACCESS));
+  H5Pset_chunk_cache(dapl, 521, std::max<size_t>(size_t(1) << 20, 4 * bytes), 1.0);
+  return dapl;
+}
+
+H5Id create_row_dataset(const H5Context& cx, hid_t file, const char* name, hid_t type, std::vector<hsize_t> row_shape,
+                        int64_t chunk_tokens, int deflate_level) {
+  std::vector<hsize_t> dims{0}, maxdims{H5S_UNLIMITED};
+  size_t row_bytes = H5Tget_size(type);
+  for (hsize_t d : row_shape) dims.push_back(d), maxdims.push_back(d), row_bytes *= d;
+  std::vector<hsize_t> chunk = dims;
+  chunk[0] = chunk_rows_for(chunk_tokens, row_bytes);
+  H5Id space(H5Screate_simple(int(dims.size()), dims.data(), maxdims.data()));
+  H5Id dcpl(H5Pcreate(H5P_DATASET_CREATE));
+  cx.ok(H5Pset_chunk(dcpl, int(chunk.size()), chunk.data()), fmt::format("cannot chunk /{}", name));
+  H5Pset_shuffle(dcpl);
+  H5Pset_deflate(dcpl, unsigned(deflate_level));
+  return H5Id(cx.id(H5Dcreate2(file, name, type, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
+                    fmt::format("cannot create /{}", name)));
+}
+
+H5Id open_row_dataset(const H5Context& cx, hid_t file, const char* name) {
+  if (H5Lexists(file, name, H5P_DEFAULT) <= 0) throw Error(fmt::format("{}: not a moelab trace (no /{} dataset)", cx.path, name));
+  H5Id probe(cx.id(H5Dopen2(file, name, H5P_DEFAULT), fmt::format("cannot open /{}", name)));
+  const H5Id dapl = row_dataset_access(probe);
+  return H5Id(cx.id(H5Dopen2(file, name, dapl), fmt::format("cannot open /{}", name)));
+}
+
+// Writes `rows` rows at row `first`, growing the dataset to first + rows.
+void write_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, const void* data, int64_t first,
+                int64_t rows) {
+  if (rows == 0) return;
+  auto dims = dims_of(cx, dset, name);
+  dims[0] = hsize_t(first + rows);
+  cx.ok(H5Dset_extent(dset, dims.data()), fmt::format("cannot extend /{}", name));
+  H5Id fspace(cx.id(H5Dget_space(dset), fmt::format("cannot extend /{}", name)));
+  std::vector<hsize_t> start(dims.size(), 0), count = dims;
+  start[0] = hsize_t(first);
+  count[0] = hsize_t(rows);
+  cx.ok(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr),
+        fmt::format("cannot select rows of /{}", name));
+  H5Id mspace(H5Screate_simple(int(count.size()), count.data(), nullptr));
+  cx.ok(H5Dwrite(dset, mem_type, mspace, fspace, H5P_DEFAULT, data), fmt::format("cannot write /{}", name));
+}
+
+// Reads rows [0, rows) of a dataset whose row holds `row_elems` elements.
+template <typename T>
+std::vector<T> read_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, int64_t rows,
+                         size_t row_elems) {
+  std::vector<T> out(size_t(rows) * row_elems);
+  if (rows == 0) return out;
+  auto dims = dims_of(cx, dset, name);
+  H5Id fspace(cx.id(H5Dget_space(dset), fmt::format("cannot read /{}", name)));
+  std::vector<hsize_t> start(dims.size(), 0), count = dims;
+  count[0] = hsize_t(rows);
+  cx.ok(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr),
+        fmt::format("cannot select rows of /{}", name));
+  H5Id mspace(H5Screate_simple(int(count.size()), count.data(), nullptr));
+  cx.ok(H5Dread(dset, mem_type, mspace, fspace, H5P_DEFAULT, out.data()), fmt::format("cannot read /{}", name));
+  return out;
+}
+
+void shrink_rows(const H5Context& cx, hid_t dset, const char* name, int64_t rows) {
+  auto dims = dims_of(cx, dset, name);
+  if (int64_t(dims[0]) <= rows) return;
+  dims[0] = hsize_t(rows);
+  cx.ok(H5Dset_extent(dset, dims.data()), fmt::format("cannot truncate /{}", name));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Opening files: exclusive writer lock, crash recovery.
+
+// An open-file-description lock on the trace, held for a writer's lifetime and dropped by the kernel
+// when the process dies. HDF5's own lock cannot serve: SWMR writing releases it so readers can open.
+// (OFD locks, unlike classic fcntl locks, survive HDF5 opening and closing its own descriptors.)
+class WriterLock {
+ public:
+  // Opens (creating if absent) and locks `path`; throws if another writer holds it.
+  explicit WriterLock(const std::string& path) : path_(path) {
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw Error(fmt::format("{}: cannot open for writing ({})", path, std::strerror(errno)));
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    if (::fcntl(fd_, F_OFD_SETLK, &fl) != 0) {
+      const int err = errno;
+      ::close(fd_);
+      if (err == EAGAIN || err == EACCES)
+        throw Error(fmt::format("{}: another process is writing this trace", path));
+      throw Error(fmt::format("{}: cannot lock ({})", path, std::strerror(err)));
+    }
+  }
+  ~WriterLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  WriterLock(const WriterLock&) = delete;
+  WriterLock& operator=(const WriterLock&) = delete;
+  int64_t size() const {
+    struct stat st {};
+    return ::fstat(fd_, &st) == 0 ? int64_t(st.st_size) : 0;
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+// Opens an existing file read-write. A file whose writer died is still marked "open for (SWMR) write",
+// which HDF5 refuses; since we hold the writer lock, no live moelab writer can have it, so we clear the
+// mark the way `h5clear -s -i` does (its fapl property "clear_status_flags", then the end-of-allocation
+// raised to the end of the file). Sets `recovered` when it did.
+H5Id open_for_writing(const H5Context& cx, bool& recovered) {
+  recovered = false;
+  if (H5Fis_hdf5(cx.path.c_str()) <= 0)
+    throw Error(fmt::format("{}: exists and is not an HDF5 file; refusing to overwrite it", cx.path));
+  const H5Id fapl = latest_format_fapl();
+  hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDWR, fapl);
+  if (f >= 0) return H5Id(f);
+  const std::string why = hdf5_error_text();
+  if (why.find("already open for") == std::string::npos) throw Error(fmt::format("{}: cannot open for appending: {}", cx.path, why));
+  hbool_t clear = true;
+  cx.ok(H5Pset(fapl, "clear_status_flags", &clear), "cannot repair the file");
+  recovered = true;
+  H5Id file(cx.id(H5Fopen(cx.path.c_str(), H5F_ACC_RDWR, fapl), "cannot repair the file"));
+  // The superblock's end-of-allocation may predate chunks the dead writer had already placed past it
+  // (it is rewritten only at flushes). Raising it to the file's real end (`h5clear -s -i` does the
+  // same) keeps new allocations from landing on those chunks, and makes them addressable again.
+  cx.ok(H5Fincrement_filesize(file, 0), "cannot repair the file");
+  return file;
+}
+
+// Opens a trace for reading: plainly, or, when a writer holds it or died (the file is marked open for
+// SWMR write), as an SWMR reader, which HDF5 allows exactly for that case.
+H5Id open_for_reading(const H5Context& cx) {
+  if (::access(cx.path.c_str(), R_OK) != 0) throw Error(fmt::format("{}: cannot open ({})", cx.path, std::strerror(errno)));
+  if (H5Fis_hdf5(cx.path.c_str()) <= 0) {
+    H5Eclear2(H5E_DEFAULT);
+    throw Error(fmt::format("{}: not an HDF5 file", cx.path));
+  }
+  hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (f >= 0) return H5Id(f);
+  const std::string why = hdf5_error_text();
+  f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, H5P_DEFAULT);
+  if (f >= 0) return H5Id(f);
+  H5Eclear2(H5E_DEFAULT);
+  throw Error(fmt::format("{}: cannot open: {}", cx.path, why));
+}
+
+// The committed extent of a trace: S sequences ending at token offsets[S]. Rows beyond it in the token
+// datasets were written by a writer that died before committing them.
+struct Committed {
+  int64_t sequences = 0, tokens = 0;
+};
+
+Committed read_committed(const H5Context& cx, hid_t offsets_dset) {
+  const auto dims = dims_of(cx, offsets_dset, kOffsets);
+  if (dims.size() != 1 || dims[0] < 1) throw Error(fmt::format("{}: /{} must be 1-D with at least one entry", cx.path, kOffsets));
+  H5Id fspace(H5Dget_space(offsets_dset));
+  const hsize_t last = dims[0] - 1, one = 1;
+  H5Sselect_hyperslab(fspace, H5S_SELECT_SET, &last, nullptr, &one, nullptr);
+  H5Id mspace(H5Screate_simple(1, &one, nullptr));
+  int64_t end = 0;
+  cx.ok(H5Dread(offsets_dset, H5T_NATIVE_INT64, mspace, fspace, H5P_DEFAULT, &end), "cannot read /sequence_offsets");
+  return {int64_t(last), end};
+}
+
+// Every row dataset must hold at least the committed rows (fewer means the file was damaged, not just
+// interrupted: a flush writes the rows before the offsets).
+void check_rows_cover(const H5Context& cx, const Committed& c, std::initializer_list<std::pair<hid_t, const char*>> row_sets,
+                      hid_t domain) {
+  for (auto [dset, name] : row_sets)
+    if (dset >= 0 && int64_t(dims_of(cx, dset, name)[0]) < c.tokens)
+      throw Error(fmt::format("{}: damaged trace: /{} has fewer rows than /sequence_offsets says ({})", cx.path, name,
+                              c.tokens));
+  if (int64_t(dims_of(cx, domain, kDomain)[0]) < c.sequences)
+    throw Error(fmt::format("{}: damaged trace: /sequence_domain is shorter than the {} sequences", cx.path, c.sequences));
+}
+
+// Shrinks every row dataset to the committed rows; returns the token rows dropped.
+int64_t drop_rows_past(const H5Context& cx, const Committed& c, std::initializer_list<std::pair<hid_t, const char*>> row_sets,
+                       hid_t domain) {
+  check_rows_cover(cx, c, row_sets, domain);
+  const int64_t rows = int64_t(dims_of(cx, row_sets.begin()->first, row_sets.begin()->second)[0]);
+  for (auto [dset, name] : row_sets)
+    if (dset >= 0) shrink_rows(cx, dset, name, c.tokens);
+  shrink_rows(cx, domain, kDomain, c.sequences);
+  return rows - c.tokens;
+}
+
+// The config compared between runs: config.json without the volatile fields.
+nlohmann::json stable_config(const nlohmann::json& config) {
+  nlohmann::json j = config.is_object() ? config : nlohmann::json::object();
+  for (auto it = j.begin(); it != j.end();)
+    it = is_volatile_config_field(it.key()) ? j.erase(it) : std::next(it);
+  return j;
+}
+
+// The first key whose value differs between two configs, for the refusal message.
+std::string first_difference(const nlohmann::json& in_file, const nlohmann::json& ours) {
+  std::set<std::string> keys;
+  for (auto it = in_file.begin(); it != in_file.end(); ++it) keys.insert(it.key());
+  for (auto it = ours.begin(); it != ours.end(); ++it) keys.insert(it.key());
+  for (const auto& k : keys) {
+    const auto a = in_file.contains(k) ? in_file[k].dump() : "absent";
+    const auto b = ours.contains(k) ? ours[k].dump() : "absent";
+    if (a != b) return fmt::format("'{}' is {} in the file, {} here", k, a, b);
+  }
+  return "";
+}
+
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t end = std::min(s.find(',', start), s.size());
+    if (end > start) out.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+bool is_volatile_config_field(const std::string& key) {
+  static const std::set<std::string> fields = {
+      "_name_or_path",     "transformers_version", "use_cache",          "output_router_logits",
+      "router_aux_loss_coef", "router_jitter_noise", "attention_dropout", "initializer_range",
+      "torch_dtype",       "dtype",                "quantization_config", "_attn_implementation"};
+  return fields.count(key) != 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// TraceWriter
+
+struct TraceWriter::Impl {
+  H5Context cx;
+  TraceHeader header;
+  TraceWriterOptions options;
+  WriterLock lock;
+  H5Id file, tokens, offsets, domain, experts, gates, logits;
+  H5Id half;  // the float16 datatype
+
+  bool appended = false, recovered = false;
+  int64_t tokens_before = 0, sequences_before = 0, dropped = 0;
+  std::vector<std::string> domain_names;  // the file's, after merging this run's
+  int64_t file_tokens = 0, file_sequences = 0;  // committed in the file
+
+  // Sequences waiting to be written.
+  std::vector<int32_t> buf_tokens, buf_domain;
+  std::vector<int64_t> buf_lengths;
+  std::vector<uint8_t> buf_experts;
+  std::vector<float> buf_gates;
+  std::vector<uint16_t> buf_logits;
+  std::chrono::steady_clock::time_point oldest_buffered;
+  int64_t written_tokens = 0, written_sequences = 0;
+  bool closed = false;
+
+  Impl(const std::string& path, const TraceHeader& h, TraceWriterOptions o)
+      : cx{path}, header(h), options(o), lock(path), half(half_type()) {}
+
+  size_t row_k() const { return size_t(header.num_layers) * size_t(header.top_k); }
+  size_t row_e() const { return size_t(header.num_layers) * size_t(header.num_experts); }
+
+  void check_header() const {
+    const auto& h = header;
+    if (h.num_layers <= 0 || h.top_k <= 0 || h.num_experts <= 0 || h.top_k > h.num_experts)
+      throw Error(fmt::format("{}: bad trace shape (layers {}, top_k {}, experts {})", cx.path, h.num_layers, h.top_k,
+                              h.num_experts));
+    if (h.window < 0) throw Error(fmt::format("{}: negative window length", cx.path));
+    if (h.num_experts > 256)
+      throw Error(fmt::format("{}: {} experts do not fit the trace's uint8 expert ids", cx.path, h.num_experts));
+  }
+
+  nlohmann::json this_run() const {
+    return {{"engine", header.engine},       {"tool_version", header.tool_version}, {"started", utc_now_iso8601()},
+            {"window", header.window},       {"first_sequence", file_sequences},    {"first_token", file_tokens},
+            {"router_logits", header.router_logits}};
+  }
+
+  void create() {
+    QuietHdf5 quiet;
+    const H5Id fapl = latest_format_fapl();
+    file = H5Id(cx.id(H5Fcreate(cx.path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), "cannot create"));
+    const auto L = hsize_t(header.num_layers), K = hsize_t(header.top_k), E = hsize_t(header.num_experts);
+    const auto ct = options.chunk_tokens;
+    tokens = create_row_dataset(cx, file, kTokens, H5T_STD_I32LE, {}, ct, options.deflate_level);
+    offsets = create_row_dataset(cx, file, kOffsets, H5T_STD_I64LE, {}, 1024, options.deflate_level);
+    domain = create_row_dataset(cx, file, kDomain, H5T_STD_I32LE, {}, 1024, options.deflate_level);
+    experts = create_row_dataset(cx, file, kExperts, H5T_STD_U8LE, {L, K}, ct, options.deflate_level);
+    gates = create_row_dataset(cx, file, kGates, H5T_IEEE_F32LE, {L, K}, ct, options.deflate_level);
+    if (header.router_logits) logits = create_row_dataset(cx, file, kLogits, half, {L, E}, ct, options.deflate_level);
+    const int64_t zero = 0;
+    write_rows(cx, offsets, kOffsets, H5T_NATIVE_INT64, &zero, 0, 1);
+
+    add_new_domains();
+    write_strings_attr(cx, domain, "domain_names", domain_names);
+    write_string_attr(cx, file, "model_config", header.model_config.dump());
+    write_string_attr(cx, file, "engine", header.engine);
+    write_string_attr(cx, file, "tool", "moelab");
+    write_string_attr(cx, file, "tool_version", header.tool_version);
+    write_string_attr(cx, file, "created", utc_now_iso8601());
+    write_int_attr(cx, file, "num_layers", header.num_layers);
+    write_int_attr(cx, file, "top_k", header.top_k);
+    write_int_attr(cx, file, "num_experts", header.num_experts);
+    write_int_attr(cx, file, "window", header.window);
+    write_string_attr(cx, file, "runs", nlohmann::json::array({this_run()}).dump());
+  }
+
+  // Refuses a file that is not a trace of this model, or not of this kind.
+  void check_compatible() {
+    const struct {
+      const char* name;
+      int ours;
+    } shape[] = {{"num_layers", header.num_layers}, {"top_k", header.top_k}, {"num_experts", header.num_experts}};
+    for (const auto& s : shape) {
+      const auto v = read_int_attr(cx, file, s.name);
+      if (!v) throw Error(fmt::format("{}: not a moelab trace (no integer attribute {})", cx.path, s.name));
+      if (*v != s.ours)
+        throw Error(fmt::format("{}: holds a trace of another model ({} is {} in the file, {} here); write to a new file",
+                                cx.path, s.name, *v, s.ours));
+    }
+    if (H5Aexists(file, "model_config") <= 0) throw Error(fmt::format("{}: not a moelab trace (no model_config attribute)", cx.path));
+    const auto theirs = stable_config(read_attr_json(cx, file, "model_config"));
+    const auto ours = stable_config(header.model_config);
+    if (theirs != ours)
+      throw Error(fmt::format("{}: holds a trace of another model (model_config: {}); write to a new file", cx.path,
+                              first_difference(theirs, ours)));
+    const bool file_has_logits = H5Lexists(file, kLogits, H5P_DEFAULT) > 0;
+    if (file_has_logits != header.router_logits)
+      throw Error(fmt::format("{}: the trace was written {} router logits; append {} --router-logits", cx.path,
+                              file_has_logits ? "with" : "without", file_has_logits ? "with" : "without"));
+    const std::vector<hsize_t> want_k{hsize_t(header.num_layers), hsize_t(header.top_k)};
+    for (auto [dset, name] : {std::pair{hid_t(experts), kExperts}, std::pair{hid_t(gates), kGates}}) {
+      const auto d = dims_of(cx, dset, name);
+      if (d.size() != 3 || d[1] != want_k[0] || d[2] != want_k[1])
+        throw Error(fmt::format("{}: /{} does not have shape [N, {}, {}]", cx.path, name, want_k[0], want_k[1]));
+    }
+  }
+
+  // Drops rows past the last committed sequence (left by a writer that died mid-flush or after writing
+  // rows it never committed), so that this run's rows follow the committed ones.
+  void drop_uncommitted() {
+    const auto c = read_committed(cx, offsets);
+    dropped = drop_rows_past(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
+    file_tokens = c.tokens;
+    file_sequences = c.sequences;
+  }
+
+  // This run's domain names that the file does not have yet, in order ("" means unlabeled: no name).
+  void add_new_domains() {
+    for (const auto& d : header.domain_names)
+      if (!d.empty() && std::find(domain_names.begin(), domain_names.end(), d) == domain_names.end())
+        domain_names.push_back(d);
+  }
+
+  // Merges this run into the file's descriptive attributes: new domain names, engine, window, runs.
+  void merge_attributes() {
+    domain_names.clear();
+    if (H5Aexists(domain, "domain_names") > 0) {
+      H5Id attr(H5Aopen(domain, "domain_names", H5P_DEFAULT));
+      domain_names = read_strings(cx, attr, "domain_names");
+    }
+    add_new_domains();
+    write_strings_attr(cx, domain, "domain_names", domain_names);
+
+    const auto engine_attr = H5Aexists(file, "engine") > 0 ? read_attr_json(cx, file, "engine") : nlohmann::json();
+    auto engines = engine_attr.is_string() ? split_commas(engine_attr.get<std::string>()) : std::vector<std::string>{};
+    if (std::find(engines.begin(), engines.end(), header.engine) == engines.end()) engines.push_back(header.engine);
+    std::string joined;
+    for (const auto& e : engines) joined += (joined.empty() ? "" : ",") + e;
+    write_string_attr(cx, file, "engine", joined);
+
+    const int64_t window = std::max<int64_t>(read_int_attr(cx, file, "window").value_or(0), header.window);
+    write_int_attr(cx, file, "window", window);
+
+    nlohmann::json runs = H5Aexists(file, "runs") > 0 ? read_attr_json(cx, file, "runs") : nlohmann::json::array();
+    if (!runs.is_array()) runs = nlohmann::json::array();
+    runs.push_back(this_run());
+    write_string_attr(cx, file, "runs", runs.dump());
+  }
+
+  void open_existing() {
+    QuietHdf5 quiet;
+    file = open_for_writing(cx, recovered);
+    appended = true;
+    tokens = open_row_dataset(cx, file, kTokens);
+    offsets = open_row_dataset(cx, file, kOffsets);
+    domain = open_row_dataset(cx, file, kDomain);
+    experts = open_row_dataset(cx, file, kExperts);
+    gates = open_row_dataset(cx, file, kGates);
+    if (H5Lexists(file, kLogits, H5P_DEFAULT) > 0) logits = open_row_dataset(cx, file, kLogits);
+    check_compatible();
+    drop_uncommitted();
+    tokens_before = file_tokens;
+    sequences_before = file_sequences;
+    merge_attributes();
+  }
+
+  // From here on the file stays readable whatever happens to this process (see the header comment).
+  void start_swmr() {
+    QuietHdf5 quiet;
+    cx.ok(H5Fstart_swmr_write(file), "cannot start SWMR writing");
+  }
+
+  int64_t buffered_tokens() const { return int64_t(buf_tokens.size()); }
+
+  void flush() {
+    QuietHdf5 quiet;
+    if (buf_lengths.empty()) {
+      cx.ok(H5Fflush(file, H5F_SCOPE_LOCAL), "cannot flush");
+      return;
+    }
+    const int64_t n = buffered_tokens(), s = int64_t(buf_lengths.size());
+    // 1. The rows, made durable before anything points at them.
+    write_rows(cx, tokens, kTokens, H5T_NATIVE_INT32, buf_tokens.data(), file_tokens, n);
+    write_rows(cx, experts, kExperts, H5T_NATIVE_UINT8, buf_experts.data(), file_tokens, n);
+    write_rows(cx, gates, kGates, H5T_NATIVE_FLOAT, buf_gates.data(), file_tokens, n);
+    if (logits.valid()) write_rows(cx, logits, kLogits, half, buf_logits.data(), file_tokens, n);
+    write_rows(cx, domain, kDomain, H5T_NATIVE_INT32, buf_domain.data(), file_sequences, s);
+    for (hid_t d : {hid_t(tokens), hid_t(experts), hid_t(gates), hid_t(logits), hid_t(domain)})
+      if (d >= 0) cx.ok(H5Dflush(d), "cannot flush");
+    // 2. The commit: the new sequence ends, appended to /sequence_offsets.
+    std::vector<int64_t> ends;
+    int64_t end = file_tokens;
+    for (int64_t len : buf_lengths) ends.push_back(end += len);
+    write_rows(cx, offsets, kOffsets, H5T_NATIVE_INT64, ends.data(), file_sequences + 1, s);
+    cx.ok(H5Dflush(offsets), "cannot flush");
+    cx.ok(H5Fflush(file, H5F_SCOPE_LOCAL), "cannot flush");
+    file_tokens += n;
+    file_sequences += s;
+    buf_tokens.clear(), buf_domain.clear(), buf_lengths.clear(), buf_experts.clear(), buf_gates.clear(),
+        buf_logits.clear();
+  }
+
+  void close() {
+    if (closed) return;
+    flush();
+    closed = true;
+    QuietHdf5 quiet;
+    for (H5Id* d : {&tokens, &offsets, &domain, &experts, &gates, &logits}) d->reset();
+    cx.ok(file.reset(), "cannot close");  // the last reference: this closes the file
+  }
+};
+
+TraceWriter::TraceWriter(const std::string& path, const TraceHeader& header, TraceWriterOptions options)
+    : impl_(std::make_unique<Impl>(path, header, options)) {
+  impl_->check_header();
+  if (impl_->lock.size() == 0) {
+    try {
+      impl_->create();
+    } catch (...) {
+      ::unlink(path.c_str());  // no half-made file left behind (it was empty or absent before)
+      throw;
+    }
+  } else {
+    impl_->open_existing();
+  }
+  impl_->start_swmr();
+}
+
+TraceWriter::~TraceWriter() {
+  try {
+    impl_->close();
+  } catch (...) {
+  }
+}
+
+bool TraceWriter::appended() const { return impl_->appended; }
+bool TraceWriter::recovered() const { return impl_->recovered; }
+int64_t TraceWriter::tokens_before() const { return impl_->tokens_before; }
+int64_t TraceWriter::sequences_before() const { return impl_->sequences_before; }
+int64_t TraceWriter::dropped_tokens() const { return impl_->dropped; }
+int64_t TraceWriter::tokens_written() const { return impl_->written_tokens; }
+int64_t TraceWriter::sequences_written() const { return impl_->written_sequences; }
+
+int TraceWriter::domain_id(const std::string& name) const {
+  if (name.empty()) return -1;
+  const auto& names = impl_->domain_names;
+  const auto it = std::find(names.begin(), names.end(), name);
+  if (it == names.end())
+    throw Error(fmt::format("{}: domain '{}' was not declared when the trace was opened", impl_->cx.path, name));
+  return int(it - names.begin());
+}
+
+void TraceWriter::add_sequence(int domain, std::span<const int32_t> tokens, std::span<const uint8_t> experts,
+                               std::span<const float> gates, std::span<const float> router_logits) {
+  auto& m = *impl_;
+  if (m.closed) throw Error(fmt::format("{}: trace already closed", m.cx.path));
+  const size_t n = tokens.size();
+  if (n == 0) throw Error(fmt::format("{}: empty sequence", m.cx.path));
+  if (m.header.window > 0 && int64_t(n) > m.header.window)
+    throw Error(fmt::format("{}: sequence of {} tokens is longer than the window of {}", m.cx.path, n, m.header.window));
+  if (experts.size() != n * m.row_k() || gates.size() != n * m.row_k())
+    throw Error(fmt::format("{}: sequence of {} tokens needs {} experts and gates, got {} and {}", m.cx.path, n,
+                            n * m.row_k(), experts.size(), gates.size()));
+  const size_t want_logits = m.logits.valid() ? n * m.row_e() : 0;
+  if (router_logits.size() != want_logits)
+    throw Error(fmt::format("{}: sequence of {} tokens needs {} router logits, got {}", m.cx.path, n, want_logits,
+                            router_logits.size()));
+  if (domain < -1 || domain >= int(m.domain_names.size()))
+    throw Error(fmt::format("{}: domain index {} outside the {} domain names", m.cx.path, domain, m.domain_names.size()));
+  for (uint8_t e : experts)
+    if (e >= m.header.num_experts)
+      throw Error(fmt::format("{}: expert id {} outside the {} experts", m.cx.path, int(e), m.header.num_experts));
+
+  if (m.buf_lengths.empty()) m.oldest_buffered = std::chrono::steady_clock::now();
+  m.buf_tokens.insert(m.buf_tokens.end(), tokens.begin(), tokens.end());
+  m.buf_experts.insert(m.buf_experts.end(), experts.begin(), experts.end());
+  m.buf_gates.insert(m.buf_gates.end(), gates.begin(), gates.end());
+  for (float x : router_logits) m.buf_logits.push_back(float_to_half(x));
+  m.buf_domain.push_back(domain);
+  m.buf_lengths.push_back(int64_t(n));
+  m.written_tokens += int64_t(n);
+  m.written_sequences += 1;
+
+  const double age = std::chrono::duration<double>(std::chrono::steady_clock::now() - m.oldest_buffered).count();
+  if (m.buffered_tokens() >= m.options.flush_tokens || age >= m.options.flush_seconds) m.flush();
+}
+
+void TraceWriter::flush() {
+  if (!impl_->closed) impl_->flush();
+}
+
+void TraceWriter::close() { impl_->close(); }
+
+// ---------------------------------------------------------------------------------------------------
+// Reading
+
+TraceData read_trace(const std::string& path) {
+  QuietHdf5 quiet;
+  const H5Context cx{path};
+  const H5Id file = open_for_reading(cx);
+  TraceData tr;
+  tr.attributes = read_all_attrs(cx, file);
+
+  const H5Id tokens = open_row_dataset(cx, file, kTokens), offsets = open_row_dataset(cx, file, kOffsets),
+             domain = open_row_dataset(cx, file, kDomain), experts = open_row_dataset(cx, file, kExperts),
+             gates = open_row_dataset(cx, file, kGates);
+  const bool has_logits = H5Lexists(file, kLogits, H5P_DEFAULT) > 0;
+  const H5Id logits = has_logits ? open_row_dataset(cx, file, kLogits) : H5Id();
+
+  // Shapes: [N, L, k] from /experts; E from the attribute (or /router_logits).
+  const auto ed = dims_of(cx, experts, kExperts), gd = dims_of(cx, gates, kGates);
+  // (Row counts may differ: a writer that died mid-flush extended some datasets and not others.)
+  if (ed.size() != 3 || gd.size() != 3 || gd[1] != ed[1] || gd[2] != ed[2])
+    throw Error(fmt::format("{}: /experts and /gates must both have shape [N, L, k]", path));
+  tr.num_layers = int(ed[1]);
+  tr.top_k = int(ed[2]);
+  const auto ld = has_logits ? dims_of(cx, logits, kLogits) : std::vector<hsize_t>{};
+  if (has_logits && (ld.size() != 3 || ld[1] != ed[1]))
+    throw Error(fmt::format("{}: /router_logits must have shape [N, {}, E]", path, ed[1]));
+  const auto num_experts = read_int_attr(cx, file, "num_experts");
+  if (num_experts) tr.num_experts = int(*num_experts);
+  else if (has_logits) tr.num_experts = int(ld[2]);
+  else throw Error(fmt::format("{}: no num_experts attribute", path));
+  if (has_logits && int(ld[2]) != tr.num_experts)
+    throw Error(fmt::format("{}: /router_logits has {} experts, the num_experts attribute {}", path, ld[2], tr.num_experts));
+
+  // Only committed rows: everything up to the last sequence offset.
+  const auto c = read_committed(cx, offsets);
+  check_rows_cover(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
+
+  const size_t lk = size_t(tr.num_layers) * size_t(tr.top_k), le = size_t(tr.num_layers) * size_t(tr.num_experts);
+  tr.sequence_offsets = read_rows<int64_t>(cx, offsets, kOffsets, H5T_NATIVE_INT64, c.sequences + 1, 1);
+  tr.sequence_domain = read_rows<int32_t>(cx, domain, kDomain, H5T_NATIVE_INT32, c.sequences, 1);
+  tr.tokens = read_rows<int32_t>(cx, tokens, kTokens, H5T_NATIVE_INT32, c.tokens, 1);
+  tr.experts = read_rows<uint8_t>(cx, experts, kExperts, H5T_NATIVE_UINT8, c.tokens, lk);
+  tr.gates = read_rows<float>(cx, gates, kGates, H5T_NATIVE_FLOAT, c.tokens, lk);
+  if (has_logits) {
+    const H5Id half = half_type();
+    const auto raw = read_rows<uint16_t>(cx, logits, kLogits, half, c.tokens, le);
+    tr.router_logits.resize(raw.size());
+    std::transform(raw.begin(), raw.end(), tr.router_logits.begin(), half_to_float);
+  }
+  if (H5Aexists(domain, "domain_names") > 0) {
+    const H5Id attr(H5Aopen(domain, "domain_names", H5P_DEFAULT));
+    tr.domain_names = read_strings(cx, attr, "domain_names");
+  }
+
+  // Offsets must be a non-decreasing walk from 0; domains must name a label or be -1.
+  if (tr.sequence_offsets[0] != 0) throw Error(fmt::format("{}: /sequence_offsets must start at 0", path));
+  for (size_t s = 1; s < tr.sequence_offsets.size(); ++s)
+    if (tr.sequence_offsets[s] < tr.sequence_offsets[s - 1])
+      throw Error(fmt::format("{}: /sequence_offsets decreases at entry {}", path, s));
+  for (int32_t d : tr.sequence_domain)
+    if (d < -1 || d >= int32_t(tr.domain_names.size()))
+      throw Error(fmt::format("{}: /sequence_domain holds {}, but there are {} domain names", path, d, tr.domain_names.size()));
+  return tr;
+}
+
+int64_t repair_trace(const std::string& path) {
+  if (::access(path.c_str(), W_OK) != 0) throw Error(fmt::format("{}: cannot open for writing ({})", path, std::strerror(errno)));
+  WriterLock lock(path);
+  QuietHdf5 quiet;
+  const H5Context cx{path};
+  bool recovered = false;
+  H5Id file = open_for_writing(cx, recovered);
+  const H5Id tokens = open_row_dataset(cx, file, kTokens), offsets = open_row_dataset(cx, file, kOffsets),
+             domain = open_row_dataset(cx, file, kDomain), experts = open_row_dataset(cx, file, kExperts),
+             gates = open_row_dataset(cx, file, kGates);
+  const H5Id logits = H5Lexists(file, kLogits, H5P_DEFAULT) > 0 ? open_row_dataset(cx, file, kLogits) : H5Id();
+  const auto c = read_committed(cx, offsets);
+  return drop_rows_past(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Inputs
+
+namespace {
+
+bool is_jsonl(const std::string& path) {
+  const auto ext = std::filesystem::path(path).extension().string();
+  return ext == ".jsonl" || ext == ".ndjson";
+}
+
+std::string read_whole_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw Error(fmt::format("{}: is a directory, not a text file", path));
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) throw Error(fmt::format("{}: read failed", path));
+  return ss.str();
+}
+
+void read_jsonl(const std::string& path, const std::string& file_domain, std::vector<TraceText>& out) {
+  std::istringstream lines(read_whole_file(path));
+  std::string line;
+  for (int number = 1; std::getline(lines, line); ++number) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;
+    const std::string where = fmt::format("{}:{}", path, number);
+    const auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded()) throw Error(fmt::format("{}: not valid JSON", where));
+    if (!j.is_object()) throw Error(fmt::format("{}: expected a JSON object with a \"text\" field", where));
+    if (!j.contains("text")) throw Error(fmt::format("{}: record has no \"text\" field", where));
+    if (!j["text"].is_string()) throw Error(fmt::format("{}: \"text\" must be a string", where));
+    std::string domain = file_domain;
+    if (j.contains("domain") && !j["domain"].is_null()) {
+      if (!j["domain"].is_string()) throw Error(fmt::format("{}: \"domain\" must be a string", where));
+      domain = j["domain"].get<std::string>();
+    }
+    out.push_back({j["text"].get<std::string>(), domain, where});
+  }
+}
+
+}  // namespace
+
+std::vector<TraceText> read_trace_inputs(const std::vector<std::string>& files, const std::vector<std::string>& domains) {
+  if (!domains.empty() && domains.size() != files.size())
+    throw Error(fmt::format("{} --domain names given for {} --input files; give one per input, in the same order, or none",
+                            domains.size(), files.size()));
+  std::vector<TraceText> out;
+  for (size_t i = 0; i < files.size(); ++i) {
+    const std::string file_domain = domains.empty() ? std::filesystem::path(files[i]).stem().string() : domains[i];
+    if (is_jsonl(files[i])) read_jsonl(files[i], file_domain, out);
+    else out.push_back({read_whole_file(files[i]), file_domain, files[i]});
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Recording routing
+
+RoutingProbe::RoutingProbe(const ModelConfig& config, bool with_router_logits)
+    : layers_(config.num_layers), top_k_(config.top_k), experts_(config.num_experts), with_logits_(with_router_logits) {}
+
+void RoutingProbe::start(int n) {
+  n_ = n;
+  seen_.assign(size_t(layers_), false);
+  out_ = {};
+  out_.experts.assign(size_t(n) * size_t(layers_) * size_t(top_k_), 0);
+  out_.gates.assign(out_.experts.size(), 0.0f);
+  if (with_logits_) out_.router_logits.assign(size_t(n) * size_t(layers_) * size_t(experts_), 0.0f);
+}
+
+void RoutingProbe::on_layer(const LayerObservation& obs) {
+  const int l = obs.layer;
+  if (l < 0 || l >= layers_ || !obs.experts || !obs.gates || obs.experts->rows() != n_ || obs.experts->cols() != top_k_)
+    throw Error(fmt::format("routing probe: layer {} reported an unexpected shape", l));
+  if (with_logits_ && !obs.router_logits)
+    throw Error("router logits requested, but the engine reports none (a dense model has no router)");
+  // Rows are tokens, then layers, then rank: [n, L, k] and [n, L, E].
+  for (int t = 0; t < n_; ++t) {
+    for (int j = 0; j < top_k_; ++j) {
+      const size_t at = (size_t(t) * size_t(layers_) + size_t(l)) * size_t(top_k_) + size_t(j);
+      const int32_t e = (*obs.experts)(t, j);
+      if (e < 0 || e >= experts_) throw Error(fmt::format("routing probe: layer {} chose expert {} of {}", l, e, experts_));
+      out_.experts[at] = uint8_t(e);
+      out_.gates[at] = (*obs.gates)(t, j);
+    }
+    if (with_logits_)
+      for (int e = 0; e < experts_; ++e)
+        out_.router_logits[(size_t(t) * size_t(layers_) + size_t(l)) * size_t(experts_) + size_t(e)] = (*obs.router_logits)(t, e);
+  }
+  seen_[size_t(l)] = true;
+}
+
+WindowRouting RoutingProbe::take() {
+  for (int l = 0; l < layers_; ++l)
+    if (!seen_[size_t(l)]) throw Error(fmt::format("routing probe: the engine did not report layer {}", l));
+  return std::move(out_);
+}
+
+WindowRouting route_window(Engine& engine, std::span<const int32_t> tokens, bool with_router_logits, Probe* also) {
+  RoutingProbe routing(engine.config(), with_router_logits);
+  ProbeFanout both({&routing, also});
+  routing.start(int(tokens.size()));
+  engine.reset();
+  engine.forward(tokens, &both);
+  return routing.take();
+}
+
+}  // namespace moelab::analysis

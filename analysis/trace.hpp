@@ -1,1 +1,162 @@
-// placeholder: being written
+#pragma once
+// Routing traces in HDF5 (DESIGN.md "analysis/"): writing them crash-safely and appendably, reading
+// them back into a TraceData, and recording one window's routing from any engine through a Probe.
+//
+// File layout (every dataset chunked, shuffled and deflate-compressed, unlimited along its first axis):
+//   /tokens            int32   [N]
+//   /sequence_offsets  int64   [S + 1]   sequence s is tokens [offsets[s], offsets[s+1]); offsets[0] = 0
+//   /sequence_domain   int32   [S]       index into its attribute `domain_names` (strings); -1 = unlabeled
+//   /experts           uint8   [N, L, k] chosen experts in rank order (highest probability first)
+//   /gates             float32 [N, L, k] renormalized gate weights
+//   /router_logits     float16 [N, L, E] optional; IEEE half, round-to-nearest-even from the FP32 logits
+// Root attributes: model_config (the checkpoint's config.json as a JSON string), engine (the engines of
+// all runs, comma-separated in order of first use), tool ("moelab"), tool_version, created (ISO-8601
+// UTC of the first run), num_layers, top_k, num_experts, window (the longest window of any run; 0: not
+// stated), runs (a JSON string: one object per run with engine, tool_version, started, window,
+// first_sequence, first_token, router_logits).
+// The file uses HDF5's newest format (superblock v3), so it needs HDF5 >= 1.10 to read (h5py wheels
+// bundle 1.14); HDF5 1.8 tools cannot open it.
+//
+// Crash safety. The file is written in HDF5's SWMR (single-writer/multiple-reader) mode, whose ordered,
+// checksummed metadata writes keep the file on disk readable at every moment; without SWMR a killed
+// writer was seen to leave unreadable files (plain 1.10 format: datasets fail to read; newest format:
+// the file refuses to open at all). Rows are buffered in memory and written at least every
+// `flush_tokens` tokens or `flush_seconds`; each flush writes the rows, flushes those datasets, and only
+// then extends /sequence_offsets, so a reader trusts only rows up to the last offset. After a kill at
+// any moment (tests/test_trace.cpp kills writers mid-flush) the file holds every flushed sequence, bit
+// for bit; the unflushed ones and the window being computed are lost. Power loss is not covered:
+// nothing calls fsync.
+// What a reader must know: a writer that died leaves the superblock marked "open for SWMR write", and
+// HDF5 then refuses a plain read-only open ("file is already open for write (may use <h5clear file> to
+// clear file consistency flags)"). An SWMR-read open works: read_trace() falls back to it, and in Python
+//     h5py.File(path, "r", swmr=True)
+// reads it (as it reads a trace still being written). `moelab trace --repair PATH` (repair_trace) makes
+// it a plain HDF5 file again, and appending to it with a TraceWriter repairs it too: both clear the
+// mark and raise the end-of-allocation to the file's end (what `h5clear -s -i` does; the superblock may
+// predate chunks the dead writer placed), then drop rows past the last offset.
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "analysis/trace_data.hpp"
+#include "core/engine.hpp"
+
+namespace moelab::analysis {
+
+// IEEE 754 binary16, as the bits of a uint16. float_to_half rounds to nearest, ties to even; values
+// beyond the half range become infinities; NaN stays NaN.
+uint16_t float_to_half(float f);
+float half_to_float(uint16_t h);
+
+// What a trace is of, fixed when the file is created and checked when a run appends to it.
+struct TraceHeader {
+  nlohmann::json model_config;  // the checkpoint's config.json
+  int num_layers = 0, top_k = 0, num_experts = 0;
+  std::string engine;
+  std::string tool_version;
+  int window = 0;  // the longest sequence this run may write (longer ones are refused); 0: not stated
+  bool router_logits = false;
+  std::vector<std::string> domain_names;  // every domain this run may write (merged into the file's)
+};
+
+struct TraceWriterOptions {
+  int64_t flush_tokens = 4096;  // write buffered sequences once this many tokens are waiting
+  double flush_seconds = 60;    // ... or once the oldest waiting sequence is this old (slow engines)
+  int64_t chunk_tokens = 4096;  // HDF5 chunk length along the token axis (fewer for very wide rows)
+  int deflate_level = 4;
+};
+
+// config.json fields that do not change what the model computes (metadata, training-only settings,
+// storage dtype and quantization); they may differ between runs appended to one trace.
+bool is_volatile_config_field(const std::string& key);
+
+// Writes a trace, creating the file or appending to it. Appending checks that the file is a moelab
+// trace of the same model (num_layers, top_k, num_experts and config.json minus volatile fields) and
+// of the same kind (with or without router logits); otherwise it throws moelab::Error naming the file
+// and the difference. Only one TraceWriter may hold a file: a second one, in any process, is refused.
+class TraceWriter {
+ public:
+  TraceWriter(const std::string& path, const TraceHeader& header, TraceWriterOptions options = {});
+  ~TraceWriter();  // flushes what is buffered (errors are swallowed: call close() to see them)
+  TraceWriter(const TraceWriter&) = delete;
+  TraceWriter& operator=(const TraceWriter&) = delete;
+
+  bool appended() const;   // the file existed and this run appends to it
+  bool recovered() const;  // the file had been left open by a writer that died; it was repaired
+  int64_t tokens_before() const;     // tokens in the file when it was opened (after any repair)
+  int64_t sequences_before() const;
+  int64_t dropped_tokens() const;    // unflushed rows a dead writer left past the last offset, dropped
+
+  // Index of a domain name in the file's domain_names (-1 for ""); throws if it was not in the header.
+  int domain_id(const std::string& name) const;
+
+  // One sequence: n tokens with their routing, row-major [n, L, k] and, with router logits, [n, L, E].
+  void add_sequence(int domain, std::span<const int32_t> tokens, std::span<const uint8_t> experts,
+                    std::span<const float> gates, std::span<const float> router_logits = {});
+  void flush();  // writes buffered sequences and makes them durable against a crash of this process
+  void close();  // flushes and closes; the file is then a plain HDF5 file again
+
+  int64_t tokens_written() const;     // by this writer, flushed or buffered
+  int64_t sequences_written() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Reads a whole trace. Tokens past the last sequence offset (rows a crashed writer had not committed)
+// are ignored. Throws moelab::Error naming the file on anything missing or inconsistent.
+TraceData read_trace(const std::string& path);
+
+// Clears the "open for write" mark a dead writer left and drops uncommitted rows, so that plain HDF5
+// readers (h5py without swmr=True, h5dump) open the file again. Returns the rows dropped. Refused while
+// a TraceWriter holds the file.
+int64_t repair_trace(const std::string& path);
+
+// One text to trace: a whole plain-text file, or one record of a JSONL file.
+struct TraceText {
+  std::string text;
+  std::string domain;
+  std::string source;  // "file" or "file:line", for messages
+};
+
+// Reads the inputs of `moelab trace`. A file named *.jsonl holds one JSON object per line with a string
+// `text` and an optional string `domain` (blank lines are skipped); any other file is one text. A text's
+// domain is its record's `domain`, else domains[i] of its file when domains are given (one per file, in
+// order), else the file's stem. Throws moelab::Error naming the file (and line) for a file that cannot
+// be read, a line that is not a JSON object, a record without a string `text` or with a non-string
+// `domain`, and a domain count that is neither 0 nor the number of files.
+std::vector<TraceText> read_trace_inputs(const std::vector<std::string>& files, const std::vector<std::string>& domains);
+
+// One window's routing as a trace stores it.
+struct WindowRouting {
+  std::vector<uint8_t> experts;      // [n, L, k]
+  std::vector<float> gates;          // [n, L, k]
+  std::vector<float> router_logits;  // [n, L, E], or empty
+};
+
+// Collects the experts, gates and (optionally) router logits of every layer of one forward call.
+class RoutingProbe : public Probe {
+ public:
+  RoutingProbe(const ModelConfig& config, bool with_router_logits);
+  void start(int n);  // before each forward call of n tokens
+  void on_layer(const LayerObservation& obs) override;
+  WindowRouting take();  // after the call; throws if a layer was not observed
+
+ private:
+  int layers_, top_k_, experts_;
+  bool with_logits_;
+  int n_ = 0;
+  std::vector<bool> seen_;
+  WindowRouting out_;
+};
+
+// Runs one window from an empty cache (engine.reset(), then forward) and returns its routing.
+// `also` (e.g. a TimingProbe) observes the same call.
+WindowRouting route_window(Engine& engine, std::span<const int32_t> tokens, bool with_router_logits,
+                           Probe* also = nullptr);
+
+}  // namespace moelab::analysis

@@ -1,5 +1,289 @@
-// placeholder: being written
+// moelab trace: run texts through an engine and append their routing (experts, gates, optionally router
+// logits) to an HDF5 trace (analysis/trace.hpp has the layout and the crash-safety story).
+// moelab profile: stage latency of prefill and decode (analysis/timing.hpp).
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "analysis/timing.hpp"
+#include "analysis/trace.hpp"
 #include "cli/commands.hpp"
+#include "cli/engines.hpp"
+#include "core/checkpoint.hpp"
+#include "core/error.hpp"
+#include "core/progress.hpp"
+#include "core/safetensors_writer.hpp"
+#include "core/tokenizer.hpp"
+
 namespace moelab::cli {
-void register_trace(CLI::App&) {}
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+double seconds_since(clock_type::time_point t0) { return std::chrono::duration<double>(clock_type::now() - t0).count(); }
+
+// The checkpoint's config.json, stored in the trace so that appends can be checked against it.
+nlohmann::json read_config_json(const ModelConfig& cfg) {
+  std::ifstream in(cfg.source);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+  if (!in || j.is_discarded()) throw Error(fmt::format("{}: cannot read the config again", cfg.source));
+  return j;
+}
+
+// One sequence of the trace: a window of one text's tokens.
+struct Window {
+  size_t text = 0;  // index into the inputs
+  std::vector<int32_t> tokens;
+};
+
+// Tokenizes each text with BOS and cuts it into windows of `window` tokens (the last may be shorter;
+// only the first starts with BOS), stopping at `max_tokens` in total (0: no limit).
+std::vector<Window> cut_windows(const std::vector<analysis::TraceText>& texts, const Tokenizer& tok, int window,
+                                int64_t max_tokens, int64_t& empty_texts) {
+  std::vector<Window> out;
+  int64_t total = 0;
+  empty_texts = 0;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    if (texts[i].text.empty()) {
+      ++empty_texts;
+      continue;
+    }
+    const auto ids = tok.encode(texts[i].text, /*add_bos=*/true);
+    for (size_t at = 0; at < ids.size(); at += size_t(window)) {
+      int64_t n = std::min<int64_t>(window, int64_t(ids.size() - at));
+      if (max_tokens > 0) n = std::min(n, max_tokens - total);
+      if (n <= 0) return out;
+      out.push_back({i, std::vector<int32_t>(ids.begin() + int64_t(at), ids.begin() + int64_t(at) + n)});
+      total += n;
+    }
+  }
+  return out;
+}
+
+// TRACE.h5 -> TRACE.timings.json
+std::string timings_path_for(const std::string& trace_path) {
+  return std::filesystem::path(trace_path).replace_extension(".timings.json").string();
+}
+
+nlohmann::json timings_document(const std::string& engine, const std::string& model,
+                                const std::vector<const analysis::TimingReport*>& phases) {
+  nlohmann::json j{{"format", "moelab-timings-v1"}, {"engine", engine}, {"model", model}, {"phases", nlohmann::json::object()}};
+  for (const auto* p : phases) j["phases"][p->phase] = p->to_json();
+  return j;
+}
+
+struct TraceArgs {
+  std::string model, out, repair;
+  std::vector<std::string> inputs, domains;
+  bool router_logits = false, timings = false;
+  int64_t max_tokens = 0;
+  int window = 0;
+  EngineOptions eo;
+};
+
+void run_repair(const std::string& path) {
+  const int64_t dropped = analysis::repair_trace(path);
+  const auto tr = analysis::read_trace(path);
+  fmt::print("repaired {}: {} tokens in {} sequences kept, {} uncommitted rows dropped; plain HDF5 readers open it again\n",
+             path, tr.num_tokens(), tr.num_sequences(), dropped);
+}
+
+void run_trace(TraceArgs& a) {
+  if (!a.repair.empty()) {
+    if (!a.inputs.empty() || !a.out.empty()) throw Error("trace: --repair works alone (no --input, --out)");
+    return run_repair(a.repair);
+  }
+  if (a.inputs.empty()) throw Error("trace: give at least one --input");
+  if (a.out.empty()) throw Error("trace: give --out TRACE.h5");
+  // Every input is read and checked before the model loads, so a bad line fails in seconds, not hours.
+  const auto texts = analysis::read_trace_inputs(a.inputs, a.domains);
+  if (a.model.empty()) a.model = default_model_dir();
+  const auto ck = Checkpoint::open(a.model, stderr_is_terminal());
+  const auto& cfg = ck->config();
+  if (a.router_logits && !cfg.is_moe())
+    throw Error(fmt::format("{}: --router-logits needs an MoE model; {} has no router", a.model, cfg.arch_name()));
+  const Tokenizer tok(ck->tokenizer_path());
+  auto engine = make_engine(*ck, a.eo);
+  const int window = a.window > 0 ? a.window : std::min(512, engine->max_context());
+  if (window > engine->max_context())
+    throw Error(fmt::format("--window {} exceeds the engine's context of {} tokens (see --context)", window,
+                            engine->max_context()));
+
+  int64_t empty_texts = 0;
+  const auto windows = cut_windows(texts, tok, window, a.max_tokens, empty_texts);
+  if (windows.empty()) throw Error("trace: the inputs hold no text");
+  analysis::TraceHeader header;
+  header.model_config = read_config_json(cfg);
+  header.num_layers = cfg.num_layers;
+  header.top_k = cfg.top_k;
+  header.num_experts = cfg.num_experts;
+  header.engine = engine->name();
+  header.tool_version = MOELAB_VERSION;
+  header.window = window;
+  header.router_logits = a.router_logits;
+  for (const auto& t : texts)
+    if (std::find(header.domain_names.begin(), header.domain_names.end(), t.domain) == header.domain_names.end())
+      header.domain_names.push_back(t.domain);
+
+  analysis::TraceWriter writer(a.out, header);
+  if (writer.recovered())
+    fmt::print(stderr, "note: {} had not been closed (its writer died); kept {} tokens in {} sequences, dropped {} "
+                       "uncommitted rows\n", a.out, writer.tokens_before(), writer.sequences_before(), writer.dropped_tokens());
+
+  int64_t total = 0;
+  for (const auto& w : windows) total += int64_t(w.tokens.size());
+  analysis::TimingProbe timing("trace");
+  std::map<std::string, std::pair<int64_t, int64_t>> per_domain;  // tokens, sequences
+  Progress progress("trace", total);
+  const auto start = clock_type::now();
+  for (const auto& w : windows) {
+    const auto t0 = clock_type::now();
+    const auto r = analysis::route_window(*engine, w.tokens, a.router_logits, a.timings ? &timing : nullptr);
+    timing.add_call(int64_t(w.tokens.size()), seconds_since(t0));
+    const auto& domain = texts[w.text].domain;
+    writer.add_sequence(writer.domain_id(domain), w.tokens, r.experts, r.gates, r.router_logits);
+    per_domain[domain].first += int64_t(w.tokens.size());
+    per_domain[domain].second += 1;
+    progress.advance(int64_t(w.tokens.size()));
+  }
+  writer.close();
+  progress.finish();
+  const double secs = seconds_since(start);
+
+  std::string domains;
+  for (const auto& [name, c] : per_domain)
+    domains += fmt::format("{}{} {} tokens / {} seq", domains.empty() ? "" : ", ", name.empty() ? "(unlabeled)" : name,
+                           c.first, c.second);
+  fmt::print("traced {} tokens in {} sequences of at most {} tokens ({}) in {:.2f} s, {:.1f} tokens/s, engine {}\n", total,
+             windows.size(), window, domains, secs, double(total) / secs, engine->name());
+  if (empty_texts) fmt::print("skipped {} empty texts\n", empty_texts);
+  if (writer.appended())
+    fmt::print("appended to {}: it now holds {} tokens in {} sequences\n", a.out, writer.tokens_before() + total,
+               writer.sequences_before() + int64_t(windows.size()));
+  else
+    fmt::print("wrote {}\n", a.out);
+  if (a.timings) {
+    fmt::print("\n{}", timing.report().table());
+    const auto path = timings_path_for(a.out);
+    write_file_atomic(path, timings_document(engine->name(), a.model, {&timing.report()}).dump(2) + "\n");
+    fmt::print("wrote {}\n", path);
+  }
+}
+
+struct ProfileArgs {
+  std::string model, text, json_out;
+  int tokens = 0, decode = 16, repeat = 3, warmup = 1;
+  EngineOptions eo;
+};
+
+// A prompt of n token ids without meaning but spread over the vocabulary (a fixed stride walk past the
+// special tokens), so that routing is not one expert's.
+std::vector<int32_t> synthetic_prompt(int n, const ModelConfig& cfg) {
+  std::vector<int32_t> ids{int32_t(cfg.bos_token_id)};
+  const int32_t first = 3, span = std::max(1, cfg.vocab_size - first);
+  for (int i = 1; i < n; ++i) ids.push_back(first + int32_t((int64_t(i) * 7919) % span));
+  return ids;
+}
+
+int32_t argmax_last_row(const MatrixRF& logits) {
+  Eigen::Index best = 0;
+  logits.row(logits.rows() - 1).maxCoeff(&best);
+  return int32_t(best);
+}
+
+void run_profile(ProfileArgs& a) {
+  if (a.model.empty()) a.model = default_model_dir();
+  const auto ck = Checkpoint::open(a.model, stderr_is_terminal());
+  auto engine = make_engine(*ck, a.eo);
+  const int context = engine->max_context();
+  std::vector<int32_t> prompt;
+  if (!a.text.empty()) {
+    prompt = Tokenizer(ck->tokenizer_path()).encode(a.text, /*add_bos=*/true);
+  } else {
+    const int n = a.tokens > 0 ? a.tokens : std::min(128, context - a.decode);
+    if (n < 1) throw Error(fmt::format("profile: --decode {} leaves no room for a prompt in a context of {}", a.decode, context));
+    prompt = synthetic_prompt(n, ck->config());
+  }
+  if (int(prompt.size()) + a.decode > context)
+    throw Error(fmt::format("profile: {} prompt tokens + {} decode steps exceed the engine's context of {} tokens "
+                            "(see --context)", prompt.size(), a.decode, context));
+
+  analysis::TimingProbe prefill("prefill"), decode("decode");
+  Progress progress("profile", int64_t(a.warmup + a.repeat));
+  for (int run = 0; run < a.warmup + a.repeat; ++run) {
+    const bool measured = run >= a.warmup;  // warm-up runs fill caches and are not counted
+    engine->reset();
+    auto t0 = clock_type::now();
+    MatrixRF logits = engine->forward(prompt, measured ? &prefill : nullptr);
+    if (measured) prefill.add_call(int64_t(prompt.size()), seconds_since(t0));
+    for (int step = 0; step < a.decode; ++step) {
+      const int32_t next = argmax_last_row(logits);
+      t0 = clock_type::now();
+      logits = engine->forward(std::span<const int32_t>(&next, 1), measured ? &decode : nullptr);
+      if (measured) decode.add_call(1, seconds_since(t0));
+    }
+    progress.advance();
+  }
+  progress.finish();
+  fmt::print("engine {}, model {}, prompt {} tokens, {} decode steps, {} measured runs after {} warm-up\n\n",
+             engine->name(), a.model, prompt.size(), a.decode, a.repeat, a.warmup);
+  fmt::print("{}\n", prefill.report().table());
+  if (a.decode > 0) fmt::print("{}", decode.report().table());
+  if (!a.json_out.empty()) {
+    std::vector<const analysis::TimingReport*> phases{&prefill.report()};
+    if (a.decode > 0) phases.push_back(&decode.report());
+    write_file_atomic(a.json_out, timings_document(engine->name(), a.model, phases).dump(2) + "\n");
+    fmt::print("wrote {}\n", a.json_out);
+  }
+}
+
+void register_trace_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("trace", "Record expert routing of texts into an HDF5 trace (appends to an existing one)");
+  static TraceArgs a;
+  cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled model)");
+  cmd->add_option("--input", a.inputs, "Text file (one text) or .jsonl file ({\"text\": ..., \"domain\": ...} per line); repeatable");
+  cmd->add_option("--domain", a.domains, "Domain of each --input, in the same order (default: the file's stem; a "
+                                         "JSONL record's own \"domain\" wins)");
+  cmd->add_option("--out", a.out, "Trace file to create or append to");
+  cmd->add_flag("--router-logits", a.router_logits, "Also record every router logit (float16, [N, L, E])");
+  cmd->add_option("--max-tokens", a.max_tokens, "Stop after this many tokens in total (0: all)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--window", a.window, "Tokens per sequence; longer texts are cut (default: min(512, context))")
+      ->check(CLI::PositiveNumber);
+  cmd->add_flag("--timings", a.timings, "Print the stage latency breakdown and write TRACE.timings.json");
+  cmd->add_option("--repair", a.repair,
+                  "Only repair TRACE.h5 left open by a writer that died, so plain HDF5 readers open it again");
+  add_engine_options(*cmd, a.eo);
+  cmd->callback([] { run_trace(a); });
+}
+
+void register_profile_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("profile", "Stage latency (attention, router, experts, lm head) of prefill and decode");
+  static ProfileArgs a;
+  cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled model)");
+  auto* text = cmd->add_option("--text", a.text, "Prompt text (tokenized with BOS)");
+  cmd->add_option("--tokens", a.tokens, "Prompt of this many synthetic tokens (default: min(128, context - decode))")
+      ->check(CLI::PositiveNumber)
+      ->excludes(text);
+  cmd->add_option("--decode", a.decode, "Decode steps after each prefill")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--repeat", a.repeat, "Measured runs (prefill + decode)")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--warmup", a.warmup, "Unmeasured runs first")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--json", a.json_out, "Also write the breakdown as JSON");
+  add_engine_options(*cmd, a.eo);
+  cmd->callback([] { run_profile(a); });
+}
+
+}  // namespace
+
+void register_trace(CLI::App& app) {
+  register_trace_command(app);
+  register_profile_command(app);
+}
+
 }  // namespace moelab::cli

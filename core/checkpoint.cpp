@@ -105,24 +105,47 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
 
 void Checkpoint::validate_against_config() {
   std::set<std::string> expected;
+  std::vector<std::string> nf4_prefixes;
   for (const auto& spec : config_.expected_tensors()) {
     expected.insert(spec.name);
     auto it = where_.find(spec.name);
     if (it == where_.end())
-      throw Error(fmt::format("{}: missing tensor '{}' (config.json implies it with shape {})", dir_, spec.name,
-                              shape_str(spec.shape)));
+      throw Error(fmt::format("{}: missing tensor '{}' (config.json implies it with shape {})", dir_,
+                              printable(spec.name), shape_str(spec.shape)));
     const auto& t = it->second->info(spec.name);
+    if (spec.nf4) {
+      // A bitsandbytes NF4 weight: packed codes here, its statistics beside it (checked in full by
+      // the NF4 engines when they read it, still before any compute).
+      int64_t numel = 1;
+      for (auto d : spec.shape) numel *= d;
+      const std::vector<int64_t> packed{(numel + 1) / 2, 1};
+      if (t.dtype != DType::U8 || t.shape != packed)
+        throw Error(fmt::format("{}: tensor '{}' is {} {} but an NF4 weight of shape {} is stored as U8 {}",
+                                it->second->path(), printable(spec.name), dtype_name(t.dtype), shape_str(t.shape),
+                                shape_str(spec.shape), shape_str(packed)));
+      for (const char* aux : {".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4"})
+        if (!where_.count(spec.name + aux))
+          throw Error(fmt::format("{}: NF4 weight '{}' has no '{}{}' tensor", dir_, printable(spec.name),
+                                  printable(spec.name), aux));
+      nf4_prefixes.push_back(spec.name + ".");
+      continue;
+    }
     if (t.shape != spec.shape)
       throw Error(fmt::format("{}: tensor '{}' has shape {} but config.json implies {}", it->second->path(),
-                              spec.name, shape_str(t.shape), shape_str(spec.shape)));
+                              printable(spec.name), shape_str(t.shape), shape_str(spec.shape)));
     if (!dtype_is_float_convertible(t.dtype))
       throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", it->second->path(),
-                              spec.name, dtype_name(t.dtype)));
+                              printable(spec.name), dtype_name(t.dtype)));
   }
+  auto is_nf4_aux = [&](const std::string& name) {
+    for (const auto& p : nf4_prefixes)
+      if (name.rfind(p, 0) == 0) return true;
+    return false;
+  };
   for (const auto& [name, file] : where_)
-    if (!expected.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
-      warnings_.push_back(fmt::format("{}: tensor '{}' is not used by a {} with this config", file->path(), printable(name),
-                                      config_.arch_name()));
+    if (!expected.count(name) && !is_nf4_aux(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
+      warnings_.push_back(fmt::format("{}: tensor '{}' is not used by a {} with this config", file->path(),
+                                      printable(name), config_.arch_name()));
 }
 
 std::string Checkpoint::tokenizer_path() const { return (fs::path(dir_) / "tokenizer.model").string(); }

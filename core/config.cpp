@@ -4,6 +4,7 @@
 
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
 #include "core/error.hpp"
@@ -87,8 +88,18 @@ ModelConfig ModelConfig::parse_config(const nlohmann::json& j, const std::string
     throw r.error(fmt::format("unsupported hidden_act {} (only silu)", j["hidden_act"].dump()));
   if (r.has("rope_scaling"))
     throw r.error(fmt::format("unsupported rope_scaling {} (only plain RoPE)", j["rope_scaling"].dump()));
-  if (r.has("quantization_config"))
-    throw r.error("pre-quantized checkpoints (quantization_config) are read by the NF4 engines, not yet here");
+  if (r.has("quantization_config")) {
+    const auto& q = j["quantization_config"];
+    if (!q.is_object() || q.value("quant_method", "") != "bitsandbytes" || !q.value("load_in_4bit", false))
+      throw r.error(fmt::format("unsupported quantization_config {} (moelab reads bitsandbytes 4-bit NF4)", q.dump()));
+    if (q.value("bnb_4bit_quant_type", "fp4") != "nf4")
+      throw r.error(fmt::format("unsupported bnb_4bit_quant_type '{}' (only nf4)", q.value("bnb_4bit_quant_type", "fp4")));
+    c.quantization.nf4 = true;
+    c.quantization.double_quant = q.value("bnb_4bit_use_double_quant", false);
+    c.quantization.compute_dtype = q.contains("bnb_4bit_compute_dtype") && q["bnb_4bit_compute_dtype"].is_string()
+                                       ? q["bnb_4bit_compute_dtype"].get<std::string>()
+                                       : "float32";
+  }
 
   c.vocab_size = r.positive_int("vocab_size");
   c.hidden_size = r.positive_int("hidden_size");
@@ -168,7 +179,27 @@ std::vector<TensorSpec> ModelConfig::expected_tensors() const {
   }
   t.push_back({"model.norm.weight", {H}});
   if (!tie_word_embeddings) t.push_back({"lm_head.weight", {V, H}});
+  if (quantization.nf4) {
+    const auto names = nf4_weight_names();
+    const std::set<std::string> quantized(names.begin(), names.end());
+    for (auto& spec : t) spec.nf4 = quantized.count(spec.name) != 0;
+  }
   return t;
+}
+
+std::vector<std::string> ModelConfig::nf4_weight_names() const {
+  std::vector<std::string> names;
+  for (int l = 0; l < num_layers; ++l) {
+    const auto p = fmt::format("model.layers.{}.self_attn.", l);
+    for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) names.push_back(p + proj + ".weight");
+    if (is_moe()) names.push_back(router_name(l));
+    for (int e = 0; e < num_experts; ++e) {
+      names.push_back(w1_name(l, e));
+      names.push_back(w3_name(l, e));
+      names.push_back(w2_name(l, e));
+    }
+  }
+  return names;
 }
 
 int64_t ModelConfig::expert_params() const { return 3 * int64_t(hidden_size) * intermediate_size; }

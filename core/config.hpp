@@ -12,7 +12,18 @@ enum class Architecture { Mixtral, Mistral };
 
 struct TensorSpec {
   std::string name;
-  std::vector<int64_t> shape;
+  std::vector<int64_t> shape;  // logical shape
+  // Stored as a bitsandbytes NF4 weight: U8 [(numel + 1) / 2, 1] plus "<name>.absmax", ".quant_map",
+  // ".quant_state.bitsandbytes__nf4" (and ".nested_*" when double-quantized) beside it.
+  bool nf4 = false;
+};
+
+// `quantization_config` of a pre-quantized (bitsandbytes 4-bit NF4) checkpoint, as transformers 4.x
+// writes it. Only NF4 is read; FP4 and 8-bit are refused with a clear error.
+struct QuantizationConfig {
+  bool nf4 = false;
+  bool double_quant = false;
+  std::string compute_dtype;
 };
 
 struct ModelConfig {
@@ -35,6 +46,7 @@ struct ModelConfig {
   int bos_token_id = 1;
   int eos_token_id = 2;
   std::string torch_dtype;
+  QuantizationConfig quantization;
 
   bool is_moe() const { return arch == Architecture::Mixtral; }
   std::string arch_name() const;
@@ -46,6 +58,10 @@ struct ModelConfig {
 
   // Every tensor the checkpoint must contain, with its shape (HF on-disk names).
   std::vector<TensorSpec> expected_tensors() const;
+  // The weights an NF4 model quantizes, as transformers + bitsandbytes do for Mixtral: every attention
+  // projection, the router gate and every expert matrix; embeddings, norms and lm_head keep their
+  // precision. Per layer in this order: q, k, v, o, router (MoE only), then w1, w3, w2 of each expert.
+  std::vector<std::string> nf4_weight_names() const;
 
   // Names of the three MLP matrices of one expert: {w1 (gate), w3 (up), w2 (down)}.
   std::string w1_name(int layer, int expert) const;

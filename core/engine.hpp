@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "core/config.hpp"
 
@@ -12,6 +13,14 @@ namespace moelab {
 
 using MatrixRF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using MatrixRI = Eigen::Matrix<int32_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// One expert's share of a layer's expert stage: how many tokens were routed to it in this forward call
+// and how long its MLP took on them. Engines that cannot time experts separately report none.
+struct ExpertTiming {
+  int expert = 0;
+  int tokens = 0;
+  double seconds = 0;
+};
 
 // What a Probe sees for one decoder layer, for the n tokens of one forward call.
 // Names follow the shared per-layer scheme: layers.<i>.hidden, .router_logits, .experts, .gates.
@@ -22,6 +31,7 @@ struct LayerObservation {
   const MatrixRI* experts = nullptr;        // [n, top_k] chosen experts in rank order (dense: all 0)
   const MatrixRF* gates = nullptr;          // [n, top_k] renormalized gate weights (dense: all 1)
   double attention_seconds = 0, router_seconds = 0, experts_seconds = 0;
+  const std::vector<ExpertTiming>* expert_timings = nullptr;  // experts that ran, if the engine times them
 };
 
 class Probe {

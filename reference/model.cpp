@@ -16,11 +16,18 @@ using clock_type = std::chrono::steady_clock;
 double seconds_since(clock_type::time_point t0) {
   return std::chrono::duration<double>(clock_type::now() - t0).count();
 }
+// The reference computes on float weights only; it names the engine that reads NF4 instead.
+const ModelConfig& refuse_quantized(const Checkpoint& ck) {
+  if (ck.config().quantization.nf4)
+    throw Error(fmt::format("{}: a pre-quantized NF4 checkpoint; the reference needs float weights (run it with "
+                            "--engine cpu-nf4)", ck.dir()));
+  return ck.config();
+}
 }  // namespace
 
 template <typename S>
 Model<S>::Model(const Checkpoint& ck, ModelOptions options)
-    : cfg_(ck.config()), weights_(ck, options.stream, options.show_progress) {
+    : cfg_(refuse_quantized(ck)), weights_(ck, options.stream, options.show_progress) {
   max_context_ = options.max_context > 0 ? options.max_context : std::min(cfg_.max_position_embeddings, 4096);
   if (max_context_ > cfg_.max_position_embeddings)
     throw Error(fmt::format("context {} exceeds the model's max_position_embeddings {} ({})", max_context_,
@@ -150,7 +157,8 @@ Mat<S> Model<S>::expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x) {
 // Mixture of experts: each expert runs once on the tokens routed to it, and its output is added to
 // those tokens with their gate weight (experts in ascending id order, as transformers does).
 template <typename S>
-Mat<S> Model<S>::moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r) {
+Mat<S> Model<S>::moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r,
+                     std::vector<ExpertTiming>* timings) {
   const int n = int(x.rows());
   Mat<S> out = Mat<S>::Zero(n, x.cols());
   for (int e = 0; e < int(w.experts.size()); ++e) {
@@ -165,7 +173,9 @@ Mat<S> Model<S>::moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutp
     if (rows.empty()) continue;
     Mat<S> xe(Eigen::Index(rows.size()), x.cols());
     for (size_t i = 0; i < rows.size(); ++i) xe.row(Eigen::Index(i)) = x.row(rows[i]);
+    const auto t0 = timings ? clock_type::now() : clock_type::time_point{};
     const Mat<S> ye = expert_mlp(w.experts[size_t(e)], xe);
+    if (timings) timings->push_back({e, int(rows.size()), seconds_since(t0)});
     for (size_t i = 0; i < rows.size(); ++i) out.row(rows[i]) += gate[i] * ye.row(Eigen::Index(i));
   }
   return out;
@@ -195,7 +205,8 @@ Mat<S> Model<S>::forward_native(std::span<const int32_t> tokens, Probe* probe) {
     const RouterOutput<S> r = route(*w, x);
     obs.router_seconds = seconds_since(t0);
     t0 = clock_type::now();
-    h += moe(*w, x, r);
+    std::vector<ExpertTiming> expert_times;  // filled only for a probe
+    h += moe(*w, x, r, probe ? &expert_times : nullptr);
     obs.experts_seconds = seconds_since(t0);
     if (probe) {
       const MatrixRF hidden = h.template cast<float>();
@@ -205,6 +216,7 @@ Mat<S> Model<S>::forward_native(std::span<const int32_t> tokens, Probe* probe) {
       obs.router_logits = cfg_.is_moe() ? &logits : nullptr;
       obs.experts = &r.experts;
       obs.gates = &gates;
+      obs.expert_timings = &expert_times;
       probe->on_layer(obs);
     }
   }

@@ -46,7 +46,9 @@ class Model final : public Engine {
   Mat<S> attention(int layer, const LayerWeights<S>& w, const Mat<S>& x, int start_pos);
   RouterOutput<S> route(const LayerWeights<S>& w, const Mat<S>& x) const;
   // The expert half of the MoE block needs no config: static, so benchmarks can run it on its own.
-  static Mat<S> moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r);
+  // With `timings`, each expert's MLP call is timed (for a Probe); without, nothing is measured.
+  static Mat<S> moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r,
+                    std::vector<ExpertTiming>* timings = nullptr);
   static Mat<S> expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x);
 
  private:

@@ -101,3 +101,67 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CpuEngine,
 
 }  // namespace
 }  // namespace moelab::test
+
+namespace moelab::test {
+namespace {
+
+// moelab quantize writes the transformers bnb-4bit layout; cpu-nf4 maps it and computes exactly what
+// it computes when it quantizes the float checkpoint itself (same codes, same absmax: bitwise equal).
+TEST(CpuEnginePrequantized, QuantizeRoundTripIsBitwiseIdentical) {
+  namespace fs = std::filesystem;
+  const auto src = model_dir("mixtral-8e-bf16-sharded");
+  const auto out = fs::temp_directory_path() / ("moelab-quantize-" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  const std::string cmd = std::string(MOELAB_BIN) + " quantize --model " + src + " --out " + out.string() +
+                          " --shard-size-mb 0.2 > /dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  EXPECT_TRUE(fs::exists(out / "model.safetensors.index.json"));  // 0.2 MiB shards force several files
+  const auto q = Checkpoint::open(out.string());
+  EXPECT_TRUE(q->config().quantization.nf4);
+  EXPECT_TRUE(q->config().quantization.double_quant);
+  const auto f = Checkpoint::open(src);
+  const auto tokens = read_i32(SafetensorsFile(src + "/expected.safetensors"), "tokens");
+  cpu::Nf4Engine mapped(*q), quantized_at_load(*f);
+  const MatrixRF a = mapped.forward(tokens), b = quantized_at_load.forward(tokens);
+  EXPECT_EQ((a - b).cwiseAbs().maxCoeff(), 0.0f);
+  EXPECT_THROW(ref::Model<float>{*q}, Error);  // the reference names cpu-nf4 instead of misreading
+  fs::remove_all(out);
+}
+
+TEST(CpuEnginePrequantized, CorruptQuantStateIsAClearError) {
+  namespace fs = std::filesystem;
+  const auto src = model_dir("mixtral-4e-gqa-f32");
+  const auto out = fs::temp_directory_path() / ("moelab-quantize-bad-" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  ASSERT_EQ(std::system((std::string(MOELAB_BIN) + " quantize --model " + src + " --out " + out.string() +
+                         " > /dev/null").c_str()), 0);
+  // Rewrite one weight's quant_state JSON with a wrong blocksize: it no longer matches absmax.
+  const auto path = (out / "model.safetensors").string();
+  std::vector<TensorToWrite> tensors;
+  {
+    SafetensorsFile file(path);
+    for (const auto& [name, info] : file.tensors()) {
+      auto bytes = file.bytes(info);
+      TensorToWrite t{name, info.dtype, info.shape, {bytes.begin(), bytes.end()}};
+      if (name == "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4") {
+        std::string json(reinterpret_cast<const char*>(t.data.data()), t.data.size());
+        json.replace(json.find("\"blocksize\": 64"), 15, "\"blocksize\": 32");
+        t.data.assign(reinterpret_cast<const std::byte*>(json.data()), reinterpret_cast<const std::byte*>(json.data()) + json.size());
+        t.shape = {int64_t(json.size())};
+      }
+      tensors.push_back(std::move(t));
+    }
+  }
+  write_safetensors(path, tensors);
+  const auto q = Checkpoint::open(out.string());
+  try {
+    cpu::Nf4Engine engine(*q);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.self_attn.q_proj.weight"), std::string::npos) << e.what();
+  }
+  fs::remove_all(out);
+}
+
+}  // namespace
+}  // namespace moelab::test

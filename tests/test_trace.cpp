@@ -1,1 +1,968 @@
-// placeholder: being written
+// Routing traces: float16 conversion, exact HDF5 round trips, appending and its refusals, crash safety
+// (writers killed mid-run by SIGKILL), traces through the reference engine against a direct forward,
+// trace inputs (JSONL) and their errors, the CLI, and the timing probe.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <hdf5.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <random>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "analysis/forward_record.hpp"
+#include "analysis/timing.hpp"
+#include "analysis/trace.hpp"
+#include "core/checkpoint.hpp"
+#include "core/error.hpp"
+#include "core/tokenizer.hpp"
+#include "fixture_util.hpp"
+#include "reference/model.hpp"
+
+namespace moelab::test {
+namespace {
+
+namespace fs = std::filesystem;
+using analysis::float_to_half;
+using analysis::half_to_float;
+using analysis::TraceData;
+using analysis::TraceHeader;
+using analysis::TraceWriter;
+using analysis::TraceWriterOptions;
+
+// ---------------------------------------------------------------------------------------------------
+// Helpers
+
+class TempDir {
+ public:
+  TempDir() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    path_ = fs::temp_directory_path() /
+            fmt_name("moelab-trace-" + std::to_string(::getpid()) + "-" + info->test_suite_name() + "-" + info->name());
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  static std::string fmt_name(std::string s) {
+    for (char& c : s)
+      if (c == '/') c = '_';
+    return s;
+  }
+  fs::path path_;
+};
+
+void write_text(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Expects `f` to throw moelab::Error whose message contains every needle.
+template <typename F>
+void expect_error(F&& f, const std::vector<std::string>& needles) {
+  try {
+    f();
+    ADD_FAILURE() << "no error thrown; expected one mentioning " << needles.front();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "missing '" << n << "' in: " << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
+  }
+}
+
+nlohmann::json small_config(int layers = 2, int experts = 4, int k = 2) {
+  return {{"architectures", {"MixtralForCausalLM"}}, {"hidden_size", 64},     {"num_hidden_layers", layers},
+          {"num_local_experts", experts},            {"num_experts_per_tok", k}, {"transformers_version", "4.57.3"}};
+}
+
+TraceHeader small_header(bool logits, std::vector<std::string> domains = {"a", "b"}, int layers = 2, int experts = 4,
+                         int k = 2) {
+  TraceHeader h;
+  h.model_config = small_config(layers, experts, k);
+  h.num_layers = layers;
+  h.top_k = k;
+  h.num_experts = experts;
+  h.engine = "ref";
+  h.tool_version = "test";
+  h.window = 128;
+  h.router_logits = logits;
+  h.domain_names = std::move(domains);
+  return h;
+}
+
+// One synthetic sequence, a deterministic function of its seed: distinct experts per (token, layer),
+// gates summing to 1, router logits over a wide range (including values that round in float16).
+struct Sequence {
+  int domain = 0;
+  std::vector<int32_t> tokens;
+  std::vector<uint8_t> experts;
+  std::vector<float> gates, logits;
+};
+
+Sequence make_sequence(uint64_t seed, int n, const TraceHeader& h, int domain) {
+  std::mt19937_64 rng(seed);
+  Sequence s;
+  s.domain = domain;
+  std::vector<int> ids(size_t(h.num_experts));
+  for (int t = 0; t < n; ++t) {
+    s.tokens.push_back(int32_t(rng() % 32000));
+    for (int l = 0; l < h.num_layers; ++l) {
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      float sum = 0;
+      std::vector<float> g;
+      for (int j = 0; j < h.top_k; ++j) g.push_back(float(rng() % 1000 + 1)), sum += g.back();
+      for (int j = 0; j < h.top_k; ++j) s.experts.push_back(uint8_t(ids[size_t(j)])), s.gates.push_back(g[size_t(j)] / sum);
+      if (h.router_logits)
+        for (int e = 0; e < h.num_experts; ++e)
+          s.logits.push_back(float(std::ldexp(double(int64_t(rng() % 2000001) - 1000000) / 1e6, int(rng() % 20) - 12)));
+    }
+  }
+  return s;
+}
+
+void add(TraceWriter& w, const Sequence& s) { w.add_sequence(s.domain, s.tokens, s.experts, s.gates, s.logits); }
+
+// The expected trace of a list of sequences.
+TraceData expected_trace(const std::vector<Sequence>& seqs, const TraceHeader& h) {
+  TraceData t;
+  t.num_layers = h.num_layers;
+  t.top_k = h.top_k;
+  t.num_experts = h.num_experts;
+  t.sequence_offsets = {0};
+  for (const auto& s : seqs) {
+    t.tokens.insert(t.tokens.end(), s.tokens.begin(), s.tokens.end());
+    t.experts.insert(t.experts.end(), s.experts.begin(), s.experts.end());
+    t.gates.insert(t.gates.end(), s.gates.begin(), s.gates.end());
+    for (float x : s.logits) t.router_logits.push_back(half_to_float(float_to_half(x)));
+    t.sequence_offsets.push_back(int64_t(t.tokens.size()));
+    t.sequence_domain.push_back(s.domain);
+  }
+  return t;
+}
+
+void expect_same_rows(const TraceData& got, const TraceData& want) {
+  EXPECT_EQ(got.num_layers, want.num_layers);
+  EXPECT_EQ(got.top_k, want.top_k);
+  EXPECT_EQ(got.num_experts, want.num_experts);
+  EXPECT_EQ(got.tokens, want.tokens);
+  EXPECT_EQ(got.sequence_offsets, want.sequence_offsets);
+  EXPECT_EQ(got.sequence_domain, want.sequence_domain);
+  EXPECT_EQ(got.experts, want.experts);
+  EXPECT_EQ(got.gates, want.gates);  // float32 stored as float32: bit for bit
+  ASSERT_EQ(got.router_logits.size(), want.router_logits.size());
+  for (size_t i = 0; i < got.router_logits.size(); ++i)
+    ASSERT_EQ(got.router_logits[i], want.router_logits[i]) << "router logit " << i;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// float16
+
+TEST(TraceHalf, EveryHalfSurvivesTheRoundTrip) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = half_to_float(uint16_t(h));
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(half_to_float(float_to_half(f)))) << h;
+      continue;
+    }
+    ASSERT_EQ(float_to_half(f), uint16_t(h)) << "half bits " << h << " value " << f;
+  }
+  EXPECT_EQ(half_to_float(0x3c00), 1.0f);
+  EXPECT_EQ(half_to_float(0x7bff), 65504.0f);
+  EXPECT_EQ(half_to_float(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
+  EXPECT_EQ(half_to_float(0x0400), std::ldexp(1.0f, -14));  // smallest normal
+  EXPECT_TRUE(std::isinf(half_to_float(0xfc00)) && half_to_float(0xfc00) < 0);
+}
+
+// Between every two neighbouring halves (subnormals, normals, and 65504 -> infinity): the midpoint goes
+// to the one with the even mantissa, anything off the midpoint to the nearer one. Midpoints of halves
+// are exact in float (12 significant bits).
+TEST(TraceHalf, RoundsToNearestEvenEverywhere) {
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    const uint16_t lo = uint16_t(h), hi = uint16_t(h + 1);  // hi may be 0x7c00 = infinity
+    const double a = half_to_float(lo);
+    const double b = hi == 0x7c00 ? 65536.0 : double(half_to_float(hi));  // where infinity "would" be
+    const float mid = float((a + b) / 2);
+    ASSERT_EQ(double(mid), (a + b) / 2);
+    const uint16_t even = (lo & 1) == 0 ? lo : hi;
+    ASSERT_EQ(float_to_half(mid), even) << "midpoint of " << a << " and " << b;
+    ASSERT_EQ(float_to_half(std::nextafter(mid, 0.0f)), lo) << "just below the midpoint of " << a << " and " << b;
+    ASSERT_EQ(float_to_half(std::nextafter(mid, 1e9f)), hi) << "just above the midpoint of " << a << " and " << b;
+    ASSERT_EQ(float_to_half(-mid), uint16_t(even | 0x8000)) << "negative midpoint";
+  }
+  EXPECT_EQ(float_to_half(1e9f), 0x7c00);
+  EXPECT_EQ(float_to_half(-std::numeric_limits<float>::infinity()), 0xfc00);
+  EXPECT_EQ(float_to_half(1e-9f), 0x0000);  // below half the smallest subnormal
+  EXPECT_EQ(float_to_half(-0.0f), 0x8000);
+  EXPECT_TRUE(std::isnan(half_to_float(float_to_half(std::numeric_limits<float>::quiet_NaN()))));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Writing and reading
+
+TEST(TraceFile, RoundTripIsExact) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(/*logits=*/true, {"code", "law", "math"});
+  std::vector<Sequence> seqs;
+  // Lengths around the chunk (32) and flush (50) sizes, so rows span chunks and flushes.
+  const int lengths[] = {1, 31, 32, 33, 7, 64, 100, 5};
+  for (int i = 0; i < 8; ++i) seqs.push_back(make_sequence(100 + i, lengths[i], h, i % 3));
+  seqs[3].domain = -1;  // unlabeled
+  {
+    TraceWriter w(path, h, TraceWriterOptions{.flush_tokens = 50, .chunk_tokens = 32});
+    EXPECT_FALSE(w.appended());
+    for (const auto& s : seqs) add(w, s);
+    EXPECT_EQ(w.sequences_written(), 8);
+    w.close();
+  }
+  const auto got = analysis::read_trace(path);
+  expect_same_rows(got, expected_trace(seqs, h));
+  EXPECT_EQ(got.domain_names, (std::vector<std::string>{"code", "law", "math"}));
+  EXPECT_TRUE(got.has_router_logits());
+
+  // The stored float16 is the nearest half: within half an ulp of the float32 logit, in double.
+  size_t i = 0;
+  for (const auto& s : seqs)
+    for (float x : s.logits) {
+      const double got_x = got.router_logits[i++];
+      const int exp = std::max(std::ilogb(x), -14);                 // subnormals share 2^-14's ulp
+      EXPECT_LE(std::abs(got_x - double(x)), std::ldexp(1.0, exp - 11)) << x;  // half ulp = 2^(e-10) / 2
+    }
+
+  const auto& a = got.attributes;
+  EXPECT_EQ(a["tool"], "moelab");
+  EXPECT_EQ(a["tool_version"], "test");
+  EXPECT_EQ(a["engine"], "ref");
+  EXPECT_EQ(a["num_layers"], 2);
+  EXPECT_EQ(a["top_k"], 2);
+  EXPECT_EQ(a["num_experts"], 4);
+  EXPECT_EQ(a["window"], 128);
+  EXPECT_EQ(a["model_config"], h.model_config);
+  EXPECT_TRUE(std::regex_match(a["created"].get<std::string>(), std::regex(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")))
+      << a["created"];
+  ASSERT_TRUE(a["runs"].is_array());
+  EXPECT_EQ(a["runs"].size(), 1u);
+}
+
+// The layout as plain HDF5 sees it: names, types, chunking, compression (independent of our reader).
+TEST(TraceFile, LayoutMatchesTheDesign) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(true);
+  {
+    TraceWriter w(path, h, TraceWriterOptions{.chunk_tokens = 4096});
+    add(w, make_sequence(1, 10, h, 0));
+  }
+  const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0) << "a cleanly closed trace opens as a plain HDF5 file";
+  struct Want {
+    const char* name;
+    H5T_class_t cls;
+    size_t size;
+    int rank;
+  } wants[] = {{"tokens", H5T_INTEGER, 4, 1},       {"sequence_offsets", H5T_INTEGER, 8, 1},
+               {"sequence_domain", H5T_INTEGER, 4, 1}, {"experts", H5T_INTEGER, 1, 3},
+               {"gates", H5T_FLOAT, 4, 3},          {"router_logits", H5T_FLOAT, 2, 3}};
+  for (const auto& w : wants) {
+    const hid_t d = H5Dopen2(f, w.name, H5P_DEFAULT);
+    ASSERT_GE(d, 0) << w.name;
+    const hid_t t = H5Dget_type(d), s = H5Dget_space(d), p = H5Dget_create_plist(d);
+    EXPECT_EQ(H5Tget_class(t), w.cls) << w.name;
+    EXPECT_EQ(H5Tget_size(t), w.size) << w.name;
+    EXPECT_EQ(H5Sget_simple_extent_ndims(s), w.rank) << w.name;
+    hsize_t dims[3], maxdims[3];
+    H5Sget_simple_extent_dims(s, dims, maxdims);
+    EXPECT_EQ(maxdims[0], H5S_UNLIMITED) << w.name;
+    EXPECT_EQ(H5Pget_layout(p), H5D_CHUNKED) << w.name;
+    // Filters in order: shuffle, then deflate level 4.
+    ASSERT_EQ(H5Pget_nfilters(p), 2) << w.name;
+    unsigned flags = 0, cd[4] = {};
+    size_t ncd = 4;
+    EXPECT_EQ(H5Pget_filter2(p, 0, &flags, &ncd, cd, 0, nullptr, nullptr), H5Z_FILTER_SHUFFLE) << w.name;
+    ncd = 4;
+    EXPECT_EQ(H5Pget_filter2(p, 1, &flags, &ncd, cd, 0, nullptr, nullptr), H5Z_FILTER_DEFLATE) << w.name;
+    EXPECT_EQ(cd[0], 4u) << w.name;
+    if (std::string(w.name) == "router_logits") {  // IEEE binary16 fields
+      size_t spos, epos, esize, mpos, msize;
+      H5Tget_fields(t, &spos, &epos, &esize, &mpos, &msize);
+      EXPECT_EQ(spos, 15u);
+      EXPECT_EQ(epos, 10u);
+      EXPECT_EQ(esize, 5u);
+      EXPECT_EQ(mpos, 0u);
+      EXPECT_EQ(msize, 10u);
+      EXPECT_EQ(H5Tget_ebias(t), 15u);
+      EXPECT_EQ(dims[1], 2u);
+      EXPECT_EQ(dims[2], 4u);
+    }
+    if (std::string(w.name) == "experts") {
+      EXPECT_EQ(H5Tget_sign(t), H5T_SGN_NONE);
+      hsize_t chunk[3];
+      H5Pget_chunk(p, 3, chunk);
+      EXPECT_EQ(chunk[0], 4096u);
+    }
+    H5Pclose(p), H5Sclose(s), H5Tclose(t), H5Dclose(d);
+  }
+  H5Fclose(f);
+}
+
+TEST(TraceFile, WithoutRouterLogitsThereIsNoDataset) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(false);
+  const auto s = make_sequence(7, 20, h, 1);
+  {
+    TraceWriter w(path, h);
+    add(w, s);
+  }  // the destructor flushes and closes
+  const auto got = analysis::read_trace(path);
+  EXPECT_FALSE(got.has_router_logits());
+  expect_same_rows(got, expected_trace({s}, h));
+}
+
+TEST(TraceFile, BadSequencesAreRefused) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(true);
+  TraceWriter w(path, h);
+  auto s = make_sequence(1, 4, h, 0);
+  expect_error([&] { w.add_sequence(0, s.tokens, s.experts, s.gates, {}); }, {path, "router logits"});
+  expect_error([&] { w.add_sequence(2, s.tokens, s.experts, s.gates, s.logits); }, {path, "domain index 2"});
+  s.experts[3] = 4;
+  expect_error([&] { add(w, s); }, {path, "expert id 4"});
+  const auto long_one = make_sequence(2, 129, h, 0);
+  expect_error([&] { add(w, long_one); }, {path, "longer than the window of 128"});
+  expect_error([&] { w.domain_id("nope"); }, {"nope"});
+  EXPECT_EQ(w.domain_id("b"), 1);
+  EXPECT_EQ(w.domain_id(""), -1);
+}
+
+TEST(TraceFile, ReadErrorsNameTheFile) {
+  TempDir tmp;
+  expect_error([&] { analysis::read_trace(tmp.file("absent.h5")); }, {tmp.file("absent.h5")});
+  write_text(tmp.file("text.h5"), "not hdf5");
+  expect_error([&] { analysis::read_trace(tmp.file("text.h5")); }, {tmp.file("text.h5"), "not an HDF5 file"});
+  // An HDF5 file that is not a trace.
+  const hid_t f = H5Fcreate(tmp.file("empty.h5").c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  H5Fclose(f);
+  expect_error([&] { analysis::read_trace(tmp.file("empty.h5")); }, {tmp.file("empty.h5"), "not a moelab trace"});
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Appending
+
+TEST(TraceAppend, SecondRunIsConcatenated) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  auto h1 = small_header(true, {"a", "b"});
+  const std::vector<Sequence> run1{make_sequence(1, 10, h1, 0), make_sequence(2, 5, h1, 1)};
+  {
+    TraceWriter w(path, h1);
+    for (const auto& s : run1) add(w, s);
+  }
+  // Another engine, a longer window, domains b (already there) and c (new); a volatile config field differs.
+  auto h2 = small_header(true, {"b", "c"});
+  h2.engine = "cpu-nf4";
+  h2.window = 256;
+  h2.model_config["transformers_version"] = "9.9.9";
+  std::vector<Sequence> run2;
+  {
+    TraceWriter w(path, h2);
+    EXPECT_TRUE(w.appended());
+    EXPECT_FALSE(w.recovered());
+    EXPECT_EQ(w.tokens_before(), 15);
+    EXPECT_EQ(w.sequences_before(), 2);
+    EXPECT_EQ(w.domain_id("b"), 1);  // the file's index, not this run's
+    EXPECT_EQ(w.domain_id("c"), 2);
+    run2 = {make_sequence(3, 7, h2, w.domain_id("c")), make_sequence(4, 3, h2, w.domain_id("b"))};
+    for (const auto& s : run2) add(w, s);
+  }
+  auto all = run1;
+  all.insert(all.end(), run2.begin(), run2.end());
+  const auto got = analysis::read_trace(path);
+  expect_same_rows(got, expected_trace(all, h1));
+  EXPECT_EQ(got.sequence_offsets, (std::vector<int64_t>{0, 10, 15, 22, 25}));
+  EXPECT_EQ(got.domain_names, (std::vector<std::string>{"a", "b", "c"}));
+  EXPECT_EQ(got.attributes["engine"], "ref,cpu-nf4");
+  EXPECT_EQ(got.attributes["window"], 256);
+  EXPECT_EQ(got.attributes["model_config"]["transformers_version"], "4.57.3");  // the creating run's
+  const auto& runs = got.attributes["runs"];
+  ASSERT_EQ(runs.size(), 2u);
+  EXPECT_EQ(runs[1]["engine"], "cpu-nf4");
+  EXPECT_EQ(runs[1]["first_token"], 15);
+  EXPECT_EQ(runs[1]["first_sequence"], 2);
+}
+
+TEST(TraceAppend, AnotherModelIsRefusedAndTheFileKept) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(true);
+  {
+    TraceWriter w(path, h);
+    add(w, make_sequence(1, 9, h, 0));
+  }
+  auto more_experts = small_header(true, {"a"}, 2, 8, 2);
+  expect_error([&] { TraceWriter w(path, more_experts); }, {path, "another model", "num_experts is 4 in the file, 8 here"});
+  auto more_layers = small_header(true, {"a"}, 3, 4, 2);
+  expect_error([&] { TraceWriter w(path, more_layers); }, {path, "num_layers"});
+  auto wider = small_header(true);
+  wider.model_config["hidden_size"] = 128;  // same shape of trace, another model
+  expect_error([&] { TraceWriter w(path, wider); }, {path, "another model", "'hidden_size' is 64 in the file, 128 here"});
+  auto no_logits = small_header(false);
+  expect_error([&] { TraceWriter w(path, no_logits); }, {path, "with router logits"});
+  const auto got = analysis::read_trace(path);  // untouched, and no longer locked
+  EXPECT_EQ(got.num_tokens(), 9);
+  EXPECT_EQ(got.attributes["runs"].size(), 1u);
+}
+
+TEST(TraceAppend, NonTraceFilesAreNeverOverwritten) {
+  TempDir tmp;
+  const auto text = tmp.file("notes.h5");
+  write_text(text, "my notes");
+  expect_error([&] { TraceWriter w(text, small_header(false)); }, {text, "not an HDF5 file"});
+  EXPECT_EQ(slurp(text), "my notes");
+  const auto other = tmp.file("other.h5");
+  H5Fclose(H5Fcreate(other.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
+  expect_error([&] { TraceWriter w(other, small_header(false)); }, {other, "not a moelab trace"});
+}
+
+TEST(TraceAppend, OneWriterAtATime) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  TraceWriter first(path, small_header(false));
+  expect_error([&] { TraceWriter second(path, small_header(false)); }, {path, "another process is writing"});
+  first.close();
+}
+
+// Rows past the last sequence offset (as a writer that died mid-flush leaves them) are invisible to the
+// reader and dropped by the next append.
+TEST(TraceAppend, UncommittedRowsAreIgnoredThenDropped) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(false);
+  const auto s1 = make_sequence(1, 6, h, 0);
+  {
+    TraceWriter w(path, h);
+    add(w, s1);
+  }
+  {  // three more rows in every row dataset, no new offset
+    const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    for (const char* name : {"tokens", "experts", "gates"}) {
+      const hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+      hsize_t dims[3];
+      const hid_t s = H5Dget_space(d);
+      const int rank = H5Sget_simple_extent_dims(s, dims, nullptr);
+      dims[0] += 3;
+      ASSERT_GE(H5Dset_extent(d, dims), 0);
+      (void)rank;
+      H5Sclose(s), H5Dclose(d);
+    }
+    H5Fclose(f);
+  }
+  EXPECT_EQ(analysis::read_trace(path).num_tokens(), 6);
+  const auto s2 = make_sequence(2, 4, h, 1);
+  {
+    TraceWriter w(path, h);
+    EXPECT_EQ(w.dropped_tokens(), 3);
+    add(w, s2);
+  }
+  expect_same_rows(analysis::read_trace(path), expected_trace({s1, s2}, h));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Crash safety
+
+bool plain_hdf5_open_works(const std::string& path) {
+  H5E_auto2_t func;
+  void* data;
+  H5Eget_auto2(H5E_DEFAULT, &func, &data);
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (f >= 0) H5Fclose(f);
+  H5Eset_auto2(H5E_DEFAULT, func, data);
+  return f >= 0;
+}
+
+// Sequence i of the crash tests: 1 + (i * 37) % 90 tokens, so flushes cross chunk boundaries unevenly.
+Sequence crash_sequence(int i, const TraceHeader& h) { return make_sequence(uint64_t(1000 + i), 1 + (i * 37) % 90, h, i % 2); }
+
+void expect_prefix_of_crash_sequences(const TraceData& got, int64_t sequences, const TraceHeader& h) {
+  std::vector<Sequence> want;
+  for (int i = 0; i < sequences; ++i) want.push_back(crash_sequence(i, h));
+  expect_same_rows(got, expected_trace(want, h));
+}
+
+// When MOELAB_TRACE_KEEP_DIR is set (by the h5py check in ctest, tests/h5py_read_trace.py), a copy of
+// a crashed trace, NAME.h5, is left there with NAME.json: the facts a reader must find in it.
+void keep_for_h5py(const std::string& path, const TraceData& got, const std::string& name) {
+  const char* dir = std::getenv("MOELAB_TRACE_KEEP_DIR");
+  if (!dir) return;
+  fs::copy_file(path, fs::path(dir) / (name + ".h5"), fs::copy_options::overwrite_existing);
+  const size_t lk = size_t(got.num_layers) * size_t(got.top_k), rows = std::min<size_t>(3, got.tokens.size());
+  nlohmann::json j;
+  j["crashed"] = true;
+  j["num_layers"] = got.num_layers;
+  j["top_k"] = got.top_k;
+  j["num_experts"] = got.num_experts;
+  j["router_logits"] = got.has_router_logits();
+  j["sequence_offsets"] = got.sequence_offsets;
+  j["sequence_domain"] = got.sequence_domain;
+  j["domain_names"] = got.domain_names;
+  j["tokens"] = got.tokens;
+  j["experts_first_rows"] = std::vector<int>(got.experts.begin(), got.experts.begin() + int64_t(rows * lk));
+  j["gates_first_rows"] = std::vector<float>(got.gates.begin(), got.gates.begin() + int64_t(rows * lk));
+  // The float32 logits that went in for token 0 (the file holds their float16 rounding).
+  const auto s0 = crash_sequence(0, small_header(true));
+  j["router_logits_row0_float32"] =
+      std::vector<float>(s0.logits.begin(), s0.logits.begin() + got.num_layers * got.num_experts);
+  std::ofstream(fs::path(dir) / (name + ".json")) << j.dump(1);
+}
+
+// A writer flushes 10 sequences, buffers 5 more, and dies without closing: the file holds exactly the
+// 10, is readable by us and by any SWMR reader, refuses plain readers until repaired, and can be
+// appended to.
+TEST(TraceCrash, DeathAfterFlushKeepsEveryFlushedSequence) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(true);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    try {
+      TraceWriter w(path, h, TraceWriterOptions{.flush_tokens = 1 << 30, .flush_seconds = 1e9, .chunk_tokens = 64});
+      for (int i = 0; i < 10; ++i) add(w, crash_sequence(i, h));
+      w.flush();
+      for (int i = 10; i < 15; ++i) add(w, crash_sequence(i, h));
+      ::kill(::getpid(), SIGKILL);  // no destructors, no close
+    } catch (...) {
+    }
+    ::_exit(3);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "the writer should have been killed";
+
+  const auto got = analysis::read_trace(path);
+  EXPECT_EQ(got.num_sequences(), 10);
+  expect_prefix_of_crash_sequences(got, 10, h);
+  keep_for_h5py(path, got, "crashed");
+  // What HDF5 1.10 does with a dead SWMR writer's file: plain opens are refused (h5py needs swmr=True)...
+  EXPECT_FALSE(plain_hdf5_open_works(path));
+  // ... until it is repaired (or appended to).
+  EXPECT_EQ(analysis::repair_trace(path), 0);
+  EXPECT_TRUE(plain_hdf5_open_works(path));
+  expect_prefix_of_crash_sequences(analysis::read_trace(path), 10, h);
+}
+
+TEST(TraceCrash, AppendingToACrashedTraceRecovers) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(true);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    try {
+      TraceWriter w(path, h, TraceWriterOptions{.flush_tokens = 1 << 30, .flush_seconds = 1e9});
+      for (int i = 0; i < 4; ++i) add(w, crash_sequence(i, h));
+      w.flush();
+      add(w, crash_sequence(4, h));
+      ::_exit(0);  // dies without closing
+    } catch (...) {
+    }
+    ::_exit(3);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  ASSERT_FALSE(plain_hdf5_open_works(path));
+  {
+    TraceWriter w(path, h);
+    EXPECT_TRUE(w.recovered());
+    EXPECT_EQ(w.sequences_before(), 4);
+    for (int i = 4; i < 6; ++i) add(w, crash_sequence(i, h));
+  }
+  EXPECT_TRUE(plain_hdf5_open_works(path));
+  expect_prefix_of_crash_sequences(analysis::read_trace(path), 6, h);
+}
+
+// Writers killed at arbitrary moments while flushing after every sequence (so the kill usually lands
+// inside HDF5): every trial's file opens and holds exactly the sequences committed before the kill,
+// bit for bit. The child reports each committed count on a pipe; it may die between committing and
+// reporting, so the file holds the last reported count or one more.
+TEST(TraceCrash, KilledAtRandomMomentsTheFileStaysConsistent) {
+  TempDir tmp;
+  const auto h = small_header(true);
+  std::mt19937 rng(42);
+  int killed_mid_flush = 0;  // trials whose file had rows past the last offset (informational)
+  for (int trial = 0; trial < 6; ++trial) {
+    const auto path = tmp.file("t" + std::to_string(trial) + ".h5");
+    int fds[2];
+    ASSERT_EQ(::pipe(fds), 0);
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ::close(fds[0]);
+      try {
+        TraceWriter w(path, h, TraceWriterOptions{.flush_tokens = 1, .chunk_tokens = 64});
+        for (int i = 0;; ++i) {
+          add(w, crash_sequence(i, h));  // flushes: committed
+          const int32_t committed = i + 1;
+          if (::write(fds[1], &committed, sizeof committed) != sizeof committed) break;
+        }
+      } catch (...) {
+      }
+      ::_exit(3);
+    }
+    ::close(fds[1]);
+    const int wait_for = 3 + trial * 7;
+    int32_t last = 0;
+    while (last < wait_for && ::read(fds[0], &last, sizeof last) == sizeof last) {
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 3000));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    int32_t v;
+    while (::read(fds[0], &v, sizeof v) == sizeof v) last = v;  // reports written before the kill
+    ::close(fds[0]);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "trial " << trial << ": the writer ended on its own";
+
+    TraceData got;
+    ASSERT_NO_THROW(got = analysis::read_trace(path)) << "trial " << trial;
+    EXPECT_GE(got.num_sequences(), last) << "trial " << trial;
+    EXPECT_LE(got.num_sequences(), last + 1) << "trial " << trial;
+    expect_prefix_of_crash_sequences(got, got.num_sequences(), h);
+    if (trial == 5) keep_for_h5py(path, got, "killed");
+    // And it can be continued.
+    {
+      TraceWriter w(path, h);
+      EXPECT_TRUE(w.recovered());
+      if (w.dropped_tokens() > 0) ++killed_mid_flush;
+      add(w, crash_sequence(int(got.num_sequences()), h));
+    }
+    expect_prefix_of_crash_sequences(analysis::read_trace(path), got.num_sequences() + 1, h);
+  }
+  std::printf("[ info     ] %d of 6 kills left uncommitted rows past the last offset\n", killed_mid_flush);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Through the reference engine
+
+struct Fixture {
+  std::unique_ptr<Checkpoint> ck;
+  std::unique_ptr<ref::Model<float>> engine;
+  explicit Fixture(const std::string& name) : ck(Checkpoint::open(model_dir(name))), engine(std::make_unique<ref::Model<float>>(*ck)) {}
+};
+
+// The routing a trace records for a window is what a direct forward of that window reports.
+void expect_window_matches_forward(const TraceData& got, int64_t seq, Engine& engine, bool logits) {
+  const int64_t a = got.sequence_offsets[size_t(seq)], b = got.sequence_offsets[size_t(seq) + 1];
+  const std::vector<int32_t> ids(got.tokens.begin() + a, got.tokens.begin() + b);
+  engine.reset();
+  const auto rec = analysis::ForwardRecord::run(engine, ids);
+  for (int64_t t = a; t < b; ++t)
+    for (int l = 0; l < got.num_layers; ++l) {
+      for (int j = 0; j < got.top_k; ++j) {
+        ASSERT_EQ(int(got.expert(t, l, j)), rec.layers[size_t(l)].experts(t - a, j)) << "token " << t << " layer " << l;
+        ASSERT_EQ(got.gate(t, l, j), rec.layers[size_t(l)].gates(t - a, j)) << "token " << t << " layer " << l;
+      }
+      if (!logits) continue;
+      for (int e = 0; e < got.num_experts; ++e)
+        ASSERT_EQ(got.router_logit(t, l, e), half_to_float(float_to_half((*rec.layers[size_t(l)].router_logits)(t - a, e))));
+    }
+}
+
+TEST(TraceEngine, RecordedRoutingEqualsADirectForward) {
+  TempDir tmp;
+  Fixture fx("mixtral-4e-gqa-f32");
+  const auto& cfg = fx.ck->config();
+  const Tokenizer tok(fx.ck->tokenizer_path());
+  const auto ids = tok.encode("The license grants permission to copy, modify and distribute the software.", true);
+  ASSERT_GT(ids.size(), 12u);
+  TraceHeader h = small_header(true, {"law"});
+  h.num_layers = cfg.num_layers, h.top_k = cfg.top_k, h.num_experts = cfg.num_experts;
+  const auto path = tmp.file("t.h5");
+  {
+    TraceWriter w(path, h);
+    // Two windows of one text: [0, 9) and [9, n), each from an empty cache.
+    for (auto [a, b] : {std::pair<size_t, size_t>{0, 9}, {9, ids.size()}}) {
+      const std::vector<int32_t> win(ids.begin() + int64_t(a), ids.begin() + int64_t(b));
+      const auto r = analysis::route_window(*fx.engine, win, true);
+      w.add_sequence(0, win, r.experts, r.gates, r.router_logits);
+    }
+  }
+  const auto got = analysis::read_trace(path);
+  ASSERT_EQ(got.num_sequences(), 2);
+  EXPECT_EQ(got.tokens, ids);
+  for (int64_t s = 0; s < 2; ++s) expect_window_matches_forward(got, s, *fx.engine, true);
+  // Not all tokens choose the same experts (the check above would be weak otherwise).
+  std::set<int> first_choices;
+  for (int64_t t = 0; t < got.num_tokens(); ++t) first_choices.insert(got.expert(t, 0, 0));
+  EXPECT_GT(first_choices.size(), 1u);
+}
+
+TEST(TraceEngine, DenseModelHasOneExpertAndNoRouterLogits) {
+  Fixture fx("mistral-dense");
+  const std::vector<int32_t> ids{1, 10, 20, 30};
+  const auto r = analysis::route_window(*fx.engine, ids, false);
+  EXPECT_EQ(r.experts, std::vector<uint8_t>(4 * size_t(fx.ck->config().num_layers), 0));
+  EXPECT_EQ(r.gates, std::vector<float>(4 * size_t(fx.ck->config().num_layers), 1.0f));
+  expect_error([&] { analysis::route_window(*fx.engine, ids, true); }, {"router logits"});
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Inputs
+
+TEST(TraceInputs, PlainFilesAndJsonl) {
+  TempDir tmp;
+  write_text(tmp.file("gpl.txt"), "whole file\nis one text\n");
+  write_text(tmp.file("mix.jsonl"), "{\"text\": \"a\", \"domain\": \"code\"}\r\n\n  \n{\"text\": \"b\"}\n{\"text\": \"c\", \"domain\": null}");
+  auto t = analysis::read_trace_inputs({tmp.file("gpl.txt"), tmp.file("mix.jsonl")}, {});
+  ASSERT_EQ(t.size(), 4u);
+  EXPECT_EQ(t[0].text, "whole file\nis one text\n");
+  EXPECT_EQ(t[0].domain, "gpl");  // the stem
+  EXPECT_EQ(t[1].text, "a");
+  EXPECT_EQ(t[1].domain, "code");  // the record's own
+  EXPECT_EQ(t[1].source, tmp.file("mix.jsonl") + ":1");
+  EXPECT_EQ(t[2].domain, "mix");
+  EXPECT_EQ(t[2].source, tmp.file("mix.jsonl") + ":4");  // blank lines counted, skipped
+  EXPECT_EQ(t[3].domain, "mix");
+  t = analysis::read_trace_inputs({tmp.file("gpl.txt"), tmp.file("mix.jsonl")}, {"legal", "misc"});
+  EXPECT_EQ(t[0].domain, "legal");
+  EXPECT_EQ(t[1].domain, "code");
+  EXPECT_EQ(t[2].domain, "misc");
+}
+
+TEST(TraceInputs, ErrorsNameFileAndLine) {
+  TempDir tmp;
+  const auto f = tmp.file("bad.jsonl");
+  const auto check = [&](const std::string& content, const std::vector<std::string>& needles) {
+    write_text(f, content);
+    expect_error([&] { analysis::read_trace_inputs({f}, {}); }, needles);
+  };
+  check("{\"text\": \"ok\"}\n{\"text\": \"unterminated}\n", {f + ":2", "not valid JSON"});
+  check("{\"text\": \"ok\"}\n\n{\"domain\": \"x\"}\n", {f + ":3", "no \"text\""});
+  check("[1, 2]\n", {f + ":1", "JSON object"});
+  check("{\"text\": 5}\n", {f + ":1", "\"text\" must be a string"});
+  check("{\"text\": \"a\", \"domain\": 3}\n", {f + ":1", "\"domain\" must be a string"});
+  expect_error([&] { analysis::read_trace_inputs({tmp.file("absent.txt")}, {}); }, {tmp.file("absent.txt"), "cannot open"});
+  write_text(tmp.file("a.txt"), "x");
+  expect_error([&] { analysis::read_trace_inputs({tmp.file("a.txt"), tmp.file("a.txt")}, {"one"}); },
+               {"1 --domain", "2 --input"});
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The CLI
+
+struct CliRun {
+  int exit_code;
+  std::string out, err;
+};
+
+CliRun moelab(const TempDir& tmp, const std::string& args) {
+  const auto out = tmp.file("stdout.txt"), err = tmp.file("stderr.txt");
+  const std::string cmd = std::string(MOELAB_BIN) + " " + args + " >" + out + " 2>" + err;
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+}
+
+void expect_one_line_error(const CliRun& r, const std::vector<std::string>& needles) {
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(r.err.rfind("moelab: error: ", 0), 0u) << r.err;
+  for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in: " << r.err;
+}
+
+// `moelab trace` cuts each text (with BOS) into windows, labels them, and records what a direct forward
+// of each window reports; a second run appends; --timings writes the JSON next to the trace.
+TEST(TraceCli, WindowsDomainsAppendAndTimings) {
+  TempDir tmp;
+  const auto model = model_dir("mixtral-4e-gqa-f32");
+  const std::string text = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.";
+  write_text(tmp.file("mit.txt"), text);
+  write_text(tmp.file("more.jsonl"), "{\"text\": \"int main() { return 0; }\", \"domain\": \"code\"}\n");
+  const auto out = tmp.file("t.h5");
+  auto r = moelab(tmp, fmt::format("trace --model {} --input {} --domain license --out {} --window 16 --router-logits "
+                                   "--timings",
+                                   model, tmp.file("mit.txt"), out));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("wrote " + out), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("attention ms"), std::string::npos) << r.out;
+  const auto timings = nlohmann::json::parse(slurp(tmp.file("t.timings.json")));
+  EXPECT_EQ(timings["format"], "moelab-timings-v1");
+  EXPECT_EQ(timings["phases"]["trace"]["layers"].size(), 2u);
+
+  const auto ck = Checkpoint::open(model);
+  const auto ids = Tokenizer(ck->tokenizer_path()).encode(text, true);
+  auto got = analysis::read_trace(out);
+  EXPECT_EQ(got.tokens, ids);
+  ASSERT_EQ(got.num_sequences(), int64_t((ids.size() + 15) / 16));
+  for (int64_t s = 0; s + 1 < got.num_sequences(); ++s) EXPECT_EQ(got.sequence_offsets[size_t(s) + 1], 16 * (s + 1));
+  EXPECT_EQ(got.domain_names, std::vector<std::string>{"license"});
+  ref::Model<float> engine(*ck);
+  for (int64_t s = 0; s < got.num_sequences(); ++s) expect_window_matches_forward(got, s, engine, true);
+
+  r = moelab(tmp, fmt::format("trace --model {} --input {} --out {} --router-logits --max-tokens 5", model,
+                              tmp.file("more.jsonl"), out));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("appended to " + out), std::string::npos) << r.out;
+  got = analysis::read_trace(out);
+  EXPECT_EQ(got.num_tokens(), int64_t(ids.size()) + 5);  // --max-tokens cut the second run
+  EXPECT_EQ(got.domain_names, (std::vector<std::string>{"license", "code"}));
+  EXPECT_EQ(got.sequence_domain.back(), 1);
+}
+
+TEST(TraceCli, BadInputsAreOneLineErrors) {
+  TempDir tmp;
+  const auto model = model_dir("mixtral-4e-gqa-f32");
+  write_text(tmp.file("bad.jsonl"), "{\"text\": \"fine\"}\n{\"txt\": \"oops\"}\n");
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --out {}", model, tmp.file("bad.jsonl"),
+                                                tmp.file("t.h5"))),
+                        {tmp.file("bad.jsonl") + ":2", "text"});
+  EXPECT_FALSE(fs::exists(tmp.file("t.h5"))) << "nothing is written when the inputs are bad";
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --out {}", model, tmp.file("nope.txt"),
+                                                tmp.file("t.h5"))),
+                        {tmp.file("nope.txt")});
+  write_text(tmp.file("a.txt"), "hello");
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --domain x --domain y --out {}", model,
+                                                tmp.file("a.txt"), tmp.file("t.h5"))),
+                        {"2 --domain", "1 --input"});
+  // A trace of one model, then an append with another.
+  ASSERT_EQ(moelab(tmp, fmt::format("trace --model {} --input {} --out {}", model, tmp.file("a.txt"), tmp.file("t.h5"))).exit_code, 0);
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --out {}", model_dir("mixtral-8e-bf16-sharded"),
+                                                tmp.file("a.txt"), tmp.file("t.h5"))),
+                        {tmp.file("t.h5"), "another model"});
+  EXPECT_EQ(analysis::read_trace(tmp.file("t.h5")).num_sequences(), 1);
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --out {} --router-logits",
+                                                model_dir("mistral-dense"), tmp.file("a.txt"), tmp.file("d.h5"))),
+                        {"--router-logits", "MoE"});
+}
+
+TEST(TraceCli, ProfilePrintsPrefillAndDecode) {
+  TempDir tmp;
+  const auto r = moelab(tmp, fmt::format("profile --model {} --tokens 20 --decode 3 --repeat 2 --json {}",
+                                         model_dir("mixtral-4e-gqa-f32"), tmp.file("p.json")));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("prefill: 2 calls, 40 tokens"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("decode: 6 calls, 6 tokens"), std::string::npos) << r.out;
+  const auto j = nlohmann::json::parse(slurp(tmp.file("p.json")));
+  EXPECT_EQ(j["phases"]["prefill"]["tokens"], 40);
+  EXPECT_EQ(j["phases"]["decode"]["calls"], 6);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Timing
+
+TEST(TraceTiming, SumsStagesExpertsAndBuckets) {
+  analysis::TimingProbe p("test");
+  MatrixRF unused(1, 1);
+  for (int call = 0; call < 2; ++call) {
+    std::vector<ExpertTiming> ex{{0, 1, 0.001}, {2, 3, 0.003}, {3, 4, 0.004}};
+    for (int l = 0; l < 2; ++l) {
+      LayerObservation o;
+      o.layer = l;
+      o.attention_seconds = 0.010 * (l + 1);
+      o.router_seconds = 0.001;
+      o.experts_seconds = 0.009;
+      o.expert_timings = l == 0 ? &ex : nullptr;  // an engine may time experts in some layers only
+      p.on_layer(o);
+    }
+    p.on_logits(unused, 0.005);
+    p.add_call(4, 0.1);
+  }
+  const auto& r = p.report();
+  EXPECT_EQ(r.calls, 2);
+  EXPECT_EQ(r.tokens, 8);
+  ASSERT_EQ(r.layers.size(), 2u);
+  EXPECT_DOUBLE_EQ(r.layers[1].attention, 0.040);
+  EXPECT_DOUBLE_EQ(r.stage_totals().experts, 0.036);
+  EXPECT_DOUBLE_EQ(r.lm_head, 0.010);
+  EXPECT_NEAR(r.timed_seconds(), 0.060 + 0.004 + 0.036 + 0.010, 1e-12);
+  EXPECT_DOUBLE_EQ(r.reference_seconds(), 0.2);
+  ASSERT_TRUE(r.has_expert_times);
+  EXPECT_EQ(r.experts[0][2].calls, 2);
+  EXPECT_EQ(r.experts[0][2].tokens, 6);
+  EXPECT_DOUBLE_EQ(r.experts[0][3].seconds, 0.008);
+  EXPECT_EQ(r.experts[0][1].calls, 0);  // expert 1 never ran
+  // Buckets: 1 token -> [1,1]; 3 -> [2,3]; 4 -> [4,7].
+  ASSERT_EQ(r.by_token_count.size(), 3u);
+  EXPECT_EQ(r.by_token_count[1].min_tokens, 2);
+  EXPECT_EQ(r.by_token_count[1].max_tokens, 3);
+  EXPECT_EQ(r.by_token_count[1].calls, 2);
+  EXPECT_EQ(r.by_token_count[2].tokens, 8);
+
+  const auto j = r.to_json();
+  EXPECT_NEAR(j["stages"]["other"].get<double>(), 0.2 - 0.110, 1e-12);
+  EXPECT_EQ(j["experts"].size(), 3u);  // experts that ran, in layer 0
+  EXPECT_EQ(j["by_token_count"][2]["min_tokens"], 4);
+  const auto table = r.table();
+  EXPECT_NE(table.find("test: 2 calls, 8 tokens"), std::string::npos) << table;
+  EXPECT_NE(table.find("20.0%"), std::string::npos) << table;  // layer 1 attention: 0.040 of 0.2 s
+}
+
+TEST(TraceTiming, NoExpertTimesIsReportedAsSuch) {
+  analysis::TimingProbe p;
+  LayerObservation o;
+  o.experts_seconds = 0.5;
+  p.on_layer(o);
+  EXPECT_FALSE(p.report().has_expert_times);
+  EXPECT_TRUE(p.report().to_json()["experts"].is_null());
+  EXPECT_TRUE(p.report().to_json()["wall_seconds"].is_null());
+  EXPECT_NE(p.report().table().find("does not time experts"), std::string::npos);
+}
+
+// The reference engine times every expert that ran: per layer, the tokens sum to n·k and the expert
+// MLP times fit inside the experts stage.
+TEST(TraceTiming, ReferenceEngineReportsEveryExpertCall) {
+  Fixture fx("mixtral-8e-bf16-sharded");
+  const auto& cfg = fx.ck->config();
+  struct Check : Probe {
+    int n, k;
+    int layers_seen = 0;
+    void on_layer(const LayerObservation& o) override {
+      ++layers_seen;
+      ASSERT_NE(o.expert_timings, nullptr);
+      int tokens = 0;
+      double secs = 0;
+      for (const auto& e : *o.expert_timings) tokens += e.tokens, secs += e.seconds;
+      EXPECT_EQ(tokens, n * k);
+      EXPECT_LE(secs, o.experts_seconds);
+      EXPECT_GT(o.attention_seconds, 0);
+    }
+  } check;
+  const std::vector<int32_t> ids{1, 5, 9, 200, 33, 7, 81};
+  check.n = int(ids.size());
+  check.k = cfg.top_k;
+  analysis::TimingProbe timing;
+  analysis::ProbeFanout both({&check, &timing});
+  fx.engine->forward(ids, &both);
+  EXPECT_EQ(check.layers_seen, cfg.num_layers);
+  int64_t tokens = 0;
+  for (const auto& layer : timing.report().experts)
+    for (const auto& e : layer) tokens += e.tokens;
+  EXPECT_EQ(tokens, int64_t(ids.size()) * cfg.top_k * cfg.num_layers);
+}
+
+}  // namespace
+}  // namespace moelab::test

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <numeric>
 
 #include "core/error.hpp"
@@ -51,17 +52,31 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
 
   // Quantize every linear weight, one tensor per thread at a time (the conversion from BF16 and the
   // quantization are both per-tensor work).
-  const auto names = quantized_weight_names(cfg_);
+  // A pre-quantized checkpoint is mapped as it is; float weights are quantized here.
+  const bool prequantized = cfg_.quantization.nf4;
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& spec : cfg_.expected_tensors()) shapes[spec.name] = spec.shape;
+  const auto names = cfg_.nf4_weight_names();
   std::vector<Nf4Matrix> quantized(names.size());
-  Progress progress("quantizing to NF4", int64_t(names.size()), opt_.show_progress);
+  Progress progress(prequantized ? "mapping NF4 weights" : "quantizing to NF4", int64_t(names.size()),
+                    opt_.show_progress);
+  std::exception_ptr failure;
 #pragma omp parallel for schedule(dynamic)
   for (size_t i = 0; i < names.size(); ++i) {
-    const auto& t = ck.info(names[i]);
-    quantized[i] = quantize_matrix(ck.read_f32(names[i]), t.shape[0], t.shape[1], opt_.blocksize, opt_.double_quant);
+    try {
+      const auto& shape = shapes.at(names[i]);
+      quantized[i] = prequantized ? map_prequantized(ck, names[i], shape[0], shape[1])
+                                  : quantize_matrix(ck.read_f32(names[i]), shape[0], shape[1], opt_.blocksize,
+                                                    opt_.double_quant);
+    } catch (...) {
+#pragma omp critical
+      if (!failure) failure = std::current_exception();
+    }
 #pragma omp critical
     progress.advance();
   }
   progress.finish();
+  if (failure) std::rethrow_exception(failure);
 
   size_t next = 0;  // quantized_weight_names lists, per layer: q, k, v, o, router (MoE), experts' w1, w3, w2
   for (int l = 0; l < cfg_.num_layers; ++l) {

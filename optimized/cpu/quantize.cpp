@@ -23,25 +23,24 @@ Nf4Matrix quantize_matrix(const std::vector<float>& values, int64_t rows, int64_
   return m;
 }
 
-std::vector<std::string> quantized_weight_names(const ModelConfig& c) {
-  std::vector<std::string> names;
-  for (int l = 0; l < c.num_layers; ++l) {
-    const auto p = fmt::format("model.layers.{}.self_attn.", l);
-    for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) names.push_back(p + proj + ".weight");
-    if (c.is_moe()) names.push_back(c.router_name(l));
-    for (int e = 0; e < c.num_experts; ++e) {
-      names.push_back(c.w1_name(l, e));
-      names.push_back(c.w3_name(l, e));
-      names.push_back(c.w2_name(l, e));
-    }
-  }
-  return names;
+Nf4Matrix map_prequantized(const Checkpoint& ck, const std::string& name, int64_t rows, int64_t cols) {
+  const auto q = nf4::read_nf4([&](const std::string& n) { return ck.contains(n) ? &ck.file_of(n) : nullptr; }, name);
+  if (q.numel() != rows * cols)
+    throw Error(fmt::format("{}: NF4 weight '{}' holds {} values, config.json implies [{}, {}]", ck.file_of(name).path(),
+                            name, q.numel(), rows, cols));
+  Nf4Matrix m;
+  m.rows = rows;
+  m.cols = cols;
+  m.blocksize = q.blocksize;
+  m.packed = reinterpret_cast<const uint8_t*>(ck.file_of(name).bytes(name).data());  // mapped, not copied
+  m.absmax = nf4::block_absmax(q);
+  return m;
 }
 
 void write_dequantized_checkpoint(const Checkpoint& ck, const std::string& out_dir, int blocksize, bool double_quant) {
   namespace fs = std::filesystem;
   fs::create_directories(out_dir);
-  const auto names = quantized_weight_names(ck.config());
+  const auto names = ck.config().nf4_weight_names();
   const std::set<std::string> quantized(names.begin(), names.end());
   std::vector<TensorToWrite> tensors;
   for (const auto& spec : ck.config().expected_tensors()) {

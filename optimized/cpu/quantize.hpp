@@ -12,10 +12,9 @@ namespace moelab::cpu {
 Nf4Matrix quantize_matrix(const std::vector<float>& values, int64_t rows, int64_t cols, int blocksize,
                           bool double_quant);
 
-// Names of the weights an NF4 engine quantizes: every attention projection, the router gate and
-// every expert matrix (as transformers + bitsandbytes do for Mixtral). Embeddings, norms and lm_head
-// keep their precision.
-std::vector<std::string> quantized_weight_names(const ModelConfig& c);
+// An NF4 weight of a pre-quantized checkpoint (bitsandbytes' serialized form): codes stay in the
+// checkpoint's memory map, absmax is rebuilt in FP32. Throws moelab::Error naming file and tensor.
+Nf4Matrix map_prequantized(const Checkpoint& ck, const std::string& name, int64_t rows, int64_t cols);
 
 // Writes a copy of the checkpoint whose quantized weights are replaced by their NF4 round trip
 // (dequantize(quantize(W))) in F32: the reference engine on it computes what an exact NF4 engine

@@ -51,13 +51,13 @@ void parallel_ranges(int64_t count, int threads, const Fn& fn) {
 // torch's CPU float32 sum (aten/src/ATen/native/cpu/SumKernel.cpp, cascade_sum), element for element.
 
 constexpr int64_t kTorchGrainSize = 32768;  // at::internal::GRAIN_SIZE: below it a reduction is serial
-constexpr int kMaxLanes = 16;
+constexpr int kLanes = 8;                    // Vectorized<float> of the AVX2 (and DEFAULT) build
 
-// One vector register of torch's Vectorized<float>; lanes past the active width stay zero.
+// One vector register of torch's Vectorized<float>: lane-wise float adds.
 struct Lanes {
-  std::array<float, kMaxLanes> v{};
+  std::array<float, kLanes> v{};
   Lanes& operator+=(const Lanes& o) {
-    for (int i = 0; i < kMaxLanes; ++i) v[i] += o.v[i];
+    for (int i = 0; i < kLanes; ++i) v[i] += o.v[i];
     return *this;
   }
 };
@@ -106,18 +106,18 @@ Acc row_sum(int64_t size, const Load& load) {
 }
 
 // What one call of the reduction loop adds to its output for a contiguous run of n floats.
-float torch_sum_run(const float* x, int64_t n, int lanes) {
-  if (n < lanes) return row_sum<float>(n, [&](int64_t i) { return x[i]; });
+float torch_sum_run(const float* x, int64_t n) {
+  if (n < kLanes) return row_sum<float>(n, [&](int64_t i) { return x[i]; });
   // vectorized_inner_sum: whole vectors in the cascade, the tail scalars first, then the lanes in order.
-  const int64_t nvec = n / lanes;
+  const int64_t nvec = n / kLanes;
   const Lanes v = row_sum<Lanes>(nvec, [&](int64_t j) {
     Lanes l;
-    std::memcpy(l.v.data(), x + j * lanes, sizeof(float) * size_t(lanes));
+    std::memcpy(l.v.data(), x + j * kLanes, sizeof(l.v));
     return l;
   });
   float acc = 0.0f;
-  for (int64_t k = nvec * lanes; k < n; ++k) acc += x[k];
-  for (int t = 0; t < lanes; ++t) acc += v.v[t];
+  for (int64_t k = nvec * kLanes; k < n; ++k) acc += x[k];
+  for (int t = 0; t < kLanes; ++t) acc += v.v[size_t(t)];
   return acc;
 }
 
@@ -164,23 +164,32 @@ std::array<float, 256> make_dynamic_map() {
 // ---------------------------------------------------------------------------------------------
 // Quantization steps.
 
+// The kernel's tree is a binary search over the sorted thresholds with '>' at every node, so its
+// answer is the number of thresholds x is strictly greater than (0 for NaN, which compares false).
+// Counting without branches lets the compiler vectorize the block loop.
+inline uint8_t code_of(float x) {
+  int code = 0;
+  for (float t : kThresholds) code += x > t ? 1 : 0;
+  return uint8_t(code);
+}
+
 // One 4-bit block: absmax, then every element scaled by the reciprocal. `end` is the end of the block
 // or of the tensor; blocks start at even indices, so each block owns its bytes.
-void quantize_block(const float* x, int64_t n, int64_t begin, int64_t end, uint8_t* packed, float* absmax) {
+void quantize_block(const float* x, int64_t begin, int64_t end, uint8_t* packed, float* absmax) {
   float amax = 0.0f;
   for (int64_t i = begin; i < end; ++i) amax = std::max(amax, std::fabs(x[i]));
   *absmax = amax;
   // The kernel multiplies by 1.0f / absmax. An all-zero block gives inf, 0 * inf = NaN, and NaN
   // takes code 0 (-1.0); it dequantizes to -1.0 * 0 = -0.0.
   const float inv = 1.0f / amax;
-  for (int64_t i = begin; i < end; i += 2) {
-    const uint8_t hi = quantize_value(x[i] * inv);
-    // The kernel loads the element past the end of an odd-length tensor as 0.0f and quantizes it like
-    // the rest, so the pad nibble is the code of 0 * inv: 7 (the code of 0.0), or 0 in a zero block.
-    const float second = i + 1 < n ? x[i + 1] : 0.0f;
-    const uint8_t lo = quantize_value(second * inv);
-    packed[i / 2] = uint8_t(hi << 4 | lo);
-  }
+  // The kernel loads the element past the end of an odd-length tensor as 0.0f and quantizes it like
+  // the rest, so the pad nibble is the code of 0 * inv: 7 (the code of 0.0), or 0 in a zero block.
+  const int64_t count = end - begin;
+  std::array<uint8_t, kBlocksizes.back() + 1> codes;
+  for (int64_t i = 0; i < count; ++i) codes[size_t(i)] = code_of(x[begin + i] * inv);
+  if (count % 2 == 1) codes[size_t(count)] = code_of(0.0f * inv);
+  for (int64_t k = 0; k < (count + 1) / 2; ++k)
+    packed[begin / 2 + k] = uint8_t(codes[size_t(2 * k)] << 4 | codes[size_t(2 * k + 1)]);
 }
 
 // Double quantization of q.absmax (bitsandbytes quantize_4bit with compress_statistics=True).
@@ -214,13 +223,7 @@ bool is_valid_blocksize(int blocksize) {
   return std::find(kBlocksizes.begin(), kBlocksizes.end(), blocksize) != kBlocksizes.end();
 }
 
-uint8_t quantize_value(float x) {
-  // The kernel's tree is a binary search over the sorted thresholds with '>' at every node, so its
-  // answer is the number of thresholds x is strictly greater than (0 for NaN, which compares false).
-  uint8_t code = 0;
-  for (float t : kThresholds) code += uint8_t(x > t);
-  return code;
-}
+uint8_t quantize_value(float x) { return code_of(x); }
 
 const std::array<float, 256>& dynamic_map() {
   static const std::array<float, 256> map = make_dynamic_map();
@@ -242,13 +245,12 @@ uint8_t quantize_dynamic(float x, const std::array<float, 256>& code) {
   return uint8_t(x < mid ? p - 1 : p);
 }
 
-float torch_cpu_mean(std::span<const float> x, int lanes, int threads) {
-  if (lanes != 8 && lanes != 16) throw Error(fmt::format("torch_cpu_mean: lanes must be 8 or 16, not {}", lanes));
+float torch_cpu_mean(std::span<const float> x, int threads) {
   const int64_t n = int64_t(x.size());
   if (n == 0) return std::nanf("");  // torch: mean of an empty tensor is nan
   float sum = 0.0f;                   // the output starts at 0 and each loop call adds into it
   if (n < kTorchGrainSize || threads <= 1) {
-    sum += torch_sum_run(x.data(), n, lanes);
+    sum += torch_sum_run(x.data(), n);
   } else {
     // two_pass_reduction: at::parallel_for splits [0, n) into equal chunks over the threads it uses,
     // each adds its chunk into its own slot, and the slots are then summed by the same loop.
@@ -256,8 +258,8 @@ float torch_cpu_mean(std::span<const float> x, int lanes, int threads) {
     const int64_t chunk = ceil_div(n, used);
     std::vector<float> slots(size_t(threads), 0.0f);
     for (int64_t t = 0; t < used && t * chunk < n; ++t)
-      slots[size_t(t)] += torch_sum_run(x.data() + t * chunk, std::min(chunk, n - t * chunk), lanes);
-    sum += torch_sum_run(slots.data(), threads, lanes);
+      slots[size_t(t)] += torch_sum_run(x.data() + t * chunk, std::min(chunk, n - t * chunk));
+    sum += torch_sum_run(slots.data(), threads);
   }
   return sum / static_cast<float>(n);
 }
@@ -279,7 +281,7 @@ QuantizedTensor quantize_nf4(const float* x, int64_t n, int blocksize, bool doub
   q.absmax.assign(size_t(ceil_div(n, blocksize)), 0.0f);
   parallel_ranges(q.nblocks(), threads, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b)
-      quantize_block(x, n, b * blocksize, std::min(n, (b + 1) * blocksize), q.packed.data(), &q.absmax[size_t(b)]);
+      quantize_block(x, b * blocksize, std::min(n, (b + 1) * blocksize), q.packed.data(), &q.absmax[size_t(b)]);
   });
   if (double_quant) nest_statistics(q);
   return q;

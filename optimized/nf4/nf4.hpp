@@ -78,12 +78,14 @@ const std::array<float, 256>& dynamic_map();
 // of the two. NaN gives code 0.
 uint8_t quantize_dynamic(float x, const std::array<float, 256>& code);
 
-// mean() of a float32 CPU tensor as torch computes it: torch.sum's cascade summation (SumKernel.cpp:
-// `lanes`-wide vector accumulators, 4-way interleaving, a 4-level cascade; more than one thread splits
-// inputs of 32768 or more elements into per-thread chunks) in float32, then divided by n.
-// lanes = 8 is torch's AVX2 kernel, 16 its AVX-512 kernel. bitsandbytes takes its double-quantization
-// offset from this (on CUDA torch reduces in another order, so an offset can differ in the last bits).
-float torch_cpu_mean(std::span<const float> x, int lanes = 8, int threads = 1);
+// mean() of a float32 CPU tensor as torch computes it, bit for bit: torch.sum's cascade summation
+// (aten/src/ATen/native/cpu/SumKernel.cpp: 8-float vector accumulators, 4-way interleaving, a 4-level
+// cascade) in float32, then divided by n. 8 floats on every x86-64 build: torch registers no AVX-512
+// sum kernel, so the AVX2 one runs there too. With `threads` > 1 and n >= 32768 torch splits the input
+// into one chunk per thread (two_pass_reduction), which changes the result; bitsandbytes' offset was
+// matched with 1. bitsandbytes takes its double-quantization offset from this on the CPU (on CUDA torch
+// reduces in another order, so a GPU-made offset can differ in the last bits).
+float torch_cpu_mean(std::span<const float> x, int threads = 1);
 
 struct QuantizedTensor {
   std::vector<int64_t> shape;     // logical shape (JSON "shape"); its product is the element count
