@@ -13,5 +13,6 @@ void register_trace(CLI::App& app);    // trace and profile
 void register_stats(CLI::App& app);
 void register_diff(CLI::App& app);
 void register_quantize(CLI::App& app);
+void register_eval(CLI::App& app);
 
 }  // namespace moelab::cli

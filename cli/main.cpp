@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   moelab::cli::register_demo(app);
   moelab::cli::register_diff(app);
   moelab::cli::register_quantize(app);
+  moelab::cli::register_eval(app);
   moelab::cli::register_trace(app);
   moelab::cli::register_stats(app);
   moelab::cli::register_devices(app);

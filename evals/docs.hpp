@@ -1,0 +1,50 @@
+#pragma once
+// The normalized task documents (one JSONL form per task type, see docs/evals.md) and the readers
+// that turn public formats into them, applying the harness's preprocessing.
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace moelab::evals {
+
+enum class TaskType { MultipleChoice, Generate, Rolling, Code };
+
+struct Doc {
+  // MultipleChoice: `query` + target_delimiter + choices[i]; partial scoring (WinoGrande):
+  // `contexts[i]` + target_delimiter + `continuation`.
+  std::string query;
+  std::vector<std::string> choices;
+  std::vector<std::string> contexts;
+  std::string continuation;
+  int gold = -1;
+  // Generate: prompt text and the reference answer (GSM8K: the full answer ending "#### N").
+  std::string text, target;
+  // Rolling: `text` is scored; `page` (the original) is what words and bytes are counted on.
+  std::string page;
+  // Code (HumanEval).
+  std::string task_id, prompt, test, entry_point;
+  std::string subject;  // MMLU
+  nlohmann::json source;  // the record as read (for --log-samples)
+
+  bool partial() const { return !contexts.empty(); }
+};
+
+// Reads `path` for task `task` (hellaswag, arc_easy, arc_challenge, mmlu, winogrande, piqa, gsm8k,
+// humaneval, wikitext, or a generic type name: multiple_choice, generate, rolling). Accepts the
+// normalized JSONL and the public forms (see docs/evals.md); `.bz2` / `.gz` are read through bzip2 / gzip.
+std::vector<Doc> read_docs(const std::string& task, TaskType type, const std::string& path);
+
+// Converters from one public record (exposed for tests).
+Doc from_hellaswag_json(const nlohmann::json& j);
+std::vector<Doc> from_hellaswag_text(const std::string& text);  // 6 lines per item
+Doc from_arc(const nlohmann::json& j);
+Doc from_mmlu(const nlohmann::json& j);
+Doc from_winogrande(const nlohmann::json& j);
+Doc from_piqa(const nlohmann::json& j);
+Doc from_gsm8k(const nlohmann::json& j);
+std::vector<Doc> from_wikitext(const std::string& text);  // word-level file, split into articles
+std::string hellaswag_preprocess(std::string text);
+std::string wikitext_detokenize(std::string text);
+nlohmann::json to_normalized(const Doc& d, TaskType type);
+
+}  // namespace moelab::evals
