@@ -51,6 +51,9 @@ class Engine {
   // Prefill (n > 1) and decode (n == 1) are the same call. Throws moelab::Error past max_context().
   virtual MatrixRF forward(std::span<const int32_t> tokens, Probe* probe = nullptr) = 0;
   virtual void reset() = 0;            // clears the KV cache
+  // Keeps only the first `position` cached tokens (0 <= position <= position()), so a shared prefix
+  // (an eval context) is computed once and each continuation runs from it. Throws moelab::Error else.
+  virtual void truncate(int position) = 0;
   virtual int position() const = 0;    // tokens in the cache
   virtual int max_context() const = 0; // the context length the engine was built for
 };

@@ -59,7 +59,6 @@ LoglikelihoodResult score_one(Engine& engine, const TokenRequest& req, ScoreStat
 std::vector<LoglikelihoodResult> score_requests(Engine& engine, const std::vector<TokenRequest>& requests,
                                                 ScoreStats* stats, const std::function<void()>& on_done) {
   std::vector<LoglikelihoodResult> out(requests.size());
-  auto* rewind = dynamic_cast<CacheRewind*>(&engine);
   const int L = engine.max_context();
   size_t i = 0;
   while (i < requests.size()) {
@@ -71,7 +70,7 @@ std::vector<LoglikelihoodResult> score_requests(Engine& engine, const std::vecto
     const Tokens& ctx = requests[i].context;
     bool fits = true;
     for (size_t k = i; k < j; ++k) fits = fits && ctx.size() + requests[k].continuation.size() <= size_t(L) + 1;
-    if (rewind && fits && j - i > 1) {
+    if (fits && j - i > 1) {
       // Context once; its last row predicts each continuation's first token.
       engine.reset();
       const MatrixRF ctx_logits = engine.forward(ctx);
@@ -82,7 +81,7 @@ std::vector<LoglikelihoodResult> score_requests(Engine& engine, const std::vecto
         MatrixRF rows(Eigen::Index(cont.size()), ctx_logits.cols());
         rows.row(0) = ctx_logits.row(ctx_logits.rows() - 1);
         if (cont.size() > 1) {
-          rewind->rewind(base);
+          engine.truncate(base);
           const MatrixRF more = engine.forward(std::span<const int32_t>(cont.data(), cont.size() - 1));
           if (stats) stats->tokens_forwarded += int64_t(cont.size() - 1);
           rows.bottomRows(more.rows()) = more;

@@ -6,11 +6,9 @@
 // is_greedy = every continuation token is the argmax at its position (first index on ties).
 //
 // Shared contexts: requests whose context tokens are equal and adjacent (a multiple-choice item's
-// choices) form a group. If the engine can rewind its KV cache (implements CacheRewind) the context
-// is forwarded once and each continuation runs from the saved position. The Engine contract has no
-// snapshot or rewind, so on an engine without CacheRewind the context is re-run for each
-// continuation after a reset(): results are identical, the cost is (context + continuation) tokens
-// per choice instead of context once + continuation per choice. ScoreStats counts the tokens forwarded.
+// choices) form a group: the context is forwarded once, and each continuation runs from it after
+// Engine::truncate() drops the previous continuation from the KV cache. A group that does not fit the
+// context window falls back to one request at a time. ScoreStats counts the tokens forwarded.
 #include <functional>
 #include <span>
 #include <vector>
@@ -19,13 +17,6 @@
 #include "evals/encode.hpp"
 
 namespace moelab::evals {
-
-// Optional capability an engine may add: drop everything after `position` from the KV cache.
-class CacheRewind {
- public:
-  virtual ~CacheRewind() = default;
-  virtual void rewind(int position) = 0;
-};
 
 struct TokenRequest {
   Tokens context;       // non-empty

@@ -42,6 +42,13 @@ Model<S>::Model(const Checkpoint& ck, ModelOptions options)
 }
 
 template <typename S>
+void Model<S>::truncate(int position) {
+  if (position < 0 || position > pos_)
+    throw Error(fmt::format("truncate: position {} outside the {} cached tokens", position, pos_));
+  pos_ = position;  // the cache is indexed by position: later entries are simply overwritten
+}
+
+template <typename S>
 std::string Model<S>::name() const {
   return std::is_same_v<S, float> ? "ref" : "ref-f64";
 }

@@ -34,6 +34,7 @@ class Model final : public Engine {
   const ModelConfig& config() const override { return cfg_; }
   MatrixRF forward(std::span<const int32_t> tokens, Probe* probe = nullptr) override;
   void reset() override { pos_ = 0; }
+  void truncate(int position) override;
   int position() const override { return pos_; }
   int max_context() const override { return max_context_; }
 

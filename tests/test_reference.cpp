@@ -183,3 +183,21 @@ TEST(Reference, RmsNormMatchesFloat64Math) {
 
 }  // namespace
 }  // namespace moelab::test
+
+namespace moelab::test {
+namespace {
+
+TEST(Reference, TruncateThenForwardEqualsPrefill) {
+  const auto ck = Checkpoint::open(model_dir("mixtral-4e-gqa-f32"));
+  SafetensorsFile expected(model_dir("mixtral-4e-gqa-f32") + "/expected.safetensors");
+  const auto tokens = read_i32(expected, "tokens");
+  ref::Model<float> model(*ck);
+  const MatrixRF prefill = model.forward(tokens);
+  model.truncate(5);  // keep 5 tokens, recompute the rest from there
+  const MatrixRF rest = model.forward(std::span<const int32_t>(tokens.data() + 5, tokens.size() - 5));
+  EXPECT_LT(rel_l2(rest, prefill.bottomRows(Eigen::Index(tokens.size()) - 5)), 1e-5);
+  EXPECT_THROW(model.truncate(model.position() + 1), Error);
+}
+
+}  // namespace
+}  // namespace moelab::test

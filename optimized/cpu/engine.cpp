@@ -107,6 +107,12 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
   load_seconds_ = seconds_since(t0);
 }
 
+void Nf4Engine::truncate(int position) {
+  if (position < 0 || position > pos_)
+    throw Error(fmt::format("truncate: position {} outside the {} cached tokens", position, pos_));
+  pos_ = position;  // the cache is indexed by position: later entries are simply overwritten
+}
+
 int64_t Nf4Engine::weight_bytes() const {
   int64_t b = (embedding_.size() + lm_head_.size() + final_norm_.size()) * int64_t(sizeof(float));
   for (const auto& l : layers_) {
