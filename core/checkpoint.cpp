@@ -14,21 +14,6 @@ namespace moelab {
 
 namespace fs = std::filesystem;
 
-namespace {
-// Tensor and shard names come from the files: escape control characters so messages stay one line.
-std::string printable(std::string_view s) {
-  std::string out;
-  for (const char ch : s) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c == '\n') out += "\\n";
-    else if (c == '\r') out += "\\r";
-    else if (c == '\t') out += "\\t";
-    else if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
-    else out += ch;
-  }
-  return out;
-}
-}  // namespace
 
 std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_progress) {
   if (!fs::is_directory(dir)) throw Error(fmt::format("{}: not a directory (expected a checkpoint folder)", dir));

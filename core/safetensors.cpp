@@ -30,8 +30,6 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
-namespace {
-
 // Names and keys come from the file: control characters in them would break the one-line message,
 // so they are shown escaped (\n, \xNN).
 std::string printable(std::string_view s) {
@@ -46,6 +44,8 @@ std::string printable(std::string_view s) {
   }
   return out;
 }
+
+namespace {
 
 // nlohmann keeps the last of duplicate keys silently; the format forbids duplicates, so we look
 // for them with a parser callback while parsing.

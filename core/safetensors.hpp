@@ -11,6 +11,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/dtype.hpp"
@@ -29,6 +30,9 @@ struct TensorInfo {
 };
 
 std::string shape_str(const std::vector<int64_t>& shape);  // "[8, 4096]"
+// Tensor names, keys and shard names come from files: control characters in them would break a
+// one-line error message, so messages show them escaped (\n, \xNN).
+std::string printable(std::string_view s);
 
 class SafetensorsFile {
  public:
