@@ -379,20 +379,61 @@ void write_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_typ
   cx.ok(H5Dwrite(dset, mem_type, mspace, fspace, H5P_DEFAULT, data), fmt::format("cannot write /{}", name));
 }
 
-// Reads rows [0, rows) of a dataset whose row holds `row_elems` elements.
+// Rows per chunk of a dataset (its first chunk dimension).
+hsize_t chunk_rows_of(hid_t dset) {
+  H5Id dcpl(H5Dget_create_plist(dset));
+  hsize_t chunk[3] = {1, 1, 1};
+  return H5Pget_chunk(dcpl, 3, chunk) > 0 ? std::max<hsize_t>(chunk[0], 1) : 1;
+}
+
+// Reads rows [first, first + rows) into `out`; false if HDF5 fails.
+bool read_row_block(hid_t dset, hid_t mem_type, int64_t first, int64_t rows, void* out) {
+  H5Id fspace(H5Dget_space(dset));
+  const int rank = H5Sget_simple_extent_ndims(fspace);
+  if (rank < 1) return false;
+  std::vector<hsize_t> dims(static_cast<size_t>(rank));
+  H5Sget_simple_extent_dims(fspace, dims.data(), nullptr);
+  std::vector<hsize_t> start(dims.size(), 0), count = dims;
+  start[0] = hsize_t(first);
+  count[0] = hsize_t(rows);
+  if (H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr) < 0) return false;
+  H5Id mspace(H5Screate_simple(rank, count.data(), nullptr));
+  return H5Dread(dset, mem_type, mspace, fspace, H5P_DEFAULT, out) >= 0;
+}
+
+// Reads rows [0, rows) of a dataset whose row holds `row_elems` elements, a few chunks at a time. A
+// writer killed in the middle of a write() can tear a metadata block (the kernel stops a dying
+// process's write between 4 KiB pages), making the chunks it indexes unreadable. Then, with `salvage`,
+// the rows before the first unreadable chunk are returned; without, it throws, pointing at --repair.
 template <typename T>
 std::vector<T> read_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, int64_t rows,
-                         size_t row_elems) {
+                         size_t row_elems, bool salvage = false) {
   std::vector<T> out(size_t(rows) * row_elems);
-  if (rows == 0) return out;
-  auto dims = dims_of(cx, dset, name);
-  H5Id fspace(cx.id(H5Dget_space(dset), fmt::format("cannot read /{}", name)));
-  std::vector<hsize_t> start(dims.size(), 0), count = dims;
-  count[0] = hsize_t(rows);
-  cx.ok(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr),
-        fmt::format("cannot select rows of /{}", name));
-  H5Id mspace(H5Screate_simple(int(count.size()), count.data(), nullptr));
-  cx.ok(H5Dread(dset, mem_type, mspace, fspace, H5P_DEFAULT, out.data()), fmt::format("cannot read /{}", name));
+  const auto chunk = int64_t(chunk_rows_of(dset));
+  const int64_t block = chunk * std::max<int64_t>(1, 64 * 4096 / chunk);  // whole chunks, ~256k rows
+  int64_t done = 0;
+  while (done < rows) {
+    const int64_t n = std::min(block, rows - done);
+    if (read_row_block(dset, mem_type, done, n, out.data() + size_t(done) * row_elems)) {
+      done += n;
+      continue;
+    }
+    const std::string why = hdf5_error_text();
+    if (!salvage)
+      throw Error(fmt::format("{}: cannot read /{} rows {}..{}: {} (if a writer was killed while writing it, "
+                              "`moelab trace --repair {}` keeps what is readable)",
+                              cx.path, name, done, done + n - 1, why, cx.path));
+    // Salvage: chunk by chunk up to the first that fails.
+    for (int64_t at = done; at < done + n; at += chunk) {
+      const int64_t m = std::min(chunk, rows - at);
+      if (!read_row_block(dset, mem_type, at, m, out.data() + size_t(at) * row_elems)) {
+        H5Eclear2(H5E_DEFAULT);
+        out.resize(size_t(at) * row_elems);
+        return out;
+      }
+    }
+    done += n;
+  }
   return out;
 }
 
@@ -441,28 +482,39 @@ class WriterLock {
   int fd_ = -1;
 };
 
-// Opens an existing file read-write. A file whose writer died is still marked "open for (SWMR) write",
-// which HDF5 refuses; since we hold the writer lock, no live moelab writer can have it, so we clear the
-// mark the way `h5clear -s -i` does (its fapl property "clear_status_flags", then the end-of-allocation
-// raised to the end of the file). Sets `recovered` when it did.
-H5Id open_for_writing(const H5Context& cx, bool& recovered) {
-  recovered = false;
+// SWMR readers retry metadata whose checksum fails, assuming a live writer is mid-update, with a
+// doubling sleep: HDF5's default of 100 attempts never ends on a block torn by a dead writer. 24
+// attempts sleep about 16 ms in all, plenty for a live writer's update to land.
+constexpr unsigned kSwmrReadAttempts = 24;
+
+H5Id swmr_read_access() {
+  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS));
+  H5Pset_metadata_read_attempts(fapl, kSwmrReadAttempts);
+  return fapl;
+}
+
+// True if a writer left the file open: plain opens fail (HDF5 reports "file is already open for write",
+// or, with paged file space, "truncated file" when the end of allocation was stored before the pages
+// were written) while an SWMR reader opens it. The caller holds the writer lock, so that writer is dead.
+bool left_by_dead_writer(const H5Context& cx) {
+  hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (f >= 0) {
+    H5Fclose(f);
+    return false;
+  }
+  f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, swmr_read_access());
+  if (f >= 0) H5Fclose(f);
+  H5Eclear2(H5E_DEFAULT);
+  return f >= 0;
+}
+
+H5Id open_for_writing(const H5Context& cx) {
   if (H5Fis_hdf5(cx.path.c_str()) <= 0)
     throw Error(fmt::format("{}: exists and is not an HDF5 file; refusing to overwrite it", cx.path));
   const H5Id fapl = latest_format_fapl();
-  hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDWR, fapl);
-  if (f >= 0) return H5Id(f);
-  const std::string why = hdf5_error_text();
-  if (why.find("already open for") == std::string::npos) throw Error(fmt::format("{}: cannot open for appending: {}", cx.path, why));
-  hbool_t clear = true;
-  cx.ok(H5Pset(fapl, "clear_status_flags", &clear), "cannot repair the file");
-  recovered = true;
-  H5Id file(cx.id(H5Fopen(cx.path.c_str(), H5F_ACC_RDWR, fapl), "cannot repair the file"));
-  // The superblock's end-of-allocation may predate chunks the dead writer had already placed past it
-  // (it is rewritten only at flushes). Raising it to the file's real end (`h5clear -s -i` does the
-  // same) keeps new allocations from landing on those chunks, and makes them addressable again.
-  cx.ok(H5Fincrement_filesize(file, 0), "cannot repair the file");
-  return file;
+  const hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDWR, fapl);
+  if (f < 0) throw Error(fmt::format("{}: cannot open for appending: {}", cx.path, hdf5_error_text()));
+  return H5Id(f);
 }
 
 // Opens a trace for reading: plainly, or, when a writer holds it or died (the file is marked open for
@@ -476,7 +528,7 @@ H5Id open_for_reading(const H5Context& cx) {
   hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
   if (f >= 0) return H5Id(f);
   const std::string why = hdf5_error_text();
-  f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, H5P_DEFAULT);
+  f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, swmr_read_access());
   if (f >= 0) return H5Id(f);
   H5Eclear2(H5E_DEFAULT);
   throw Error(fmt::format("{}: cannot open: {}", cx.path, why));
@@ -568,11 +620,30 @@ bool is_volatile_config_field(const std::string& key) {
 // ---------------------------------------------------------------------------------------------------
 // TraceWriter
 
+namespace {
+int64_t repair_locked(const std::string& path);  // below, with reading
+
+bool left_by_dead_writer_quietly(const std::string& path) {
+  QuietHdf5 quiet;
+  return left_by_dead_writer(H5Context{path});
+}
+
+// Paged file-space aggregation: every metadata block smaller than a 4 KiB page lies inside one page.
+// A process killed during write() stops between pages, so such blocks are never torn (the large ones,
+// chunk-index blocks of long traces, still can be; read_trace then points at --repair).
+H5Id paged_file_creation() {
+  H5Id fcpl(H5Pcreate(H5P_FILE_CREATE));
+  H5Pset_file_space_strategy(fcpl, H5F_FSPACE_STRATEGY_PAGE, /*persist=*/0, /*threshold=*/1);
+  H5Pset_file_space_page_size(fcpl, 4096);
+  return fcpl;
+}
+}  // namespace
+
 struct TraceWriter::Impl {
   H5Context cx;
   TraceHeader header;
   TraceWriterOptions options;
-  WriterLock lock;
+  std::unique_ptr<WriterLock> lock;
   H5Id file, tokens, offsets, domain, experts, gates, logits;
   H5Id half;  // the float16 datatype
 
@@ -592,7 +663,7 @@ struct TraceWriter::Impl {
   bool closed = false;
 
   Impl(const std::string& path, const TraceHeader& h, TraceWriterOptions o)
-      : cx{path}, header(h), options(o), lock(path), half(half_type()) {}
+      : cx{path}, header(h), options(o), lock(std::make_unique<WriterLock>(path)), half(half_type()) {}
 
   size_t row_k() const { return size_t(header.num_layers) * size_t(header.top_k); }
   size_t row_e() const { return size_t(header.num_layers) * size_t(header.num_experts); }
@@ -616,7 +687,8 @@ struct TraceWriter::Impl {
   void create() {
     QuietHdf5 quiet;
     const H5Id fapl = latest_format_fapl();
-    file = H5Id(cx.id(H5Fcreate(cx.path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), "cannot create"));
+    const H5Id fcpl = paged_file_creation();
+    file = H5Id(cx.id(H5Fcreate(cx.path.c_str(), H5F_ACC_TRUNC, fcpl, fapl), "cannot create"));
     const auto L = hsize_t(header.num_layers), K = hsize_t(header.top_k), E = hsize_t(header.num_experts);
     const auto ct = options.chunk_tokens;
     tokens = create_row_dataset(cx, file, kTokens, H5T_STD_I32LE, {}, ct, options.deflate_level);
@@ -677,7 +749,7 @@ struct TraceWriter::Impl {
   // rows it never committed), so that this run's rows follow the committed ones.
   void drop_uncommitted() {
     const auto c = read_committed(cx, offsets);
-    dropped = drop_rows_past(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
+    dropped += drop_rows_past(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
     file_tokens = c.tokens;
     file_sequences = c.sequences;
   }
@@ -717,7 +789,7 @@ struct TraceWriter::Impl {
 
   void open_existing() {
     QuietHdf5 quiet;
-    file = open_for_writing(cx, recovered);
+    file = open_for_writing(cx);
     appended = true;
     tokens = open_row_dataset(cx, file, kTokens);
     offsets = open_row_dataset(cx, file, kOffsets);
@@ -781,7 +853,7 @@ struct TraceWriter::Impl {
 TraceWriter::TraceWriter(const std::string& path, const TraceHeader& header, TraceWriterOptions options)
     : impl_(std::make_unique<Impl>(path, header, options)) {
   impl_->check_header();
-  if (impl_->lock.size() == 0) {
+  if (impl_->lock->size() == 0) {
     try {
       impl_->create();
     } catch (...) {
@@ -789,6 +861,12 @@ TraceWriter::TraceWriter(const std::string& path, const TraceHeader& header, Tra
       throw;
     }
   } else {
+    if (left_by_dead_writer_quietly(path)) {
+      // Its writer died: salvage what is readable into a fresh file first (see the header comment).
+      impl_->dropped = repair_locked(path);
+      impl_->recovered = true;
+      impl_->lock = std::make_unique<WriterLock>(path);  // the repaired file is a new inode
+    }
     impl_->open_existing();
   }
   impl_->start_swmr();
@@ -860,13 +938,25 @@ void TraceWriter::flush() {
 void TraceWriter::close() { impl_->close(); }
 
 // ---------------------------------------------------------------------------------------------------
-// Reading
+// Reading and repairing
 
-TraceData read_trace(const std::string& path) {
+namespace {
+
+// What reading a trace file found.
+struct ReadOutcome {
+  TraceData trace;
+  int64_t rows_in_file = 0;  // rows of the longest row dataset (committed or not)
+  bool complete = true;      // every committed row was readable
+};
+
+// Reads a trace: the committed rows (up to the last sequence offset). With `salvage`, unreadable chunks
+// end the read instead of failing it, and the trace keeps the sequences read in full.
+ReadOutcome read_trace_file(const std::string& path, bool salvage) {
   QuietHdf5 quiet;
   const H5Context cx{path};
   const H5Id file = open_for_reading(cx);
-  TraceData tr;
+  ReadOutcome r;
+  TraceData& tr = r.trace;
   tr.attributes = read_all_attrs(cx, file);
 
   const H5Id tokens = open_row_dataset(cx, file, kTokens), offsets = open_row_dataset(cx, file, kOffsets),
@@ -891,20 +981,36 @@ TraceData read_trace(const std::string& path) {
   else throw Error(fmt::format("{}: no num_experts attribute", path));
   if (has_logits && int(ld[2]) != tr.num_experts)
     throw Error(fmt::format("{}: /router_logits has {} experts, the num_experts attribute {}", path, ld[2], tr.num_experts));
+  for (auto [dset, name] : {std::pair{hid_t(tokens), kTokens}, std::pair{hid_t(experts), kExperts},
+                            std::pair{hid_t(gates), kGates}, std::pair{hid_t(logits), kLogits}})
+    if (dset >= 0) r.rows_in_file = std::max(r.rows_in_file, int64_t(dims_of(cx, dset, name)[0]));
 
   // Only committed rows: everything up to the last sequence offset.
-  const auto c = read_committed(cx, offsets);
-  check_rows_cover(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
+  const auto offsets_dims = dims_of(cx, offsets, kOffsets);
+  if (offsets_dims.size() != 1 || offsets_dims[0] < 1)
+    throw Error(fmt::format("{}: /{} must be 1-D with at least one entry", path, kOffsets));
+  tr.sequence_offsets = read_rows<int64_t>(cx, offsets, kOffsets, H5T_NATIVE_INT64, int64_t(offsets_dims[0]), 1, salvage);
+  if (tr.sequence_offsets.empty()) tr.sequence_offsets = {0};
+  if (tr.sequence_offsets[0] != 0) throw Error(fmt::format("{}: /sequence_offsets must start at 0", path));
+  for (size_t s = 1; s < tr.sequence_offsets.size(); ++s)
+    if (tr.sequence_offsets[s] < tr.sequence_offsets[s - 1])
+      throw Error(fmt::format("{}: /sequence_offsets decreases at entry {}", path, s));
+  const Committed c{int64_t(tr.sequence_offsets.size()) - 1, tr.sequence_offsets.back()};
+  if (!salvage)
+    check_rows_cover(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
 
   const size_t lk = size_t(tr.num_layers) * size_t(tr.top_k), le = size_t(tr.num_layers) * size_t(tr.num_experts);
-  tr.sequence_offsets = read_rows<int64_t>(cx, offsets, kOffsets, H5T_NATIVE_INT64, c.sequences + 1, 1);
-  tr.sequence_domain = read_rows<int32_t>(cx, domain, kDomain, H5T_NATIVE_INT32, c.sequences, 1);
-  tr.tokens = read_rows<int32_t>(cx, tokens, kTokens, H5T_NATIVE_INT32, c.tokens, 1);
-  tr.experts = read_rows<uint8_t>(cx, experts, kExperts, H5T_NATIVE_UINT8, c.tokens, lk);
-  tr.gates = read_rows<float>(cx, gates, kGates, H5T_NATIVE_FLOAT, c.tokens, lk);
+  const auto rows_of = [&](hid_t dset, const char* name) {  // salvaging, a short dataset is simply short
+    return std::min<int64_t>(c.tokens, int64_t(dims_of(cx, dset, name)[0]));
+  };
+  tr.sequence_domain = read_rows<int32_t>(cx, domain, kDomain, H5T_NATIVE_INT32,
+                                          std::min<int64_t>(c.sequences, int64_t(dims_of(cx, domain, kDomain)[0])), 1, salvage);
+  tr.tokens = read_rows<int32_t>(cx, tokens, kTokens, H5T_NATIVE_INT32, rows_of(tokens, kTokens), 1, salvage);
+  tr.experts = read_rows<uint8_t>(cx, experts, kExperts, H5T_NATIVE_UINT8, rows_of(experts, kExperts), lk, salvage);
+  tr.gates = read_rows<float>(cx, gates, kGates, H5T_NATIVE_FLOAT, rows_of(gates, kGates), lk, salvage);
   if (has_logits) {
     const H5Id half = half_type();
-    const auto raw = read_rows<uint16_t>(cx, logits, kLogits, half, c.tokens, le);
+    const auto raw = read_rows<uint16_t>(cx, logits, kLogits, half, rows_of(logits, kLogits), le, salvage);
     tr.router_logits.resize(raw.size());
     std::transform(raw.begin(), raw.end(), tr.router_logits.begin(), half_to_float);
   }
@@ -913,30 +1019,99 @@ TraceData read_trace(const std::string& path) {
     tr.domain_names = read_strings(cx, attr, "domain_names");
   }
 
-  // Offsets must be a non-decreasing walk from 0; domains must name a label or be -1.
-  if (tr.sequence_offsets[0] != 0) throw Error(fmt::format("{}: /sequence_offsets must start at 0", path));
-  for (size_t s = 1; s < tr.sequence_offsets.size(); ++s)
-    if (tr.sequence_offsets[s] < tr.sequence_offsets[s - 1])
-      throw Error(fmt::format("{}: /sequence_offsets decreases at entry {}", path, s));
+  if (salvage) {  // keep the sequences whose every row was read
+    int64_t rows = int64_t(tr.tokens.size());
+    rows = std::min(rows, int64_t(tr.experts.size() / lk));
+    rows = std::min(rows, int64_t(tr.gates.size() / lk));
+    if (has_logits) rows = std::min(rows, int64_t(tr.router_logits.size() / le));
+    int64_t s = std::min<int64_t>(c.sequences, int64_t(tr.sequence_domain.size()));
+    while (tr.sequence_offsets[size_t(s)] > rows) --s;
+    r.complete = s == c.sequences && int64_t(offsets_dims[0]) == c.sequences + 1;
+    const auto n = size_t(tr.sequence_offsets[size_t(s)]);
+    tr.sequence_offsets.resize(size_t(s) + 1);
+    tr.sequence_domain.resize(size_t(s));
+    tr.tokens.resize(n);
+    tr.experts.resize(n * lk);
+    tr.gates.resize(n * lk);
+    if (has_logits) tr.router_logits.resize(n * le);
+  }
   for (int32_t d : tr.sequence_domain)
     if (d < -1 || d >= int32_t(tr.domain_names.size()))
       throw Error(fmt::format("{}: /sequence_domain holds {}, but there are {} domain names", path, d, tr.domain_names.size()));
-  return tr;
+  return r;
 }
+
+std::string string_attr(const nlohmann::json& attrs, const char* key) {
+  const auto it = attrs.find(key);
+  if (it == attrs.end()) return "";
+  return it->is_string() ? it->get<std::string>() : it->dump();
+}
+
+// Writes `trace` as a fresh file at `path` (through a temporary file and a rename), keeping its
+// attributes: the salvage half of a repair.
+void rewrite_trace(const std::string& path, const TraceData& trace) {
+  const std::string tmp = path + ".repair.tmp";
+  ::unlink(tmp.c_str());
+  const auto& attrs = trace.attributes;
+  TraceHeader h;
+  h.model_config = attrs.value("model_config", nlohmann::json::object());
+  h.num_layers = trace.num_layers;
+  h.top_k = trace.top_k;
+  h.num_experts = trace.num_experts;
+  h.engine = string_attr(attrs, "engine");
+  h.tool_version = string_attr(attrs, "tool_version");
+  h.window = attrs.value("window", 0);
+  h.router_logits = trace.has_router_logits();
+  h.domain_names = trace.domain_names;
+  try {
+    {
+      TraceWriter w(tmp, h);
+      const size_t lk = size_t(h.num_layers) * size_t(h.top_k), le = size_t(h.num_layers) * size_t(h.num_experts);
+      for (int64_t s = 0; s < trace.num_sequences(); ++s) {
+        const auto a = size_t(trace.sequence_offsets[size_t(s)]), n = size_t(trace.sequence_offsets[size_t(s) + 1]) - a;
+        if (n == 0) continue;
+        w.add_sequence(trace.sequence_domain[size_t(s)], {trace.tokens.data() + a, n},
+                       {trace.experts.data() + a * lk, n * lk}, {trace.gates.data() + a * lk, n * lk},
+                       h.router_logits ? std::span<const float>(trace.router_logits.data() + a * le, n * le)
+                                       : std::span<const float>());
+      }
+      w.close();
+    }
+    // The writer stamped this moment and one run; the trace's own history is the original's.
+    QuietHdf5 quiet;
+    const H5Context cx{tmp};
+    const H5Id file(cx.id(H5Fopen(tmp.c_str(), H5F_ACC_RDWR, H5P_DEFAULT), "cannot reopen"));
+    for (const char* key : {"created", "runs", "engine", "tool_version"})
+      if (attrs.contains(key)) write_string_attr(cx, file, key, string_attr(attrs, key));
+  } catch (...) {
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    throw Error(fmt::format("{}: cannot replace it with the repaired copy ({})", path, std::strerror(err)));
+  }
+}
+
+// repair_trace for a caller that holds the writer lock.
+int64_t repair_locked(const std::string& path) {
+  const bool marked = left_by_dead_writer_quietly(path);
+  const auto r = read_trace_file(path, /*salvage=*/true);
+  const int64_t dropped = r.rows_in_file - r.trace.num_tokens();
+  if (!marked && r.complete && dropped == 0) return 0;  // nothing to repair
+  rewrite_trace(path, r.trace);
+  return dropped;
+}
+
+}  // namespace
+
+TraceData read_trace(const std::string& path) { return read_trace_file(path, /*salvage=*/false).trace; }
 
 int64_t repair_trace(const std::string& path) {
   if (::access(path.c_str(), W_OK) != 0) throw Error(fmt::format("{}: cannot open for writing ({})", path, std::strerror(errno)));
   WriterLock lock(path);
-  QuietHdf5 quiet;
-  const H5Context cx{path};
-  bool recovered = false;
-  H5Id file = open_for_writing(cx, recovered);
-  const H5Id tokens = open_row_dataset(cx, file, kTokens), offsets = open_row_dataset(cx, file, kOffsets),
-             domain = open_row_dataset(cx, file, kDomain), experts = open_row_dataset(cx, file, kExperts),
-             gates = open_row_dataset(cx, file, kGates);
-  const H5Id logits = H5Lexists(file, kLogits, H5P_DEFAULT) > 0 ? open_row_dataset(cx, file, kLogits) : H5Id();
-  const auto c = read_committed(cx, offsets);
-  return drop_rows_past(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
+  return repair_locked(path);
 }
 
 // ---------------------------------------------------------------------------------------------------

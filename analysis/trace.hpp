@@ -19,21 +19,28 @@
 //
 // Crash safety. The file is written in HDF5's SWMR (single-writer/multiple-reader) mode, whose ordered,
 // checksummed metadata writes keep the file on disk readable at every moment; without SWMR a killed
-// writer was seen to leave unreadable files (plain 1.10 format: datasets fail to read; newest format:
-// the file refuses to open at all). Rows are buffered in memory and written at least every
-// `flush_tokens` tokens or `flush_seconds`; each flush writes the rows, flushes those datasets, and only
-// then extends /sequence_offsets, so a reader trusts only rows up to the last offset. After a kill at
-// any moment (tests/test_trace.cpp kills writers mid-flush) the file holds every flushed sequence, bit
-// for bit; the unflushed ones and the window being computed are lost. Power loss is not covered:
+// writer was seen to leave unreadable files (1.10 format: datasets fail to read; newest format: the file
+// refuses to open). Rows are buffered in memory and written at least every `flush_tokens` tokens or
+// `flush_seconds`; each flush writes the rows, flushes those datasets, and only then extends
+// /sequence_offsets, so a reader trusts only rows up to the last offset. After a kill at any moment the
+// file holds every flushed sequence, bit for bit; the unflushed ones and the window being computed are
+// lost (tests/test_trace.cpp kills writers mid-flush thousands of times). Power loss is not covered:
 // nothing calls fsync.
-// What a reader must know: a writer that died leaves the superblock marked "open for SWMR write", and
-// HDF5 then refuses a plain read-only open ("file is already open for write (may use <h5clear file> to
-// clear file consistency flags)"). An SWMR-read open works: read_trace() falls back to it, and in Python
-//     h5py.File(path, "r", swmr=True)
-// reads it (as it reads a trace still being written). `moelab trace --repair PATH` (repair_trace) makes
-// it a plain HDF5 file again, and appending to it with a TraceWriter repairs it too: both clear the
-// mark and raise the end-of-allocation to the file's end (what `h5clear -s -i` does; the superblock may
-// predate chunks the dead writer placed), then drop rows past the last offset.
+// One hazard SWMR does not cover: a process killed inside write() stops between 4 KiB pages, so a
+// metadata block spanning a page boundary can be torn (seen about once in 600 mid-flush kills before
+// the next measure). The file uses paged file-space aggregation, which keeps every block smaller than a
+// page inside one page; only the large chunk-index blocks of long traces can still be torn (none in 2400
+// mid-flush kills in the tests). A torn block makes the chunks it indexes unreadable: read_trace then
+// refuses, naming `moelab trace --repair`, which keeps every sequence before the damage.
+// What a reader must know: a writer that died leaves the file marked "open for SWMR write", and HDF5
+// then refuses a plain read-only open ("file is already open for write (may use <h5clear file> to
+// clear file consistency flags)", or "truncated file"). Either
+//   - run `moelab trace --repair PATH` (repair_trace) once: the file becomes a plain HDF5 file again, or
+//   - open it as an SWMR reader: read_trace() falls back to that, and in Python
+//         h5py.File(path, "r", swmr=True)
+//     reads it, as it reads a trace still being written. (On a torn block, h5py's SWMR reader retries
+//     for a very long time; repair first.)
+// Appending to such a trace with a TraceWriter repairs it first.
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -85,10 +92,10 @@ class TraceWriter {
   TraceWriter& operator=(const TraceWriter&) = delete;
 
   bool appended() const;   // the file existed and this run appends to it
-  bool recovered() const;  // the file had been left open by a writer that died; it was repaired
+  bool recovered() const;  // the file had been left open by a writer that died; it was repaired first
   int64_t tokens_before() const;     // tokens in the file when it was opened (after any repair)
   int64_t sequences_before() const;
-  int64_t dropped_tokens() const;    // unflushed rows a dead writer left past the last offset, dropped
+  int64_t dropped_tokens() const;    // rows past the last offset (a dead writer's) or unreadable, dropped
 
   // Index of a domain name in the file's domain_names (-1 for ""); throws if it was not in the header.
   int domain_id(const std::string& name) const;
@@ -111,9 +118,11 @@ class TraceWriter {
 // are ignored. Throws moelab::Error naming the file on anything missing or inconsistent.
 TraceData read_trace(const std::string& path);
 
-// Clears the "open for write" mark a dead writer left and drops uncommitted rows, so that plain HDF5
-// readers (h5py without swmr=True, h5dump) open the file again. Returns the rows dropped. Refused while
-// a TraceWriter holds the file.
+// Repairs a trace left by a writer that died (or with rows past its last offset, or unreadable chunks):
+// rewrites it, through a temporary file and a rename, with every sequence that can be read in full and
+// the original attributes, so that plain HDF5 readers (h5py without swmr=True, h5dump) open it again.
+// A healthy file is left alone. Returns the token rows dropped (uncommitted or unreadable). Refused
+// while a TraceWriter holds the file.
 int64_t repair_trace(const std::string& path);
 
 // One text to trace: a whole plain-text file, or one record of a JSONL file.

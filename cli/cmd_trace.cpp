@@ -91,8 +91,8 @@ struct TraceArgs {
 void run_repair(const std::string& path) {
   const int64_t dropped = analysis::repair_trace(path);
   const auto tr = analysis::read_trace(path);
-  fmt::print("repaired {}: {} tokens in {} sequences kept, {} uncommitted rows dropped; plain HDF5 readers open it again\n",
-             path, tr.num_tokens(), tr.num_sequences(), dropped);
+  fmt::print("{}: {} tokens in {} sequences kept, {} rows dropped (uncommitted or unreadable); plain HDF5 readers "
+             "open it\n", path, tr.num_tokens(), tr.num_sequences(), dropped);
 }
 
 void run_trace(TraceArgs& a) {
@@ -134,8 +134,9 @@ void run_trace(TraceArgs& a) {
 
   analysis::TraceWriter writer(a.out, header);
   if (writer.recovered())
-    fmt::print(stderr, "note: {} had not been closed (its writer died); kept {} tokens in {} sequences, dropped {} "
-                       "uncommitted rows\n", a.out, writer.tokens_before(), writer.sequences_before(), writer.dropped_tokens());
+    fmt::print(stderr, "note: {} had not been closed (its writer died); repaired it: kept {} tokens in {} sequences, "
+                       "dropped {} uncommitted or unreadable rows\n", a.out, writer.tokens_before(), writer.sequences_before(),
+               writer.dropped_tokens());
 
   int64_t total = 0;
   for (const auto& w : windows) total += int64_t(w.tokens.size());

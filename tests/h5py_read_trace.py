@@ -211,6 +211,9 @@ def check_crashed_traces(args, work):
          "TraceCrash.KilledAtRandomMomentsTheFileStaysConsistent"], env=env)
     for name in ("crashed", "killed"):
         path = os.path.join(work, name + ".h5")
+        if not os.path.exists(path):  # the C++ test keeps "killed" only when the kill tore nothing (nearly always)
+            print(f"note {path}: not left by the C++ test this time")
+            continue
         with open(os.path.join(work, name + ".json")) as fh:
             facts = json.load(fh)
         # HDF5 marks a dead SWMR writer's file "open for write": plain readers are refused...
