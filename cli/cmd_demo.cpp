@@ -1,15 +1,30 @@
-// moelab demo: the main job on the bundled default model, in one run: generate a continuation with the
-// reference engine and with cpu-nf4, diff the two layer by layer, show which experts each layer routed
-// the text to, and write the outputs (JSON report, diff JSON) into one folder.
+// moelab demo: the main job on the bundled default model, in one run and one report folder:
+//   1. generate a continuation with the reference engine and with cpu-nf4 (tokens/s each);
+//   2. the layer-by-layer diff between the two engines;
+//   3. a routing trace (HDF5) of the held-out multi-domain corpus;
+//   4. routing statistics by domain: expert load, load balance, stickiness against random routing;
+//   5. a small eval on both engines (HellaSwag and WikiText-2 slices), beside Mixtral's reported scores;
+//   6. plots of the routing, when Python with h5py and matplotlib (the light tier) is present.
+// Everything lands in one folder with index.json naming every output.
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "analysis/diff.hpp"
+#include "analysis/stats.hpp"
+#include "analysis/trace.hpp"
+#include "cli/bundled.hpp"
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
+#include "cli/eval_run.hpp"
+#include "cli/trace_run.hpp"
 #include "core/checkpoint.hpp"
+#include "core/error.hpp"
 #include "core/generate.hpp"
 #include "core/progress.hpp"
 #include "core/safetensors_writer.hpp"
@@ -18,101 +33,202 @@
 namespace moelab::cli {
 namespace {
 
-// Counts, per layer, how often each expert was chosen (any rank) over all tokens seen.
-class RoutingCounter : public Probe {
- public:
-  explicit RoutingCounter(const ModelConfig& c) : counts(size_t(c.num_layers), std::vector<int64_t>(size_t(c.num_experts))) {}
-  std::vector<std::vector<int64_t>> counts;
-  void on_layer(const LayerObservation& o) override {
-    for (Eigen::Index t = 0; t < o.experts->rows(); ++t)
-      for (Eigen::Index j = 0; j < o.experts->cols(); ++j) ++counts[size_t(o.layer)][size_t((*o.experts)(t, j))];
-  }
+namespace fs = std::filesystem;
+
+struct DemoArgs {
+  std::string model, out = "moelab-demo", corpus;
+  std::string prompt = "int main(int argc, char **argv)\n{";
+  int max_new_tokens = 48;
+  int hellaswag_items = 200;
+  int threads = 0;
+  bool plots = true;
 };
+
+// The held-out corpus to trace: --corpus, else the model's own (MODEL/corpus/heldout.jsonl, as the
+// bundled model ships it), else the bundled model's.
+std::string corpus_for(const DemoArgs& a) {
+  if (!a.corpus.empty()) return a.corpus;
+  const auto own = fs::path(a.model) / "corpus" / "heldout.jsonl";
+  if (fs::exists(own)) return own.string();
+  return (fs::path(default_model_dir()) / "corpus" / "heldout.jsonl").string();
+}
+
+// How far each domain's expert load is from the load over all domains: half the L1 distance (total
+// variation) of the load shares, averaged over domains. 0 when every domain routes alike.
+double domain_spread(const analysis::StatsReport& s, int layer) {
+  if (s.domains.empty()) return 0;
+  const auto& all = s.overall.layers[size_t(layer)].load_share;
+  double sum = 0;
+  for (const auto& d : s.domains) {
+    double tv = 0;
+    for (size_t e = 0; e < all.size(); ++e) tv += std::abs(d.layers[size_t(layer)].load_share[e] - all[e]);
+    sum += tv / 2;
+  }
+  return sum / double(s.domains.size());
+}
+
+// A Python that can draw the plots: the light tier's venv, else python3 if it has h5py and matplotlib.
+std::string plotting_python() {
+  for (const std::string py : {bundled_path(".venv/bin/python"), std::string("python3")}) {
+    if (py != "python3" && !fs::exists(py)) continue;
+    const std::string probe = fmt::format("'{}' -c 'import h5py, matplotlib' >/dev/null 2>&1", py);
+    if (std::system(probe.c_str()) == 0) return py;
+  }
+  return "";
+}
+
+void heading(int step, const std::string& what) { fmt::print("\n== [{}/6] {}\n", step, what); }
+
+void run_demo(DemoArgs& a) {
+  const auto started = std::chrono::steady_clock::now();
+  if (a.model.empty()) a.model = default_model_dir();
+  const std::string corpus = corpus_for(a);
+  const std::string hellaswag = bundled_path("evals/data/hellaswag-val-200.txt");
+  const std::string wikitext = bundled_path("evals/data/wikitext-2-test-head.txt");
+  // Inputs are read before anything runs, so a missing file fails at once.
+  const auto texts = analysis::read_trace_inputs({corpus}, {});
+  const auto hs_inputs = read_eval_inputs({.task = "hellaswag", .data = hellaswag, .shots = 0, .limit = a.hellaswag_items});
+  const auto wt_inputs = read_eval_inputs({.task = "wikitext", .data = wikitext});
+  fs::create_directories(a.out);
+  const fs::path out(a.out);
+
+  const auto ck = Checkpoint::open(a.model, stderr_is_terminal());
+  const auto& c = ck->config();
+  fmt::print("== model {}\n   {} layers, {} experts (top-{}), {} parameters, {} active per token\n", a.model, c.num_layers,
+             c.num_experts, c.top_k, c.total_params(), c.active_params());
+  if (!c.is_moe()) throw Error(fmt::format("{}: demo needs a mixture-of-experts model (it routes tokens to experts)", a.model));
+  const Tokenizer tok(ck->tokenizer_path());
+  auto ref = make_engine(*ck, EngineOptions{.threads = a.threads});
+  auto nf4 = make_engine(*ck, EngineOptions{.engine = "cpu-nf4", .threads = a.threads});
+  const std::vector<Engine*> engines{ref.get(), nf4.get()};
+
+  // 1. Generation.
+  heading(1, "generate, greedy, with each engine");
+  const auto ids = tok.encode(a.prompt);
+  nlohmann::json generations = nlohmann::json::object();
+  GenerationResult ref_generation;
+  for (Engine* e : engines) {
+    Sampler greedy(SamplingParams{});
+    StreamDecoder stream(tok, ids);
+    fmt::print("-- {}:\n{}", e->name(), a.prompt);
+    const auto g = generate(*e, ids, a.max_new_tokens, greedy, tok.eos_id(), [&](int32_t id) {
+      fmt::print("{}", stream.push(id));
+      std::fflush(stdout);
+    });
+    fmt::print("{}\n   {} new tokens, decode {:.0f} tokens/s\n", stream.flush(), g.tokens.size(), g.decode_tokens_per_second());
+    generations[e->name()] = {{"tokens", g.tokens}, {"text", tok.decode(g.tokens)},
+                              {"decode_tokens_per_second", g.decode_tokens_per_second()}};
+    if (e == ref.get()) ref_generation = g;
+  }
+
+  // 2. The NF4 engine against the reference, layer by layer, on the prompt and the reference's continuation.
+  heading(2, "cpu-nf4 against the FP32 reference, layer by layer");
+  std::vector<int32_t> all = ids;
+  all.insert(all.end(), ref_generation.tokens.begin(), ref_generation.tokens.end());
+  const auto diff = analysis::diff_records(analysis::ForwardRecord::run(*ref, all), analysis::ForwardRecord::run(*nf4, all),
+                                           "ref", "cpu-nf4");
+  fmt::print("{}", diff.table());
+  write_file_atomic((out / "diff-ref-vs-cpu-nf4.json").string(), diff.to_json().dump(2) + "\n");
+
+  // 3. Routing trace of the held-out corpus. A fresh file each run (the demo's trace is not appended to).
+  heading(3, fmt::format("routing trace of the held-out corpus ({})", corpus));
+  const auto trace_path = (out / "routing-trace.h5").string();
+  fs::remove(trace_path);
+  const auto traced = trace_texts(*ref, *ck, tok, texts, trace_path, TraceRunOptions{.window = std::min(256, ref->max_context()), .router_logits = true});
+  fmt::print("{}\nwrote {}\n", describe(traced, ref->name()), trace_path);
+
+  // 4. Statistics by domain.
+  heading(4, "routing statistics by domain");
+  const auto stats = analysis::compute_stats(analysis::read_trace(trace_path), /*by_domain=*/true);
+  fmt::print("{}", stats.table({c.num_layers - 1}));
+  nlohmann::json spread = nlohmann::json::array();
+  fmt::print("\ndomain specialization per layer (mean total-variation distance between a domain's expert load and the\n"
+             "load over all domains; 0 = every domain routes alike):\n");
+  for (int l = 0; l < c.num_layers; ++l) {
+    spread.push_back(domain_spread(stats, l));
+    fmt::print("   layer {:>2}: {:.3f}\n", l, spread.back().get<double>());
+  }
+  auto stats_json = stats.to_json();
+  stats_json["trace"]["path"] = trace_path;
+  write_file_atomic((out / "routing-stats.json").string(), stats_json.dump(2) + "\n");
+
+  // 5. Evals on both engines.
+  heading(5, "evals on both engines: HellaSwag (0-shot) and WikiText-2 slices, beside Mixtral-8x7B's reported scores");
+  nlohmann::json evals_index = nlohmann::json::array();
+  fs::create_directories(out / "evals");
+  for (const auto* inputs : {&hs_inputs, &wt_inputs})
+    for (Engine* e : engines) {
+      const auto o = run_eval(*e, tok, a.model, *inputs);
+      fmt::print("-- {} on {} ({})\n{}", inputs->request.task, e->name(), inputs->request.data, o.table);
+      const auto path = out / "evals" / fmt::format("{}-{}.json", inputs->request.task, e->name());
+      write_file_atomic(path.string(), o.results_json.dump(2) + "\n");
+      evals_index.push_back({{"task", inputs->request.task}, {"engine", e->name()}, {"results", path.string()},
+                             {"metrics", o.result.metrics}, {"documents", o.result.n}});
+    }
+  fmt::print("(a {} parameter model against a 46.7B one: the reported scores are there for scale, not as a target)\n",
+             c.total_params());
+
+  // 6. Plots.
+  heading(6, "plots");
+  nlohmann::json plots = nlohmann::json::array();
+  const std::string py = a.plots ? plotting_python() : "";
+  if (py.empty()) {
+    fmt::print("skipped: {}\n", a.plots ? "no Python with h5py and matplotlib (scripts/setup.sh installs the light tier)"
+                                        : "--no-plots");
+  } else {
+    const auto plot_dir = (out / "plots").string();
+    const auto cmd = fmt::format("'{}' '{}' '{}' '{}'", py, bundled_path("scripts/plot_routing.py"), trace_path, plot_dir);
+    std::fflush(stdout);  // the script's own lines must come after ours
+    if (std::system(cmd.c_str()) != 0) {
+      fmt::print("plotting failed (command: {}); the trace and statistics are complete\n", cmd);
+    } else {
+      for (const auto& f : fs::directory_iterator(plot_dir))
+        if (f.path().extension() == ".png") plots.push_back(f.path().string());
+      fmt::print("wrote {} plots in {}\n", plots.size(), plot_dir);
+    }
+  }
+
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  nlohmann::json index = {
+      {"format", "moelab-demo-v1"},
+      {"model", a.model},
+      {"config", {{"layers", c.num_layers}, {"experts", c.num_experts}, {"top_k", c.top_k},
+                  {"parameters", c.total_params()}, {"active_parameters", c.active_params()}}},
+      {"prompt", a.prompt},
+      {"prompt_tokens", ids},
+      {"generations", generations},
+      {"diff", {{"path", (out / "diff-ref-vs-cpu-nf4.json").string()},
+                {"logits_rel_l2", diff.logits.rel_l2},
+                {"logits_top1_agreement", diff.logits_top1_agreement},
+                {"mean_kl", diff.mean_kl}}},
+      {"trace", {{"path", trace_path}, {"corpus", corpus}, {"tokens", traced.tokens}, {"sequences", traced.sequences},
+                 {"engine", ref->name()}}},
+      {"stats", {{"path", (out / "routing-stats.json").string()}, {"domain_spread_per_layer", spread}}},
+      {"evals", evals_index},
+      {"plots", plots},
+      {"seconds", seconds},
+  };
+  const auto index_path = (out / "index.json").string();
+  write_file_atomic(index_path, index.dump(2) + "\n");
+  fmt::print("\n== done in {:.0f} s; every output is listed in {}\n", seconds, index_path);
+}
 
 }  // namespace
 
 void register_demo(CLI::App& app) {
-  auto* cmd = app.add_subcommand("demo", "Run the main job on the bundled default model and write a report");
-  static std::string model, out = "moelab-demo";
-  static std::string prompt = "The mixture of experts";
-  static int max_new_tokens = 32;
-  cmd->add_option("--model", model, "Checkpoint folder (default: the bundled model)");
-  cmd->add_option("--out", out, "Output folder")->capture_default_str();
-  cmd->add_option("--prompt", prompt, "Prompt")->capture_default_str();
-  cmd->add_option("--max-new-tokens", max_new_tokens, "Tokens to generate")->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  cmd->callback([] {
-    if (model.empty()) model = default_model_dir();
-    std::filesystem::create_directories(out);
-    const auto ck = Checkpoint::open(model, stderr_is_terminal());
-    const auto& c = ck->config();
-    fmt::print("== model {}\n   {} layers, {} experts (top-{}), {} parameters, {} active per token\n", model,
-               c.num_layers, c.num_experts, c.top_k, c.total_params(), c.active_params());
-
-    const Tokenizer tok(ck->tokenizer_path());
-    const auto ids = tok.encode(prompt);
-    auto engine = make_engine(*ck, EngineOptions{});
-    auto nf4 = make_engine(*ck, EngineOptions{.engine = "cpu-nf4"});
-    GenerationResult r;
-    nlohmann::json generations = nlohmann::json::object();
-    for (Engine* e : {engine.get(), nf4.get()}) {
-      Sampler greedy(SamplingParams{});
-      StreamDecoder stream(tok, ids);
-      fmt::print("\n== generate (engine {}, greedy)\n{}", e->name(), prompt);
-      const auto g = generate(*e, ids, max_new_tokens, greedy, tok.eos_id(), [&](int32_t id) {
-        fmt::print("{}", stream.push(id));
-        std::fflush(stdout);
-      });
-      fmt::print("{}\n   {} tokens, decode {:.1f} tokens/s\n", stream.flush(), g.tokens.size(),
-                 g.decode_tokens_per_second());
-      generations[e->name()] = {{"tokens", g.tokens},
-                                {"text", tok.decode(g.tokens)},
-                                {"decode_tokens_per_second", g.decode_tokens_per_second()}};
-      if (e == engine.get()) r = g;
-    }
-
-    // Route the whole text again in one prefill and count expert choices per layer.
-    std::vector<int32_t> all = ids;
-    all.insert(all.end(), r.tokens.begin(), r.tokens.end());
-    engine->reset();
-    RoutingCounter routing(c);
-    engine->forward(all, &routing);
-    fmt::print("\n== expert load over {} tokens (share of the {} choices per layer)\n   layer", all.size(),
-               all.size() * size_t(c.top_k));
-    for (int e = 0; e < c.num_experts; ++e) fmt::print(" {:>6}", fmt::format("e{}", e));
-    fmt::print("\n");
-    nlohmann::json load = nlohmann::json::array();
-    for (int l = 0; l < c.num_layers; ++l) {
-      fmt::print("   {:>5}", l);
-      std::vector<double> share;
-      for (auto n : routing.counts[size_t(l)]) {
-        share.push_back(double(n) / double(all.size() * size_t(c.top_k)));
-        fmt::print(" {:>5.1f}%", 100 * share.back());
-      }
-      fmt::print("\n");
-      load.push_back(share);
-    }
-
-    // The NF4 engine against the reference, layer by layer, on the reference's text.
-    const auto diff = analysis::diff_records(analysis::ForwardRecord::run(*engine, all),
-                                             analysis::ForwardRecord::run(*nf4, all), "ref", "cpu-nf4");
-    fmt::print("\n== {}", diff.table());
-    const auto diff_path = (std::filesystem::path(out) / "diff-ref-vs-cpu-nf4.json").string();
-    write_file_atomic(diff_path, diff.to_json().dump(2) + "\n");
-
-    nlohmann::json report = {
-        {"model", model},
-        {"engine", engine->name()},
-        {"prompt", prompt},
-        {"prompt_tokens", ids},
-        {"generations", generations},
-        {"expert_load_share", load},
-        {"diff", diff_path},
-    };
-    const auto report_path = (std::filesystem::path(out) / "report.json").string();
-    write_file_atomic(report_path, report.dump(2) + "\n");
-    fmt::print("\n== wrote {}\n", report_path);
-  });
+  auto* cmd = app.add_subcommand("demo", "Run the main job on the bundled default model and write a report folder");
+  static DemoArgs a;
+  cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled model)");
+  cmd->add_option("--out", a.out, "Output folder")->capture_default_str();
+  cmd->add_option("--prompt", a.prompt, "Prompt to continue");
+  cmd->add_option("--max-new-tokens", a.max_new_tokens, "Tokens to generate")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--corpus", a.corpus, "Held-out corpus to trace, JSONL with \"text\" and \"domain\" (default: the "
+                                        "model's corpus/heldout.jsonl)");
+  cmd->add_option("--hellaswag-items", a.hellaswag_items, "HellaSwag items to score (at most 200 are bundled)")
+      ->capture_default_str()->check(CLI::Range(1, 200));
+  cmd->add_option("--threads", a.threads, "cpu-nf4 threads (0: all)");
+  cmd->add_flag("!--no-plots", a.plots, "Skip the plots");
+  cmd->callback([] { run_demo(a); });
 }
 
 }  // namespace moelab::cli

@@ -15,6 +15,7 @@
 #include "analysis/trace.hpp"
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
+#include "cli/trace_run.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
@@ -26,46 +27,6 @@ namespace {
 
 using clock_type = std::chrono::steady_clock;
 double seconds_since(clock_type::time_point t0) { return std::chrono::duration<double>(clock_type::now() - t0).count(); }
-
-// The checkpoint's config.json, stored in the trace so that appends can be checked against it.
-nlohmann::json read_config_json(const ModelConfig& cfg) {
-  std::ifstream in(cfg.source);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
-  if (!in || j.is_discarded()) throw Error(fmt::format("{}: cannot read the config again", cfg.source));
-  return j;
-}
-
-// One sequence of the trace: a window of one text's tokens.
-struct Window {
-  size_t text = 0;  // index into the inputs
-  std::vector<int32_t> tokens;
-};
-
-// Tokenizes each text with BOS and cuts it into windows of `window` tokens (the last may be shorter;
-// only the first starts with BOS), stopping at `max_tokens` in total (0: no limit).
-std::vector<Window> cut_windows(const std::vector<analysis::TraceText>& texts, const Tokenizer& tok, int window,
-                                int64_t max_tokens, int64_t& empty_texts) {
-  std::vector<Window> out;
-  int64_t total = 0;
-  empty_texts = 0;
-  for (size_t i = 0; i < texts.size(); ++i) {
-    if (texts[i].text.empty()) {
-      ++empty_texts;
-      continue;
-    }
-    const auto ids = tok.encode(texts[i].text, /*add_bos=*/true);
-    for (size_t at = 0; at < ids.size(); at += size_t(window)) {
-      int64_t n = std::min<int64_t>(window, int64_t(ids.size() - at));
-      if (max_tokens > 0) n = std::min(n, max_tokens - total);
-      if (n <= 0) return out;
-      out.push_back({i, std::vector<int32_t>(ids.begin() + int64_t(at), ids.begin() + int64_t(at) + n)});
-      total += n;
-    }
-  }
-  return out;
-}
 
 // TRACE.h5 -> TRACE.timings.json
 std::string timings_path_for(const std::string& trace_path) {
@@ -111,63 +72,15 @@ void run_trace(TraceArgs& a) {
     throw Error(fmt::format("{}: --router-logits needs an MoE model; {} has no router", a.model, cfg.arch_name()));
   const Tokenizer tok(ck->tokenizer_path());
   auto engine = make_engine(*ck, a.eo);
-  const int window = a.window > 0 ? a.window : std::min(512, engine->max_context());
-  if (window > engine->max_context())
-    throw Error(fmt::format("--window {} exceeds the engine's context of {} tokens (see --context)", window,
-                            engine->max_context()));
-
-  int64_t empty_texts = 0;
-  const auto windows = cut_windows(texts, tok, window, a.max_tokens, empty_texts);
-  if (windows.empty()) throw Error("trace: the inputs hold no text");
-  analysis::TraceHeader header;
-  header.model_config = read_config_json(cfg);
-  header.num_layers = cfg.num_layers;
-  header.top_k = cfg.top_k;
-  header.num_experts = cfg.num_experts;
-  header.engine = engine->name();
-  header.tool_version = MOELAB_VERSION;
-  header.window = window;
-  header.router_logits = a.router_logits;
-  for (const auto& t : texts)
-    if (std::find(header.domain_names.begin(), header.domain_names.end(), t.domain) == header.domain_names.end())
-      header.domain_names.push_back(t.domain);
-
-  analysis::TraceWriter writer(a.out, header);
-  if (writer.recovered())
-    fmt::print(stderr, "note: {} had not been closed (its writer died); repaired it: kept {} tokens in {} sequences, "
-                       "dropped {} uncommitted or unreadable rows\n", a.out, writer.tokens_before(), writer.sequences_before(),
-               writer.dropped_tokens());
-
-  int64_t total = 0;
-  for (const auto& w : windows) total += int64_t(w.tokens.size());
   analysis::TimingProbe timing("trace");
-  std::map<std::string, std::pair<int64_t, int64_t>> per_domain;  // tokens, sequences
-  Progress progress("trace", total);
-  const auto start = clock_type::now();
-  for (const auto& w : windows) {
-    const auto t0 = clock_type::now();
-    const auto r = analysis::route_window(*engine, w.tokens, a.router_logits, a.timings ? &timing : nullptr);
-    timing.add_call(int64_t(w.tokens.size()), seconds_since(t0));
-    const auto& domain = texts[w.text].domain;
-    writer.add_sequence(writer.domain_id(domain), w.tokens, r.experts, r.gates, r.router_logits);
-    per_domain[domain].first += int64_t(w.tokens.size());
-    per_domain[domain].second += 1;
-    progress.advance(int64_t(w.tokens.size()));
-  }
-  writer.close();
-  progress.finish();
-  const double secs = seconds_since(start);
-
-  std::string domains;
-  for (const auto& [name, c] : per_domain)
-    domains += fmt::format("{}{} {} tokens / {} seq", domains.empty() ? "" : ", ", name.empty() ? "(unlabeled)" : name,
-                           c.first, c.second);
-  fmt::print("traced {} tokens in {} sequences of at most {} tokens ({}) in {:.2f} s, {:.1f} tokens/s, engine {}\n", total,
-             windows.size(), window, domains, secs, double(total) / secs, engine->name());
-  if (empty_texts) fmt::print("skipped {} empty texts\n", empty_texts);
-  if (writer.appended())
-    fmt::print("appended to {}: it now holds {} tokens in {} sequences\n", a.out, writer.tokens_before() + total,
-               writer.sequences_before() + int64_t(windows.size()));
+  const auto r = trace_texts(*engine, *ck, tok, texts, a.out,
+                             TraceRunOptions{.window = a.window, .max_tokens = a.max_tokens,
+                                             .router_logits = a.router_logits, .timing = a.timings ? &timing : nullptr});
+  fmt::print("{}\n", describe(r, engine->name()));
+  if (r.empty_texts) fmt::print("skipped {} empty texts\n", r.empty_texts);
+  if (r.appended)
+    fmt::print("appended to {}: it now holds {} tokens in {} sequences\n", a.out, r.tokens_before + r.tokens,
+               r.sequences_before + r.sequences);
   else
     fmt::print("wrote {}\n", a.out);
   if (a.timings) {

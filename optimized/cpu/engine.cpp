@@ -165,7 +165,7 @@ MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, i
   vc.middleRows(start, n) = v;
   const float scale = 1.0f / std::sqrt(float(hd));
   MatrixRF out(n, heads * hd);
-  const bool parallel = int64_t(heads) * n * (start + n) * hd >= (int64_t(1) << 18);
+  const bool parallel = int64_t(heads) * n * (start + n) * hd >= kMinParallelMacs;
 #pragma omp parallel for collapse(2) schedule(static) if (parallel)
   for (int h = 0; h < heads; ++h)
     for (int t = 0; t < n; ++t) {

@@ -9,9 +9,7 @@ namespace moelab::cpu {
 
 MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
   const int64_t n = x.rows();
-  // Below ~1M multiply-adds a parallel region costs more than it saves (and on a loaded machine a
-  // descheduled thread stalls the barrier), so small layers run on the calling thread.
-  const bool parallel = n * w.rows * w.cols >= (int64_t(1) << 20);
+  const bool parallel = n * w.rows * w.cols >= kMinParallelMacs;
   if (n <= kGemvMaxTokens) {
     // ~128 KiB of packed weights per chunk: small enough to stay in L2 while each token reads it.
     const int64_t chunk = std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(1, w.cols));
@@ -30,15 +28,24 @@ MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
   const int64_t tile = std::max<int64_t>(4, (64 * 1024) / std::max<int64_t>(1, w.cols));
   const int64_t tiles = (w.rows + tile - 1) / tile;
   MatrixRF y(n, w.rows);
-#pragma omp parallel if (parallel)
-  {
+  const auto tiles_from = [&](MatrixRF& wt, int64_t i) {
+    const int64_t r0 = i * tile, rows = std::min(tile, w.rows - r0);
+    dequantize_rows(isa, w, r0, r0 + rows, wt.data());
+    y.middleCols(r0, rows).noalias() = x * wt.topRows(rows).transpose();
+  };
+  if (!parallel) {
+    // No OpenMP region at all here: inside even a one-thread region (`parallel if (false)`) Eigen's GEMM
+    // does not see that it is nested and opens a nested team per call, which beside another busy process
+    // made a small model's eval 100x slower.
     MatrixRF wt(tile, w.cols);
+    for (int64_t i = 0; i < tiles; ++i) tiles_from(wt, i);
+    return y;
+  }
+#pragma omp parallel
+  {
+    MatrixRF wt(tile, w.cols);  // Eigen's GEMM sees the enclosing team and stays on this thread
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t r0 = i * tile, rows = std::min(tile, w.rows - r0);
-      dequantize_rows(isa, w, r0, r0 + rows, wt.data());
-      y.middleCols(r0, rows).noalias() = x * wt.topRows(rows).transpose();
-    }
+    for (int64_t i = 0; i < tiles; ++i) tiles_from(wt, i);
   }
   return y;
 }

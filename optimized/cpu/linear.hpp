@@ -11,6 +11,12 @@ namespace moelab::cpu {
 // X: [n, cols]; returns [n, rows].
 MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x);
 
+// Work below this many multiply-adds (about a tenth of a millisecond on one core) runs on the calling
+// thread. A parallel region costs microseconds on an idle machine, but when another process holds the
+// cores its barrier waits for a descheduled thread: with 2 threads beside a busy trainer, parallel
+// regions of ~1M MACs made a small model's eval 100x slower than one thread (0.3 s -> 31 s).
+inline constexpr int64_t kMinParallelMacs = int64_t(1) << 22;
+
 // Batches up to this many tokens use the GEMV path.
 inline constexpr int kGemvMaxTokens = 4;
 

@@ -1,0 +1,86 @@
+#include "cli/eval_run.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <memory>
+
+#include "cli/bundled.hpp"
+#include "core/progress.hpp"
+#include "evals/docs.hpp"
+#include "evals/tasks.hpp"
+
+namespace moelab::cli {
+
+std::string default_reported_path() { return bundled_path("evals/reported/mixtral-8x7b.json"); }
+
+EvalInputs read_eval_inputs(const EvalRequest& q) {
+  EvalInputs in{.request = q, .spec = evals::task_spec(q.task)};
+  in.shots = q.shots < 0 ? in.spec.default_shots : q.shots;
+  in.docs = evals::read_docs(q.task, in.spec.type, q.data);
+  in.fewshot = q.fewshot_data.empty() ? in.docs : evals::read_docs(q.task, in.spec.type, q.fewshot_data);
+  if (q.limit > 0 && size_t(q.limit) < in.docs.size()) in.docs.resize(size_t(q.limit));
+  return in;
+}
+
+EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& model_dir, const EvalInputs& in) {
+  const auto& q = in.request;
+  const auto& spec = in.spec;
+  const int shots = in.shots;
+  const bool same_split = q.fewshot_data.empty();
+  const auto codec = evals::TextCodec::from(tok);
+
+  evals::RunOptions ro;
+  ro.shots = shots;
+  ro.fewshot_seed = q.seed;
+  ro.repeats = q.repeats;
+  ro.temperature = q.temperature;
+  ro.sampling_seed = q.seed;
+  std::unique_ptr<Progress> bar;
+  int64_t last = 0;
+  ro.progress = [&](int64_t done, int64_t total) {
+    if (!bar) bar = std::make_unique<Progress>(q.task + " (" + engine.name() + ")", total, stderr_is_terminal());
+    bar->advance(done - last);
+    last = done;
+  };
+  EvalOutcome o;
+  o.result = evals::run_task(engine, codec, spec, in.docs, in.fewshot, same_split, ro);
+  if (bar) bar->finish();
+  o.reported = evals::find_reported(q.reported.empty() ? default_reported_path() : q.reported, spec.reported_key, shots);
+
+  const auto& r = o.result;
+  const auto& rep = o.reported;
+  std::string& t = o.table;
+  t += fmt::format("{:<34} {:>10} {:>10} {:>10} {:>9}  {}\n", "metric", "ours", "stderr", "reported", "diff", "note");
+  for (const auto& [k, v] : r.metrics) {
+    if (k.find("_stderr") != std::string::npos) continue;
+    const std::string metric = k.substr(0, k.find(','));
+    const std::string sk = metric + "_stderr" + k.substr(k.find(','));
+    const double se = r.metrics.count(sk) ? r.metrics.at(sk) : NAN;
+    const bool pct = metric.find("perplexity") == std::string::npos && metric != "bits_per_byte";
+    std::string rs = "-", diff = "-", note;
+    if (rep && pct && (rep->metric == metric || (metric == "exact_match" && rep->metric.rfind("maj@", 0) == 0))) {
+      rs = fmt::format("{:.1f}", rep->score);
+      diff = fmt::format("{:+.1f}", 100 * v - rep->score);
+      if (rep->shots != shots || rep->metric != metric)
+        note = fmt::format("protocols differ: reported {}-shot {} (table {})",
+                           rep->shots < 0 ? std::string("?") : std::to_string(rep->shots), rep->metric, rep->table);
+      else
+        note = fmt::format("table {}; their pipeline, not lm-eval", rep->table);
+    }
+    t += fmt::format("{:<34} {:>10} {:>10} {:>10} {:>9}  {}\n", k,
+                     pct ? fmt::format("{:.2f}", 100 * v) : fmt::format("{:.4f}", v),
+                     std::isnan(se) ? "N/A" : (pct ? fmt::format("{:.2f}", 100 * se) : fmt::format("{:.4f}", se)), rs,
+                     diff, note);
+  }
+  t += fmt::format("{} documents, {}-shot, engine {}, {:.1f} s\n", r.n, shots, engine.name(), r.seconds);
+  for (const auto& w : r.warnings) t += fmt::format("note: {}\n", w);
+
+  o.results_json = evals::results_json(r, spec, evals::RunInfo{model_dir, engine.name(), q.data, shots, q.limit, q.seed});
+  if (rep)
+    o.results_json["reported"] = {{"score", rep->score}, {"shots", rep->shots}, {"metric", rep->metric},
+                                  {"source", rep->source}};
+  return o;
+}
+
+}  // namespace moelab::cli

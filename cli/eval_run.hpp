@@ -1,0 +1,51 @@
+#pragma once
+// One eval task on one engine, scored like lm-evaluation-harness, with its table beside Mixtral's reported
+// score: the work of `moelab eval`, shared with `moelab demo`.
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "core/engine.hpp"
+#include "core/tokenizer.hpp"
+#include "evals/results_json.hpp"
+#include "evals/runner.hpp"
+#include "evals/tasks.hpp"
+#include "evals/docs.hpp"
+
+namespace moelab::cli {
+
+struct EvalRequest {
+  std::string task, data, fewshot_data;
+  std::string reported;  // reported-scores JSON; empty: evals/reported/mixtral-8x7b.json of this repository
+  int shots = -1;        // -1: the task's default
+  int limit = 0;         // 0: every document
+  uint64_t seed = 1234;
+  int repeats = 1;
+  float temperature = 0;
+};
+
+struct EvalOutcome {
+  evals::TaskResult result;
+  std::optional<evals::Reported> reported;
+  nlohmann::json results_json;  // the harness's layout, with "reported" added when there is one
+  std::string table;            // metric, ours, stderr, reported, diff, note; then n, shots, engine, time
+};
+
+// The request's documents, read and checked (any form the converters take) before a model is loaded, so
+// that bad data fails in seconds.
+struct EvalInputs {
+  EvalRequest request;
+  evals::TaskSpec spec;
+  int shots = 0;
+  std::vector<evals::Doc> docs, fewshot;
+};
+EvalInputs read_eval_inputs(const EvalRequest& request);
+
+// Runs the task with a progress bar and scores it.
+EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& model_dir, const EvalInputs& inputs);
+
+// The default reported-scores file: evals/reported/mixtral-8x7b.json in this source tree.
+std::string default_reported_path();
+
+}  // namespace moelab::cli

@@ -1,0 +1,129 @@
+#include "cli/trace_run.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "core/error.hpp"
+#include "core/progress.hpp"
+
+namespace moelab::cli {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+double seconds_since(clock_type::time_point t0) { return std::chrono::duration<double>(clock_type::now() - t0).count(); }
+
+// The checkpoint's config.json, stored in the trace so that appends can be checked against it.
+nlohmann::json read_config_json(const ModelConfig& cfg) {
+  std::ifstream in(cfg.source);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+  if (!in || j.is_discarded()) throw Error(fmt::format("{}: cannot read the config again", cfg.source));
+  return j;
+}
+
+// One sequence of the trace: a window of one text's tokens.
+struct Window {
+  size_t text = 0;  // index into the inputs
+  std::vector<int32_t> tokens;
+};
+
+std::vector<Window> cut_windows(const std::vector<analysis::TraceText>& texts, const Tokenizer& tok, int window,
+                                int64_t max_tokens, int64_t& empty_texts) {
+  std::vector<Window> out;
+  int64_t total = 0;
+  empty_texts = 0;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    if (texts[i].text.empty()) {
+      ++empty_texts;
+      continue;
+    }
+    const auto ids = tok.encode(texts[i].text, /*add_bos=*/true);
+    for (size_t at = 0; at < ids.size(); at += size_t(window)) {
+      int64_t n = std::min<int64_t>(window, int64_t(ids.size() - at));
+      if (max_tokens > 0) n = std::min(n, max_tokens - total);
+      if (n <= 0) return out;
+      out.push_back({i, std::vector<int32_t>(ids.begin() + int64_t(at), ids.begin() + int64_t(at) + n)});
+      total += n;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer& tok,
+                           const std::vector<analysis::TraceText>& texts, const std::string& out,
+                           const TraceRunOptions& o) {
+  const auto& cfg = ck.config();
+  if (o.router_logits && !cfg.is_moe())
+    throw Error(fmt::format("{}: --router-logits needs an MoE model; {} has no router", ck.dir(), cfg.arch_name()));
+  TraceRunResult r;
+  r.window = o.window > 0 ? o.window : std::min(512, engine.max_context());
+  if (r.window > engine.max_context())
+    throw Error(fmt::format("--window {} exceeds the engine's context of {} tokens (see --context)", r.window,
+                            engine.max_context()));
+  const auto windows = cut_windows(texts, tok, r.window, o.max_tokens, r.empty_texts);
+  if (windows.empty()) throw Error("trace: the inputs hold no text");
+
+  analysis::TraceHeader header;
+  header.model_config = read_config_json(cfg);
+  header.num_layers = cfg.num_layers;
+  header.top_k = cfg.top_k;
+  header.num_experts = cfg.num_experts;
+  header.engine = engine.name();
+  header.tool_version = MOELAB_VERSION;
+  header.window = r.window;
+  header.router_logits = o.router_logits;
+  for (const auto& t : texts)
+    if (std::find(header.domain_names.begin(), header.domain_names.end(), t.domain) == header.domain_names.end())
+      header.domain_names.push_back(t.domain);
+
+  analysis::TraceWriter writer(out, header);
+  r.appended = writer.appended();
+  r.recovered = writer.recovered();
+  r.tokens_before = writer.tokens_before();
+  r.sequences_before = writer.sequences_before();
+  r.dropped_tokens = writer.dropped_tokens();
+  if (r.recovered)
+    fmt::print(stderr, "note: {} had not been closed (its writer died); repaired it: kept {} tokens in {} sequences, "
+                       "dropped {} uncommitted or unreadable rows\n", out, r.tokens_before, r.sequences_before,
+               r.dropped_tokens);
+
+  int64_t total = 0;
+  for (const auto& w : windows) total += int64_t(w.tokens.size());
+  Progress progress("trace", total);
+  const auto start = clock_type::now();
+  for (const auto& w : windows) {
+    const auto t0 = clock_type::now();
+    const auto routing = analysis::route_window(engine, w.tokens, o.router_logits, o.timing);
+    if (o.timing) o.timing->add_call(int64_t(w.tokens.size()), seconds_since(t0));
+    const auto& domain = texts[w.text].domain;
+    writer.add_sequence(writer.domain_id(domain), w.tokens, routing.experts, routing.gates, routing.router_logits);
+    r.per_domain[domain].first += int64_t(w.tokens.size());
+    r.per_domain[domain].second += 1;
+    progress.advance(int64_t(w.tokens.size()));
+  }
+  writer.close();
+  progress.finish();
+  r.seconds = seconds_since(start);
+  r.tokens = total;
+  r.sequences = int64_t(windows.size());
+  return r;
+}
+
+std::string describe(const TraceRunResult& r, const std::string& engine_name) {
+  std::string domains;
+  for (const auto& [name, c] : r.per_domain)
+    domains += fmt::format("{}{} {} tokens / {} seq", domains.empty() ? "" : ", ", name.empty() ? "(unlabeled)" : name,
+                           c.first, c.second);
+  return fmt::format("traced {} tokens in {} sequences of at most {} tokens ({}) in {:.2f} s, {:.1f} tokens/s, engine {}",
+                     r.tokens, r.sequences, r.window, domains, r.seconds, double(r.tokens) / r.seconds, engine_name);
+}
+
+}  // namespace moelab::cli

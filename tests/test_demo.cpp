@@ -1,0 +1,102 @@
+// `moelab demo` end to end on a fixture model: every output named in index.json exists and agrees with
+// what it indexes (the trace's tokens, the statistics' per-domain loads, one result per task and engine).
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "analysis/trace.hpp"
+#include "fixture_util.hpp"
+
+namespace moelab::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
+  const fs::path tmp = fs::temp_directory_path() / ("moelab-demo-test-" + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  // Two domains of different text, so the per-domain statistics have something to separate.
+  {
+    std::ofstream corpus(tmp / "heldout.jsonl");
+    for (int i = 0; i < 6; ++i) {
+      corpus << nlohmann::json{{"text", "What is " + std::to_string(17 * i) + " + 25?\nAnswer: " + std::to_string(17 * i + 25)},
+                               {"domain", "arithmetic"}}.dump() << "\n";
+      corpus << nlohmann::json{{"text", "The licensee may copy and distribute verbatim copies of the program's source code."},
+                               {"domain", "legal"}}.dump() << "\n";
+    }
+  }
+  const auto out = tmp / "report";
+  const std::string cmd = std::string(MOELAB_BIN) + " demo --model " + model_dir("mixtral-4e-gqa-f32") +
+                          " --corpus " + (tmp / "heldout.jsonl").string() + " --out " + out.string() +
+                          " --max-new-tokens 4 --hellaswag-items 3 --no-plots --threads 1 >" +
+                          (tmp / "stdout.txt").string() + " 2>&1";
+  const int status = std::system(cmd.c_str());
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << slurp(tmp / "stdout.txt");
+
+  const auto index = nlohmann::json::parse(slurp(out / "index.json"));
+  EXPECT_EQ(index["format"], "moelab-demo-v1");
+  for (const std::string e : {"ref", "cpu-nf4"}) {
+    EXPECT_EQ(index["generations"][e]["tokens"].size(), 4u) << e;
+    EXPECT_GT(index["generations"][e]["decode_tokens_per_second"].get<double>(), 0) << e;
+  }
+  // NF4 error on this random fixture is large but bounded (the CpuEngine tests pin it down exactly).
+  EXPECT_GT(index["diff"]["logits_rel_l2"].get<double>(), 0);
+  EXPECT_LT(index["diff"]["logits_rel_l2"].get<double>(), 1.5);
+  EXPECT_TRUE(fs::exists(index["diff"]["path"].get<std::string>()));
+
+  // The trace holds what the index says, labelled by the corpus's two domains.
+  const auto trace = analysis::read_trace(index["trace"]["path"].get<std::string>());
+  EXPECT_EQ(trace.num_tokens(), index["trace"]["tokens"].get<int64_t>());
+  EXPECT_EQ(trace.num_sequences(), 12);
+
+  // The index's domain spread is recomputed here from the statistics file's load shares.
+  const auto stats = nlohmann::json::parse(slurp(index["stats"]["path"].get<std::string>()));
+  ASSERT_EQ(stats["domains"].size(), 2u);
+  const auto& spread = index["stats"]["domain_spread_per_layer"];
+  ASSERT_EQ(spread.size(), stats["overall"]["layers"].size());
+  for (size_t l = 0; l < spread.size(); ++l) {
+    double sum = 0;
+    for (const auto& d : stats["domains"]) {
+      double tv = 0;
+      for (size_t e = 0; e < d["layers"][l]["load_share"].size(); ++e)
+        tv += std::abs(d["layers"][l]["load_share"][e].get<double>() -
+                       stats["overall"]["layers"][l]["load_share"][e].get<double>());
+      sum += tv / 2;
+    }
+    EXPECT_NEAR(spread[l].get<double>(), sum / 2, 1e-12) << "layer " << l;
+  }
+
+  // One result per task and engine, in the harness's layout.
+  ASSERT_EQ(index["evals"].size(), 4u);
+  for (const auto& e : index["evals"]) {
+    const auto results = nlohmann::json::parse(slurp(e["results"].get<std::string>()));
+    const std::string task = e["task"];
+    ASSERT_TRUE(results["results"].contains(task)) << results.dump();
+    if (task == "hellaswag") {
+      EXPECT_EQ(e["documents"], 3);
+      const double acc = results["results"][task]["acc,none"];
+      EXPECT_TRUE(acc == 0 || acc == 1.0 / 3 || acc == 2.0 / 3 || acc == 1) << acc;
+    } else {
+      EXPECT_GT(results["results"][task]["bits_per_byte,none"].get<double>(), 0);
+    }
+  }
+  EXPECT_TRUE(index["plots"].empty());  // --no-plots
+  fs::remove_all(tmp);
+}
+
+}  // namespace
+}  // namespace moelab::test
