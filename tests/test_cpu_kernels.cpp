@@ -7,6 +7,8 @@
 // correct kernel. A wrong code, nibble order or absmax is off by O(sum|w x|) and fails it.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include <cmath>
 #include <random>
 
@@ -82,6 +84,36 @@ TEST_P(CpuKernels, GemvMatchesFloat64AndScalar) {
   }
 }
 
+// Several tokens at once (decode of a small batch, an expert's few tokens) give, token by token, the
+// very bits of the one-token kernel: the batch kernel only shares the decoding of the codes.
+TEST_P(CpuKernels, BatchGemvEqualsOneTokenGemvBitForBit) {
+  const auto [rows, cols, bs] = GetParam();
+  std::mt19937 rng(uint32_t(rows * 17 + cols * 3 + bs));
+  const auto w = random_matrix(rows, cols, bs, rng);
+  std::normal_distribution<float> normal;
+  for (Isa isa : available_isas())
+    for (int n = 1; n <= 4; ++n) {
+      SCOPED_TRACE(cpu::isa_name(isa) + " n=" + std::to_string(n));
+      std::vector<float> xs(size_t(n * cols));
+      for (int t = 0; t < n; ++t) {
+        std::vector<float> x(static_cast<size_t>(cols));
+        for (auto& v : x) v = normal(rng);
+        cpu::prepare_x(isa, w, x.data(), xs.data() + t * cols);
+      }
+      // Rows [1, rows - 1): a range that starts and ends off any row-block boundary.
+      const int64_t r0 = rows > 2 ? 1 : 0, r1 = rows > 2 ? rows - 1 : rows;
+      std::vector<float> batch(size_t(n * (r1 - r0)), std::nanf(""));
+      cpu::gemv_prepared_batch(isa, w, xs.data(), cols, n, batch.data(), r1 - r0, r0, r1);
+      for (int t = 0; t < n; ++t) {
+        std::vector<float> one(size_t(r1 - r0), std::nanf(""));
+        cpu::gemv_prepared(isa, w, xs.data() + t * cols, one.data(), r0, r1);
+        for (int64_t r = 0; r < r1 - r0; ++r)
+          ASSERT_EQ(std::memcmp(&batch[size_t(t * (r1 - r0) + r)], &one[size_t(r)], sizeof(float)), 0)
+              << "token " << t << " row " << r0 + r << ": " << batch[size_t(t * (r1 - r0) + r)] << " vs " << one[size_t(r)];
+      }
+    }
+}
+
 TEST_P(CpuKernels, DequantizeIsExactlyCodeTimesAbsmax) {
   const auto [rows, cols, bs] = GetParam();
   std::mt19937 rng(uint32_t(rows + cols + bs));
@@ -125,7 +157,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CpuKernels,
                                            Shape{4, 40, 64},    // cols not a multiple of 32: scalar fallback
                                            Shape{3, 7, 64},     // odd cols, blocks straddle rows
                                            Shape{2, 512, 4096}, Shape{5, 1024, 64}, Shape{3, 384, 32},
-                                           Shape{2, 1024, 256}, Shape{4, 8192 + 128, 64}),
+                                           Shape{2, 1024, 256}, Shape{4, 8192 + 128, 64},
+                                           Shape{11, 8192 + 128, 64}),  // w2-like: four-row blocks and a tail
                          [](const auto& info) {
                            return std::to_string(info.param.rows) + "x" + std::to_string(info.param.cols) + "_b" +
                                   std::to_string(info.param.blocksize);

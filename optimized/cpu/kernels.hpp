@@ -22,6 +22,12 @@ void gemv_rows(Isa isa, const Nf4Matrix& w, const float* x, float* y, int64_t r0
 // chunk into the elements of high and low nibbles), gemv_prepared consumes it.
 void prepare_x(Isa isa, const Nf4Matrix& w, const float* x, float* xs);
 void gemv_prepared(Isa isa, const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
+// gemv_prepared for n tokens at once (n <= 4): y[t * y_stride + r - r0] from xs + t * xs_stride. The
+// AVX-512 kernel decodes each weight block once for all n tokens (decoding, not DRAM, bounds a
+// two-core GEMV); per token it adds in the same order as gemv_prepared, so results are bit-identical.
+// Other kernel sets run gemv_prepared per token.
+void gemv_prepared_batch(Isa isa, const Nf4Matrix& w, const float* xs, int64_t xs_stride, int n, float* y,
+                         int64_t y_stride, int64_t r0, int64_t r1);
 // out[(r - r0) * cols + c] = W[r, c] in FP32 (code value times its block's absmax).
 void dequantize_rows(Isa isa, const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
 
@@ -39,6 +45,8 @@ void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
 namespace avx512 {
 void prepare_x(const Nf4Matrix& w, const float* x, float* xs);
 void gemv_prepared(const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
+void gemv_prepared_batch(const Nf4Matrix& w, const float* xs, int64_t xs_stride, int n, float* y, int64_t y_stride,
+                         int64_t r0, int64_t r1);
 void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
 }  // namespace avx512
 

@@ -20,7 +20,7 @@ MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
-      for (int64_t t = 0; t < n; ++t) gemv_prepared(isa, w, xs.row(t).data(), yt.row(t).data() + r0, r0, r1);
+      gemv_prepared_batch(isa, w, xs.data(), xs.cols(), int(n), yt.data() + r0, yt.cols(), r0, r1);
     }
     return yt;
   }
