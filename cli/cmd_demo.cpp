@@ -37,7 +37,7 @@ namespace fs = std::filesystem;
 
 struct DemoArgs {
   std::string model, out = "moelab-demo", corpus;
-  std::string prompt = "int main(int argc, char **argv)\n{";
+  std::string prompt = "The GNU General Public License";
   int max_new_tokens = 48;
   int hellaswag_items = 200;
   int threads = 0;
