@@ -9,9 +9,11 @@ seed, in well under an hour on two cores. Usage:
 
 Steps:
  1. Corpus. With --corpus DIR it reads DIR/corpus.jsonl and DIR/heldout.jsonl (scripts/make_domain_corpus.py
-    output). Without it, it reads the copy committed beside the model (OUT/corpus/train.jsonl.gz and
-    OUT/corpus/heldout.jsonl), so a retrain on any machine sees the same bytes (the corpus is built from
-    Debian package files, which differ between releases). The sha256 of both splits goes in the card.
+    output). Without it, it reads the copy committed beside the bundled model
+    (models/tiny-mixtral/corpus/train.jsonl.gz and heldout.jsonl), so a retrain on any machine sees the
+    same bytes (the corpus is built from Debian package files, which differ between releases). The corpus
+    is copied to OUT/corpus; the sha256 of both splits goes in the card. The committed corpus was made by
+    `scripts/make_domain_corpus.py DIR --train-bytes 400000` (seed 0, Debian 12).
  2. Tokenizer: a sentencepiece BPE model trained on the training split only, with byte fallback (no
     text is ever <unk>), digits split (arithmetic), whitespace kept as is (code), identity normalization,
     and the Llama/Mixtral special ids (unk 0, bos 1, eos 2), so it loads wherever Mixtral's does.
@@ -70,7 +72,8 @@ SEQ_LEN = 256
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "models", "tiny-mixtral"))
-    p.add_argument("--corpus", help="folder with corpus.jsonl and heldout.jsonl (default: OUT/corpus)")
+    p.add_argument("--corpus", help="folder with corpus.jsonl (or train.jsonl.gz) and heldout.jsonl "
+                                    "(default: models/tiny-mixtral/corpus)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16, help="sequences of %d tokens per step" % SEQ_LEN)
@@ -101,13 +104,25 @@ def read_jsonl(data: bytes):
 
 
 def load_corpus(args):
-    """Returns (train_docs, heldout_docs, facts); copies an external corpus beside the model."""
-    corpus_dir = os.path.join(args.out, "corpus")
-    if args.corpus:
-        with open(os.path.join(args.corpus, "corpus.jsonl"), "rb") as f:
-            train = f.read()
-        with open(os.path.join(args.corpus, "heldout.jsonl"), "rb") as f:
+    """Returns (train_docs, heldout_docs, facts) and keeps a copy of the corpus in OUT/corpus.
+
+    The corpus is --corpus DIR (corpus.jsonl or train.jsonl.gz, and heldout.jsonl), by default the copy
+    committed beside the bundled model, so a retrain reads the same bytes on any machine."""
+    src = os.path.abspath(args.corpus or os.path.join(REPO, "models", "tiny-mixtral", "corpus"))
+    try:
+        if os.path.exists(os.path.join(src, "corpus.jsonl")):
+            with open(os.path.join(src, "corpus.jsonl"), "rb") as f:
+                train = f.read()
+        else:
+            with gzip.open(os.path.join(src, "train.jsonl.gz"), "rb") as f:
+                train = f.read()
+        with open(os.path.join(src, "heldout.jsonl"), "rb") as f:
             heldout = f.read()
+    except FileNotFoundError as e:
+        sys.exit(f"train_tiny_mixtral: {e.filename}: not found; pass --corpus DIR "
+                 "(made by scripts/make_domain_corpus.py DIR)")
+    corpus_dir = os.path.abspath(os.path.join(args.out, "corpus"))
+    if corpus_dir != src:
         os.makedirs(corpus_dir, exist_ok=True)
         # gzip with mtime 0, so the committed bytes do not change from run to run.
         buf = io.BytesIO()
@@ -116,19 +131,9 @@ def load_corpus(args):
         atomic_write(os.path.join(corpus_dir, "train.jsonl.gz"), buf.getvalue())
         atomic_write(os.path.join(corpus_dir, "heldout.jsonl"), heldout)
         for name in ("manifest.json", "README.md"):
-            src = os.path.join(args.corpus, name)
-            if os.path.exists(src):
-                with open(src, "rb") as f:
+            if os.path.exists(os.path.join(src, name)):
+                with open(os.path.join(src, name), "rb") as f:
                     atomic_write(os.path.join(corpus_dir, name), f.read())
-    else:
-        try:
-            with gzip.open(os.path.join(corpus_dir, "train.jsonl.gz"), "rb") as f:
-                train = f.read()
-            with open(os.path.join(corpus_dir, "heldout.jsonl"), "rb") as f:
-                heldout = f.read()
-        except FileNotFoundError as e:
-            sys.exit(f"train_tiny_mixtral: {e.filename}: not found; pass --corpus DIR "
-                     "(made by scripts/make_domain_corpus.py DIR)")
     facts = {"train_sha256": sha256(train), "heldout_sha256": sha256(heldout),
              "train_bytes": len(train), "heldout_bytes": len(heldout)}
     return read_jsonl(train), read_jsonl(heldout), facts
@@ -415,7 +420,7 @@ def model_card_markdown(card, rows, domains):
         "",
         "## Corpus",
         "",
-        "The multi-domain corpus of `scripts/make_domain_corpus.py` (seed 0; Debian package files plus",
+        "The multi-domain corpus of `scripts/make_domain_corpus.py` (seed 0, `--train-bytes 400000`; Debian package files plus",
         "synthetic arithmetic; see `corpus/README.md` and `corpus/manifest.json` for every source file and",
         "its package). Copied here (`corpus/train.jsonl.gz`, `corpus/heldout.jsonl`) so that retraining",
         "reads the same bytes on any machine; the held-out split shares no source file with training.",
