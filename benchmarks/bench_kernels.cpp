@@ -92,6 +92,25 @@ void BM_Nf4Gemv(benchmark::State& state, Shape s, Isa isa) {
   set_bandwidth_counters(state, bytes);
 }
 
+// n tokens through one NF4 matrix (a small decode batch, or an expert's few tokens): weight bytes per
+// second, so n = 1 equals Nf4Gemv and a kernel that decodes each block once for all tokens shows as n x.
+void BM_Nf4GemvTokens(benchmark::State& state, Shape s) {
+  const int n = int(state.range(0));
+  const int64_t bytes = s.rows * s.cols / 2 + s.rows * s.cols / 64 * 4;
+  const int copies = int(std::max<int64_t>(1, kStreamBytes / bytes));
+  std::vector<Nf4Matrix> w;
+  for (int c = 0; c < copies; ++c) w.push_back(random_nf4(s.rows, s.cols, uint32_t(c)));
+  MatrixRF x = MatrixRF::Random(n, s.cols);
+  int c = 0;
+  for (auto _ : state) {
+    MatrixRF y = moelab::cpu::nf4_linear(moelab::cpu::best_isa(), w[size_t(c)], x);
+    benchmark::DoNotOptimize(y.data());
+    c = (c + 1) % copies;
+  }
+  set_bandwidth_counters(state, bytes);
+  state.SetItemsProcessed(int64_t(state.iterations()) * n);
+}
+
 void BM_Fp32Gemv(benchmark::State& state, Shape s) {
   const int64_t bytes = s.rows * s.cols * 4;
   const int copies = int(std::max<int64_t>(1, kStreamBytes / bytes));
@@ -189,6 +208,10 @@ int main(int argc, char** argv) {
         ->Unit(benchmark::kMicrosecond)
         ->UseRealTime();
   }
+  for (const auto& s : kShapes)
+    if (std::string(s.name) == "w1_w3" || std::string(s.name) == "w2")
+      benchmark::RegisterBenchmark((std::string("Nf4GemvTokens/") + s.name).c_str(), BM_Nf4GemvTokens, s)
+          ->Arg(1)->Arg(2)->Arg(4)->Unit(benchmark::kMicrosecond)->UseRealTime();
   benchmark::RegisterBenchmark("Nf4Dequantize/64x4096", BM_Nf4Dequantize)->UseRealTime();
   benchmark::RegisterBenchmark("MoeLayer/nf4", BM_MoeLayerNf4)->Arg(1)->Arg(8)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("MoeLayer/fp32_reference", BM_MoeLayerFp32Reference)

@@ -84,32 +84,47 @@ TEST_P(CpuKernels, GemvMatchesFloat64AndScalar) {
   }
 }
 
-// Several tokens at once (decode of a small batch, an expert's few tokens) give, token by token, the
-// very bits of the one-token kernel: the batch kernel only shares the decoding of the codes.
-TEST_P(CpuKernels, BatchGemvEqualsOneTokenGemvBitForBit) {
+// Several tokens at once (decode of a small batch, an expert's few tokens): every token's result is
+// within FP32 rounding of the float64 value, and bit for bit the one-token kernel's wherever both use
+// the same row blocking (the AVX-512 batch kernel always blocks four rows; the one-token kernel does
+// only once x outgrows L1, so below that the order of the additions differs).
+TEST_P(CpuKernels, BatchGemvMatchesFloat64AndOneTokenGemv) {
   const auto [rows, cols, bs] = GetParam();
   std::mt19937 rng(uint32_t(rows * 17 + cols * 3 + bs));
   const auto w = random_matrix(rows, cols, bs, rng);
   std::normal_distribution<float> normal;
+  const double blocks = double(cols) / bs + 2;
   for (Isa isa : available_isas())
     for (int n = 1; n <= 4; ++n) {
       SCOPED_TRACE(cpu::isa_name(isa) + " n=" + std::to_string(n));
+      std::vector<std::vector<float>> x(size_t(n), std::vector<float>(static_cast<size_t>(cols)));
       std::vector<float> xs(size_t(n * cols));
       for (int t = 0; t < n; ++t) {
-        std::vector<float> x(static_cast<size_t>(cols));
-        for (auto& v : x) v = normal(rng);
-        cpu::prepare_x(isa, w, x.data(), xs.data() + t * cols);
+        for (auto& v : x[size_t(t)]) v = normal(rng);
+        cpu::prepare_x(isa, w, x[size_t(t)].data(), xs.data() + t * cols);
       }
       // Rows [1, rows - 1): a range that starts and ends off any row-block boundary.
-      const int64_t r0 = rows > 2 ? 1 : 0, r1 = rows > 2 ? rows - 1 : rows;
-      std::vector<float> batch(size_t(n * (r1 - r0)), std::nanf(""));
-      cpu::gemv_prepared_batch(isa, w, xs.data(), cols, n, batch.data(), r1 - r0, r0, r1);
+      const int64_t r0 = rows > 2 ? 1 : 0, r1 = rows > 2 ? rows - 1 : rows, m = r1 - r0;
+      std::vector<float> batch(size_t(n * m), std::nanf(""));
+      cpu::gemv_prepared_batch(isa, w, xs.data(), cols, n, batch.data(), m, r0, r1);
+      const bool same_blocking = isa != Isa::Avx512 || n == 1 || cols * int64_t(sizeof(float)) > 32 * 1024;
       for (int t = 0; t < n; ++t) {
-        std::vector<float> one(size_t(r1 - r0), std::nanf(""));
+        std::vector<float> one(static_cast<size_t>(m), std::nanf(""));
         cpu::gemv_prepared(isa, w, xs.data() + t * cols, one.data(), r0, r1);
-        for (int64_t r = 0; r < r1 - r0; ++r)
-          ASSERT_EQ(std::memcmp(&batch[size_t(t * (r1 - r0) + r)], &one[size_t(r)], sizeof(float)), 0)
-              << "token " << t << " row " << r0 + r << ": " << batch[size_t(t * (r1 - r0) + r)] << " vs " << one[size_t(r)];
+        for (int64_t r = 0; r < m; ++r) {
+          const float got = batch[size_t(t * m + r)];
+          double exact = 0, magnitude = 0;
+          for (int64_t c = 0; c < cols; ++c) {
+            const double p = weight64(w, (r0 + r) * cols + c) * x[size_t(t)][size_t(c)];
+            exact += p;
+            magnitude += std::abs(p);
+          }
+          ASSERT_LE(std::abs(got - exact), (double(cols) + blocks) * std::ldexp(1.0, -24) * magnitude)
+              << "token " << t << " row " << r0 + r;
+          if (same_blocking)
+            ASSERT_EQ(std::memcmp(&got, &one[size_t(r)], sizeof(float)), 0)
+                << "token " << t << " row " << r0 + r << ": " << got << " vs " << one[size_t(r)];
+        }
       }
     }
 }
@@ -158,7 +173,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CpuKernels,
                                            Shape{3, 7, 64},     // odd cols, blocks straddle rows
                                            Shape{2, 512, 4096}, Shape{5, 1024, 64}, Shape{3, 384, 32},
                                            Shape{2, 1024, 256}, Shape{4, 8192 + 128, 64},
-                                           Shape{11, 8192 + 128, 64}),  // w2-like: four-row blocks and a tail
+                                           Shape{11, 8192 + 128, 64},  // w2-like: four-row blocks and a tail
+                                           Shape{11, 1024, 64}),        // batch kernel's four-row blocks, small x
                          [](const auto& info) {
                            return std::to_string(info.param.rows) + "x" + std::to_string(info.param.cols) + "_b" +
                                   std::to_string(info.param.blocksize);

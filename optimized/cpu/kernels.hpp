@@ -24,8 +24,9 @@ void prepare_x(Isa isa, const Nf4Matrix& w, const float* x, float* xs);
 void gemv_prepared(Isa isa, const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
 // gemv_prepared for n tokens at once (n <= 4): y[t * y_stride + r - r0] from xs + t * xs_stride. The
 // AVX-512 kernel decodes each weight block once for all n tokens (decoding, not DRAM, bounds a
-// two-core GEMV); per token it adds in the same order as gemv_prepared, so results are bit-identical.
-// Other kernel sets run gemv_prepared per token.
+// two-core GEMV) and always works in four-row blocks; a token's result is gemv_prepared's to FP32
+// rounding, bit for bit where gemv_prepared blocks rows too (x beyond L1, e.g. w2). Other kernel sets
+// run gemv_prepared per token.
 void gemv_prepared_batch(Isa isa, const Nf4Matrix& w, const float* xs, int64_t xs_stride, int n, float* y,
                          int64_t y_stride, int64_t r0, int64_t r1);
 // out[(r - r0) * cols + c] = W[r, c] in FP32 (code value times its block's absmax).
