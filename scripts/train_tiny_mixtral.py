@@ -474,7 +474,10 @@ def model_card_markdown(card, rows, domains):
               f"{o['perplexity']:.1f} | | {o['unigram_loss']:.3f} | {o['unigram_perplexity']:.1f} |", ""]
     lines += ["## Expert load by domain (first choice, last layer)", "",
               "Share of held-out tokens whose first-choice expert is each one; 0.125 each would be uniform.",
-              "`moelab demo` and `moelab stats --by-domain` give every layer.", "",
+              "The balance loss evens out the top-2 load over the whole corpus (transformers' auxiliary loss",
+              "stays near its balanced value 2), not the first choices, and not within a domain: experts that",
+              "are rarely first choice serve as second choices, and the shares move with the domain.",
+              "`moelab demo` and `moelab stats --by-domain` give every layer and both choices.", "",
               "| domain | " + " | ".join(f"e{e}" for e in range(a["num_local_experts"])) + " |",
               "|---|" + "---|" * a["num_local_experts"]]
     for d in domains:
