@@ -4,7 +4,8 @@
 //   3. a routing trace (HDF5) of the held-out multi-domain corpus;
 //   4. routing statistics by domain: expert load, load balance, stickiness against random routing;
 //   5. a small eval on both engines (HellaSwag and WikiText-2 slices), beside Mixtral's reported scores;
-//   6. plots of the routing, when Python with h5py and matplotlib (the light tier) is present.
+//   6. plots of the routing, when Python with h5py and matplotlib (the light tier) is present (the
+//      expert-load-by-domain figure of step 4 is drawn as SVG without it).
 // Everything lands in one folder with index.json naming every output.
 #include <fmt/format.h>
 
@@ -16,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "analysis/diff.hpp"
+#include "analysis/load_figure.hpp"
 #include "analysis/stats.hpp"
 #include "analysis/trace.hpp"
 #include "cli/bundled.hpp"
@@ -151,6 +153,10 @@ void run_demo(DemoArgs& a) {
   auto stats_json = stats.to_json();
   stats_json["trace"]["path"] = trace_path;
   write_file_atomic((out / "routing-stats.json").string(), stats_json.dump(2) + "\n");
+  // Drawn here, without Python, so the figure exists on every machine.
+  const auto load_svg = (out / "expert-load-by-domain.svg").string();
+  write_file_atomic(load_svg, analysis::expert_load_by_domain_svg(stats));
+  fmt::print("wrote {} (every layer) and {}\n", load_svg, (out / "routing-stats.json").string());
 
   // 5. Evals on both engines.
   heading(5, "evals on both engines: HellaSwag (0-shot) and WikiText-2 slices, beside Mixtral-8x7B's reported scores");
@@ -203,7 +209,8 @@ void run_demo(DemoArgs& a) {
                 {"mean_kl", diff.mean_kl}}},
       {"trace", {{"path", trace_path}, {"corpus", corpus}, {"tokens", traced.tokens}, {"sequences", traced.sequences},
                  {"engine", ref->name()}}},
-      {"stats", {{"path", (out / "routing-stats.json").string()}, {"domain_spread_per_layer", spread}}},
+      {"stats", {{"path", (out / "routing-stats.json").string()}, {"domain_spread_per_layer", spread},
+                 {"figure", load_svg}}},
       {"evals", evals_index},
       {"plots", plots},
       {"seconds", seconds},

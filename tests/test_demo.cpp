@@ -7,9 +7,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <regex>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "analysis/load_figure.hpp"
 #include "analysis/trace.hpp"
 #include "fixture_util.hpp"
 
@@ -79,6 +82,23 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
     }
     EXPECT_NEAR(spread[l].get<double>(), sum / 2, 1e-12) << "layer " << l;
   }
+
+  // The SVG figure draws every (layer, domain, expert) share of the statistics file, bar height to scale.
+  const std::string svg = slurp(index["stats"]["figure"].get<std::string>());
+  const std::regex bar(R"re(<rect class="bar" data-domain="([^"]+)" data-expert="(\d+)" data-share="([0-9.]+)" x="[0-9.]+" y="[0-9.]+" width="[0-9.]+" height="([0-9.]+)")re");
+  std::map<std::string, size_t> domain_index;
+  for (size_t d = 0; d < stats["domains"].size(); ++d) domain_index[stats["domains"][d]["name"]] = d;
+  size_t bars = 0, layer = 0, in_layer = 0;
+  const size_t per_layer = stats["domains"].size() * stats["domains"][0]["layers"][0]["load_share"].size();
+  for (auto it = std::sregex_iterator(svg.begin(), svg.end(), bar); it != std::sregex_iterator(); ++it, ++bars) {
+    const auto& m = *it;
+    const double share = std::stod(m[3].str()), height = std::stod(m[4].str());
+    const double want = stats["domains"][domain_index.at(m[1].str())]["layers"][layer]["load_share"][std::stoul(m[2].str())];
+    EXPECT_NEAR(share, want, 1e-6) << m[0].str();
+    EXPECT_NEAR(height, want * analysis::kLoadFigureBarScale, 1e-2) << m[0].str();
+    if (++in_layer == per_layer) ++layer, in_layer = 0;
+  }
+  EXPECT_EQ(bars, per_layer * stats["overall"]["layers"].size());
 
   // One result per task and engine, in the harness's layout.
   ASSERT_EQ(index["evals"].size(), 4u);
