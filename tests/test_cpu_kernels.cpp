@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <tuple>
 
 #include <cmath>
 #include <random>
@@ -163,6 +164,30 @@ TEST_P(CpuKernels, LinearBothPathsMatchFloat64) {
         ASSERT_LE(std::abs(y(t, r) - exact), (double(cols) + double(cols) / bs + 2) * std::ldexp(1.0, -24) * magnitude)
             << "n " << n << " token " << t << " row " << r;
       }
+  }
+}
+
+// The FP32 lm_head product split over threads equals a float64 computation; sizes straddle the
+// parallel threshold and the row chunking (rows not a multiple of the chunk).
+TEST(CpuFp32Linear, MatchesFloat64AboveAndBelowTheParallelThreshold) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  for (const auto& [n, rows, cols] : {std::tuple{1, 33000, 128}, std::tuple{3, 5000, 300}, std::tuple{4, 1500, 64},
+                                      std::tuple{9, 2000, 96}}) {
+    SCOPED_TRACE(std::to_string(n) + "x" + std::to_string(rows) + "x" + std::to_string(cols));
+    MatrixRF x(n, cols), w(rows, cols);
+    for (Eigen::Index i = 0; i < x.size(); ++i) x.data()[i] = normal(rng);
+    for (Eigen::Index i = 0; i < w.size(); ++i) w.data()[i] = normal(rng);
+    const MatrixRF y = cpu::fp32_linear(x, w);
+    ASSERT_EQ(y.rows(), n);
+    ASSERT_EQ(y.cols(), rows);
+    const Eigen::MatrixXd exact = x.cast<double>() * w.cast<double>().transpose();
+    const Eigen::MatrixXd magnitude = x.cast<double>().cwiseAbs() * w.cast<double>().cwiseAbs().transpose();
+    // FP32 dot products of `cols` terms: |error| <= cols * 2^-24 * sum |products| (Higham, 3.5).
+    for (Eigen::Index i = 0; i < n; ++i)
+      for (Eigen::Index j = 0; j < rows; ++j)
+        ASSERT_LE(std::abs(double(y(i, j)) - exact(i, j)), cols * std::ldexp(1.0, -24) * magnitude(i, j))
+            << "token " << i << " row " << j;
   }
 }
 

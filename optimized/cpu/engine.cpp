@@ -248,7 +248,7 @@ MatrixRF Nf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
   pos_ += n;
   const auto t0 = clock_type::now();
   const MatrixRF normed = rms_norm(h, final_norm_);
-  MatrixRF logits = normed * (cfg_.tie_word_embeddings ? embedding_ : lm_head_).transpose();
+  const MatrixRF logits = fp32_linear(normed, cfg_.tie_word_embeddings ? embedding_ : lm_head_);
   if (probe) probe->on_logits(logits, seconds_since(t0));
   return logits;
 }

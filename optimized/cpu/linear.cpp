@@ -50,4 +50,20 @@ MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
   return y;
 }
 
+MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w) {
+  const int64_t n = x.rows();
+  MatrixRF y(n, w.rows());
+  if (n > kGemvMaxTokens || n * w.rows() * w.cols() < kMinParallelMacs) {
+    y.noalias() = x * w.transpose();  // a GEMM Eigen threads itself, or too small to split
+    return y;
+  }
+  constexpr Eigen::Index kChunk = 1024;
+#pragma omp parallel for schedule(static)
+  for (Eigen::Index r0 = 0; r0 < w.rows(); r0 += kChunk) {
+    const Eigen::Index rows = std::min(kChunk, w.rows() - r0);
+    y.middleCols(r0, rows).noalias() = x * w.middleRows(r0, rows).transpose();  // inside the team: one thread
+  }
+  return y;
+}
+
 }  // namespace moelab::cpu

@@ -17,6 +17,12 @@ MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x);
 // regions of ~1M MACs made a small model's eval 100x slower than one thread (0.3 s -> 31 s).
 inline constexpr int64_t kMinParallelMacs = int64_t(1) << 22;
 
+// Y = X · Wᵀ with FP32 W (the lm_head and embedding cpu-nf4 keeps in full precision). Eigen runs a
+// matrix-vector product on one thread; for Mixtral's 32000 x 4096 lm_head (524 MB read per decoded
+// token) that alone would take a fifth of a decode step, so few-token products split W's rows over
+// the threads.
+MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w);
+
 // Batches up to this many tokens use the GEMV path.
 inline constexpr int kGemvMaxTokens = 4;
 
