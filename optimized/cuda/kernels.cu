@@ -1,0 +1,164 @@
+// cuda-nf4 kernels (see kernels.hpp for the contracts).
+#include <cuda_runtime.h>
+
+#include "optimized/cuda/check.hpp"
+#include "optimized/cuda/kernels.hpp"
+
+namespace moelab::cuda {
+namespace {
+
+// bitsandbytes' NF4 table (formats.md 3.1); kept equal to nf4::kCodes by a device test.
+__constant__ float kNf4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                               -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                               0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
+                               0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+                               0.7229568362236023f, 1.0f};
+
+constexpr int kWarp = 32;
+constexpr int kGemvWarps = 4;  // rows per block
+
+__global__ void nf4_gemv_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax, int64_t rows,
+                                int64_t cols, const float* __restrict__ x, float* __restrict__ y) {
+  __shared__ float table[16];
+  if (threadIdx.x < 16) table[threadIdx.x] = kNf4[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = int64_t(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
+  if (row >= rows) return;
+  // cols % 32 == 0, so a row is whole 16-byte vectors and starts 16-byte aligned (arena regions are
+  // 256-aligned and cols / 2 is a multiple of 16).
+  const int64_t first = row * cols;  // element index of the row's first value
+  const uint4* vec = reinterpret_cast<const uint4*>(codes + first / 2);
+  const int64_t nvec = cols / 32;
+  float acc = 0.0f;
+  for (int64_t v = lane; v < nvec; v += kWarp) {
+    const uint4 packed = __ldg(vec + v);
+    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+    const int64_t e0 = first + v * 32;  // 32 elements: all in block e0 / 64 (32 | 64, aligned)
+    const float scale = __ldg(absmax + e0 / 64);
+    const float* xs = x + (e0 - first);
+    float part = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t byte = (words[w] >> (8 * b)) & 0xFFu;  // little-endian: byte 4w+b
+        const int k = (w * 4 + b) * 2;
+        part += table[byte >> 4] * xs[k] + table[byte & 15u] * xs[k + 1];  // high nibble first
+      }
+    }
+    acc += part * scale;
+  }
+  for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_down_sync(0xFFFFFFFFu, acc, off);
+  if (lane == 0) y[row] = acc;
+}
+
+__global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
+                                      int64_t first, int64_t count, float* __restrict__ out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = first + i;
+    const uint8_t byte = codes[e / 2];
+    const int code = (e % 2 == 0) ? (byte >> 4) : (byte & 15);
+    out[i] = kNf4[code] * absmax[e / 64];
+  }
+}
+
+__global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w, int dim, float eps,
+                                float* __restrict__ out) {
+  __shared__ float partial[32];
+  const float* row = x + int64_t(blockIdx.x) * dim;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += row[i] * row[i];
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_down_sync(0xFFFFFFFFu, ss, off);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    ss = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0f;
+    for (int off = 16; off > 0; off /= 2) ss += __shfl_down_sync(0xFFFFFFFFu, ss, off);
+    if (threadIdx.x == 0) partial[0] = rsqrtf(ss / float(dim) + eps);
+  }
+  __syncthreads();
+  const float inv = partial[0];
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) out[int64_t(blockIdx.x) * dim + i] = w[i] * (row[i] * inv);
+}
+
+__global__ void swiglu_kernel(const float* __restrict__ gu, int n, int dim, float* __restrict__ out) {
+  const int64_t total = int64_t(n) * dim;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / dim, c = i % dim;
+    const float g = gu[t * 2 * dim + c], u = gu[t * 2 * dim + dim + c];
+    out[i] = g / (1.0f + expf(-g)) * u;
+  }
+}
+
+// One thread per token: `experts` is small (8 for Mixtral), so a serial softmax and selection is cheaper
+// than any cooperative scheme and matches the reference's order of operations.
+__global__ void router_topk_kernel(const float* __restrict__ logits, int n, int experts, int top_k,
+                                   int32_t* __restrict__ chosen, float* __restrict__ gates) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= n) return;
+  const float* l = logits + int64_t(t) * experts;
+  float mx = l[0];
+  for (int e = 1; e < experts; ++e) mx = fmaxf(mx, l[e]);
+  float p[64];
+  float sum = 0.0f;
+  for (int e = 0; e < experts; ++e) sum += (p[e] = expf(l[e] - mx));
+  for (int e = 0; e < experts; ++e) p[e] /= sum;
+  uint64_t taken = 0;
+  float kept = 0.0f;
+  for (int k = 0; k < top_k; ++k) {
+    int best = -1;
+    for (int e = 0; e < experts; ++e)
+      if (!(taken >> e & 1u) && (best < 0 || p[e] > p[best])) best = e;
+    taken |= uint64_t(1) << best;
+    chosen[int64_t(t) * top_k + k] = best;
+    gates[int64_t(t) * top_k + k] = p[best];
+    kept += p[best];
+  }
+  for (int k = 0; k < top_k; ++k) gates[int64_t(t) * top_k + k] /= kept;
+}
+
+int grid_for(int64_t total, int threads) {
+  const int64_t blocks = (total + threads - 1) / threads;
+  return int(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
+}
+
+}  // namespace
+
+void nf4_gemv(const uint8_t* codes, const float* absmax, int64_t rows, int64_t cols, const float* x, float* y,
+              cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0 || cols % 32 != 0) throw Error("cuda-nf4: nf4_gemv needs cols a positive multiple of 32");
+  const unsigned blocks = unsigned((rows + kGemvWarps - 1) / kGemvWarps);
+  nf4_gemv_kernel<<<blocks, kGemvWarps * kWarp, 0, stream>>>(codes, absmax, rows, cols, x, y);
+  MOELAB_CUDA_CHECK_LAUNCH("nf4_gemv");
+}
+
+void nf4_dequantize_rows(const uint8_t* codes, const float* absmax, int64_t row_begin, int64_t rows, int64_t cols,
+                         float* out, cudaStream_t stream) {
+  const int64_t count = rows * cols;
+  nf4_dequantize_kernel<<<grid_for(count, 256), 256, 0, stream>>>(codes, absmax, row_begin * cols, count, out);
+  MOELAB_CUDA_CHECK_LAUNCH("nf4_dequantize_rows");
+}
+
+void rms_norm(const float* x, const float* weight, int n, int dim, float eps, float* out, cudaStream_t stream) {
+  if (n <= 0) return;
+  rms_norm_kernel<<<n, 256, 0, stream>>>(x, weight, dim, eps, out);
+  MOELAB_CUDA_CHECK_LAUNCH("rms_norm");
+}
+
+void swiglu(const float* gate_up, int n, int dim, float* out, cudaStream_t stream) {
+  if (n <= 0) return;
+  swiglu_kernel<<<grid_for(int64_t(n) * dim, 256), 256, 0, stream>>>(gate_up, n, dim, out);
+  MOELAB_CUDA_CHECK_LAUNCH("swiglu");
+}
+
+void router_topk(const float* logits, int n, int experts, int top_k, int32_t* chosen, float* gates,
+                 cudaStream_t stream) {
+  if (experts < 1 || experts > 64 || top_k < 1 || top_k > experts)
+    throw Error("cuda-nf4: router_topk needs 1 <= top_k <= experts <= 64");
+  if (n <= 0) return;
+  router_topk_kernel<<<(n + 127) / 128, 128, 0, stream>>>(logits, n, experts, top_k, chosen, gates);
+  MOELAB_CUDA_CHECK_LAUNCH("router_topk");
+}
+
+}  // namespace moelab::cuda

@@ -1,0 +1,144 @@
+// Device tests of the cuda-nf4 kernels (label "device"): each kernel on fresh random inputs against a
+// plain host computation, outputs poisoned with NaN first so an unwritten element fails. Where no CUDA
+// device is present every test is skipped with the reason (ctest then reports it skipped, not failed).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "optimized/cuda/check.hpp"
+#include "optimized/cuda/device_info.hpp"
+#include "optimized/cuda/kernels.hpp"
+#include "optimized/nf4/nf4.hpp"
+
+namespace moelab::cuda {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                               \
+  do {                                                                                   \
+    const auto list = list_devices();                                                    \
+    if (list.devices.empty()) GTEST_SKIP() << "cuda-nf4: no CUDA device found (" << list.error << ")"; \
+  } while (0)
+
+// A device buffer filled from (or poisoned for) the host; freed on scope exit.
+template <class T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(size_t count) : n(count) {
+    MOELAB_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)));
+    MOELAB_CUDA_CHECK(cudaMemset(ptr, 0xFF, n * sizeof(T)));  // all-ones bytes: NaN for floats, -1 for ints
+  }
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
+    MOELAB_CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  std::vector<T> read() const {
+    std::vector<T> out(n);
+    MOELAB_CUDA_CHECK(cudaDeviceSynchronize());
+    MOELAB_CUDA_CHECK(cudaMemcpy(out.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return out;
+  }
+};
+
+std::vector<float> random_vector(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+double rel_l2(const std::vector<float>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return std::numeric_limits<double>::infinity();
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+TEST(CudaKernels, Nf4GemvAndDequantizeMatchHost) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(1);
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 32}, {7, 96}, {33, 4096}, {1024, 14336}, {4096, 1024}}) {
+    const auto w = random_vector(size_t(rows * cols), rng, 0.02f);
+    const auto q = nf4::quantize_nf4(w.data(), rows * cols, 64, /*double_quant=*/true);
+    const auto absmax = nf4::block_absmax(q);  // double quantization undone, as on upload
+    const auto deq = nf4::dequantize(q);
+    const auto x = random_vector(size_t(cols), rng);
+    std::vector<double> want(size_t(rows), 0.0);  // float64 over the dequantized weights
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) want[r] += double(deq[r * cols + c]) * x[c];
+    DeviceBuffer<uint8_t> d_codes(q.packed);
+    DeviceBuffer<float> d_absmax(absmax), d_x(x), d_y(static_cast<size_t>(rows)), d_deq(static_cast<size_t>(rows * cols));
+    nf4_gemv(d_codes.ptr, d_absmax.ptr, rows, cols, d_x.ptr, d_y.ptr, nullptr);
+    // FP32 accumulation over `cols` terms: the error bound grows like sqrt(cols) * 2^-24 relative.
+    EXPECT_LT(rel_l2(d_y.read(), want), 1e-5) << rows << "x" << cols;
+    const int64_t r0 = rows / 3, nr = rows - r0;
+    nf4_dequantize_rows(d_codes.ptr, d_absmax.ptr, r0, nr, cols, d_deq.ptr, nullptr);
+    const auto got = d_deq.read();
+    for (int64_t i = 0; i < nr * cols; ++i) ASSERT_EQ(got[i], deq[r0 * cols + i]) << i;  // both compute code * absmax in FP32: exact
+  }
+}
+
+TEST(CudaKernels, RmsNormSwigluRouterMatchHost) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(2);
+  const int n = 5, dim = 4096, experts = 8, top_k = 2;
+  const auto x = random_vector(size_t(n) * dim, rng), w = random_vector(dim, rng);
+  DeviceBuffer<float> d_x(x), d_w(w), d_out(static_cast<size_t>(n) * dim);
+  rms_norm(d_x.ptr, d_w.ptr, n, dim, 1e-5f, d_out.ptr, nullptr);
+  std::vector<double> want(size_t(n) * dim);
+  for (int t = 0; t < n; ++t) {
+    double ss = 0;
+    for (int i = 0; i < dim; ++i) ss += double(x[t * dim + i]) * x[t * dim + i];
+    const double inv = 1.0 / std::sqrt(ss / dim + 1e-5);
+    for (int i = 0; i < dim; ++i) want[t * dim + i] = w[i] * (x[t * dim + i] * inv);
+  }
+  EXPECT_LT(rel_l2(d_out.read(), want), 1e-6);
+
+  const auto gu = random_vector(size_t(n) * 2 * dim, rng, 3.0f);
+  DeviceBuffer<float> d_gu(gu), d_h(static_cast<size_t>(n) * dim);
+  swiglu(d_gu.ptr, n, dim, d_h.ptr, nullptr);
+  for (int t = 0; t < n; ++t)
+    for (int i = 0; i < dim; ++i) {
+      const double g = gu[t * 2 * dim + i], u = gu[t * 2 * dim + dim + i];
+      want[t * dim + i] = g / (1.0 + std::exp(-g)) * u;
+    }
+  EXPECT_LT(rel_l2(d_h.read(), want), 1e-6);
+
+  const int tokens = 300;
+  const auto logits = random_vector(size_t(tokens) * experts, rng, 2.0f);
+  DeviceBuffer<float> d_l(logits), d_g(static_cast<size_t>(tokens) * top_k);
+  DeviceBuffer<int32_t> d_e(static_cast<size_t>(tokens) * top_k);
+  router_topk(d_l.ptr, tokens, experts, top_k, d_e.ptr, d_g.ptr, nullptr);
+  const auto ge = d_e.read();
+  const auto gg = d_g.read();
+  for (int t = 0; t < tokens; ++t) {
+    std::vector<int> order(experts);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return logits[t * experts + a] > logits[t * experts + b]; });
+    // softmax is monotone, so the top-k of the logits is the top-k of the probabilities; the renormalized
+    // gates of the two are p_a / (p_a + p_b) = 1 / (1 + exp(l_b - l_a)).
+    EXPECT_EQ(ge[t * 2], order[0]);
+    EXPECT_EQ(ge[t * 2 + 1], order[1]);
+    const double d = logits[t * experts + order[1]] - logits[t * experts + order[0]];
+    EXPECT_NEAR(gg[t * 2], 1.0 / (1.0 + std::exp(d)), 1e-6);
+    EXPECT_NEAR(gg[t * 2] + gg[t * 2 + 1], 1.0, 1e-6);
+  }
+}
+
+TEST(CudaKernels, BadLaunchIsAClearError) {
+  SKIP_WITHOUT_GPU();
+  EXPECT_THROW(nf4_gemv(nullptr, nullptr, 4, 48, nullptr, nullptr, nullptr), Error);
+  EXPECT_THROW(router_topk(nullptr, 1, 65, 2, nullptr, nullptr, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace moelab::cuda
