@@ -6,12 +6,15 @@
 #include "core/progress.hpp"
 #include "optimized/cpu/engine.hpp"
 #include "reference/model.hpp"
+#ifdef MOELAB_HAVE_CUDA
+#include "optimized/cuda/engine.hpp"
+#endif
 
 namespace moelab::cli {
 
 void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
-  cmd.add_option("--engine", opts.engine, "Engine: ref (Eigen FP32 reference) or cpu-nf4 (NF4 weights, SIMD, threads)")
-      ->check(CLI::IsMember({"ref", "cpu-nf4"}))
+  cmd.add_option("--engine", opts.engine, "Engine: ref (Eigen FP32 reference), cpu-nf4 (NF4 weights, SIMD, threads) or cuda-nf4 (NF4 on an NVIDIA GPU)")
+      ->check(CLI::IsMember({"ref", "cpu-nf4", "cuda-nf4"}))
       ->capture_default_str();
   cmd.add_option("--precision", opts.precision, "Reference precision: f32, or f64 (a float64 oracle)")
       ->check(CLI::IsMember({"f32", "f64"}))
@@ -39,6 +42,17 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
     fmt::print(stderr, "[cpu-nf4] loaded in {:.2f}s: {:.1f} MiB of weights, {} kernels\n", engine->load_seconds(),
                double(engine->weight_bytes()) / double(1 << 20), cpu::isa_name(engine->isa()));
     return engine;
+  }
+  if (opts.engine == "cuda-nf4") {
+    if (opts.stream) throw Error("--stream applies to the ref engine only");
+#ifdef MOELAB_HAVE_CUDA
+    auto engine = std::make_unique<cuda::CudaNf4Engine>(
+        ck, cuda::EngineOptions{.max_context = opts.context, .device = 0, .show_progress = stderr_is_terminal()});
+    fmt::print(stderr, "[cuda-nf4] {:.1f} MiB on the device\n", double(engine->device_bytes()) / double(1 << 20));
+    return engine;
+#else
+    throw Error("cuda-nf4: this moelab was built without CUDA (no nvcc at configure time; see MOELAB_CUDA)");
+#endif
   }
   throw Error(fmt::format("unknown engine '{}'", opts.engine));
 }
