@@ -92,7 +92,7 @@ TEST_P(CudaEngine, DecodingTokenByTokenEqualsOnePrefill) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaEngine,
                          ::testing::Values("mixtral-4e-gqa-f32", "mixtral-8e-bf16-sharded", "mixtral-top1-swa",
-                                           "mistral-dense", "mixtral-4e-bnb-nf4"),
+                                           "mistral-dense"),
                          [](const auto& info) {
                            std::string n = info.param;
                            for (auto& ch : n)
