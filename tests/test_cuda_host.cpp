@@ -2,8 +2,15 @@
 // (no CUDA needed): grouping index maps, the expert cache's LRU policy, the weight arena, prefill bands.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <deque>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <map>
 #include <random>
 #include <set>
@@ -226,6 +233,30 @@ TEST(CudaHostTiles, BandsCoverRowsOnceWithinScratch) {
   }
   EXPECT_THROW(plan_row_bands(128, 4096, 4096 * 63), Error);
   EXPECT_NO_THROW(plan_row_bands(8, 4096, 4096 * 8));
+}
+
+// `--engine cuda-nf4` where it cannot run (this CI: no GPU, or a build without nvcc) ends with one
+// clear error line, never a crash; where a GPU is present the command succeeds.
+TEST(CudaHostCli, EngineWithoutDeviceIsAClearError) {
+  namespace fs = std::filesystem;
+  const fs::path err = fs::temp_directory_path() / ("moelab-cuda-cli-" + std::to_string(::getpid()) + ".txt");
+  const fs::path dump = fs::temp_directory_path() / ("moelab-cuda-cli-" + std::to_string(::getpid()) + ".safetensors");
+  const std::string cmd = std::string(MOELAB_BIN) + " forward --model " + MOELAB_FIXTURES +
+                          "/models/mixtral-4e-gqa-f32 --engine cuda-nf4 --text hi --dump " + dump.string() +
+                          " >/dev/null 2>" + err.string();
+  const int status = std::system(cmd.c_str());
+  ASSERT_TRUE(WIFEXITED(status)) << "moelab did not exit normally (crashed?)";
+  std::ifstream in(err);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string text = ss.str();
+  fs::remove(err);
+  fs::remove(dump);
+  if (WEXITSTATUS(status) == 0) GTEST_SKIP() << "cuda-nf4 ran: a CUDA device is present";
+  EXPECT_TRUE(text.find("cuda-nf4: no CUDA device found") != std::string::npos ||
+              text.find("cuda-nf4: this moelab was built without CUDA") != std::string::npos)
+      << text;
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 1) << text;
 }
 
 }  // namespace
