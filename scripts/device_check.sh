@@ -60,17 +60,17 @@ fi
 step build 300 cmake --build "$build" -j "$(nproc)" --target moelab moelab_cuda_tests moelab_bench_cuda
 
 # 3. Device tests (kernels vs host, engine vs reference on every fixture).
-step device_tests 120 "$build/tests/moelab_cuda_tests" --gtest_output="xml:$out/device_tests.xml"
+step device_tests 90 "$build/tests/moelab_cuda_tests" --gtest_output="xml:$out/device_tests.xml"
 
 # 4. The layer diff on every fixture model.
 for m in "$here"/tests/fixtures/models/*/; do
   name=$(basename "$m")
-  step "diff_$name" 60 "$build/moelab" diff --model "$m" --a ref --b cuda-nf4 --text "Mixture of experts" \
+  step "diff_$name" 30 "$build/moelab" diff --model "$m" --a ref --b cuda-nf4 --text "Mixture of experts" \
     --json "$out/diff_$name.json"
 done
 
 # 5. Benchmarks (each repetition short; Google Benchmark's JSON kept).
-step bench 120 "$build/moelab_bench_cuda" --benchmark_min_time=0.2s --benchmark_out="$out/bench.json" \
+step bench 120 "$build/moelab_bench_cuda" --benchmark_min_time=0.2 --benchmark_out="$out/bench.json" \
   --benchmark_out_format=json
 
 # 6. Summary.
