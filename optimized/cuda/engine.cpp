@@ -7,7 +7,10 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <omp.h>
+
 #include <cmath>
+#include <exception>
 #include <map>
 
 #include "core/progress.hpp"
@@ -163,17 +166,37 @@ CudaNf4Engine::CudaNf4Engine(const Checkpoint& ck, EngineOptions options) : impl
   std::vector<DeviceMatrix> mats(names.size());
   Progress progress(cfg.quantization.nf4 ? "uploading NF4 weights" : "quantizing to NF4 and uploading",
                     int64_t(names.size()), options.show_progress);
-  for (size_t i = 0; i < names.size(); ++i) {
-    const Nf4Region& r = layout.region(int(i));
-    const cpu::Nf4Matrix q = cfg.quantization.nf4 ? cpu::map_prequantized(ck, names[i], r.rows, r.cols)
-                                                  : cpu::quantize_matrix(ck.read_f32(names[i]), r.rows, r.cols, 64, true);
-    if (q.blocksize != kNf4Block)
-      throw Error(fmt::format("cuda-nf4: {} has NF4 blocksize {}; the kernels are written for 64", names[i], q.blocksize));
-    MOELAB_CUDA_CHECK(cudaMemcpy(m.arena + r.codes_offset, q.packed, size_t(r.codes_bytes), cudaMemcpyHostToDevice));
-    MOELAB_CUDA_CHECK(cudaMemcpy(m.arena + r.absmax_offset, q.absmax.data(), q.absmax.size() * sizeof(float),
-                                 cudaMemcpyHostToDevice));
-    mats[i] = {r.rows, r.cols, m.arena + r.codes_offset, reinterpret_cast<const float*>(m.arena + r.absmax_offset)};
-    progress.advance();
+  // Quantize a batch of matrices on all host threads (Mixtral has 995), then upload the batch: host
+  // memory stays bounded by one batch of quantized matrices.
+  const size_t batch = size_t(std::max(1, omp_get_max_threads()));
+  for (size_t b0 = 0; b0 < names.size(); b0 += batch) {
+    const size_t b1 = std::min(names.size(), b0 + batch);
+    std::vector<cpu::Nf4Matrix> qs(b1 - b0);
+    std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic)
+    for (size_t i = b0; i < b1; ++i) {
+      try {
+        const Nf4Region& r = layout.region(int(i));
+        qs[i - b0] = cfg.quantization.nf4 ? cpu::map_prequantized(ck, names[i], r.rows, r.cols)
+                                          : cpu::quantize_matrix(ck.read_f32(names[i]), r.rows, r.cols, 64, true);
+      } catch (...) {
+#pragma omp critical
+        if (!failure) failure = std::current_exception();
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
+    for (size_t i = b0; i < b1; ++i) {
+      const Nf4Region& r = layout.region(int(i));
+      const cpu::Nf4Matrix& q = qs[i - b0];
+      if (q.blocksize != kNf4Block)
+        throw Error(fmt::format("cuda-nf4: {} has NF4 blocksize {}; the kernels are written for 64", names[i],
+                                q.blocksize));
+      MOELAB_CUDA_CHECK(cudaMemcpy(m.arena + r.codes_offset, q.packed, size_t(r.codes_bytes), cudaMemcpyHostToDevice));
+      MOELAB_CUDA_CHECK(cudaMemcpy(m.arena + r.absmax_offset, q.absmax.data(), q.absmax.size() * sizeof(float),
+                                   cudaMemcpyHostToDevice));
+      mats[i] = {r.rows, r.cols, m.arena + r.codes_offset, reinterpret_cast<const float*>(m.arena + r.absmax_offset)};
+      progress.advance();
+    }
   }
   progress.finish();
 
