@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -16,10 +17,12 @@
 #include <set>
 
 #include "core/error.hpp"
+#include "optimized/cuda/code_table.hpp"
 #include "optimized/cuda/expert_cache_policy.hpp"
 #include "optimized/cuda/expert_grouping.hpp"
 #include "optimized/cuda/prefill_tiles.hpp"
 #include "optimized/cuda/weight_arena.hpp"
+#include "optimized/nf4/nf4.hpp"
 
 namespace moelab::cuda {
 namespace {
@@ -233,6 +236,25 @@ TEST(CudaHostTiles, BandsCoverRowsOnceWithinScratch) {
   }
   EXPECT_THROW(plan_row_bands(128, 4096, 4096 * 63), Error);
   EXPECT_NO_THROW(plan_row_bands(8, 4096, 4096 * 8));
+}
+
+// The device's code table is bitsandbytes' (optimized/nf4, itself checked against bitsandbytes), bit for
+// bit, and the nibble order decodes what quantize_nf4 packed.
+TEST(CudaHostCodeTable, EqualsBitsandbytesTableAndPacking) {
+  for (int c = 0; c < 16; ++c) {
+    uint32_t a, b;
+    std::memcpy(&a, &kNf4CodeTable[c], 4);
+    std::memcpy(&b, &nf4::kCodes[size_t(c)], 4);
+    EXPECT_EQ(a, b) << "code " << c;
+  }
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> w(2 * 64 + 32);
+  for (auto& x : w) x = d(rng);
+  const auto q = nf4::quantize_nf4(w.data(), int64_t(w.size()), 64, /*double_quant=*/false);
+  const auto deq = nf4::dequantize(q);
+  for (size_t i = 0; i < w.size(); ++i)
+    EXPECT_EQ(kNf4CodeTable[nf4_code_at(q.packed.data(), (long long)i)] * q.absmax[i / 64], deq[i]) << i;
 }
 
 // `--engine cuda-nf4` where it cannot run (this CI: no GPU, or a build without nvcc) ends with one

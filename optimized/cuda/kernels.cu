@@ -2,17 +2,20 @@
 #include <cuda_runtime.h>
 
 #include "optimized/cuda/check.hpp"
+#include "optimized/cuda/code_table.hpp"
 #include "optimized/cuda/kernels.hpp"
 
 namespace moelab::cuda {
 namespace {
 
-// bitsandbytes' NF4 table (formats.md 3.1); kept equal to nf4::kCodes by a device test.
-__constant__ float kNf4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-                               -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-                               0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
-                               0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
-                               0.7229568362236023f, 1.0f};
+// bitsandbytes' NF4 table (code_table.hpp, checked against optimized/nf4 by the host tests).
+// Initialized statically from the constexpr table (no run-time copy to get wrong or forget).
+#define MOELAB_NF4(i) kNf4CodeTable[i]
+__constant__ float kNf4[16] = {MOELAB_NF4(0),  MOELAB_NF4(1),  MOELAB_NF4(2),  MOELAB_NF4(3),
+                               MOELAB_NF4(4),  MOELAB_NF4(5),  MOELAB_NF4(6),  MOELAB_NF4(7),
+                               MOELAB_NF4(8),  MOELAB_NF4(9),  MOELAB_NF4(10), MOELAB_NF4(11),
+                               MOELAB_NF4(12), MOELAB_NF4(13), MOELAB_NF4(14), MOELAB_NF4(15)};
+#undef MOELAB_NF4
 
 constexpr int kWarp = 32;
 constexpr int kGemvWarps = 4;  // rows per block
