@@ -145,45 +145,6 @@ __attribute__((target("avx512f"))) void gemv_four_rows(const Nf4Matrix& w, const
 
 // The accumulators must live in registers: the token and row loops are unrolled (GCC left them rolled,
 // with the accumulators on the stack, and the kernel ran at two thirds of the one-token speed).
-// gemv_row_b64 for T tokens: the codes of each pair of blocks are decoded once, then every token runs
-// gemv_row_b64's exact sequence of multiplies and adds on them.
-template <int T>
-__attribute__((target("avx512f"))) void gemv_row_b64_batch(const Nf4Matrix& w, const float* xs, int64_t xs_stride,
-                                                             int64_t r, float* y, int64_t y_stride, __m512 table) {
-  const uint8_t* bytes = w.packed + r * w.cols / 2;
-  const float* absmax = w.absmax.data() + r * w.cols / 64;
-  __m512 total0[T], total1[T];
-  #pragma GCC unroll 4
-  for (int t = 0; t < T; ++t) total0[t] = total1[t] = _mm512_setzero_ps();
-  for (int64_t c = 0, block = 0; c < w.cols; c += 128, block += 2) {
-    const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2)));
-    const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2 + 16)));
-    const __m512i b2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2 + 32)));
-    const __m512i b3 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2 + 48)));
-    const __m512 w0e = _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table), w0o = _mm512_permutexvar_ps(b0, table);
-    const __m512 w1e = _mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), table), w1o = _mm512_permutexvar_ps(b1, table);
-    const __m512 w2e = _mm512_permutexvar_ps(_mm512_srli_epi32(b2, 4), table), w2o = _mm512_permutexvar_ps(b2, table);
-    const __m512 w3e = _mm512_permutexvar_ps(_mm512_srli_epi32(b3, 4), table), w3o = _mm512_permutexvar_ps(b3, table);
-    const __m512 a0 = _mm512_set1_ps(absmax[block]), a1 = _mm512_set1_ps(absmax[block + 1]);
-    #pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) {
-      const float* x = xs + t * xs_stride + c;
-      __m512 s0 = _mm512_mul_ps(w0e, _mm512_loadu_ps(x));
-      __m512 s1 = _mm512_mul_ps(w2e, _mm512_loadu_ps(x + 64));
-      s0 = _mm512_fmadd_ps(w0o, _mm512_loadu_ps(x + 16), s0);
-      s1 = _mm512_fmadd_ps(w2o, _mm512_loadu_ps(x + 80), s1);
-      s0 = _mm512_fmadd_ps(w1e, _mm512_loadu_ps(x + 32), s0);
-      s1 = _mm512_fmadd_ps(w3e, _mm512_loadu_ps(x + 96), s1);
-      s0 = _mm512_fmadd_ps(w1o, _mm512_loadu_ps(x + 48), s0);
-      s1 = _mm512_fmadd_ps(w3o, _mm512_loadu_ps(x + 112), s1);
-      total0[t] = _mm512_fmadd_ps(s0, a0, total0[t]);
-      total1[t] = _mm512_fmadd_ps(s1, a1, total1[t]);
-    }
-  }
-  #pragma GCC unroll 4
-  for (int t = 0; t < T; ++t) y[t * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(total0[t], total1[t]));
-}
-
 // gemv_rows_b64<4> for T tokens (the batch kernel uses it for every shape): each row's block is decoded once.
 template <int T>
 __attribute__((target("avx512f"))) void gemv_rows4_b64_batch(const Nf4Matrix& w, const float* xs, int64_t xs_stride,
@@ -224,14 +185,16 @@ __attribute__((target("avx512f"))) void gemv_rows4_b64_batch(const Nf4Matrix& w,
     for (int t = 0; t < T; ++t) y[t * y_stride + i] = _mm512_reduce_add_ps(total[i][t]);
 }
 
+// Four-row blocks for every shape: each x load then serves four rows, which matters more with several
+// tokens' x in flight (measured: w1/w3 at 2 tokens 0.93 -> 0.80 of two one-token calls' time). The last
+// rows (fewer than four) run the one-token kernel per token.
 template <int T>
 __attribute__((target("avx512f"))) void gemv_b64_batch(const Nf4Matrix& w, const float* xs, int64_t xs_stride,
-                                                        float* y, int64_t y_stride, int64_t r0, int64_t r1, __m512 table,
-                                                        bool rows4) {
+                                                        float* y, int64_t y_stride, int64_t r0, int64_t r1, __m512 table) {
   int64_t r = r0;
-  if (rows4)
-    for (; r + 4 <= r1; r += 4) gemv_rows4_b64_batch<T>(w, xs, xs_stride, r, y + (r - r0), y_stride, table);
-  for (; r < r1; ++r) gemv_row_b64_batch<T>(w, xs, xs_stride, r, y + (r - r0), y_stride, table);
+  for (; r + 4 <= r1; r += 4) gemv_rows4_b64_batch<T>(w, xs, xs_stride, r, y + (r - r0), y_stride, table);
+  for (; r < r1; ++r)
+    for (int t = 0; t < T; ++t) y[t * y_stride + (r - r0)] = gemv_row_b64(w, xs + t * xs_stride, r, table);
 }
 
 }  // namespace
@@ -244,13 +207,10 @@ __attribute__((target("avx512f"))) void gemv_prepared_batch(const Nf4Matrix& w, 
   }
   if (n == 1) return gemv_prepared(w, xs, y, r0, r1);
   const __m512 table = _mm512_loadu_ps(kNf4Codes);
-  // Four-row blocks for every shape: each x load then serves four rows, which matters more with several
-  // tokens' x in flight (measured: w1/w3 at 2 tokens 0.93 -> 0.80 of two one-token calls' time).
-  const bool rows4 = true;
   switch (n) {
-    case 2: return gemv_b64_batch<2>(w, xs, xs_stride, y, y_stride, r0, r1, table, rows4);
-    case 3: return gemv_b64_batch<3>(w, xs, xs_stride, y, y_stride, r0, r1, table, rows4);
-    case 4: return gemv_b64_batch<4>(w, xs, xs_stride, y, y_stride, r0, r1, table, rows4);
+    case 2: return gemv_b64_batch<2>(w, xs, xs_stride, y, y_stride, r0, r1, table);
+    case 3: return gemv_b64_batch<3>(w, xs, xs_stride, y, y_stride, r0, r1, table);
+    case 4: return gemv_b64_batch<4>(w, xs, xs_stride, y, y_stride, r0, r1, table);
     default: return;
   }
 }
