@@ -71,7 +71,7 @@ double domain_spread(const analysis::StatsReport& s, int layer) {
 
 // A Python that can draw the plots: the light tier's venv, else python3 if it has h5py and matplotlib.
 std::string plotting_python() {
-  for (const std::string py : {bundled_path(".venv/bin/python"), std::string("python3")}) {
+  for (const std::string& py : {bundled_path(".venv/bin/python"), std::string("python3")}) {
     if (py != "python3" && !fs::exists(py)) continue;
     const std::string probe = fmt::format("'{}' -c 'import h5py, matplotlib' >/dev/null 2>&1", py);
     if (std::system(probe.c_str()) == 0) return py;

@@ -68,6 +68,7 @@ void register_eval(CLI::App& app) {
     auto engine = make_engine(*ck, eo);
     const auto o = run_eval(*engine, tok, model, inputs);
     fmt::print("{}", o.table);
+    report_engine_counters(*engine);
     if (!out.empty()) {
       write_file_atomic(out, o.results_json.dump(2) + "\n");
       fmt::print("wrote {}\n", out);

@@ -47,6 +47,7 @@ void register_generate(CLI::App& app) {
     fmt::print(stderr, "[{}] prompt {} tokens in {:.3f}s ({:.1f} tok/s); generated {} tokens, decode {:.1f} tok/s{}\n",
                engine->name(), ids.size(), r.prefill_seconds, double(ids.size()) / std::max(r.prefill_seconds, 1e-9),
                r.tokens.size(), r.decode_tokens_per_second(), r.stopped_at_eos ? " (stopped at EOS)" : "");
+    report_engine_counters(*engine);
   });
 }
 

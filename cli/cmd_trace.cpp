@@ -77,6 +77,7 @@ void run_trace(TraceArgs& a) {
                              TraceRunOptions{.window = a.window, .max_tokens = a.max_tokens,
                                              .router_logits = a.router_logits, .timing = a.timings ? &timing : nullptr});
   fmt::print("{}\n", describe(r, engine->name()));
+  report_engine_counters(*engine);
   if (r.empty_texts) fmt::print("skipped {} empty texts\n", r.empty_texts);
   if (r.appended)
     fmt::print("appended to {}: it now holds {} tokens in {} sequences\n", a.out, r.tokens_before + r.tokens,
@@ -92,8 +93,10 @@ void run_trace(TraceArgs& a) {
 }
 
 struct ProfileArgs {
-  std::string model, text, json_out;
+  std::string model, text, json_out, synthetic;
   int tokens = 0, decode = 16, repeat = 3, warmup = 1;
+  uint64_t seed = 0;
+  bool totals_only = false;
   EngineOptions eo;
 };
 
@@ -113,9 +116,18 @@ int32_t argmax_last_row(const MatrixRF& logits) {
 }
 
 void run_profile(ProfileArgs& a) {
-  if (a.model.empty()) a.model = default_model_dir();
-  const auto ck = Checkpoint::open(a.model, stderr_is_terminal());
-  auto engine = make_engine(*ck, a.eo);
+  if (!a.synthetic.empty() && !a.text.empty())
+    throw Error("profile: --text needs a checkpoint's tokenizer; a synthetic model has none (use --tokens)");
+  std::unique_ptr<Checkpoint> ck;
+  std::unique_ptr<Engine> engine;
+  if (!a.synthetic.empty()) {
+    engine = make_synthetic_engine(a.synthetic, a.eo, a.seed);
+    a.model = "synthetic:" + a.synthetic;
+  } else {
+    if (a.model.empty()) a.model = default_model_dir();
+    ck = Checkpoint::open(a.model, stderr_is_terminal());
+    engine = make_engine(*ck, a.eo);
+  }
   const int context = engine->max_context();
   std::vector<int32_t> prompt;
   if (!a.text.empty()) {
@@ -123,7 +135,7 @@ void run_profile(ProfileArgs& a) {
   } else {
     const int n = a.tokens > 0 ? a.tokens : std::min(128, context - a.decode);
     if (n < 1) throw Error(fmt::format("profile: --decode {} leaves no room for a prompt in a context of {}", a.decode, context));
-    prompt = synthetic_prompt(n, ck->config());
+    prompt = synthetic_prompt(n, engine->config());
   }
   if (int(prompt.size()) + a.decode > context)
     throw Error(fmt::format("profile: {} prompt tokens + {} decode steps exceed the engine's context of {} tokens "
@@ -135,12 +147,13 @@ void run_profile(ProfileArgs& a) {
     const bool measured = run >= a.warmup;  // warm-up runs fill caches and are not counted
     engine->reset();
     auto t0 = clock_type::now();
-    MatrixRF logits = engine->forward(prompt, measured ? &prefill : nullptr);
+    // --totals-only: no probe, so engines that copy per-layer observations to the host run at full speed.
+    MatrixRF logits = engine->forward(prompt, measured && !a.totals_only ? &prefill : nullptr);
     if (measured) prefill.add_call(int64_t(prompt.size()), seconds_since(t0));
     for (int step = 0; step < a.decode; ++step) {
       const int32_t next = argmax_last_row(logits);
       t0 = clock_type::now();
-      logits = engine->forward(std::span<const int32_t>(&next, 1), measured ? &decode : nullptr);
+      logits = engine->forward(std::span<const int32_t>(&next, 1), measured && !a.totals_only ? &decode : nullptr);
       if (measured) decode.add_call(1, seconds_since(t0));
     }
     progress.advance();
@@ -148,12 +161,23 @@ void run_profile(ProfileArgs& a) {
   progress.finish();
   fmt::print("engine {}, model {}, prompt {} tokens, {} decode steps, {} measured runs after {} warm-up\n\n",
              engine->name(), a.model, prompt.size(), a.decode, a.repeat, a.warmup);
-  fmt::print("{}\n", prefill.report().table());
-  if (a.decode > 0) fmt::print("{}", decode.report().table());
+  // Without a probe there is no breakdown: print each phase's first line (calls, tokens, wall, tokens/s).
+  const auto shown = [&](const analysis::TimingReport& r) {
+    const std::string t = r.table();
+    return a.totals_only ? t.substr(0, t.find('\n') + 1) : t;
+  };
+  fmt::print("{}\n", shown(prefill.report()));
+  if (a.decode > 0) fmt::print("{}", shown(decode.report()));
+  report_engine_counters(*engine);
   if (!a.json_out.empty()) {
     std::vector<const analysis::TimingReport*> phases{&prefill.report()};
     if (a.decode > 0) phases.push_back(&decode.report());
-    write_file_atomic(a.json_out, timings_document(engine->name(), a.model, phases).dump(2) + "\n");
+    nlohmann::json doc = timings_document(engine->name(), a.model, phases);
+    if (const auto c = expert_cache_counters(*engine))
+      doc["expert_cache"] = {{"slots_per_layer", a.eo.gpu_expert_cache}, {"prefetch", a.eo.gpu_expert_prefetch},
+                             {"hit_rate", c->hit_rate}, {"hits", c->hits}, {"prefetch_hits", c->prefetch_hits},
+                             {"misses", c->misses}, {"prefetches", c->prefetches}, {"bytes_copied", c->bytes_copied}};
+    write_file_atomic(a.json_out, doc.dump(2) + "\n");
     fmt::print("wrote {}\n", a.json_out);
   }
 }
@@ -178,9 +202,17 @@ void register_trace_command(CLI::App& app) {
 }
 
 void register_profile_command(CLI::App& app) {
-  auto* cmd = app.add_subcommand("profile", "Stage latency (attention, router, experts, lm head) of prefill and decode");
+  auto* cmd = app.add_subcommand("profile", "Prefill and decode throughput, with the stage latency (attention, router, "
+                                             "experts, lm head) where the engine reports it");
   static ProfileArgs a;
-  cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled model)");
+  auto* model = cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled model)");
+  auto* synthetic = cmd->add_option("--synthetic", a.synthetic,
+                                    "Instead of a checkpoint: random NF4 weights at a published shape (mixtral-8x7b), "
+                                    "drawn on the GPU (cuda-nf4 only): full-size speed without the checkpoint");
+  synthetic->excludes(model);
+  cmd->add_option("--seed", a.seed, "With --synthetic: seed of the weights")->capture_default_str();
+  cmd->add_flag("--totals-only", a.totals_only, "Time whole forward calls only, with no per-layer probe (cuda-nf4 "
+                                                "copies each layer's observations to the host when probed)");
   auto* text = cmd->add_option("--text", a.text, "Prompt text (tokenized with BOS)");
   cmd->add_option("--tokens", a.tokens, "Prompt of this many synthetic tokens (default: min(128, context - decode))")
       ->check(CLI::PositiveNumber)

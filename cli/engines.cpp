@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "core/error.hpp"
+#include "core/model_presets.hpp"
 #include "core/progress.hpp"
 #include "optimized/cpu/engine.hpp"
 #include "reference/model.hpp"
@@ -26,9 +27,56 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
   cmd.add_option("--kernels", opts.isa, "cpu-nf4: kernel set (auto, avx512, avx2, scalar)")
       ->check(CLI::IsMember({"auto", "avx512", "avx2", "scalar"}))
       ->capture_default_str();
+  cmd.add_option("--activations", opts.activations,
+                 "cuda-nf4: type of the weight products' inputs, bf16 (tensor cores) or fp32 (exact check mode); "
+                 "accumulation is FP32 either way")
+      ->check(CLI::IsMember({"bf16", "fp32"}))
+      ->capture_default_str();
+  cmd.add_option("--gpu-expert-cache", opts.gpu_expert_cache,
+                 "cuda-nf4: keep N experts per layer on the GPU and the rest in pinned host memory, copied on demand "
+                 "(0: all on the GPU)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd.add_flag("--gpu-expert-prefetch", opts.gpu_expert_prefetch,
+               "cuda-nf4 with --gpu-expert-cache: copy the next layer's likely experts (its router applied to the "
+               "current hidden state) while this layer computes");
 }
 
+namespace {
+
+void check_cuda_only_options(const EngineOptions& opts) {
+  if (opts.engine == "cuda-nf4") return;
+  if (opts.gpu_expert_cache != 0 || opts.gpu_expert_prefetch)
+    throw Error(fmt::format("--gpu-expert-cache / --gpu-expert-prefetch apply to --engine cuda-nf4, not {}", opts.engine));
+}
+
+#ifdef MOELAB_HAVE_CUDA
+cuda::EngineOptions cuda_options(const EngineOptions& opts) {
+  if (opts.stream) throw Error("--stream applies to the ref engine only");
+  if (opts.gpu_expert_prefetch && opts.gpu_expert_cache == 0)
+    throw Error("--gpu-expert-prefetch needs --gpu-expert-cache N (with every expert on the GPU there is nothing to fetch)");
+  return cuda::EngineOptions{.max_context = opts.context,
+                             .device = 0,
+                             .show_progress = stderr_is_terminal(),
+                             .activations = opts.activations == "fp32" ? cuda::ActType::f32 : cuda::ActType::bf16,
+                             .gpu_expert_cache = opts.gpu_expert_cache,
+                             .prefetch_experts = opts.gpu_expert_prefetch};
+}
+
+void print_cuda_loaded(const cuda::CudaNf4Engine& engine) {
+  fmt::print(stderr, "[cuda-nf4] loaded in {:.2f}s: {:.1f} MiB on the device{}\n", engine.load_seconds(),
+             double(engine.device_bytes()) / double(1 << 20),
+             engine.pinned_host_bytes() > 0
+                 ? fmt::format(", {:.1f} MiB of experts in pinned host memory",
+                               double(engine.pinned_host_bytes()) / double(1 << 20))
+                 : std::string());
+}
+#endif
+
+}  // namespace
+
 std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& opts) {
+  check_cuda_only_options(opts);
   if (opts.engine == "ref") {
     ref::ModelOptions mo{opts.context, opts.stream, stderr_is_terminal()};
     if (opts.precision == "f64") return std::make_unique<ref::Model<double>>(ck, mo);
@@ -44,17 +92,49 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
     return engine;
   }
   if (opts.engine == "cuda-nf4") {
-    if (opts.stream) throw Error("--stream applies to the ref engine only");
 #ifdef MOELAB_HAVE_CUDA
-    auto engine = std::make_unique<cuda::CudaNf4Engine>(
-        ck, cuda::EngineOptions{.max_context = opts.context, .device = 0, .show_progress = stderr_is_terminal()});
-    fmt::print(stderr, "[cuda-nf4] {:.1f} MiB on the device\n", double(engine->device_bytes()) / double(1 << 20));
+    auto engine = std::make_unique<cuda::CudaNf4Engine>(ck, cuda_options(opts));
+    print_cuda_loaded(*engine);
     return engine;
 #else
     throw Error("cuda-nf4: this moelab was built without CUDA (no nvcc at configure time; see MOELAB_CUDA)");
 #endif
   }
   throw Error(fmt::format("unknown engine '{}'", opts.engine));
+}
+
+std::unique_ptr<Engine> make_synthetic_engine(const std::string& preset, const EngineOptions& opts, uint64_t seed) {
+  const ModelConfig config = model_preset(preset);  // an unknown name is an error naming the known ones
+  if (opts.engine != "cuda-nf4")
+    throw Error(fmt::format("--synthetic draws random weights on the GPU: it needs --engine cuda-nf4, not {}", opts.engine));
+#ifdef MOELAB_HAVE_CUDA
+  auto engine = cuda::CudaNf4Engine::synthetic(config, cuda_options(opts), seed);
+  print_cuda_loaded(*engine);
+  return engine;
+#else
+  (void)seed;
+  throw Error("cuda-nf4: this moelab was built without CUDA (no nvcc at configure time; see MOELAB_CUDA)");
+#endif
+}
+
+std::optional<ExpertCacheCounters> expert_cache_counters(const Engine& engine) {
+#ifdef MOELAB_HAVE_CUDA
+  if (const auto* c = dynamic_cast<const cuda::CudaNf4Engine*>(&engine))
+    if (const auto st = c->expert_cache_stats())
+      return ExpertCacheCounters{st->hit_rate(), st->hits, st->prefetch_hits, st->misses, st->prefetches, st->bytes_copied};
+#else
+  (void)engine;
+#endif
+  return std::nullopt;
+}
+
+void report_engine_counters(const Engine& engine) {
+  if (const auto c = expert_cache_counters(engine))
+    fmt::print(stderr,
+               "[{}] expert cache: hit rate {:.1f}% ({} hits, {} prefetch hits, {} misses, {} prefetches), "
+               "{:.2f} GiB copied\n",
+               engine.name(), 100.0 * c->hit_rate, c->hits, c->prefetch_hits, c->misses, c->prefetches,
+               double(c->bytes_copied) / double(1ull << 30));
 }
 
 std::string default_model_dir() { return MOELAB_DEFAULT_MODEL; }

@@ -2,6 +2,7 @@
 // Choosing an engine by name happens here, the one place that knows them all (DESIGN.md).
 #include <CLI/CLI.hpp>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "core/checkpoint.hpp"
@@ -16,12 +17,29 @@ struct EngineOptions {
   int context = 0;
   int threads = 0;           // cpu-nf4: 0 = all
   std::string isa = "auto";  // cpu-nf4 kernel set
+  std::string activations = "bf16";  // cuda-nf4: inputs of the weight products, bf16 or fp32
+  int gpu_expert_cache = 0;          // cuda-nf4: experts per layer on the GPU (0: all)
+  bool gpu_expert_prefetch = false;  // cuda-nf4 with the cache: prefetch the next layer's likely experts
 };
 
-// Adds --engine, --precision, --stream, --context, --threads, --kernels to a subcommand.
+// Adds --engine, --precision, --stream, --context, --threads, --kernels and the cuda-nf4 options
+// (--activations, --gpu-expert-cache, --gpu-expert-prefetch) to a subcommand.
 void add_engine_options(CLI::App& cmd, EngineOptions& opts);
 
 std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& opts);
+// A model of a named preset's shape with random weights (`--synthetic mixtral-8x7b`): cuda-nf4 only,
+// since the weights are drawn on the GPU.
+std::unique_ptr<Engine> make_synthetic_engine(const std::string& preset, const EngineOptions& opts, uint64_t seed);
+
+// What an engine counted that a user should see after a run: the cuda-nf4 expert cache's hits and
+// bytes copied (absent for engines, or configurations, without a cache).
+struct ExpertCacheCounters {
+  double hit_rate = 0;
+  int64_t hits = 0, prefetch_hits = 0, misses = 0, prefetches = 0, bytes_copied = 0;
+};
+std::optional<ExpertCacheCounters> expert_cache_counters(const Engine& engine);
+// Prints them as one line on stderr, when there are any.
+void report_engine_counters(const Engine& engine);
 
 // --model defaults to the bundled default model.
 std::string default_model_dir();

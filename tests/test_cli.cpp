@@ -171,5 +171,32 @@ TEST_F(Cli, ContextOverflowIsOneClearError) {
                         {"context overflow"});
 }
 
+TEST_F(Cli, ProfileTotalsOnlyCountsEveryTokenAndWritesJson) {
+  const auto json_path = tmp / "profile.json";
+  const auto r = moelab("profile --model " + model_dir("mixtral-8e-bf16-sharded") +
+                        " --engine cpu-nf4 --tokens 9 --decode 3 --repeat 2 --warmup 1 --totals-only --json " +
+                        json_path.string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("prefill: 2 calls, 18 tokens"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("decode: 6 calls, 6 tokens"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("attention ms"), std::string::npos) << "no stage table without a probe:\n" << r.out;
+  std::ifstream in(json_path);
+  const auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["format"], "moelab-timings-v1");
+  EXPECT_EQ(j["phases"]["prefill"]["tokens"], 18);
+  EXPECT_EQ(j["phases"]["decode"]["calls"], 6);
+  EXPECT_GT(j["phases"]["decode"]["wall_seconds"].get<double>(), 0.0);
+  EXPECT_FALSE(j.contains("expert_cache"));  // cpu-nf4 has no expert cache
+}
+
+TEST_F(Cli, SyntheticAndExpertCacheOptionsFailClearly) {
+  expect_one_line_error(moelab("profile --synthetic mixtral-8x7b --engine cpu-nf4"), {"--synthetic", "cuda-nf4"});
+  expect_one_line_error(moelab("profile --synthetic mixtral-9x9b --engine cuda-nf4"), {"mixtral-9x9b", "mixtral-8x7b"});
+  expect_one_line_error(moelab("generate --prompt hi --engine cpu-nf4 --gpu-expert-cache 2"),
+                        {"--gpu-expert-cache", "cuda-nf4"});
+  expect_one_line_error(moelab("profile --synthetic mixtral-8x7b --engine cuda-nf4 --text hello"),
+                        {"synthetic", "--tokens"});
+}
+
 }  // namespace
 }  // namespace moelab::test

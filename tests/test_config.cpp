@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/config.hpp"
+#include "core/model_presets.hpp"
 #include "core/error.hpp"
 #include "fixture_util.hpp"
 
@@ -104,6 +105,30 @@ TEST(Config, BadConfigsAreClearErrors) {
   expect_config_error(with("tie_word_embeddings", "\"yes\""), "wrong type");
   expect_config_error(with("architectures", "[42]"), "wrong type");
   EXPECT_THROW(ModelConfig::from_json_file("/nonexistent/config.json"), Error);
+}
+
+TEST(ModelPresets, Mixtral8x7BPresetIsTheRealConfig) {
+  const auto real = ModelConfig::from_json_file(fixture("configs/mixtral-8x7b-v0.1.json"));
+  const auto p = model_preset("mixtral-8x7b");
+  EXPECT_EQ(p.total_params(), real.total_params());
+  EXPECT_EQ(p.active_params(), real.active_params());
+  EXPECT_EQ(p.expected_tensors().size(), real.expected_tensors().size());
+  EXPECT_EQ(p.vocab_size, real.vocab_size);
+  EXPECT_EQ(p.max_position_embeddings, real.max_position_embeddings);
+  EXPECT_EQ(p.rope_theta, real.rope_theta);
+  EXPECT_EQ(p.sliding_window, real.sliding_window);
+  EXPECT_EQ(p.rms_norm_eps, real.rms_norm_eps);
+  EXPECT_EQ(p.tie_word_embeddings, real.tie_word_embeddings);
+  EXPECT_EQ(p.head_dim, real.head_dim);
+}
+
+TEST(ModelPresets, UnknownPresetNamesTheKnownOnes) {
+  try {
+    model_preset("mixtral-9x9b");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("mixtral-8x7b"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
 // cuda-nf4 kernels (see kernels.hpp for the contracts).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "optimized/cuda/check.hpp"
@@ -20,8 +21,12 @@ __constant__ float kNf4[16] = {MOELAB_NF4(0),  MOELAB_NF4(1),  MOELAB_NF4(2),  M
 constexpr int kWarp = 32;
 constexpr int kGemvWarps = 4;  // rows per block
 
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class X>
 __global__ void nf4_gemv_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax, int64_t rows,
-                                int64_t cols, const float* __restrict__ x, float* __restrict__ y) {
+                                int64_t cols, const X* __restrict__ x, float* __restrict__ y) {
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = kNf4[threadIdx.x];
   __syncthreads();
@@ -39,7 +44,7 @@ __global__ void nf4_gemv_kernel(const uint8_t* __restrict__ codes, const float* 
     const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
     const int64_t e0 = first + v * 32;  // 32 elements: all in block e0 / 64 (32 | 64, aligned)
     const float scale = __ldg(absmax + e0 / 64);
-    const float* xs = x + (e0 - first);
+    const X* xs = x + (e0 - first);
     float part = 0.0f;
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
@@ -47,7 +52,7 @@ __global__ void nf4_gemv_kernel(const uint8_t* __restrict__ codes, const float* 
       for (int b = 0; b < 4; ++b) {
         const uint32_t byte = (words[w] >> (8 * b)) & 0xFFu;  // little-endian: byte 4w+b
         const int k = (w * 4 + b) * 2;
-        part += table[byte >> 4] * xs[k] + table[byte & 15u] * xs[k + 1];  // high nibble first
+        part += table[byte >> 4] * widen(xs[k]) + table[byte & 15u] * widen(xs[k + 1]);  // high nibble first
       }
     }
     acc += part * scale;
@@ -56,14 +61,23 @@ __global__ void nf4_gemv_kernel(const uint8_t* __restrict__ codes, const float* 
   if (lane == 0) y[row] = acc;
 }
 
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <class Out>
 __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
-                                      int64_t first, int64_t count, float* __restrict__ out) {
+                                      int64_t first, int64_t count, Out* __restrict__ out) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = first + i;
     const uint8_t byte = codes[e / 2];
     const int code = (e % 2 == 0) ? (byte >> 4) : (byte & 15);
-    out[i] = kNf4[code] * absmax[e / 64];
+    store(out + i, kNf4[code] * absmax[e / 64]);
   }
+}
+
+__global__ void to_bf16_kernel(const float* __restrict__ x, int64_t count, __nv_bfloat16* __restrict__ out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[i]);
 }
 
 __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w, int dim, float eps,
@@ -128,19 +142,50 @@ int grid_for(int64_t total, int threads) {
 
 }  // namespace
 
-void nf4_gemv(const uint8_t* codes, const float* absmax, int64_t rows, int64_t cols, const float* x, float* y,
-              cudaStream_t stream) {
+void nf4_gemv(const uint8_t* codes, const float* absmax, int64_t rows, int64_t cols, const void* x, ActType x_type,
+              float* y, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0 || cols % 32 != 0) throw Error("cuda-nf4: nf4_gemv needs cols a positive multiple of 32");
   const unsigned blocks = unsigned((rows + kGemvWarps - 1) / kGemvWarps);
-  nf4_gemv_kernel<<<blocks, kGemvWarps * kWarp, 0, stream>>>(codes, absmax, rows, cols, x, y);
+  if (x_type == ActType::bf16)
+    nf4_gemv_kernel<<<blocks, kGemvWarps * kWarp, 0, stream>>>(codes, absmax, rows, cols,
+                                                               static_cast<const __nv_bfloat16*>(x), y);
+  else
+    nf4_gemv_kernel<<<blocks, kGemvWarps * kWarp, 0, stream>>>(codes, absmax, rows, cols,
+                                                               static_cast<const float*>(x), y);
   MOELAB_CUDA_CHECK_LAUNCH("nf4_gemv");
+}
+
+void nf4_gemv(const uint8_t* codes, const float* absmax, int64_t rows, int64_t cols, const float* x, float* y,
+              cudaStream_t stream) {
+  nf4_gemv(codes, absmax, rows, cols, static_cast<const void*>(x), ActType::f32, y, stream);
+}
+
+void nf4_dequantize_rows(const uint8_t* codes, const float* absmax, int64_t row_begin, int64_t rows, int64_t cols,
+                         void* out, ActType out_type, cudaStream_t stream) {
+  const int64_t count = rows * cols;
+  if (count <= 0) return;
+  if (out_type == ActType::bf16)
+    nf4_dequantize_kernel<<<grid_for(count, 256), 256, 0, stream>>>(codes, absmax, row_begin * cols, count,
+                                                                    static_cast<__nv_bfloat16*>(out));
+  else
+    nf4_dequantize_kernel<<<grid_for(count, 256), 256, 0, stream>>>(codes, absmax, row_begin * cols, count,
+                                                                    static_cast<float*>(out));
+  MOELAB_CUDA_CHECK_LAUNCH("nf4_dequantize_rows");
 }
 
 void nf4_dequantize_rows(const uint8_t* codes, const float* absmax, int64_t row_begin, int64_t rows, int64_t cols,
                          float* out, cudaStream_t stream) {
-  const int64_t count = rows * cols;
-  nf4_dequantize_kernel<<<grid_for(count, 256), 256, 0, stream>>>(codes, absmax, row_begin * cols, count, out);
-  MOELAB_CUDA_CHECK_LAUNCH("nf4_dequantize_rows");
+  nf4_dequantize_rows(codes, absmax, row_begin, rows, cols, static_cast<void*>(out), ActType::f32, stream);
+}
+
+void convert_activations(const float* x, int64_t count, void* out, ActType type, cudaStream_t stream) {
+  if (count <= 0) return;
+  if (type == ActType::f32) {
+    MOELAB_CUDA_CHECK(cudaMemcpyAsync(out, x, size_t(count) * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
+  to_bf16_kernel<<<grid_for(count, 256), 256, 0, stream>>>(x, count, static_cast<__nv_bfloat16*>(out));
+  MOELAB_CUDA_CHECK_LAUNCH("convert_activations");
 }
 
 void rms_norm(const float* x, const float* weight, int n, int dim, float eps, float* out, cudaStream_t stream) {

@@ -1,0 +1,114 @@
+#pragma once
+// The cuda-nf4 engine's state, shared by its source files: engine.cpp (the layer loop), engine_load.cpp
+// (weights from a checkpoint or drawn at random) and moe_stage.cpp (routing, grouping, the experts).
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <memory>
+#include <vector>
+
+#include "core/config.hpp"
+#include "optimized/cuda/check.hpp"
+#include "optimized/cuda/engine.hpp"
+#include "optimized/cuda/expert_store.hpp"
+#include "optimized/cuda/kernels.hpp"
+
+#define MOELAB_CUBLAS_CHECK(call)                                                                   \
+  do {                                                                                              \
+    const cublasStatus_t st_ = (call);                                                              \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                               \
+      throw ::moelab::Error(fmt::format("cuda-nf4: {} failed at {}:{}: cuBLAS status {}", #call, __FILE__, __LINE__, int(st_))); \
+  } while (0)
+
+namespace moelab::cuda {
+
+struct DeviceMatrix {
+  int64_t rows = 0, cols = 0;
+  const uint8_t* codes = nullptr;
+  const float* absmax = nullptr;
+};
+
+// The matrix `region` of a block that starts at `base` (the arena's or an expert block's).
+inline DeviceMatrix matrix_at(const uint8_t* base, const Nf4Region& region) {
+  return {region.rows, region.cols, base + region.codes_offset,
+          reinterpret_cast<const float*>(base + region.absmax_offset)};
+}
+
+struct Layer {
+  float* attn_norm = nullptr;
+  float* ffn_norm = nullptr;
+  DeviceMatrix wq, wk, wv, wo, router;  // router: MoE only; experts live in the ExpertStore
+};
+
+// A device buffer that grows to the largest request and is reused across forward calls.
+template <class T>
+struct Grow {
+  T* ptr = nullptr;
+  size_t cap = 0;
+  T* get(size_t n) {
+    if (n > cap) {
+      if (ptr) MOELAB_CUDA_CHECK(cudaFree(ptr));
+      ptr = nullptr;
+      MOELAB_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)));
+      cap = n;
+    }
+    return ptr;
+  }
+  Grow() = default;
+  Grow(const Grow&) = delete;
+  ~Grow() { if (ptr) cudaFree(ptr); }
+};
+
+// An activation buffer as a weight product reads it.
+struct Act {
+  const void* data = nullptr;
+  ActType type = ActType::f32;
+};
+
+// Up to this many tokens per weight, the product is that many GEMVs (each reads the packed weight once,
+// 0.56 bytes per weight); above it, one dequantized band + GEMM (writes and reads 2 or 4 bytes per
+// weight more, which pays once the GEMVs' repeated reads cost more).
+inline constexpr int kMaxGemvTokens = 8;
+
+struct CudaNf4Engine::Impl {
+  ModelConfig cfg;
+  EngineOptions options;
+  int max_context = 0;
+  int pos = 0;
+  double load_seconds = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  uint8_t* arena = nullptr;  // attention projections and routers
+  int64_t arena_bytes = 0;
+  std::unique_ptr<ExpertStore> experts;
+  std::vector<void*> owned;  // plain allocations (embedding, norms, caches, scratch)
+  float* embedding = nullptr;
+  float* lm_head = nullptr;  // == embedding when tied
+  float* final_norm = nullptr;
+  float* inv_freq = nullptr;
+  std::vector<float*> k_cache, v_cache;
+  void* scratch = nullptr;  // a dequantized weight band (FP32 or BF16) for the prefill GEMMs
+  int64_t scratch_elems = 0;
+  int64_t other_bytes = 0;
+  std::vector<Layer> layers;
+  Grow<int32_t> d_tokens, d_chosen, d_token_of_row, d_row_of;
+  Grow<float> h, x, q, k, v, att, tmp, rlogits, rlogits_next, gates, gx, gu, act, ey, logits, attn_work;
+  Grow<uint16_t> stage_x, stage_att, stage_gx, stage_act;  // BF16 copies of the products' inputs
+
+  ~Impl();
+  void init_device(int device);
+  void load_weights(const Checkpoint* ck, uint64_t seed);  // ck == nullptr: synthetic
+  float* alloc(int64_t elems);
+
+  // Act view of x[count] as the products read it: x itself in FP32 mode, a BF16 copy in `buf` otherwise.
+  Act stage(const float* x, int64_t count, Grow<uint16_t>& buf);
+  // y[n, rows] (row stride ldy) = x[n, cols] * W^T.
+  void linear(Act x, int n, const DeviceMatrix& w, float* y, int64_t ldy);
+  // h[n, H] += MoE(x[n, H]); writes the chosen experts to host_chosen [n * top_k] and the gates and router
+  // logits to the device buffers `gates` / `rlogits`.
+  void moe_stage(int layer, const float* x, int n, float* h, std::vector<int32_t>& host_chosen);
+  MatrixRF to_host(const float* d, int rows, int cols) const;
+};
+
+}  // namespace moelab::cuda

@@ -1,0 +1,98 @@
+// The MoE stage of a cuda-nf4 layer: router, fused softmax + top-k, tokens grouped by expert on the
+// host (one small synchronizing copy of the choices per layer), the experts' SwiGLU MLPs over their
+// tokens in rounds of as many experts as the layer has GPU slots, and the gated combine.
+#include <cmath>
+
+#include "optimized/cuda/engine_impl.hpp"
+#include "optimized/cuda/expert_grouping.hpp"
+#include "optimized/cuda/layer_kernels.hpp"
+
+namespace moelab::cuda {
+namespace {
+
+// The mean over tokens of softmax(router logits): which experts the next layer is likely to want.
+std::vector<float> mean_router_probs(const std::vector<float>& logits, int n, int experts) {
+  std::vector<float> mean(size_t(experts), 0.0f);
+  for (int t = 0; t < n; ++t) {
+    const float* l = logits.data() + size_t(t) * experts;
+    const float mx = *std::max_element(l, l + experts);
+    double sum = 0;
+    for (int e = 0; e < experts; ++e) sum += std::exp(double(l[e] - mx));
+    for (int e = 0; e < experts; ++e) mean[size_t(e)] += float(std::exp(double(l[e] - mx)) / sum / n);
+  }
+  return mean;
+}
+
+}  // namespace
+
+void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std::vector<int32_t>& host_chosen) {
+  const int H = cfg.hidden_size, I = cfg.intermediate_size, E = cfg.num_experts, K = cfg.top_k;
+  cudaStream_t s = stream;
+  float* rl = rlogits.get(size_t(n) * E);
+  float* g = gates.get(size_t(n) * K);
+  int32_t* chosen = d_chosen.get(size_t(n) * K);
+  const Act xa = this->stage(x, int64_t(n) * H, stage_x);
+
+  // Prefetch: the next layer's router applied to this layer's input predicts its choices well (the
+  // residual stream changes little per layer), early enough for the copies to overlap this layer.
+  const bool prefetch = options.prefetch_experts && experts->offloaded() && cfg.is_moe() && l + 1 < cfg.num_layers;
+  std::vector<float> next_logits(prefetch ? size_t(n) * E : 0);
+  host_chosen.assign(size_t(n) * K, 0);
+  if (cfg.is_moe()) {
+    linear(xa, n, layers[size_t(l)].router, rl, E);
+    router_topk(rl, n, E, K, chosen, g, s);
+    if (prefetch) {
+      float* rn = rlogits_next.get(size_t(n) * E);
+      linear(xa, n, layers[size_t(l) + 1].router, rn, E);
+      MOELAB_CUDA_CHECK(cudaMemcpyAsync(next_logits.data(), rn, next_logits.size() * sizeof(float),
+                                        cudaMemcpyDeviceToHost, s));
+    }
+    MOELAB_CUDA_CHECK(cudaMemcpyAsync(host_chosen.data(), chosen, host_chosen.size() * sizeof(int32_t),
+                                      cudaMemcpyDeviceToHost, s));
+    MOELAB_CUDA_CHECK(cudaStreamSynchronize(s));  // grouping needs the choices on the host
+    if (prefetch) experts->prefetch(l + 1, mean_router_probs(next_logits, n, E), K);
+  } else {
+    const std::vector<float> ones(size_t(n) * K, 1.0f);  // a dense MLP: one "expert", gate 1
+    MOELAB_CUDA_CHECK(cudaMemcpyAsync(g, ones.data(), ones.size() * sizeof(float), cudaMemcpyHostToDevice, s));
+    MOELAB_CUDA_CHECK(cudaStreamSynchronize(s));  // `ones` dies here
+  }
+
+  const ExpertGroups groups = group_by_expert(host_chosen, K, E);
+  int32_t* token_of_row = d_token_of_row.get(size_t(n) * K);
+  int32_t* row_of = d_row_of.get(size_t(n) * K);
+  MOELAB_CUDA_CHECK(cudaMemcpyAsync(token_of_row, groups.token.data(), groups.token.size() * sizeof(int32_t),
+                                    cudaMemcpyHostToDevice, s));
+  MOELAB_CUDA_CHECK(cudaMemcpyAsync(row_of, groups.row_of.data(), groups.row_of.size() * sizeof(int32_t),
+                                    cudaMemcpyHostToDevice, s));
+  float* ey_all = ey.get(size_t(n) * K * H);
+  float* gxb = gx.get(size_t(n) * H);
+  float* gub = gu.get(size_t(n) * 2 * I);
+  float* actb = act.get(size_t(n) * I);
+
+  std::vector<int> used;
+  for (int e = 0; e < E; ++e)
+    if (groups.count(e) > 0) used.push_back(e);
+  const size_t per_round = size_t(experts->slots_per_layer());
+  const WeightArena& layout = experts->layout();
+  for (size_t r0 = 0; r0 < used.size(); r0 += per_round) {
+    const std::span<const int> round(used.data() + r0, std::min(per_round, used.size() - r0));
+    const std::vector<const uint8_t*> blocks = experts->acquire(l, round);
+    for (size_t i = 0; i < round.size(); ++i) {
+      const int e = round[i], c = groups.count(e);
+      const DeviceMatrix w1 = matrix_at(blocks[i], layout.region(0)), w3 = matrix_at(blocks[i], layout.region(1)),
+                         w2 = matrix_at(blocks[i], layout.region(2));
+      gather_rows(x, token_of_row + groups.offsets[size_t(e)], c, H, gxb, s);
+      const Act ga = this->stage(gxb, int64_t(c) * H, stage_gx);
+      linear(ga, c, w1, gub, 2 * int64_t(I));      // gate projection into the first half of each row
+      linear(ga, c, w3, gub + I, 2 * int64_t(I));  // up projection into the second half
+      swiglu(gub, c, I, actb, s);
+      linear(this->stage(actb, int64_t(c) * I, stage_act), c, w2, ey_all + int64_t(groups.offsets[size_t(e)]) * H, H);
+    }
+    experts->release(l);
+  }
+  moe_combine(ey_all, row_of, g, n, K, H, h, s);
+  // `groups`' host vectors are sources of async copies and die with this call: wait for the stream.
+  MOELAB_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
+}  // namespace moelab::cuda
