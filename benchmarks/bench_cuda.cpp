@@ -5,20 +5,26 @@
 //
 //   build/moelab_bench_cuda [--benchmark_filter=...]
 //
-// Not yet covered here (see benchmarks/README.md, cuda-nf4): the full MoE layer at 1/8/64/512 tokens
-// and synthetic-model decode with the expert cache, which need the synthetic engine.
+// Full-shape model benchmarks run on synthetic Mixtral-8x7B weights drawn on the device (no checkpoint
+// can be brought to the GPU machine): one MoE layer at 1/8/64/512 tokens, and batch-1 decode of the
+// whole model with every expert on the GPU and with the expert cache at 2, 4 and 6 experts per layer.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <map>
+#include <memory>
 #include <random>
 #include <vector>
 
+#include "core/model_presets.hpp"
 #include "optimized/cuda/check.hpp"
+#include "optimized/cuda/engine.hpp"
 #include "optimized/cuda/device_info.hpp"
 #include "optimized/cuda/kernels.hpp"
+#include "optimized/cuda/random_fill.hpp"
 
 namespace {
 
@@ -120,6 +126,75 @@ void CublasFp16Gemv(benchmark::State& state) {
 }
 BENCHMARK(CublasFp16Gemv)->Args({4096, 4096})->Args({14336, 4096})->Args({4096, 14336})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// One Mixtral-8x7B MoE stage (router, top-2, grouping, the chosen experts' SwiGLU MLPs, combine) on a
+// synthetic one-layer model, for n tokens of random normalized input. bytes/s counts the NF4 bytes of
+// the experts the tokens chose (the memory-bound view: what the stage must read at least once).
+void MoeLayer(benchmark::State& state) {
+  static std::unique_ptr<CudaNf4Engine> engine;
+  moelab::ModelConfig cfg = moelab::model_preset("mixtral-8x7b");
+  cfg.num_layers = 1;
+  if (!engine) engine = CudaNf4Engine::synthetic(cfg, {}, 1);
+  const int n = int(state.range(0)), H = cfg.hidden_size;
+  float* x = static_cast<float*>(device_alloc(size_t(n) * H * sizeof(float)));
+  float* out = static_cast<float*>(device_alloc(size_t(n) * H * sizeof(float)));
+  moelab::cuda::fill_random_normal(x, int64_t(n) * H, 1.0f, 2, nullptr);
+  MOELAB_CUDA_CHECK(cudaDeviceSynchronize());
+  timed(state, [&] { engine->moe_layer(0, x, n, out); });
+  // Bytes of the experts the stage must read at least: top_k per token, at most all of them (random
+  // routing spreads 8+ tokens over every expert).
+  const int64_t expert_bytes = 3 * int64_t(H) * cfg.intermediate_size * 9 / 16;  // 4.5 bits per weight incl. FP32 absmax
+  const int64_t touched = std::min<int64_t>(int64_t(n) * cfg.top_k, cfg.num_experts);
+  state.SetBytesProcessed(int64_t(state.iterations()) * touched * expert_bytes);
+  state.counters["tokens"] = n;
+  state.counters["tok/s"] = benchmark::Counter(double(n) * double(state.iterations()), benchmark::Counter::kIsRate);
+  cudaFree(x);
+  cudaFree(out);
+}
+BENCHMARK(MoeLayer)->Arg(1)->Arg(8)->Arg(64)->Arg(512)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// Batch-1 decode of the full synthetic Mixtral-8x7B: range(0) experts per layer on the GPU (0: all 8),
+// range(1) prefetch on/off. Each iteration decodes one token after a 64-token prefill (wall time of
+// forward(), which returns the logits on the host). Reports tok/s, the cache hit rate and GB copied
+// per token. One engine lives at a time (the offloaded ones hold 25 GB of pinned host memory).
+void SyntheticDecode(benchmark::State& state) {
+  static std::unique_ptr<CudaNf4Engine> engine;
+  static std::pair<int64_t, int64_t> built{-1, -1};
+  const std::pair<int64_t, int64_t> want{state.range(0), state.range(1)};
+  if (built != want) {
+    engine.reset();
+    moelab::cuda::EngineOptions o;
+    o.max_context = 1024;
+    o.gpu_expert_cache = int(want.first);
+    o.prefetch_experts = want.second != 0;
+    engine = CudaNf4Engine::synthetic(moelab::model_preset("mixtral-8x7b"), o, 1);
+    built = want;
+  }
+  std::vector<int32_t> prompt(64);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t(3 + i * 389 % 31000);
+  engine->reset();
+  engine->forward(prompt);
+  const auto before = engine->expert_cache_stats().value_or(moelab::cuda::CacheStats{});
+  int32_t token = 1;
+  for (auto _ : state) {
+    if (engine->position() + 1 >= engine->max_context()) engine->truncate(int(prompt.size()));
+    const auto logits = engine->forward(std::span<const int32_t>(&token, 1));
+    Eigen::Index best = 0;
+    logits.row(0).maxCoeff(&best);
+    token = int32_t(best);
+  }
+  state.counters["tok/s"] = benchmark::Counter(double(state.iterations()), benchmark::Counter::kIsRate);
+  if (const auto after = engine->expert_cache_stats()) {
+    const int64_t hits = after->hits - before.hits + after->prefetch_hits - before.prefetch_hits;
+    const int64_t uses = hits + after->misses - before.misses;
+    state.counters["hit_rate"] = uses ? double(hits) / double(uses) : 0.0;
+    state.counters["GB_copied/token"] =
+        double(after->bytes_copied - before.bytes_copied) / 1e9 / double(std::max<int64_t>(1, state.iterations()));
+  }
+}
+BENCHMARK(SyntheticDecode)
+    ->Args({0, 0})->Args({6, 0})->Args({4, 0})->Args({2, 0})->Args({6, 1})->Args({4, 1})->Args({2, 1})
+    ->Iterations(24)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
