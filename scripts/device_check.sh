@@ -1,6 +1,9 @@
 #!/bin/bash
 # The one cuda-nf4 check for the GPU machine: configure and build the CUDA targets, run the device
-# tests, `moelab diff --a ref --b cuda-nf4` on every fixture model, and the CUDA microbenchmarks.
+# tests, `moelab diff --a ref --b cuda-nf4` on every fixture model (BF16 and FP32 products), the CUDA
+# benchmarks (NF4 GEMV vs copy bandwidth and cuBLAS FP16, attention, the full-shape MoE layer,
+# synthetic Mixtral-8x7B decode with the expert cache at all/6/4/2 experts per layer) and
+# `moelab profile --synthetic mixtral-8x7b` end to end.
 # Writes logs and summary.md to OUTDIR. Designed to finish well under 8 minutes on an H200.
 #
 #   scripts/device_check.sh OUTDIR
@@ -65,15 +68,25 @@ step device_tests 90 "$build/tests/moelab_cuda_tests" --gtest_output="xml:$out/d
 # 4. The layer diff on every fixture model.
 for m in "$here"/tests/fixtures/models/*/; do
   name=$(basename "$m")
-  step "diff_$name" 30 "$build/moelab" diff --model "$m" --a ref --b cuda-nf4 --text "Mixture of experts" \
-    --json "$out/diff_$name.json"
+  for act in bf16 fp32; do
+    step "diff_${name}_$act" 30 "$build/moelab" diff --model "$m" --a ref --b cuda-nf4 --activations "$act" \
+      --text "Mixture of experts" --json "$out/diff_${name}_$act.json"
+  done
 done
 
-# 5. Benchmarks (each repetition short; Google Benchmark's JSON kept).
-step bench 120 "$build/moelab_bench_cuda" --benchmark_min_time=0.2 --benchmark_out="$out/bench.json" \
+# 5. Benchmarks (each repetition short; Google Benchmark's JSON kept). The synthetic decode builds a
+# 25 GB model per cache setting: it gets most of the time.
+step bench 300 "$build/moelab_bench_cuda" --benchmark_min_time=0.2 --benchmark_out="$out/bench.json" \
   --benchmark_out_format=json
 
-# 6. Summary.
+# 6. End to end through the CLI: the synthetic full-size model, all experts resident and 4 per layer.
+step profile_synthetic 90 "$build/moelab" profile --synthetic mixtral-8x7b --engine cuda-nf4 --totals-only \
+  --tokens 128 --decode 32 --repeat 2 --context 1024 --json "$out/profile_synthetic.json"
+step profile_synthetic_cache4 120 "$build/moelab" profile --synthetic mixtral-8x7b --engine cuda-nf4 --totals-only \
+  --tokens 128 --decode 32 --repeat 2 --context 1024 --gpu-expert-cache 4 --gpu-expert-prefetch \
+  --json "$out/profile_synthetic_cache4.json"
+
+# 7. Summary.
 {
   echo "# cuda-nf4 device check"
   echo
@@ -85,16 +98,35 @@ step bench 120 "$build/moelab_bench_cuda" --benchmark_min_time=0.2 --benchmark_o
   echo "|---|---|---|"
   awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}' "$out/steps.tsv"
   echo
+  for f in "$out"/profile_synthetic*.json; do
+    [ -f "$f" ] && python3 - "$f" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+p = d["phases"]
+line = f"- {sys.argv[1].split('/')[-1]}: prefill {p['prefill']['tokens'] / p['prefill']['wall_seconds']:.0f} tok/s"
+if "decode" in p:
+    line += f", decode {p['decode']['tokens'] / p['decode']['wall_seconds']:.1f} tok/s"
+if "expert_cache" in d:
+    c = d["expert_cache"]
+    line += f", expert cache hit rate {100 * c['hit_rate']:.1f}%, {c['bytes_copied'] / 2**30:.1f} GiB copied"
+print(line)
+PY
+  done
+  echo
   echo "Device tests: $(grep -Eo '\[  (PASSED|FAILED|SKIPPED) *\] [0-9]+ tests?' "$out/device_tests.log" 2>/dev/null | tr '\n' ' ')"
   echo
   if [ -f "$out/bench.json" ]; then
-    echo "| benchmark | time (us) | GB/s |"
-    echo "|---|---|---|"
+    echo "| benchmark | time | GB/s | counters |"
+    echo "|---|---|---|---|"
     python3 - "$out/bench.json" <<'PY' || true
 import json, sys
+skip = {"name", "run_name", "run_type", "repetitions", "repetition_index", "threads", "iterations", "real_time",
+        "cpu_time", "time_unit", "bytes_per_second", "family_index", "per_family_instance_index", "items_per_second",
+        "aggregate_name", "aggregate_unit", "error_occurred", "error_message"}
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     gbs = b.get("bytes_per_second", 0) / 1e9
-    print(f"| {b['name']} | {b.get('real_time', 0):.1f} | {gbs:.0f} |")
+    extra = ", ".join(f"{k} {v:.4g}" for k, v in b.items() if k not in skip and isinstance(v, (int, float)))
+    print(f"| {b['name']} | {b.get('real_time', 0):.1f} {b.get('time_unit', '')} | {gbs:.0f} | {extra} |")
 PY
   fi
 } > "$summary"
