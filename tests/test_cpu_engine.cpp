@@ -12,6 +12,7 @@
 #include "analysis/diff.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
+#include "engine_test_util.hpp"
 #include "fixture_util.hpp"
 #include "optimized/cpu/engine.hpp"
 #include "optimized/cpu/quantize.hpp"
@@ -22,22 +23,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class CpuEngine : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    ck = Checkpoint::open(model_dir(GetParam()));
-    tokens = read_i32(SafetensorsFile(model_dir(GetParam()) + "/expected.safetensors"), "tokens");
-    dequantized_dir = fs::temp_directory_path() / ("moelab-deq-" + std::to_string(::getpid()) + "-" + GetParam());
-    fs::remove_all(dequantized_dir);
-    cpu::write_dequantized_checkpoint(*ck, dequantized_dir.string(), 64, /*double_quant=*/true);
-    dequantized = Checkpoint::open(dequantized_dir.string());
-  }
-  void TearDown() override { fs::remove_all(dequantized_dir); }
-
-  std::unique_ptr<Checkpoint> ck, dequantized;
-  std::vector<int32_t> tokens;
-  fs::path dequantized_dir;
-};
+class CpuEngine : public DequantizedFixture {};
 
 TEST_P(CpuEngine, MatchesReferenceOnDequantizedWeightsEveryLayer) {
   for (const std::string isa : {"scalar", "avx2", "avx512"}) {
@@ -53,12 +39,7 @@ TEST_P(CpuEngine, MatchesReferenceOnDequantizedWeightsEveryLayer) {
     const auto a = analysis::ForwardRecord::run(reference, tokens);
     const auto b = analysis::ForwardRecord::run(engine, tokens);
     const auto d = analysis::diff_records(a, b, "ref(dequantized)", "cpu-nf4");
-    for (const auto& l : d.layers) {
-      EXPECT_LT(l.hidden.rel_l2, 1e-5) << "layer " << l.layer;
-      EXPECT_DOUBLE_EQ(l.topk_agreement, 1.0) << "layer " << l.layer;
-      if (l.router_logits) EXPECT_LT(l.router_logits->rel_l2, 1e-5) << "layer " << l.layer;
-    }
-    EXPECT_LT(d.logits.rel_l2, 1e-5);
+    expect_within(d, {.hidden = 1e-5, .router_logits = 1e-5, .logits = 1e-5});
     for (size_t l = 0; l < a.layers.size(); ++l) EXPECT_EQ(a.layers[l].experts, b.layers[l].experts);
   }
 }
