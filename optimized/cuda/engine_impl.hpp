@@ -60,6 +60,30 @@ struct Grow {
   ~Grow() { if (ptr) cudaFree(ptr); }
 };
 
+// Pinned host memory that grows to the largest request: the source of truly asynchronous host-to-device
+// copies (a copy from pageable memory makes the stream wait first). Growing waits for `stream`, so no
+// copy still reads the old buffer.
+template <class T>
+struct PinnedGrow {
+  T* ptr = nullptr;
+  size_t cap = 0;
+  T* get(size_t n, cudaStream_t stream) {
+    if (n > cap) {
+      if (ptr) {
+        MOELAB_CUDA_CHECK(cudaStreamSynchronize(stream));
+        MOELAB_CUDA_CHECK(cudaFreeHost(ptr));
+      }
+      ptr = nullptr;
+      MOELAB_CUDA_CHECK(cudaMallocHost(&ptr, std::max<size_t>(n, 1) * sizeof(T)));
+      cap = n;
+    }
+    return ptr;
+  }
+  PinnedGrow() = default;
+  PinnedGrow(const PinnedGrow&) = delete;
+  ~PinnedGrow() { if (ptr) cudaFreeHost(ptr); }
+};
+
 // An activation buffer as a weight product reads it.
 struct Act {
   const void* data = nullptr;
@@ -95,6 +119,9 @@ struct CudaNf4Engine::Impl {
   Grow<int32_t> d_tokens, d_chosen, d_token_of_row, d_row_of;
   Grow<float> h, x, q, k, v, att, tmp, rlogits, rlogits_next, gates, gx, gu, act, ey, logits, attn_work;
   Grow<uint16_t> stage_x, stage_att, stage_gx, stage_act;  // BF16 copies of the products' inputs
+  // Per layer, the grouped rows' source tokens and each choice's grouped row ([2 * n * top_k] int32 per
+  // layer): each layer has its own slice, so its uploads need no wait before the next layer reuses it.
+  PinnedGrow<int32_t> group_index;
 
   ~Impl();
   void init_device(int device);

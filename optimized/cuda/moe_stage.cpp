@@ -1,11 +1,13 @@
 // The MoE stage of a cuda-nf4 layer: router, fused softmax + top-k, tokens grouped by expert on the
-// host (one small synchronizing copy of the choices per layer), the experts' SwiGLU MLPs over their
-// tokens in rounds of as many experts as the layer has GPU slots, and the gated combine.
+// host (one small synchronizing copy of the choices per layer: the one host sync of a layer), the
+// experts' SwiGLU MLPs over their tokens in rounds of as many experts as the layer has GPU slots, and
+// the gated combine.
 #include <cmath>
 
 #include "optimized/cuda/engine_impl.hpp"
 #include "optimized/cuda/expert_grouping.hpp"
 #include "optimized/cuda/layer_kernels.hpp"
+#include "optimized/cuda/random_fill.hpp"
 
 namespace moelab::cuda {
 namespace {
@@ -52,18 +54,21 @@ void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std:
     MOELAB_CUDA_CHECK(cudaStreamSynchronize(s));  // grouping needs the choices on the host
     if (prefetch) experts->prefetch(l + 1, mean_router_probs(next_logits, n, E), K);
   } else {
-    const std::vector<float> ones(size_t(n) * K, 1.0f);  // a dense MLP: one "expert", gate 1
-    MOELAB_CUDA_CHECK(cudaMemcpyAsync(g, ones.data(), ones.size() * sizeof(float), cudaMemcpyHostToDevice, s));
-    MOELAB_CUDA_CHECK(cudaStreamSynchronize(s));  // `ones` dies here
+    fill_constant(g, int64_t(n) * K, 1.0f, s);  // a dense MLP: one "expert", gate 1
   }
 
+  // The grouping's index maps go up from this layer's slice of pinned memory: an asynchronous copy that
+  // nothing overwrites before the stream has run it (the slice is reused only in the next forward call,
+  // after this one's final synchronization).
   const ExpertGroups groups = group_by_expert(host_chosen, K, E);
-  int32_t* token_of_row = d_token_of_row.get(size_t(n) * K);
-  int32_t* row_of = d_row_of.get(size_t(n) * K);
-  MOELAB_CUDA_CHECK(cudaMemcpyAsync(token_of_row, groups.token.data(), groups.token.size() * sizeof(int32_t),
-                                    cudaMemcpyHostToDevice, s));
-  MOELAB_CUDA_CHECK(cudaMemcpyAsync(row_of, groups.row_of.data(), groups.row_of.size() * sizeof(int32_t),
-                                    cudaMemcpyHostToDevice, s));
+  const size_t rows = size_t(n) * K;
+  int32_t* pinned = group_index.get(size_t(cfg.num_layers) * 2 * rows, s) + size_t(l) * 2 * rows;
+  std::copy(groups.token.begin(), groups.token.end(), pinned);
+  std::copy(groups.row_of.begin(), groups.row_of.end(), pinned + rows);
+  int32_t* token_of_row = d_token_of_row.get(rows);
+  int32_t* row_of = d_row_of.get(rows);
+  MOELAB_CUDA_CHECK(cudaMemcpyAsync(token_of_row, pinned, rows * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+  MOELAB_CUDA_CHECK(cudaMemcpyAsync(row_of, pinned + rows, rows * sizeof(int32_t), cudaMemcpyHostToDevice, s));
   float* ey_all = ey.get(size_t(n) * K * H);
   float* gxb = gx.get(size_t(n) * H);
   float* gub = gu.get(size_t(n) * 2 * I);
@@ -91,8 +96,6 @@ void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std:
     experts->release(l);
   }
   moe_combine(ey_all, row_of, g, n, K, H, h, s);
-  // `groups`' host vectors are sources of async copies and die with this call: wait for the stream.
-  MOELAB_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 
 }  // namespace moelab::cuda
