@@ -44,7 +44,7 @@ void print_config(const ModelConfig& c, int context) {
              human_count(c.expert_params()), c.top_k);
   fmt::print("\nmemory per engine (weights + KV cache for {} tokens):\n", context);
   for (const auto& m : memory_estimates(c, context))
-    fmt::print("  {:<14} {:>10} + {:>10}   {}\n", m.engine, human_bytes(m.weight_bytes), human_bytes(m.kv_cache_bytes),
+    fmt::print("  {:<29} {:>10} + {:>10}   {}\n", m.engine, human_bytes(m.weight_bytes), human_bytes(m.kv_cache_bytes),
                m.how);
 }
 

@@ -238,6 +238,10 @@ std::vector<MemoryEstimate> memory_estimates(const ModelConfig& c, int context) 
   // NF4 with double quantization, blocks of 64: 4 bits per weight, one 8-bit absmax per 64 weights,
   // one FP32 absmax per 256 blocks (see optimized/nf4 and bitsandbytes' serialized form).
   const int64_t nf4 = quantized / 2 + quantized / 64 + quantized / (64 * 256) * 4;
+  // cuda-nf4 undoes the double quantization at upload: 4 bits + one FP32 absmax per 64 weights.
+  const int64_t cuda_nf4 = quantized / 2 + quantized / 64 * 4;
+  const int64_t experts_all = int64_t(c.num_layers) * c.num_experts * c.expert_params();
+  const int64_t experts_cuda_nf4 = experts_all / 2 + experts_all / 64 * 4;
   const int64_t per_layer_f32 =
       (non_expert_layer_params(c) + int64_t(c.num_experts) * c.expert_params()) * 4;
   const int64_t lm_head_f32 = int64_t(c.vocab_size) * c.hidden_size * 4;
@@ -248,8 +252,11 @@ std::vector<MemoryEstimate> memory_estimates(const ModelConfig& c, int context) 
       {"cpu-nf4", "NF4 linears (codes mmap'd when pre-quantized), FP32 embedding/lm_head and norms",
        nf4 + embed * 4 + norms * 4,
        int64_t(context) * c.kv_cache_bytes_per_token(4)},
-      {"cuda-nf4", "GPU memory: NF4 linears, FP16 embedding/lm_head, FP16 KV cache", nf4 + embed * 2 + norms * 2,
-       int64_t(context) * c.kv_cache_bytes_per_token(2)},
+      {"cuda-nf4", "GPU memory: NF4 linears with FP32 absmax, FP32 embedding/lm_head/norms and KV cache",
+       cuda_nf4 + embed * 4 + norms * 4, int64_t(context) * c.kv_cache_bytes_per_token(4)},
+      {"cuda-nf4 --gpu-expert-cache 2", "GPU memory with 2 experts per layer on the GPU (the rest in pinned host memory)",
+       cuda_nf4 - experts_cuda_nf4 + experts_cuda_nf4 * std::min(2, c.num_experts) / c.num_experts + embed * 4 + norms * 4,
+       int64_t(context) * c.kv_cache_bytes_per_token(4)},
   };
 }
 

@@ -47,6 +47,17 @@ TEST(Config, MemoryEstimatesFollowFromTheCounts) {
   // KV cache: 32 layers x (K and V) x 8 heads x 128 dims x 4096 tokens x 4 bytes = 1 GiB.
   EXPECT_EQ(m[0].kv_cache_bytes, int64_t(1) << 30);
   EXPECT_LT(m[1].weight_bytes, m[0].weight_bytes / 20);  // streaming keeps one layer
+  // cuda-nf4: the linears, 32 x (2 x 4096^2 + 2 x 1024 x 4096 + 8 x 4096 + 8 x 3 x 14336 x 4096) =
+  // 46,440,382,464 weights at 4.5 bits (codes + FP32 absmax per 64) = 26.12 GB, plus FP32 embedding,
+  // lm_head and norms (2 x 32000 x 4096 + 65 x 4096 = 262,410,240 values, 1.05 GB): 27.17 GB.
+  ASSERT_EQ(m.size(), 5u);
+  EXPECT_EQ(m[3].engine, "cuda-nf4");
+  EXPECT_EQ(m[3].weight_bytes, 46'440'382'464LL / 2 + 46'440'382'464LL / 64 * 4 + 262'410'240LL * 4);
+  EXPECT_EQ(m[3].kv_cache_bytes, int64_t(1) << 30);
+  // With 2 of 8 experts per layer on the GPU, 3/4 of the 45.1B expert weights (32 x 8 x 176,160,768)
+  // leave it: 19.02 GB less.
+  const int64_t experts = 32LL * 8 * 176'160'768;
+  EXPECT_EQ(m[4].weight_bytes, m[3].weight_bytes - (experts / 2 + experts / 64 * 4) * 3 / 4);
 }
 
 TEST(Config, TransformersWrittenConfigsParse) {
