@@ -52,7 +52,6 @@ void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std:
     MOELAB_CUDA_CHECK(cudaMemcpyAsync(host_chosen.data(), chosen, host_chosen.size() * sizeof(int32_t),
                                       cudaMemcpyDeviceToHost, s));
     MOELAB_CUDA_CHECK(cudaStreamSynchronize(s));  // grouping needs the choices on the host
-    if (prefetch) experts->prefetch(l + 1, mean_router_probs(next_logits, n, E), K);
   } else {
     fill_constant(g, int64_t(n) * K, 1.0f, s);  // a dense MLP: one "expert", gate 1
   }
@@ -82,6 +81,8 @@ void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std:
   for (size_t r0 = 0; r0 < used.size(); r0 += per_round) {
     const std::span<const int> round(used.data() + r0, std::min(per_round, used.size() - r0));
     const std::vector<const uint8_t*> blocks = experts->acquire(l, round);
+    // The next layer's prefetch goes on the copy stream after this layer's first misses, never before.
+    if (prefetch && r0 == 0) experts->prefetch(l + 1, mean_router_probs(next_logits, n, E), K);
     for (size_t i = 0; i < round.size(); ++i) {
       const int e = round[i], c = groups.count(e);
       const DeviceMatrix w1 = matrix_at(blocks[i], layout.region(0)), w3 = matrix_at(blocks[i], layout.region(1)),
