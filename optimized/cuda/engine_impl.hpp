@@ -41,47 +41,38 @@ struct Layer {
   DeviceMatrix wq, wk, wv, wo, router;  // router: MoE only; experts live in the ExpertStore
 };
 
-// A device buffer that grows to the largest request and is reused across forward calls.
-template <class T>
+// A buffer that grows to the largest request and is reused across forward calls: device memory, or
+// (Pinned = true) pinned host memory, the source of truly asynchronous host-to-device copies (a copy
+// from pageable memory makes the stream wait first). Growing first waits for `stream`, so no queued
+// work still uses the old buffer.
+template <class T, bool Pinned = false>
 struct Grow {
   T* ptr = nullptr;
   size_t cap = 0;
-  T* get(size_t n) {
+  T* get(size_t n, cudaStream_t stream = nullptr) {
     if (n > cap) {
-      if (ptr) MOELAB_CUDA_CHECK(cudaFree(ptr));
+      if (ptr) {
+        MOELAB_CUDA_CHECK(cudaStreamSynchronize(stream));
+        free_buffer();
+      }
       ptr = nullptr;
-      MOELAB_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)));
+      const size_t bytes = std::max<size_t>(n, 1) * sizeof(T);
+      if constexpr (Pinned) MOELAB_CUDA_CHECK(cudaMallocHost(&ptr, bytes));
+      else MOELAB_CUDA_CHECK(cudaMalloc(&ptr, bytes));
       cap = n;
     }
     return ptr;
   }
   Grow() = default;
   Grow(const Grow&) = delete;
-  ~Grow() { if (ptr) cudaFree(ptr); }
-};
+  ~Grow() { free_buffer(); }
 
-// Pinned host memory that grows to the largest request: the source of truly asynchronous host-to-device
-// copies (a copy from pageable memory makes the stream wait first). Growing waits for `stream`, so no
-// copy still reads the old buffer.
-template <class T>
-struct PinnedGrow {
-  T* ptr = nullptr;
-  size_t cap = 0;
-  T* get(size_t n, cudaStream_t stream) {
-    if (n > cap) {
-      if (ptr) {
-        MOELAB_CUDA_CHECK(cudaStreamSynchronize(stream));
-        MOELAB_CUDA_CHECK(cudaFreeHost(ptr));
-      }
-      ptr = nullptr;
-      MOELAB_CUDA_CHECK(cudaMallocHost(&ptr, std::max<size_t>(n, 1) * sizeof(T)));
-      cap = n;
-    }
-    return ptr;
+ private:
+  void free_buffer() {
+    if (!ptr) return;
+    if constexpr (Pinned) cudaFreeHost(ptr);
+    else cudaFree(ptr);
   }
-  PinnedGrow() = default;
-  PinnedGrow(const PinnedGrow&) = delete;
-  ~PinnedGrow() { if (ptr) cudaFreeHost(ptr); }
 };
 
 // An activation buffer as a weight product reads it.
@@ -121,7 +112,7 @@ struct CudaNf4Engine::Impl {
   Grow<uint16_t> stage_x, stage_att, stage_gx, stage_act;  // BF16 copies of the products' inputs
   // Per layer, the grouped rows' source tokens and each choice's grouped row ([2 * n * top_k] int32 per
   // layer): each layer has its own slice, so its uploads need no wait before the next layer reuses it.
-  PinnedGrow<int32_t> group_index;
+  Grow<int32_t, /*Pinned=*/true> group_index;
 
   ~Impl();
   void init_device(int device);
