@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/model_presets.hpp"
+#include "optimized/cuda/attention.hpp"
 #include "optimized/cuda/check.hpp"
 #include "optimized/cuda/engine.hpp"
 #include "optimized/cuda/device_info.hpp"
@@ -126,6 +127,41 @@ void CublasFp16Gemv(benchmark::State& state) {
 }
 BENCHMARK(CublasFp16Gemv)->Args({4096, 4096})->Args({14336, 4096})->Args({4096, 14336})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// Attention at Mixtral's shape (32 heads, 8 KV heads, head_dim 128) over an FP32 KV cache of range(0)
+// keys. Decode (one query, split over the keys): bytes/s counts the K and V rows read. Prefill of
+// range(0) tokens from position 0 (tiled, causal): FLOP/s counts the 4 x head_dim FLOPs per visible
+// (query, key) pair of every head.
+void AttentionDecode(benchmark::State& state) {
+  const int keys = int(state.range(0)), heads = 32, kv_heads = 8, hd = 128;
+  const size_t cache = size_t(keys) * kv_heads * hd * sizeof(float);
+  float* q = static_cast<float*>(device_alloc(size_t(heads) * hd * sizeof(float)));
+  float* k = static_cast<float*>(device_alloc(cache));
+  float* v = static_cast<float*>(device_alloc(cache));
+  float* out = static_cast<float*>(device_alloc(size_t(heads) * hd * sizeof(float)));
+  int sm = 1;
+  MOELAB_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, 0));
+  const int64_t floats = attention_workspace_floats(1, keys - 1, 0, heads, hd, sm);
+  float* work = static_cast<float*>(device_alloc(size_t(floats) * sizeof(float)));
+  timed(state, [&] { attention(q, k, v, 1, keys - 1, heads, kv_heads, hd, 0, out, work, floats, sm, nullptr); });
+  state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(2 * cache));
+  for (float* p : {q, k, v, out, work}) cudaFree(p);
+}
+BENCHMARK(AttentionDecode)->Arg(512)->Arg(4096)->Arg(32768)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+void AttentionPrefill(benchmark::State& state) {
+  const int n = int(state.range(0)), heads = 32, kv_heads = 8, hd = 128;
+  float* q = static_cast<float*>(device_alloc(size_t(n) * heads * hd * sizeof(float)));
+  float* k = static_cast<float*>(device_alloc(size_t(n) * kv_heads * hd * sizeof(float)));
+  float* v = static_cast<float*>(device_alloc(size_t(n) * kv_heads * hd * sizeof(float)));
+  float* out = static_cast<float*>(device_alloc(size_t(n) * heads * hd * sizeof(float)));
+  timed(state, [&] { attention(q, k, v, n, 0, heads, kv_heads, hd, 0, out, nullptr, 0, 1, nullptr); });
+  const double pairs = double(n) * (n + 1) / 2;
+  state.counters["FLOP/s"] = benchmark::Counter(4.0 * hd * heads * pairs * double(state.iterations()),
+                                                benchmark::Counter::kIsRate);
+  for (float* p : {q, k, v, out}) cudaFree(p);
+}
+BENCHMARK(AttentionPrefill)->Arg(512)->Arg(4096)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // One Mixtral-8x7B MoE stage (router, top-2, grouping, the chosen experts' SwiGLU MLPs, combine) on a
 // synthetic one-layer model, for n tokens of random normalized input. bytes/s counts the NF4 bytes of

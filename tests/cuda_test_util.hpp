@@ -43,14 +43,14 @@ struct DeviceBuffer {
   }
 };
 
-std::vector<float> random_vector(size_t n, std::mt19937& rng, float scale = 1.0f) {
+inline std::vector<float> random_vector(size_t n, std::mt19937& rng, float scale = 1.0f) {
   std::normal_distribution<float> d(0.0f, scale);
   std::vector<float> v(n);
   for (auto& x : v) x = d(rng);
   return v;
 }
 
-double rel_l2(const std::vector<float>& a, const std::vector<double>& b) {
+inline double rel_l2(const std::vector<float>& a, const std::vector<double>& b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     if (!std::isfinite(a[i])) return std::numeric_limits<double>::infinity();

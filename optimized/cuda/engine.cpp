@@ -2,6 +2,7 @@
 // the MoE stage in moe_stage.cpp; the arithmetic is in the kernels).
 #include "optimized/cuda/engine.hpp"
 
+#include "optimized/cuda/attention.hpp"
 #include "optimized/cuda/engine_impl.hpp"
 #include "optimized/cuda/layer_kernels.hpp"
 #include "optimized/cuda/prefill_tiles.hpp"
@@ -120,6 +121,9 @@ MatrixRF CudaNf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
   float* v = m.v.get(size_t(n) * kvd);
   float* att = m.att.get(size_t(n) * qd);
   float* tmp = m.tmp.get(size_t(n) * H);
+  const int64_t attn_work_floats =
+      attention_workspace_floats(n, m.pos, cfg.sliding_window, cfg.num_heads, cfg.head_dim, m.sm_count);
+  float* attn_work = m.attn_work.get(size_t(std::max<int64_t>(attn_work_floats, 1)));
 
   embed(m.embedding, d_tok, n, H, h, s);
   std::vector<int32_t> host_chosen(size_t(n) * K, 0);
@@ -138,7 +142,7 @@ MatrixRF CudaNf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
     MOELAB_CUDA_CHECK(cudaMemcpyAsync(m.v_cache[size_t(l)] + int64_t(m.pos) * kvd, v, n * row_bytes,
                                       cudaMemcpyDeviceToDevice, s));
     attention(q, m.k_cache[size_t(l)], m.v_cache[size_t(l)], n, m.pos, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-              cfg.sliding_window, att, s);
+              cfg.sliding_window, att, attn_work, attn_work_floats, m.sm_count, s);
     m.linear(m.stage(att, int64_t(n) * qd, m.stage_att), n, w.wo, tmp, H);
     add_inplace(h, tmp, int64_t(n) * H, s);
 

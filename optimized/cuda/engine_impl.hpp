@@ -91,6 +91,7 @@ struct CudaNf4Engine::Impl {
   EngineOptions options;
   int max_context = 0;
   int pos = 0;
+  int sm_count = 1;  // the device's multiprocessors: sizes the split-KV decode
   double load_seconds = 0;
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;

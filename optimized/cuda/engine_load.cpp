@@ -68,6 +68,7 @@ void CudaNf4Engine::Impl::init_device(int device) {
                 (err != cudaSuccess ? std::string(" (") + cudaGetErrorString(err) + ")" : std::string()));
   if (device < 0 || device >= count) throw Error(fmt::format("cuda-nf4: device {} requested, {} present", device, count));
   MOELAB_CUDA_CHECK(cudaSetDevice(device));
+  MOELAB_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   MOELAB_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   MOELAB_CUBLAS_CHECK(cublasCreate(&blas));
   MOELAB_CUBLAS_CHECK(cublasSetStream(blas, stream));

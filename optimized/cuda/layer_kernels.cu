@@ -36,64 +36,6 @@ __global__ void rope_kernel(float* x, int n, int heads, int head_dim, int start,
   }
 }
 
-// One block per (query token, head). Scores for the visible keys in shared memory, then a softmax and
-// the weighted sum of values, threads over the head dimension.
-__global__ void attention_kernel(const float* q, const float* kc, const float* vc, int start, int heads, int kv_heads,
-                                 int head_dim, int window, float* out) {
-  extern __shared__ float scores[];
-  __shared__ float red[32];
-  const int t = blockIdx.x / heads, h = blockIdx.x % heads;
-  const int kvh = h / (heads / kv_heads);  // repeat_kv: query head h uses KV head h / groups
-  const int p = start + t;
-  const int first = window > 0 ? max(0, p - window + 1) : 0;
-  const int count = p - first + 1;
-  const float* qv = q + (int64_t(t) * heads + h) * head_dim;
-  const float scale = rsqrtf(float(head_dim));
-  const int kv_stride = kv_heads * head_dim;
-  for (int j = threadIdx.x; j < count; j += blockDim.x) {
-    const float* kv = kc + int64_t(first + j) * kv_stride + kvh * head_dim;
-    float s = 0.0f;
-    for (int d = 0; d < head_dim; ++d) s += qv[d] * kv[d];
-    scores[j] = s * scale;
-  }
-  __syncthreads();
-  // max
-  float m = -INFINITY;
-  for (int j = threadIdx.x; j < count; j += blockDim.x) m = fmaxf(m, scores[j]);
-  for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_down_sync(0xFFFFFFFFu, m, off));
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float mm = red[0];
-    for (int w = 1; w < int(blockDim.x / 32); ++w) mm = fmaxf(mm, red[w]);
-    red[0] = mm;
-  }
-  __syncthreads();
-  m = red[0];
-  __syncthreads();
-  float sum = 0.0f;
-  for (int j = threadIdx.x; j < count; j += blockDim.x) {
-    const float e = expf(scores[j] - m);
-    scores[j] = e;
-    sum += e;
-  }
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_down_sync(0xFFFFFFFFu, sum, off);
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float ss = 0.0f;
-    for (int w = 0; w < int(blockDim.x / 32); ++w) ss += red[w];
-    red[0] = ss;
-  }
-  __syncthreads();
-  const float inv = 1.0f / red[0];
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < count; ++j) acc += scores[j] * vc[int64_t(first + j) * kv_stride + kvh * head_dim + d];
-    out[(int64_t(t) * heads + h) * head_dim + d] = acc * inv;
-  }
-}
-
 __global__ void add_kernel(float* y, const float* x, int64_t count) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
     y[i] += x[i];
@@ -127,20 +69,6 @@ void rope(float* x, int n, int heads, int head_dim, int start, const float* inv_
   rope_kernel<<<grid_for(int64_t(n) * heads * (head_dim / 2), 256), 256, 0, stream>>>(x, n, heads, head_dim, start,
                                                                                       inv_freq);
   MOELAB_CUDA_CHECK_LAUNCH("rope");
-}
-
-void attention(const float* q, const float* k_cache, const float* v_cache, int n, int start, int heads, int kv_heads,
-               int head_dim, int window, float* out, cudaStream_t stream) {
-  if (heads % kv_heads != 0) throw Error("cuda-nf4: attention heads must be a multiple of kv_heads");
-  const int keys = window > 0 ? std::min(window, start + n) : start + n;
-  const size_t shared = size_t(keys) * sizeof(float);
-  static constexpr size_t kMaxShared = 48 * 1024;  // without opting in to more: 12288 keys
-  if (shared > kMaxShared)
-    throw Error("cuda-nf4: attention over " + std::to_string(keys) +
-                " keys exceeds this first kernel's shared-memory score buffer (12288 keys)");
-  attention_kernel<<<n * heads, 128, shared, stream>>>(q, k_cache, v_cache, start, heads, kv_heads, head_dim, window,
-                                                       out);
-  MOELAB_CUDA_CHECK_LAUNCH("attention");
 }
 
 void add_inplace(float* y, const float* x, int64_t count, cudaStream_t stream) {

@@ -1,6 +1,5 @@
 #pragma once
-// cuda-nf4 kernels of the decoder layer around the NF4 products: embedding gather, RoPE, attention over
-// the device KV cache, residual add, and the MoE gather / weighted combine. FP32 throughout (first
+// cuda-nf4 kernels of the decoder layer around the NF4 products: embedding gather, RoPE, residual add, and the MoE gather / weighted combine. FP32 throughout (first
 // version). Host-callable launchers over device pointers; each checks its launch.
 #include <cstdint>
 
@@ -15,14 +14,6 @@ void embed(const float* table, const int32_t* tokens, int n, int dim, float* out
 // dimension d pairs with d + head_dim / 2; angle = inv_freq[d % (head_dim / 2)] * position (FP32, as
 // transformers computes it with autocast off).
 void rope(float* x, int n, int heads, int head_dim, int start, const float* inv_freq, cudaStream_t stream);
-
-// Causal GQA attention for n queries at positions start .. start + n - 1 over the cache rows
-// [0, start + n) (keys and values already written there), optional sliding window (0: none; a query at
-// p sees keys in (p - window, p]). q [n, heads * head_dim], k/v cache [max_context, kv_heads * head_dim],
-// out [n, heads * head_dim]. Scores are kept in shared memory: start + n <= max_keys, which the
-// launcher checks against the device's shared memory.
-void attention(const float* q, const float* k_cache, const float* v_cache, int n, int start, int heads,
-               int kv_heads, int head_dim, int window, float* out, cudaStream_t stream);
 
 // y += x (count elements).
 void add_inplace(float* y, const float* x, int64_t count, cudaStream_t stream);
