@@ -196,6 +196,7 @@ TEST(CudaSyntheticEngine, MoeLayerAddsIntoItsOutput) {
   cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice);
   cudaMemset(d0, 0, x.size() * 4);
   cudaMemcpy(d1, base.data(), x.size() * 4, cudaMemcpyHostToDevice);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the engine's stream does not wait for the default one
   engine->moe_layer(0, dx, n, d0);
   engine->moe_layer(0, dx, n, d1);
   engine->synchronize();

@@ -252,7 +252,9 @@ void CudaNf4Engine::Impl::load_weights(const Checkpoint* ck, uint64_t seed) {
   int64_t widest = std::max<int64_t>(H, I);
   scratch_elems = std::max<int64_t>(64 * widest, int64_t(16) << 20);
   scratch = alloc(scratch_elems);
-  MOELAB_CUDA_CHECK(cudaStreamSynchronize(stream));
+  // The uploads above ran on the legacy default stream (cudaMemcpy from pageable memory may return before
+  // its DMA ends), which the engine's non-blocking stream does not wait for: finish everything here.
+  MOELAB_CUDA_CHECK(cudaDeviceSynchronize());
   load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
