@@ -13,20 +13,26 @@ typedef struct CUstream_st* cudaStream_t;
 
 namespace moelab::cuda {
 
-// Up to this many queries take the split-KV (decode) path; more take the tiled prefill path.
+// Up to this many queries take the split-KV (decode) path; more take the tiled prefill path. Decode
+// gives each (query, head) pair its own blocks, which pays while n * heads alone cannot fill the GPU;
+// prefill shares each staged key tile among kPrefillQueries queries, which pays once there are several.
 inline constexpr int kMaxDecodeQueries = 4;
 
 // The workspace `attention` needs for these queries (0 on the prefill path).
 int64_t attention_workspace_floats(int n, int start, int window, int heads, int head_dim, int sm_count);
 
 // Dispatches to the split-KV decode kernels (n <= kMaxDecodeQueries) or the tiled prefill kernel.
-// workspace: at least attention_workspace_floats(...) floats; sm_count: the device's multiprocessors
-// (sizes the split); throws moelab::Error on bad shapes or a short workspace.
+// workspace: device memory of at least attention_workspace_floats(n, start, window, heads, head_dim,
+// sm_count) floats (unused, may be null, on the prefill path); sm_count: the device's multiprocessors
+// (sizes the split; the same value must size the workspace). Throws moelab::Error on bad shapes
+// (heads % kv_heads, head_dim outside 1 .. 256, n < 1, start < 0, window < 0) or a short workspace,
+// before launching anything. Asynchronous on `stream`.
 void attention(const float* q, const float* k_cache, const float* v_cache, int n, int start, int heads, int kv_heads,
                int head_dim, int window, float* out, float* workspace, int64_t workspace_floats, int sm_count,
                cudaStream_t stream);
 
-// The two paths, callable directly (the device tests run both on the same inputs).
+// The two paths, callable directly (the device tests run both on the same inputs). The decode path
+// takes any n (up to 65535) and needs the workspace; the prefill path needs none.
 void attention_decode_split_kv(const float* q, const float* k_cache, const float* v_cache, int n, int start,
                                int heads, int kv_heads, int head_dim, int window, float* out, float* workspace,
                                int64_t workspace_floats, int sm_count, cudaStream_t stream);
