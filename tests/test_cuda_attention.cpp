@@ -11,6 +11,7 @@
 // ~3e-6 of float64 on those cases, at most 5,000 keys).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>

@@ -43,7 +43,8 @@ struct Layer {
 
 // A buffer that grows to the largest request and is reused across forward calls: device memory, or
 // (Pinned = true) pinned host memory, the source of truly asynchronous host-to-device copies (a copy
-// from pageable memory makes the stream wait first). Growing first waits for `stream`, so no queued
+// from pageable memory makes the stream wait first). Growing first waits for `stream` (pinned memory:
+// pass the engine's stream); for device memory cudaFree itself waits for the whole device, so no queued
 // work still uses the old buffer.
 template <class T, bool Pinned = false>
 struct Grow {

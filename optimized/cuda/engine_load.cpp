@@ -248,7 +248,7 @@ void CudaNf4Engine::Impl::load_weights(const Checkpoint* ck, uint64_t seed) {
     k_cache.push_back(alloc(kv));
     v_cache.push_back(alloc(kv));
   }
-  // Scratch for one band of a dequantized weight: 64 rows of the widest matrix at least, 64 MiB at most.
+  // Scratch for one band of a dequantized weight: 64 rows of the widest matrix, and at least 16M values.
   int64_t widest = std::max<int64_t>(H, I);
   scratch_elems = std::max<int64_t>(64 * widest, int64_t(16) << 20);
   scratch = alloc(scratch_elems);

@@ -2,6 +2,7 @@
 // host (one small synchronizing copy of the choices per layer: the one host sync of a layer), the
 // experts' SwiGLU MLPs over their tokens in rounds of as many experts as the layer has GPU slots, and
 // the gated combine.
+#include <algorithm>
 #include <cmath>
 
 #include "optimized/cuda/engine_impl.hpp"
@@ -59,6 +60,9 @@ void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std:
   // The grouping's index maps go up from this layer's slice of pinned memory: an asynchronous copy that
   // nothing overwrites before the stream has run it (the slice is reused only in the next forward call,
   // after this one's final synchronization).
+  // MoE layers synchronized above; a dense one must wait here before its slice is rewritten by a second
+  // moe_layer() call on the same layer (forward() reuses a slice only after its final synchronization).
+  if (!cfg.is_moe()) MOELAB_CUDA_CHECK(cudaStreamSynchronize(s));
   const ExpertGroups groups = group_by_expert(host_chosen, K, E);
   const size_t rows = size_t(n) * K;
   int32_t* pinned = group_index.get(size_t(cfg.num_layers) * 2 * rows, s) + size_t(l) * 2 * rows;
