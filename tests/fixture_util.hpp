@@ -1,6 +1,9 @@
 #pragma once
 // Helpers for tests that read the committed fixtures (tests/fixtures, made by scripts/make_fixtures.py).
 #include <Eigen/Core>
+#include <gtest/gtest.h>
+
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -45,6 +48,18 @@ template <typename A, typename B>
 double rel_l2(const A& a, const B& b) {
   const auto bd = b.template cast<double>();
   return (a.template cast<double>() - bd).norm() / bd.norm();
+}
+
+// The fixture models every engine test runs on (tests/fixtures/models; mixtral-4e-bnb-nf4 has its own
+// tests), and a gtest name for each (identifier characters only).
+#define MOELAB_FIXTURE_MODELS \
+  ::testing::Values("mixtral-4e-gqa-f32", "mixtral-8e-bf16-sharded", "mixtral-top1-swa", "mistral-dense")
+
+inline std::string fixture_test_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string n = info.param;
+  for (auto& ch : n)
+    if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return n;
 }
 
 }  // namespace moelab::test

@@ -70,15 +70,7 @@ TEST_P(CpuEngine, DecodingTokenByTokenEqualsOnePrefill) {
   EXPECT_THROW(engine.forward(std::vector<int32_t>(size_t(engine.max_context()), 1)), Error);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CpuEngine,
-                         ::testing::Values("mixtral-4e-gqa-f32", "mixtral-8e-bf16-sharded", "mixtral-top1-swa",
-                                           "mistral-dense"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           for (auto& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, CpuEngine, MOELAB_FIXTURE_MODELS, fixture_test_name);
 
 }  // namespace
 }  // namespace moelab::test

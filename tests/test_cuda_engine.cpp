@@ -19,6 +19,7 @@
 #include "analysis/forward_record.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
+#include "cuda_test_util.hpp"
 #include "engine_test_util.hpp"
 #include "fixture_util.hpp"
 #include "optimized/cpu/quantize.hpp"
@@ -41,8 +42,7 @@ cuda::EngineOptions exact() {
 class CudaEngine : public DequantizedFixture {
  protected:
   void SetUp() override {
-    const auto list = cuda::list_devices();
-    if (list.devices.empty()) GTEST_SKIP() << "cuda-nf4: no CUDA device found (" << list.error << ")";
+    SKIP_WITHOUT_GPU();
     DequantizedFixture::SetUp();
   }
 };
@@ -145,21 +145,12 @@ TEST_P(CudaEngine, ExpertCacheComputesExactlyWhatResidentExpertsCompute) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaEngine,
-                         ::testing::Values("mixtral-4e-gqa-f32", "mixtral-8e-bf16-sharded", "mixtral-top1-swa",
-                                           "mistral-dense"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           for (auto& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaEngine, MOELAB_FIXTURE_MODELS, fixture_test_name);
 
 // A synthetic model of a fixture's shape: reproducible from its seed, different for another, finite,
 // and offloading it changes nothing (the same check as for a checkpoint, on drawn weights).
 TEST(CudaSyntheticEngine, ReproducibleFiniteAndOffloadable) {
-  const auto list = cuda::list_devices();
-  if (list.devices.empty()) GTEST_SKIP() << "cuda-nf4: no CUDA device found (" << list.error << ")";
+  SKIP_WITHOUT_GPU();
   const ModelConfig cfg = Checkpoint::open(model_dir("mixtral-8e-bf16-sharded"))->config();
   const std::vector<int32_t> prompt{1, 17, 300, 5, 42, 99, 7, 8, 1000, 3, 64, 2};
   auto a = cuda::CudaNf4Engine::synthetic(cfg, {}, 11);
@@ -181,8 +172,7 @@ TEST(CudaSyntheticEngine, ReproducibleFiniteAndOffloadable) {
 // The MoE stage alone (what the MoE-layer benchmark times) adds to its output what a forward adds:
 // checked through linearity, out = out0 + MoE(x), by running it on zero and on a copy.
 TEST(CudaSyntheticEngine, MoeLayerAddsIntoItsOutput) {
-  const auto list = cuda::list_devices();
-  if (list.devices.empty()) GTEST_SKIP() << "cuda-nf4: no CUDA device found (" << list.error << ")";
+  SKIP_WITHOUT_GPU();
   const ModelConfig cfg = Checkpoint::open(model_dir("mixtral-8e-bf16-sharded"))->config();
   auto engine = cuda::CudaNf4Engine::synthetic(cfg, {}, 5);
   const int n = 37, H = cfg.hidden_size;
@@ -222,8 +212,7 @@ TEST(CudaSyntheticEngine, MoeLayerAddsIntoItsOutput) {
 // the dequantized weights and the same experts (a near-tie decided by FP32 rounding differently would
 // need router logits within ~1e-6 of each other: about one chance in a hundred over the 2,400 choices).
 TEST(CudaEngineBundledModel, LongPromptMatchesTheReferenceEveryLayer) {
-  const auto list = cuda::list_devices();
-  if (list.devices.empty()) GTEST_SKIP() << "cuda-nf4: no CUDA device found (" << list.error << ")";
+  SKIP_WITHOUT_GPU();
   const auto ck = Checkpoint::open(MOELAB_BUNDLED_MODEL);
   const fs::path deq_dir = fs::temp_directory_path() / ("moelab-cuda-deq-bundled-" + std::to_string(::getpid()));
   fs::remove_all(deq_dir);

@@ -125,15 +125,7 @@ TEST_P(ReferenceFixture, TokenOutsideVocabularyIsAnError) {
   EXPECT_EQ(model.position(), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, ReferenceFixture,
-                         ::testing::Values("mixtral-4e-gqa-f32", "mixtral-8e-bf16-sharded", "mixtral-top1-swa",
-                                           "mistral-dense"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           for (auto& ch : n)
-                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           return n;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, ReferenceFixture, MOELAB_FIXTURE_MODELS, fixture_test_name);
 
 TEST(Reference, GreedyGenerationMatchesTransformersGenerate) {
   const auto ck = Checkpoint::open(model_dir("mixtral-8e-bf16-sharded"));

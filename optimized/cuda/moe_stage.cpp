@@ -19,9 +19,10 @@ std::vector<float> mean_router_probs(const std::vector<float>& logits, int n, in
   for (int t = 0; t < n; ++t) {
     const float* l = logits.data() + size_t(t) * experts;
     const float mx = *std::max_element(l, l + experts);
+    std::vector<double> p(static_cast<size_t>(experts));
     double sum = 0;
-    for (int e = 0; e < experts; ++e) sum += std::exp(double(l[e] - mx));
-    for (int e = 0; e < experts; ++e) mean[size_t(e)] += float(std::exp(double(l[e] - mx)) / sum / n);
+    for (int e = 0; e < experts; ++e) sum += (p[size_t(e)] = std::exp(double(l[e] - mx)));
+    for (int e = 0; e < experts; ++e) mean[size_t(e)] += float(p[size_t(e)] / sum / n);
   }
   return mean;
 }
