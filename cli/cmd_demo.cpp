@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -30,6 +29,7 @@
 #include "core/generate.hpp"
 #include "core/progress.hpp"
 #include "core/safetensors_writer.hpp"
+#include "core/spawn.hpp"
 #include "core/tokenizer.hpp"
 
 namespace moelab::cli {
@@ -73,8 +73,12 @@ double domain_spread(const analysis::StatsReport& s, int layer) {
 std::string plotting_python() {
   for (const std::string& py : {bundled_path(".venv/bin/python"), std::string("python3")}) {
     if (py != "python3" && !fs::exists(py)) continue;
-    const std::string probe = fmt::format("'{}' -c 'import h5py, matplotlib' >/dev/null 2>&1", py);
-    if (std::system(probe.c_str()) == 0) return py;
+    try {
+      if (run_process({py, "-c", "import h5py, matplotlib"}, {.stdout_path = "/dev/null", .stderr_path = "/dev/null"}) == 0)
+        return py;
+    } catch (const Error&) {
+      // not installed or not executable: try the next one
+    }
   }
   return "";
 }
@@ -183,10 +187,18 @@ void run_demo(DemoArgs& a) {
                                         : "--no-plots");
   } else {
     const auto plot_dir = (out / "plots").string();
-    const auto cmd = fmt::format("'{}' '{}' '{}' '{}'", py, bundled_path("scripts/plot_routing.py"), trace_path, plot_dir);
+    const std::vector<std::string> cmd{py, bundled_path("scripts/plot_routing.py"), trace_path, plot_dir};
     std::fflush(stdout);  // the script's own lines must come after ours
-    if (std::system(cmd.c_str()) != 0) {
-      fmt::print("plotting failed (command: {}); the trace and statistics are complete\n", cmd);
+    int status = 0;
+    std::string why;
+    try {
+      status = run_process(cmd);
+      if (status != 0) why = fmt::format("exit status {}", status);
+    } catch (const Error& e) {
+      why = e.what();
+    }
+    if (!why.empty()) {
+      fmt::print("plotting failed ({}; command: {}); the trace and statistics are complete\n", why, describe_command(cmd));
     } else {
       for (const auto& f : fs::directory_iterator(plot_dir))
         if (f.path().extension() == ".png") plots.push_back(f.path().string());

@@ -35,8 +35,8 @@ void register_eval(CLI::App& app) {
                                   "or multiple_choice / generate / rolling")->required();
   cmd->add_option("--data", data, "Documents: normalized JSONL or the task's public form (.bz2/.gz read too)")->required();
   cmd->add_option("--fewshot-data", fewshot_data, "Few-shot split (default: --data, excluding the doc itself)");
-  cmd->add_option("--shots", shots, "Few-shot examples (default: the task's)");
-  cmd->add_option("--limit", limit, "Only the first N documents");
+  auto* shots_opt = cmd->add_option("--shots", shots, "Few-shot examples (default: the task's)");
+  cmd->add_option("--limit", limit, "Only the first N documents (0: all)");
   cmd->add_option("--seed", seed, "Few-shot sampling seed (harness default 1234)");
   cmd->add_option("--repeats", repeats, "Generation: samples per doc for maj@k (with --temperature > 0)");
   cmd->add_option("--temperature", temperature, "Generation: 0 = greedy");
@@ -46,7 +46,13 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--convert-to", convert_to,
                   "Only convert --data (public form) to the normalized JSONL in this file, then stop (no model)");
   add_engine_options(*cmd, eo);
-  cmd->callback([] {
+  cmd->callback([shots_opt] {
+    // Counts are checked here (one "moelab: error:" line) rather than by CLI11 validators.
+    if (shots_opt->count() > 0 && shots < 0) throw Error(fmt::format("eval: --shots must be 0 or more (got {})", shots));
+    if (limit < 0) throw Error(fmt::format("eval: --limit must be 0 (all documents) or more (got {})", limit));
+    if (repeats < 1) throw Error(fmt::format("eval: --repeats must be 1 or more (got {})", repeats));
+    if (!std::isfinite(temperature) || temperature < 0)
+      throw Error(fmt::format("eval: --temperature must be a finite number >= 0 (got {})", temperature));
     if (model.empty()) model = default_model_dir();
     if (log_samples && out.empty()) throw Error("eval: --log-samples needs --out");
     if (!convert_to.empty()) {

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "cli/bundled.hpp"
+#include "core/error.hpp"
 #include "core/progress.hpp"
 #include "evals/docs.hpp"
 #include "evals/tasks.hpp"
@@ -15,6 +16,9 @@ namespace moelab::cli {
 std::string default_reported_path() { return bundled_path("evals/reported/mixtral-8x7b.json"); }
 
 EvalInputs read_eval_inputs(const EvalRequest& q) {
+  if (q.shots < -1) throw Error(fmt::format("eval: shots must be 0 or more (got {})", q.shots));
+  if (q.limit < 0) throw Error(fmt::format("eval: limit must be 0 (all documents) or more (got {})", q.limit));
+  if (q.repeats < 1) throw Error(fmt::format("eval: repeats must be 1 or more (got {})", q.repeats));
   EvalInputs in{.request = q, .spec = evals::task_spec(q.task)};
   in.shots = q.shots < 0 ? in.spec.default_shots : q.shots;
   in.docs = evals::read_docs(q.task, in.spec.type, q.data);

@@ -31,20 +31,26 @@ struct Doc {
 
 // Reads `path` for task `task` (hellaswag, arc_easy, arc_challenge, mmlu, winogrande, piqa, gsm8k,
 // humaneval, wikitext, or a generic type name: multiple_choice, generate, rolling). Accepts the
-// normalized JSONL and the public forms (see docs/evals.md); `.bz2` / `.gz` are read through bzip2 / gzip.
+// normalized JSONL and the public forms (see docs/evals.md); `.bz2` / `.gz` are decompressed in-process
+// (libbz2, zlib). Every field of every record is checked (presence, type, range); a bad one throws
+// moelab::Error "PATH:LINE: field \"NAME\": problem".
 std::vector<Doc> read_docs(const std::string& task, TaskType type, const std::string& path);
 
 // Converters from one public record (exposed for tests).
 Doc from_hellaswag_json(const nlohmann::json& j);
-std::vector<Doc> from_hellaswag_text(const std::string& text);  // 6 lines per item
+// 6 lines per item; `source` names the file in errors.
+std::vector<Doc> from_hellaswag_text(const std::string& text, const std::string& source = "hellaswag text");
 Doc from_arc(const nlohmann::json& j);
 Doc from_mmlu(const nlohmann::json& j);
 Doc from_winogrande(const nlohmann::json& j);
 Doc from_piqa(const nlohmann::json& j);
 Doc from_gsm8k(const nlohmann::json& j);
-std::vector<Doc> from_wikitext(const std::string& text);  // word-level file, split into articles
+// Word-level file, split into articles; `source` names the file in errors.
+std::vector<Doc> from_wikitext(const std::string& text, const std::string& source = "wikitext text");
+// The harness's preprocessing, in linear time (hand-written equivalents of its regexes).
 std::string hellaswag_preprocess(std::string text);
 std::string wikitext_detokenize(std::string text);
+bool wikitext_is_article_heading(const std::string& line);  // " = Title = ", not " = = Section = = "
 nlohmann::json to_normalized(const Doc& d, TaskType type);
 
 }  // namespace moelab::evals

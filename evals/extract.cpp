@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cctype>
-#include <regex>
 
 namespace moelab::evals {
 
@@ -15,21 +14,51 @@ std::string strip(const std::string& s) {
 }
 }  // namespace
 
+// The two filters below are hand-written equivalents of the harness's regexes (linear time; std::regex's
+// recursive matcher overflows the stack on long runs).
+
+namespace {
+bool is_digit(char c) { return c >= '0' && c <= '9'; }
+bool strict_class(char c) { return is_digit(c) || c == '.' || c == ','; }             // [0-9\.\,]
+bool flexible_class(char c) { return is_digit(c) || c == '$' || c == '.' || c == ','; }  // [$0-9.,]
+template <class Pred>
+size_t run_end(const std::string& s, size_t k, Pred pred) {
+  while (k < s.size() && pred(s[k])) ++k;
+  return k;
+}
+}  // namespace
+
 std::string gsm8k_strict(const std::string& response) {
-  static const std::regex re(R"(#### (\-?[0-9\.\,]+))");
-  std::smatch m;
-  if (!std::regex_search(response, m, re)) return "[invalid]";
-  return strip(m[1].str());
+  // regex_search "#### (\-?[0-9\.\,]+)": the first "#### " followed by an optional '-' and at least one
+  // of [0-9.,]; group 1 is the '-' and the whole run.
+  for (size_t p = response.find("#### "); p != std::string::npos; p = response.find("#### ", p + 1)) {
+    const size_t start = p + 5;
+    const size_t digits = start < response.size() && response[start] == '-' ? start + 1 : start;
+    const size_t e = run_end(response, digits, strict_class);
+    if (e > digits) return strip(response.substr(start, e - start));
+  }
+  return "[invalid]";
 }
 
 std::string gsm8k_flexible(const std::string& response) {
-  static const std::regex re(R"((-?[$0-9.,]{2,})|(-?[0-9]+))");
+  // Every match of "(-?[$0-9.,]{2,})|(-?[0-9]+)", left to right, each search resuming after the
+  // previous match; the last one's non-empty group.
+  const std::string& s = response;
   std::string last;
   bool any = false;
-  for (auto it = std::sregex_iterator(response.begin(), response.end(), re); it != std::sregex_iterator(); ++it) {
-    const auto& m = *it;
-    last = m[1].matched && m[1].length() > 0 ? m[1].str() : m[2].str();
+  for (size_t p = 0; p < s.size();) {
+    const size_t body = s[p] == '-' ? p + 1 : p;  // '-' is not in either class: with it, or no match here
+    const size_t e1 = run_end(s, body, flexible_class);
+    size_t end = 0;
+    if (e1 - body >= 2) end = e1;                       // first alternative
+    else if (const size_t e2 = run_end(s, body, is_digit); e2 > body) end = e2;  // second
+    if (end == 0) {
+      ++p;
+      continue;
+    }
+    last = s.substr(p, end - p);
     any = true;
+    p = end;
   }
   return any ? strip(last) : "[invalid]";
 }
