@@ -19,9 +19,12 @@
 #include <sstream>
 
 #include "analysis/timing.hpp"
+#include "analysis/trace_h5.hpp"
 #include "core/error.hpp"
 
 namespace moelab::analysis {
+
+using namespace h5;
 
 // ---------------------------------------------------------------------------------------------------
 // IEEE half precision
@@ -70,381 +73,6 @@ float half_to_float(uint16_t h) {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------
-// Thin HDF5 helpers: owned ids, errors as moelab::Error naming the file.
-
-// An HDF5 id closed by the matching H5?close when it goes out of scope.
-class H5Id {
- public:
-  H5Id() = default;
-  explicit H5Id(hid_t id) : id_(id) {}
-  H5Id(H5Id&& o) noexcept : id_(o.id_) { o.id_ = -1; }
-  H5Id& operator=(H5Id&& o) noexcept {
-    if (this != &o) {
-      reset();
-      id_ = o.id_;
-      o.id_ = -1;
-    }
-    return *this;
-  }
-  ~H5Id() { reset(); }
-  hid_t get() const { return id_; }
-  operator hid_t() const { return id_; }
-  bool valid() const { return id_ >= 0; }
-  // Closes any kind of id (file, dataset, type, ...) when its last reference goes.
-  herr_t reset() {
-    const herr_t rc = id_ >= 0 ? H5Idec_ref(id_) : 0;
-    id_ = -1;
-    return rc < 0 ? rc : 0;
-  }
-
- private:
-  hid_t id_ = -1;
-};
-
-// HDF5 prints its error stack to stderr by default; while one of these lives we report errors ourselves,
-// in one line. The previous handler comes back afterwards (other code in the process may want it).
-class QuietHdf5 {
- public:
-  QuietHdf5() {
-    H5Eget_auto2(H5E_DEFAULT, &func_, &data_);
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  }
-  ~QuietHdf5() { H5Eset_auto2(H5E_DEFAULT, func_, data_); }
-  QuietHdf5(const QuietHdf5&) = delete;
-  QuietHdf5& operator=(const QuietHdf5&) = delete;
-
- private:
-  H5E_auto2_t func_ = nullptr;
-  void* data_ = nullptr;
-};
-
-// The innermost message of HDF5's current error stack (e.g. "file is already open for write").
-std::string hdf5_error_text() {
-  std::string text;
-  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD,
-           [](unsigned, const H5E_error2_t* e, void* data) -> herr_t {
-             auto& s = *static_cast<std::string*>(data);
-             if (s.empty() && e->desc && *e->desc) s = e->desc;
-             return 0;
-           },
-           &text);
-  H5Eclear2(H5E_DEFAULT);
-  return text.empty() ? "HDF5 error" : text;
-}
-
-// Every HDF5 call goes through one of these, so a failure becomes "<file>: <what>: <hdf5 message>".
-struct H5Context {
-  std::string path;
-  [[noreturn]] void fail(const std::string& what) const {
-    throw Error(fmt::format("{}: {}: {}", path, what, hdf5_error_text()));
-  }
-  hid_t id(hid_t id, const std::string& what) const {
-    if (id < 0) fail(what);
-    return id;
-  }
-  void ok(herr_t rc, const std::string& what) const {
-    if (rc < 0) fail(what);
-  }
-};
-
-// The datatype h5py and numpy read as float16: IEEE binary16, little-endian.
-H5Id half_type() {
-  H5Id t(H5Tcopy(H5T_IEEE_F32LE));
-  H5Tset_fields(t, 15, 10, 5, 0, 10);  // sign bit, exponent at 10 (5 bits), mantissa at 0 (10 bits)
-  H5Tset_size(t, 2);
-  H5Tset_precision(t, 16);
-  H5Tset_ebias(t, 15);
-  return t;
-}
-
-H5Id vlen_string_type() {
-  H5Id t(H5Tcopy(H5T_C_S1));
-  H5Tset_size(t, H5T_VARIABLE);
-  H5Tset_cset(t, H5T_CSET_UTF8);
-  return t;
-}
-
-// File access with the newest format (superblock v3, checksummed metadata): SWMR needs it.
-H5Id latest_format_fapl() {
-  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS));
-  H5Pset_libver_bounds(fapl, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST);
-  return fapl;
-}
-
-std::vector<hsize_t> dims_of(const H5Context& cx, hid_t dset, const std::string& name) {
-  H5Id space(cx.id(H5Dget_space(dset), "cannot read the shape of " + name));
-  const int rank = H5Sget_simple_extent_ndims(space);
-  if (rank < 0) cx.fail("cannot read the shape of " + name);
-  std::vector<hsize_t> dims(static_cast<size_t>(rank));
-  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
-  return dims;
-}
-
-void delete_attribute_if_present(hid_t obj, const char* name) {
-  if (H5Aexists(obj, name) > 0) H5Adelete(obj, name);
-}
-
-void write_string_attr(const H5Context& cx, hid_t obj, const char* name, const std::string& value) {
-  delete_attribute_if_present(obj, name);
-  const H5Id type = vlen_string_type();
-  H5Id space(H5Screate(H5S_SCALAR));
-  H5Id attr(cx.id(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), fmt::format("cannot create attribute {}", name)));
-  const char* p = value.c_str();
-  cx.ok(H5Awrite(attr, type, &p), fmt::format("cannot write attribute {}", name));
-}
-
-void write_strings_attr(const H5Context& cx, hid_t obj, const char* name, const std::vector<std::string>& values) {
-  delete_attribute_if_present(obj, name);
-  const H5Id type = vlen_string_type();
-  const hsize_t n = values.size();
-  H5Id space(H5Screate_simple(1, &n, nullptr));
-  H5Id attr(cx.id(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT), fmt::format("cannot create attribute {}", name)));
-  std::vector<const char*> ptrs;
-  for (const auto& v : values) ptrs.push_back(v.c_str());
-  if (ptrs.empty()) return;  // nothing to write into a zero-length array
-  cx.ok(H5Awrite(attr, type, ptrs.data()), fmt::format("cannot write attribute {}", name));
-}
-
-void write_int_attr(const H5Context& cx, hid_t obj, const char* name, int64_t value) {
-  delete_attribute_if_present(obj, name);
-  H5Id space(H5Screate(H5S_SCALAR));
-  H5Id attr(cx.id(H5Acreate2(obj, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT),
-                  fmt::format("cannot create attribute {}", name)));
-  cx.ok(H5Awrite(attr, H5T_NATIVE_INT64, &value), fmt::format("cannot write attribute {}", name));
-}
-
-// Reads a string attribute or string array attribute, stored variable- or fixed-length (h5py writes
-// either, depending on how the user made it).
-std::vector<std::string> read_strings(const H5Context& cx, hid_t attr, const std::string& name) {
-  H5Id ftype(H5Aget_type(attr));
-  H5Id space(H5Aget_space(attr));
-  const hssize_t n = H5Sget_simple_extent_npoints(space);
-  if (n < 0) cx.fail("cannot read attribute " + name);
-  std::vector<std::string> out;
-  if (n == 0) return out;
-  if (H5Tis_variable_str(ftype) > 0) {
-    const H5Id mtype = vlen_string_type();
-    std::vector<char*> ptrs(size_t(n), nullptr);
-    cx.ok(H5Aread(attr, mtype, ptrs.data()), "cannot read attribute " + name);
-    for (char* p : ptrs) out.emplace_back(p ? p : "");
-    H5Dvlen_reclaim(mtype, space, H5P_DEFAULT, ptrs.data());
-  } else {
-    const size_t len = H5Tget_size(ftype);
-    H5Id mtype(H5Tcopy(H5T_C_S1));
-    H5Tset_size(mtype, len);
-    std::vector<char> buf(size_t(n) * len);
-    cx.ok(H5Aread(attr, mtype, buf.data()), "cannot read attribute " + name);
-    for (hssize_t i = 0; i < n; ++i) {
-      const char* p = buf.data() + size_t(i) * len;
-      out.emplace_back(p, strnlen(p, len));
-    }
-  }
-  return out;
-}
-
-// An attribute as JSON: strings (JSON-valued ones parsed), integers, floats, and 1-D arrays of them.
-nlohmann::json read_attr_json(const H5Context& cx, hid_t obj, const std::string& name) {
-  H5Id attr(cx.id(H5Aopen(obj, name.c_str(), H5P_DEFAULT), "cannot open attribute " + name));
-  H5Id type(H5Aget_type(attr));
-  H5Id space(H5Aget_space(attr));
-  const bool scalar = H5Sget_simple_extent_type(space) == H5S_SCALAR;
-  const hssize_t n = H5Sget_simple_extent_npoints(space);
-  nlohmann::json values = nlohmann::json::array();
-  switch (H5Tget_class(type)) {
-    case H5T_STRING:
-      for (auto& s : read_strings(cx, attr, name)) values.push_back(s);
-      break;
-    case H5T_INTEGER: {
-      std::vector<int64_t> v(size_t(std::max<hssize_t>(n, 0)));
-      cx.ok(H5Aread(attr, H5T_NATIVE_INT64, v.data()), "cannot read attribute " + name);
-      for (auto x : v) values.push_back(x);
-      break;
-    }
-    case H5T_FLOAT: {
-      std::vector<double> v(size_t(std::max<hssize_t>(n, 0)));
-      cx.ok(H5Aread(attr, H5T_NATIVE_DOUBLE, v.data()), "cannot read attribute " + name);
-      for (auto x : v) values.push_back(x);
-      break;
-    }
-    default:
-      return nullptr;  // kinds a trace never holds
-  }
-  if (!scalar) return values;
-  if (values.empty()) return nullptr;
-  // model_config and runs are JSON documents stored as strings; give them back as JSON.
-  if ((name == "model_config" || name == "runs") && values[0].is_string()) {
-    auto parsed = nlohmann::json::parse(values[0].get<std::string>(), nullptr, false);
-    if (!parsed.is_discarded()) return parsed;
-  }
-  return values[0];
-}
-
-nlohmann::json read_all_attrs(const H5Context& cx, hid_t obj) {
-  std::vector<std::string> names;
-  H5Aiterate2(obj, H5_INDEX_NAME, H5_ITER_INC, nullptr,
-              [](hid_t, const char* name, const H5A_info_t*, void* data) -> herr_t {
-                static_cast<std::vector<std::string>*>(data)->push_back(name);
-                return 0;
-              },
-              &names);
-  nlohmann::json j = nlohmann::json::object();
-  for (const auto& n : names) j[n] = read_attr_json(cx, obj, n);
-  return j;
-}
-
-std::optional<int64_t> read_int_attr(const H5Context& cx, hid_t obj, const char* name) {
-  if (H5Aexists(obj, name) <= 0) return std::nullopt;
-  const auto j = read_attr_json(cx, obj, name);
-  if (!j.is_number_integer()) return std::nullopt;
-  return j.get<int64_t>();
-}
-
-std::string utc_now_iso8601() {
-  const std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Row datasets: [rows, ...row_shape], unlimited along rows.
-
-constexpr const char* kTokens = "tokens";
-constexpr const char* kOffsets = "sequence_offsets";
-constexpr const char* kDomain = "sequence_domain";
-constexpr const char* kExperts = "experts";
-constexpr const char* kGates = "gates";
-constexpr const char* kLogits = "router_logits";
-
-// Rows per chunk: the requested count, fewer when rows are wide, so that a chunk stays near 4 MiB
-// (HDF5 reads and decompresses whole chunks).
-hsize_t chunk_rows_for(int64_t requested, size_t row_bytes) {
-  const int64_t cap = std::max<int64_t>(64, int64_t((4u << 20) / std::max<size_t>(row_bytes, 1)));
-  return hsize_t(std::max<int64_t>(1, std::min(requested, cap)));
-}
-
-// A chunk cache big enough for the chunk being filled (the default 1 MiB would be bypassed by bigger
-// chunks, making every partial-chunk write a read-modify-write of the compressed chunk).
-H5Id row_dataset_access(hid_t dset) {
-  H5Id dcpl(H5Dget_create_plist(dset));
-  hsize_t chunk[3] = {1, 1, 1};
-  const int rank = H5Pget_chunk(dcpl, 3, chunk);
-  H5Id type(H5Dget_type(dset));
-  size_t bytes = H5Tget_size(type);
-  for (int i = 0; i < rank; ++i) bytes *= chunk[i];
-  H5Id dapl(H5Pcreate(H5P_DATASET_ACCESS));
-  H5Pset_chunk_cache(dapl, 521, std::max<size_t>(size_t(1) << 20, 4 * bytes), 1.0);
-  return dapl;
-}
-
-H5Id create_row_dataset(const H5Context& cx, hid_t file, const char* name, hid_t type, std::vector<hsize_t> row_shape,
-                        int64_t chunk_tokens, int deflate_level) {
-  std::vector<hsize_t> dims{0}, maxdims{H5S_UNLIMITED};
-  size_t row_bytes = H5Tget_size(type);
-  for (hsize_t d : row_shape) dims.push_back(d), maxdims.push_back(d), row_bytes *= d;
-  std::vector<hsize_t> chunk = dims;
-  chunk[0] = chunk_rows_for(chunk_tokens, row_bytes);
-  H5Id space(H5Screate_simple(int(dims.size()), dims.data(), maxdims.data()));
-  H5Id dcpl(H5Pcreate(H5P_DATASET_CREATE));
-  cx.ok(H5Pset_chunk(dcpl, int(chunk.size()), chunk.data()), fmt::format("cannot chunk /{}", name));
-  H5Pset_shuffle(dcpl);
-  H5Pset_deflate(dcpl, unsigned(deflate_level));
-  return H5Id(cx.id(H5Dcreate2(file, name, type, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
-                    fmt::format("cannot create /{}", name)));
-}
-
-H5Id open_row_dataset(const H5Context& cx, hid_t file, const char* name) {
-  if (H5Lexists(file, name, H5P_DEFAULT) <= 0) throw Error(fmt::format("{}: not a moelab trace (no /{} dataset)", cx.path, name));
-  H5Id probe(cx.id(H5Dopen2(file, name, H5P_DEFAULT), fmt::format("cannot open /{}", name)));
-  const H5Id dapl = row_dataset_access(probe);
-  return H5Id(cx.id(H5Dopen2(file, name, dapl), fmt::format("cannot open /{}", name)));
-}
-
-// Writes `rows` rows at row `first`, growing the dataset to first + rows.
-void write_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, const void* data, int64_t first,
-                int64_t rows) {
-  if (rows == 0) return;
-  auto dims = dims_of(cx, dset, name);
-  dims[0] = hsize_t(first + rows);
-  cx.ok(H5Dset_extent(dset, dims.data()), fmt::format("cannot extend /{}", name));
-  H5Id fspace(cx.id(H5Dget_space(dset), fmt::format("cannot extend /{}", name)));
-  std::vector<hsize_t> start(dims.size(), 0), count = dims;
-  start[0] = hsize_t(first);
-  count[0] = hsize_t(rows);
-  cx.ok(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr),
-        fmt::format("cannot select rows of /{}", name));
-  H5Id mspace(H5Screate_simple(int(count.size()), count.data(), nullptr));
-  cx.ok(H5Dwrite(dset, mem_type, mspace, fspace, H5P_DEFAULT, data), fmt::format("cannot write /{}", name));
-}
-
-// Rows per chunk of a dataset (its first chunk dimension).
-hsize_t chunk_rows_of(hid_t dset) {
-  H5Id dcpl(H5Dget_create_plist(dset));
-  hsize_t chunk[3] = {1, 1, 1};
-  return H5Pget_chunk(dcpl, 3, chunk) > 0 ? std::max<hsize_t>(chunk[0], 1) : 1;
-}
-
-// Reads rows [first, first + rows) into `out`; false if HDF5 fails.
-bool read_row_block(hid_t dset, hid_t mem_type, int64_t first, int64_t rows, void* out) {
-  H5Id fspace(H5Dget_space(dset));
-  const int rank = H5Sget_simple_extent_ndims(fspace);
-  if (rank < 1) return false;
-  std::vector<hsize_t> dims(static_cast<size_t>(rank));
-  H5Sget_simple_extent_dims(fspace, dims.data(), nullptr);
-  std::vector<hsize_t> start(dims.size(), 0), count = dims;
-  start[0] = hsize_t(first);
-  count[0] = hsize_t(rows);
-  if (H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr) < 0) return false;
-  H5Id mspace(H5Screate_simple(rank, count.data(), nullptr));
-  return H5Dread(dset, mem_type, mspace, fspace, H5P_DEFAULT, out) >= 0;
-}
-
-// Reads rows [0, rows) of a dataset whose row holds `row_elems` elements, a few chunks at a time. A
-// writer killed in the middle of a write() can tear a metadata block (the kernel stops a dying
-// process's write between 4 KiB pages), making the chunks it indexes unreadable. Then, with `salvage`,
-// the rows before the first unreadable chunk are returned; without, it throws, pointing at --repair.
-template <typename T>
-std::vector<T> read_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, int64_t rows,
-                         size_t row_elems, bool salvage = false) {
-  std::vector<T> out(size_t(rows) * row_elems);
-  const auto chunk = int64_t(chunk_rows_of(dset));
-  const int64_t block = chunk * std::max<int64_t>(1, 64 * 4096 / chunk);  // whole chunks, ~256k rows
-  int64_t done = 0;
-  while (done < rows) {
-    const int64_t n = std::min(block, rows - done);
-    if (read_row_block(dset, mem_type, done, n, out.data() + size_t(done) * row_elems)) {
-      done += n;
-      continue;
-    }
-    const std::string why = hdf5_error_text();
-    if (!salvage)
-      throw Error(fmt::format("{}: cannot read /{} rows {}..{}: {} (if a writer was killed while writing it, "
-                              "`moelab trace --repair {}` keeps what is readable)",
-                              cx.path, name, done, done + n - 1, why, cx.path));
-    // Salvage: chunk by chunk up to the first that fails.
-    for (int64_t at = done; at < done + n; at += chunk) {
-      const int64_t m = std::min(chunk, rows - at);
-      if (!read_row_block(dset, mem_type, at, m, out.data() + size_t(at) * row_elems)) {
-        H5Eclear2(H5E_DEFAULT);
-        out.resize(size_t(at) * row_elems);
-        return out;
-      }
-    }
-    done += n;
-  }
-  return out;
-}
-
-void shrink_rows(const H5Context& cx, hid_t dset, const char* name, int64_t rows) {
-  auto dims = dims_of(cx, dset, name);
-  if (int64_t(dims[0]) <= rows) return;
-  dims[0] = hsize_t(rows);
-  cx.ok(H5Dset_extent(dset, dims.data()), fmt::format("cannot truncate /{}", name));
-}
-
-// ---------------------------------------------------------------------------------------------------
 // Opening files: exclusive writer lock, crash recovery.
 
 // An open-file-description lock on the trace, held for a writer's lifetime and dropped by the kernel
@@ -481,88 +109,6 @@ class WriterLock {
   std::string path_;
   int fd_ = -1;
 };
-
-// SWMR readers retry metadata whose checksum fails, assuming a live writer is mid-update, with a
-// doubling sleep: HDF5's default of 100 attempts never ends on a block torn by a dead writer. 24
-// attempts sleep about 16 ms in all, plenty for a live writer's update to land.
-constexpr unsigned kSwmrReadAttempts = 24;
-
-H5Id swmr_read_access() {
-  H5Id fapl(H5Pcreate(H5P_FILE_ACCESS));
-  H5Pset_metadata_read_attempts(fapl, kSwmrReadAttempts);
-  return fapl;
-}
-
-// True if a writer left the file open: plain opens fail (HDF5 reports "file is already open for write",
-// or, with paged file space, "truncated file" when the end of allocation was stored before the pages
-// were written) while an SWMR reader opens it. The caller holds the writer lock, so that writer is dead.
-bool left_by_dead_writer(const H5Context& cx) {
-  hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-  if (f >= 0) {
-    H5Fclose(f);
-    return false;
-  }
-  f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, swmr_read_access());
-  if (f >= 0) H5Fclose(f);
-  H5Eclear2(H5E_DEFAULT);
-  return f >= 0;
-}
-
-H5Id open_for_writing(const H5Context& cx) {
-  if (H5Fis_hdf5(cx.path.c_str()) <= 0)
-    throw Error(fmt::format("{}: exists and is not an HDF5 file; refusing to overwrite it", cx.path));
-  const H5Id fapl = latest_format_fapl();
-  const hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDWR, fapl);
-  if (f < 0) throw Error(fmt::format("{}: cannot open for appending: {}", cx.path, hdf5_error_text()));
-  return H5Id(f);
-}
-
-// Opens a trace for reading: plainly, or, when a writer holds it or died (the file is marked open for
-// SWMR write), as an SWMR reader, which HDF5 allows exactly for that case.
-H5Id open_for_reading(const H5Context& cx) {
-  if (::access(cx.path.c_str(), R_OK) != 0) throw Error(fmt::format("{}: cannot open ({})", cx.path, std::strerror(errno)));
-  if (H5Fis_hdf5(cx.path.c_str()) <= 0) {
-    H5Eclear2(H5E_DEFAULT);
-    throw Error(fmt::format("{}: not an HDF5 file", cx.path));
-  }
-  hid_t f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-  if (f >= 0) return H5Id(f);
-  const std::string why = hdf5_error_text();
-  f = H5Fopen(cx.path.c_str(), H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, swmr_read_access());
-  if (f >= 0) return H5Id(f);
-  H5Eclear2(H5E_DEFAULT);
-  throw Error(fmt::format("{}: cannot open: {}", cx.path, why));
-}
-
-// The committed extent of a trace: S sequences ending at token offsets[S]. Rows beyond it in the token
-// datasets were written by a writer that died before committing them.
-struct Committed {
-  int64_t sequences = 0, tokens = 0;
-};
-
-Committed read_committed(const H5Context& cx, hid_t offsets_dset) {
-  const auto dims = dims_of(cx, offsets_dset, kOffsets);
-  if (dims.size() != 1 || dims[0] < 1) throw Error(fmt::format("{}: /{} must be 1-D with at least one entry", cx.path, kOffsets));
-  H5Id fspace(H5Dget_space(offsets_dset));
-  const hsize_t last = dims[0] - 1, one = 1;
-  H5Sselect_hyperslab(fspace, H5S_SELECT_SET, &last, nullptr, &one, nullptr);
-  H5Id mspace(H5Screate_simple(1, &one, nullptr));
-  int64_t end = 0;
-  cx.ok(H5Dread(offsets_dset, H5T_NATIVE_INT64, mspace, fspace, H5P_DEFAULT, &end), "cannot read /sequence_offsets");
-  return {int64_t(last), end};
-}
-
-// Every row dataset must hold at least the committed rows (fewer means the file was damaged, not just
-// interrupted: a flush writes the rows before the offsets).
-void check_rows_cover(const H5Context& cx, const Committed& c, std::initializer_list<std::pair<hid_t, const char*>> row_sets,
-                      hid_t domain) {
-  for (auto [dset, name] : row_sets)
-    if (dset >= 0 && int64_t(dims_of(cx, dset, name)[0]) < c.tokens)
-      throw Error(fmt::format("{}: damaged trace: /{} has fewer rows than /sequence_offsets says ({})", cx.path, name,
-                              c.tokens));
-  if (int64_t(dims_of(cx, domain, kDomain)[0]) < c.sequences)
-    throw Error(fmt::format("{}: damaged trace: /sequence_domain is shorter than the {} sequences", cx.path, c.sequences));
-}
 
 // Shrinks every row dataset to the committed rows; returns the token rows dropped.
 int64_t drop_rows_past(const H5Context& cx, const Committed& c, std::initializer_list<std::pair<hid_t, const char*>> row_sets,
@@ -624,15 +170,15 @@ namespace {
 int64_t repair_locked(const std::string& path);  // below, with reading
 
 bool left_by_dead_writer_quietly(const std::string& path) {
-  QuietHdf5 quiet;
+  setup();
   return left_by_dead_writer(H5Context{path});
 }
 
 // Paged file-space aggregation: every metadata block smaller than a 4 KiB page lies inside one page.
 // A process killed during write() stops between pages, so such blocks are never torn (the large ones,
 // chunk-index blocks of long traces, still can be; read_trace then points at --repair).
-H5Id paged_file_creation() {
-  H5Id fcpl(H5Pcreate(H5P_FILE_CREATE));
+Id paged_file_creation() {
+  Id fcpl(H5Pcreate(H5P_FILE_CREATE));
   H5Pset_file_space_strategy(fcpl, H5F_FSPACE_STRATEGY_PAGE, /*persist=*/0, /*threshold=*/1);
   H5Pset_file_space_page_size(fcpl, 4096);
   return fcpl;
@@ -644,8 +190,8 @@ struct TraceWriter::Impl {
   TraceHeader header;
   TraceWriterOptions options;
   std::unique_ptr<WriterLock> lock;
-  H5Id file, tokens, offsets, domain, experts, gates, logits;
-  H5Id half;  // the float16 datatype
+  Id file, tokens, offsets, domain, experts, gates, logits;
+  Id half;  // the float16 datatype
 
   bool appended = false, recovered = false;
   int64_t tokens_before = 0, sequences_before = 0, dropped = 0;
@@ -661,6 +207,7 @@ struct TraceWriter::Impl {
   std::chrono::steady_clock::time_point oldest_buffered;
   int64_t written_tokens = 0, written_sequences = 0;
   bool closed = false;
+  std::string failure;  // set when a write failed: the file was abandoned, and this is the error
 
   Impl(const std::string& path, const TraceHeader& h, TraceWriterOptions o)
       : cx{path}, header(h), options(o), lock(std::make_unique<WriterLock>(path)), half(half_type()) {}
@@ -676,6 +223,31 @@ struct TraceWriter::Impl {
     if (h.window < 0) throw Error(fmt::format("{}: negative window length", cx.path));
     if (h.num_experts > 256)
       throw Error(fmt::format("{}: {} experts do not fit the trace's uint8 expert ids", cx.path, h.num_experts));
+    for (const auto& d : h.domain_names)
+      if (d.find('\0') != std::string::npos) throw Error(fmt::format("{}: a domain name holds a NUL character", cx.path));
+  }
+
+  // After a failed write nothing more goes through HDF5 for this file, not even closing it: HDF5 1.10
+  // cannot close a dataset whose write failed (closing retries the write, fails half-way, and the
+  // half-closed dataset crashes the library later), and every further write could put metadata on disk
+  // that points at data that never got there. The file on disk keeps what the last successful flush
+  // committed (SWMR ordering; see the header comment), like the file of a writer that was killed. The
+  // HDF5 objects stay open until the process exits; the writer lock is released.
+  void abandon() {
+    for (Id* d : {&tokens, &offsets, &domain, &experts, &gates, &logits, &file}) d->abandon();
+    buf_tokens.clear(), buf_domain.clear(), buf_lengths.clear(), buf_experts.clear(), buf_gates.clear(),
+        buf_logits.clear();
+    closed = true;
+    lock.reset();
+  }
+
+  // A write failed: abandon the file and say what it still holds.
+  [[noreturn]] void write_failed(const Error& e) {
+    failure = fmt::format("{}; the {} sequences ({} tokens) flushed before the error are kept (`moelab trace "
+                          "--repair {}` makes the file plain HDF5 again)",
+                          e.what(), file_sequences, file_tokens, cx.path);
+    abandon();
+    throw Error(failure);
   }
 
   nlohmann::json this_run() const {
@@ -685,10 +257,10 @@ struct TraceWriter::Impl {
   }
 
   void create() {
-    QuietHdf5 quiet;
-    const H5Id fapl = latest_format_fapl();
-    const H5Id fcpl = paged_file_creation();
-    file = H5Id(cx.id(H5Fcreate(cx.path.c_str(), H5F_ACC_TRUNC, fcpl, fapl), "cannot create"));
+    setup();
+    const Id fapl = latest_format_fapl();
+    const Id fcpl = paged_file_creation();
+    file = Id(cx.id(H5Fcreate(cx.path.c_str(), H5F_ACC_TRUNC, fcpl, fapl), "cannot create"));
     const auto L = hsize_t(header.num_layers), K = hsize_t(header.top_k), E = hsize_t(header.num_experts);
     const auto ct = options.chunk_tokens;
     tokens = create_row_dataset(cx, file, kTokens, H5T_STD_I32LE, {}, ct, options.deflate_level);
@@ -764,10 +336,7 @@ struct TraceWriter::Impl {
   // Merges this run into the file's descriptive attributes: new domain names, engine, window, runs.
   void merge_attributes() {
     domain_names.clear();
-    if (H5Aexists(domain, "domain_names") > 0) {
-      H5Id attr(H5Aopen(domain, "domain_names", H5P_DEFAULT));
-      domain_names = read_strings(cx, attr, "domain_names");
-    }
+    if (H5Aexists(domain, "domain_names") > 0) domain_names = read_strings(cx, domain, "domain_names");
     add_new_domains();
     write_strings_attr(cx, domain, "domain_names", domain_names);
 
@@ -788,7 +357,7 @@ struct TraceWriter::Impl {
   }
 
   void open_existing() {
-    QuietHdf5 quiet;
+    setup();
     file = open_for_writing(cx);
     appended = true;
     tokens = open_row_dataset(cx, file, kTokens);
@@ -801,19 +370,37 @@ struct TraceWriter::Impl {
     drop_uncommitted();
     tokens_before = file_tokens;
     sequences_before = file_sequences;
-    merge_attributes();
+    try {
+      merge_attributes();
+    } catch (...) {
+      abandon();  // it may have written part of them (see abandon)
+      throw;
+    }
   }
 
   // From here on the file stays readable whatever happens to this process (see the header comment).
   void start_swmr() {
-    QuietHdf5 quiet;
-    cx.ok(H5Fstart_swmr_write(file), "cannot start SWMR writing");
+    setup();
+    if (H5Fstart_swmr_write(file) < 0) {
+      const std::string why = error_text();
+      abandon();
+      throw Error(fmt::format("{}: cannot start writing: {}", cx.path, why));
+    }
   }
 
   int64_t buffered_tokens() const { return int64_t(buf_tokens.size()); }
 
   void flush() {
-    QuietHdf5 quiet;
+    if (!failure.empty()) throw Error(failure);
+    try {
+      flush_rows();
+    } catch (const Error& e) {
+      write_failed(e);
+    }
+  }
+
+  void flush_rows() {
+    setup();
     if (buf_lengths.empty()) {
       cx.ok(H5Fflush(file, H5F_SCOPE_LOCAL), "cannot flush");
       return;
@@ -841,12 +428,17 @@ struct TraceWriter::Impl {
   }
 
   void close() {
+    if (!failure.empty()) throw Error(failure);
     if (closed) return;
     flush();
+    setup();
+    try {
+      for (Id* d : {&tokens, &offsets, &domain, &experts, &gates, &logits}) cx.ok(d->reset(), "cannot close");
+      cx.ok(file.reset(), "cannot close");  // the last reference: this closes the file
+    } catch (const Error& e) {
+      write_failed(e);
+    }
     closed = true;
-    QuietHdf5 quiet;
-    for (H5Id* d : {&tokens, &offsets, &domain, &experts, &gates, &logits}) d->reset();
-    cx.ok(file.reset(), "cannot close");  // the last reference: this closes the file
   }
 };
 
@@ -857,6 +449,7 @@ TraceWriter::TraceWriter(const std::string& path, const TraceHeader& header, Tra
     try {
       impl_->create();
     } catch (...) {
+      impl_->abandon();  // (check_header refused what it could; what fails here is HDF5 writing)
       ::unlink(path.c_str());  // no half-made file left behind (it was empty or absent before)
       throw;
     }
@@ -874,7 +467,7 @@ TraceWriter::TraceWriter(const std::string& path, const TraceHeader& header, Tra
 
 TraceWriter::~TraceWriter() {
   try {
-    impl_->close();
+    if (impl_->failure.empty()) impl_->close();
   } catch (...) {
   }
 }
@@ -899,6 +492,7 @@ int TraceWriter::domain_id(const std::string& name) const {
 void TraceWriter::add_sequence(int domain, std::span<const int32_t> tokens, std::span<const uint8_t> experts,
                                std::span<const float> gates, std::span<const float> router_logits) {
   auto& m = *impl_;
+  if (!m.failure.empty()) throw Error(m.failure);
   if (m.closed) throw Error(fmt::format("{}: trace already closed", m.cx.path));
   const size_t n = tokens.size();
   if (n == 0) throw Error(fmt::format("{}: empty sequence", m.cx.path));
@@ -932,6 +526,7 @@ void TraceWriter::add_sequence(int domain, std::span<const int32_t> tokens, std:
 }
 
 void TraceWriter::flush() {
+  if (!impl_->failure.empty()) throw Error(impl_->failure);
   if (!impl_->closed) impl_->flush();
 }
 
@@ -952,18 +547,18 @@ struct ReadOutcome {
 // Reads a trace: the committed rows (up to the last sequence offset). With `salvage`, unreadable chunks
 // end the read instead of failing it, and the trace keeps the sequences read in full.
 ReadOutcome read_trace_file(const std::string& path, bool salvage) {
-  QuietHdf5 quiet;
+  setup();
   const H5Context cx{path};
-  const H5Id file = open_for_reading(cx);
+  const Id file = open_for_reading(cx);
   ReadOutcome r;
   TraceData& tr = r.trace;
   tr.attributes = read_all_attrs(cx, file);
 
-  const H5Id tokens = open_row_dataset(cx, file, kTokens), offsets = open_row_dataset(cx, file, kOffsets),
+  const Id tokens = open_row_dataset(cx, file, kTokens), offsets = open_row_dataset(cx, file, kOffsets),
              domain = open_row_dataset(cx, file, kDomain), experts = open_row_dataset(cx, file, kExperts),
              gates = open_row_dataset(cx, file, kGates);
   const bool has_logits = H5Lexists(file, kLogits, H5P_DEFAULT) > 0;
-  const H5Id logits = has_logits ? open_row_dataset(cx, file, kLogits) : H5Id();
+  const Id logits = has_logits ? open_row_dataset(cx, file, kLogits) : Id();
 
   // Shapes: [N, L, k] from /experts; E from the attribute (or /router_logits).
   const auto ed = dims_of(cx, experts, kExperts), gd = dims_of(cx, gates, kGates);
@@ -976,11 +571,18 @@ ReadOutcome read_trace_file(const std::string& path, bool salvage) {
   if (has_logits && (ld.size() != 3 || ld[1] != ed[1]))
     throw Error(fmt::format("{}: /router_logits must have shape [N, {}, E]", path, ed[1]));
   const auto num_experts = read_int_attr(cx, file, "num_experts");
-  if (num_experts) tr.num_experts = int(*num_experts);
+  if (num_experts) tr.num_experts = int(std::clamp<int64_t>(*num_experts, -1, 1 << 20));
   else if (has_logits) tr.num_experts = int(ld[2]);
   else throw Error(fmt::format("{}: no num_experts attribute", path));
-  if (has_logits && int(ld[2]) != tr.num_experts)
+  if (has_logits && int64_t(ld[2]) != tr.num_experts)
     throw Error(fmt::format("{}: /router_logits has {} experts, the num_experts attribute {}", path, ld[2], tr.num_experts));
+  if (ed[1] < 1 || ed[1] > 65536 || ed[2] < 1 || tr.num_experts < 1 || tr.num_experts > 256 ||
+      int64_t(ed[2]) > tr.num_experts)
+    throw Error(fmt::format("{}: not a usable trace: {} layers, top-k {}, {} experts", path, ed[1], ed[2],
+                            num_experts.value_or(tr.num_experts)));
+  for (const auto& [attr, value] : {std::pair{"num_layers", tr.num_layers}, std::pair{"top_k", tr.top_k}})
+    if (const auto v = read_int_attr(cx, file, attr); v && *v != value)
+      cx.damaged(fmt::format("the {} attribute is {}, but /experts has {}", attr, *v, value));
   for (auto [dset, name] : {std::pair{hid_t(tokens), kTokens}, std::pair{hid_t(experts), kExperts},
                             std::pair{hid_t(gates), kGates}, std::pair{hid_t(logits), kLogits}})
     if (dset >= 0) r.rows_in_file = std::max(r.rows_in_file, int64_t(dims_of(cx, dset, name)[0]));
@@ -1009,15 +611,12 @@ ReadOutcome read_trace_file(const std::string& path, bool salvage) {
   tr.experts = read_rows<uint8_t>(cx, experts, kExperts, H5T_NATIVE_UINT8, rows_of(experts, kExperts), lk, salvage);
   tr.gates = read_rows<float>(cx, gates, kGates, H5T_NATIVE_FLOAT, rows_of(gates, kGates), lk, salvage);
   if (has_logits) {
-    const H5Id half = half_type();
+    const Id half = half_type();
     const auto raw = read_rows<uint16_t>(cx, logits, kLogits, half, rows_of(logits, kLogits), le, salvage);
     tr.router_logits.resize(raw.size());
     std::transform(raw.begin(), raw.end(), tr.router_logits.begin(), half_to_float);
   }
-  if (H5Aexists(domain, "domain_names") > 0) {
-    const H5Id attr(H5Aopen(domain, "domain_names", H5P_DEFAULT));
-    tr.domain_names = read_strings(cx, attr, "domain_names");
-  }
+  if (H5Aexists(domain, "domain_names") > 0) tr.domain_names = read_strings(cx, domain, "domain_names");
 
   if (salvage) {  // keep the sequences whose every row was read
     int64_t rows = int64_t(tr.tokens.size());
@@ -1078,9 +677,9 @@ void rewrite_trace(const std::string& path, const TraceData& trace) {
       w.close();
     }
     // The writer stamped this moment and one run; the trace's own history is the original's.
-    QuietHdf5 quiet;
+    setup();
     const H5Context cx{tmp};
-    const H5Id file(cx.id(H5Fopen(tmp.c_str(), H5F_ACC_RDWR, H5P_DEFAULT), "cannot reopen"));
+    const Id file(cx.id(H5Fopen(tmp.c_str(), H5F_ACC_RDWR, H5P_DEFAULT), "cannot reopen"));
     for (const char* key : {"created", "runs", "engine", "tool_version"})
       if (attrs.contains(key)) write_string_attr(cx, file, key, string_attr(attrs, key));
   } catch (...) {
