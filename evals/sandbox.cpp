@@ -1,36 +1,39 @@
+// The parent side of the HumanEval sandbox: which mode this host allows, the plan for the child,
+// the wall-clock limit, and making sure nothing the program started outlives it.
 #include "evals/sandbox.hpp"
 
 #include <fcntl.h>
-#include <grp.h>
 #include <sched.h>
-#include <sys/prctl.h>
 #include <signal.h>
-#include <sys/resource.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
-#include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
+
+#include "evals/sandbox_child.hpp"
 
 namespace moelab::evals {
 
 namespace fs = std::filesystem;
+using detail::ChildPlan;
+using detail::kNobody;
+using detail::kNogroup;
 
 namespace {
 
-constexpr uid_t kNobody = 65534;
-constexpr gid_t kNogroup = 65534;
-
-// Installed in front of the program. Raises inside the program (so the test fails) on anything
-// that reaches outside its directory. Paths are resolved against the sandbox directory.
+// Installed in front of the program: raises inside the program (so the test fails) on anything that
+// reaches outside its directory. A second layer only: it misses e.g. _posixsubprocess.fork_exec.
 const char* kGuard = R"PY(import sys as _s, os as _o
 def _moelab_guard():
     root = _o.path.realpath(_o.getcwd())
@@ -64,35 +67,237 @@ _moelab_guard()
 del _moelab_guard
 )PY";
 
-int count_processes_of(uid_t uid) {
-  int n = 0;
+constexpr int kNamespaceFlags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS;
+
+using Clock = std::chrono::steady_clock;
+
+struct ProcInfo {
+  pid_t pid;
+  pid_t ppid;
+  uid_t uid;
+  bool zombie;
+};
+
+std::vector<ProcInfo> list_processes() {
+  std::vector<ProcInfo> out;
   std::error_code ec;
   for (const auto& e : fs::directory_iterator("/proc", ec)) {
-    struct stat st;
     const std::string name = e.path().filename();
     if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-    if (stat(e.path().c_str(), &st) == 0 && st.st_uid == uid) ++n;
+    std::ifstream f(e.path() / "status");
+    ProcInfo p{pid_t(std::stol(name)), -1, uid_t(-1), false};
+    for (std::string line; std::getline(f, line);) {
+      if (line.rfind("State:", 0) == 0) p.zombie = line.find('Z') != std::string::npos;
+      if (line.rfind("PPid:", 0) == 0) p.ppid = pid_t(std::stol(line.substr(5)));
+      if (line.rfind("Uid:", 0) == 0) p.uid = uid_t(std::stoul(line.substr(4)));
+    }
+    if (p.ppid >= 0) out.push_back(p);
   }
+  return out;
+}
+
+int count_processes_of(uid_t uid) {
+  int n = 0;
+  for (const auto& p : list_processes()) n += p.uid == uid && !p.zombie;
   return n;
 }
 
-std::string tail_of(const fs::path& p, size_t max_bytes) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  std::string s = ss.str();
-  return s.size() > max_bytes ? s.substr(s.size() - max_bytes) : s;
+std::string tail_of(int fd, size_t max_bytes) {
+  struct stat st{};
+  if (fstat(fd, &st) != 0) return {};
+  const off_t size = st.st_size, from = size > off_t(max_bytes) ? size - off_t(max_bytes) : 0;
+  std::string s(size_t(size - from), '\0');
+  const ssize_t n = pread(fd, s.data(), s.size(), from);
+  s.resize(n > 0 ? size_t(n) : 0);
+  return s;
 }
 
-[[noreturn]] void child_fail(int fd, const char* what) {
-  const int e = errno;
-  char buf[256];
-  const int n = snprintf(buf, sizeof buf, "%s: %s", what, strerror(e));
-  if (n > 0) (void)!write(fd, buf, size_t(n));
-  _exit(127);
+std::string read_all(int fd) {
+  std::string s;
+  char buf[512];
+  for (ssize_t n; (n = read(fd, buf, sizeof buf)) != 0;) {
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) break;
+    s.append(buf, size_t(n));
+  }
+  return s;
+}
+
+std::string resolve_on_path(const std::string& exe) {
+  if (exe.find('/') != std::string::npos) return exe;
+  const char* path = std::getenv("PATH");
+  std::stringstream ss(path ? path : "/usr/bin:/bin");
+  for (std::string d; std::getline(ss, d, ':');)
+    if (!d.empty() && access((d + "/" + exe).c_str(), X_OK) == 0) return d + "/" + exe;
+  return exe;
+}
+
+bool is_under(const fs::path& p, const fs::path& dir) {
+  const auto r = p.lexically_relative(dir);
+  return !r.empty() && *r.begin() != "..";
+}
+
+// /root, /home and $HOME, unless python3 or /tmp lives there (then that one stays visible).
+std::vector<std::string> directories_to_hide(const std::string& python) {
+  std::error_code ec;
+  fs::path py = fs::weakly_canonical(python, ec);
+  std::vector<std::string> out;
+  std::vector<std::string> candidates = {"/root", "/home"};
+  if (const char* h = std::getenv("HOME"); h && h[0] == '/') candidates.push_back(fs::weakly_canonical(h, ec).string());
+  for (const auto& c : candidates) {
+    if (c == "/" || !fs::is_directory(c, ec) || is_under(py, c) || is_under("/tmp", c) || is_under(c, "/tmp")) continue;
+    bool dup = false;
+    for (const auto& o : out) dup |= is_under(c, o) || is_under(o, c);
+    if (!dup) out.push_back(c);
+  }
+  return out;
+}
+
+// Process-group mode: can a network namespace be made (root without the rest, say)? Probed once.
+bool process_group_network() {
+  static const bool ok = [] {
+    const pid_t pid = fork();
+    if (pid == 0) _exit(unshare(CLONE_NEWNET) == 0 ? 0 : 1);
+    int st = 0;
+    if (pid < 0) return false;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+  }();
+  return ok;
+}
+
+// Everything the child needs, prepared before fork/clone (the strings live here).
+struct Prepared {
+  std::string dir, dir_tmpfs_options, python, bootstrap, label, tmpdir_env;
+  std::vector<std::string> hidden;
+  std::vector<const char*> argv, envp;
+  ChildPlan plan;
+};
+
+void prepare(Prepared& pr, SandboxMode mode, const std::string& dir, const std::string& program,
+             const SandboxLimits& limits) {
+  const bool root = geteuid() == 0;
+  pr.dir = dir;
+  pr.dir_tmpfs_options = "mode=0700,nr_inodes=4096,size=" + std::to_string(std::max(4 * limits.max_file_bytes, 1L << 20));
+  pr.python = resolve_on_path(sandbox_python());
+  pr.bootstrap = std::string("import sys\n") +
+                 (limits.python_guard ? "exec(compile(open('guard.py').read(), 'guard.py', 'exec'))\n" : "") +
+                 "__name__ = '__main__'\n"
+                 "sys.argv = ['program.py']\n"
+                 "exec(compile(open('program.py').read(), 'program.py', 'exec'))\n";
+  pr.label = limits.label;
+  pr.tmpdir_env = "TMPDIR=" + dir;
+  pr.argv = {pr.python.c_str(), "-I", "-B", "-c", pr.bootstrap.c_str(), pr.label.c_str(), nullptr};
+  pr.envp = {"PATH=/usr/bin:/bin", "HOME=/nonexistent", "LANG=C.UTF-8", "PYTHONHASHSEED=0", pr.tmpdir_env.c_str(), nullptr};
+  if (mode != SandboxMode::process_group) pr.hidden = directories_to_hide(pr.python);
+  ChildPlan& p = pr.plan;
+  p.mode = mode;
+  p.isolate_network = limits.isolate_network && (mode != SandboxMode::process_group || process_group_network());
+  p.drop_to_nobody = root && mode != SandboxMode::user_namespaces;
+  p.outer_uid = geteuid();
+  p.outer_gid = getegid();
+  p.dir = pr.dir.c_str();
+  p.dir_tmpfs_options = pr.dir_tmpfs_options.c_str();
+  p.program = program.data();
+  p.program_len = program.size();
+  p.guard = kGuard;
+  p.guard_len = strlen(kGuard);
+  for (const auto& h : pr.hidden) p.hidden.push_back(h.c_str());
+  p.python = pr.python.c_str();
+  p.argv = pr.argv.data();
+  p.envp = pr.envp.data();
+  p.rlimit_as = static_cast<unsigned long>(limits.memory_bytes);
+  p.rlimit_cpu = static_cast<unsigned long>(limits.timeout_seconds) + 1;
+  p.rlimit_fsize = static_cast<unsigned long>(limits.max_file_bytes);
+  // RLIMIT_NPROC counts every process of the uid: nobody's on the host (root mode, process-group as root),
+  // the caller's own (process-group unprivileged), or only this user namespace's (user-namespaces; + init).
+  const int base = mode == SandboxMode::user_namespaces ? 1 : count_processes_of(p.drop_to_nobody ? kNobody : geteuid());
+  p.rlimit_nproc = static_cast<unsigned long>(base + limits.max_processes);
+}
+
+pid_t clone_namespace_init(ChildPlan& plan, std::vector<char>& stack) {
+  int flags = kNamespaceFlags | SIGCHLD;
+  if (plan.isolate_network) flags |= CLONE_NEWNET;
+  if (plan.mode == SandboxMode::user_namespaces) flags |= CLONE_NEWUSER;
+  stack.resize(1 << 18);
+  return clone(detail::namespace_init, stack.data() + stack.size(), flags, &plan);
+}
+
+// Can the namespace init be set up here? Runs the whole setup, then exits; "" when it worked.
+std::string probe(SandboxMode mode) {
+  Prepared pr;
+  prepare(pr, mode, "/tmp/moelab-sandbox-probe", "", SandboxLimits{});
+  int errpipe[2];
+  if (pipe2(errpipe, O_CLOEXEC) != 0) return std::string("pipe: ") + strerror(errno);
+  pr.plan.err_fd = errpipe[1];
+  pr.plan.probe = true;
+  std::vector<char> stack;
+  const pid_t pid = clone_namespace_init(pr.plan, stack);
+  const int clone_errno = errno;
+  close(errpipe[1]);
+  std::string why;
+  if (pid < 0) {
+    why = std::string("clone: ") + strerror(clone_errno);
+  } else {
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    why = read_all(errpipe[0]);
+    if (why.empty() && !(WIFEXITED(st) && WEXITSTATUS(st) == 0)) why = "setup did not complete";
+  }
+  close(errpipe[0]);
+  return why;
+}
+
+// Process-group mode: moelab is the child subreaper, so every orphan of the program becomes our child.
+// Kill each living child of ours that runs as the sandbox uid, reap, repeat until none is left.
+// Returns whether any was still running.
+bool kill_descendants(uid_t uid) {
+  bool any_alive = false;
+  const auto give_up = Clock::now() + std::chrono::seconds(5);
+  for (;;) {
+    bool found = false;
+    for (const auto& p : list_processes()) {
+      if (p.ppid != getpid() || p.uid != uid) continue;
+      found = true;
+      any_alive |= !p.zombie;
+      kill(p.pid, SIGKILL);
+      waitpid(p.pid, nullptr, WNOHANG);
+    }
+    if (!found || Clock::now() > give_up) return any_alive;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
 }
 
 }  // namespace
+
+const char* sandbox_mode_name(SandboxMode m) {
+  switch (m) {
+    case SandboxMode::namespaces: return "namespaces";
+    case SandboxMode::user_namespaces: return "user-namespaces";
+    case SandboxMode::process_group: return "process-group";
+  }
+  return "?";
+}
+
+SandboxMode sandbox_mode() {
+  static const SandboxMode mode = [] {
+    std::string why;
+    if (geteuid() == 0) {
+      why = probe(SandboxMode::namespaces);
+      if (why.empty()) return SandboxMode::namespaces;
+    }
+    const std::string why_user = probe(SandboxMode::user_namespaces);
+    if (why_user.empty()) return SandboxMode::user_namespaces;
+    std::fprintf(stderr,
+                 "moelab: the HumanEval sandbox cannot use Linux namespaces here (%s); falling back to rlimits, "
+                 "a process group and uid nobody (when root): weaker, the programs see the real filesystem\n",
+                 (why.empty() ? why_user : why + "; " + why_user).c_str());
+    return SandboxMode::process_group;
+  }();
+  return mode;
+}
 
 std::string sandbox_python() {
   if (const char* p = std::getenv("MOELAB_PYTHON"); p && *p) return p;
@@ -107,118 +312,93 @@ std::string humaneval_program(const std::string& prompt, const std::string& comp
 
 SandboxResult run_python_sandboxed(const std::string& program, const SandboxLimits& limits) {
   SandboxResult r;
+  const SandboxMode mode = limits.mode ? *limits.mode : sandbox_mode();
+  r.mode = mode;
   char tmpl[] = "/tmp/moelab-sandbox-XXXXXX";
   if (!mkdtemp(tmpl)) {
     r.error = std::string("mkdtemp: ") + strerror(errno);
     return r;
   }
-  const fs::path dir = tmpl;
-  const bool root = geteuid() == 0;
-  {
-    std::ofstream(dir / "guard.py") << kGuard;
-    std::ofstream(dir / "program.py") << program;
-    // The program runs as: python3 -I -B -c "exec(guard); exec(program)" so the hook precedes it.
-  }
-  if (root) {
-    (void)!chown(dir.c_str(), kNobody, kNogroup);
-    chmod(dir.c_str(), 0700);
-  }
-  const std::string python = sandbox_python();
-  const std::string bootstrap =
-      std::string("import sys\n")
-      + std::string(limits.python_guard ? "exec(compile(open('guard.py').read(), 'guard.py', 'exec'))\n" : "") +
-      "__name__ = '__main__'\n"
-      "sys.argv = ['program.py']\n"
-      "exec(compile(open('program.py').read(), 'program.py', 'exec'))\n";
-  const int nproc_base = root ? 0 : count_processes_of(geteuid());
-  prctl(PR_SET_CHILD_SUBREAPER, 1);  // orphans of the program come back to us to be reaped
-  int errpipe[2];
-  if (pipe2(errpipe, O_CLOEXEC) != 0) {
-    r.error = std::string("pipe: ") + strerror(errno);
+  const std::string dir = tmpl;
+  Prepared pr;
+  prepare(pr, mode, dir, program, limits);
+  ChildPlan& plan = pr.plan;
+  // Namespace modes write the program into their private directory; process-group runs it here.
+  std::ofstream(dir + "/guard.py") << kGuard;
+  std::ofstream(dir + "/program.py") << program;
+  if (plan.drop_to_nobody) (void)!chown(dir.c_str(), kNobody, kNogroup);
+  const int out = open((dir + "/output.txt").c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int errpipe[2] = {-1, -1}, statuspipe[2] = {-1, -1};
+  if (out < 0 || pipe2(errpipe, O_CLOEXEC) != 0 || pipe2(statuspipe, O_CLOEXEC) != 0) {
+    r.error = std::string("sandbox setup: ") + strerror(errno);
+    for (int fd : {out, errpipe[0], errpipe[1], statuspipe[0], statuspipe[1]})
+      if (fd >= 0) close(fd);
     fs::remove_all(dir);
     return r;
   }
-  int netpipe[2];
-  (void)!pipe2(netpipe, O_CLOEXEC);
-  const pid_t pid = fork();
-  if (pid < 0) {
-    r.error = std::string("fork: ") + strerror(errno);
-    close(errpipe[0]), close(errpipe[1]), close(netpipe[0]), close(netpipe[1]);
-    fs::remove_all(dir);
-    return r;
+  plan.out_fd = out;
+  plan.err_fd = errpipe[1];
+  plan.status_fd = statuspipe[1];
+
+  std::vector<char> stack;
+  pid_t pid;
+  if (mode == SandboxMode::process_group) {
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    pid = fork();
+    if (pid == 0) detail::exec_program(plan);
+  } else {
+    pid = clone_namespace_init(plan, stack);
   }
-  if (pid == 0) {
-    close(errpipe[0]);
-    close(netpipe[0]);
-    setpgid(0, 0);
-    // A network namespace as root needs CAP_SYS_ADMIN; otherwise one inside a new user namespace,
-    // made after dropping to nobody (so nobody's uid stays the real one for RLIMIT_NPROC).
-    char net = unshare(CLONE_NEWNET) == 0 ? 1 : 0;
-    if (chdir(dir.c_str()) != 0) child_fail(errpipe[1], "chdir");
-    const int out = open("output.txt", O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    if (out < 0) child_fail(errpipe[1], "open output");
-    if (root && fchown(out, kNobody, kNogroup) != 0) child_fail(errpipe[1], "fchown");
-    const int devnull = open("/dev/null", O_RDONLY);
-    dup2(devnull, 0), dup2(out, 1), dup2(out, 2);
-    close(out), close(devnull);
-    if (root) {
-      if (setgroups(0, nullptr) != 0 || setgid(kNogroup) != 0 || setuid(kNobody) != 0) child_fail(errpipe[1], "drop to nobody");
-    }
-    if (!net && unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0) net = 1;
-    (void)!write(netpipe[1], &net, 1);
-    auto lim = [&](int res, rlim_t v, const char* what) {
-      struct rlimit rl{v, v};
-      if (setrlimit(res, &rl) != 0) child_fail(errpipe[1], what);
-    };
-    lim(RLIMIT_AS, rlim_t(limits.memory_bytes), "RLIMIT_AS");
-    lim(RLIMIT_CPU, rlim_t(limits.timeout_seconds) + 1, "RLIMIT_CPU");
-    lim(RLIMIT_FSIZE, rlim_t(limits.max_file_bytes), "RLIMIT_FSIZE");
-    lim(RLIMIT_NOFILE, 64, "RLIMIT_NOFILE");
-    lim(RLIMIT_CORE, 0, "RLIMIT_CORE");
-    lim(RLIMIT_NPROC, rlim_t(nproc_base + limits.max_processes), "RLIMIT_NPROC");
-    const char* env[] = {"PATH=/usr/bin:/bin", "HOME=/nonexistent", "LANG=C.UTF-8", "PYTHONHASHSEED=0", nullptr};
-    execle(python.c_str(), python.c_str(), "-I", "-B", "-c", bootstrap.c_str(), (char*)nullptr, env);
-    child_fail(errpipe[1], "exec python3");
-  }
+  const int fork_errno = errno;
   close(errpipe[1]);
-  close(netpipe[1]);
-  setpgid(pid, pid);  // also from the parent, so the group exists before we may kill it
-  char net = 0;
-  if (read(netpipe[0], &net, 1) == 1) r.network_isolated = net == 1;
-  close(netpipe[0]);
-  r.dropped_privileges = root;
-  using clock = std::chrono::steady_clock;
-  const auto deadline = clock::now() + std::chrono::duration<double>(limits.timeout_seconds);
+  close(statuspipe[1]);
+  r.network_isolated = plan.isolate_network;
+  r.dropped_privileges = plan.drop_to_nobody || mode == SandboxMode::user_namespaces;
   int status = 0;
-  for (;;) {
-    const pid_t w = waitpid(pid, &status, WNOHANG);
-    if (w == pid) break;
-    if (w < 0 && errno != EINTR) break;
-    if (clock::now() >= deadline) {
-      r.timed_out = true;
+  if (pid < 0) {
+    r.error = std::string(mode == SandboxMode::process_group ? "fork: " : "clone: ") + strerror(fork_errno);
+  } else {
+    const auto deadline = Clock::now() + std::chrono::duration<double>(limits.timeout_seconds);
+    for (;;) {
+      const pid_t w = waitpid(pid, &status, WNOHANG);
+      if (w == pid || (w < 0 && errno != EINTR)) break;
+      if (Clock::now() >= deadline) {
+        // Namespace modes: killing the init kills every process in the namespace; waitpid returns
+        // only once they are all gone.
+        r.timed_out = true;
+        kill(pid, SIGKILL);
+        if (mode == SandboxMode::process_group) kill(-pid, SIGKILL);
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+        }
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    if (mode == SandboxMode::process_group) {
+      // The program's children (its group, setsid or not) are ours now: the sweep sees them alive.
+      r.stray_processes = kill_descendants(plan.drop_to_nobody ? kNobody : geteuid());
       kill(-pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      break;
+    } else {
+      detail::InitReport rep;
+      if (read(statuspipe[0], &rep, sizeof rep) == ssize_t(sizeof rep)) {
+        status = rep.wait_status;
+        r.stray_processes = rep.stray != 0;
+      } else if (!r.timed_out) {
+        status = -1;
+      }
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  // Anything the program left behind in its process group (forked children), until none is left.
-  // A child that left the group with setsid() escapes this; RLIMIT_NPROC and RLIMIT_CPU bound it.
-  const auto give_up = clock::now() + std::chrono::seconds(2);
-  // moelab is their subreaper (set below), so the killed ones are reaped here, not left as zombies.
-  while (kill(-pid, SIGKILL) == 0 && clock::now() < give_up) {
-    while (waitpid(-pid, nullptr, WNOHANG) > 0) {
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  char buf[512];
-  const ssize_t n = read(errpipe[0], buf, sizeof buf);
+  r.error += read_all(errpipe[0]);
+  if (status == -1 && r.error.empty()) r.error = "the sandbox's init ended without reporting the program's status";
   close(errpipe[0]);
-  if (n > 0) r.error.assign(buf, size_t(n));
-  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
-  r.passed = !r.timed_out && r.error.empty() && WIFEXITED(status) && WEXITSTATUS(status) == 0;
-  r.output = tail_of(dir / "output.txt", 4096);
+  close(statuspipe[0]);
+  if (status != -1 && !r.timed_out) {
+    if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
+  }
+  r.passed = pid > 0 && !r.timed_out && !r.stray_processes && r.error.empty() && r.exit_code == 0 && r.signal == 0;
+  r.output = tail_of(out, 4096);
+  close(out);
   std::error_code ec;
   fs::remove_all(dir, ec);
   return r;
