@@ -16,6 +16,18 @@
 // first_sequence, first_token, router_logits).
 // The file uses HDF5's newest format (superblock v3), so it needs HDF5 >= 1.10 to read (h5py wheels
 // bundle 1.14); HDF5 1.8 tools cannot open it.
+// String attributes are fixed-length, NUL-padded UTF-8 (h5py gives them back as bytes). moelab before
+// 2026-12 wrote them variable-length; those files still read, through our own bounds-checked reader of
+// HDF5's global heap (libhdf5 1.10 loops for ever or crashes on a damaged one; see trace_h5.hpp).
+//
+// Untrusted files. read_trace and repair_trace check every dataset's rank and type, every attribute's
+// shape and size, and the shapes against each other and the stored bytes before reading anything: a
+// damaged or crafted file is one Error naming the file and the problem (docs/bad-input.md), never a
+// hang, a crash or a giant allocation.
+//
+// Write errors. When a write fails (a full disk, a file-size limit), the TraceWriter abandons the file
+// without another HDF5 call on it and throws an Error that says how many sequences the file keeps:
+// every sequence flushed before the error, readable as after a crash (below).
 //
 // Crash safety. The file is written in HDF5's SWMR (single-writer/multiple-reader) mode, whose ordered,
 // checksummed metadata writes keep the file on disk readable at every moment; without SWMR a killed

@@ -4,15 +4,20 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <hdf5.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -923,6 +928,423 @@ TEST(TraceCli, ProfilePrintsPrefillAndDecode) {
   const auto j = nlohmann::json::parse(slurp(tmp.file("p.json")));
   EXPECT_EQ(j["phases"]["prefill"]["tokens"], 40);
   EXPECT_EQ(j["phases"]["decode"]["calls"], 6);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Write errors and damaged files (issue 13, items 4 and 5): one clear line, never a crash or a hang
+
+// The CLI run without a shell: argv, stdout and stderr to files, an optional file-size limit (with
+// SIGXFSZ ignored, a write past it fails with EFBIG, as on a full disk), killed after `timeout_s`.
+struct Spawned {
+  int exit_code = -1;  // -1: killed by a signal or by the timeout
+  int signal = 0;
+  bool timed_out = false;
+  double seconds = 0;
+  std::string out, err;
+};
+
+Spawned spawn_moelab(const TempDir& tmp, const std::vector<std::string>& args, double timeout_s = 60,
+                     rlim_t file_size_limit = RLIM_INFINITY) {
+  const auto out = tmp.file("spawn.out"), err = tmp.file("spawn.err");
+  std::vector<std::string> argv_s{MOELAB_BIN};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const auto t0 = std::chrono::steady_clock::now();
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork");
+  if (pid == 0) {
+    const int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644), e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (o < 0 || e < 0 || ::dup2(o, 1) < 0 || ::dup2(e, 2) < 0) ::_exit(126);
+    if (file_size_limit != RLIM_INFINITY) {
+      ::signal(SIGXFSZ, SIG_IGN);
+      const rlimit lim{file_size_limit, file_size_limit};
+      if (::setrlimit(RLIMIT_FSIZE, &lim) != 0) ::_exit(126);
+    }
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  Spawned r;
+  int status = 0;
+  for (;;) {
+    const pid_t done = ::waitpid(pid, &status, WNOHANG);
+    if (done == pid) break;
+    if (std::chrono::steady_clock::now() - t0 > std::chrono::duration<double>(timeout_s)) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      r.timed_out = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!r.timed_out && WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
+
+// Exit status 1 and exactly one line on stderr, "moelab: error: ...", holding every needle.
+void expect_clean_failure(const Spawned& r, const std::vector<std::string>& needles) {
+  EXPECT_FALSE(r.timed_out) << "still running after " << r.seconds << " s (a hang)";
+  EXPECT_EQ(r.signal, 0) << "killed by signal " << r.signal << "; stderr: " << r.err.substr(0, 2000);
+  EXPECT_EQ(r.exit_code, 1) << r.err.substr(0, 2000);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err.substr(0, 2000);
+  EXPECT_EQ(r.err.rfind("moelab: error: ", 0), 0u) << r.err.substr(0, 2000);
+  for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in: " << r.err;
+}
+
+// A text of about `words` words, deterministic.
+std::string long_text(int words, uint64_t seed) {
+  static const char* vocab[] = {"expert", "router", "token", "layer", "sparse", "mixture", "gate", "weight",
+                                "the",    "of",     "and",   "a",     "model",  "license", "copy", "software"};
+  std::mt19937_64 rng(seed);
+  std::string s;
+  for (int i = 0; i < words; ++i) s += std::string(vocab[rng() % 16]) + (i % 17 == 16 ? ".\n" : " ");
+  return s;
+}
+
+// The count in "the N sequences (T tokens) flushed before the error are kept".
+int64_t kept_sequences(const std::string& err) {
+  std::smatch m;
+  if (!std::regex_search(err, m, std::regex(R"(the (\d+) sequences \((\d+) tokens\) flushed before the error are kept)")))
+    return -1;
+  return std::stoll(m[1].str());
+}
+
+// The trace a failed write left holds exactly the sequences it says it kept, and they are the first
+// sequences of the same run without the failure, bit for bit.
+void expect_failed_trace_keeps_a_prefix(const std::string& path, const Spawned& r, const TraceData* full) {
+  const int64_t kept = kept_sequences(r.err);
+  ASSERT_GT(kept, 0) << "the limit should allow at least one flush: " << r.err;
+  const auto got = analysis::read_trace(path);  // (an SWMR reader: the writer did not close it)
+  EXPECT_EQ(got.num_sequences(), kept);
+  if (full) {
+    ASSERT_GE(full->num_sequences(), kept);
+    const auto n = size_t(got.num_tokens());
+    EXPECT_EQ(got.tokens, std::vector<int32_t>(full->tokens.begin(), full->tokens.begin() + int64_t(n)));
+    const size_t lk = size_t(got.num_layers * got.top_k), le = size_t(got.num_layers * got.num_experts);
+    EXPECT_EQ(got.experts, std::vector<uint8_t>(full->experts.begin(), full->experts.begin() + int64_t(n * lk)));
+    EXPECT_EQ(got.gates, std::vector<float>(full->gates.begin(), full->gates.begin() + int64_t(n * lk)));
+    EXPECT_EQ(got.router_logits, std::vector<float>(full->router_logits.begin(), full->router_logits.begin() + int64_t(n * le)));
+    EXPECT_EQ(got.sequence_offsets,
+              std::vector<int64_t>(full->sequence_offsets.begin(), full->sequence_offsets.begin() + kept + 1));
+  }
+}
+
+// Item 4: a file-size limit (what a full disk does to write(): it fails once the file would grow) hit
+// in the middle of `moelab trace`. Before: 168 lines of HDF5-DIAG and a segfault in HDF5's shutdown.
+TEST(TraceWriteError, FileSizeLimitEndsInOneLineAndKeepsWhatWasFlushed) {
+  TempDir tmp;
+  write_text(tmp.file("in.txt"), long_text(30000, 7));
+  const std::vector<std::string> common{"trace", "--model", model_dir("mixtral-4e-gqa-f32"), "--input", tmp.file("in.txt"),
+                                        "--router-logits", "--window", "64", "--out"};
+  auto args = common;
+  args.push_back(tmp.file("full.h5"));
+  const auto whole = spawn_moelab(tmp, args, 300);
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+  const auto full = analysis::read_trace(tmp.file("full.h5"));
+  ASSERT_GT(fs::file_size(tmp.file("full.h5")), 3 * 200u * 1024) << "the input should need more than the limit";
+
+  args = common;
+  args.push_back(tmp.file("t.h5"));
+  const auto r = spawn_moelab(tmp, args, 300, 200 * 1024);
+  expect_clean_failure(r, {tmp.file("t.h5"), "File too large", "flushed before the error are kept", "--repair"});
+  EXPECT_EQ(r.err.find("HDF5-DIAG"), std::string::npos) << r.err;
+  expect_failed_trace_keeps_a_prefix(tmp.file("t.h5"), r, &full);
+  // --repair makes it a plain HDF5 file with the same sequences.
+  const auto repaired = spawn_moelab(tmp, {"trace", "--repair", tmp.file("t.h5")}, 60);
+  EXPECT_EQ(repaired.exit_code, 0) << repaired.err;
+  EXPECT_TRUE(plain_hdf5_open_works(tmp.file("t.h5")));
+  EXPECT_EQ(analysis::read_trace(tmp.file("t.h5")).num_sequences(), kept_sequences(r.err));
+}
+
+// Item 4 on a real full filesystem: a 256 KiB tmpfs (needs root; skipped where mounting is refused).
+TEST(TraceWriteError, FullFilesystemEndsInOneLineAndKeepsWhatWasFlushed) {
+  TempDir tmp;
+  const auto dir = tmp.file("small-fs");
+  fs::create_directories(dir);
+  if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, "size=256k") != 0)
+    GTEST_SKIP() << "cannot mount a small tmpfs here (" << std::strerror(errno) << "; needs root and mount rights)";
+  struct Unmount {
+    std::string dir;
+    ~Unmount() { ::umount2(dir.c_str(), MNT_DETACH); }
+  } unmount{dir};
+  write_text(tmp.file("in.txt"), long_text(40000, 8));
+  const auto out = dir + "/t.h5";
+  const auto r = spawn_moelab(tmp, {"trace", "--model", model_dir("mixtral-4e-gqa-f32"), "--input", tmp.file("in.txt"),
+                                    "--router-logits", "--window", "64", "--out", out},
+                              300);
+  expect_clean_failure(r, {out, "No space left on device", "flushed before the error are kept"});
+  EXPECT_EQ(r.err.find("HDF5-DIAG"), std::string::npos) << r.err;
+  expect_failed_trace_keeps_a_prefix(out, r, nullptr);
+}
+
+// Strings are stored fixed-length (nothing in a trace needs HDF5's global heap, whose damage libhdf5
+// 1.10 does not survive).
+TEST(TraceCorrupt, StringAttributesAreFixedLength) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(false, {"a", "", "longer name"});
+  {
+    TraceWriter w(path, h);
+    add(w, make_sequence(1, 5, h, 1));  // ("" is no name: "longer name" is domain 1)
+  }
+  const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  int strings = 0;
+  const auto check = [&](hid_t obj, const char* name) {
+    const hid_t a = H5Aopen(obj, name, H5P_DEFAULT), t = H5Aget_type(a);
+    if (H5Tget_class(t) == H5T_STRING) {
+      ++strings;
+      EXPECT_EQ(H5Tis_variable_str(t), 0) << name << " is variable-length";
+    }
+    H5Tclose(t);
+    H5Aclose(a);
+  };
+  for (const char* name : {"model_config", "engine", "tool", "tool_version", "created", "runs"}) check(f, name);
+  const hid_t d = H5Dopen2(f, "sequence_domain", H5P_DEFAULT);
+  check(d, "domain_names");
+  H5Dclose(d);
+  H5Fclose(f);
+  EXPECT_EQ(strings, 7);
+  const auto got = analysis::read_trace(path);
+  EXPECT_EQ(got.domain_names, (std::vector<std::string>{"a", "longer name"}));
+  EXPECT_EQ(got.attributes["tool"], "moelab");
+  EXPECT_EQ(got.attributes["model_config"], h.model_config);
+}
+
+// Rewrites every string attribute of a trace as variable-length, as moelab wrote them before (and as
+// h5py writes str attributes): the strings then live in the file's global heap.
+void make_strings_variable_length(const std::string& path) {
+  const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  const hid_t vlen = H5Tcopy(H5T_C_S1);
+  H5Tset_size(vlen, H5T_VARIABLE);
+  H5Tset_cset(vlen, H5T_CSET_UTF8);
+  const auto rewrite = [&](hid_t obj, const char* name) {
+    const hid_t a = H5Aopen(obj, name, H5P_DEFAULT), t = H5Aget_type(a), s = H5Aget_space(a);
+    const size_t len = H5Tget_size(t);
+    const auto n = size_t(H5Sget_simple_extent_npoints(s));
+    std::vector<char> buf(n * len + 1, '\0');
+    if (n) H5Aread(a, t, buf.data());
+    std::vector<std::string> values;
+    for (size_t i = 0; i < n; ++i) values.emplace_back(buf.data() + i * len, strnlen(buf.data() + i * len, len));
+    const bool scalar = H5Sget_simple_extent_type(s) == H5S_SCALAR;
+    H5Aclose(a), H5Tclose(t), H5Sclose(s);
+    H5Adelete(obj, name);
+    const hsize_t dims = n;
+    const hid_t space = scalar ? H5Screate(H5S_SCALAR) : H5Screate_simple(1, &dims, nullptr);
+    const hid_t na = H5Acreate2(obj, name, vlen, space, H5P_DEFAULT, H5P_DEFAULT);
+    std::vector<const char*> ptrs;
+    for (const auto& v : values) ptrs.push_back(v.c_str());
+    if (n) {
+      EXPECT_GE(H5Awrite(na, vlen, ptrs.data()), 0);
+    }
+    H5Aclose(na), H5Sclose(space);
+  };
+  for (const char* name : {"model_config", "engine", "tool", "tool_version", "created", "runs"}) rewrite(f, name);
+  const hid_t d = H5Dopen2(f, "sequence_domain", H5P_DEFAULT);
+  rewrite(d, "domain_names");
+  H5Dclose(d);
+  H5Tclose(vlen);
+  H5Fclose(f);
+}
+
+// Traces written before (variable-length strings) read as before, through our own heap reader.
+TEST(TraceCorrupt, OldVariableLengthStringsStillRead) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(true, {"first", "second domain", "third"});
+  std::vector<Sequence> seqs;
+  {
+    TraceWriter w(path, h);
+    for (int i = 0; i < 6; ++i) seqs.push_back(make_sequence(uint64_t(i), 7 + i, h, i % 3)), add(w, seqs.back());
+  }
+  const auto before = analysis::read_trace(path);
+  make_strings_variable_length(path);
+  ASSERT_NE(slurp(path).find("GCOL"), std::string::npos) << "no global heap: the strings are not variable-length";
+  const auto after = analysis::read_trace(path);
+  EXPECT_EQ(after.attributes, before.attributes);
+  EXPECT_EQ(after.domain_names, before.domain_names);
+  expect_same_rows(after, expected_trace(seqs, h));
+  // And appending to such a file works (its attributes are read, merged, and written back fixed-length).
+  {
+    TraceWriter w(path, h);
+    seqs.push_back(make_sequence(99, 3, h, 1));
+    add(w, seqs.back());
+  }
+  expect_same_rows(analysis::read_trace(path), expected_trace(seqs, h));
+}
+
+// Item 5: a damaged global heap (variable-length strings). Before: libhdf5 1.10 looped for ever (an
+// object header of zeros) or crashed (sizes past the collection). Now each is one line, at once, from
+// both `moelab stats` and `moelab trace --repair`.
+TEST(TraceCorrupt, DamagedStringHeapIsAClearErrorNotAHang) {
+  TempDir tmp;
+  const auto good = tmp.file("good.h5");
+  const auto h = small_header(false);
+  {
+    TraceWriter w(good, h);
+    add(w, make_sequence(1, 5, h, 0));
+  }
+  make_strings_variable_length(good);
+  const std::string bytes = slurp(good);
+  const size_t heap = bytes.find("GCOL");
+  ASSERT_NE(heap, std::string::npos);
+  const auto put64 = [](std::string& b, size_t at, uint64_t v) {
+    for (int i = 0; i < 8; ++i) b[at + size_t(i)] = char((v >> (8 * i)) & 0xff);
+  };
+  // Collection header: "GCOL", version, 3 reserved, size (8 bytes); then objects: index (2), refs (2),
+  // reserved (4), size (8), data.
+  const std::vector<std::pair<std::string, std::function<void(std::string&)>>> damages = {
+      {"first object header zeroed (1.10 loops for ever)", [&](std::string& b) { std::fill_n(b.begin() + int64_t(heap + 16), 16, '\0'); }},
+      {"object size past the collection (1.10 overruns)", [&](std::string& b) { put64(b, heap + 24, uint64_t(1) << 40); }},
+      {"collection size 17", [&](std::string& b) { put64(b, heap + 8, 17); }},
+      {"collection size past the file", [&](std::string& b) { put64(b, heap + 8, uint64_t(1) << 40); }},
+      {"signature gone", [&](std::string& b) { b[heap] = 'X'; }},
+  };
+  for (const auto& [what, damage] : damages) {
+    SCOPED_TRACE(what);
+    std::string b = bytes;
+    damage(b);
+    const auto path = tmp.file("bad.h5");
+    write_text(path, b);
+    auto r = spawn_moelab(tmp, {"stats", path}, 20);
+    expect_clean_failure(r, {path, "damaged trace"});
+    EXPECT_LT(r.seconds, 10);
+    r = spawn_moelab(tmp, {"trace", "--repair", path}, 20);
+    expect_clean_failure(r, {path, "damaged trace"});
+    expect_error([&] { analysis::read_trace(path); }, {path, "damaged trace", "attribute"});
+  }
+}
+
+// Truncated files (a copy cut short, a disk that filled without the writer noticing): a clear error at
+// any length, quickly.
+TEST(TraceCorrupt, TruncatedFilesAreClearErrors) {
+  TempDir tmp;
+  const auto good = tmp.file("good.h5");
+  const auto h = small_header(true);
+  {
+    TraceWriter w(good, h, TraceWriterOptions{.chunk_tokens = 16});
+    for (int i = 0; i < 20; ++i) add(w, crash_sequence(i, h));
+  }
+  const std::string bytes = slurp(good);
+  for (const size_t keep : {size_t(0), size_t(7), size_t(100), size_t(2048), size_t(4096), bytes.size() / 3,
+                            bytes.size() / 2, bytes.size() - 4096, bytes.size() - 1}) {
+    SCOPED_TRACE("first " + std::to_string(keep) + " of " + std::to_string(bytes.size()) + " bytes");
+    const auto path = tmp.file("cut.h5");
+    write_text(path, bytes.substr(0, keep));
+    const auto r = spawn_moelab(tmp, {"stats", path}, 20);
+    expect_clean_failure(r, {path});
+    EXPECT_LT(r.seconds, 10);
+  }
+  // The same for the file of a writer killed mid-run (opened as an SWMR reader, which skips HDF5's own
+  // end-of-file check): it reads, or fails in one line; never a crash or a hang.
+  const auto crashed = tmp.file("crashed.h5");
+  kill_busy_writer(crashed, h, 30, 0, /*chunk_tokens=*/16);
+  const std::string cbytes = slurp(crashed);
+  for (const size_t keep : {size_t(4096), cbytes.size() / 3, cbytes.size() / 2, cbytes.size() - 4096, cbytes.size() - 1}) {
+    SCOPED_TRACE("crashed writer's file, first " + std::to_string(keep) + " of " + std::to_string(cbytes.size()) + " bytes");
+    const auto path = tmp.file("cut.h5");
+    write_text(path, cbytes.substr(0, keep));
+    for (const auto& args : {std::vector<std::string>{"stats", path}, std::vector<std::string>{"trace", "--repair", path}}) {
+      const auto r = spawn_moelab(tmp, args, 20);
+      if (r.exit_code != 0) expect_clean_failure(r, {path});
+      EXPECT_LT(r.seconds, 10);
+    }
+  }
+}
+
+// Datasets whose rank or type is not the layout's, and shapes that lie: refused before any read, naming
+// the dataset.
+TEST(TraceCorrupt, WrongRankTypeOrShapeIsRefused) {
+  TempDir tmp;
+  const auto h = small_header(true);
+  const auto make = [&](const std::string& path) {
+    TraceWriter w(path, h);
+    add(w, make_sequence(1, 9, h, 0));
+    add(w, make_sequence(2, 4, h, 1));
+  };
+  // Replaces dataset `name` with one of another rank or type.
+  const auto replace = [&](const std::string& path, const char* name, hid_t type, std::vector<hsize_t> dims) {
+    const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    ASSERT_GE(H5Ldelete(f, name, H5P_DEFAULT), 0);
+    const hid_t s = H5Screate_simple(int(dims.size()), dims.data(), nullptr);
+    const hid_t d = H5Dcreate2(f, name, type, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    ASSERT_GE(d, 0);
+    H5Dclose(d), H5Sclose(s), H5Fclose(f);
+  };
+  struct Case {
+    const char* name;
+    hid_t type;
+    std::vector<hsize_t> dims;
+    std::string needle;
+  };
+  const std::vector<Case> cases = {
+      {"experts", H5T_NATIVE_UINT8, {13, 4}, "/experts has 2 dimensions"},
+      {"experts", H5T_NATIVE_FLOAT, {13, 2, 2}, "/experts is not integer"},
+      {"gates", H5T_NATIVE_INT32, {13, 2, 2}, "/gates is not floating-point"},
+      {"sequence_offsets", H5T_NATIVE_INT64, {3, 1}, "/sequence_offsets has 2 dimensions"},
+      {"tokens", H5T_IEEE_F64LE, {13}, "/tokens is not integer"},
+      {"router_logits", H5T_NATIVE_FLOAT, {13, 2}, "/router_logits has 2 dimensions"},
+      {"gates", H5T_NATIVE_FLOAT, {13, 3, 2}, "/experts and /gates"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.needle);
+    const auto path = tmp.file("t.h5");
+    fs::remove(path);
+    make(path);
+    replace(path, c.name, c.type, c.dims);
+    expect_error([&] { analysis::read_trace(path); }, {path, c.needle});
+  }
+  {  // An expert count no trace can have (expert ids are uint8).
+    const auto path = tmp.file("e.h5");
+    {
+      const auto h2 = small_header(false);
+      TraceWriter w(path, h2);
+      add(w, make_sequence(1, 9, h2, 0));
+    }
+    const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    const hid_t a = H5Aopen(f, "num_experts", H5P_DEFAULT);
+    const int64_t e = 1000;
+    ASSERT_GE(H5Awrite(a, H5T_NATIVE_INT64, &e), 0);
+    H5Aclose(a), H5Fclose(f);
+    expect_error([&] { analysis::read_trace(path); }, {path, "1000 experts"});
+  }
+  // An extent that lies: /tokens, /experts and /gates grown to 2^33 rows (unwritten chunks read as
+  // zeros) and committed by a last offset of 2^33. Reading them would allocate 2^33 * 17 bytes.
+  const auto path = tmp.file("huge.h5");
+  make(path);
+  {
+    const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    const hsize_t rows = hsize_t(1) << 33;
+    for (const auto& [name, row] : std::vector<std::pair<const char*, std::vector<hsize_t>>>{
+             {"tokens", {}}, {"experts", {2, 2}}, {"gates", {2, 2}}, {"router_logits", {2, 4}}}) {
+      const hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+      std::vector<hsize_t> dims{rows};
+      dims.insert(dims.end(), row.begin(), row.end());
+      ASSERT_GE(H5Dset_extent(d, dims.data()), 0) << name;
+      H5Dclose(d);
+    }
+    const hid_t d = H5Dopen2(f, "sequence_offsets", H5P_DEFAULT);
+    const hsize_t n = 4, at = 3, one = 1;
+    ASSERT_GE(H5Dset_extent(d, &n), 0);
+    const hid_t fs_ = H5Dget_space(d), ms = H5Screate_simple(1, &one, nullptr);
+    H5Sselect_hyperslab(fs_, H5S_SELECT_SET, &at, nullptr, &one, nullptr);
+    const int64_t end = int64_t(rows);
+    ASSERT_GE(H5Dwrite(d, H5T_NATIVE_INT64, ms, fs_, H5P_DEFAULT, &end), 0);
+    H5Sclose(fs_), H5Sclose(ms), H5Dclose(d);
+    const hid_t dd = H5Dopen2(f, "sequence_domain", H5P_DEFAULT);
+    ASSERT_GE(H5Dset_extent(dd, &at), 0);
+    H5Dclose(dd), H5Fclose(f);
+  }
+  expect_error([&] { analysis::read_trace(path); }, {path, "damaged trace", "claims"});
 }
 
 // ---------------------------------------------------------------------------------------------------
