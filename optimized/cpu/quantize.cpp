@@ -10,6 +10,19 @@
 #include "optimized/nf4/nf4.hpp"
 
 namespace moelab::cpu {
+namespace {
+
+// Keeps bitsandbytes' compact absmax beside the FP32 one when the nested blocks have the 256 the int8
+// kernels index by shift (bitsandbytes always writes 256; another size keeps only the FP32 form).
+void keep_compact_absmax(const nf4::QuantizedTensor& q, Nf4Matrix& m) {
+  if (!q.nested || q.nested_blocksize != 256 || q.nested_code.size() != 256) return;
+  m.absmax_code = q.qabsmax;
+  m.nested_absmax = q.nested_absmax;
+  m.nested_code = q.nested_code;
+  m.offset = q.offset;
+}
+
+}  // namespace
 
 Nf4Matrix quantize_matrix(const std::vector<float>& values, int64_t rows, int64_t cols, int blocksize,
                           bool double_quant) {
@@ -19,7 +32,8 @@ Nf4Matrix quantize_matrix(const std::vector<float>& values, int64_t rows, int64_
   m.cols = cols;
   m.blocksize = blocksize;
   m.own(q.packed);
-  m.absmax = nf4::block_absmax(q);  // double quantization undone once, here
+  m.absmax = nf4::block_absmax(q);  // double quantization undone once, here, for the FP32 kernels
+  keep_compact_absmax(q, m);
   return m;
 }
 
@@ -34,6 +48,7 @@ Nf4Matrix map_prequantized(const Checkpoint& ck, const std::string& name, int64_
   m.blocksize = q.blocksize;
   m.packed = reinterpret_cast<const uint8_t*>(ck.file_of(name).bytes(name).data());  // mapped, not copied
   m.absmax = nf4::block_absmax(q);
+  keep_compact_absmax(q, m);
   return m;
 }
 

@@ -1,0 +1,13 @@
+// The int8 NF4 GEMV for Avx512Vnni (q8_kernel.hpp's loop at this width).
+#define MOELAB_Q8_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/q8_kernel.hpp"
+
+namespace moelab::cpu::avx512 {
+
+void gemv_q8_vnni(const Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d, int64_t d_stride, int n, float* y,
+         int64_t y_stride, int64_t r0, int64_t r1) {
+  q8_gemv<q8simd::Avx512Vnni>(w, q, q_stride, d, d_stride, n, y, y_stride, r0, r1);
+}
+
+}  // namespace moelab::cpu::avx512
