@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <regex>
+#include <set>
 #include <sstream>
 
 #include "core/error.hpp"
@@ -238,6 +239,43 @@ TEST_F(EvalData, RunProcessPassesArgumentsVerbatimAndReportsStatus) {
   }
   EXPECT_THROW(run_process({}), Error);
   EXPECT_EQ(describe_command({"python3", "/a b/plot.py", "it's"}), "python3 '/a b/plot.py' 'it'\\''s'");
+}
+
+TEST_F(EvalData, DemoPlotsIntoAnOutputFolderWhoseNameHasShellSyntax) {
+  // The demo's plotting step used to run std::system("'<python>' '<script>' '<trace>' '<plot dir>'").
+  const fs::path repo = fs::path(MOELAB_BUNDLED_MODEL).parent_path().parent_path();
+  const std::string py = (repo / ".venv/bin/python").string();
+  int have = 1;
+  try {
+    have = run_process({py, "-c", "import h5py, matplotlib"}, {.stdout_path = "/dev/null", .stderr_path = "/dev/null"});
+  } catch (const Error&) {
+  }
+  if (have != 0) GTEST_SKIP() << "no light Python tier at " << py << " (scripts/setup.sh): the demo would skip its plots";
+  {
+    std::ofstream corpus(tmp / "heldout.jsonl");
+    corpus << json{{"text", "int main(void) { return 0; }"}, {"domain", "c"}}.dump() << "\n"
+           << json{{"text", "The licensee may copy and distribute verbatim copies."}, {"domain", "legal"}}.dump() << "\n";
+  }
+  const std::string out = "r';touch PWNED;'";
+  const auto here = fs::current_path();
+  fs::current_path(tmp);  // a shell would have run touch here
+  Run r{};
+  try {
+    r = moelab({"demo", "--model", test::model_dir("mixtral-4e-gqa-f32"), "--corpus", (tmp / "heldout.jsonl").string(), "--out",
+                out, "--max-new-tokens", "4", "--hellaswag-items", "3", "--threads", "1"});
+  } catch (...) {
+    fs::current_path(here);
+    throw;
+  }
+  fs::current_path(here);
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_FALSE(fs::exists(tmp / "PWNED"));
+  const auto index = json::parse(slurp(tmp / out / "index.json"));
+  std::set<std::string> plots;
+  for (const auto& p : index["plots"]) plots.insert(fs::path(p.get<std::string>()).filename().string());
+  EXPECT_EQ(plots, (std::set<std::string>{"coselection_layer0.png", "expert_load_by_domain.png", "load_heatmap.png",
+                                          "repetition.png"}));
+  for (const auto& f : plots) EXPECT_GT(fs::file_size(tmp / out / "plots" / f), 1000u) << f;
 }
 
 // ---- Item 3: the regexes, replaced by linear-time code with the same output. ----
