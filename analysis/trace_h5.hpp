@@ -11,8 +11,13 @@
 //   - check every attribute's and dataset's type class, rank and storage size against each other
 //     before reading it, and bound what a read may allocate (check_read_size).
 // The object headers holding attributes and dataset shapes are checksummed in the format traces use.
+#include <fcntl.h>
+#include <fmt/format.h>
 #include <hdf5.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -21,6 +26,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "core/error.hpp"
 
 namespace moelab::analysis::h5 {
 
@@ -159,5 +166,55 @@ void check_rows_cover(const H5Context& cx, const Committed& c, std::initializer_
                       hid_t domain);
 
 std::string utc_now_iso8601();
+
+// ---------------------------------------------------------------------------------------------------
+// Shared by the writer and the repair
+
+// An open-file-description lock on the trace, held for a writer's lifetime and dropped by the kernel
+// when the process dies. HDF5's own lock cannot serve: SWMR writing releases it so readers can open.
+// (OFD locks, unlike classic fcntl locks, survive HDF5 opening and closing its own descriptors.)
+class WriterLock {
+ public:
+  // Opens (creating if absent) and locks `path`; throws if another writer holds it.
+  explicit WriterLock(const std::string& path) : path_(path) {
+    // (O_NONBLOCK: a FIFO must not block the open; it is refused below. A directory fails with EISDIR.)
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NONBLOCK, 0644);
+    if (fd_ < 0) throw Error(fmt::format("{}: cannot open for writing ({})", path, std::strerror(errno)));
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd_);
+      throw Error(fmt::format("{}: not a regular file; a trace must be one", path));
+    }
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    if (::fcntl(fd_, F_OFD_SETLK, &fl) != 0) {
+      const int err = errno;
+      ::close(fd_);
+      if (err == EAGAIN || err == EACCES)
+        throw Error(fmt::format("{}: another process is writing this trace", path));
+      throw Error(fmt::format("{}: cannot lock ({})", path, std::strerror(err)));
+    }
+  }
+  ~WriterLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  WriterLock(const WriterLock&) = delete;
+  WriterLock& operator=(const WriterLock&) = delete;
+  int64_t size() const {
+    struct stat st {};
+    return ::fstat(fd_, &st) == 0 ? int64_t(st.st_size) : 0;
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+// left_by_dead_writer for a path, with the library set up.
+bool left_by_dead_writer_quietly(const std::string& path);
+
+// repair_trace for a caller that holds the writer lock (trace_reader.cpp).
+int64_t repair_locked(const std::string& path);
 
 }  // namespace moelab::analysis::h5
