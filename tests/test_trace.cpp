@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -963,6 +964,8 @@ Spawned spawn_moelab(const TempDir& tmp, const std::vector<std::string>& args, d
       if (::setrlimit(RLIMIT_FSIZE, &lim) != 0) ::_exit(126);
     }
     ::execv(argv[0], argv.data());
+    const std::string why = std::string("cannot run ") + argv[0] + ": " + std::strerror(errno) + "\n";
+    if (::write(2, why.data(), why.size()) < 0) ::_exit(127);
     ::_exit(127);
   }
   Spawned r;
@@ -1256,6 +1259,26 @@ TEST(TraceCorrupt, TruncatedFilesAreClearErrors) {
       EXPECT_LT(r.seconds, 10);
     }
   }
+}
+
+// A FIFO or a directory where a trace should be: refused before HDF5 opens it (a FIFO would block the
+// open, or fill and block the writer).
+TEST(TraceCorrupt, NonRegularFilesAreRefused) {
+  TempDir tmp;
+  const auto fifo = tmp.file("fifo.h5");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0644), 0) << std::strerror(errno);
+  write_text(tmp.file("a.txt"), "hello there");
+  for (const auto& path : {fifo, tmp.file("")}) {
+    SCOPED_TRACE(path);
+    for (const auto& args : {std::vector<std::string>{"stats", path}, std::vector<std::string>{"trace", "--repair", path},
+                             std::vector<std::string>{"trace", "--model", model_dir("mixtral-4e-gqa-f32"), "--input",
+                                                      tmp.file("a.txt"), "--out", path}}) {
+      const auto r = spawn_moelab(tmp, args, 30);
+      expect_clean_failure(r, {path});
+    }
+  }
+  expect_error([&] { TraceWriter w(fifo, small_header(false)); }, {fifo, "not a regular file"});
+  expect_error([&] { analysis::read_trace(fifo); }, {fifo, "not a regular file"});
 }
 
 // Datasets whose rank or type is not the layout's, and shapes that lie: refused before any read, naming
