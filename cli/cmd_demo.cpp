@@ -245,7 +245,7 @@ void register_demo(CLI::App& app) {
                                         "model's corpus/heldout.jsonl)");
   cmd->add_option("--hellaswag-items", a.hellaswag_items, "HellaSwag items to score (at most 200 are bundled)")
       ->capture_default_str()->check(CLI::Range(1, 200));
-  cmd->add_option("--threads", a.threads, "cpu-nf4 threads (0: all)");
+  cmd->add_option("--threads", a.threads, "cpu-nf4 threads (0: all)")->check(threads_validator());
   cmd->add_flag("!--no-plots", a.plots, "Skip the plots");
   cmd->callback([] { run_demo(a); });
 }

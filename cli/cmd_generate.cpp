@@ -47,6 +47,10 @@ void register_generate(CLI::App& app) {
     fmt::print(stderr, "[{}] prompt {} tokens in {:.3f}s ({:.1f} tok/s); generated {} tokens, decode {:.1f} tok/s{}\n",
                engine->name(), ids.size(), r.prefill_seconds, double(ids.size()) / std::max(r.prefill_seconds, 1e-9),
                r.tokens.size(), r.decode_tokens_per_second(), r.stopped_at_eos ? " (stopped at EOS)" : "");
+    if (r.stopped_at_context)
+      fmt::print(stderr, "note: stopped after {} of the {} tokens asked for: the prompt ({} tokens) and the output "
+                         "filled the context of {} tokens (see --context)\n",
+                 r.tokens.size(), max_new_tokens, ids.size(), r.context);
     report_engine_counters(*engine);
   });
 }

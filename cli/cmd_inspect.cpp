@@ -55,10 +55,13 @@ void register_inspect(CLI::App& app) {
   static std::string model;
   static std::string config_path;
   static int context = 4096;
+  static bool check_values = false;
   cmd->add_option("--model", model, "Checkpoint folder (config.json + safetensors)");
   cmd->add_option("--config", config_path, "Only a config.json (no weights needed)")->check(CLI::ExistingFile);
   cmd->add_option("--context", context, "Context length for the KV cache estimate")->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_flag("--check-values", check_values,
+                "Also read every float tensor in full and fail on the first NaN or infinity (reads all the data)");
   cmd->callback([] {
     if (!config_path.empty()) {
       print_config(ModelConfig::from_json_file(config_path), context);
@@ -79,6 +82,24 @@ void register_inspect(CLI::App& app) {
     fmt::print("tokenizer         {}\n", std::filesystem::exists(ck->tokenizer_path()) ? ck->tokenizer_path()
                                                                                       : "missing (tokenizer.model)");
     fmt::print("validation        every tensor the config implies is present with the right shape\n");
+    if (check_values) {
+      int64_t scanned = 0, tensors = 0, total = 0;
+      for (const auto& s : ck->shards())
+        for (const auto& [_, t] : s->tensors()) total += dtype_is_float_convertible(t.dtype) ? t.numel() : 0;
+      Progress progress("checking values", total, stderr_is_terminal());
+      for (const auto& s : ck->shards())
+        for (const auto& [_, t] : s->tensors()) {
+          const int64_t n = s->check_finite(t);  // throws naming the file, tensor and element
+          if (n > 0 || dtype_is_float_convertible(t.dtype)) ++tensors;
+          scanned += n;
+          progress.advance(n);
+        }
+      progress.finish();
+      fmt::print("values            all {} values of the {} float tensors are finite\n", scanned, tensors);
+    } else {
+      fmt::print("values            not scanned (engines check each weight as they convert it; --check-values "
+                 "scans all now)\n");
+    }
     for (const auto& w : ck->warnings()) fmt::print("warning: {}\n", w);
   });
 }

@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <thread>
+
 #include "core/error.hpp"
 #include "core/model_presets.hpp"
 #include "core/progress.hpp"
@@ -13,6 +16,24 @@
 
 namespace moelab::cli {
 
+int max_threads() {
+  const unsigned hw = std::thread::hardware_concurrency();
+  return 4 * int(hw > 0 ? std::min(hw, 4096u) : 1u);
+}
+
+CLI::Validator threads_validator() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        const int limit = max_threads();
+        long long n = 0;
+        if (!CLI::detail::lexical_cast(text, n) || n < 0 || n > limit)
+          return fmt::format("must be 0 (all cores) or 1 to {} (4x the {} hardware threads), got {}", limit,
+                             limit / 4, text);
+        return {};
+      },
+      "0..4xCORES");
+}
+
 void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
   cmd.add_option("--engine", opts.engine, "Engine: ref (Eigen FP32 reference), cpu-nf4 (NF4 weights, SIMD, threads) or cuda-nf4 (NF4 on an NVIDIA GPU)")
       ->check(CLI::IsMember({"ref", "cpu-nf4", "cuda-nf4"}))
@@ -23,7 +44,7 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
   cmd.add_flag("--stream", opts.stream, "Stream layer weights from the mmap'd checkpoint instead of keeping a copy");
   cmd.add_option("--context", opts.context, "Context length to allocate the KV cache for (default: min(4096, model max))")
       ->check(CLI::NonNegativeNumber);
-  cmd.add_option("--threads", opts.threads, "cpu-nf4: threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  cmd.add_option("--threads", opts.threads, "cpu-nf4: threads (default: all cores)")->check(threads_validator());
   cmd.add_option("--kernels", opts.isa, "cpu-nf4: kernel set (auto, avx512, avx2, scalar)")
       ->check(CLI::IsMember({"auto", "avx512", "avx2", "scalar"}))
       ->capture_default_str();
@@ -77,6 +98,8 @@ void print_cuda_loaded(const cuda::CudaNf4Engine& engine) {
 
 std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& opts) {
   check_cuda_only_options(opts);
+  if (opts.threads < 0 || opts.threads > max_threads())
+    throw Error(fmt::format("--threads must be 0 (all cores) or 1 to {}, got {}", max_threads(), opts.threads));
   if (opts.engine == "ref") {
     ref::ModelOptions mo{opts.context, opts.stream, stderr_is_terminal()};
     if (opts.precision == "f64") return std::make_unique<ref::Model<double>>(ck, mo);

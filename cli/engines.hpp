@@ -25,6 +25,10 @@ struct EngineOptions {
 // Adds --engine, --precision, --stream, --context, --threads, --kernels and the cuda-nf4 options
 // (--activations, --gpu-expert-cache, --gpu-expert-prefetch) to a subcommand.
 void add_engine_options(CLI::App& cmd, EngineOptions& opts);
+// --threads accepts 0 (all cores) or 1..max_threads() (4x the hardware threads): more would only
+// oversubscribe, and OpenMP crashes creating 100,000 threads.
+int max_threads();
+CLI::Validator threads_validator();
 
 std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& opts);
 // A model of a named preset's shape with random weights (`--synthetic mixtral-8x7b`): cuda-nf4 only,

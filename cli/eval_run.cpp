@@ -8,6 +8,7 @@
 #include "cli/bundled.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
+#include "core/regular_file.hpp"
 #include "evals/docs.hpp"
 #include "evals/tasks.hpp"
 
@@ -23,6 +24,8 @@ EvalInputs read_eval_inputs(const EvalRequest& q) {
   in.shots = q.shots < 0 ? in.spec.default_shots : q.shots;
   in.docs = evals::read_docs(q.task, in.spec.type, q.data);
   in.fewshot = q.fewshot_data.empty() ? in.docs : evals::read_docs(q.task, in.spec.type, q.fewshot_data);
+  // --reported is read after the run: a directory or FIFO there must fail now, not hours later.
+  if (!q.reported.empty()) (void)read_regular_file(q.reported, "reported scores file", 64u << 20);
   if (q.limit > 0 && size_t(q.limit) < in.docs.size()) in.docs.resize(size_t(q.limit));
   return in;
 }

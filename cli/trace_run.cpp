@@ -1,8 +1,10 @@
 #include "cli/trace_run.hpp"
 
 #include <fmt/format.h>
+#include <signal.h>
 
 #include <algorithm>
+#include <csignal>
 #include <chrono>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -55,6 +57,35 @@ std::vector<Window> cut_windows(const std::vector<analysis::TraceText>& texts, c
   return out;
 }
 
+// SIGINT and SIGTERM while tracing: the window being computed is finished and written, everything
+// buffered is flushed, and then the run stops with an error saying what was kept. A second signal
+// (SA_RESETHAND) kills at once, as usual.
+volatile std::sig_atomic_t g_stop_signal = 0;
+void on_stop_signal(int sig) { g_stop_signal = sig; }
+
+class StopOnSignals {
+ public:
+  StopOnSignals() {
+    g_stop_signal = 0;
+    struct sigaction sa{};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    ::sigaction(SIGINT, &sa, &old_int_);
+    ::sigaction(SIGTERM, &sa, &old_term_);
+  }
+  ~StopOnSignals() {
+    ::sigaction(SIGINT, &old_int_, nullptr);
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  StopOnSignals(const StopOnSignals&) = delete;
+  StopOnSignals& operator=(const StopOnSignals&) = delete;
+  int signal() const { return g_stop_signal; }
+
+ private:
+  struct sigaction old_int_{}, old_term_{};
+};
+
 }  // namespace
 
 TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer& tok,
@@ -84,6 +115,7 @@ TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer
     if (std::find(header.domain_names.begin(), header.domain_names.end(), t.domain) == header.domain_names.end())
       header.domain_names.push_back(t.domain);
 
+  const StopOnSignals stop;  // from before the file is created: a signal from then on ends the run cleanly
   analysis::TraceWriter writer(out, header);
   r.appended = writer.appended();
   r.recovered = writer.recovered();
@@ -99,7 +131,9 @@ TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer
   for (const auto& w : windows) total += int64_t(w.tokens.size());
   Progress progress("trace", total);
   const auto start = clock_type::now();
+  int64_t done_tokens = 0, done_sequences = 0;
   for (const auto& w : windows) {
+    if (stop.signal()) break;
     const auto t0 = clock_type::now();
     const auto routing = analysis::route_window(engine, w.tokens, o.router_logits, o.timing);
     if (o.timing) o.timing->add_call(int64_t(w.tokens.size()), seconds_since(t0));
@@ -108,9 +142,15 @@ TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer
     r.per_domain[domain].first += int64_t(w.tokens.size());
     r.per_domain[domain].second += 1;
     progress.advance(int64_t(w.tokens.size()));
+    done_tokens += int64_t(w.tokens.size());
+    ++done_sequences;
   }
   writer.close();
   progress.finish();
+  if (const int sig = stop.signal())
+    throw Error(fmt::format("trace: stopped by {} after {} of {} sequences; the {} tokens traced by then are written "
+                            "to {}", sig == SIGTERM ? "SIGTERM" : "SIGINT", done_sequences, windows.size(), done_tokens,
+                            out));
   r.seconds = seconds_since(start);
   r.tokens = total;
   r.sequences = int64_t(windows.size());

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "core/error.hpp"
+#include "core/regular_file.hpp"
 #include "core/progress.hpp"
 
 namespace moelab {
@@ -27,10 +28,10 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
   std::vector<std::string> shard_names;
   std::map<std::string, std::string> weight_map;  // tensor -> shard file name
   if (fs::exists(index)) {
-    std::ifstream in(index);
+    const std::string text = read_regular_file(index.string(), "safetensors index", 256u << 20);
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(in);
+      j = nlohmann::json::parse(text);
     } catch (const nlohmann::json::exception& e) {
       throw Error(fmt::format("{}: not valid JSON ({})", index.string(), e.what()));
     }
@@ -91,7 +92,9 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
 void Checkpoint::validate_against_config() {
   std::set<std::string> expected;
   std::vector<std::string> nf4_prefixes;
-  for (const auto& spec : config_.expected_tensors()) {
+  // Tensor by tensor, without building the whole list first: a config claiming 1000 layers over a
+  // 2-layer checkpoint stops at the first missing tensor, having allocated nothing more.
+  config_.for_each_expected_tensor([&](const TensorSpec& spec) {
     expected.insert(spec.name);
     auto it = where_.find(spec.name);
     if (it == where_.end())
@@ -113,7 +116,12 @@ void Checkpoint::validate_against_config() {
           throw Error(fmt::format("{}: NF4 weight '{}' has no '{}{}' tensor", dir_, printable(spec.name),
                                   printable(spec.name), aux));
       nf4_prefixes.push_back(spec.name + ".");
-      continue;
+      // Its float statistics (absmax, quant maps, offset) are small and are used as they are: a NaN among
+      // them is caught now, naming the tensor and file (the codes themselves cannot be non-finite).
+      for (auto aux = where_.lower_bound(spec.name + "."); aux != where_.end() && aux->first.rfind(spec.name + ".", 0) == 0;
+           ++aux)
+        aux->second->check_finite(aux->second->info(aux->first));
+      return;
     }
     if (t.shape != spec.shape)
       throw Error(fmt::format("{}: tensor '{}' has shape {} but config.json implies {}", it->second->path(),
@@ -121,7 +129,7 @@ void Checkpoint::validate_against_config() {
     if (!dtype_is_float_convertible(t.dtype))
       throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", it->second->path(),
                               printable(spec.name), dtype_name(t.dtype)));
-  }
+  });
   auto is_nf4_aux = [&](const std::string& name) {
     for (const auto& p : nf4_prefixes)
       if (name.rfind(p, 0) == 0) return true;
@@ -143,7 +151,11 @@ const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
 
 const TensorInfo& Checkpoint::info(const std::string& name) const { return file_of(name).info(name); }
 
-std::vector<float> Checkpoint::read_f32(const std::string& name) const { return file_of(name).read_f32(name); }
+// Weights are checked for NaN / infinity as they are converted: a corrupt value fails the load, naming
+// the tensor and the file, instead of giving garbage text.
+std::vector<float> Checkpoint::read_f32(const std::string& name) const {
+  return file_of(name).read_f32(name, /*check_finite=*/true);
+}
 
 void Checkpoint::read_rows_f32(const std::string& name, int64_t first, int64_t count, float* dst) const {
   const auto& f = file_of(name);
@@ -152,7 +164,7 @@ void Checkpoint::read_rows_f32(const std::string& name, int64_t first, int64_t c
   if (first < 0 || first + count > t.shape[0])
     throw Error(fmt::format("{}: tensor '{}': rows [{}, {}) outside its {} rows", f.path(), name, first,
                             first + count, t.shape[0]));
-  f.read_f32(t, first * t.shape[1], count * t.shape[1], dst);
+  f.read_f32(t, first * t.shape[1], count * t.shape[1], dst, /*check_finite=*/true);
 }
 
 }  // namespace moelab

@@ -2,6 +2,7 @@
 // ModelConfig: the facts of a Hugging Face config.json for MixtralForCausalLM (sparse MoE) or
 // MistralForCausalLM (treated as the dense case: one expert, always chosen, weight 1).
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
@@ -9,6 +10,21 @@
 namespace moelab {
 
 enum class Architecture { Mixtral, Mistral };
+
+// The largest value of each config.json dimension moelab accepts: far above any published model
+// (Mixtral-8x22B: 56 layers, hidden 6144, ffn 16384, vocab 32768), low enough that nothing sized from a
+// config (tensor lists, KV caches, parameter counts in int64) can be absurd before the checkpoint's
+// tensors are compared with it.
+namespace limits {
+inline constexpr int64_t kMaxVocab = 1 << 22;          // 4,194,304 tokens
+inline constexpr int64_t kMaxHidden = 1 << 16;         // 65,536
+inline constexpr int64_t kMaxIntermediate = 1 << 20;   // 1,048,576
+inline constexpr int64_t kMaxLayers = 1024;
+inline constexpr int64_t kMaxHeads = 1024;
+inline constexpr int64_t kMaxHeadDim = 4096;
+inline constexpr int64_t kMaxExperts = 255;            // expert ids are stored as uint8
+inline constexpr int64_t kMaxPositions = 1 << 30;      // max_position_embeddings, sliding_window
+}  // namespace limits
 
 struct TensorSpec {
   std::string name;
@@ -58,6 +74,11 @@ struct ModelConfig {
 
   // Every tensor the checkpoint must contain, with its shape (HF on-disk names).
   std::vector<TensorSpec> expected_tensors() const;
+  // The same, one at a time, without building the list (a layer's worth at a time): checking a
+  // checkpoint against its config stops at the first problem and allocates nothing the config alone sizes.
+  void for_each_expected_tensor(const std::function<void(const TensorSpec&)>& f) const;
+  // The tensors of layer `l` alone, in expected_tensors() order, appended to `out`.
+  void append_layer_tensors(int l, std::vector<TensorSpec>& out) const;
   // The weights an NF4 model quantizes, as transformers + bitsandbytes do for Mixtral: every attention
   // projection, the router gate and every expert matrix; embeddings, norms and lm_head keep their
   // precision. Per layer in this order: q, k, v, o, router (MoE only), then w1, w3, w2 of each expert.
@@ -76,6 +97,9 @@ struct ModelConfig {
   int64_t active_params() const;
   int64_t expert_params() const;  // one expert's three matrices
   int64_t kv_cache_bytes_per_token(int bytes_per_value) const;
+  // How many tensors expected_tensors() lists, computed without building the list. All counts are
+  // checked 64-bit arithmetic: an overflow throws moelab::Error naming the config.
+  int64_t expected_tensor_count() const;
 
  private:
   static ModelConfig parse_config(const nlohmann::json& j, const std::string& source);

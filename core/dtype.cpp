@@ -102,4 +102,22 @@ void convert_to_f32(DType t, const std::byte* src, size_t count, float* dst) {
   }
 }
 
+int64_t first_non_finite(const float* values, size_t count) {
+  // Branch-free over the chunk (an exponent of all ones is NaN or infinity), so it vectorizes; the
+  // position is looked for only when something was found.
+  uint32_t any = 0;
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, values + i, 4);
+    any |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  if (!any) return -1;
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, values + i, 4);
+    if ((bits & 0x7f800000u) == 0x7f800000u) return int64_t(i);
+  }
+  return -1;
+}
+
 }  // namespace moelab

@@ -28,4 +28,7 @@ uint16_t f32_to_bf16(float value);  // round to nearest even, as torch does
 // Converts `count` elements starting at `src` (any alignment) to FP32.
 void convert_to_f32(DType t, const std::byte* src, size_t count, float* dst);
 
+// Index of the first NaN or infinity among `count` floats, or -1 when all are finite.
+int64_t first_non_finite(const float* values, size_t count);
+
 }  // namespace moelab

@@ -22,11 +22,13 @@ GenerationResult generate(Engine& engine, const std::vector<int32_t>& prompt, in
     throw Error(fmt::format("prompt of {} tokens does not fit the engine's context of {} tokens", prompt.size(),
                             engine.max_context()));
   // The last generated token never needs a forward pass, so `room + 1` tokens can be produced.
-  if (max_new_tokens > room + 1) max_new_tokens = room + 1;
-  using clock = std::chrono::steady_clock;
   GenerationResult r;
+  r.context = engine.max_context();
+  const bool capped = max_new_tokens > room + 1;
+  if (capped) max_new_tokens = room + 1;
+  using clock = std::chrono::steady_clock;
   auto t0 = clock::now();
-  MatrixRF logits = engine.forward(prompt);
+  MatrixRF logits = engine.forward_tail(prompt, int(prompt.size()) - 1);  // sampling reads the last row only
   r.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
   t0 = clock::now();
   for (int i = 0; i < max_new_tokens; ++i) {
@@ -41,6 +43,7 @@ GenerationResult generate(Engine& engine, const std::vector<int32_t>& prompt, in
     if (i + 1 < max_new_tokens) logits = engine.forward(std::span<const int32_t>(&next, 1));
   }
   r.decode_seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  r.stopped_at_context = capped && !r.stopped_at_eos;
   return r;
 }
 

@@ -12,6 +12,8 @@ namespace moelab {
 struct GenerationResult {
   std::vector<int32_t> tokens;  // generated ids (not the prompt)
   bool stopped_at_eos = false;
+  bool stopped_at_context = false;  // max_new_tokens was cut to what the engine's context holds
+  int context = 0;                  // the engine's context, in tokens
   double prefill_seconds = 0, decode_seconds = 0;
   double decode_tokens_per_second() const;
 };

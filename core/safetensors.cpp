@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cerrno>
 #include <cstring>
 #include <fmt/format.h>
@@ -15,6 +16,7 @@
 #include <set>
 
 #include "core/error.hpp"
+#include "core/regular_file.hpp"
 
 namespace moelab {
 
@@ -117,14 +119,8 @@ TensorInfo parse_entry(const std::string& path, const std::string& name, const j
 }  // namespace
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0) throw Error(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
-  struct stat st{};
-  if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd_);
-    throw Error(fmt::format("{}: not a regular file", path));
-  }
-  file_size_ = uint64_t(st.st_size);
+  // O_NONBLOCK + fstat first: a FIFO named as a shard would otherwise block open() forever.
+  fd_ = open_regular_file(path, "safetensors file", &file_size_);
   try {
     if (file_size_ < 8)
       throw Error(fmt::format("{}: file is {} bytes, too small for a safetensors header", path, file_size_));
@@ -207,7 +203,7 @@ std::span<const std::byte> SafetensorsFile::bytes(const TensorInfo& t) const {
   return {data_ + t.begin, t.nbytes()};
 }
 
-void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst) const {
+void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst, bool check_finite) const {
   if (!dtype_is_float_convertible(t.dtype))
     throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16, F64)", path_,
                             printable(t.name), dtype_name(t.dtype)));
@@ -215,13 +211,41 @@ void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count
     throw Error(fmt::format("{}: tensor '{}': element range [{}, {}) outside its {} elements", path_, printable(t.name),
                             first, first + count, t.numel()));
   const int bytes_per = dtype_bits(t.dtype) / 8;
-  convert_to_f32(t.dtype, data_ + t.begin + uint64_t(first) * bytes_per, size_t(count), dst);
+  const std::byte* src = data_ + t.begin + uint64_t(first) * bytes_per;
+  if (!check_finite) {
+    convert_to_f32(t.dtype, src, size_t(count), dst);
+    return;
+  }
+  // Converted and checked a cache-sized chunk at a time, so the check reads what was just written.
+  constexpr int64_t kChunk = 1 << 14;
+  for (int64_t at = 0; at < count; at += kChunk) {
+    const int64_t n = std::min(kChunk, count - at);
+    convert_to_f32(t.dtype, src + uint64_t(at) * bytes_per, size_t(n), dst + at);
+    if (const int64_t bad = first_non_finite(dst + at, size_t(n)); bad >= 0)
+      throw non_finite_error(t, first + at + bad, dst[at + bad]);
+  }
 }
 
-std::vector<float> SafetensorsFile::read_f32(const std::string& name) const {
+Error SafetensorsFile::non_finite_error(const TensorInfo& t, int64_t element, float value) const {
+  return Error(fmt::format("{}: tensor '{}': element {} is {} (a non-finite weight: the checkpoint is corrupt)", path_,
+                           printable(t.name), element, std::isnan(value) ? "NaN" : value > 0 ? "+Inf" : "-Inf"));
+}
+
+int64_t SafetensorsFile::check_finite(const TensorInfo& t) const {
+  if (!dtype_is_float_convertible(t.dtype)) return 0;
+  constexpr int64_t kChunk = 1 << 14;
+  std::vector<float> buf(size_t(std::min<int64_t>(kChunk, t.numel())));
+  for (int64_t at = 0; at < t.numel(); at += kChunk) {
+    const int64_t n = std::min(kChunk, t.numel() - at);
+    read_f32(t, at, n, buf.data(), /*check_finite=*/true);
+  }
+  return t.numel();
+}
+
+std::vector<float> SafetensorsFile::read_f32(const std::string& name, bool check_finite) const {
   const auto& t = info(name);
   std::vector<float> out(size_t(t.numel()));
-  read_f32(t, 0, t.numel(), out.data());
+  read_f32(t, 0, t.numel(), out.data(), check_finite);
   return out;
 }
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/dtype.hpp"
+#include "core/error.hpp"
 
 namespace moelab {
 
@@ -54,11 +55,17 @@ class SafetensorsFile {
   std::span<const std::byte> bytes(const TensorInfo& t) const;
   std::span<const std::byte> bytes(const std::string& name) const { return bytes(info(name)); }
 
-  // Converts `count` elements starting at element `first` of a float tensor to FP32.
-  void read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst) const;
-  std::vector<float> read_f32(const std::string& name) const;
+  // Converts `count` elements starting at element `first` of a float tensor to FP32. With check_finite,
+  // a NaN or infinity among them throws moelab::Error naming the file, the tensor and the element.
+  void read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst, bool check_finite = false) const;
+  std::vector<float> read_f32(const std::string& name, bool check_finite = false) const;
+  // Scans a whole float tensor for NaN / infinity (throws as above); returns the values scanned (0 for
+  // tensors of other dtypes, which are not scanned).
+  int64_t check_finite(const TensorInfo& t) const;
 
  private:
+  Error non_finite_error(const TensorInfo& t, int64_t element, float value) const;
+
   std::string path_;
   int fd_ = -1;
   const std::byte* map_ = nullptr;

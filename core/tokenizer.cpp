@@ -6,13 +6,16 @@
 #include <filesystem>
 
 #include "core/error.hpp"
+#include "core/regular_file.hpp"
 
 namespace moelab {
 
 Tokenizer::Tokenizer(const std::string& model_path)
     : path_(model_path), sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
   if (!std::filesystem::exists(model_path)) throw Error(fmt::format("{}: tokenizer model not found", model_path));
-  const auto status = sp_->Load(model_path);
+  // Read here (a FIFO or a directory is refused, never blocks), then parsed from memory.
+  const std::string bytes = read_regular_file(model_path, "tokenizer model", 1u << 30);
+  const auto status = sp_->LoadFromSerializedProto(bytes);
   if (!status.ok())
     throw Error(fmt::format("{}: not a sentencepiece model ({})", model_path, status.ToString()));
 }

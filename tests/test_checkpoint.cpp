@@ -1,7 +1,11 @@
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdint>
 #include <cstring>
@@ -11,7 +15,10 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
+#include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/checkpoint.hpp"
@@ -19,6 +26,7 @@
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "core/safetensors_writer.hpp"
+#include "core/tokenizer.hpp"
 
 using namespace moelab;
 namespace fs = std::filesystem;
@@ -625,4 +633,201 @@ TEST(CheckpointErrors, ControlCharactersInNamesStayOnOneLine) {
     EXPECT_NE(ck->warnings()[0].find("odd"), std::string::npos) << ck->warnings()[0];
     EXPECT_TRUE(ck->contains("odd\r\nname"));  // the tensor itself keeps its real name
   }
+}
+
+// ================================================================= issue 13: hardening (items 7, 8, 9)
+
+namespace {
+
+// Replaces `path` by a FIFO. While the test runs, a rescuer thread keeps trying to open the FIFO's write
+// end without blocking: that succeeds only while a reader is blocked in open(), and then releases it
+// (the reader sees end of file). Code that blocks on the FIFO thus fails the test instead of hanging it.
+class FifoAt {
+ public:
+  explicit FifoAt(const std::string& path) : path_(path) {
+    std::error_code ec;
+    fs::remove(path_, ec);
+    if (::mkfifo(path_.c_str(), 0600) != 0) ADD_FAILURE() << "mkfifo " << path_;
+    rescuer_ = std::thread([this] {
+      while (!stop_) {
+        const int fd = ::open(path_.c_str(), O_WRONLY | O_NONBLOCK);
+        if (fd >= 0) {
+          ++rescued_;
+          ::close(fd);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    });
+  }
+  ~FifoAt() {
+    stop_ = true;
+    rescuer_.join();
+  }
+  int rescued() const { return rescued_; }
+
+ private:
+  std::string path_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> rescued_{0};
+  std::thread rescuer_;
+};
+
+// A tiny checkpoint in `dir`, with the values of make_weights(tiny_config()).
+void write_tiny(const TempDir& dir, DType dtype = DType::F32) {
+  write_config(dir, tiny_config_json());
+  write_safetensors(dir.file("model.safetensors"), all_tensors(make_weights(tiny_config()), dtype));
+}
+
+// Sets element `element` of tensor `name` in the safetensors file at `path` to `value`, in place.
+void poke(const std::string& path, const std::string& name, int64_t element, float value) {
+  uint64_t header_len = 0, offset = 0;
+  DType dtype;
+  {
+    SafetensorsFile f(path);
+    const auto& t = f.info(name);
+    dtype = t.dtype;
+    offset = t.begin;
+    std::ifstream in(path, std::ios::binary);
+    in.read(reinterpret_cast<char*>(&header_len), 8);
+  }
+  std::fstream io(path, std::ios::binary | std::ios::in | std::ios::out);
+  if (dtype == DType::F32) {
+    io.seekp(std::streamoff(8 + header_len + offset + uint64_t(element) * 4));
+    io.write(reinterpret_cast<const char*>(&value), 4);
+  } else {
+    ASSERT_EQ(dtype, DType::BF16);
+    const uint16_t h = f32_to_bf16(value);
+    io.seekp(std::streamoff(8 + header_len + offset + uint64_t(element) * 2));
+    io.write(reinterpret_cast<const char*>(&h), 2);
+  }
+  ASSERT_TRUE(io.good());
+}
+
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("not a moelab::Error: ") + e.what();
+  }
+  return "no error";
+}
+
+}  // namespace
+
+TEST(CheckpointHardening, FifoShardConfigAndIndexAreRefusedWithoutBlocking) {
+  {
+    TempDir dir;
+    write_tiny(dir);
+    FifoAt fifo(dir.file("model.safetensors"));
+    expect_open_error(dir.str(), {dir.file("model.safetensors"), "is a FIFO (named pipe), not a regular file"});
+  }
+  {
+    TempDir dir;
+    write_tiny(dir);
+    FifoAt fifo(dir.file("config.json"));
+    expect_open_error(dir.str(), {dir.file("config.json"), "is a FIFO (named pipe), not a regular file"});
+  }
+  {
+    TempDir dir;
+    write_config(dir, tiny_config_json());
+    write_sharded(dir, all_tensors(make_weights(tiny_config())), 2);
+    FifoAt fifo(dir.file("model.safetensors.index.json"));
+    expect_open_error(dir.str(), {dir.file("model.safetensors.index.json"), "FIFO"});
+  }
+  {
+    TempDir dir;
+    write_config(dir, tiny_config_json());
+    write_sharded(dir, all_tensors(make_weights(tiny_config())), 2);
+    FifoAt fifo(dir.file("model-00002-of-00002.safetensors"));
+    expect_open_error(dir.str(), {dir.file("model-00002-of-00002.safetensors"), "FIFO"});
+  }
+  {  // a directory where a shard should be
+    TempDir dir;
+    write_tiny(dir);
+    fs::remove(dir.file("model.safetensors"));
+    fs::create_directory(dir.file("model.safetensors"));
+    expect_open_error(dir.str(), {dir.file("model.safetensors"), "is a directory, not a regular file"});
+  }
+}
+
+TEST(CheckpointHardening, TokenizerThatIsAFifoOrADirectoryIsAClearError) {
+  TempDir dir;
+  {
+    FifoAt fifo(dir.file("tokenizer.model"));
+    const auto msg = error_of([&] { Tokenizer tok(dir.file("tokenizer.model")); });
+    EXPECT_NE(msg.find(dir.file("tokenizer.model") + ": tokenizer model is a FIFO"), std::string::npos) << msg;
+  }
+  fs::remove(dir.file("tokenizer.model"));
+  fs::create_directory(dir.file("tokenizer.model"));
+  const auto msg = error_of([&] { Tokenizer tok(dir.file("tokenizer.model")); });
+  EXPECT_NE(msg.find(dir.file("tokenizer.model") + ": tokenizer model is a directory"), std::string::npos) << msg;
+}
+
+TEST(CheckpointHardening, ConfigClaimingMoreLayersThanTheCheckpointStopsAtTheFirstMissingTensor) {
+  // 1000 layers (the bound is 1024) over a 2-layer checkpoint: the tensors are compared with the config one
+  // by one, so the first missing one is named without building the 13,003-entry list first.
+  const auto w = make_weights(tiny_config());
+  TempDir dir;
+  write_config(dir, tiny_config_json(1000));
+  write_safetensors(dir.file("model.safetensors"), all_tensors(w));
+  expect_open_error(dir.str(), {"missing tensor 'model.layers.2.input_layernorm.weight'"});
+  // The lazy walk lists exactly what expected_tensors() lists.
+  std::vector<std::string> walked;
+  ModelConfig c = tiny_config();
+  c.quantization.nf4 = true;
+  c.for_each_expected_tensor([&](const TensorSpec& s) { walked.push_back(s.name + (s.nf4 ? " nf4" : "")); });
+  std::vector<std::string> listed;
+  for (const auto& s : c.expected_tensors()) listed.push_back(s.name + (s.nf4 ? " nf4" : ""));
+  EXPECT_EQ(walked, listed);
+  const auto names = c.nf4_weight_names();
+  const std::set<std::string> nf4(names.begin(), names.end());
+  for (const auto& s : c.expected_tensors()) EXPECT_EQ(s.nf4, nf4.count(s.name) == 1) << s.name;
+}
+
+TEST(CheckpointHardening, NonFiniteWeightsFailAsTheyAreConverted) {
+  for (const DType dtype : {DType::F32, DType::BF16}) {
+    for (const float bad : {std::nanf(""), INFINITY, -INFINITY}) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + " " + std::to_string(bad));
+      TempDir dir;
+      write_tiny(dir, dtype);
+      const std::string w1 = tiny_config().w1_name(1, 1);
+      poke(dir.file("model.safetensors"), w1, 17, bad);
+      poke(dir.file("model.safetensors"), "model.embed_tokens.weight", 8 * 5 + 3, bad);  // row 5
+      const auto ck = Checkpoint::open(dir.str());  // opening does not scan values
+      const std::string what = std::isnan(bad) ? "NaN" : bad > 0 ? "+Inf" : "-Inf";
+      auto msg = error_of([&] { ck->read_f32(w1); });
+      EXPECT_NE(msg.find(dir.file("model.safetensors") + ": tensor '" + w1 + "': element 17 is " + what), std::string::npos)
+          << msg;
+      // Row reads (the streamed embedding) check the rows they convert, and only those.
+      std::vector<float> row(8);
+      EXPECT_NO_THROW(ck->read_rows_f32("model.embed_tokens.weight", 4, 1, row.data()));
+      msg = error_of([&] { ck->read_rows_f32("model.embed_tokens.weight", 5, 1, row.data()); });
+      EXPECT_NE(msg.find("'model.embed_tokens.weight': element 43 is " + what), std::string::npos) << msg;
+      // The full scan (inspect --check-values) finds the first one in file order too.
+      const auto& f = ck->file_of(w1);
+      msg = error_of([&] { f.check_finite(f.info(w1)); });
+      EXPECT_NE(msg.find("element 17 is " + what), std::string::npos) << msg;
+      // Other tensors are untouched; SafetensorsFile::read_f32 without the check returns the raw value.
+      EXPECT_NO_THROW(ck->read_f32("model.norm.weight"));
+      EXPECT_EQ(std::isnan(f.read_f32(w1)[17]), std::isnan(bad));
+    }
+  }
+}
+
+TEST(CheckpointHardening, FirstNonFiniteFindsEachPosition) {
+  std::vector<float> v(1000, 1.0f);
+  EXPECT_EQ(first_non_finite(v.data(), v.size()), -1);
+  for (const size_t at : {size_t(0), size_t(1), size_t(511), size_t(999)}) {
+    for (const float bad : {std::nanf(""), INFINITY, -INFINITY}) {
+      v.assign(1000, 1.0f);
+      v[at] = bad;
+      EXPECT_EQ(first_non_finite(v.data(), v.size()), int64_t(at));
+    }
+  }
+  v.assign(1000, std::numeric_limits<float>::max());
+  v[3] = std::numeric_limits<float>::denorm_min();
+  EXPECT_EQ(first_non_finite(v.data(), v.size()), -1);
 }

@@ -118,6 +118,81 @@ TEST(Config, BadConfigsAreClearErrors) {
   EXPECT_THROW(ModelConfig::from_json_file("/nonexistent/config.json"), Error);
 }
 
+// Issue 13 item 8: every dimension is bounded, and counts are checked 64-bit arithmetic.
+TEST(ConfigLimits, TenMillionLayersIsRefusedAtParse) {
+  const std::string good = read_text(fixture("configs/mixtral-8x7b-v0.1.json"));
+  auto j = nlohmann::json::parse(good);
+  j["num_hidden_layers"] = 10'000'000;
+  expect_config_error(j.dump(), "'num_hidden_layers' is 10000000, more than the 1024 moelab accepts");
+}
+
+TEST(ConfigLimits, EveryDimensionHasAnUpperBound) {
+  const std::string good = read_text(fixture("configs/mixtral-8x7b-v0.1.json"));
+  for (const auto& [key, limit] : std::vector<std::pair<std::string, int64_t>>{
+           {"vocab_size", limits::kMaxVocab},
+           {"hidden_size", limits::kMaxHidden},
+           {"intermediate_size", limits::kMaxIntermediate},
+           {"num_hidden_layers", limits::kMaxLayers},
+           {"num_attention_heads", limits::kMaxHeads},
+           {"num_key_value_heads", limits::kMaxHeads},
+           {"head_dim", limits::kMaxHeadDim},
+           {"num_local_experts", limits::kMaxExperts},
+           {"num_experts_per_tok", limits::kMaxExperts},
+           {"max_position_embeddings", limits::kMaxPositions},
+           {"sliding_window", limits::kMaxPositions}}) {
+    SCOPED_TRACE(key);
+    auto j = nlohmann::json::parse(good);
+    j[key] = limit + 1;
+    expect_config_error(j.dump(), "'" + key + "' is " + std::to_string(limit + 1) + ", more than the");
+  }
+  // Values past int64 are refused too, not wrapped.
+  auto j = nlohmann::json::parse(good);
+  j["hidden_size"] = nlohmann::json::parse("18446744073709551615");
+  expect_config_error(j.dump(), "'hidden_size' must be a positive integer");
+}
+
+TEST(ConfigLimits, SizesThatOverflowedInt64AreRefused) {
+  // Accepted before the bounds (each dimension was allowed up to 2^30) and counted with wrapping
+  // arithmetic: total_params() came out negative and inspect printed negative MiB.
+  const std::string good = read_text(fixture("configs/mixtral-8x7b-v0.1.json"));
+  auto j = nlohmann::json::parse(good);
+  j["hidden_size"] = 1 << 30;
+  j["intermediate_size"] = 1 << 30;
+  j["num_attention_heads"] = 1 << 20;
+  j["num_key_value_heads"] = 1 << 20;
+  expect_config_error(j.dump(), "'hidden_size' is 1073741824, more than the");
+}
+
+TEST(ConfigLimits, CountsAtTheLimitsArePositiveAndExact) {
+  // The largest config the bounds allow: every count and memory estimate stays positive and exact.
+  auto j = nlohmann::json::parse(read_text(fixture("configs/mixtral-8x7b-v0.1.json")));
+  j["vocab_size"] = limits::kMaxVocab;
+  j["hidden_size"] = limits::kMaxHidden;
+  j["intermediate_size"] = limits::kMaxIntermediate;
+  j["num_hidden_layers"] = limits::kMaxLayers;
+  j["num_attention_heads"] = 16;
+  j["num_key_value_heads"] = 16;
+  j["head_dim"] = limits::kMaxHeadDim;
+  j["num_local_experts"] = limits::kMaxExperts;
+  j["num_experts_per_tok"] = limits::kMaxExperts;
+  const auto c = ModelConfig::from_json_text(j.dump(), "big/config.json");
+  const __int128 H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, L = c.num_layers, E = c.num_experts;
+  const __int128 q = __int128(16) * c.head_dim;
+  const __int128 want = 2 * V * H + H + L * (2 * H * q + 2 * H * q + 2 * H + E * H + E * 3 * H * I);
+  EXPECT_EQ(__int128(c.total_params()), want);
+  EXPECT_GT(c.total_params(), 0);
+  for (const auto& m : memory_estimates(c, 4096)) {
+    EXPECT_GT(m.weight_bytes, 0) << m.engine;
+    EXPECT_GT(m.kv_cache_bytes, 0) << m.engine;
+  }
+  EXPECT_EQ(c.expected_tensor_count(), int64_t(L) * (7 + 3 * E) + 3);
+}
+
+TEST(ConfigLimits, ExpectedTensorCountMatchesTheList) {
+  const auto c = ModelConfig::from_json_file(fixture("configs/mixtral-8x7b-v0.1.json"));
+  EXPECT_EQ(c.expected_tensor_count(), int64_t(c.expected_tensors().size()));
+}
+
 TEST(ModelPresets, Mixtral8x7BPresetIsTheRealConfig) {
   const auto real = ModelConfig::from_json_file(fixture("configs/mixtral-8x7b-v0.1.json"));
   const auto p = model_preset("mixtral-8x7b");

@@ -1,0 +1,82 @@
+#pragma once
+// Opening a file a user named (a shard, config.json, an index, tokenizer.model) for reading, safely:
+// a FIFO would block open() forever and a directory or device is never what was meant, so the file is
+// opened with O_NONBLOCK, its type checked with fstat, and only a regular file is read. Errors name the
+// path and say what it is instead.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <fmt/format.h>
+#include <string>
+
+#include "core/error.hpp"
+
+namespace moelab {
+
+// "a directory", "a FIFO", ... for a message.
+inline const char* file_type_name(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO (named pipe)";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
+// Opens `path` read-only; throws moelab::Error "<path>: cannot open <what> (<reason>)" or
+// "<path>: <what> is a FIFO (named pipe), not a regular file" without ever blocking. The returned
+// descriptor is blocking again and close-on-exec; `size` receives the file's size.
+inline int open_regular_file(const std::string& path, const char* what, uint64_t* size = nullptr) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) throw Error(fmt::format("{}: cannot open {} ({})", path, what, std::strerror(errno)));
+  struct stat st{};
+  if (::fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    throw Error(fmt::format("{}: cannot stat {} ({})", path, what, std::strerror(e)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(fmt::format("{}: {} is {}, not a regular file", path, what, file_type_name(st.st_mode)));
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags >= 0) ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  if (size) *size = uint64_t(st.st_size);
+  return fd;
+}
+
+// The whole of a regular file, at most `max_bytes` (a config or index larger than that is refused).
+inline std::string read_regular_file(const std::string& path, const char* what, uint64_t max_bytes = 1ull << 30) {
+  uint64_t size = 0;
+  const int fd = open_regular_file(path, what, &size);
+  if (size > max_bytes) {
+    ::close(fd);
+    throw Error(fmt::format("{}: {} is {} bytes, more than the {} bytes allowed", path, what, size, max_bytes));
+  }
+  std::string text;
+  text.reserve(size_t(size));
+  char buf[1 << 16];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int e = errno;
+      ::close(fd);
+      throw Error(fmt::format("{}: cannot read {} ({})", path, what, std::strerror(e)));
+    }
+    if (n == 0) break;
+    text.append(buf, size_t(n));
+    if (text.size() > max_bytes) {
+      ::close(fd);
+      throw Error(fmt::format("{}: {} grew past the {} bytes allowed while being read", path, what, max_bytes));
+    }
+  }
+  ::close(fd);
+  return text;
+}
+
+}  // namespace moelab
