@@ -226,8 +226,9 @@ pid_t clone_namespace_init(ChildPlan& plan, std::vector<char>& stack) {
 
 // Can the namespace init be set up here? Runs the whole setup, then exits; "" when it worked.
 std::string probe(SandboxMode mode) {
+  static const std::string nothing;
   Prepared pr;
-  prepare(pr, mode, "/tmp/moelab-sandbox-probe", "", SandboxLimits{});
+  prepare(pr, mode, "/tmp/moelab-sandbox-probe", nothing, SandboxLimits{});
   int errpipe[2];
   if (pipe2(errpipe, O_CLOEXEC) != 0) return std::string("pipe: ") + strerror(errno);
   pr.plan.err_fd = errpipe[1];
