@@ -6,6 +6,8 @@
 #include <ctime>
 #include <fstream>
 
+#include "core/error.hpp"
+
 namespace moelab::evals {
 
 using nlohmann::json;
@@ -45,10 +47,37 @@ json results_json(const TaskResult& r, const TaskSpec& spec, const RunInfo& info
 std::optional<Reported> find_reported(const std::string& path, const std::string& task, int shots) {
   std::ifstream f(path);
   if (!f) return std::nullopt;
-  const json doc = json::parse(f, nullptr, false);
-  if (doc.is_discarded()) return std::nullopt;
+  json doc;
+  try {
+    doc = json::parse(f);
+  } catch (const json::exception& e) {
+    throw Error(fmt::format("{}: reported scores file is not valid JSON: {}", path, e.what()));
+  }
+  // Every entry is checked (not only the matching ones): a damaged file fails the same way for every task.
+  auto bad = [&](size_t i, const char* field, const std::string& problem) {
+    return Error(fmt::format("{}: entries[{}]: field \"{}\": {}", path, i, field, problem));
+  };
+  if (!doc.is_object() || !doc.contains("entries") || !doc["entries"].is_array())
+    throw Error(fmt::format("{}: reported scores file must be an object with an \"entries\" array", path));
   std::optional<Reported> best;
-  for (const auto& e : doc.value("entries", json::array())) {
+  const json& entries = doc["entries"];
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const json& e = entries[i];
+    if (!e.is_object()) throw Error(fmt::format("{}: entries[{}] is not an object", path, i));
+    for (const char* k : {"model", "task", "metric", "source"})
+      if (e.contains(k) && !e[k].is_string()) throw bad(i, k, fmt::format("expected a string, got {}", e[k].dump()));
+    if (!e.contains("score")) throw bad(i, "score", "missing");
+    if (!e["score"].is_number() || !std::isfinite(e["score"].get<double>()))
+      throw bad(i, "score", fmt::format("expected a number, got {}", e["score"].dump()));
+    if (!e.contains("shots")) throw bad(i, "shots", "missing");
+    const json& sh = e["shots"];
+    if (!sh.is_null() && !(sh.is_number_integer() && sh.get<int64_t>() >= 0 && sh.get<int64_t>() <= 1000000))
+      throw bad(i, "shots", fmt::format("expected null or an integer 0..1000000, got {}", sh.dump()));
+    if (e.contains("table") && !(e["table"].is_number_integer() && e["table"].get<int64_t>() >= 0 &&
+                                 e["table"].get<int64_t>() <= 1000000))
+      throw bad(i, "table", fmt::format("expected an integer 0..1000000, got {}", e["table"].dump()));
+  }
+  for (const auto& e : entries) {
     if (e.value("model", "") != "Mixtral 8x7B" || e.value("task", "") != task) continue;
     Reported r;
     r.score = e.at("score");

@@ -19,6 +19,7 @@
 #include "core/spawn.hpp"
 #include "evals/docs.hpp"
 #include "evals/extract.hpp"
+#include "evals/results_json.hpp"
 #include "fixture_util.hpp"
 
 namespace moelab::evals {
@@ -582,6 +583,42 @@ TEST_F(EvalData, HellaswagTextFormLabelsAndShape) {
   EXPECT_EQ(docs[0].gold, 3);
   EXPECT_EQ(docs[0].query, "Label: ctx ");
   EXPECT_EQ(docs[0].choices[3], "d e");
+}
+
+TEST_F(EvalData, ReportedScoresFileIsCheckedEntryByEntry) {
+  // The bundled file reads, and its Mixtral HellaSwag entry is found.
+  const fs::path repo = fs::path(MOELAB_BUNDLED_MODEL).parent_path().parent_path();
+  const auto hs = find_reported((repo / "evals/reported/mixtral-8x7b.json").string(), "hellaswag", 0);
+  ASSERT_TRUE(hs.has_value());
+  EXPECT_EQ(hs->shots, 0);
+  EXPECT_GT(hs->score, 50);
+  auto error = [&](const std::string& content) -> std::string {
+    write(path("r.json"), content);
+    try {
+      find_reported(path("r.json"), "hellaswag", 0);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const auto f = path("r.json");
+  const std::string ok = R"({"model": "Mixtral 8x7B", "task": "hellaswag", "score": 84.4, "shots": 0, "metric": "acc_norm"})";
+  EXPECT_EQ(error(R"({"entries": [)" + ok + "]}"), "");
+  EXPECT_EQ(error(R"({"entries": [)" + ok + R"(, {"task": "x", "score": "84", "shots": 0}]})"),
+            f + ": entries[1]: field \"score\": expected a number, got \"84\"");
+  EXPECT_EQ(error(R"({"entries": [{"task": "x", "shots": 0}]})"), f + ": entries[0]: field \"score\": missing");
+  EXPECT_EQ(error(R"({"entries": [{"task": "x", "score": 1, "shots": -1}]})"),
+            f + ": entries[0]: field \"shots\": expected null or an integer 0..1000000, got -1");
+  EXPECT_EQ(error(R"({"entries": [{"task": "x", "score": 1, "shots": 1.5}]})"),
+            f + ": entries[0]: field \"shots\": expected null or an integer 0..1000000, got 1.5");
+  EXPECT_EQ(error(R"({"entries": [{"task": 3, "score": 1, "shots": 0}]})"),
+            f + ": entries[0]: field \"task\": expected a string, got 3");
+  EXPECT_EQ(error(R"({"entries": [{"task": "x", "score": 1, "shots": 0, "table": "2"}]})"),
+            f + ": entries[0]: field \"table\": expected an integer 0..1000000, got \"2\"");
+  EXPECT_EQ(error(R"([1])"), f + ": reported scores file must be an object with an \"entries\" array");
+  EXPECT_EQ(error(R"({"entries": [1]})"), f + ": entries[0] is not an object");
+  const auto e = error("{\"entries\": ");
+  EXPECT_EQ(e.rfind(f + ": reported scores file is not valid JSON: ", 0), 0u) << e;
 }
 
 TEST_F(EvalData, CliRejectsNegativeCountsAndBadRecordsInOneLine) {
