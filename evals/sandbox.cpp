@@ -210,18 +210,53 @@ void prepare(Prepared& pr, SandboxMode mode, const std::string& dir, const std::
   p.rlimit_as = static_cast<unsigned long>(limits.memory_bytes);
   p.rlimit_cpu = static_cast<unsigned long>(limits.timeout_seconds) + 1;
   p.rlimit_fsize = static_cast<unsigned long>(limits.max_file_bytes);
-  // RLIMIT_NPROC counts every process of the uid: nobody's on the host (root mode, process-group as root),
-  // the caller's own (process-group unprivileged), or only this user namespace's (user-namespaces; + init).
-  const int base = mode == SandboxMode::user_namespaces ? 1 : count_processes_of(p.drop_to_nobody ? kNobody : geteuid());
+  // RLIMIT_NPROC counts the uid's processes in its user namespace: in the namespace modes only the sandbox's
+  // (user-namespaces: the init too), in process-group mode every nobody's on the host (or the caller's).
+  const int base = mode == SandboxMode::namespaces        ? 0
+                   : mode == SandboxMode::user_namespaces ? 1
+                                                          : count_processes_of(p.drop_to_nobody ? kNobody : geteuid());
   p.rlimit_nproc = static_cast<unsigned long>(base + limits.max_processes);
 }
 
-pid_t clone_namespace_init(ChildPlan& plan, std::vector<char>& stack) {
-  int flags = kNamespaceFlags | SIGCHLD;
+bool write_text(const std::string& path, const std::string& text) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = write(fd, text.data(), text.size()) == ssize_t(text.size());
+  return close(fd) == 0 && ok;
+}
+
+// Every namespace mode has its own user namespace: RLIMIT_NPROC then counts this sandbox's processes only,
+// not every nobody on the host. As root, moelab maps root and nobody to themselves (the init keeps root's
+// ids, with capabilities only inside; the program becomes nobody); unprivileged, the init maps itself.
+pid_t clone_namespace_init(ChildPlan& plan, std::vector<char>& stack, std::string& error) {
+  int flags = kNamespaceFlags | CLONE_NEWUSER | SIGCHLD;
   if (plan.isolate_network) flags |= CLONE_NEWNET;
-  if (plan.mode == SandboxMode::user_namespaces) flags |= CLONE_NEWUSER;
   stack.resize(1 << 18);
-  return clone(detail::namespace_init, stack.data() + stack.size(), flags, &plan);
+  int go[2] = {-1, -1};
+  if (plan.mode == SandboxMode::namespaces && pipe2(go, O_CLOEXEC) != 0) {
+    error = std::string("pipe: ") + strerror(errno);
+    return -1;
+  }
+  plan.go_fd = go[0];
+  const pid_t pid = clone(detail::namespace_init, stack.data() + stack.size(), flags, &plan);
+  if (pid < 0) error = std::string("clone: ") + strerror(errno);
+  if (plan.mode == SandboxMode::namespaces) {
+    close(go[0]);
+    const std::string map = "0 0 1\n" + std::to_string(kNobody) + " " + std::to_string(kNobody) + " 1\n";
+    const std::string gmap = "0 0 1\n" + std::to_string(kNogroup) + " " + std::to_string(kNogroup) + " 1\n";
+    const std::string proc = "/proc/" + std::to_string(pid);
+    if (pid > 0 && (!write_text(proc + "/uid_map", map) || !write_text(proc + "/gid_map", gmap))) {
+      error = std::string("writing the sandbox's id maps: ") + strerror(errno);
+      kill(pid, SIGKILL);
+      while (waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+      }
+      close(go[1]);
+      return -1;
+    }
+    if (pid > 0) (void)!write(go[1], "g", 1);
+    close(go[1]);
+  }
+  return pid;
 }
 
 // Can the namespace init be set up here? Runs the whole setup, then exits; "" when it worked.
@@ -234,13 +269,10 @@ std::string probe(SandboxMode mode) {
   pr.plan.err_fd = errpipe[1];
   pr.plan.probe = true;
   std::vector<char> stack;
-  const pid_t pid = clone_namespace_init(pr.plan, stack);
-  const int clone_errno = errno;
-  close(errpipe[1]);
   std::string why;
-  if (pid < 0) {
-    why = std::string("clone: ") + strerror(clone_errno);
-  } else {
+  const pid_t pid = clone_namespace_init(pr.plan, stack, why);
+  close(errpipe[1]);
+  if (pid > 0) {
     int st = 0;
     while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
     }
@@ -347,18 +379,16 @@ SandboxResult run_python_sandboxed(const std::string& program, const SandboxLimi
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     pid = fork();
     if (pid == 0) detail::exec_program(plan);
+    if (pid < 0) r.error = std::string("fork: ") + strerror(errno);
   } else {
-    pid = clone_namespace_init(plan, stack);
+    pid = clone_namespace_init(plan, stack, r.error);
   }
-  const int fork_errno = errno;
   close(errpipe[1]);
   close(statuspipe[1]);
   r.network_isolated = plan.isolate_network;
   r.dropped_privileges = plan.drop_to_nobody || mode == SandboxMode::user_namespaces;
   int status = 0;
-  if (pid < 0) {
-    r.error = std::string(mode == SandboxMode::process_group ? "fork: " : "clone: ") + strerror(fork_errno);
-  } else {
+  if (pid > 0) {
     const auto deadline = Clock::now() + std::chrono::duration<double>(limits.timeout_seconds);
     for (;;) {
       const pid_t w = waitpid(pid, &status, WNOHANG);

@@ -1,8 +1,9 @@
 #pragma once
 // Runs untrusted Python (HumanEval completions) so that nothing it does can harm moelab or the host.
 // The kernel contains it (docs/evals.md, "HumanEval sandbox"); which mode depends on what the host allows:
-//  - namespaces (moelab has CAP_SYS_ADMIN, e.g. root): the program's init is cloned into new PID, mount,
-//    network, IPC and UTS namespaces. The root filesystem is read-only, /tmp is an empty read-only tmpfs
+//  - namespaces (moelab has CAP_SYS_ADMIN, e.g. root): the program's init is cloned into new user, PID,
+//    mount, network, IPC and UTS namespaces (the user namespace maps root and nobody to themselves, so
+//    RLIMIT_NPROC counts this sandbox's processes only). The root filesystem is read-only, /tmp is an empty read-only tmpfs
 //    holding only the sample's own writable tmpfs directory, /root, /home and $HOME are hidden, the network
 //    is a lone loopback that is down, and the program runs as nobody with no_new_privs and rlimits.
 //    When the program exits (or the wall-clock limit passes) the namespace's init exits and the kernel

@@ -93,6 +93,10 @@ int namespace_init(void* arg) {
   const ChildPlan& p = *static_cast<const ChildPlan*>(arg);
   prctl(PR_SET_PDEATHSIG, SIGKILL);  // moelab gone: this init dies, and with it the namespace
   if (p.mode == SandboxMode::user_namespaces) map_ids(p);
+  if (p.go_fd >= 0) {  // moelab maps root and nobody into our user namespace, then writes one byte
+    char go = 0;
+    if (read(p.go_fd, &go, 1) != 1) fail(p, "waiting for the id maps");
+  }
   setup_mounts(p);
   if (p.probe) _exit(0);
   // The init holds none of moelab's stdio (a pipe or terminal) while the program runs.

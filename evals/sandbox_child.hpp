@@ -34,6 +34,7 @@ struct ChildPlan {
   int out_fd = -1;     // stdout and stderr of the program
   int err_fd = -1;     // setup failures, as text (close-on-exec)
   int status_fd = -1;  // namespace init: the program's wait status and whether processes were left
+  int go_fd = -1;      // namespaces (root): the init waits here until moelab has written its id maps
 };
 
 struct InitReport {
