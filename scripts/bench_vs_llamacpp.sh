@@ -4,6 +4,7 @@
 #
 #   scripts/bench_vs_llamacpp.sh [--layers N] [--threads T] [--rounds R] [--reps K] [--out DIR]
 #                                [--skip-build] [--keep] [--nice N] [--jobs J] [--moelab-arg ARG]...
+#                                [--llama-arg ARG]... [--lm-head-bytes B] [--nf4-absmax-bytes B]
 #
 # Steps (each one's output is cached under .bench-cache/ (git-ignored) and skipped when present):
 #   1. llama.cpp: `llama-bench` and `llama-quantize` only (CPU, GGML_NATIVE=ON, Release), built from the
@@ -55,6 +56,8 @@
 #                     per weight; 4 otherwise (absmax expanded to FP32, 4.5 bits per weight))
 #   --moelab-arg ARG  one more argument for every `moelab profile` run (repeatable; e.g. --moelab-arg
 #                     --kernels --moelab-arg avx2)
+#   --llama-arg ARG   one more argument for every `llama-bench` run (repeatable; e.g. --llama-arg --repack
+#                     --llama-arg 0)
 #   -h, --help        this text
 #
 # Environment: PYTHON (a python with numpy for the checkpoint writer and pip for the download; default
@@ -87,6 +90,8 @@ JOBS="$(nproc)"
 LM_HEAD_BYTES=auto
 ABSMAX_BYTES=auto
 MOELAB_EXTRA=()
+LLAMA_EXTRA=()
+ORIG_ARGS=("$@")
 
 usage() { sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { printf 'bench_vs_llamacpp: error: %s\n' "$*" >&2; exit 1; }
@@ -108,6 +113,7 @@ while [[ $# -gt 0 ]]; do
     --lm-head-bytes) need_value "$@"; LM_HEAD_BYTES="$2"; shift 2 ;;
     --nf4-absmax-bytes) need_value "$@"; ABSMAX_BYTES="$2"; shift 2 ;;
     --moelab-arg) need_value "$@"; MOELAB_EXTRA+=("$2"); shift 2 ;;
+    --llama-arg) need_value "$@"; LLAMA_EXTRA+=("$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
@@ -314,11 +320,11 @@ run_llama() {  # $1: format, $2: round
   note_load "$tag load"
   log "   $tag: load"
   "$GNU_TIME" -v -o "$RAW/$tag-load.time" "$LLAMA_BENCH" -m "$model" -p 0 -n 1 -r 1 --no-warmup -t "$THREADS" \
-    -o json > "$RAW/$tag-load.json" 2> "$RAW/$tag-load.err" || { tail -20 "$RAW/$tag-load.err" >&2; die "$tag load run failed"; }
+    "${LLAMA_EXTRA[@]}" -o json > "$RAW/$tag-load.json" 2> "$RAW/$tag-load.err" || { tail -20 "$RAW/$tag-load.err" >&2; die "$tag load run failed"; }
   note_load "$tag"
   log "   $tag: llama-bench -p 128,512 -n 32 -t $THREADS -r $REPS"
   "$GNU_TIME" -v -o "$RAW/$tag.time" "$LLAMA_BENCH" -m "$model" -p 128,512 -n 32 -t "$THREADS" -r "$REPS" \
-    -o json > "$RAW/$tag.json" 2> "$RAW/$tag.err" || { tail -20 "$RAW/$tag.err" >&2; die "$tag failed"; }
+    "${LLAMA_EXTRA[@]}" -o json > "$RAW/$tag.json" 2> "$RAW/$tag.err" || { tail -20 "$RAW/$tag.err" >&2; die "$tag failed"; }
 }
 
 run_moelab() {  # $1: round, $2: index within the round
@@ -358,8 +364,8 @@ model_args=()
 for f in "${LLAMA_FORMATS[@]}"; do model_args+=(--gguf "$f=$GGUF_DIR/mixtral-shaped-L$LAYERS-$f.gguf"); done
 {
   printf 'command\t%q' "$0"
-  printf ' %q' --layers "$LAYERS" --threads "$THREADS" --rounds "$ROUNDS" --reps "$REPS"
-  printf '\n'
+  if [[ ${#ORIG_ARGS[@]} -gt 0 ]]; then printf ' %q' "${ORIG_ARGS[@]}"; fi
+  printf ' (threads %s, rounds %s, reps %s)\n' "$THREADS" "$ROUNDS" "$REPS"
 } > "$RAW/meta.tsv"
 printf 'cpu\t%s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" >> "$RAW/meta.tsv"
 printf 'nproc\t%s\n' "$(nproc)" >> "$RAW/meta.tsv"
