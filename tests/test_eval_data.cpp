@@ -40,6 +40,13 @@ void write(const fs::path& p, const std::string& bytes) {
   out << bytes;
 }
 
+// Runs the rest of a scope in `dir` (where a shell would have created PWNED), back on every exit path.
+struct InDirectory {
+  fs::path before = fs::current_path();
+  explicit InDirectory(const fs::path& dir) { fs::current_path(dir); }
+  ~InDirectory() { fs::current_path(before); }
+};
+
 class EvalData : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -94,9 +101,9 @@ const std::vector<std::string> kFixtureQueries{"You may copy the", "The license 
 TEST_F(EvalData, CompressedFilesWithShellSyntaxInTheNameReadCorrectlyAndRunNothing) {
   // The old reader ran `gzip -dc '<path>'` through popen: this name closed the quote and ran touch.
   const auto here = fs::current_path();
-  fs::current_path(tmp);  // where a shell would have created PWNED
   for (const std::string ext : {".jsonl.gz", ".jsonl.bz2"}) {
     SCOPED_TRACE(ext);
+    const InDirectory in_tmp(tmp);
     const auto name = path("x';touch PWNED;'" + ext);
     fs::copy_file(test::fixture("evals/compressed/mc" + ext), name);
     std::vector<Doc> docs;
@@ -106,7 +113,6 @@ TEST_F(EvalData, CompressedFilesWithShellSyntaxInTheNameReadCorrectlyAndRunNothi
     EXPECT_EQ(docs[1].choices, (std::vector<std::string>{"permission", "the work", "copies"}));
     EXPECT_EQ(docs[1].gold, 2);
   }
-  fs::current_path(here);
   EXPECT_FALSE(fs::exists(tmp / "PWNED"));
   EXPECT_FALSE(fs::exists(here / "PWNED"));
 }
@@ -220,10 +226,10 @@ TEST_F(EvalData, DataThatIsNotARegularFileIsRefusedWithoutBlocking) {
 TEST_F(EvalData, RunProcessPassesArgumentsVerbatimAndReportsStatus) {
   const auto out = path("out.txt");
   const std::string nasty = "a'b\"c;touch PWNED;$(touch PWNED2) `x` *";
-  const auto here = fs::current_path();
-  fs::current_path(tmp);
-  EXPECT_EQ(run_process({"printf", "%s|%s", nasty, "second arg"}, {.stdout_path = out}), 0);
-  fs::current_path(here);
+  {
+    const InDirectory in_tmp(tmp);
+    EXPECT_EQ(run_process({"printf", "%s|%s", nasty, "second arg"}, {.stdout_path = out}), 0);
+  }
   EXPECT_EQ(slurp(out), nasty + "|second arg");
   EXPECT_FALSE(fs::exists(tmp / "PWNED"));
   EXPECT_FALSE(fs::exists(tmp / "PWNED2"));
@@ -258,17 +264,12 @@ TEST_F(EvalData, DemoPlotsIntoAnOutputFolderWhoseNameHasShellSyntax) {
            << json{{"text", "The licensee may copy and distribute verbatim copies."}, {"domain", "legal"}}.dump() << "\n";
   }
   const std::string out = "r';touch PWNED;'";
-  const auto here = fs::current_path();
-  fs::current_path(tmp);  // a shell would have run touch here
   Run r{};
-  try {
+  {
+    const InDirectory in_tmp(tmp);  // a shell would have run touch here
     r = moelab({"demo", "--model", test::model_dir("mixtral-4e-gqa-f32"), "--corpus", (tmp / "heldout.jsonl").string(), "--out",
                 out, "--max-new-tokens", "4", "--hellaswag-items", "3", "--threads", "1"});
-  } catch (...) {
-    fs::current_path(here);
-    throw;
   }
-  fs::current_path(here);
   ASSERT_EQ(r.status, 0) << r.out << r.err;
   EXPECT_FALSE(fs::exists(tmp / "PWNED"));
   const auto index = json::parse(slurp(tmp / out / "index.json"));
