@@ -148,7 +148,8 @@ void run_profile(ProfileArgs& a) {
     engine->reset();
     auto t0 = clock_type::now();
     // --totals-only: no probe, so engines that copy per-layer observations to the host run at full speed.
-    MatrixRF logits = engine->forward(prompt, measured && !a.totals_only ? &prefill : nullptr);
+    // As a generation's prefill: the lm_head only for the row that is sampled (llama-bench does the same).
+    MatrixRF logits = engine->forward_tail(prompt, int(prompt.size()) - 1, measured && !a.totals_only ? &prefill : nullptr);
     if (measured) prefill.add_call(int64_t(prompt.size()), seconds_since(t0));
     for (int step = 0; step < a.decode; ++step) {
       const int32_t next = argmax_last_row(logits);

@@ -45,13 +45,19 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
   cmd.add_option("--context", opts.context, "Context length to allocate the KV cache for (default: min(4096, model max))")
       ->check(CLI::NonNegativeNumber);
   cmd.add_option("--threads", opts.threads, "cpu-nf4: threads (default: all cores)")->check(threads_validator());
-  cmd.add_option("--kernels", opts.isa, "cpu-nf4: kernel set (auto, avx512, avx2, scalar)")
-      ->check(CLI::IsMember({"auto", "avx512", "avx2", "scalar"}))
+  cmd.add_option("--kernels", opts.isa, "cpu-nf4: kernel set (auto: the widest this CPU has)")
+      ->check(CLI::IsMember({"auto", "avx512-vnni", "avx512", "avx2-vnni", "avx2", "scalar"}))
+      ->capture_default_str();
+  cmd.add_option("--lm-head", opts.lm_head,
+                 "cpu-nf4: lm_head format: fp32 (exact), q8 (int8 per row, a quarter of the bytes), auto (q8 with "
+                 "int8 activations, fp32 with --activations fp32)")
+      ->check(CLI::IsMember({"auto", "fp32", "q8"}))
       ->capture_default_str();
   cmd.add_option("--activations", opts.activations,
-                 "cuda-nf4: type of the weight products' inputs, bf16 (tensor cores) or fp32 (exact check mode); "
-                 "accumulation is FP32 either way")
-      ->check(CLI::IsMember({"bf16", "fp32"}))
+                 "Type of the weight products' inputs: auto (int8 on cpu-nf4, bf16 on cuda-nf4), int8 (cpu-nf4: "
+                 "integer dot products), bf16 (cuda-nf4: tensor cores) or fp32 (the exact check mode); accumulation "
+                 "is FP32 (int32 within a block) either way")
+      ->check(CLI::IsMember({"auto", "int8", "bf16", "fp32"}))
       ->capture_default_str();
   cmd.add_option("--gpu-expert-cache", opts.gpu_expert_cache,
                  "cuda-nf4: keep N experts per layer on the GPU and the rest in pinned host memory, copied on demand "
@@ -65,6 +71,11 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
 
 namespace {
 
+std::string cpu_activations(const std::string& name) {
+  if (name == "bf16") throw Error("--activations bf16 is cuda-nf4's; cpu-nf4 takes int8 or fp32");
+  return name == "auto" ? "int8" : name;
+}
+
 void check_cuda_only_options(const EngineOptions& opts) {
   if (opts.engine == "cuda-nf4") return;
   if (opts.gpu_expert_cache != 0 || opts.gpu_expert_prefetch)
@@ -72,6 +83,11 @@ void check_cuda_only_options(const EngineOptions& opts) {
 }
 
 #ifdef MOELAB_HAVE_CUDA
+cuda::ActType cuda_activations(const std::string& name) {
+  if (name == "int8") throw Error("--activations int8 is cpu-nf4's; cuda-nf4 takes bf16 or fp32");
+  return name == "fp32" ? cuda::ActType::f32 : cuda::ActType::bf16;
+}
+
 cuda::EngineOptions cuda_options(const EngineOptions& opts) {
   if (opts.stream) throw Error("--stream applies to the ref engine only");
   if (opts.gpu_expert_prefetch && opts.gpu_expert_cache == 0)
@@ -79,7 +95,7 @@ cuda::EngineOptions cuda_options(const EngineOptions& opts) {
   return cuda::EngineOptions{.max_context = opts.context,
                              .device = 0,
                              .show_progress = stderr_is_terminal(),
-                             .activations = opts.activations == "fp32" ? cuda::ActType::f32 : cuda::ActType::bf16,
+                             .activations = cuda_activations(opts.activations),
                              .gpu_expert_cache = opts.gpu_expert_cache,
                              .prefetch_experts = opts.gpu_expert_prefetch};
 }
@@ -109,9 +125,12 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
     if (opts.stream) throw Error("--stream applies to the ref engine only");
     auto engine = std::make_unique<cpu::Nf4Engine>(
         ck, cpu::EngineOptions{.max_context = opts.context, .threads = opts.threads, .isa = opts.isa,
+                               .activations = cpu_activations(opts.activations),
+                               .lm_head = opts.lm_head,
                                .show_progress = stderr_is_terminal()});
-    fmt::print(stderr, "[cpu-nf4] loaded in {:.2f}s: {:.1f} MiB of weights, {} kernels\n", engine->load_seconds(),
-               double(engine->weight_bytes()) / double(1 << 20), cpu::isa_name(engine->isa()));
+    fmt::print(stderr, "[cpu-nf4] loaded in {:.2f}s: {:.1f} MiB of weights, {} kernels, {} activations, {} lm_head, {} threads\n",
+               engine->load_seconds(), double(engine->weight_bytes()) / double(1 << 20), cpu::isa_name(engine->isa()),
+               cpu::activations_name(engine->activations()), engine->lm_head_format(), engine->threads());
     return engine;
   }
   if (opts.engine == "cuda-nf4") {

@@ -17,7 +17,10 @@ struct EngineOptions {
   int context = 0;
   int threads = 0;           // cpu-nf4: 0 = all
   std::string isa = "auto";  // cpu-nf4 kernel set
-  std::string activations = "bf16";  // cuda-nf4: inputs of the weight products, bf16 or fp32
+  // Inputs of the weight products: auto (cpu-nf4 int8, cuda-nf4 bf16), int8 (cpu-nf4), bf16 (cuda-nf4) or
+  // fp32 (the exact check mode of both).
+  std::string activations = "auto";
+  std::string lm_head = "auto";  // cpu-nf4: fp32, q8, or auto (q8 with int8 activations, fp32 in the check mode)
   int gpu_expert_cache = 0;          // cuda-nf4: experts per layer on the GPU (0: all)
   bool gpu_expert_prefetch = false;  // cuda-nf4 with the cache: prefetch the next layer's likely experts
 };

@@ -50,12 +50,23 @@ class Engine {
   // Appends `tokens` to the KV cache at the next positions and returns their logits [n, vocab].
   // Prefill (n > 1) and decode (n == 1) are the same call. Throws moelab::Error past max_context().
   virtual MatrixRF forward(std::span<const int32_t> tokens, Probe* probe = nullptr) = 0;
+  // forward() when only the logits of rows [first, n) are used (a generation's prefill needs the last
+  // row, an eval the continuation's): returns those rows, [n - first, vocab]. Engines whose lm_head is
+  // a large share of a prefill compute it for those rows only; the default slices forward()'s result.
+  virtual MatrixRF forward_tail(std::span<const int32_t> tokens, int first, Probe* probe = nullptr) {
+    check_tail(tokens.size(), first);
+    MatrixRF all = forward(tokens, probe);
+    return all.bottomRows(all.rows() - first);
+  }
   virtual void reset() = 0;            // clears the KV cache
   // Keeps only the first `position` cached tokens (0 <= position <= position()), so a shared prefix
   // (an eval context) is computed once and each continuation runs from it. Throws moelab::Error else.
   virtual void truncate(int position) = 0;
   virtual int position() const = 0;    // tokens in the cache
   virtual int max_context() const = 0; // the context length the engine was built for
+
+ protected:
+  static void check_tail(size_t n, int first);  // 0 <= first < n, else moelab::Error
 };
 
 }  // namespace moelab

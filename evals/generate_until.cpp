@@ -14,7 +14,7 @@ Generation generate_until(Engine& engine, const TextCodec& codec, const std::str
   Generation g;
   g.context_tokens = int(ctx.size());
   engine.reset();
-  MatrixRF logits = engine.forward(ctx);
+  MatrixRF logits = engine.forward_tail(ctx, int(ctx.size()) - 1);
   for (int i = 0; i < opts.max_gen_toks; ++i) {
     const auto last = logits.row(logits.rows() - 1);
     const int32_t next = sampler.sample(std::span<const float>(last.data(), size_t(last.size())));

@@ -1,5 +1,6 @@
 #include "evals/loglikelihood.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.hpp"
@@ -41,7 +42,9 @@ LoglikelihoodResult score_one(Engine& engine, const TokenRequest& req, ScoreStat
   const size_t keep = std::min(all.size(), size_t(L) + 1);
   Tokens input(all.end() - keep, all.end() - 1);
   engine.reset();
-  const MatrixRF logits = engine.forward(input);
+  // Only the continuation's rows are scored (all of them when it was truncated to the context).
+  const int scored = std::min<int>(int(input.size()), std::max<int>(1, int(req.continuation.size())));
+  const MatrixRF logits = engine.forward_tail(input, int(input.size()) - scored);
   if (stats) stats->tokens_forwarded += int64_t(input.size());
   if (int(req.continuation.size()) > L) {
     // The harness asserts here; we score the last L continuation tokens and say so.
@@ -73,7 +76,7 @@ std::vector<LoglikelihoodResult> score_requests(Engine& engine, const std::vecto
     if (fits && j - i > 1) {
       // Context once; its last row predicts each continuation's first token.
       engine.reset();
-      const MatrixRF ctx_logits = engine.forward(ctx);
+      const MatrixRF ctx_logits = engine.forward_tail(ctx, int(ctx.size()) - 1);
       if (stats) stats->tokens_forwarded += int64_t(ctx.size());
       const int base = engine.position();
       for (size_t k = i; k < j; ++k) {

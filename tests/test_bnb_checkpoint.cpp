@@ -102,7 +102,7 @@ TEST(BnbCheckpoint, LogitsMatchTransformers) {
       continue;  // this CPU lacks it
     }
     SCOPED_TRACE(cpu::isa_name(parsed));
-    cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = isa});
+    cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = isa, .activations = "fp32"});
     const MatrixRF got = engine.forward(tokens);
     const double err = rel_l2(got, want);
     RecordProperty("rel_l2_" + isa, fmt::format("{:.3e}", err));

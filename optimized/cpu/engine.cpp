@@ -38,16 +38,26 @@ Eigen::RowVectorXf load_vector(const Checkpoint& ck, const std::string& name) {
 }  // namespace
 
 Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
-    : cfg_(ck.config()), opt_(options), isa_(parse_isa(options.isa)) {
+    : cfg_(ck.config()), opt_(options) {
   const auto t0 = clock_type::now();
-  if (opt_.threads > 0) omp_set_num_threads(opt_.threads);
+  const int threads = opt_.threads > 0 ? opt_.threads : physical_cores();
+  pool_ = std::make_unique<ThreadPool>(threads);
+  ctx_ = LinearContext{parse_isa(options.isa), parse_activations(options.activations), pool_.get()};
+  omp_set_num_threads(threads);  // the load's quantization loop
   max_context_ = opt_.max_context > 0 ? opt_.max_context : std::min(cfg_.max_position_embeddings, 4096);
   if (max_context_ > cfg_.max_position_embeddings)
     throw Error(fmt::format("context {} exceeds the model's max_position_embeddings {} ({})", max_context_,
                             cfg_.max_position_embeddings, cfg_.source));
 
-  embedding_ = load_f32_matrix(ck, "model.embed_tokens.weight");
-  if (!cfg_.tie_word_embeddings) lm_head_ = load_f32_matrix(ck, "lm_head.weight");
+  ck_ = &ck;
+  {
+    const std::string head = opt_.lm_head == "auto" ? (ctx_.activations == Activations::Int8 ? "q8" : "fp32") : opt_.lm_head;
+    if (head != "fp32" && head != "q8")
+      throw Error(fmt::format("cpu-nf4: unknown lm_head format '{}' (auto, fp32, q8)", opt_.lm_head));
+    MatrixRF w = load_f32_matrix(ck, cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+    if (head == "q8") lm_head_q8_ = quantize_rows_q8(w);
+    else lm_head_ = std::move(w);
+  }
   final_norm_ = load_vector(ck, "model.norm.weight");
 
   // Quantize every linear weight, one tensor per thread at a time (the conversion from BF16 and the
@@ -114,7 +124,7 @@ void Nf4Engine::truncate(int position) {
 }
 
 int64_t Nf4Engine::weight_bytes() const {
-  int64_t b = (embedding_.size() + lm_head_.size() + final_norm_.size()) * int64_t(sizeof(float));
+  int64_t b = (lm_head_.size() + final_norm_.size()) * int64_t(sizeof(float)) + lm_head_q8_.bytes();
   for (const auto& l : layers_) {
     b += l.wq.bytes() + l.wk.bytes() + l.wv.bytes() + l.wo.bytes() + l.router.bytes();
     b += (l.attn_norm.size() + l.ffn_norm.size()) * int64_t(sizeof(float));
@@ -154,9 +164,9 @@ void Nf4Engine::rope(MatrixRF& x, int heads, int start) const {
 MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, int start) {
   const int n = int(x.rows()), hd = cfg_.head_dim, heads = cfg_.num_heads;
   const int group = cfg_.num_heads / cfg_.num_kv_heads;
-  MatrixRF q = nf4_linear(isa_, w.wq, x);
-  MatrixRF k = nf4_linear(isa_, w.wk, x);
-  const MatrixRF v = nf4_linear(isa_, w.wv, x);
+  MatrixRF q = nf4_linear(ctx_, w.wq, x);
+  MatrixRF k = nf4_linear(ctx_, w.wk, x);
+  const MatrixRF v = nf4_linear(ctx_, w.wv, x);
   rope(q, heads, start);
   rope(k, cfg_.num_kv_heads, start);
   auto& kc = k_cache_[size_t(layer)];
@@ -166,9 +176,8 @@ MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, i
   const float scale = 1.0f / std::sqrt(float(hd));
   MatrixRF out(n, heads * hd);
   const bool parallel = int64_t(heads) * n * (start + n) * hd >= kMinParallelMacs;
-#pragma omp parallel for collapse(2) schedule(static) if (parallel)
-  for (int h = 0; h < heads; ++h)
-    for (int t = 0; t < n; ++t) {
+  const auto one_query = [&](int64_t i) {
+      const int h = int(i / n), t = int(i % n);
       const int kvh = h / group, p = start + t;
       const int first = cfg_.sliding_window > 0 ? std::max(0, p - cfg_.sliding_window + 1) : 0;
       const int len = p - first + 1;
@@ -176,8 +185,15 @@ MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, i
       s = (s.array() - s.maxCoeff()).exp();
       s /= s.sum();
       out.block(t, h * hd, 1, hd) = s * vc.block(first, kvh * hd, len, hd);
-    }
-  return nf4_linear(isa_, w.wo, out);
+  };
+  const int64_t queries = int64_t(heads) * n;
+  if (parallel)
+    pool_->parallel_for(queries, std::max<int64_t>(1, queries / (8 * pool_->threads())), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) one_query(i);
+    });
+  else
+    for (int64_t i = 0; i < queries; ++i) one_query(i);
+  return nf4_linear(ctx_, w.wo, out);
 }
 
 // Softmax over all experts, top-k, renormalized.
@@ -191,7 +207,7 @@ void Nf4Engine::route(const Nf4Layer& w, const MatrixRF& x, MatrixRF& logits, Ma
     gates.setOnes();
     return;
   }
-  logits = nf4_linear(isa_, w.router, x);
+  logits = nf4_linear(ctx_, w.router, x);
   std::vector<int> order(size_t(cfg_.num_experts));
   for (int t = 0; t < n; ++t) {
     Eigen::RowVectorXf p = (logits.row(t).array() - logits.row(t).maxCoeff()).exp();
@@ -207,7 +223,7 @@ void Nf4Engine::route(const Nf4Layer& w, const MatrixRF& x, MatrixRF& logits, Ma
   }
 }
 
-MatrixRF Nf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
+MatrixRF Nf4Engine::run(std::span<const int32_t> tokens, int first_logits_row, Probe* probe) {
   const int n = int(tokens.size());
   if (n == 0) throw Error("forward: no tokens");
   if (pos_ + n > max_context_)
@@ -218,7 +234,7 @@ MatrixRF Nf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
     if (tokens[size_t(t)] < 0 || tokens[size_t(t)] >= cfg_.vocab_size)
       throw Error(fmt::format("token id {} outside the vocabulary of {} ({})", tokens[size_t(t)], cfg_.vocab_size,
                               cfg_.source));
-    h.row(t) = embedding_.row(tokens[size_t(t)]);
+    ck_->read_rows_f32("model.embed_tokens.weight", tokens[size_t(t)], 1, h.row(t).data());
   }
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const auto& w = layers_[size_t(l)];
@@ -235,7 +251,7 @@ MatrixRF Nf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
     route(w, x, logits, experts, gates);
     obs.router_seconds = seconds_since(t0);
     t0 = clock_type::now();
-    h += moe_block(isa_, w.experts, x, experts, gates);
+    h += moe_block(ctx_, w.experts, x, experts, gates);
     obs.experts_seconds = seconds_since(t0);
     if (probe) {
       obs.hidden = &h;
@@ -247,8 +263,10 @@ MatrixRF Nf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
   }
   pos_ += n;
   const auto t0 = clock_type::now();
-  const MatrixRF normed = rms_norm(h, final_norm_);
-  const MatrixRF logits = fp32_linear(normed, cfg_.tie_word_embeddings ? embedding_ : lm_head_);
+  // The lm_head only for the rows whose logits are used.
+  const MatrixRF normed = rms_norm(h.bottomRows(n - first_logits_row), final_norm_);
+  const MatrixRF logits = lm_head_q8_.rows > 0 ? q8_linear(ctx_.isa, lm_head_q8_, normed, pool_.get())
+                                               : fp32_linear(normed, lm_head_, pool_.get());
   if (probe) probe->on_logits(logits, seconds_since(t0));
   return logits;
 }

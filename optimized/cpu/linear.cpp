@@ -1,69 +1,134 @@
 #include "optimized/cpu/linear.hpp"
 
+#include <fmt/format.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <vector>
 
-namespace moelab::cpu {
+#include "core/error.hpp"
 
-MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
+namespace moelab::cpu {
+namespace {
+
+// Rows per parallel work item: ~64 KiB of packed codes, small enough that a descheduled thread holds
+// back little and a chunk stays in L2 while a tile of tokens reads it.
+int64_t row_chunk(const Nf4Matrix& w) { return std::max<int64_t>(4, (128 * 1024) / std::max<int64_t>(1, w.cols)); }
+
+// Tokens per tile of the int8 path: their activations (cols bytes each) stay in L2 while a row chunk is
+// swept; each chunk of codes is read once per tile.
+int64_t token_tile(const Nf4Matrix& w) { return std::clamp<int64_t>((192 * 1024) / std::max<int64_t>(1, w.cols), 4, 64); }
+
+void run(ThreadPool* pool, bool parallel, int64_t items, const std::function<void(int64_t, int64_t)>& body) {
+  if (pool && parallel) pool->parallel_for(items, 1, body);
+  else body(0, items);
+}
+
+MatrixRF int8_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF& x) {
+  const int64_t n = x.rows();
+  const int64_t nq = q8_values(w), nd = q8_scales(ctx.isa, w);
+  std::vector<int8_t> q(size_t(n * nq));
+  std::vector<float> d(size_t(n * nd));
+  const bool parallel = n * w.rows * w.cols >= kMinParallelMacs;
+  run(ctx.pool, parallel && n >= 16, n, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) prepare_q8(ctx.isa, w, x.row(t).data(), q.data() + t * nq, d.data() + t * nd);
+  });
+  MatrixRF y(n, w.rows);
+  const int64_t chunk = row_chunk(w), chunks = (w.rows + chunk - 1) / chunk;
+  const int64_t tile = token_tile(w), tiles = (n + tile - 1) / tile;
+  run(ctx.pool, parallel, chunks * tiles, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t0 = (i / chunks) * tile, t1 = std::min(n, t0 + tile);
+      const int64_t r0 = (i % chunks) * chunk, r1 = std::min(w.rows, r0 + chunk);
+      gemv_q8(ctx.isa, w, q.data() + t0 * nq, nq, d.data() + t0 * nd, nd, int(t1 - t0), y.data() + t0 * w.rows + r0,
+              w.rows, r0, r1);
+    }
+  });
+  return y;
+}
+
+// Eigen's GEMM opens an OpenMP team of its own unless it is already inside one; inside a pool chunk it
+// must stay on the calling thread.
+struct OneOpenMpThread {
+  int saved = omp_get_max_threads();
+  OneOpenMpThread() { omp_set_num_threads(1); }
+  ~OneOpenMpThread() { omp_set_num_threads(saved); }
+};
+
+MatrixRF fp32_mode_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF& x) {
   const int64_t n = x.rows();
   const bool parallel = n * w.rows * w.cols >= kMinParallelMacs;
   if (n <= kGemvMaxTokens) {
-    // ~128 KiB of packed weights per chunk: small enough to stay in L2 while each token reads it.
-    const int64_t chunk = std::max<int64_t>(8, (256 * 1024) / std::max<int64_t>(1, w.cols));
-    const int64_t chunks = (w.rows + chunk - 1) / chunk;
+    const int64_t chunk = row_chunk(w), chunks = (w.rows + chunk - 1) / chunk;
     MatrixRF xs(n, w.cols);  // activations in the kernel's layout, prepared once for all threads
-    for (int64_t t = 0; t < n; ++t) prepare_x(isa, w, x.row(t).data(), xs.row(t).data());
+    for (int64_t t = 0; t < n; ++t) prepare_x(ctx.isa, w, x.row(t).data(), xs.row(t).data());
     MatrixRF yt(n, w.rows);
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
-      gemv_prepared_batch(isa, w, xs.data(), xs.cols(), int(n), yt.data() + r0, yt.cols(), r0, r1);
-    }
+    run(ctx.pool, parallel, chunks, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
+        gemv_prepared_batch(ctx.isa, w, xs.data(), xs.cols(), int(n), yt.data() + r0, yt.cols(), r0, r1);
+      }
+    });
     return yt;
   }
   // ~256 KiB of dequantized FP32 rows per tile.
   const int64_t tile = std::max<int64_t>(4, (64 * 1024) / std::max<int64_t>(1, w.cols));
   const int64_t tiles = (w.rows + tile - 1) / tile;
   MatrixRF y(n, w.rows);
-  const auto tiles_from = [&](MatrixRF& wt, int64_t i) {
-    const int64_t r0 = i * tile, rows = std::min(tile, w.rows - r0);
-    dequantize_rows(isa, w, r0, r0 + rows, wt.data());
-    y.middleCols(r0, rows).noalias() = x * wt.topRows(rows).transpose();
-  };
-  if (!parallel) {
-    // No OpenMP region at all here: inside even a one-thread region (`parallel if (false)`) Eigen's GEMM
-    // does not see that it is nested and opens a nested team per call, which beside another busy process
-    // made a small model's eval 100x slower.
+  run(ctx.pool, parallel, tiles, [&](int64_t i0, int64_t i1) {
+    OneOpenMpThread one;
     MatrixRF wt(tile, w.cols);
-    for (int64_t i = 0; i < tiles; ++i) tiles_from(wt, i);
-    return y;
-  }
-#pragma omp parallel
-  {
-    MatrixRF wt(tile, w.cols);  // Eigen's GEMM sees the enclosing team and stays on this thread
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < tiles; ++i) tiles_from(wt, i);
-  }
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * tile, rows = std::min(tile, w.rows - r0);
+      dequantize_rows(ctx.isa, w, r0, r0 + rows, wt.data());
+      y.middleCols(r0, rows).noalias() = x * wt.topRows(rows).transpose();
+    }
+  });
   return y;
 }
 
-MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w) {
+}  // namespace
+
+Activations parse_activations(const std::string& name) {
+  if (name == "int8") return Activations::Int8;
+  if (name == "fp32") return Activations::Fp32;
+  throw Error(fmt::format("cpu-nf4: unknown activation type '{}' (int8, fp32)", name));
+}
+
+std::string activations_name(Activations a) { return a == Activations::Int8 ? "int8" : "fp32"; }
+
+MatrixRF nf4_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF& x) {
+  return ctx.activations == Activations::Int8 ? int8_linear(ctx, w, x) : fp32_mode_linear(ctx, w, x);
+}
+
+MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {
+  return nf4_linear(LinearContext{isa, Activations::Fp32, &default_pool()}, w, x);
+}
+
+MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w, ThreadPool* pool) {
   const int64_t n = x.rows();
   MatrixRF y(n, w.rows());
-  if (n > kGemvMaxTokens || n * w.rows() * w.cols() < kMinParallelMacs) {
-    y.noalias() = x * w.transpose();  // a GEMM Eigen threads itself, or too small to split
+  if (n * w.rows() * w.cols() < kMinParallelMacs) {
+    y.noalias() = x * w.transpose();
     return y;
   }
-  constexpr Eigen::Index kChunk = 1024;
-#pragma omp parallel for schedule(static)
-  for (Eigen::Index r0 = 0; r0 < w.rows(); r0 += kChunk) {
-    const Eigen::Index rows = std::min(kChunk, w.rows() - r0);
-    y.middleCols(r0, rows).noalias() = x * w.middleRows(r0, rows).transpose();  // inside the team: one thread
-  }
+  // Few tokens: Eigen runs a matrix-vector product on one thread, and Mixtral's lm_head (524 MB in FP32)
+  // would take a fifth of a decode step that way. Many tokens: row blocks of a GEMM, one per chunk.
+  const Eigen::Index chunk = n <= kGemvMaxTokens ? 1024 : 4096;
+  const int64_t chunks = (w.rows() + chunk - 1) / chunk;
+  run(pool ? pool : &default_pool(), true, chunks, [&](int64_t c0, int64_t c1) {
+    OneOpenMpThread one;
+    for (int64_t c = c0; c < c1; ++c) {
+      const Eigen::Index r0 = c * chunk, rows = std::min<Eigen::Index>(chunk, w.rows() - r0);
+      y.middleCols(r0, rows).noalias() = x * w.middleRows(r0, rows).transpose();
+    }
+  });
   return y;
+}
+
+ThreadPool& default_pool() {
+  static ThreadPool pool(physical_cores());
+  return pool;
 }
 
 }  // namespace moelab::cpu

@@ -1,29 +1,44 @@
 #pragma once
-// Y = X · Wᵀ with NF4 W, FP32 X and Y, on all threads. Decode-sized batches stream each packed weight
-// byte once per token through the GEMV kernel, row chunk by row chunk so a chunk stays in cache across
-// tokens; larger batches dequantize row tiles into a per-thread buffer and multiply with Eigen's
-// blocked GEMM.
+// Y = X · Wᵀ with NF4 W, FP32 X and Y, on the engine's thread pool.
+//
+// Two activation modes (DESIGN.md "Activation precision"):
+//  - int8 (the fast path): X quantized per 32 elements, integer dot products with the NF4 codes as int8,
+//    every token count (decode and prefill) through the same kernels, tiled so a row chunk of codes
+//    stays in cache while a tile of tokens reads it;
+//  - fp32 (the exact check mode): up to kGemvMaxTokens tokens stream the packed weights through the
+//    FP32 GEMV; more dequantize row tiles and multiply with Eigen's GEMM.
 #include "core/engine.hpp"
 #include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/thread_pool.hpp"
 
 namespace moelab::cpu {
 
+enum class Activations { Int8, Fp32 };
+Activations parse_activations(const std::string& name);  // "int8", "fp32"
+std::string activations_name(Activations a);
+
+struct LinearContext {
+  Isa isa = Isa::Scalar;
+  Activations activations = Activations::Fp32;
+  ThreadPool* pool = nullptr;  // null: the calling thread only
+};
+
 // X: [n, cols]; returns [n, rows].
+MatrixRF nf4_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF& x);
+// The FP32 check mode on the process-wide default pool (tests and benchmarks of the FP32 kernels).
 MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x);
 
 // Work below this many multiply-adds (about a tenth of a millisecond on one core) runs on the calling
-// thread. A parallel region costs microseconds on an idle machine, but when another process holds the
-// cores its barrier waits for a descheduled thread: with 2 threads beside a busy trainer, parallel
-// regions of ~1M MACs made a small model's eval 100x slower than one thread (0.3 s -> 31 s).
+// thread: handing it to the pool costs more than it saves.
 inline constexpr int64_t kMinParallelMacs = int64_t(1) << 22;
 
-// Y = X · Wᵀ with FP32 W (the lm_head and embedding cpu-nf4 keeps in full precision). Eigen runs a
-// matrix-vector product on one thread; for Mixtral's 32000 x 4096 lm_head (524 MB read per decoded
-// token) that alone would take a fifth of a decode step, so few-token products split W's rows over
-// the threads.
-MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w);
+// Y = X · Wᵀ with FP32 W (the lm_head and embedding in their exact form), rows split over the pool.
+MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w, ThreadPool* pool = nullptr);
 
-// Batches up to this many tokens use the GEMV path.
+// FP32-mode batches up to this many tokens use the GEMV path.
 inline constexpr int kGemvMaxTokens = 4;
+
+// A pool of physical_cores() threads shared by callers that have none of their own.
+ThreadPool& default_pool();
 
 }  // namespace moelab::cpu

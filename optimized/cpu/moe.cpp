@@ -4,7 +4,7 @@
 
 namespace moelab::cpu {
 
-MatrixRF moe_block(Isa isa, const std::vector<Nf4Expert>& experts, const MatrixRF& x, const MatrixRI& chosen,
+MatrixRF moe_block(const LinearContext& ctx, const std::vector<Nf4Expert>& experts, const MatrixRF& x, const MatrixRI& chosen,
                    const MatrixRF& gates) {
   MatrixRF out = MatrixRF::Zero(x.rows(), x.cols());
   for (int e = 0; e < int(experts.size()); ++e) {
@@ -16,10 +16,10 @@ MatrixRF moe_block(Isa isa, const std::vector<Nf4Expert>& experts, const MatrixR
     MatrixRF xe(Eigen::Index(routed.size()), x.cols());
     for (size_t i = 0; i < routed.size(); ++i) xe.row(Eigen::Index(i)) = x.row(routed[i].first);
     const auto& ex = experts[size_t(e)];
-    MatrixRF g = nf4_linear(isa, ex.w1, xe);
-    const MatrixRF u = nf4_linear(isa, ex.w3, xe);
+    MatrixRF g = nf4_linear(ctx, ex.w1, xe);
+    const MatrixRF u = nf4_linear(ctx, ex.w3, xe);
     g = (g.array() / (1.0f + (-g.array()).exp())) * u.array();  // silu(w1 x) · w3 x
-    const MatrixRF y = nf4_linear(isa, ex.w2, g);
+    const MatrixRF y = nf4_linear(ctx, ex.w2, g);
     for (size_t i = 0; i < routed.size(); ++i) out.row(routed[i].first) += routed[i].second * y.row(Eigen::Index(i));
   }
   return out;

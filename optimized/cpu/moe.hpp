@@ -5,6 +5,7 @@
 
 #include "core/engine.hpp"
 #include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/linear.hpp"
 
 namespace moelab::cpu {
 
@@ -13,7 +14,7 @@ struct Nf4Expert {
 };
 
 // x: [n, hidden]; experts, gates: [n, k]. Returns [n, hidden].
-MatrixRF moe_block(Isa isa, const std::vector<Nf4Expert>& experts, const MatrixRF& x, const MatrixRI& chosen,
+MatrixRF moe_block(const LinearContext& ctx, const std::vector<Nf4Expert>& experts, const MatrixRF& x, const MatrixRI& chosen,
                    const MatrixRF& gates);
 
 }  // namespace moelab::cpu
