@@ -347,26 +347,37 @@ SandboxResult run_python_sandboxed(const std::string& program, const SandboxLimi
   SandboxResult r;
   const SandboxMode mode = limits.mode ? *limits.mode : sandbox_mode();
   r.mode = mode;
+  // Namespace modes: the sample directory exists only in the namespace's private /tmp. Process-group mode:
+  // a fresh directory on the host, removed afterwards.
+  const bool private_dir = mode != SandboxMode::process_group;
+  std::string dir = "/tmp/moelab-sandbox-" + std::to_string(getpid());
   char tmpl[] = "/tmp/moelab-sandbox-XXXXXX";
-  if (!mkdtemp(tmpl)) {
-    r.error = std::string("mkdtemp: ") + strerror(errno);
-    return r;
+  if (!private_dir) {
+    if (!mkdtemp(tmpl)) {
+      r.error = std::string("mkdtemp: ") + strerror(errno);
+      return r;
+    }
+    dir = tmpl;
   }
-  const std::string dir = tmpl;
   Prepared pr;
   prepare(pr, mode, dir, program, limits);
   ChildPlan& plan = pr.plan;
-  // Namespace modes write the program into their private directory; process-group runs it here.
-  std::ofstream(dir + "/guard.py") << kGuard;
-  std::ofstream(dir + "/program.py") << program;
-  if (plan.drop_to_nobody) (void)!chown(dir.c_str(), kNobody, kNogroup);
-  const int out = open((dir + "/output.txt").c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  std::error_code ec;
+  if (!private_dir) {
+    std::ofstream(dir + "/guard.py") << kGuard;
+    std::ofstream(dir + "/program.py") << program;
+    if (plan.drop_to_nobody) (void)!chown(dir.c_str(), kNobody, kNogroup);
+  }
+  // The output goes to an unlinked temporary file: nothing is left on disk even if moelab is killed.
+  char out_tmpl[] = "/tmp/moelab-sandbox-output-XXXXXX";
+  const int out = mkostemp(out_tmpl, O_CLOEXEC);
+  if (out >= 0) unlink(out_tmpl);
   int errpipe[2] = {-1, -1}, statuspipe[2] = {-1, -1};
   if (out < 0 || pipe2(errpipe, O_CLOEXEC) != 0 || pipe2(statuspipe, O_CLOEXEC) != 0) {
     r.error = std::string("sandbox setup: ") + strerror(errno);
     for (int fd : {out, errpipe[0], errpipe[1], statuspipe[0], statuspipe[1]})
       if (fd >= 0) close(fd);
-    fs::remove_all(dir);
+    if (!private_dir) fs::remove_all(dir, ec);
     return r;
   }
   plan.out_fd = out;
@@ -430,8 +441,7 @@ SandboxResult run_python_sandboxed(const std::string& program, const SandboxLimi
   r.passed = pid > 0 && !r.timed_out && !r.stray_processes && r.error.empty() && r.exit_code == 0 && r.signal == 0;
   r.output = tail_of(out, 4096);
   close(out);
-  std::error_code ec;
-  fs::remove_all(dir, ec);
+  if (!private_dir) fs::remove_all(dir, ec);
   return r;
 }
 
