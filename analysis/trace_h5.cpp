@@ -10,6 +10,8 @@
 #include <ctime>
 #include <limits>
 #include <map>
+#include <mutex>
+#include <set>
 
 #include "core/error.hpp"
 
@@ -638,6 +640,33 @@ bool left_by_dead_writer(const H5Context& cx) {
   if (f >= 0) H5Fclose(f);
   H5Eclear2(H5E_DEFAULT);
   return f >= 0;
+}
+
+namespace {
+std::mutex abandoned_mutex;
+std::set<std::pair<dev_t, ino_t>> abandoned_files;  // (device, inode)
+}  // namespace
+
+void WriterLock::mark_abandoned() const {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return;
+  const std::lock_guard guard(abandoned_mutex);
+  abandoned_files.insert({st.st_dev, st.st_ino});
+}
+
+void WriterLock::check_not_abandoned() {
+  struct stat st {};
+  bool abandoned = false;
+  if (::fstat(fd_, &st) == 0) {
+    const std::lock_guard guard(abandoned_mutex);
+    abandoned = abandoned_files.count({st.st_dev, st.st_ino}) > 0;
+  }
+  if (abandoned) {
+    ::close(fd_);
+    fd_ = -1;
+    throw Error(fmt::format("{}: a write to this trace failed earlier in this process; continue or repair it from a "
+                            "new process", path_));
+  }
 }
 
 bool left_by_dead_writer_quietly(const std::string& path) {

@@ -195,6 +195,7 @@ class WriterLock {
         throw Error(fmt::format("{}: another process is writing this trace", path));
       throw Error(fmt::format("{}: cannot lock ({})", path, std::strerror(err)));
     }
+    check_not_abandoned();
   }
   ~WriterLock() {
     if (fd_ >= 0) ::close(fd_);
@@ -205,8 +206,13 @@ class WriterLock {
     struct stat st {};
     return ::fstat(fd_, &st) == 0 ? int64_t(st.st_size) : 0;
   }
+  // A writer of this process whose write failed abandoned this file (TraceWriter): HDF5 still holds it
+  // open, with whatever that writer had not written, so nothing in this process may write it again.
+  void mark_abandoned() const;
 
  private:
+  void check_not_abandoned();
+
   std::string path_;
   int fd_ = -1;
 };

@@ -136,6 +136,7 @@ struct TraceWriter::Impl {
     buf_tokens.clear(), buf_domain.clear(), buf_lengths.clear(), buf_experts.clear(), buf_gates.clear(),
         buf_logits.clear();
     closed = true;
+    if (lock) lock->mark_abandoned();
     lock.reset();
   }
 

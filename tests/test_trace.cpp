@@ -1085,6 +1085,71 @@ TEST(TraceWriteError, FullFilesystemEndsInOneLineAndKeepsWhatWasFlushed) {
   expect_failed_trace_keeps_a_prefix(out, r, nullptr);
 }
 
+// The library's side of item 4, in a child process with a file-size limit: the failing add_sequence
+// throws one line, later calls repeat it, the destructor is quiet, reading in the same process sees the
+// flushed sequences, writing the file again in that process is refused (HDF5 still holds it), and a
+// new process (this one) reads it and appends to it.
+TEST(TraceWriteError, FailedWriterAbandonsTheFileCleanly) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(true);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::signal(SIGXFSZ, SIG_IGN);
+    const rlimit lim{60 * 1024, 60 * 1024};
+    if (::setrlimit(RLIMIT_FSIZE, &lim) != 0) ::_exit(10);
+    std::string failure;
+    int64_t kept = -1;
+    try {
+      TraceWriter w(path, h, TraceWriterOptions{.flush_tokens = 200});
+      try {
+        for (int i = 0; i < 100000; ++i) add(w, crash_sequence(i, h));
+        ::_exit(11);  // never failed
+      } catch (const Error& e) {
+        failure = e.what();
+      }
+      if (failure.find('\n') != std::string::npos || failure.find("File too large") == std::string::npos) ::_exit(12);
+      kept = kept_sequences(failure);
+      if (kept <= 0) ::_exit(13);
+      try {  // later calls repeat the error
+        w.flush();
+        ::_exit(14);
+      } catch (const Error& e) {
+        if (e.what() != failure) ::_exit(15);
+      }
+    } catch (...) {
+      ::_exit(16);  // the destructor must not throw, and nothing else may fail
+    }
+    try {
+      if (analysis::read_trace(path).num_sequences() != kept) ::_exit(17);
+    } catch (...) {
+      ::_exit(18);
+    }
+    try {
+      TraceWriter again(path, h);
+      ::_exit(19);
+    } catch (const Error& e) {
+      if (std::string(e.what()).find("failed earlier in this process") == std::string::npos) ::_exit(20);
+    }
+    ::_exit(int(std::min<int64_t>(kept, 100) + 100));  // 101..200: the sequences kept
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child crashed (signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0) << ")";
+  const int code = WEXITSTATUS(status);
+  ASSERT_GT(code, 100) << "child check " << code << " failed (see the _exit codes above)";
+  const int64_t kept = code - 100;
+  ASSERT_LT(kept, 100);
+  expect_prefix_of_crash_sequences(analysis::read_trace(path), kept, h);
+  {
+    TraceWriter w(path, h);
+    EXPECT_TRUE(w.recovered());
+    add(w, crash_sequence(int(kept), h));
+  }
+  expect_prefix_of_crash_sequences(analysis::read_trace(path), kept + 1, h);
+}
+
 // Strings are stored fixed-length (nothing in a trace needs HDF5's global heap, whose damage libhdf5
 // 1.10 does not survive).
 TEST(TraceCorrupt, StringAttributesAreFixedLength) {
