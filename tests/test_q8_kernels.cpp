@@ -21,6 +21,7 @@
 #include <string>
 
 #include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/q8_matrix.hpp"
 #include "optimized/cpu/quantize.hpp"
 
 namespace moelab::test {
@@ -171,6 +172,59 @@ INSTANTIATE_TEST_SUITE_P(
       return isa + "_" + std::to_string(s.rows) + "x" + std::to_string(s.cols) + "_b" + std::to_string(s.blocksize) +
              (s.double_quant ? "_dq" : "");
     });
+
+}  // namespace
+}  // namespace moelab::test
+
+namespace moelab::test {
+namespace {
+
+// --lm-head q8: int8 rows with an FP32 scale each, against the float64 value of the same integer model
+// (FP32 rounding bound as above) and against the FP32 product (bound: half a step of each row's and
+// each activation group's quantization, summed over the row).
+TEST(Q8Matrix, RowsMatchFloat64AndTheFp32ProductOnEveryIsa) {
+  std::mt19937 rng(21);
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{37, 96}, {5, 4096}, {9, 100}}) {
+    MatrixRF w(rows, cols);
+    std::normal_distribution<float> normal(0.0f, 0.02f);
+    for (Eigen::Index i = 0; i < w.size(); ++i) w.data()[i] = normal(rng);
+    const auto q8 = cpu::quantize_rows_q8(w);
+    for (int n : {1, 3, 6}) {
+      MatrixRF x(n, cols);
+      for (Eigen::Index i = 0; i < x.size(); ++i) x.data()[i] = normal(rng) * 50.0f;
+      std::vector<int8_t> q(static_cast<size_t>(n * cols));
+      const int64_t nd = (cols + 31) / 32;
+      std::vector<float> d(static_cast<size_t>(n * nd));
+      for (int t = 0; t < n; ++t) cpu::quantize_q8(x.row(t).data(), cols, q.data() + t * cols, d.data() + t * nd);
+      for (const Isa isa : {Isa::Scalar, Isa::Avx2}) {
+        if (!cpu::isa_supported(isa)) {
+          std::cout << "[ SKIP     ] " << cpu::isa_name(isa) << " not run: this CPU lacks " << cpu::isa_features(isa) << "\n";
+          continue;
+        }
+        std::vector<float> y(static_cast<size_t>(n * rows), std::nanf(""));
+        cpu::q8_matrix_rows(isa, q8, q.data(), d.data(), cols, nd, n, y.data(), rows, 0, rows);
+        for (int t = 0; t < n; ++t)
+          for (int64_t r = 0; r < rows; ++r) {
+            double model = 0, magnitude = 0, exact = 0, approx = 0;
+            for (int64_t c = 0; c < cols; ++c) {
+              const double term = 127.0 * q8.scale[size_t(r)] * double(d[size_t(t * nd + c / 32)]) *
+                                  q8.values[size_t(r * cols + c)] * q[size_t(t * cols + c)];
+              model += term;
+              magnitude += std::abs(term);
+              const double w_hat = double(q8.scale[size_t(r)]) * q8.values[size_t(r * cols + c)];
+              const double x_hat = 127.0 * double(d[size_t(t * nd + c / 32)]) * q[size_t(t * cols + c)];
+              exact += double(w(r, c)) * double(x(t, c));
+              approx += std::abs(double(w(r, c)) - w_hat) * std::abs(double(x(t, c))) + std::abs(w_hat) * std::abs(double(x(t, c)) - x_hat);
+            }
+            const double fp32 = (double(cols) + 4) * std::ldexp(1.0, -24) * magnitude;
+            const float got = y[size_t(t * rows + r)];
+            ASSERT_LE(std::abs(got - model), fp32) << cpu::isa_name(isa) << " token " << t << " row " << r;
+            ASSERT_LE(std::abs(got - exact), approx + fp32) << cpu::isa_name(isa) << " token " << t << " row " << r;
+          }
+      }
+    }
+  }
+}
 
 }  // namespace
 }  // namespace moelab::test

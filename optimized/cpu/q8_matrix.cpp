@@ -70,6 +70,7 @@ Q8Matrix quantize_rows_q8(const MatrixRF& w) {
   m.cols = w.cols();
   m.values.resize(size_t(w.size()));
   m.scale.resize(size_t(w.rows()));
+#pragma omp parallel for schedule(static)  // at load only: Mixtral's 32000 x 4096 head
   for (int64_t r = 0; r < m.rows; ++r) {
     const float amax = w.row(r).cwiseAbs().maxCoeff();
     const float inv = amax > 0 ? 127.0f / amax : 0.0f;

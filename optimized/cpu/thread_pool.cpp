@@ -90,7 +90,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
   if (workers_.empty() || t_inside_pool || n <= grain) {
-    body(0, n);
+    for (int64_t b = 0; b < n; b += grain) body(b, std::min(n, b + grain));  // the same chunks, inline
     return;
   }
   failed_.store(false);

@@ -26,7 +26,8 @@ class ThreadPool {
   int threads() const { return int(workers_.size()) + 1; }
 
   // Calls body(begin, end) over [0, n) in chunks of `grain` items, on the caller and the workers;
-  // returns when every chunk is done. A call from inside a body runs inline (no nesting). The first
+  // returns when every chunk is done. A call from inside a body, or on a one-thread pool, runs the same
+  // chunks inline (no nesting). The first
   // exception a body throws is rethrown here after the loop ends.
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body);
 
