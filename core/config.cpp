@@ -308,8 +308,13 @@ std::vector<MemoryEstimate> memory_estimates(const ModelConfig& c, int context) 
       {"ref", "FP32 copy of every weight", k.mul(P, 4), kv},
       {"ref --stream", "one layer + lm_head in FP32 at a time; weights stay mmap'd", k.add(per_layer_f32, lm_head_f32),
        kv},
-      {"cpu-nf4", "NF4 linears (codes mmap'd when pre-quantized), FP32 embedding/lm_head and norms",
-       k.add(nf4, fp32_rest), kv},
+      // What the engine holds by default (int8 activations): the codes and the compact absmax the int8
+      // kernels read (the check mode, --activations fp32, adds an FP32 absmax per 64 weights and keeps the
+      // lm_head in FP32), the lm_head as int8 per row (+ an FP32 scale a row), FP32 norms; the embedding is
+      // gathered from the mmap'd checkpoint, not copied.
+      {"cpu-nf4", "NF4 linears (codes mmap'd when pre-quantized), q8 lm_head, FP32 norms; embedding rows read "
+                  "from the checkpoint (--activations fp32 needs more)",
+       k.add(k.add(nf4, k.add(k.mul(c.vocab_size, c.hidden_size), k.mul(c.vocab_size, 4))), k.mul(norms, 4)), kv},
       {"cuda-nf4", "GPU memory: NF4 linears with FP32 absmax, FP32 embedding/lm_head/norms and KV cache",
        k.add(cuda_nf4, fp32_rest), kv},
       {"cuda-nf4 --gpu-expert-cache 2", "GPU memory with 2 experts per layer on the GPU (the rest in pinned host memory)",

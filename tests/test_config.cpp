@@ -51,6 +51,11 @@ TEST(Config, MemoryEstimatesFollowFromTheCounts) {
   // 46,440,382,464 weights at 4.5 bits (codes + FP32 absmax per 64) = 26.12 GB, plus FP32 embedding,
   // lm_head and norms (2 x 32000 x 4096 + 65 x 4096 = 262,410,240 values, 1.05 GB): 27.17 GB.
   ASSERT_EQ(m.size(), 5u);
+  // cpu-nf4 (int8 activations, the default): codes (4 bits) + compact absmax (8 bits per 64 + FP32 per
+  // 256 x 64) = 23.96 GB, the q8 lm_head 32000 x (4096 + 4) bytes, FP32 norms.
+  EXPECT_EQ(m[2].engine, "cpu-nf4");
+  EXPECT_EQ(m[2].weight_bytes, 46'440'382'464LL / 2 + 46'440'382'464LL / 64 + 46'440'382'464LL / (64 * 256) * 4 +
+                                   32000LL * (4096 + 4) + 65LL * 4096 * 4);
   EXPECT_EQ(m[3].engine, "cuda-nf4");
   EXPECT_EQ(m[3].weight_bytes, 46'440'382'464LL / 2 + 46'440'382'464LL / 64 * 4 + 262'410'240LL * 4);
   EXPECT_EQ(m[3].kv_cache_bytes, int64_t(1) << 30);

@@ -58,15 +58,26 @@ TEST_P(CpuEngine, QuantizationErrorIsThatOfNf4Itself) {
   EXPECT_LE(ours.logits.rel_l2, naive.logits.rel_l2 * 1.001 + 1e-5);
 }
 
+// Both activation modes: the int8 path quantizes each token on its own, so only summation order (the
+// attention's products, FP32 tiles) may differ between one prefill and token-by-token decoding.
 TEST_P(CpuEngine, DecodingTokenByTokenEqualsOnePrefill) {
-  cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.activations = "fp32"});
-  const MatrixRF prefill = engine.forward(tokens);  // tiled GEMM path
-  engine.reset();
-  for (size_t i = 0; i < tokens.size(); ++i) {  // GEMV path
-    const MatrixRF step = engine.forward(std::span<const int32_t>(&tokens[i], 1));
-    EXPECT_LT(rel_l2(step, prefill.row(Eigen::Index(i))), 1e-5) << "position " << i;
+  for (const std::string activations : {"fp32", "int8"}) {
+    SCOPED_TRACE(activations);
+    cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.activations = activations});
+    const MatrixRF prefill = engine.forward(tokens);  // tiled GEMM path (fp32), token tiles (int8)
+    engine.reset();
+    for (size_t i = 0; i < tokens.size(); ++i) {  // GEMV path
+      const MatrixRF step = engine.forward(std::span<const int32_t>(&tokens[i], 1));
+      EXPECT_LT(rel_l2(step, prefill.row(Eigen::Index(i))), 1e-5) << "position " << i;
+    }
+    // forward_tail computes the lm_head for the rows asked for only: the same values.
+    engine.reset();
+    const MatrixRF tail = engine.forward_tail(tokens, int(tokens.size()) - 2);
+    ASSERT_EQ(tail.rows(), 2);
+    EXPECT_LT(rel_l2(tail, prefill.bottomRows(2)), 1e-6);
+    EXPECT_THROW(engine.forward_tail(tokens, int(tokens.size())), Error);
+    EXPECT_THROW(engine.forward(std::vector<int32_t>(size_t(engine.max_context()), 1)), Error);
   }
-  EXPECT_THROW(engine.forward(std::vector<int32_t>(size_t(engine.max_context()), 1)), Error);
 }
 
 // The int8 path against the exact check mode, every layer, on every kernel set this CPU has.

@@ -101,6 +101,7 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
     if (cfg_.is_moe()) layer.router = std::move(quantized[next++]);
     for (int e = 0; e < cfg_.num_experts; ++e) {
       Nf4Expert ex;
+      // (The FP32 absmax of double-quantized matrices is dropped below when only the int8 kernels run.)
       ex.w1 = std::move(quantized[next++]);
       ex.w3 = std::move(quantized[next++]);
       ex.w2 = std::move(quantized[next++]);
@@ -108,6 +109,16 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
     }
     layers_.push_back(std::move(layer));
   }
+  // The int8 kernels read the compact absmax; the FP32 copy (0.5 bits per weight) serves only the check
+  // mode, so it is not kept without it.
+  if (ctx_.activations == Activations::Int8)
+    for (auto& l : layers_) {
+      for (Nf4Matrix* m : {&l.wq, &l.wk, &l.wv, &l.wo, &l.router})
+        if (m->double_quantized()) std::vector<float>().swap(m->absmax);
+      for (auto& e : l.experts)
+        for (Nf4Matrix* m : {&e.w1, &e.w3, &e.w2})
+          if (m->double_quantized()) std::vector<float>().swap(m->absmax);
+    }
 
   for (int i = 0; i < cfg_.head_dim / 2; ++i)
     inv_freq_.push_back(1.0f / std::pow(float(cfg_.rope_theta), float(2 * i) / float(cfg_.head_dim)));
