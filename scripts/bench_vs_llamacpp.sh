@@ -36,6 +36,8 @@
 #
 # Options:
 #   --layers N        decoder layers of the shaped checkpoint (default 4)
+#   --formats LIST    llama.cpp formats, comma-separated, first one first in each round (default
+#                     Q4_0,IQ4_NL,Q4_K_M; IQ4_NL quantizes slowly: ~9 minutes a layer here)
 #   --threads T       threads for both engines and the probe (default: nproc)
 #   --rounds R        interleaved rounds (default 2)
 #   --reps K          repetitions inside each run (llama-bench -r, moelab profile --repeat; default 3)
@@ -102,6 +104,7 @@ need_value() { [[ $# -ge 2 ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --layers) need_value "$@"; LAYERS="$2"; shift 2 ;;
+    --formats) need_value "$@"; IFS=, read -r -a LLAMA_FORMATS <<< "$2"; shift 2 ;;
     --threads) need_value "$@"; THREADS="$2"; shift 2 ;;
     --rounds) need_value "$@"; ROUNDS="$2"; shift 2 ;;
     --reps) need_value "$@"; REPS="$2"; shift 2 ;;
@@ -117,6 +120,9 @@ while [[ $# -gt 0 ]]; do
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
+done
+for f in "${LLAMA_FORMATS[@]}"; do
+  case "$f" in Q4_0|IQ4_NL|Q4_K_M) ;; *) die "--formats takes Q4_0, IQ4_NL, Q4_K_M (comma-separated), got '$f'" ;; esac
 done
 for v in LAYERS THREADS ROUNDS REPS JOBS; do
   if ! is_uint "${!v}" || [[ "${!v}" -lt 1 ]]; then die "--${v,,} must be a positive integer, got '${!v}'"; fi
@@ -348,10 +354,10 @@ step "rounds"
 for ((r = 1; r <= ROUNDS; r++)); do
   log "-- round $r/$ROUNDS"
   probe "r$r"
-  run_llama Q4_0 "$r"
+  # A B (C D) B: moelab between llama.cpp formats, twice a round.
+  run_llama "${LLAMA_FORMATS[0]}" "$r"
   run_moelab "$r" 1
-  run_llama IQ4_NL "$r"
-  run_llama Q4_K_M "$r"
+  for f in "${LLAMA_FORMATS[@]:1}"; do run_llama "$f" "$r"; done
   run_moelab "$r" 2
 done
 probe "end"
