@@ -44,7 +44,12 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   return text;
 }
 
-std::string Tokenizer::piece(int32_t id) const { return sp_->IdToPiece(id); }
+std::string Tokenizer::piece(int32_t id) const {
+  // sentencepiece indexes its piece table unchecked (protobuf aborts the process on a negative id).
+  if (id < 0 || id >= vocab_size())
+    throw Error(fmt::format("{}: token id {} outside the vocabulary of {}", path_, id, vocab_size()));
+  return sp_->IdToPiece(id);
+}
 int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
 int Tokenizer::bos_id() const { return sp_->bos_id(); }
 int Tokenizer::eos_id() const { return sp_->eos_id(); }

@@ -20,7 +20,7 @@ class Tokenizer {
 
   std::vector<int32_t> encode(std::string_view text, bool add_bos = true) const;
   std::string decode(const std::vector<int32_t>& ids) const;
-  std::string piece(int32_t id) const;
+  std::string piece(int32_t id) const;  // an id outside the vocabulary throws moelab::Error (as decode)
   int vocab_size() const;
   int bos_id() const;
   int eos_id() const;
