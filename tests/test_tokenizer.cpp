@@ -74,6 +74,21 @@ TEST(Tokenizer, MixtralSpecialIds) {
   EXPECT_EQ(tok.piece(28705), "\xE2\x96\x81");  // "▁" alone
 }
 
+// Found by tests/fuzz/fuzz_tokenizer.cpp (corpus repro-piece-id-out-of-range): piece(-1) aborted the
+// process inside protobuf, piece(32000) read past the piece table.
+TEST(Tokenizer, PieceOutsideTheVocabularyIsAnError) {
+  const Tokenizer tok(fixture("tokenizers/mixtral-8x7b-v0.1.model"));
+  for (int32_t id : {-1, -2147483647 - 1, 32000, 2147483647}) {
+    try {
+      (void)tok.piece(id);
+      ADD_FAILURE() << "piece(" << id << ") did not throw";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("outside the vocabulary of 32000"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(tok.piece(31999).empty(), false);
+}
+
 TEST(Tokenizer, StreamingAfterAPromptKeepsTheLeadingSpace) {
   const Tokenizer tok(fixture("tokenizers/mixtral-8x7b-v0.1.model"));
   const auto prompt = tok.encode("The quick brown");
