@@ -13,7 +13,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     moelab::SafetensorsFile f(path);
     (void)f.metadata();
     std::vector<float> buf;
-    for (const auto& [name, t] : f.tensors()) {
+    for (const auto& entry : f.tensors()) {  // (clang 14 lambdas cannot capture structured bindings)
+      const std::string& name = entry.first;
+      const moelab::TensorInfo& t = entry.second;
       const auto bytes = f.bytes(t);
       if (bytes.size() != t.nbytes()) __builtin_trap();
       (void)moelab::shape_str(t.shape);

@@ -5,7 +5,9 @@ trace corpus keeps the traces passed with --trace). Run from the repository root
 
     python3 tests/fuzz/make_corpus.py [--trace TRACE.h5 ...]
 
-Names: seed-* come from fixtures, repro-* reproduce a bug that was fixed (the issue item in the name)."""
+Names: seed-* come from fixtures, repro-* reproduce a bug that was fixed (the issue item in the name).
+Inputs found by scripts/fuzz.sh are committed as they came (trace/repro-hdf5-open-leak*); this script
+writes its own files only and deletes nothing."""
 import argparse, bz2, gzip, json, os, pathlib, struct, sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

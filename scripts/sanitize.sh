@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Sanitizer runs of the test suite.
+#
+#   scripts/sanitize.sh [CTEST_REGEX]          AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
+#   scripts/sanitize.sh --tsan [CTEST_REGEX]   ThreadSanitizer (build-tsan/), default regex:
+#                                              'CpuEngine|Q8|ThreadPool|CpuKernels' (the cpu-nf4 tests)
+#
+# ASan+UBSan: the default compiler, RelWithDebInfo, -fsanitize=address,undefined -fno-omit-frame-pointer,
+# UB fatal (-fno-sanitize-recover), leak detection on, MOELAB_CUDA=OFF; builds moelab_tests, the CLI
+# it runs and the fuzz corpus replays, then runs ctest (every test, or those matching CTEST_REGEX; the
+# CLI tests run the sanitized binary too). TSan: clang with LLVM's libomp and its Archer tool, so OpenMP
+# (used only at load) is understood rather than suppressed; see scripts/sanitizer-suppressions/tsan.supp.
+# Suppressions (scripts/sanitizer-suppressions/) hold third-party code only, each with its reason.
+# Environment: JOBS (build parallelism, default 1), NICE (default 19), CTEST_ARGS (extra ctest flags).
+# Exit status: ctest's (0: clean).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=asan
+if [[ ${1:-} == --tsan ]]; then
+  mode=tsan
+  shift
+fi
+regex=${1:-}
+jobs=${JOBS:-1}
+nice=(nice -n "${NICE:-19}")
+supp=$PWD/scripts/sanitizer-suppressions
+
+if [[ $mode == asan ]]; then
+  build=build-asan
+  flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+  mkdir -p "$build"
+  "${nice[@]}" cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOELAB_CUDA=OFF \
+    -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
+    -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" >"$build/configure.log" 2>&1 ||
+    { cat "$build/configure.log"; exit 1; }
+  targets=(--target moelab_tests --target moelab)
+  for h in safetensors config tokenizer eval_docs trace; do targets+=(--target "fuzz_replay_$h"); done
+  "${nice[@]}" cmake --build "$build" -j"$jobs" "${targets[@]}"
+  export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:fast_unwind_on_malloc=0}
+  # (fast_unwind_on_malloc=0: libhdf5 has no frame pointers; lsan.supp names a libhdf5 function)
+  export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:suppressions=$supp/ubsan.supp}
+  export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$supp/lsan.supp:print_suppressions=0}
+else
+  build=build-tsan
+  regex=${regex:-'CpuEngine|Q8|ThreadPool|CpuKernels'}
+  command -v clang++ >/dev/null || { echo "sanitize.sh --tsan: needs clang (apt-get install clang libomp-dev)" >&2; exit 1; }
+  flags="-fsanitize=thread -fno-omit-frame-pointer"
+  mkdir -p "$build"
+  "${nice[@]}" cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOELAB_CUDA=OFF \
+    -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
+    -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=thread" >"$build/configure.log" 2>&1 ||
+    { cat "$build/configure.log"; exit 1; }
+  "${nice[@]}" cmake --build "$build" -j"$jobs" --target moelab_tests --target moelab
+  tsan_supp=$build/tsan.supp
+  cp "$supp/tsan.supp" "$tsan_supp"
+  archer=$(ls /usr/lib/llvm-*/lib/libarcher.so 2>/dev/null | head -1 || true)
+  if [[ -n $archer ]]; then
+    export OMP_TOOL_LIBRARIES=$archer
+    export ARCHER_OPTIONS=${ARCHER_OPTIONS:-verbose=1}
+    echo "sanitize.sh --tsan: OpenMP through Archer ($archer)"
+  else
+    echo "sanitize.sh --tsan: WARNING: no libarcher.so (libomp-dev); OpenMP reports suppressed as false positives" >&2
+    printf '%s\n' 'called_from_lib:libomp.so.5' 'race:libomp.so.5' 'called_from_lib:libgomp.so.1' 'race:libgomp.so.1' >>"$tsan_supp"
+  fi
+  export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/$tsan_supp}
+fi
+
+ctest_args=(--test-dir "$build" --output-on-failure -j"$jobs" ${CTEST_ARGS:-})
+[[ -z $regex ]] || ctest_args+=(-R "$regex")
+echo "sanitize.sh ($mode): ctest ${ctest_args[*]}"
+"${nice[@]}" ctest "${ctest_args[@]}"
