@@ -181,3 +181,29 @@ TEST(CpuEnginePrequantized, CorruptQuantStateIsAClearError) {
 
 }  // namespace
 }  // namespace moelab::test
+
+namespace moelab::test {
+namespace {
+
+// The bundled (trained) model: real activations, not random fixtures. The int8 path stays within the
+// same stated bound of the check mode (see Int8ActivationsStayWithinTheStatedBoundOfTheCheckMode).
+TEST(CpuEngineBundled, Int8ActivationsStayWithinTheStatedBoundOnTheTrainedModel) {
+  const auto ck = Checkpoint::open(MOELAB_BUNDLED_MODEL);
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < 48; ++i) tokens.push_back(int32_t(1 + (i * 37) % (ck->config().vocab_size - 1)));
+  cpu::Nf4Engine exact(*ck, cpu::EngineOptions{.activations = "fp32"});
+  cpu::Nf4Engine fast(*ck, cpu::EngineOptions{.activations = "int8"});
+  const auto d = analysis::diff_records(analysis::ForwardRecord::run(exact, tokens),
+                                        analysis::ForwardRecord::run(fast, tokens), "cpu-nf4 fp32", "cpu-nf4 int8");
+  std::cout << d.table();
+  constexpr double kEps = 0.0136;
+  for (const auto& l : d.layers) {
+    EXPECT_GT(l.hidden.rel_l2, 0.0) << "layer " << l.layer;
+    EXPECT_LT(l.hidden.rel_l2, 4 * kEps * (l.layer + 1)) << "layer " << l.layer;
+    EXPECT_GE(l.topk_agreement, 0.9) << "layer " << l.layer;
+  }
+  EXPECT_LT(d.logits.rel_l2, 4 * kEps * double(d.layers.size()));
+}
+
+}  // namespace
+}  // namespace moelab::test
