@@ -14,6 +14,7 @@
 #include "core/error.hpp"
 #include "engine_test_util.hpp"
 #include "fixture_util.hpp"
+#include "isa_test_util.hpp"
 #include "optimized/cpu/engine.hpp"
 #include "optimized/cpu/quantize.hpp"
 #include "reference/model.hpp"
@@ -28,10 +29,7 @@ class CpuEngine : public DequantizedFixture {};
 // The exact check mode (FP32 activations) on every kernel set this CPU has; the others are named.
 TEST_P(CpuEngine, MatchesReferenceOnDequantizedWeightsEveryLayer) {
   for (const cpu::Isa parsed : cpu::kAllIsas) {
-    if (!cpu::isa_supported(parsed)) {
-      std::cout << "[ SKIP     ] " << cpu::isa_name(parsed) << " not run: this CPU lacks " << cpu::isa_features(parsed) << "\n";
-      continue;
-    }
+    if (!runs_here(parsed)) continue;
     SCOPED_TRACE(cpu::isa_name(parsed));
     cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = cpu::isa_name(parsed), .activations = "fp32"});
     ref::Model<float> reference(*dequantized);
@@ -93,10 +91,7 @@ TEST_P(CpuEngine, DecodingTokenByTokenEqualsOnePrefill) {
 TEST_P(CpuEngine, Int8ActivationsStayWithinTheStatedBoundOfTheCheckMode) {
   constexpr double kEps = 0.0136;
   for (const cpu::Isa isa : cpu::kAllIsas) {
-    if (!cpu::isa_supported(isa)) {
-      std::cout << "[ SKIP     ] " << cpu::isa_name(isa) << " not run: this CPU lacks " << cpu::isa_features(isa) << "\n";
-      continue;
-    }
+    if (!runs_here(isa)) continue;
     SCOPED_TRACE(cpu::isa_name(isa));
     cpu::Nf4Engine exact(*ck, cpu::EngineOptions{.isa = cpu::isa_name(isa), .activations = "fp32"});
     cpu::Nf4Engine fast(*ck, cpu::EngineOptions{.isa = cpu::isa_name(isa), .activations = "int8"});

@@ -20,6 +20,7 @@
 #include <random>
 #include <string>
 
+#include "isa_test_util.hpp"
 #include "optimized/cpu/kernels.hpp"
 #include "optimized/cpu/q8_matrix.hpp"
 #include "optimized/cpu/quantize.hpp"
@@ -197,10 +198,7 @@ TEST(Q8Matrix, RowsMatchFloat64AndTheFp32ProductOnEveryIsa) {
       std::vector<float> d(static_cast<size_t>(n * nd));
       for (int t = 0; t < n; ++t) cpu::quantize_q8(x.row(t).data(), cols, q.data() + t * cols, d.data() + t * nd);
       for (const Isa isa : {Isa::Scalar, Isa::Avx2}) {
-        if (!cpu::isa_supported(isa)) {
-          std::cout << "[ SKIP     ] " << cpu::isa_name(isa) << " not run: this CPU lacks " << cpu::isa_features(isa) << "\n";
-          continue;
-        }
+        if (!runs_here(isa)) continue;
         std::vector<float> y(static_cast<size_t>(n * rows), std::nanf(""));
         cpu::q8_matrix_rows(isa, q8, q.data(), d.data(), cols, nd, n, y.data(), rows, 0, rows);
         for (int t = 0; t < n; ++t)

@@ -123,8 +123,11 @@ int64_t q8_scales(Isa isa, const Nf4Matrix& w) {
 
 void prepare_q8(Isa isa, const Nf4Matrix& w, const float* x, int8_t* q, float* d) {
   if (!q8_simd_kernel(isa, w)) return quantize_q8(x, w.cols, q, d);
-  std::vector<int8_t> natural_q(size_t(w.cols));
-  std::vector<float> natural_d(size_t((w.cols + kQ8Group - 1) / kQ8Group));
+  // Scratch for the natural order, reused: this runs per token and matrix on the decode path.
+  thread_local std::vector<int8_t> natural_q;
+  thread_local std::vector<float> natural_d;
+  natural_q.resize(size_t(w.cols));
+  natural_d.resize(size_t((w.cols + kQ8Group - 1) / kQ8Group));
   quantize_q8(x, w.cols, natural_q.data(), natural_d.data());
   lay_out_q8(vector_bytes(isa), natural_q.data(), natural_d.data(), w.cols, q, d);
 }

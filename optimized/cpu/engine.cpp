@@ -101,7 +101,6 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
     if (cfg_.is_moe()) layer.router = std::move(quantized[next++]);
     for (int e = 0; e < cfg_.num_experts; ++e) {
       Nf4Expert ex;
-      // (The FP32 absmax of double-quantized matrices is dropped below when only the int8 kernels run.)
       ex.w1 = std::move(quantized[next++]);
       ex.w3 = std::move(quantized[next++]);
       ex.w2 = std::move(quantized[next++]);

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "optimized/cpu/linear.hpp"
+#include "optimized/cpu/q8_vectors.hpp"
 
 namespace moelab::cpu {
 namespace {
@@ -30,28 +31,22 @@ void rows_scalar(const Q8Matrix& w, const int8_t* q, const float* d, int64_t q_s
 template <int T>
 __attribute__((target("avx2,fma"))) void rows_avx2_t(const Q8Matrix& w, const int8_t* q, const float* d, int64_t q_stride,
                                                       int64_t d_stride, float* y, int64_t y_stride, int64_t r0, int64_t r1) {
-  const __m256i ones = _mm256_set1_epi16(1);
+  using V = q8simd::Avx2;  // the NF4 int8 kernels' vector operations, on int8 weights
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* v = w.values.data() + r * w.cols;
     __m256 acc[T];
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t c = 0; c < w.cols; c += 32) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + c));
-      const __m256i aw = _mm256_abs_epi8(wv);
+      const __m256i wv = V::load(v + c), aw = V::abs8(wv);
 #pragma GCC unroll 4
       for (int t = 0; t < T; ++t) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * q_stride + c));
-        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d[t * d_stride + c / 32]), acc[t]);
+        const __m256i s = V::dot(V::zero(), aw, V::sign8(V::load(q + t * q_stride + c), wv));
+        acc[t] = V::fma(V::cvt(s), _mm256_set1_ps(d[t * d_stride + c / 32]), acc[t]);
       }
     }
 #pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) {
-      const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-      const __m128 u = _mm_add_ps(s, _mm_movehl_ps(s, s));
-      y[t * y_stride + r - r0] = _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u))) * (127.0f * w.scale[size_t(r)]);
-    }
+    for (int t = 0; t < T; ++t) y[t * y_stride + r - r0] = V::reduce(acc[t]) * (127.0f * w.scale[size_t(r)]);
   }
 }
 
