@@ -7,6 +7,8 @@
 //   any semantic slip (a missing norm weight, wrong RoPE pairing, wrong GQA head map) is >1e-2.
 // - FP64 vs transformers FP64: relative L2 < 1e-10. Two float64 computations of the same math differ
 //   by ~1e-15 relative per op; 1e-10 allows the depth of the network and still catches anything real.
+// Decode == prefill, reset, truncate, context overflow and vocabulary checks for ref and ref-f64 are in
+// the Engine contract suite (tests/engine_contract.hpp), which runs every engine through them.
 #include <gtest/gtest.h>
 
 #include <map>
@@ -80,49 +82,12 @@ TEST_P(ReferenceFixture, Fp64OracleMatchesTransformersFp64) {
   EXPECT_LT(theirs, 1e-5);
 }
 
-TEST_P(ReferenceFixture, DecodingTokenByTokenEqualsOnePrefill) {
-  ref::Model<float> model(*ck);
-  const MatrixRF prefill = model.forward(tokens);
-  model.reset();
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    const MatrixRF step = model.forward(std::span<const int32_t>(&tokens[i], 1));
-    EXPECT_LT(rel_l2(step, prefill.row(Eigen::Index(i))), 1e-5) << "position " << i;
-  }
-  // Chunked prefill (5 then the rest) too.
-  model.reset();
-  const MatrixRF a = model.forward(std::span<const int32_t>(tokens.data(), 5));
-  const MatrixRF b = model.forward(std::span<const int32_t>(tokens.data() + 5, tokens.size() - 5));
-  EXPECT_LT(rel_l2(a, prefill.topRows(5)), 1e-5);
-  EXPECT_LT(rel_l2(b, prefill.bottomRows(Eigen::Index(tokens.size()) - 5)), 1e-5);
-  EXPECT_EQ(model.position(), int(tokens.size()));
-}
-
 TEST_P(ReferenceFixture, StreamingWeightsGivesTheSameLogits) {
   ref::Model<float> resident(*ck);
   ref::Model<float> streamed(*ck, ref::ModelOptions{0, /*stream=*/true});
   const MatrixRF a = resident.forward(tokens), b = streamed.forward(tokens);
   // Same data, same code path: identical up to reassociation inside threaded GEMM.
   EXPECT_LT(rel_l2(b, a), 1e-6);
-}
-
-TEST_P(ReferenceFixture, ContextOverflowIsAClearError) {
-  ref::Model<float> model(*ck, ref::ModelOptions{8});
-  EXPECT_EQ(model.max_context(), 8);
-  model.forward(std::span<const int32_t>(tokens.data(), 8));
-  try {
-    model.forward(std::span<const int32_t>(tokens.data(), 1));
-    FAIL() << "expected a context overflow error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("context overflow"), std::string::npos) << e.what();
-  }
-  EXPECT_THROW(ref::Model<float>(*ck, ref::ModelOptions{ck->config().max_position_embeddings + 1}), Error);
-}
-
-TEST_P(ReferenceFixture, TokenOutsideVocabularyIsAnError) {
-  ref::Model<float> model(*ck);
-  const std::vector<int32_t> bad{1, ck->config().vocab_size};
-  EXPECT_THROW(model.forward(bad), Error);
-  EXPECT_EQ(model.position(), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ReferenceFixture, MOELAB_FIXTURE_MODELS, fixture_test_name);
@@ -171,24 +136,6 @@ TEST(Reference, RmsNormMatchesFloat64Math) {
     const double inv = 1.0 / std::sqrt(ms / H + 1e-5);
     for (int i = 0; i < H; ++i) EXPECT_NEAR(y(r, i), x(r, i) * inv * w(i), 1e-6 * std::abs(x(r, i) * inv * w(i)) + 1e-7);
   }
-}
-
-}  // namespace
-}  // namespace moelab::test
-
-namespace moelab::test {
-namespace {
-
-TEST(Reference, TruncateThenForwardEqualsPrefill) {
-  const auto ck = Checkpoint::open(model_dir("mixtral-4e-gqa-f32"));
-  SafetensorsFile expected(model_dir("mixtral-4e-gqa-f32") + "/expected.safetensors");
-  const auto tokens = read_i32(expected, "tokens");
-  ref::Model<float> model(*ck);
-  const MatrixRF prefill = model.forward(tokens);
-  model.truncate(5);  // keep 5 tokens, recompute the rest from there
-  const MatrixRF rest = model.forward(std::span<const int32_t>(tokens.data() + 5, tokens.size() - 5));
-  EXPECT_LT(rel_l2(rest, prefill.bottomRows(Eigen::Index(tokens.size()) - 5)), 1e-5);
-  EXPECT_THROW(model.truncate(model.position() + 1), Error);
 }
 
 }  // namespace
