@@ -105,11 +105,25 @@ TEST_F(Cli, GenerateGreedyMatchesTransformers) {
   EXPECT_EQ(r.out.rfind("The quick brown", 0), 0u) << r.out;
 }
 
+// Every subcommand the top-level help lists (read from it, so a new one is covered without editing this
+// list), and at least the eleven known today.
 TEST_F(Cli, EverySubcommandHasHelp) {
-  for (const std::string sub : {"", "inspect", "generate", "forward", "demo", "devices"}) {
+  const CliRun top = moelab("--help");
+  ASSERT_EQ(top.exit_code, 0);
+  std::vector<std::string> listed;
+  std::istringstream lines(top.out.substr(std::min(top.out.find("Subcommands:"), top.out.size())));
+  for (std::string line; std::getline(lines, line);)
+    if (line.rfind("  ", 0) == 0 && line.size() > 2 && line[2] != ' ') listed.push_back(line.substr(2, line.find(' ', 2) - 2));
+  for (const std::string known : {"inspect", "generate", "forward", "demo", "diff", "quantize", "eval", "trace",
+                                  "profile", "stats", "devices"})
+    EXPECT_NE(std::find(listed.begin(), listed.end(), known), listed.end()) << known << " missing from:\n" << top.out;
+  for (const auto& sub : listed) {
     const CliRun r = moelab(sub + " --help");
     EXPECT_EQ(r.exit_code, 0) << sub;
-    EXPECT_NE(r.out.find("Usage"), std::string::npos) << sub;
+    const size_t usage = r.out.find("Usage: ");
+    ASSERT_NE(usage, std::string::npos) << sub << ":\n" << r.out;
+    const std::string usage_line = r.out.substr(usage, r.out.find('\n', usage) - usage);
+    EXPECT_NE(usage_line.find(" " + sub + " "), std::string::npos) << sub << "'s own usage: " << usage_line;
   }
 }
 

@@ -1,0 +1,268 @@
+// `moelab eval` and `moelab diff` as a user runs them, on the fixture models and the fixture eval data,
+// with their outputs checked against independent values: lm-evaluation-harness 0.4.9.2's own results
+// on the same model and documents (tests/fixtures/evals/parity, scripts/eval_parity.py), transformers'
+// forward dump (the fixtures' expected.safetensors), and the library's diff computed in-process.
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "analysis/diff.hpp"
+#include "core/checkpoint.hpp"
+#include "core/spawn.hpp"
+#include "fixture_util.hpp"
+#include "optimized/cpu/engine.hpp"
+#include "reference/model.hpp"
+
+namespace moelab::test {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+json read_json(const fs::path& p) { return json::parse(slurp(p)); }
+
+std::vector<json> read_jsonl(const fs::path& p) {
+  std::vector<json> out;
+  std::istringstream in(slurp(p));
+  for (std::string line; std::getline(in, line);)
+    if (!line.empty()) out.push_back(json::parse(line));
+  return out;
+}
+
+class CliEvalDiff : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    tmp = fs::temp_directory_path() / ("moelab-cli-eval-diff-" + std::to_string(::getpid()) + "-" +
+                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+  }
+  void TearDown() override { fs::remove_all(tmp); }
+
+  struct Run {
+    int status;
+    std::string out, err;
+  };
+  // The real binary, started without a shell.
+  Run moelab(std::vector<std::string> args) {
+    args.insert(args.begin(), MOELAB_BIN);
+    const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
+    const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
+    return {status, slurp(out), slurp(err)};
+  }
+  static void expect_one_line_error(const Run& r, const std::string& needle) {
+    EXPECT_EQ(r.status, 1) << r.err;
+    EXPECT_EQ(r.err.rfind("moelab: error: ", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << "missing '" << needle << "' in: " << r.err;
+  }
+  std::string path(const std::string& name) const { return (tmp / name).string(); }
+
+  fs::path tmp;
+};
+
+const std::string kModel = "mixtral-4e-gqa-f32";  // the model the harness oracles were run on
+
+std::string token_list(const std::vector<int32_t>& t) {
+  std::string s;
+  for (int32_t x : t) s += (s.empty() ? "" : ",") + std::to_string(x);
+  return s;
+}
+
+// ---- eval ----
+
+// Tolerance of a summed log-likelihood against the harness's (transformers FP32 vs our FP32 reference,
+// ~1e-6 relative on logits; a log-prob of magnitude ~10 carries ~1e-5 absolute per token, continuations
+// here are a few tokens): 1e-4 absolute, as tests/test_evals.cpp's parity tests state.
+constexpr double kTolChoice = 1e-4;
+
+TEST_F(CliEvalDiff, EvalMultipleChoiceWritesTheHarnessResultsAndSamples) {
+  const json oracle = read_json(fixture("evals/parity/parity_mc.json"));
+  const auto out = path("results.json");
+  const Run r = moelab({"eval", "--model", model_dir(kModel), "--task", "multiple_choice", "--data",
+                        fixture("evals/tasks/mc_test.jsonl"), "--out", out, "--log-samples"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  // The table: each metric with our score in percent, and the run's summary line.
+  EXPECT_NE(r.out.find("acc_norm,none"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("6 documents, 0-shot, engine ref"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("wrote " + out + "\n"), std::string::npos) << r.out;
+
+  const json got = read_json(out);
+  ASSERT_TRUE(got["results"].contains("multiple_choice")) << got.dump(1);
+  const json& res = got["results"]["multiple_choice"];
+  for (const auto& [k, v] : oracle["results"].items()) {
+    ASSERT_TRUE(res.contains(k)) << k;
+    // Scores are ratios of small counts and their stderrs: equal to the last bit.
+    EXPECT_DOUBLE_EQ(res[k].get<double>(), v.get<double>()) << k;
+  }
+  EXPECT_EQ(got["n-samples"]["multiple_choice"]["effective"], 6);
+  EXPECT_EQ(got["n-shot"]["multiple_choice"], 0);
+
+  const auto samples = read_jsonl(out + ".samples_multiple_choice.jsonl");
+  const auto& want = oracle["samples"];
+  ASSERT_EQ(samples.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    SCOPED_TRACE("doc " + std::to_string(i));
+    EXPECT_EQ(samples[i]["doc_id"], want[i]["doc_id"]);
+    EXPECT_EQ(samples[i]["arguments"], want[i]["arguments"]);  // context and continuation strings, exactly
+    ASSERT_EQ(samples[i]["filtered_resps"].size(), want[i]["filtered_resps"].size());
+    for (size_t k = 0; k < want[i]["filtered_resps"].size(); ++k) {
+      EXPECT_NEAR(samples[i]["filtered_resps"][k][0].get<double>(), want[i]["filtered_resps"][k][0].get<double>(),
+                  kTolChoice);
+      EXPECT_EQ(samples[i]["filtered_resps"][k][1], want[i]["filtered_resps"][k][1]);
+    }
+    for (const auto& [m, v] : want[i]["metrics"].items()) EXPECT_EQ(samples[i][m], v) << m;
+  }
+}
+
+// Rolling log-likelihood (the wikitext task's type) over several windows; perplexities are continuous
+// in the summed log-likelihoods: 1e-5 relative, sums within 1e-3 absolute (~130 tokens, see
+// tests/test_evals.cpp).
+TEST_F(CliEvalDiff, EvalRollingMatchesTheHarnessPerplexities) {
+  const json oracle = read_json(fixture("evals/parity/parity_rolling.json"));
+  const auto out = path("rolling.json");
+  const Run r = moelab({"eval", "--model", model_dir(kModel), "--task", "rolling", "--data",
+                        fixture("evals/tasks/rolling_test.jsonl"), "--out", out, "--log-samples"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const json got = read_json(out);
+  const json& res = got["results"]["rolling"];
+  for (const auto& [k, v] : oracle["results"].items()) {
+    ASSERT_TRUE(res.contains(k)) << k;
+    if (!v.is_number()) {
+      EXPECT_EQ(res[k], v) << k;  // "N/A" stderr
+      continue;
+    }
+    EXPECT_NEAR(res[k].get<double>(), v.get<double>(), 1e-5 * std::abs(v.get<double>())) << k;
+  }
+  const auto samples = read_jsonl(out + ".samples_rolling.jsonl");
+  ASSERT_EQ(samples.size(), oracle["samples"].size());
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const json& w = oracle["samples"][i];
+    EXPECT_NEAR(samples[i]["filtered_resps"].get<double>(), w["filtered_resps"][0].get<double>(), 1e-3) << i;
+    EXPECT_EQ(samples[i]["word_perplexity"][1], w["metrics"]["word_perplexity"][1]) << i;  // word count
+    EXPECT_EQ(samples[i]["byte_perplexity"][1], w["metrics"]["byte_perplexity"][1]) << i;  // byte count
+  }
+}
+
+// --limit takes the first documents only; the results say so; a document outside the task's form is
+// one error line naming the file and line, before any model is loaded.
+TEST_F(CliEvalDiff, EvalLimitAndBadRecords) {
+  const json oracle = read_json(fixture("evals/parity/parity_mc.json"));
+  const auto out = path("limited.json");
+  const Run r = moelab({"eval", "--model", model_dir(kModel), "--task", "multiple_choice", "--data",
+                        fixture("evals/tasks/mc_test.jsonl"), "--limit", "2", "--out", out, "--log-samples"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const json got = read_json(out);
+  EXPECT_EQ(got["n-samples"]["multiple_choice"]["effective"], 2);
+  EXPECT_EQ(got["config"]["limit"], 2);
+  const auto samples = read_jsonl(out + ".samples_multiple_choice.jsonl");
+  ASSERT_EQ(samples.size(), 2u);
+  // acc over the first two documents, from the harness's per-document scores.
+  const double acc = (oracle["samples"][0]["metrics"]["acc"].get<double>() +
+                      oracle["samples"][1]["metrics"]["acc"].get<double>()) / 2;
+  EXPECT_DOUBLE_EQ(got["results"]["multiple_choice"]["acc,none"].get<double>(), acc);
+
+  std::ofstream(path("bad.jsonl")) << R"({"query": "q", "choices": ["a", "b"], "gold": 0})" "\n"
+                                   << R"({"prompt": "not a multiple-choice record"})" "\n";
+  expect_one_line_error(moelab({"eval", "--model", "/nonexistent", "--task", "multiple_choice", "--data",
+                                path("bad.jsonl")}),
+                        path("bad.jsonl") + ":2: multiple_choice: record is neither the normalized form");
+}
+
+// ---- diff ----
+
+// transformers' dump (the fixture's expected.safetensors has the forward dump's keys) against ref: the
+// reference's stated agreement, 1e-5 relative L2 at every layer and on the logits, same experts.
+TEST_F(CliEvalDiff, DiffTransformersDumpAgainstRefEveryLayer) {
+  const auto cfg = ModelConfig::from_json_file(model_dir(kModel) + "/config.json");
+  const auto json_out = path("diff.json");
+  const auto dump = model_dir(kModel) + "/expected.safetensors";
+  const Run r = moelab({"diff", "--model", model_dir(kModel), "--a", "dump:" + dump, "--b", "ref", "--json", json_out});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const json d = read_json(json_out);
+  EXPECT_EQ(d["format"], "moelab-diff-v1");
+  EXPECT_EQ(d["a"], "dump:" + dump);
+  EXPECT_EQ(d["b"], "ref");
+  EXPECT_EQ(d["tokens"], 12);  // taken from the dump
+  ASSERT_EQ(int(d["layers"].size()), cfg.num_layers);
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    const json& layer = d["layers"][size_t(l)];
+    EXPECT_EQ(layer["layer"], l);
+    EXPECT_LT(layer["hidden"]["rel_l2"].get<double>(), 1e-5) << l;
+    EXPECT_LT(layer["router_logits"]["rel_l2"].get<double>(), 1e-5) << l;
+    EXPECT_EQ(layer["router_topk_agreement"].get<double>(), 1.0) << l;
+  }
+  EXPECT_LT(d["logits"]["rel_l2"].get<double>(), 1e-5);
+  EXPECT_EQ(d["logits"]["top1_agreement"].get<double>(), 1.0);
+  // The table: a header, one line per layer, the logits line, and where the JSON went.
+  EXPECT_EQ(r.out.rfind("diff: b = ref against a = dump:" + dump + ", 12 tokens\n", 0), 0u) << r.out;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 2 + cfg.num_layers + 1 + 1) << r.out;
+  EXPECT_NE(r.out.find("wrote " + json_out), std::string::npos);
+}
+
+// Two engines: the CLI's report is the library's diff of the same two engines, and cpu-nf4's NF4
+// weights show (relative L2 far above FP32 rounding). A dump against itself is zero everywhere.
+TEST_F(CliEvalDiff, DiffEnginesIsTheLibrarysDiffAndADumpAgainstItselfIsZero) {
+  const auto ck = Checkpoint::open(model_dir(kModel));
+  const auto tokens = read_i32(SafetensorsFile(model_dir(kModel) + "/expected.safetensors"), "tokens");
+  const auto json_out = path("engines.json");
+  const Run r = moelab({"diff", "--model", model_dir(kModel), "--a", "ref", "--b", "cpu-nf4", "--tokens",
+                        token_list(tokens), "--json", json_out});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const json d = read_json(json_out);
+  ref::Model<float> reference(*ck);
+  cpu::Nf4Engine nf4(*ck);  // the CLI's cpu-nf4 defaults: int8 activations, q8 lm_head
+  const auto want = analysis::diff_records(analysis::ForwardRecord::run(reference, tokens),
+                                           analysis::ForwardRecord::run(nf4, tokens), "ref", "cpu-nf4");
+  ASSERT_EQ(d["layers"].size(), want.layers.size());
+  // Same engines, same tokens: the same numbers up to the threads' chunking of FP32 sums (1e-4 of a
+  // relative error that is itself ~1e-2).
+  for (size_t l = 0; l < want.layers.size(); ++l) {
+    const double got = d["layers"][l]["hidden"]["rel_l2"].get<double>();
+    EXPECT_NEAR(got, want.layers[l].hidden.rel_l2, 1e-4 * want.layers[l].hidden.rel_l2) << l;
+    EXPECT_GT(got, 1e-3) << "layer " << l << ": NF4 weights must show";
+    EXPECT_EQ(d["layers"][l]["router_topk_agreement"].get<double>(), want.layers[l].topk_agreement) << l;
+  }
+  EXPECT_NEAR(d["logits"]["rel_l2"].get<double>(), want.logits.rel_l2, 1e-4 * want.logits.rel_l2);
+  EXPECT_NEAR(d["logits"]["mean_kl"].get<double>(), want.mean_kl, 1e-3 * want.mean_kl);
+
+  // forward --dump, then the dump against itself: no model needed, zero everywhere.
+  const auto dump = path("fwd.safetensors");
+  ASSERT_EQ(moelab({"forward", "--model", model_dir(kModel), "--tokens", token_list(tokens), "--dump", dump}).status, 0);
+  const auto self_json = path("self.json");
+  const Run s = moelab({"diff", "--a", "dump:" + dump, "--b", "dump:" + dump, "--json", self_json});
+  ASSERT_EQ(s.status, 0) << s.err;
+  const json z = read_json(self_json);
+  for (const auto& layer : z["layers"]) {
+    EXPECT_EQ(layer["hidden"]["rel_l2"].get<double>(), 0.0);
+    EXPECT_EQ(layer["router_topk_agreement"].get<double>(), 1.0);
+  }
+  EXPECT_EQ(z["logits"]["rel_l2"].get<double>(), 0.0);
+  EXPECT_EQ(z["logits"]["mean_kl"].get<double>(), 0.0);
+}
+
+TEST_F(CliEvalDiff, DiffInputErrorsAreOneLine) {
+  const auto dump = model_dir(kModel) + "/expected.safetensors";
+  expect_one_line_error(moelab({"diff", "--model", model_dir(kModel), "--a", "dump:" + dump, "--b", "ref",
+                                "--tokens", "1,2,3"}),
+                        "the dump's tokens differ from the tokens given");
+  expect_one_line_error(moelab({"diff", "--model", model_dir(kModel), "--a", "ref", "--b", "ref-f64"}),
+                        "give --tokens or --text");
+  expect_one_line_error(moelab({"diff", "--model", model_dir(kModel), "--a", "ref", "--b", "nonsense", "--tokens", "1,2"}),
+                        "unknown engine 'nonsense'");
+}
+
+}  // namespace
+}  // namespace moelab::test
