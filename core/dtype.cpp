@@ -74,6 +74,24 @@ uint16_t f32_to_bf16(float value) {
   return uint16_t(bits >> 16);
 }
 
+uint16_t f32_to_f16(float value) {
+  const uint32_t x = std::bit_cast<uint32_t>(value);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000);
+  const uint32_t abs = x & 0x7fffffff;
+  if (abs > 0x7f800000) return sign | 0x7e00 | uint16_t((abs >> 13) & 0x3ff);  // NaN, kept quiet
+  if (abs >= 0x477ff000) return sign | 0x7c00;  // >= 65520, halfway to 2^16 or more: infinity
+  if (abs >= 0x38800000) {                      // a normal half (>= 2^-14)
+    // Rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even; a
+    // mantissa carry correctly bumps the exponent.
+    const uint32_t odd = (abs >> 13) & 1;
+    return sign | uint16_t((abs - (uint32_t(112) << 23) + 0xfff + odd) >> 13);
+  }
+  // Subnormal half (multiples of 2^-24): adding 0.5 puts the value where one float ulp is 2^-24, so
+  // the FPU's own round-to-nearest-even does the rounding; the low bits are then the half mantissa.
+  const float shifted = std::bit_cast<float>(abs) + 0.5f;
+  return sign | uint16_t(std::bit_cast<uint32_t>(shifted) - 0x3f000000);
+}
+
 void convert_to_f32(DType t, const std::byte* src, size_t count, float* dst) {
   switch (t) {
     case DType::F32:

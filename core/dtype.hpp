@@ -24,6 +24,8 @@ bool dtype_is_float_convertible(DType t);  // F32, F16, BF16, F64
 float bf16_to_f32(uint16_t bits);
 float f16_to_f32(uint16_t bits);
 uint16_t f32_to_bf16(float value);  // round to nearest even, as torch does
+// IEEE binary16: round to nearest, ties to even; beyond the half range gives infinity; NaN stays NaN.
+uint16_t f32_to_f16(float value);
 
 // Converts `count` elements starting at `src` (any alignment) to FP32.
 void convert_to_f32(DType t, const std::byte* src, size_t count, float* dst);

@@ -135,6 +135,45 @@ TEST(DtypeF16, ExhaustiveAgainstFieldDecoding) {
   EXPECT_EQ(mismatches, 0);
 }
 
+// ---------------------------------------------------------------- F32 -> F16
+// (the one float16 converter: checkpoints and the router logits of routing traces both use it)
+
+TEST(DtypeF32ToF16, EveryHalfSurvivesTheRoundTrip) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = f16_to_f32(uint16_t(h));
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(f)))) << h;
+      continue;
+    }
+    ASSERT_EQ(f32_to_f16(f), uint16_t(h)) << "half bits " << h << " value " << f;
+  }
+}
+
+// Between every two neighbouring halves (subnormals, normals, and 65504 -> infinity): the midpoint goes
+// to the one with the even mantissa, anything off the midpoint to the nearer one. Midpoints of halves
+// are exact in float (12 significant bits).
+TEST(DtypeF32ToF16, RoundsToNearestEvenEverywhere) {
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    const uint16_t lo = uint16_t(h), hi = uint16_t(h + 1);  // hi may be 0x7c00 = infinity
+    const double a = f16_reference(lo);
+    const double b = hi == 0x7c00 ? 65536.0 : f16_reference(hi);  // where infinity "would" be
+    const float mid = float((a + b) / 2);
+    ASSERT_EQ(double(mid), (a + b) / 2);
+    const uint16_t even = (lo & 1) == 0 ? lo : hi;
+    ASSERT_EQ(f32_to_f16(mid), even) << "midpoint of " << a << " and " << b;
+    ASSERT_EQ(f32_to_f16(std::nextafter(mid, 0.0f)), lo) << "just below the midpoint of " << a << " and " << b;
+    ASSERT_EQ(f32_to_f16(std::nextafter(mid, 1e9f)), hi) << "just above the midpoint of " << a << " and " << b;
+    ASSERT_EQ(f32_to_f16(-mid), uint16_t(even | 0x8000)) << "negative midpoint";
+  }
+  EXPECT_EQ(f32_to_f16(1e9f), 0x7c00);
+  EXPECT_EQ(f32_to_f16(std::numeric_limits<float>::infinity()), 0x7c00);
+  EXPECT_EQ(f32_to_f16(-std::numeric_limits<float>::infinity()), 0xfc00);
+  EXPECT_EQ(f32_to_f16(1e-9f), 0x0000);  // below half the smallest subnormal
+  EXPECT_EQ(f32_to_f16(-0.0f), 0x8000);
+  EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(std::numeric_limits<float>::quiet_NaN()))));
+  EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(-std::numeric_limits<float>::quiet_NaN()))));
+}
+
 // ---------------------------------------------------------------- BF16 -> F32
 
 TEST(DtypeBF16, KnownBitPatterns) {
