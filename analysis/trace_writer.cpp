@@ -8,6 +8,7 @@
 
 #include "analysis/trace.hpp"
 #include "analysis/trace_h5.hpp"
+#include "core/clock.hpp"
 #include "core/error.hpp"
 
 namespace moelab::analysis {
@@ -420,7 +421,7 @@ void TraceWriter::add_sequence(int domain, std::span<const int32_t> tokens, std:
   m.written_tokens += int64_t(n);
   m.written_sequences += 1;
 
-  const double age = std::chrono::duration<double>(std::chrono::steady_clock::now() - m.oldest_buffered).count();
+  const double age = seconds_since(m.oldest_buffered);
   if (m.buffered_tokens() >= m.options.flush_tokens || age >= m.options.flush_seconds) m.flush();
 }
 

@@ -25,6 +25,7 @@
 #include "cli/eval_run.hpp"
 #include "cli/trace_run.hpp"
 #include "core/checkpoint.hpp"
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/generate.hpp"
 #include "core/progress.hpp"
@@ -206,7 +207,7 @@ void run_demo(DemoArgs& a) {
     }
   }
 
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const double seconds = seconds_since(started);
   nlohmann::json index = {
       {"format", "moelab-demo-v1"},
       {"model", a.model},

@@ -4,7 +4,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -17,6 +16,7 @@
 #include "cli/engines.hpp"
 #include "cli/trace_run.hpp"
 #include "core/checkpoint.hpp"
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
 #include "core/safetensors_writer.hpp"
@@ -24,9 +24,6 @@
 
 namespace moelab::cli {
 namespace {
-
-using clock_type = std::chrono::steady_clock;
-double seconds_since(clock_type::time_point t0) { return std::chrono::duration<double>(clock_type::now() - t0).count(); }
 
 // TRACE.h5 -> TRACE.timings.json
 std::string timings_path_for(const std::string& trace_path) {
@@ -146,14 +143,14 @@ void run_profile(ProfileArgs& a) {
   for (int run = 0; run < a.warmup + a.repeat; ++run) {
     const bool measured = run >= a.warmup;  // warm-up runs fill caches and are not counted
     engine->reset();
-    auto t0 = clock_type::now();
+    auto t0 = SteadyClock::now();
     // --totals-only: no probe, so engines that copy per-layer observations to the host run at full speed.
     // As a generation's prefill: the lm_head only for the row that is sampled (llama-bench does the same).
     MatrixRF logits = engine->forward_tail(prompt, int(prompt.size()) - 1, measured && !a.totals_only ? &prefill : nullptr);
     if (measured) prefill.add_call(int64_t(prompt.size()), seconds_since(t0));
     for (int step = 0; step < a.decode; ++step) {
       const int32_t next = argmax_last_row(logits);
-      t0 = clock_type::now();
+      t0 = SteadyClock::now();
       logits = engine->forward(std::span<const int32_t>(&next, 1), measured && !a.totals_only ? &decode : nullptr);
       if (measured) decode.add_call(1, seconds_since(t0));
     }

@@ -5,19 +5,16 @@
 
 #include <algorithm>
 #include <csignal>
-#include <chrono>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
 
 namespace moelab::cli {
 namespace {
-
-using clock_type = std::chrono::steady_clock;
-double seconds_since(clock_type::time_point t0) { return std::chrono::duration<double>(clock_type::now() - t0).count(); }
 
 // The checkpoint's config.json, stored in the trace so that appends can be checked against it.
 nlohmann::json read_config_json(const ModelConfig& cfg) {
@@ -130,11 +127,11 @@ TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer
   int64_t total = 0;
   for (const auto& w : windows) total += int64_t(w.tokens.size());
   Progress progress("trace", total);
-  const auto start = clock_type::now();
+  const auto start = SteadyClock::now();
   int64_t done_tokens = 0, done_sequences = 0;
   for (const auto& w : windows) {
     if (stop.signal()) break;
-    const auto t0 = clock_type::now();
+    const auto t0 = SteadyClock::now();
     const auto routing = analysis::route_window(engine, w.tokens, o.router_logits, o.timing);
     if (o.timing) o.timing->add_call(int64_t(w.tokens.size()), seconds_since(t0));
     const auto& domain = texts[w.text].domain;

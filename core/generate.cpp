@@ -2,8 +2,7 @@
 
 #include <fmt/format.h>
 
-#include <chrono>
-
+#include "core/clock.hpp"
 #include "core/error.hpp"
 
 namespace moelab {
@@ -26,11 +25,10 @@ GenerationResult generate(Engine& engine, const std::vector<int32_t>& prompt, in
   r.context = engine.max_context();
   const bool capped = max_new_tokens > room + 1;
   if (capped) max_new_tokens = room + 1;
-  using clock = std::chrono::steady_clock;
-  auto t0 = clock::now();
+  auto t0 = SteadyClock::now();
   MatrixRF logits = engine.forward_tail(prompt, int(prompt.size()) - 1);  // sampling reads the last row only
-  r.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
-  t0 = clock::now();
+  r.prefill_seconds = seconds_since(t0);
+  t0 = SteadyClock::now();
   for (int i = 0; i < max_new_tokens; ++i) {
     const auto last = logits.row(logits.rows() - 1);
     const int32_t next = sampler.sample(std::span<const float>(last.data(), size_t(last.size())));
@@ -42,7 +40,7 @@ GenerationResult generate(Engine& engine, const std::vector<int32_t>& prompt, in
     if (on_token) on_token(next);
     if (i + 1 < max_new_tokens) logits = engine.forward(std::span<const int32_t>(&next, 1));
   }
-  r.decode_seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  r.decode_seconds = seconds_since(t0);
   r.stopped_at_context = capped && !r.stopped_at_eos;
   return r;
 }

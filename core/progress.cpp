@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <fmt/format.h>
 
+#include "core/clock.hpp"
+
 namespace moelab {
 
 bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
@@ -32,7 +34,7 @@ void Progress::finish() {
 
 void Progress::draw(bool final) {
   if (!enabled_ || total_ <= 0) return;
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  const double secs = seconds_since(start_);
   const double frac = double(done_) / double(total_);
   const int width = 30, filled = int(frac * width + 0.5);
   const double eta = done_ > 0 ? secs * (double(total_ - done_) / double(done_)) : 0.0;

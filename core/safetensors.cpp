@@ -22,11 +22,13 @@ namespace moelab {
 
 using nlohmann::json;
 
-int64_t TensorInfo::numel() const {
+int64_t shape_numel(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (auto d : shape) n *= d;
   return n;
 }
+
+int64_t TensorInfo::numel() const { return shape_numel(shape); }
 
 std::string shape_str(const std::vector<int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));

@@ -31,6 +31,7 @@ struct TensorInfo {
 };
 
 std::string shape_str(const std::vector<int64_t>& shape);  // "[8, 4096]"
+int64_t shape_numel(const std::vector<int64_t>& shape);    // product of the dimensions (1 for [])
 // Tensor names, keys and shard names come from files: control characters in them would break a
 // one-line error message, so messages show them escaped (\n, \xNN).
 std::string printable(std::string_view s);

@@ -13,20 +13,15 @@
 #include <set>
 
 #include "core/error.hpp"
+#include "core/safetensors.hpp"
 
 namespace moelab {
 
 namespace {
-int64_t numel(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
-
 template <typename T>
 TensorToWrite make_tensor(std::string name, DType dtype, std::vector<int64_t> shape, const T* values) {
   TensorToWrite t{std::move(name), dtype, std::move(shape), {}};
-  t.data.resize(size_t(numel(t.shape)) * sizeof(T));
+  t.data.resize(size_t(shape_numel(t.shape)) * sizeof(T));
   if (!t.data.empty()) std::memcpy(t.data.data(), values, t.data.size());
   return t;
 }
@@ -72,10 +67,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
       throw Error(fmt::format("{}: tensor '{}' appears more than once", path, t.name));
     for (auto d : t.shape)
       if (d < 0) throw Error(fmt::format("{}: tensor '{}' has a negative dimension {}", path, t.name, d));
-    const unsigned __int128 bits = (unsigned __int128)uint64_t(numel(t.shape)) * uint64_t(dtype_bits(t.dtype));
+    const unsigned __int128 bits = (unsigned __int128)uint64_t(shape_numel(t.shape)) * uint64_t(dtype_bits(t.dtype));
     if (bits % 8 != 0)
       throw Error(fmt::format("{}: tensor '{}' of {} x {}-bit elements is not a whole number of bytes", path,
-                              t.name, numel(t.shape), dtype_bits(t.dtype)));
+                              t.name, shape_numel(t.shape), dtype_bits(t.dtype)));
     const uint64_t expect = uint64_t(bits / 8);
     if (t.data.size() != expect)
       throw Error(fmt::format("{}: tensor '{}' has {} bytes of data, its shape needs {}", path, t.name,

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/sampling.hpp"
 #include "evals/extract.hpp"
@@ -218,7 +219,7 @@ TaskResult run_task(Engine& engine, const TextCodec& codec, const TaskSpec& spec
     case TaskType::Generate: run_generate(engine, codec, spec, docs, contexts, opts, r); break;
     case TaskType::Code: run_code(engine, codec, spec, docs, opts, r); break;
   }
-  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.seconds = seconds_since(t0);
   return r;
 }
 

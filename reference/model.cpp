@@ -1,21 +1,22 @@
 #include "reference/model.hpp"
 
+// Every stage here is written for reading and kept apart from cpu-nf4's (optimized/cpu/) and cuda-nf4's
+// on purpose: `moelab diff` and the engine tests compare them layer by layer against this model, and a
+// stage shared between them would carry one bug into both sides of the comparison unseen. Do not merge
+// them; share only what is not under comparison (checkpoint reading, the clock).
+
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <numeric>
 
+#include "core/clock.hpp"
 #include "core/error.hpp"
 
 namespace moelab::ref {
 
 namespace {
-using clock_type = std::chrono::steady_clock;
-double seconds_since(clock_type::time_point t0) {
-  return std::chrono::duration<double>(clock_type::now() - t0).count();
-}
 // The reference computes on float weights only; it names the engine that reads NF4 instead.
 const ModelConfig& refuse_quantized(const Checkpoint& ck) {
   if (ck.config().quantization.nf4)
@@ -180,7 +181,7 @@ Mat<S> Model<S>::moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutp
     if (rows.empty()) continue;
     Mat<S> xe(Eigen::Index(rows.size()), x.cols());
     for (size_t i = 0; i < rows.size(); ++i) xe.row(Eigen::Index(i)) = x.row(rows[i]);
-    const auto t0 = timings ? clock_type::now() : clock_type::time_point{};
+    const auto t0 = timings ? SteadyClock::now() : SteadyClock::time_point{};
     const Mat<S> ye = expert_mlp(w.experts[size_t(e)], xe);
     if (timings) timings->push_back({e, int(rows.size()), seconds_since(t0)});
     for (size_t i = 0; i < rows.size(); ++i) out.row(rows[i]) += gate[i] * ye.row(Eigen::Index(i));
@@ -204,14 +205,14 @@ Mat<S> Model<S>::forward_native(std::span<const int32_t> tokens, Probe* probe) {
     const auto w = weights_.layer(l);
     LayerObservation obs;
     obs.layer = l;
-    auto t0 = clock_type::now();
+    auto t0 = SteadyClock::now();
     h += attention(l, *w, rms_norm(h, w->attn_norm), pos_);
     obs.attention_seconds = seconds_since(t0);
-    t0 = clock_type::now();
+    t0 = SteadyClock::now();
     const Mat<S> x = rms_norm(h, w->ffn_norm);
     const RouterOutput<S> r = route(*w, x);
     obs.router_seconds = seconds_since(t0);
-    t0 = clock_type::now();
+    t0 = SteadyClock::now();
     std::vector<ExpertTiming> expert_times;  // filled only for a probe
     h += moe(*w, x, r, probe ? &expert_times : nullptr);
     obs.experts_seconds = seconds_since(t0);
@@ -228,7 +229,7 @@ Mat<S> Model<S>::forward_native(std::span<const int32_t> tokens, Probe* probe) {
     }
   }
   pos_ += n;
-  const auto t0 = clock_type::now();
+  const auto t0 = SteadyClock::now();
   Mat<S> logits = rms_norm(h, weights_.final_norm()) * weights_.lm_head()->transpose();  // [n, vocab]
   if (probe) probe->on_logits(logits.template cast<float>(), seconds_since(t0));
   return logits;

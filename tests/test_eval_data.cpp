@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/spawn.hpp"
 #include "evals/docs.hpp"
@@ -412,9 +413,6 @@ TEST(EvalTextRegexParity, MatchesTheOldRegexesOnRandomText) {
 }
 
 // Long inputs that overflowed std::regex's stack (segfault) now finish, quickly and with the right text.
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
 
 TEST(EvalTextLong, FiftyKilobyteParenthesisedSpan) {
   std::string words;

@@ -1,14 +1,19 @@
 #include "optimized/cpu/engine.hpp"
 
+// Every stage here (attention, router, experts, norms, lm_head) has its own code, apart from
+// reference/model.cpp on purpose: `moelab diff` and the engine tests compare the two layer by layer,
+// and a stage shared between them would carry one bug into both sides of the comparison unseen. Do not
+// merge them; share only what is not under comparison (checkpoint reading, the clock).
+
 #include <fmt/format.h>
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <map>
 #include <numeric>
 
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
 #include "optimized/cpu/linear.hpp"
@@ -17,11 +22,6 @@
 
 namespace moelab::cpu {
 namespace {
-
-using clock_type = std::chrono::steady_clock;
-double seconds_since(clock_type::time_point t0) {
-  return std::chrono::duration<double>(clock_type::now() - t0).count();
-}
 
 MatrixRF load_f32_matrix(const Checkpoint& ck, const std::string& name) {
   const auto& t = ck.info(name);
@@ -39,7 +39,7 @@ Eigen::RowVectorXf load_vector(const Checkpoint& ck, const std::string& name) {
 
 Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
     : cfg_(ck.config()), opt_(options) {
-  const auto t0 = clock_type::now();
+  const auto t0 = SteadyClock::now();
   const int threads = opt_.threads > 0 ? opt_.threads : physical_cores();
   pool_ = std::make_unique<ThreadPool>(threads);
   ctx_ = LinearContext{parse_isa(options.isa), parse_activations(options.activations), pool_.get()};
@@ -250,17 +250,17 @@ MatrixRF Nf4Engine::run(std::span<const int32_t> tokens, int first_logits_row, P
     const auto& w = layers_[size_t(l)];
     LayerObservation obs;
     obs.layer = l;
-    auto t0 = clock_type::now();
+    auto t0 = SteadyClock::now();
     h += attention(l, w, rms_norm(h, w.attn_norm), pos_);
     obs.attention_seconds = seconds_since(t0);
-    t0 = clock_type::now();
+    t0 = SteadyClock::now();
     const MatrixRF x = rms_norm(h, w.ffn_norm);
     MatrixRF logits;
     MatrixRI experts;
     MatrixRF gates;
     route(w, x, logits, experts, gates);
     obs.router_seconds = seconds_since(t0);
-    t0 = clock_type::now();
+    t0 = SteadyClock::now();
     h += moe_block(ctx_, w.experts, x, experts, gates);
     obs.experts_seconds = seconds_since(t0);
     if (probe) {
@@ -272,7 +272,7 @@ MatrixRF Nf4Engine::run(std::span<const int32_t> tokens, int first_logits_row, P
     }
   }
   pos_ += n;
-  const auto t0 = clock_type::now();
+  const auto t0 = SteadyClock::now();
   // The lm_head only for the rows whose logits are used.
   const MatrixRF normed = rms_norm(h.bottomRows(n - first_logits_row), final_norm_);
   const MatrixRF logits = lm_head_q8_.rows > 0 ? q8_linear(ctx_.isa, lm_head_q8_, normed, pool_.get())

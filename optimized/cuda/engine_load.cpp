@@ -9,6 +9,7 @@
 #include <exception>
 #include <map>
 
+#include "core/clock.hpp"
 #include "core/progress.hpp"
 #include "optimized/cpu/quantize.hpp"
 #include "optimized/cuda/engine_impl.hpp"
@@ -255,7 +256,7 @@ void CudaNf4Engine::Impl::load_weights(const Checkpoint* ck, uint64_t seed) {
   // The uploads above ran on the legacy default stream (cudaMemcpy from pageable memory may return before
   // its DMA ends), which the engine's non-blocking stream does not wait for: finish everything here.
   MOELAB_CUDA_CHECK(cudaDeviceSynchronize());
-  load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  load_seconds = seconds_since(t0);
 }
 
 }  // namespace moelab::cuda
