@@ -15,6 +15,11 @@
 //               nested blocks of 256, each with its own float32 absmax.
 //   dequantize: absmax[b] = code8[qabsmax[b]] * nested_absmax[b / 256] + offset (two float32 roundings),
 //               out[i] = nf4[code[i]] * absmax[i / blocksize] (float32).
+//
+// By concern: code_values.hpp (the code table), quantize.cpp (4-bit codes, double quantization),
+// dynamic_map.cpp (the 8-bit map, torch.linspace as torch computes it), torch_sum.cpp (torch's float32
+// sum), quantized_tensor.cpp (validate, dequantize), python_float.cpp (floats as json.dumps writes them),
+// serialize_write.cpp and serialize_read.cpp (the safetensors form).
 #include <array>
 #include <cstdint>
 #include <functional>
@@ -24,29 +29,12 @@
 
 #include "core/safetensors.hpp"
 #include "core/safetensors_writer.hpp"
+#include "optimized/nf4/code_values.hpp"
 
 namespace moelab::nf4 {
 
-// The 16 NF4 code values, index = 4-bit code (bitsandbytes get_4bit_type("nf4"), kernels.cu
-// nf4_dequantization_lut), as float32.
-inline constexpr std::array<float, 16> kCodes = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f,
-};
+// The 16 NF4 code values, index = 4-bit code, as a std::array: the one table (code_values.hpp).
+inline constexpr std::array<float, 16> kCodes = std::to_array(kCodeValues);
 
 // The float constants of the CUDA kernel's decision tree (dQuantizeNF4), ascending: threshold k sits
 // between codes k and k+1. The kernel compares with a strict '>', so a value exactly on a threshold

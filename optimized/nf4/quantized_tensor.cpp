@@ -1,0 +1,64 @@
+// QuantizedTensor: its sizes, its consistency check, and dequantization.
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "optimized/nf4/internal.hpp"
+#include "optimized/nf4/nf4.hpp"
+
+namespace moelab::nf4 {
+
+using detail::ceil_div;
+
+int64_t QuantizedTensor::numel() const { return shape_numel(shape); }
+int64_t QuantizedTensor::nblocks() const { return blocksize > 0 ? ceil_div(numel(), blocksize) : 0; }
+
+void validate(const QuantizedTensor& q, const std::string& what) {
+  auto bad = [&](const std::string& problem) { return Error(fmt::format("{}: {}", what, problem)); };
+  if (!is_valid_blocksize(q.blocksize)) throw bad(fmt::format("blocksize {} is not allowed", q.blocksize));
+  if (!detail::is_known_dtype(q.dtype))
+    throw bad(fmt::format("dtype '{}' is not float32, float16 or bfloat16", q.dtype));
+  if (q.shape.empty()) throw bad("shape is empty");
+  for (auto d : q.shape)
+    if (d <= 0) throw bad(fmt::format("shape {} has a dimension <= 0", shape_str(q.shape)));
+  const int64_t n = q.numel(), nb = q.nblocks();
+  if (int64_t(q.packed.size()) != (n + 1) / 2)
+    throw bad(fmt::format("{} packed bytes for {} elements (expected {})", q.packed.size(), n, (n + 1) / 2));
+  if (!q.nested) {
+    if (int64_t(q.absmax.size()) != nb) throw bad(fmt::format("{} absmax values for {} blocks", q.absmax.size(), nb));
+    return;
+  }
+  if (!is_valid_blocksize(q.nested_blocksize))
+    throw bad(fmt::format("nested blocksize {} is not allowed", q.nested_blocksize));
+  if (int64_t(q.qabsmax.size()) != nb) throw bad(fmt::format("{} absmax codes for {} blocks", q.qabsmax.size(), nb));
+  if (int64_t(q.nested_absmax.size()) != ceil_div(nb, q.nested_blocksize))
+    throw bad(fmt::format("{} nested absmax values for {} blocks (nested blocksize {})", q.nested_absmax.size(), nb,
+                          q.nested_blocksize));
+  if (q.nested_code.size() != 256) throw bad(fmt::format("nested code map has {} entries, not 256", q.nested_code.size()));
+}
+
+std::vector<float> block_absmax(const QuantizedTensor& q) {
+  validate(q);
+  if (!q.nested) return q.absmax;
+  std::vector<float> out(q.qabsmax.size());
+  for (size_t b = 0; b < out.size(); ++b) {
+    // dequantize_blockwise, then `absmax += offset`: two separate float32 roundings (the library
+    // builds with -ffp-contract=off, so no fused multiply-add).
+    const float scaled = q.nested_code[q.qabsmax[b]] * q.nested_absmax[b / size_t(q.nested_blocksize)];
+    out[b] = scaled + q.offset;
+  }
+  return out;
+}
+
+std::vector<float> dequantize(const QuantizedTensor& q) {
+  const std::vector<float> absmax = block_absmax(q);
+  const int64_t n = q.numel();
+  std::vector<float> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t byte = q.packed[size_t(i / 2)];
+    const uint8_t code = (i % 2 == 0) ? byte >> 4 : byte & 0x0F;
+    out[size_t(i)] = kCodes[code] * absmax[size_t(i / q.blocksize)];
+  }
+  return out;
+}
+
+}  // namespace moelab::nf4
