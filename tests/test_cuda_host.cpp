@@ -238,15 +238,9 @@ TEST(CudaHostTiles, BandsCoverRowsOnceWithinScratch) {
   EXPECT_NO_THROW(plan_row_bands(8, 4096, 4096 * 8));
 }
 
-// The device's code table is bitsandbytes' (optimized/nf4, itself checked against bitsandbytes), bit for
-// bit, and the nibble order decodes what quantize_nf4 packed.
-TEST(CudaHostCodeTable, EqualsBitsandbytesTableAndPacking) {
-  for (int c = 0; c < 16; ++c) {
-    uint32_t a, b;
-    std::memcpy(&a, &kNf4CodeTable[c], 4);
-    std::memcpy(&b, &nf4::kCodes[size_t(c)], 4);
-    EXPECT_EQ(a, b) << "code " << c;
-  }
+// The device's code table is optimized/nf4's (kernels.cu initializes it from nf4::kCodeValues, the one
+// table); what is left to check on the host is that the nibble order decodes what quantize_nf4 packed.
+TEST(CudaHostCodeTable, PackingDecodesWhatQuantizeNf4Packed) {
   std::mt19937 rng(5);
   std::normal_distribution<float> d(0.0f, 1.0f);
   std::vector<float> w(2 * 64 + 32);
@@ -254,7 +248,7 @@ TEST(CudaHostCodeTable, EqualsBitsandbytesTableAndPacking) {
   const auto q = nf4::quantize_nf4(w.data(), int64_t(w.size()), 64, /*double_quant=*/false);
   const auto deq = nf4::dequantize(q);
   for (size_t i = 0; i < w.size(); ++i)
-    EXPECT_EQ(kNf4CodeTable[nf4_code_at(q.packed.data(), (long long)i)] * q.absmax[i / 64], deq[i]) << i;
+    EXPECT_EQ(nf4::kCodeValues[nf4_code_at(q.packed.data(), (long long)i)] * q.absmax[i / 64], deq[i]) << i;
 }
 
 // `--engine cuda-nf4` where it cannot run (this CI: no GPU, or a build without nvcc) ends with one

@@ -33,6 +33,7 @@
 #include "core/error.hpp"
 #include "core/safetensors.hpp"
 #include "core/safetensors_writer.hpp"
+#include "optimized/cpu/nf4_matrix.hpp"
 #include "optimized/nf4/nf4.hpp"
 
 using namespace moelab;
@@ -156,6 +157,25 @@ TEST(Nf4Codes, TableIsBitsandbytesTable) {
   const auto table = cases_file().read_f32("nf4_code");
   ASSERT_EQ(table.size(), 16u);
   for (size_t k = 0; k < 16; ++k) EXPECT_EQ(bits(table[k]), bits(kCodes[k])) << k;
+}
+
+// moelab defines the 16 values once (optimized/nf4/code_values.hpp). The std::array here and the
+// cpu-nf4 kernels' table are that array; cuda-nf4's constant memory is initialized from it in
+// kernels.cu. What is derived from it is checked against it below.
+TEST(Nf4Codes, EveryFloatTableIsTheOneDefinition) {
+  for (size_t k = 0; k < 16; ++k) EXPECT_EQ(bits(kCodes[k]), bits(kCodeValues[k])) << k;
+  EXPECT_EQ(&cpu::kNf4Codes[0], &kCodeValues[0]) << "cpu-nf4 keeps a copy of the NF4 table";
+}
+
+// The int8 kernels' codes are round(127 * code), here rounded in double. Every product is at least 0.03
+// from a tie (127 * 0.1848 = 23.466), and a float product below 128 is off by at most 2^-18, so the
+// float arithmetic of the compile-time derivation cannot round one differently.
+TEST(Nf4Codes, Int8CodesAreTheTableTimes127Rounded) {
+  for (size_t k = 0; k < 16; ++k) {
+    const double scaled = 127.0 * double(kCodeValues[k]);
+    EXPECT_EQ(int(cpu::kNf4Int8[k]), int(std::lround(scaled))) << k;
+    EXPECT_GT(std::fabs(std::fabs(scaled - std::trunc(scaled)) - 0.5), 0.03) << k;
+  }
 }
 
 TEST(Nf4Codes, ThresholdsAreTheKernelsFloatConstants) {

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "optimized/nf4/code_values.hpp"
+
 namespace moelab::cpu {
 
 struct Nf4Matrix {
@@ -56,10 +58,21 @@ struct Nf4Matrix {
   }
 };
 
-// The 16 NF4 code values (bitsandbytes get_4bit_type("nf4"), float32).
-extern const float kNf4Codes[16];
+// The 16 NF4 code values (bitsandbytes get_4bit_type("nf4"), float32): optimized/nf4's one table.
+inline constexpr const float (&kNf4Codes)[16] = nf4::kCodeValues;
+
 // The same codes as the int8 kernels use them: round(127 * code), so W ~= absmax * kNf4Int8 / 127.
-// The largest rounding, 0.0037 of absmax, is part of the int8 path's stated error bound.
-extern const int8_t kNf4Int8[16];
+// The largest rounding, 0.0037 of absmax, is part of the int8 path's stated error bound. Derived here
+// from the table (no product is within 0.03 of a tie, so float rounding cannot move one); test_nf4.cpp
+// checks it against the rounding done in double.
+constexpr int8_t nf4_int8_code(int code) {
+  const float scaled = 127.0f * nf4::kCodeValues[code];
+  return int8_t(scaled < 0 ? scaled - 0.5f : scaled + 0.5f);  // round half away from zero
+}
+inline constexpr int8_t kNf4Int8[16] = {
+    nf4_int8_code(0),  nf4_int8_code(1),  nf4_int8_code(2),  nf4_int8_code(3),
+    nf4_int8_code(4),  nf4_int8_code(5),  nf4_int8_code(6),  nf4_int8_code(7),
+    nf4_int8_code(8),  nf4_int8_code(9),  nf4_int8_code(10), nf4_int8_code(11),
+    nf4_int8_code(12), nf4_int8_code(13), nf4_int8_code(14), nf4_int8_code(15)};
 
 }  // namespace moelab::cpu

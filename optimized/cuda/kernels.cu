@@ -9,9 +9,9 @@
 namespace moelab::cuda {
 namespace {
 
-// bitsandbytes' NF4 table (code_table.hpp, checked against optimized/nf4 by the host tests).
-// Initialized statically from the constexpr table (no run-time copy to get wrong or forget).
-#define MOELAB_NF4(i) kNf4CodeTable[i]
+// bitsandbytes' NF4 table (optimized/nf4/code_values.hpp through code_table.hpp), initialized statically
+// from the constexpr table (no run-time copy to get wrong or forget, no second list of the values).
+#define MOELAB_NF4(i) nf4::kCodeValues[i]
 __constant__ float kNf4[16] = {MOELAB_NF4(0),  MOELAB_NF4(1),  MOELAB_NF4(2),  MOELAB_NF4(3),
                                MOELAB_NF4(4),  MOELAB_NF4(5),  MOELAB_NF4(6),  MOELAB_NF4(7),
                                MOELAB_NF4(8),  MOELAB_NF4(9),  MOELAB_NF4(10), MOELAB_NF4(11),
