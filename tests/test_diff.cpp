@@ -1,7 +1,11 @@
 // The layer diff: metrics on inputs with closed-form answers, and ref against transformers' dump.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
+#include <string>
 
 #include "analysis/diff.hpp"
 #include "core/checkpoint.hpp"
@@ -79,8 +83,11 @@ TEST(Diff, ReferenceAgainstTransformersDump) {
   }
   EXPECT_DOUBLE_EQ(r.logits_top1_agreement, 1.0);
   EXPECT_LT(r.mean_kl, 1e-9);
-  // The dump written from the record reads back identically.
-  const auto path = (std::filesystem::temp_directory_path() / "moelab-diff-roundtrip.safetensors").string();
+  // The dump written from the record reads back identically. The name carries the process id: under
+  // ctest -j every test is its own process, and a fixed name let two of them overwrite each other.
+  const auto path =
+      (std::filesystem::temp_directory_path() / ("moelab-diff-roundtrip-" + std::to_string(::getpid()) + ".safetensors"))
+          .string();
   write_safetensors(path, got.to_tensors());
   const auto back = ForwardRecord::from_dump(path);
   std::filesystem::remove(path);
