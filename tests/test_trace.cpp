@@ -651,18 +651,28 @@ int32_t kill_busy_writer(const std::string& path, const TraceHeader& h, int wait
 
 // Writers killed at arbitrary moments while flushing after every sequence (so the kill usually lands
 // inside HDF5). Almost always the file reads at once and holds exactly the sequences committed before
-// the kill, bit for bit. Rarely (about 1 kill in several hundred here, where every kill lands mid-flush)
-// the kill tears a chunk-index block that spans a 4 KiB page; then read_trace refuses, naming --repair,
-// and the repair keeps a consistent prefix of the sequences. Either way the trace can be continued.
+// the kill, bit for bit. Rarely the kill tears a chunk-index block that spans a 4 KiB page; then
+// read_trace refuses, naming --repair, and the repair keeps a consistent prefix of the sequences.
+// Either way the trace can be continued.
+// A kill "mid-flush" is one that leaves rows past the last committed offset (the rows of a flush written,
+// its commit not): the reopening writer reports them as dropped_tokens(). The test asserts that such kills
+// happen, so it exercises the hazard it is about. MOELAB_TRACE_CRASH_TRIALS=N runs N kills instead of the
+// default (the figure in analysis/trace.hpp was measured that way).
+// Measured: 2358 of 3400 kills landed mid-flush (69%). The test asks for one in six (2 of the default
+// 12): with 69% per kill, fewer happens with probability about 2e-5.
+constexpr int kDefaultCrashTrials = 12, kMinMidFlush = 2;
 TEST(TraceCrash, KilledAtRandomMomentsTheFileStaysConsistent) {
   TempDir tmp;
   const auto h = small_header(true);
   std::mt19937 rng(42);
-  int killed_mid_flush = 0, torn = 0;  // informational
-  for (int trial = 0; trial < 6; ++trial) {
+  const char* env = std::getenv("MOELAB_TRACE_CRASH_TRIALS");
+  const int trials = env && *env ? std::max(1, std::atoi(env)) : kDefaultCrashTrials;
+  int killed_mid_flush = 0, torn = 0;
+  for (int trial = 0; trial < trials; ++trial) {
     SCOPED_TRACE("trial " + std::to_string(trial));
-    const auto path = tmp.file("t" + std::to_string(trial) + ".h5");
-    const int32_t last = kill_busy_writer(path, h, 3 + trial * 7, rng() % 3000);
+    const auto path = tmp.file("t" + std::to_string(trial % 8) + ".h5");
+    fs::remove(path);
+    const int32_t last = kill_busy_writer(path, h, 3 + (trial % 6) * 7, rng() % 3000);
 
     TraceData got;
     bool repaired = false;
@@ -688,8 +698,9 @@ TEST(TraceCrash, KilledAtRandomMomentsTheFileStaysConsistent) {
     }
     expect_prefix_of_crash_sequences(analysis::read_trace(path), got.num_sequences() + 1, h);
   }
-  std::printf("[ info     ] of 6 kills, %d left uncommitted rows past the last offset, %d tore a block\n",
+  std::printf("[ info     ] of %d kills, %d landed mid-flush (rows past the last offset), %d tore a block\n", trials,
               killed_mid_flush, torn);
+  EXPECT_GE(killed_mid_flush, kMinMidFlush * trials / kDefaultCrashTrials) << "too few kills landed mid-flush";
 }
 
 // The rare torn block, made on purpose: a killed writer's file whose last chunk-index data block is
