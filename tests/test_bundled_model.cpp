@@ -1,7 +1,8 @@
 // The bundled default model (models/default -> models/tiny-mixtral) is what its model card says it is.
 // The card's figures were computed by scripts/train_tiny_mixtral.py with transformers on the shipped
 // BF16 weights; here moelab's reference engine recomputes them from the checkpoint, independently: the
-// held-out loss of every domain, the unigram comparison, and the first-choice expert load per domain.
+// held-out loss of every domain and the first-choice expert load per domain; the loss must beat the
+// held-out tokens' own unigram entropy, computed here.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -53,6 +54,7 @@ TEST(BundledModel, ReproducesItsModelCard) {
   ref::Model<float> model(*ck);
   std::map<std::string, double> nll;
   std::map<std::string, int64_t> predicted;
+  std::map<std::string, std::map<int32_t, int64_t>> unigram;  // counts of the predicted tokens
   std::map<std::string, std::vector<std::vector<int64_t>>> load;
   std::ifstream corpus(dir / "corpus" / "heldout.jsonl");
   ASSERT_TRUE(corpus) << "corpus/heldout.jsonl";
@@ -76,6 +78,7 @@ TEST(BundledModel, ReproducesItsModelCard) {
         const double lse = row.maxCoeff() + std::log((row.array() - row.maxCoeff()).exp().sum());
         nll[domain] += lse - row(ids[s + t + 1]);
         ++predicted[domain];
+        ++unigram[domain][ids[s + t + 1]];
       }
     }
   }
@@ -91,8 +94,18 @@ TEST(BundledModel, ReproducesItsModelCard) {
     // The card rounds to 1e-4 nats; Eigen and PyTorch sum in different orders in FP32 (~1e-6 relative on
     // a loss of ~3), so 1e-3 catches any real disagreement in tokenization, windows or the forward pass.
     EXPECT_NEAR(sum / double(predicted[domain]), want["loss"].get<double>(), 1e-3);
-    // Trained: clearly better than a model that ignores context.
-    EXPECT_LT(want["loss"].get<double>(), want["unigram_loss"].get<double>() - 0.5);
+    // Trained: clearly better than any model that ignores context. The best such model for these very
+    // tokens is their own frequency table (cross-entropy is smallest against the empirical distribution),
+    // so its loss, the entropy of the predicted tokens' unigram distribution computed here in float64,
+    // bounds every unigram model from below, the card's add-one model fitted on training text included.
+    // The loss measured above must beat it by half a nat (it does by 1.1 to 2.8 nats in every domain).
+    double unigram_entropy = 0;
+    for (const auto& [id, n] : unigram[domain]) {
+      const double p = double(n) / double(predicted[domain]);
+      unigram_entropy -= p * std::log(p);
+    }
+    RecordProperty(domain + "_unigram_entropy", std::to_string(unigram_entropy));
+    EXPECT_LT(sum / double(predicted[domain]), unigram_entropy - 0.5);
     // First-choice load per layer as the card has it. A router logit near a tie can flip between
     // implementations, so shares agree to 0.01 rather than exactly.
     for (int l = 0; l < c.num_layers; ++l) {
