@@ -19,6 +19,7 @@
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
 #include "fixture_util.hpp"
+#include "isa_test_util.hpp"
 #include "optimized/cpu/engine.hpp"
 #include "optimized/nf4/nf4.hpp"
 
@@ -87,28 +88,27 @@ TEST(BnbCheckpoint, MoelabQuantizerReproducesEveryWeight) {
   }
 }
 
-TEST(BnbCheckpoint, LogitsMatchTransformers) {
+// On every kernel set: one this CPU lacks is SKIPPED with the flags it lacks.
+class BnbCheckpointIsa : public ::testing::TestWithParam<cpu::Isa> {};
+
+TEST_P(BnbCheckpointIsa, LogitsMatchTransformers) {
+  MOELAB_SKIP_UNLESS_RUNS_HERE(GetParam());
   const auto ck = Checkpoint::open(model_dir(kModel));
   const auto tokens = read_i32(expected(), "tokens");
   ASSERT_EQ(tokens.size(), 12u);
   const MatrixRF want = read_matrix_f32(expected(), "logits");
   ASSERT_EQ(want.rows(), 12);
   ASSERT_EQ(want.cols(), ck->config().vocab_size);
-  for (const std::string isa : {"scalar", "avx2", "avx512"}) {
-    cpu::Isa parsed;
-    try {
-      parsed = cpu::parse_isa(isa);
-    } catch (const Error&) {
-      continue;  // this CPU lacks it
-    }
-    SCOPED_TRACE(cpu::isa_name(parsed));
-    cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = isa, .activations = "fp32"});
-    const MatrixRF got = engine.forward(tokens);
-    const double err = rel_l2(got, want);
-    RecordProperty("rel_l2_" + isa, fmt::format("{:.3e}", err));
-    EXPECT_LT(err, 1e-5);
-  }
+  const std::string isa = cpu::isa_name(GetParam());
+  cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = isa, .activations = "fp32"});
+  const MatrixRF got = engine.forward(tokens);
+  const double err = rel_l2(got, want);
+  RecordProperty("rel_l2_" + isa, fmt::format("{:.3e}", err));
+  EXPECT_LT(err, 1e-5);
 }
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, BnbCheckpointIsa, ::testing::ValuesIn(cpu::kAllIsas),
+                         [](const auto& info) { return isa_test_name(info.param); });
 
 }  // namespace
 }  // namespace moelab::test

@@ -3,11 +3,22 @@
 //  1. against the reference run on the same checkpoint with its NF4 weights dequantized to F32: the
 //     engines then compute the same function, so every layer must agree to FP32 rounding (relative
 //     L2 < 1e-5, as reference vs transformers) and the chosen experts must be identical;
-//  2. against the reference on the original weights: the quantization error, reported per layer, and
-//     bounded by the error of the dequantized reference itself (the naive NF4 model) plus FP32 noise.
+//  2. against transformers + bitsandbytes: cpu-nf4 quantizing a float checkpoint at load computes the
+//     logits transformers computes with the same checkpoint loaded in 4 bits (a committed fixture, up to
+//     one documented difference in bitsandbytes' CPU path), so its quantization error is NF4's,
+//     measured against an independent implementation.
+// Each kernel set is a test of its own: on a CPU without it the test is SKIPPED, saying which flags
+// are missing (tests/isa_test_util.hpp).
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <cctype>
 #include <filesystem>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "analysis/diff.hpp"
 #include "core/checkpoint.hpp"
@@ -26,34 +37,38 @@ namespace fs = std::filesystem;
 
 class CpuEngine : public DequantizedFixture {};
 
-// The exact check mode (FP32 activations) on every kernel set this CPU has; the others are named.
-TEST_P(CpuEngine, MatchesReferenceOnDequantizedWeightsEveryLayer) {
-  for (const cpu::Isa parsed : cpu::kAllIsas) {
-    if (!runs_here(parsed)) continue;
-    SCOPED_TRACE(cpu::isa_name(parsed));
-    cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = cpu::isa_name(parsed), .activations = "fp32"});
-    ref::Model<float> reference(*dequantized);
-    const auto a = analysis::ForwardRecord::run(reference, tokens);
-    const auto b = analysis::ForwardRecord::run(engine, tokens);
-    const auto d = analysis::diff_records(a, b, "ref(dequantized)", "cpu-nf4");
-    expect_within(d, {.hidden = 1e-5, .router_logits = 1e-5, .logits = 1e-5});
-    for (size_t l = 0; l < a.layers.size(); ++l) EXPECT_EQ(a.layers[l].experts, b.layers[l].experts);
+// A fixture model and its NF4-dequantized twin, for the tests that take a kernel set as well.
+class CpuEngineIsa : public ::testing::TestWithParam<std::tuple<std::string, cpu::Isa>> {
+ protected:
+  void SetUp() override {
+    MOELAB_SKIP_UNLESS_RUNS_HERE(isa());
+    const std::string& model = std::get<0>(GetParam());
+    ck = Checkpoint::open(model_dir(model));
+    tokens = read_i32(SafetensorsFile(model_dir(model) + "/expected.safetensors"), "tokens");
+    dequantized_dir = fs::temp_directory_path() / ("moelab-deq-isa-" + std::to_string(::getpid()) + "-" + model);
+    fs::remove_all(dequantized_dir);
+    cpu::write_dequantized_checkpoint(*ck, dequantized_dir.string(), 64, /*double_quant=*/true);
+    dequantized = Checkpoint::open(dequantized_dir.string());
   }
-}
+  void TearDown() override {
+    if (!dequantized_dir.empty()) fs::remove_all(dequantized_dir);
+  }
+  cpu::Isa isa() const { return std::get<1>(GetParam()); }
 
-TEST_P(CpuEngine, QuantizationErrorIsThatOfNf4Itself) {
-  ref::Model<float> original(*ck), naive_nf4(*dequantized);
-  cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.activations = "fp32"});
-  const auto o = analysis::ForwardRecord::run(original, tokens);
-  const auto naive = analysis::diff_records(o, analysis::ForwardRecord::run(naive_nf4, tokens), "ref", "ref(nf4)");
-  const auto ours = analysis::diff_records(o, analysis::ForwardRecord::run(engine, tokens), "ref", "cpu-nf4");
-  std::cout << ours.table();
-  for (size_t l = 0; l < ours.layers.size(); ++l) {
-    RecordProperty("layer" + std::to_string(l) + "_rel_l2", std::to_string(ours.layers[l].hidden.rel_l2));
-    EXPECT_GT(ours.layers[l].hidden.rel_l2, 0.0);  // NF4 really changed the weights
-    EXPECT_LE(ours.layers[l].hidden.rel_l2, naive.layers[l].hidden.rel_l2 * 1.001 + 1e-5);
-  }
-  EXPECT_LE(ours.logits.rel_l2, naive.logits.rel_l2 * 1.001 + 1e-5);
+  std::unique_ptr<Checkpoint> ck, dequantized;
+  std::vector<int32_t> tokens;
+  fs::path dequantized_dir;
+};
+
+// The exact check mode (FP32 activations).
+TEST_P(CpuEngineIsa, MatchesReferenceOnDequantizedWeightsEveryLayer) {
+  cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = cpu::isa_name(isa()), .activations = "fp32"});
+  ref::Model<float> reference(*dequantized);
+  const auto a = analysis::ForwardRecord::run(reference, tokens);
+  const auto b = analysis::ForwardRecord::run(engine, tokens);
+  const auto d = analysis::diff_records(a, b, "ref(dequantized)", "cpu-nf4");
+  expect_within(d, {.hidden = 1e-5, .router_logits = 1e-5, .logits = 1e-5});
+  for (size_t l = 0; l < a.layers.size(); ++l) EXPECT_EQ(a.layers[l].experts, b.layers[l].experts);
 }
 
 // Both activation modes: the int8 path quantizes each token on its own, so only summation order (the
@@ -88,27 +103,64 @@ TEST_P(CpuEngine, DecodingTokenByTokenEqualsOnePrefill) {
 // layer l's hidden state is within 4 eps (l + 1) relative L2 and the logits within 4 eps L. Routing may
 // flip where two experts' probabilities are that close: at most one top-k set in ten may differ.
 // (Measured on the fixtures: 0.020-0.026 after layer 0, 0.03-0.09 on the logits.)
-TEST_P(CpuEngine, Int8ActivationsStayWithinTheStatedBoundOfTheCheckMode) {
+TEST_P(CpuEngineIsa, Int8ActivationsStayWithinTheStatedBoundOfTheCheckMode) {
   constexpr double kEps = 0.0136;
-  for (const cpu::Isa isa : cpu::kAllIsas) {
-    if (!runs_here(isa)) continue;
-    SCOPED_TRACE(cpu::isa_name(isa));
-    cpu::Nf4Engine exact(*ck, cpu::EngineOptions{.isa = cpu::isa_name(isa), .activations = "fp32"});
-    cpu::Nf4Engine fast(*ck, cpu::EngineOptions{.isa = cpu::isa_name(isa), .activations = "int8"});
-    const auto a = analysis::ForwardRecord::run(exact, tokens);
-    const auto b = analysis::ForwardRecord::run(fast, tokens);
-    const auto d = analysis::diff_records(a, b, "cpu-nf4 fp32", "cpu-nf4 int8");
-    std::cout << d.table();
-    for (const auto& l : d.layers) {
-      EXPECT_GT(l.hidden.rel_l2, 0.0) << "layer " << l.layer << ": int8 rounding must change something";
-      EXPECT_LT(l.hidden.rel_l2, 4 * kEps * (l.layer + 1)) << "layer " << l.layer;
-      EXPECT_GE(l.topk_agreement, 0.9) << "layer " << l.layer;
-    }
-    EXPECT_LT(d.logits.rel_l2, 4 * kEps * double(d.layers.size()));
+  cpu::Nf4Engine exact(*ck, cpu::EngineOptions{.isa = cpu::isa_name(isa()), .activations = "fp32"});
+  cpu::Nf4Engine fast(*ck, cpu::EngineOptions{.isa = cpu::isa_name(isa()), .activations = "int8"});
+  const auto a = analysis::ForwardRecord::run(exact, tokens);
+  const auto b = analysis::ForwardRecord::run(fast, tokens);
+  const auto d = analysis::diff_records(a, b, "cpu-nf4 fp32", "cpu-nf4 int8");
+  std::cout << d.table();
+  for (const auto& l : d.layers) {
+    EXPECT_GT(l.hidden.rel_l2, 0.0) << "layer " << l.layer << ": int8 rounding must change something";
+    EXPECT_LT(l.hidden.rel_l2, 4 * kEps * (l.layer + 1)) << "layer " << l.layer;
+    EXPECT_GE(l.topk_agreement, 0.9) << "layer " << l.layer;
   }
+  EXPECT_LT(d.logits.rel_l2, 4 * kEps * double(d.layers.size()));
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CpuEngine, MOELAB_FIXTURE_MODELS, fixture_test_name);
+INSTANTIATE_TEST_SUITE_P(Fixtures, CpuEngineIsa, ::testing::Combine(MOELAB_FIXTURE_MODELS, ::testing::ValuesIn(cpu::kAllIsas)),
+                         [](const auto& info) {
+                           std::string n = std::get<0>(info.param) + "_" + isa_test_name(std::get<1>(info.param));
+                           for (auto& ch : n)
+                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return n;
+                         });
+
+// transformers 4.57.3 + bitsandbytes 0.49.2 loaded mixtral-4e-gqa-f32 in 4 bits (NF4, double
+// quantization, blocksize 64, every linear but lm_head, float32 compute) and computed the logits of its
+// 12 tokens (tests/fixtures/models/mixtral-4e-bnb-nf4/expected.safetensors). cpu-nf4 quantizing the same
+// float checkpoint at load makes the same codes and absmax codes
+// (BnbCheckpoint.MoelabQuantizerReproducesEveryWeight) and must compute those logits. One known
+// difference remains: bitsandbytes' CPU path overwrote entry 0 of the 8-bit map that decodes the absmax
+// codes (-1 instead of create_dynamic_map's -0.99297; Nf4Serialized.WritesWhatBitsandbytesWrites), so
+// the blocks whose absmax code is 0 decode 0.7% of the nested scale apart. Measured here: 5.2e-4
+// relative L2 on the logits (against 9e-7 for cpu-nf4 reading transformers' own 4-bit file). A real
+// disagreement (a wrong code, block, nested scale, or a matrix left unquantized) is of the order of NF4's
+// own error on these logits, 0.57 relative L2: the limit 1e-3 is 2x the known difference and 1/500 of it.
+class CpuEngineVsBitsandbytes : public ::testing::TestWithParam<cpu::Isa> {};
+
+TEST_P(CpuEngineVsBitsandbytes, QuantizedAtLoadComputesTransformersNf4Logits) {
+  MOELAB_SKIP_UNLESS_RUNS_HERE(GetParam());
+  const auto ck = Checkpoint::open(model_dir("mixtral-4e-gqa-f32"));
+  const SafetensorsFile fp32(model_dir("mixtral-4e-gqa-f32") + "/expected.safetensors");
+  const SafetensorsFile nf4(model_dir("mixtral-4e-bnb-nf4") + "/expected.safetensors");
+  const auto tokens = read_i32(fp32, "tokens");
+  ASSERT_EQ(read_i32(nf4, "tokens"), tokens);
+  cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = cpu::isa_name(GetParam()), .activations = "fp32",
+                                                .lm_head = "fp32", .blocksize = 64, .double_quant = true});
+  const MatrixRF got = engine.forward(tokens);
+  const MatrixRF want = read_matrix_f32(nf4, "logits"), unquantized = read_matrix_f32(fp32, "logits");
+  const double err = rel_l2(got, want);
+  std::cout << "[ info     ] cpu-nf4 vs transformers+bitsandbytes logits: relative L2 " << err
+            << "; NF4's error (transformers float vs 4-bit): " << rel_l2(want, unquantized) << "\n";
+  RecordProperty("rel_l2_vs_bitsandbytes", std::to_string(err));
+  EXPECT_LT(err, 1e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, CpuEngineVsBitsandbytes, ::testing::ValuesIn(cpu::kAllIsas),
+                         [](const auto& info) { return isa_test_name(info.param); });
 
 }  // namespace
 }  // namespace moelab::test

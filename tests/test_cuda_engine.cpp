@@ -4,7 +4,9 @@
 //     FP32 rounding. Limit 1e-4 relative L2 (cpu-nf4 reaches 1e-5 with a summation order close to the
 //     reference's; the GPU sums in warp-shuffle trees and cuBLAS's own order, a different rounding
 //     path of the same FP32 arithmetic, compounded over the layers), and identical experts.
-//  2. vs the original weights: the quantization error, bounded by the naive NF4 model's own error.
+//  2. vs transformers + bitsandbytes: quantizing a float checkpoint at load, cuda-nf4 computes the logits
+//     transformers computes with that checkpoint loaded in 4 bits (a committed fixture, up to one
+//     documented difference): NF4's quantization error, checked against an independent implementation.
 //  Plus: decoding token by token (GEMV path) equals one prefill (dequantize + SGEMM path).
 #include <gtest/gtest.h>
 
@@ -55,19 +57,6 @@ TEST_P(CudaEngine, MatchesReferenceOnDequantizedWeightsEveryLayer) {
   const auto d = analysis::diff_records(a, b, "ref(dequantized)", "cuda-nf4");
   std::cout << d.table();
   expect_within(d, {.hidden = 1e-4, .router_logits = 1e-4, .logits = 1e-4});
-}
-
-TEST_P(CudaEngine, QuantizationErrorIsThatOfNf4Itself) {
-  ref::Model<float> original(*ck), naive_nf4(*dequantized);
-  cuda::CudaNf4Engine engine(*ck, exact());
-  const auto o = analysis::ForwardRecord::run(original, tokens);
-  const auto naive = analysis::diff_records(o, analysis::ForwardRecord::run(naive_nf4, tokens), "ref", "ref(nf4)");
-  const auto ours = analysis::diff_records(o, analysis::ForwardRecord::run(engine, tokens), "ref", "cuda-nf4");
-  std::cout << ours.table();
-  for (size_t l = 0; l < ours.layers.size(); ++l) {
-    EXPECT_GT(ours.layers[l].hidden.rel_l2, 0.0);
-    EXPECT_LE(ours.layers[l].hidden.rel_l2, naive.layers[l].hidden.rel_l2 * 1.01 + 1e-4);
-  }
 }
 
 TEST_P(CudaEngine, DecodingTokenByTokenEqualsOnePrefill) {
@@ -146,6 +135,29 @@ TEST_P(CudaEngine, ExpertCacheComputesExactlyWhatResidentExpertsCompute) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaEngine, MOELAB_FIXTURE_MODELS, fixture_test_name);
+
+// transformers 4.57.3 + bitsandbytes 0.49.2 loaded mixtral-4e-gqa-f32 in 4 bits (NF4, double
+// quantization, blocksize 64, every linear but lm_head, float32 compute) and computed the logits of its
+// 12 tokens (tests/fixtures/models/mixtral-4e-bnb-nf4). Quantizing the same float checkpoint at load,
+// cuda-nf4 in FP32 products must compute those logits, up to the one known difference that
+// CpuEngineVsBitsandbytes explains (bitsandbytes' CPU path decodes absmax code 0 with -1 instead of
+// -0.99297: 5.2e-4 relative L2 on these logits for cpu-nf4) plus the GPU's summation orders (1e-4, step
+// 1): limit 1e-3, against NF4's own error of 0.57 that any real disagreement would be of the order of.
+TEST(CudaEngineVsBitsandbytes, QuantizedAtLoadComputesTransformersNf4Logits) {
+  SKIP_WITHOUT_GPU();
+  const auto ck = Checkpoint::open(model_dir("mixtral-4e-gqa-f32"));
+  const SafetensorsFile fp32(model_dir("mixtral-4e-gqa-f32") + "/expected.safetensors");
+  const SafetensorsFile nf4(model_dir("mixtral-4e-bnb-nf4") + "/expected.safetensors");
+  const auto tokens = read_i32(fp32, "tokens");
+  ASSERT_EQ(read_i32(nf4, "tokens"), tokens);
+  cuda::CudaNf4Engine engine(*ck, exact());
+  const MatrixRF got = engine.forward(tokens);
+  const MatrixRF want = read_matrix_f32(nf4, "logits"), unquantized = read_matrix_f32(fp32, "logits");
+  const double err = rel_l2(got, want);
+  std::cout << "[ info     ] cuda-nf4 vs transformers+bitsandbytes logits: relative L2 " << err
+            << "; NF4's error (transformers float vs 4-bit): " << rel_l2(want, unquantized) << "\n";
+  EXPECT_LT(err, 1e-3);
+}
 
 // A synthetic model of a fixture's shape: reproducible from its seed, different for another, finite,
 // and offloading it changes nothing (the same check as for a checkpoint, on drawn weights).

@@ -183,7 +183,11 @@ namespace {
 // --lm-head q8: int8 rows with an FP32 scale each, against the float64 value of the same integer model
 // (FP32 rounding bound as above) and against the FP32 product (bound: half a step of each row's and
 // each activation group's quantization, summed over the row).
-TEST(Q8Matrix, RowsMatchFloat64AndTheFp32ProductOnEveryIsa) {
+class Q8MatrixRows : public ::testing::TestWithParam<Isa> {};
+
+TEST_P(Q8MatrixRows, MatchFloat64AndTheFp32Product) {
+  const Isa isa = GetParam();
+  MOELAB_SKIP_UNLESS_RUNS_HERE(isa);
   std::mt19937 rng(21);
   for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{37, 96}, {5, 4096}, {9, 100}}) {
     MatrixRF w(rows, cols);
@@ -197,8 +201,7 @@ TEST(Q8Matrix, RowsMatchFloat64AndTheFp32ProductOnEveryIsa) {
       const int64_t nd = (cols + 31) / 32;
       std::vector<float> d(static_cast<size_t>(n * nd));
       for (int t = 0; t < n; ++t) cpu::quantize_q8(x.row(t).data(), cols, q.data() + t * cols, d.data() + t * nd);
-      for (const Isa isa : {Isa::Scalar, Isa::Avx2}) {
-        if (!runs_here(isa)) continue;
+      {
         std::vector<float> y(static_cast<size_t>(n * rows), std::nanf(""));
         cpu::q8_matrix_rows(isa, q8, q.data(), d.data(), cols, nd, n, y.data(), rows, 0, rows);
         for (int t = 0; t < n; ++t)
@@ -223,6 +226,10 @@ TEST(Q8Matrix, RowsMatchFloat64AndTheFp32ProductOnEveryIsa) {
     }
   }
 }
+
+// The int8 lm_head has scalar and AVX2 kernels (any other kernel set runs the AVX2 one where the CPU has AVX2).
+INSTANTIATE_TEST_SUITE_P(Isas, Q8MatrixRows, ::testing::Values(Isa::Scalar, Isa::Avx2),
+                         [](const auto& info) { return isa_test_name(info.param); });
 
 }  // namespace
 }  // namespace moelab::test
