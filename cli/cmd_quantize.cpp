@@ -23,6 +23,7 @@
 #include "core/error.hpp"
 #include "core/progress.hpp"
 #include "core/regular_file.hpp"
+#include "core/safetensors_shards.hpp"
 #include "core/safetensors_writer.hpp"
 #include "optimized/nf4/nf4.hpp"
 
@@ -30,52 +31,6 @@ namespace moelab::cli {
 namespace {
 
 namespace fs = std::filesystem;
-
-// Shards of at most `limit` bytes, written as they fill so memory stays at one shard.
-class ShardWriter {
- public:
-  ShardWriter(fs::path dir, int64_t limit) : dir_(std::move(dir)), limit_(limit) {}
-
-  void add(TensorToWrite t) {
-    if (!pending_.empty() && bytes_ + int64_t(t.data.size()) > limit_) flush();
-    bytes_ += int64_t(t.data.size());
-    total_ += int64_t(t.data.size());
-    pending_.push_back(std::move(t));
-  }
-
-  // Names the shards (model.safetensors when one suffices) and writes the index.
-  void finish() {
-    flush();
-    if (parts_.size() == 1) {
-      fs::rename(parts_[0].first, dir_ / "model.safetensors");
-      return;
-    }
-    nlohmann::json index = {{"metadata", {{"total_size", total_}}}, {"weight_map", nlohmann::json::object()}};
-    for (size_t i = 0; i < parts_.size(); ++i) {
-      const auto name = fmt::format("model-{:05d}-of-{:05d}.safetensors", i + 1, parts_.size());
-      fs::rename(parts_[i].first, dir_ / name);
-      for (const auto& tensor : parts_[i].second) index["weight_map"][tensor] = name;
-    }
-    write_file_atomic((dir_ / "model.safetensors.index.json").string(), index.dump(2) + "\n");
-  }
-
- private:
-  void flush() {
-    if (pending_.empty()) return;
-    const auto path = dir_ / fmt::format("shard-{}.safetensors.part", parts_.size());
-    write_safetensors(path.string(), pending_, {{"format", "pt"}});
-    std::vector<std::string> names;
-    for (const auto& t : pending_) names.push_back(t.name);
-    parts_.emplace_back(path, std::move(names));
-    pending_.clear();
-    bytes_ = 0;
-  }
-
-  fs::path dir_;
-  int64_t limit_, bytes_ = 0, total_ = 0;
-  std::vector<TensorToWrite> pending_;
-  std::vector<std::pair<fs::path, std::vector<std::string>>> parts_;
-};
 
 nlohmann::json read_json(const fs::path& p) {
   const std::string text = read_regular_file(p.string(), "config");
@@ -202,14 +157,19 @@ QuantizeSizes write_quantized(const Checkpoint& ck, const QuantizeArgs& a, const
   const auto nf4_names = c.nf4_weight_names();
   const std::set<std::string> quantize(nf4_names.begin(), nf4_names.end());
   const auto specs = c.expected_tensors();
-  ShardWriter shards(out_dir, int64_t(a.shard_mb * double(1 << 20)));
-  Progress progress("quantizing", int64_t(specs.size()), stderr_is_terminal());
+  // One tensor at a time: read (its pages released from this process once converted), quantized on
+  // every thread, spilled to disk; memory stays at one tensor's FP32 copy and its NF4 form.
+  SafetensorsShardWriter shards(out_dir, int64_t(a.shard_mb * double(1 << 20)), {{"format", "pt"}});
+  int64_t input_bytes = 0;
+  for (const auto& spec : specs) input_bytes += int64_t(ck.info(spec.name).nbytes());
+  Progress progress("quantizing", input_bytes, /*enabled=*/true, Progress::Unit::Bytes);
   QuantizeSizes sizes;
   for (const auto& spec : specs) {
     const auto& info = ck.info(spec.name);
     sizes.before += int64_t(info.nbytes());
     if (quantize.count(spec.name)) {
       const auto values = ck.read_f32(spec.name);  // a NaN / Inf fails here, naming the tensor and shard
+      ck.file_of(spec.name).release(info);
       auto q = nf4::quantize_nf4(values.data(), int64_t(values.size()), a.blocksize, !a.no_double_quant,
                                  omp_get_max_threads());
       q.shape = spec.shape;
@@ -222,8 +182,9 @@ QuantizeSizes write_quantized(const Checkpoint& ck, const QuantizeArgs& a, const
       const auto bytes = ck.file_of(spec.name).bytes(info);
       sizes.after += int64_t(bytes.size());
       shards.add(TensorToWrite{spec.name, info.dtype, info.shape, {bytes.begin(), bytes.end()}});
+      ck.file_of(spec.name).release(info);
     }
-    progress.advance();
+    progress.advance(int64_t(info.nbytes()));
   }
   progress.finish();
   shards.finish();

@@ -49,9 +49,9 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
       ->check(CLI::IsMember({"auto", "avx512-vnni", "avx512", "avx2-vnni", "avx2", "scalar"}))
       ->capture_default_str();
   cmd.add_option("--lm-head", opts.lm_head,
-                 "cpu-nf4: lm_head format: fp32 (exact), q8 (int8 per row, a quarter of the bytes), auto (q8 with "
-                 "int8 activations, fp32 with --activations fp32)")
-      ->check(CLI::IsMember({"auto", "fp32", "q8"}))
+                 "cpu-nf4: lm_head format: fp32 (exact), bf16 (half the bytes; exact for a BF16 checkpoint), q8 (int8 "
+                 "per row, a quarter of the bytes), auto (q8 with int8 activations, fp32 with --activations fp32)")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "q8"}))
       ->capture_default_str();
   cmd.add_option("--activations", opts.activations,
                  "Type of the weight products' inputs: auto (int8 on cpu-nf4, bf16 on cuda-nf4), int8 (cpu-nf4: "

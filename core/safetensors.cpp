@@ -205,6 +205,15 @@ std::span<const std::byte> SafetensorsFile::bytes(const TensorInfo& t) const {
   return {data_ + t.begin, t.nbytes()};
 }
 
+void SafetensorsFile::release(const TensorInfo& t) const {
+  // Whole pages around the tensor: a shared read-only file mapping refaults any page dropped here from
+  // the page cache, so a neighbour's first and last page cost at most a refault.
+  const auto page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(data_ + t.begin) & ~(page - 1);
+  const auto end = reinterpret_cast<uintptr_t>(data_ + t.end);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst, bool check_finite) const {
   if (!dtype_is_float_convertible(t.dtype))
     throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16, F64)", path_,

@@ -55,6 +55,9 @@ class SafetensorsFile {
   // Raw bytes of a tensor inside the mapping (valid while this object lives).
   std::span<const std::byte> bytes(const TensorInfo& t) const;
   std::span<const std::byte> bytes(const std::string& name) const { return bytes(info(name)); }
+  // Drops a tensor's pages from this process's memory (they stay in the page cache and are mapped
+  // again if read): a pass over a whole checkpoint then holds one tensor's pages, not the file's.
+  void release(const TensorInfo& t) const;
 
   // Converts `count` elements starting at element `first` of a float tensor to FP32. With check_finite,
   // a NaN or infinity among them throws moelab::Error naming the file, the tensor and the element.

@@ -52,10 +52,11 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
   ck_ = &ck;
   {
     const std::string head = opt_.lm_head == "auto" ? (ctx_.activations == Activations::Int8 ? "q8" : "fp32") : opt_.lm_head;
-    if (head != "fp32" && head != "q8")
-      throw Error(fmt::format("cpu-nf4: unknown lm_head format '{}' (auto, fp32, q8)", opt_.lm_head));
+    if (head != "fp32" && head != "bf16" && head != "q8")
+      throw Error(fmt::format("cpu-nf4: unknown lm_head format '{}' (auto, fp32, bf16, q8)", opt_.lm_head));
     MatrixRF w = load_f32_matrix(ck, cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
     if (head == "q8") lm_head_q8_ = quantize_rows_q8(w);
+    else if (head == "bf16") lm_head_bf16_ = round_rows_bf16(w);
     else lm_head_ = std::move(w);
   }
   final_norm_ = load_vector(ck, "model.norm.weight");
@@ -134,7 +135,7 @@ void Nf4Engine::truncate(int position) {
 }
 
 int64_t Nf4Engine::weight_bytes() const {
-  int64_t b = (lm_head_.size() + final_norm_.size()) * int64_t(sizeof(float)) + lm_head_q8_.bytes();
+  int64_t b = (lm_head_.size() + final_norm_.size()) * int64_t(sizeof(float)) + lm_head_q8_.bytes() + lm_head_bf16_.bytes();
   for (const auto& l : layers_) {
     b += l.wq.bytes() + l.wk.bytes() + l.wv.bytes() + l.wo.bytes() + l.router.bytes();
     b += (l.attn_norm.size() + l.ffn_norm.size()) * int64_t(sizeof(float));
@@ -174,9 +175,11 @@ void Nf4Engine::rope(MatrixRF& x, int heads, int start) const {
 MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, int start) {
   const int n = int(x.rows()), hd = cfg_.head_dim, heads = cfg_.num_heads;
   const int group = cfg_.num_heads / cfg_.num_kv_heads;
-  MatrixRF q = nf4_linear(ctx_, w.wq, x);
-  MatrixRF k = nf4_linear(ctx_, w.wk, x);
-  const MatrixRF v = nf4_linear(ctx_, w.wv, x);
+  const Nf4Matrix* qkv_weights[] = {&w.wq, &w.wk, &w.wv};
+  auto qkv = nf4_linear_many(ctx_, qkv_weights, x);
+  MatrixRF& q = qkv[0];
+  MatrixRF& k = qkv[1];
+  const MatrixRF& v = qkv[2];
   rope(q, heads, start);
   rope(k, cfg_.num_kv_heads, start);
   auto& kc = k_cache_[size_t(layer)];
@@ -275,8 +278,9 @@ MatrixRF Nf4Engine::run(std::span<const int32_t> tokens, int first_logits_row, P
   const auto t0 = SteadyClock::now();
   // The lm_head only for the rows whose logits are used.
   const MatrixRF normed = rms_norm(h.bottomRows(n - first_logits_row), final_norm_);
-  const MatrixRF logits = lm_head_q8_.rows > 0 ? q8_linear(ctx_.isa, lm_head_q8_, normed, pool_.get())
-                                               : fp32_linear(normed, lm_head_, pool_.get());
+  const MatrixRF logits = lm_head_q8_.rows > 0     ? q8_linear(ctx_.isa, lm_head_q8_, normed, pool_.get())
+                          : lm_head_bf16_.rows > 0 ? bf16_linear(ctx_.isa, lm_head_bf16_, normed, pool_.get())
+                                                   : fp32_linear(normed, lm_head_, pool_.get());
   if (probe) probe->on_logits(logits, seconds_since(t0));
   return logits;
 }

@@ -10,6 +10,7 @@
 #include "optimized/cpu/kernels.hpp"
 #include "optimized/cpu/linear.hpp"
 #include "optimized/cpu/moe.hpp"
+#include "optimized/cpu/bf16_matrix.hpp"
 #include "optimized/cpu/q8_matrix.hpp"
 #include "optimized/cpu/thread_pool.hpp"
 
@@ -22,8 +23,9 @@ struct EngineOptions {
   // "int8": activations quantized per 32 for integer dot products (the fast path); "fp32": the exact
   // check mode, equal to the reference on the dequantized weights to FP32 rounding.
   std::string activations = "int8";
-  // The lm_head: "fp32" (exact), "q8" (int8 per row, a quarter of the bytes), "auto" (q8 with int8
-  // activations, fp32 in the check mode).
+  // The lm_head: "fp32" (exact), "bf16" (half the bytes, FP32 activations; exact for a BF16
+  // checkpoint), "q8" (int8 per row, a quarter of the bytes), "auto" (q8 with int8 activations, fp32 in
+  // the check mode).
   std::string lm_head = "auto";
   int blocksize = 64;
   bool double_quant = true;
@@ -59,7 +61,9 @@ class Nf4Engine final : public Engine {
   Isa isa() const { return ctx_.isa; }
   Activations activations() const { return ctx_.activations; }
   int threads() const { return pool_->threads(); }
-  std::string lm_head_format() const { return lm_head_q8_.rows > 0 ? "q8" : "fp32"; }
+  std::string lm_head_format() const {
+    return lm_head_q8_.rows > 0 ? "q8" : lm_head_bf16_.rows > 0 ? "bf16" : "fp32";
+  }
 
  private:
   MatrixRF run(std::span<const int32_t> tokens, int first_logits_row, Probe* probe);
@@ -76,10 +80,11 @@ class Nf4Engine final : public Engine {
   int pos_ = 0;
   double load_seconds_ = 0;
   // The embedding is gathered row by row from the checkpoint's own tensor (no FP32 copy of it); the
-  // lm_head is FP32 [vocab, hidden] or int8 per row (the embedding's values when tied).
+  // lm_head is FP32 [vocab, hidden], BF16 or int8 per row (the embedding's values when tied).
   const Checkpoint* ck_ = nullptr;
   MatrixRF lm_head_;
   Q8Matrix lm_head_q8_;
+  Bf16Matrix lm_head_bf16_;
   Eigen::RowVectorXf final_norm_;
   std::vector<Nf4Layer> layers_;
   std::vector<float> inv_freq_;

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <span>
 #include <vector>
 
 #include "core/error.hpp"
@@ -24,27 +25,49 @@ void run(ThreadPool* pool, bool parallel, int64_t items, const std::function<voi
   else body(0, items);
 }
 
-MatrixRF int8_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF& x) {
+// Matrices that read the same activations in the same int8 layout (q/k/v; an expert's w1/w3): x is
+// quantized once, and all their row chunks are one parallel section, one synchronization.
+bool same_q8_layout(Isa isa, std::span<const Nf4Matrix* const> ws) {
+  for (const auto* w : ws)
+    if (w->cols != ws[0]->cols || w->blocksize != ws[0]->blocksize || q8_values(*w) != q8_values(*ws[0]) ||
+        q8_scales(isa, *w) != q8_scales(isa, *ws[0]))
+      return false;
+  return true;
+}
+
+std::vector<MatrixRF> int8_linear_many(const LinearContext& ctx, std::span<const Nf4Matrix* const> ws, const MatrixRF& x) {
+  const Nf4Matrix& w0 = *ws[0];
   const int64_t n = x.rows();
-  const int64_t nq = q8_values(w), nd = q8_scales(ctx.isa, w);
+  const int64_t nq = q8_values(w0), nd = q8_scales(ctx.isa, w0);
   std::vector<int8_t> q(size_t(n * nq));
   std::vector<float> d(size_t(n * nd));
-  const bool parallel = n * w.rows * w.cols >= kMinParallelMacs;
+  int64_t macs = 0;
+  for (const auto* w : ws) macs += n * w->rows * w->cols;
+  const bool parallel = macs >= kMinParallelMacs;
   run(ctx.pool, parallel && n >= 16, n, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) prepare_q8(ctx.isa, w, x.row(t).data(), q.data() + t * nq, d.data() + t * nd);
+    for (int64_t t = t0; t < t1; ++t) prepare_q8(ctx.isa, w0, x.row(t).data(), q.data() + t * nq, d.data() + t * nd);
   });
-  MatrixRF y(n, w.rows);
-  const int64_t chunk = row_chunk(w), chunks = (w.rows + chunk - 1) / chunk;
-  const int64_t tile = token_tile(w), tiles = (n + tile - 1) / tile;
-  run(ctx.pool, parallel, chunks * tiles, [&](int64_t i0, int64_t i1) {
+  // Work item i: matrix m = the first whose range holds i, then (token tile, row chunk) within it.
+  const int64_t tile = token_tile(w0), tiles = (n + tile - 1) / tile;
+  std::vector<MatrixRF> ys;
+  std::vector<int64_t> first_item{0};
+  for (const auto* w : ws) {
+    ys.emplace_back(n, w->rows);
+    first_item.push_back(first_item.back() + (w->rows + row_chunk(*w) - 1) / row_chunk(*w) * tiles);
+  }
+  run(ctx.pool, parallel, first_item.back(), [&](int64_t i0, int64_t i1) {
+    size_t m = 0;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t0 = (i / chunks) * tile, t1 = std::min(n, t0 + tile);
-      const int64_t r0 = (i % chunks) * chunk, r1 = std::min(w.rows, r0 + chunk);
-      gemv_q8(ctx.isa, w, q.data() + t0 * nq, nq, d.data() + t0 * nd, nd, int(t1 - t0), y.data() + t0 * w.rows + r0,
+      while (i >= first_item[m + 1]) ++m;
+      const Nf4Matrix& w = *ws[m];
+      const int64_t chunk = row_chunk(w), chunks = (w.rows + chunk - 1) / chunk, j = i - first_item[m];
+      const int64_t t0 = (j / chunks) * tile, t1 = std::min(n, t0 + tile);
+      const int64_t r0 = (j % chunks) * chunk, r1 = std::min(w.rows, r0 + chunk);
+      gemv_q8(ctx.isa, w, q.data() + t0 * nq, nq, d.data() + t0 * nd, nd, int(t1 - t0), ys[m].data() + t0 * w.rows + r0,
               w.rows, r0, r1);
     }
   });
-  return y;
+  return ys;
 }
 
 // Eigen's GEMM opens an OpenMP team of its own unless it is already inside one; inside a pool chunk it
@@ -98,7 +121,16 @@ Activations parse_activations(const std::string& name) {
 std::string activations_name(Activations a) { return a == Activations::Int8 ? "int8" : "fp32"; }
 
 MatrixRF nf4_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF& x) {
-  return ctx.activations == Activations::Int8 ? int8_linear(ctx, w, x) : fp32_mode_linear(ctx, w, x);
+  const Nf4Matrix* one[] = {&w};
+  return ctx.activations == Activations::Int8 ? std::move(int8_linear_many(ctx, one, x)[0]) : fp32_mode_linear(ctx, w, x);
+}
+
+std::vector<MatrixRF> nf4_linear_many(const LinearContext& ctx, std::span<const Nf4Matrix* const> ws, const MatrixRF& x) {
+  if (ws.empty()) return {};
+  if (ctx.activations == Activations::Int8 && same_q8_layout(ctx.isa, ws)) return int8_linear_many(ctx, ws, x);
+  std::vector<MatrixRF> ys;  // the check mode, or layouts that differ: one matrix at a time
+  for (const auto* w : ws) ys.push_back(nf4_linear(ctx, *w, x));
+  return ys;
 }
 
 MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x) {

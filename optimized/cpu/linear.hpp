@@ -7,6 +7,9 @@
 //    stays in cache while a tile of tokens reads it;
 //  - fp32 (the exact check mode): up to kGemvMaxTokens tokens stream the packed weights through the
 //    FP32 GEMV; more dequantize row tiles and multiply with Eigen's GEMM.
+#include <span>
+#include <vector>
+
 #include "core/engine.hpp"
 #include "optimized/cpu/kernels.hpp"
 #include "optimized/cpu/thread_pool.hpp"
@@ -25,6 +28,9 @@ struct LinearContext {
 
 // X: [n, cols]; returns [n, rows].
 MatrixRF nf4_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF& x);
+// Several matrices applied to the same X (q/k/v, an expert's w1/w3): in the int8 mode X is quantized
+// once and all their rows are one parallel section; the results are those of nf4_linear on each.
+std::vector<MatrixRF> nf4_linear_many(const LinearContext& ctx, std::span<const Nf4Matrix* const> ws, const MatrixRF& x);
 // The FP32 check mode on the process-wide default pool (tests and benchmarks of the FP32 kernels).
 MatrixRF nf4_linear(Isa isa, const Nf4Matrix& w, const MatrixRF& x);
 

@@ -16,8 +16,10 @@ MatrixRF moe_block(const LinearContext& ctx, const std::vector<Nf4Expert>& exper
     MatrixRF xe(Eigen::Index(routed.size()), x.cols());
     for (size_t i = 0; i < routed.size(); ++i) xe.row(Eigen::Index(i)) = x.row(routed[i].first);
     const auto& ex = experts[size_t(e)];
-    MatrixRF g = nf4_linear(ctx, ex.w1, xe);
-    const MatrixRF u = nf4_linear(ctx, ex.w3, xe);
+    const Nf4Matrix* gate_up[] = {&ex.w1, &ex.w3};
+    auto gu = nf4_linear_many(ctx, gate_up, xe);
+    MatrixRF& g = gu[0];
+    const MatrixRF& u = gu[1];
     g = (g.array() / (1.0f + (-g.array()).exp())) * u.array();  // silu(w1 x) · w3 x
     const MatrixRF y = nf4_linear(ctx, ex.w2, g);
     for (size_t i = 0; i < routed.size(); ++i) out.row(routed[i].first) += routed[i].second * y.row(Eigen::Index(i));
