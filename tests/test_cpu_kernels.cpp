@@ -9,8 +9,11 @@
 
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <ostream>
 #include <random>
+#include <set>
+#include <sstream>
 #include <tuple>
 
 #include "isa_test_util.hpp"
@@ -209,6 +212,27 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CpuKernels,
                            return isa_test_name(std::get<0>(info.param)) + "_" + std::to_string(s.rows) + "x" + std::to_string(s.cols) +
                                   "_b" + std::to_string(s.blocksize);
                          });
+
+// The run-time ISA detection agrees with the kernel's view of this CPU (/proc/cpuinfo flags, which the kernel
+// clears when the OS does not save the registers). AVX-VNNI is read from CPUID directly (clang 14's
+// __builtin_cpu_supports has no "avxvnni"; the ThreadSanitizer build with clang failed to compile).
+TEST(CpuIsaDetection, AgreesWithProcCpuinfo) {
+  std::ifstream in("/proc/cpuinfo");
+  std::set<std::string> flags;
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("flags", 0) == 0) {
+      std::istringstream words(line.substr(line.find(':') + 1));
+      for (std::string w; words >> w;) flags.insert(w);
+      break;
+    }
+  if (flags.empty()) GTEST_SKIP() << "no flags line in /proc/cpuinfo";
+  const auto has = [&](const char* f) { return flags.count(f) > 0; };
+  EXPECT_TRUE(cpu::isa_supported(Isa::Scalar));
+  EXPECT_EQ(cpu::isa_supported(Isa::Avx2), has("avx2") && has("fma"));
+  EXPECT_EQ(cpu::isa_supported(Isa::Avx2Vnni), has("avx2") && has("fma") && has("avx_vnni"));
+  EXPECT_EQ(cpu::isa_supported(Isa::Avx512), has("avx512f") && has("avx512bw"));
+  EXPECT_EQ(cpu::isa_supported(Isa::Avx512Vnni), has("avx512f") && has("avx512bw") && has("avx512_vnni"));
+}
 
 }  // namespace
 }  // namespace moelab::test

@@ -1,4 +1,5 @@
 // Runtime choice of the NF4 kernel set: the widest the CPU supports, or one named by the user.
+#include <cpuid.h>
 #include <fmt/format.h>
 
 #include <vector>
@@ -8,11 +9,22 @@
 
 namespace moelab::cpu {
 
+namespace {
+// AVX-VNNI (the VEX-encoded vpdpbusd): CPUID.(EAX=7,ECX=1):EAX bit 4, read directly because clang 14's
+// __builtin_cpu_supports does not know "avxvnni" (a compile error there; GCC 12 knows it). The OS's
+// support of the YMM state it needs is what the avx2 check below already requires.
+bool cpu_has_avxvnni() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return (a >> 4) & 1u;
+}
+}  // namespace
+
 bool isa_supported(Isa isa) {
   switch (isa) {
     case Isa::Scalar: return true;
     case Isa::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case Isa::Avx2Vnni: return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avxvnni");
+    case Isa::Avx2Vnni: return isa_supported(Isa::Avx2) && cpu_has_avxvnni();
     case Isa::Avx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
     case Isa::Avx512Vnni: return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
   }
