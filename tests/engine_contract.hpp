@@ -72,13 +72,7 @@ struct EngineUnderTest {
 // gtest prints a parameter on failure: the engine's name, not its bytes.
 inline void PrintTo(const EngineUnderTest& e, std::ostream* os) { *os << e.name; }
 
-inline std::string contract_test_name(
-    const ::testing::TestParamInfo<std::tuple<EngineUnderTest, std::string>>& info) {
-  std::string n = std::get<0>(info.param).name + "_" + std::get<1>(info.param);
-  for (auto& ch : n)
-    if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return n;
-}
+inline std::string contract_test_name(const ::testing::TestParamInfo<EngineUnderTest>& info) { return info.param.name; }
 
 // Records every call's observations (copies: the engine's matrices live only during the callback).
 struct ContractRecorder : Probe {
@@ -112,12 +106,27 @@ struct ContractRecorder : Probe {
   }
 };
 
-class EngineContract : public ::testing::TestWithParam<std::tuple<EngineUnderTest, std::string>> {
+// The parameter is the engine; each test runs it on every fixture model in turn (one process per engine
+// and check keeps ctest's start-up cost small).
+class EngineContract : public ::testing::TestWithParam<EngineUnderTest> {
  protected:
   void SetUp() override {
     if (const std::string why = spec().skip_reason(); !why.empty()) GTEST_SKIP() << spec().name << ": " << why;
-    ck = Checkpoint::open(model_dir(std::get<1>(GetParam())));
-    tokens = read_i32(SafetensorsFile(model_dir(std::get<1>(GetParam())) + "/expected.safetensors"), "tokens");
+  }
+  // Runs `check` on each fixture model, with ck, tokens, n, a fresh engine and its prefill set up.
+  template <class F>
+  void on_every_model(F&& check) {
+    for (const std::string model : {"mixtral-4e-gqa-f32", "mixtral-8e-bf16-sharded", "mixtral-top1-swa", "mistral-dense"}) {
+      SCOPED_TRACE(spec().name + " on " + model);
+      load(model);
+      if (HasFatalFailure()) return;
+      check();
+      if (HasFatalFailure()) return;
+    }
+  }
+  void load(const std::string& model) {
+    ck = Checkpoint::open(model_dir(model));
+    tokens = read_i32(SafetensorsFile(model_dir(model) + "/expected.safetensors"), "tokens");
     n = int(tokens.size());
     ASSERT_GE(n, 10) << "the checks below split the fixture's tokens";
     engine = make();
@@ -128,7 +137,7 @@ class EngineContract : public ::testing::TestWithParam<std::tuple<EngineUnderTes
     ASSERT_EQ(engine->position(), n);
   }
 
-  const EngineUnderTest& spec() const { return std::get<0>(GetParam()); }
+  const EngineUnderTest& spec() const { return GetParam(); }
   std::unique_ptr<Engine> make(int max_context = 0) const { return spec().make(*ck, max_context); }
   std::span<const int32_t> span(int first, int count) const {
     return std::span<const int32_t>(tokens.data() + first, size_t(count));
@@ -193,274 +202,288 @@ class EngineContract : public ::testing::TestWithParam<std::tuple<EngineUnderTes
 
 // Token by token (the decode path), then chunks of 5 and the rest, both against one prefill.
 TEST_P(EngineContract, DecodeEqualsPrefill) {
-  engine->reset();
-  EXPECT_EQ(engine->position(), 0);
-  MatrixRF decoded(n, prefill.cols());
-  for (int i = 0; i < n; ++i) {
-    const MatrixRF step = engine->forward(span(i, 1));
-    ASSERT_EQ(step.rows(), 1);
-    decoded.row(i) = step.row(0);
-    EXPECT_EQ(engine->position(), i + 1);
-  }
-  expect_rows_match(decoded, 0, "token by token");
-  engine->reset();
-  const MatrixRF a = engine->forward(span(0, 5));
-  const MatrixRF b = engine->forward(span(5, n - 5));
-  expect_rows_match(a, 0, "chunk [0, 5)");
-  expect_rows_match(b, 5, "chunk [5, n)");
-  EXPECT_EQ(engine->position(), n);
+  on_every_model([&] {
+    engine->reset();
+    EXPECT_EQ(engine->position(), 0);
+    MatrixRF decoded(n, prefill.cols());
+    for (int i = 0; i < n; ++i) {
+      const MatrixRF step = engine->forward(span(i, 1));
+      ASSERT_EQ(step.rows(), 1);
+      decoded.row(i) = step.row(0);
+      EXPECT_EQ(engine->position(), i + 1);
+    }
+    expect_rows_match(decoded, 0, "token by token");
+    engine->reset();
+    const MatrixRF a = engine->forward(span(0, 5));
+    const MatrixRF b = engine->forward(span(5, n - 5));
+    expect_rows_match(a, 0, "chunk [0, 5)");
+    expect_rows_match(b, 5, "chunk [5, n)");
+    EXPECT_EQ(engine->position(), n);
+  });
 }
 
 TEST_P(EngineContract, ResetAndTruncate) {
-  // reset() and truncate(0): the same tokens give the same logits, bit for bit.
-  engine->reset();
-  EXPECT_EQ(engine->position(), 0);
-  expect_bitwise(engine->forward(tokens), prefill, "after reset()");
-  engine->truncate(0);
-  EXPECT_EQ(engine->position(), 0);
-  expect_bitwise(engine->forward(tokens), prefill, "after truncate(0)");
+  on_every_model([&] {
+    // reset() and truncate(0): the same tokens give the same logits, bit for bit.
+    engine->reset();
+    EXPECT_EQ(engine->position(), 0);
+    expect_bitwise(engine->forward(tokens), prefill, "after reset()");
+    engine->truncate(0);
+    EXPECT_EQ(engine->position(), 0);
+    expect_bitwise(engine->forward(tokens), prefill, "after truncate(0)");
 
-  // truncate(position()) is a no-op: the next chunk is what it is without the call.
-  const int half = n / 2;
-  engine->reset();
-  engine->forward(span(0, half));
-  const MatrixRF untouched = engine->forward(span(half, n - half));
-  engine->reset();
-  engine->forward(span(0, half));
-  engine->truncate(engine->position());
-  EXPECT_EQ(engine->position(), half);
-  expect_bitwise(engine->forward(span(half, n - half)), untouched, "after truncate(position())");
+    // truncate(position()) is a no-op: the next chunk is what it is without the call.
+    const int half = n / 2;
+    engine->reset();
+    engine->forward(span(0, half));
+    const MatrixRF untouched = engine->forward(span(half, n - half));
+    engine->reset();
+    engine->forward(span(0, half));
+    engine->truncate(engine->position());
+    EXPECT_EQ(engine->position(), half);
+    expect_bitwise(engine->forward(span(half, n - half)), untouched, "after truncate(position())");
 
-  // truncate(m) in the middle: the rest recomputed from m cached tokens is the prefill's rows.
-  for (const int m : {1, half, n - 1}) {
-    SCOPED_TRACE("truncate(" + std::to_string(m) + ")");
+    // truncate(m) in the middle: the rest recomputed from m cached tokens is the prefill's rows.
+    for (const int m : {1, half, n - 1}) {
+      SCOPED_TRACE("truncate(" + std::to_string(m) + ")");
+      engine->reset();
+      engine->forward(tokens);
+      engine->truncate(m);
+      EXPECT_EQ(engine->position(), m);
+      expect_rows_match(engine->forward(span(m, n - m)), m, "recomputed after truncate");
+      EXPECT_EQ(engine->position(), n);
+    }
+    // Different tokens after truncate(m): computed from the m kept tokens only (not from the dropped
+    // ones, not appended after them): the same as a fresh engine given the first m tokens, then those.
+    std::vector<int32_t> other(tokens.begin(), tokens.begin() + half);
+    for (int i = half; i < n; ++i) other.push_back(int32_t((tokens[size_t(i)] * 7 + 3) % ck->config().vocab_size));
+    auto fresh = make();
+    const MatrixRF want = fresh->forward(other);
     engine->reset();
     engine->forward(tokens);
-    engine->truncate(m);
-    EXPECT_EQ(engine->position(), m);
-    expect_rows_match(engine->forward(span(m, n - m)), m, "recomputed after truncate");
-    EXPECT_EQ(engine->position(), n);
-  }
-  // Different tokens after truncate(m): computed from the m kept tokens only (not from the dropped
-  // ones, not appended after them): the same as a fresh engine given the first m tokens, then those.
-  std::vector<int32_t> other(tokens.begin(), tokens.begin() + half);
-  for (int i = half; i < n; ++i) other.push_back(int32_t((tokens[size_t(i)] * 7 + 3) % ck->config().vocab_size));
-  auto fresh = make();
-  const MatrixRF want = fresh->forward(other);
-  engine->reset();
-  engine->forward(tokens);
-  engine->truncate(half);
-  const MatrixRF got = engine->forward(std::span<const int32_t>(other.data() + half, other.size() - size_t(half)));
-  const MatrixRF saved = prefill;
-  prefill = want;  // the reference rows for expect_rows_match
-  expect_rows_match(got, half, "other tokens after truncate");
-  prefill = saved;
+    engine->truncate(half);
+    const MatrixRF got = engine->forward(std::span<const int32_t>(other.data() + half, other.size() - size_t(half)));
+    const MatrixRF saved = prefill;
+    prefill = want;  // the reference rows for expect_rows_match
+    expect_rows_match(got, half, "other tokens after truncate");
+    prefill = saved;
 
-  // Out of range: an error, and the cache stays as it was.
-  engine->reset();
-  engine->forward(span(0, half));
-  for (const int bad : {-1, half + 1, n + 5}) {
-    const std::string msg = error_of([&] { engine->truncate(bad); });
-    EXPECT_NE(msg.find(std::to_string(bad)), std::string::npos) << "the message names the position: " << msg;
-    EXPECT_EQ(engine->position(), half) << "truncate(" << bad << ")";
-  }
-  expect_bitwise(engine->forward(span(half, n - half)), untouched, "after refused truncates");
-  engine->reset();
-  error_of([&] { engine->truncate(1); });  // nothing cached: only 0 is in range
-  EXPECT_EQ(engine->position(), 0);
+    // Out of range: an error, and the cache stays as it was.
+    engine->reset();
+    engine->forward(span(0, half));
+    for (const int bad : {-1, half + 1, n + 5}) {
+      const std::string msg = error_of([&] { engine->truncate(bad); });
+      EXPECT_NE(msg.find(std::to_string(bad)), std::string::npos) << "the message names the position: " << msg;
+      EXPECT_EQ(engine->position(), half) << "truncate(" << bad << ")";
+    }
+    expect_bitwise(engine->forward(span(half, n - half)), untouched, "after refused truncates");
+    engine->reset();
+    error_of([&] { engine->truncate(1); });  // nothing cached: only 0 is in range
+    EXPECT_EQ(engine->position(), 0);
+  });
 }
 
 TEST_P(EngineContract, ContextOverflowIsAnErrorThatLeavesTheCache) {
-  constexpr int kContext = 8;
-  ASSERT_GT(n, kContext);
-  auto small = make(kContext);
-  EXPECT_EQ(small->max_context(), kContext);
-  EXPECT_NE(error_of([&] { small->forward(tokens); }).find("context overflow"), std::string::npos);
-  EXPECT_EQ(small->position(), 0);
-  expect_rows_match(small->forward(span(0, kContext)), 0, "filling the context exactly");
-  EXPECT_EQ(small->position(), kContext);
-  EXPECT_NE(error_of([&] { small->forward(span(kContext, 1)); }).find("context overflow"), std::string::npos);
-  EXPECT_NE(error_of([&] { small->forward_tail(span(kContext, 2), 1); }).find("context overflow"), std::string::npos);
-  EXPECT_EQ(small->position(), kContext);
-  // Room made by truncate: the next token continues from the kept ones.
-  small->truncate(kContext - 1);
-  expect_rows_match(small->forward(span(kContext - 1, 1)), kContext - 1, "after truncate at a full context");
-  // A context beyond the model's positions is refused when the engine is built.
-  const int max_pos = ck->config().max_position_embeddings;
-  EXPECT_NE(error_of([&] { make(max_pos + 1); }).find(std::to_string(max_pos)), std::string::npos);
+  on_every_model([&] {
+    constexpr int kContext = 8;
+    ASSERT_GT(n, kContext);
+    auto small = make(kContext);
+    EXPECT_EQ(small->max_context(), kContext);
+    EXPECT_NE(error_of([&] { small->forward(tokens); }).find("context overflow"), std::string::npos);
+    EXPECT_EQ(small->position(), 0);
+    expect_rows_match(small->forward(span(0, kContext)), 0, "filling the context exactly");
+    EXPECT_EQ(small->position(), kContext);
+    EXPECT_NE(error_of([&] { small->forward(span(kContext, 1)); }).find("context overflow"), std::string::npos);
+    EXPECT_NE(error_of([&] { small->forward_tail(span(kContext, 2), 1); }).find("context overflow"), std::string::npos);
+    EXPECT_EQ(small->position(), kContext);
+    // Room made by truncate: the next token continues from the kept ones.
+    small->truncate(kContext - 1);
+    expect_rows_match(small->forward(span(kContext - 1, 1)), kContext - 1, "after truncate at a full context");
+    // A context beyond the model's positions is refused when the engine is built.
+    const int max_pos = ck->config().max_position_embeddings;
+    EXPECT_NE(error_of([&] { make(max_pos + 1); }).find(std::to_string(max_pos)), std::string::npos);
+  });
 }
 
 TEST_P(EngineContract, TokenOutsideTheVocabularyIsAnErrorBeforeAnyStateChanges) {
-  const int vocab = ck->config().vocab_size;
-  engine->reset();
-  for (const int32_t bad : {vocab, -1, vocab + 1000}) {
-    const std::vector<int32_t> call{tokens[0], tokens[1], bad};
-    const std::string msg = error_of([&] { engine->forward(call); });
-    EXPECT_NE(msg.find("outside the vocabulary"), std::string::npos) << msg;
-    EXPECT_NE(msg.find(std::to_string(bad)), std::string::npos) << msg;
-    EXPECT_EQ(engine->position(), 0);
-  }
-  expect_bitwise(engine->forward(tokens), prefill, "after refused tokens");
-  // Mid-sequence: the cached tokens stay, and the next call continues from them.
-  engine->reset();
-  engine->forward(span(0, 5));
-  error_of([&] { engine->forward(std::vector<int32_t>{tokens[5], vocab}); });
-  error_of([&] { engine->forward_tail(std::vector<int32_t>{tokens[5], -7}, 1); });
-  EXPECT_EQ(engine->position(), 5);
-  expect_rows_match(engine->forward(span(5, n - 5)), 5, "after a refused token mid-sequence");
+  on_every_model([&] {
+    const int vocab = ck->config().vocab_size;
+    engine->reset();
+    for (const int32_t bad : {vocab, -1, vocab + 1000}) {
+      const std::vector<int32_t> call{tokens[0], tokens[1], bad};
+      const std::string msg = error_of([&] { engine->forward(call); });
+      EXPECT_NE(msg.find("outside the vocabulary"), std::string::npos) << msg;
+      EXPECT_NE(msg.find(std::to_string(bad)), std::string::npos) << msg;
+      EXPECT_EQ(engine->position(), 0);
+    }
+    expect_bitwise(engine->forward(tokens), prefill, "after refused tokens");
+    // Mid-sequence: the cached tokens stay, and the next call continues from them.
+    engine->reset();
+    engine->forward(span(0, 5));
+    error_of([&] { engine->forward(std::vector<int32_t>{tokens[5], vocab}); });
+    error_of([&] { engine->forward_tail(std::vector<int32_t>{tokens[5], -7}, 1); });
+    EXPECT_EQ(engine->position(), 5);
+    expect_rows_match(engine->forward(span(5, n - 5)), 5, "after a refused token mid-sequence");
+  });
 }
 
 // forward_tail runs the layers as forward does (same call shape, same hidden states); only the lm_head
 // may run on fewer rows, reordering its FP32 sums of hidden <= 64 terms: sqrt(64) u = 5e-7 relative per
 // row, limit 1e-6 (an int8 lm_head quantizes each row on its own: the same codes, the same sums).
 TEST_P(EngineContract, ForwardTailReturnsTheLastRowsOfForward) {
-  for (const int first : {0, n - 3, n - 1}) {
-    SCOPED_TRACE("first " + std::to_string(first));
+  on_every_model([&] {
+    for (const int first : {0, n - 3, n - 1}) {
+      SCOPED_TRACE("first " + std::to_string(first));
+      engine->reset();
+      const MatrixRF tail = engine->forward_tail(tokens, first);
+      ASSERT_EQ(tail.rows(), n - first);
+      ASSERT_EQ(tail.cols(), prefill.cols());
+      for (int r = 0; r < n - first; ++r)
+        EXPECT_LT(rel_l2(tail.row(r), prefill.row(first + r)), 1e-6) << "position " << first + r;
+      EXPECT_EQ(engine->position(), n);
+    }
     engine->reset();
-    const MatrixRF tail = engine->forward_tail(tokens, first);
-    ASSERT_EQ(tail.rows(), n - first);
-    ASSERT_EQ(tail.cols(), prefill.cols());
-    for (int r = 0; r < n - first; ++r)
-      EXPECT_LT(rel_l2(tail.row(r), prefill.row(first + r)), 1e-6) << "position " << first + r;
-    EXPECT_EQ(engine->position(), n);
-  }
-  engine->reset();
-  engine->forward(span(0, 4));
-  for (const int bad : {-1, n - 4, n}) {
-    const std::string msg = error_of([&] { engine->forward_tail(span(4, n - 4), bad); });
-    EXPECT_NE(msg.find("forward_tail"), std::string::npos) << msg;
-    EXPECT_EQ(engine->position(), 4) << "first " << bad;
-  }
-  expect_rows_match(engine->forward_tail(span(4, n - 4), n - 5), n - 1, "forward_tail after refused calls");
+    engine->forward(span(0, 4));
+    for (const int bad : {-1, n - 4, n}) {
+      const std::string msg = error_of([&] { engine->forward_tail(span(4, n - 4), bad); });
+      EXPECT_NE(msg.find("forward_tail"), std::string::npos) << msg;
+      EXPECT_EQ(engine->position(), 4) << "first " << bad;
+    }
+    expect_rows_match(engine->forward_tail(span(4, n - 4), n - 5), n - 1, "forward_tail after refused calls");
+  });
 }
 
 // Every layer observed once per call, in order, with consistent contents; on_logits once.
 TEST_P(EngineContract, ProbeObservationsArePresentAndConsistent) {
-  const ModelConfig& c = ck->config();
-  engine->reset();
-  ContractRecorder rec;
-  const MatrixRF logits = engine->forward(tokens, &rec);
-  ASSERT_EQ(int(rec.layers.size()), c.num_layers);
-  ASSERT_EQ(rec.logits.size(), 1u);
-  expect_bitwise(rec.logits[0], logits, "on_logits sees the returned logits");
-  for (int l = 0; l < c.num_layers; ++l) {
-    SCOPED_TRACE("layer " + std::to_string(l));
-    const auto& o = rec.layers[size_t(l)];
-    EXPECT_EQ(o.layer, l);
-    ASSERT_EQ(o.hidden.rows(), n);
-    ASSERT_EQ(o.hidden.cols(), c.hidden_size);
-    EXPECT_TRUE(o.hidden.allFinite());
-    ASSERT_EQ(o.experts.rows(), n);
-    ASSERT_EQ(o.experts.cols(), c.top_k);
-    ASSERT_EQ(o.gates.rows(), n);
-    ASSERT_EQ(o.gates.cols(), c.top_k);
-    for (const double s : {o.attention_seconds, o.router_seconds, o.experts_seconds})
-      EXPECT_TRUE(std::isfinite(s) && s >= 0) << s;
-    if (!c.is_moe()) {
-      EXPECT_FALSE(o.has_router_logits) << "dense models have no router";
-      EXPECT_EQ(o.experts.cwiseAbs().maxCoeff(), 0);
-      EXPECT_EQ((o.gates.array() - 1.0f).abs().maxCoeff(), 0.0f);
-      continue;
+  on_every_model([&] {
+    const ModelConfig& c = ck->config();
+    engine->reset();
+    ContractRecorder rec;
+    const MatrixRF logits = engine->forward(tokens, &rec);
+    ASSERT_EQ(int(rec.layers.size()), c.num_layers);
+    ASSERT_EQ(rec.logits.size(), 1u);
+    expect_bitwise(rec.logits[0], logits, "on_logits sees the returned logits");
+    for (int l = 0; l < c.num_layers; ++l) {
+      SCOPED_TRACE("layer " + std::to_string(l));
+      const auto& o = rec.layers[size_t(l)];
+      EXPECT_EQ(o.layer, l);
+      ASSERT_EQ(o.hidden.rows(), n);
+      ASSERT_EQ(o.hidden.cols(), c.hidden_size);
+      EXPECT_TRUE(o.hidden.allFinite());
+      ASSERT_EQ(o.experts.rows(), n);
+      ASSERT_EQ(o.experts.cols(), c.top_k);
+      ASSERT_EQ(o.gates.rows(), n);
+      ASSERT_EQ(o.gates.cols(), c.top_k);
+      for (const double s : {o.attention_seconds, o.router_seconds, o.experts_seconds})
+        EXPECT_TRUE(std::isfinite(s) && s >= 0) << s;
+      if (!c.is_moe()) {
+        EXPECT_FALSE(o.has_router_logits) << "dense models have no router";
+        EXPECT_EQ(o.experts.cwiseAbs().maxCoeff(), 0);
+        EXPECT_EQ((o.gates.array() - 1.0f).abs().maxCoeff(), 0.0f);
+        continue;
+      }
+      ASSERT_TRUE(o.has_router_logits);
+      ASSERT_EQ(o.router_logits.rows(), n);
+      ASSERT_EQ(o.router_logits.cols(), c.num_experts);
+      for (int t = 0; t < n; ++t) {
+        const auto lg = o.router_logits.row(t);
+        std::set<int> chosen;
+        double denom = 0;
+        for (int j = 0; j < c.top_k; ++j) {
+          const int e = o.experts(t, j);
+          ASSERT_TRUE(e >= 0 && e < c.num_experts) << "token " << t << ": expert " << e;
+          chosen.insert(e);
+          denom += std::exp(double(lg(e)) - double(lg(o.experts(t, 0))));
+        }
+        // Rank order: a later choice's logit is not above an earlier one's; no unchosen expert above the last.
+        for (int j = 1; j < c.top_k; ++j) EXPECT_LE(lg(o.experts(t, j)), lg(o.experts(t, j - 1))) << "token " << t;
+        EXPECT_EQ(int(chosen.size()), c.top_k) << "distinct experts, token " << t;
+        const float least_chosen = lg(o.experts(t, c.top_k - 1));
+        for (int e = 0; e < c.num_experts; ++e) {
+          if (chosen.count(e)) continue;
+          EXPECT_LE(lg(e), least_chosen) << "expert " << e << " beats a chosen one, token " << t;
+        }
+        for (int j = 0; j < c.top_k; ++j) {
+          const double want = std::exp(double(lg(o.experts(t, j))) - double(lg(o.experts(t, 0)))) / denom;
+          EXPECT_NEAR(o.gates(t, j), want, spec().gate_tol) << "gate " << j << ", token " << t;
+        }
+      }
+      if (o.has_expert_timings) {
+        int routed = 0;
+        std::set<int> seen;
+        for (const auto& et : o.expert_timings) {
+          EXPECT_TRUE(et.expert >= 0 && et.expert < c.num_experts) << et.expert;
+          EXPECT_TRUE(seen.insert(et.expert).second) << "expert " << et.expert << " timed twice";
+          EXPECT_GT(et.tokens, 0);
+          EXPECT_TRUE(std::isfinite(et.seconds) && et.seconds >= 0);
+          routed += et.tokens;
+        }
+        EXPECT_EQ(routed, n * c.top_k) << "every (token, choice) counted once";
+      }
     }
-    ASSERT_TRUE(o.has_router_logits);
-    ASSERT_EQ(o.router_logits.rows(), n);
-    ASSERT_EQ(o.router_logits.cols(), c.num_experts);
+    // The lm_head applied to the last observed hidden state gives the logits (float64 here, FP32 weights).
+    const MatrixRF& h = rec.layers.back().hidden;
+    const auto norm = ck->read_f32("model.norm.weight");
+    const std::string head = c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+    MatrixRF w(c.vocab_size, c.hidden_size);
+    ck->read_rows_f32(head, 0, c.vocab_size, w.data());
+    MatrixRD normed(n, c.hidden_size);
     for (int t = 0; t < n; ++t) {
-      const auto lg = o.router_logits.row(t);
-      std::set<int> chosen;
-      double denom = 0;
-      for (int j = 0; j < c.top_k; ++j) {
-        const int e = o.experts(t, j);
-        ASSERT_TRUE(e >= 0 && e < c.num_experts) << "token " << t << ": expert " << e;
-        chosen.insert(e);
-        denom += std::exp(double(lg(e)) - double(lg(o.experts(t, 0))));
-      }
-      // Rank order: a later choice's logit is not above an earlier one's; no unchosen expert above the last.
-      for (int j = 1; j < c.top_k; ++j) EXPECT_LE(lg(o.experts(t, j)), lg(o.experts(t, j - 1))) << "token " << t;
-      EXPECT_EQ(int(chosen.size()), c.top_k) << "distinct experts, token " << t;
-      const float least_chosen = lg(o.experts(t, c.top_k - 1));
-      for (int e = 0; e < c.num_experts; ++e) {
-        if (chosen.count(e)) continue;
-        EXPECT_LE(lg(e), least_chosen) << "expert " << e << " beats a chosen one, token " << t;
-      }
-      for (int j = 0; j < c.top_k; ++j) {
-        const double want = std::exp(double(lg(o.experts(t, j))) - double(lg(o.experts(t, 0)))) / denom;
-        EXPECT_NEAR(o.gates(t, j), want, spec().gate_tol) << "gate " << j << ", token " << t;
-      }
+      const double ms = h.row(t).cast<double>().squaredNorm() / c.hidden_size;
+      const double inv = 1.0 / std::sqrt(ms + c.rms_norm_eps);
+      for (int i = 0; i < c.hidden_size; ++i) normed(t, i) = double(h(t, i)) * inv * double(norm[size_t(i)]);
     }
-    if (o.has_expert_timings) {
-      int routed = 0;
-      std::set<int> seen;
-      for (const auto& et : o.expert_timings) {
-        EXPECT_TRUE(et.expert >= 0 && et.expert < c.num_experts) << et.expert;
-        EXPECT_TRUE(seen.insert(et.expert).second) << "expert " << et.expert << " timed twice";
-        EXPECT_GT(et.tokens, 0);
-        EXPECT_TRUE(std::isfinite(et.seconds) && et.seconds >= 0);
-        routed += et.tokens;
-      }
-      EXPECT_EQ(routed, n * c.top_k) << "every (token, choice) counted once";
-    }
-  }
-  // The lm_head applied to the last observed hidden state gives the logits (float64 here, FP32 weights).
-  const MatrixRF& h = rec.layers.back().hidden;
-  const auto norm = ck->read_f32("model.norm.weight");
-  const std::string head = c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-  MatrixRF w(c.vocab_size, c.hidden_size);
-  ck->read_rows_f32(head, 0, c.vocab_size, w.data());
-  MatrixRD normed(n, c.hidden_size);
-  for (int t = 0; t < n; ++t) {
-    const double ms = h.row(t).cast<double>().squaredNorm() / c.hidden_size;
-    const double inv = 1.0 / std::sqrt(ms + c.rms_norm_eps);
-    for (int i = 0; i < c.hidden_size; ++i) normed(t, i) = double(h(t, i)) * inv * double(norm[size_t(i)]);
-  }
-  const MatrixRD from_hidden = normed * w.cast<double>().transpose();
-  EXPECT_LT(rel_l2(logits, from_hidden), spec().lm_head_tol) << "logits against lm_head(last observed hidden)";
+    const MatrixRD from_hidden = normed * w.cast<double>().transpose();
+    EXPECT_LT(rel_l2(logits, from_hidden), spec().lm_head_tol) << "logits against lm_head(last observed hidden)";
 
-  // Decoding with the probe: one observation per layer per call, and they agree with the prefill's.
-  engine->reset();
-  ContractRecorder steps;
-  for (int i = 0; i < n; ++i) engine->forward(span(i, 1), &steps);
-  ASSERT_EQ(int(steps.layers.size()), n * c.num_layers);
-  ASSERT_EQ(int(steps.logits.size()), n);
-  int agree = 0;
-  for (int l = 0; l < c.num_layers; ++l) {
-    MatrixRF hidden(n, c.hidden_size);
-    for (int i = 0; i < n; ++i) {
-      const auto& o = steps.layers[size_t(i * c.num_layers + l)];
-      ASSERT_EQ(o.layer, l);
-      ASSERT_EQ(o.hidden.rows(), 1);
-      hidden.row(i) = o.hidden.row(0);
-      std::set<int> a, b;
-      for (int j = 0; j < c.top_k; ++j) a.insert(o.experts(0, j)), b.insert(rec.layers[size_t(l)].experts(i, j));
-      agree += a == b;
+    // Decoding with the probe: one observation per layer per call, and they agree with the prefill's.
+    engine->reset();
+    ContractRecorder steps;
+    for (int i = 0; i < n; ++i) engine->forward(span(i, 1), &steps);
+    ASSERT_EQ(int(steps.layers.size()), n * c.num_layers);
+    ASSERT_EQ(int(steps.logits.size()), n);
+    int agree = 0;
+    for (int l = 0; l < c.num_layers; ++l) {
+      MatrixRF hidden(n, c.hidden_size);
+      for (int i = 0; i < n; ++i) {
+        const auto& o = steps.layers[size_t(i * c.num_layers + l)];
+        ASSERT_EQ(o.layer, l);
+        ASSERT_EQ(o.hidden.rows(), 1);
+        hidden.row(i) = o.hidden.row(0);
+        std::set<int> a, b;
+        for (int j = 0; j < c.top_k; ++j) a.insert(o.experts(0, j)), b.insert(rec.layers[size_t(l)].experts(i, j));
+        agree += a == b;
+      }
+      // Hidden states carry the same rounding differences as the logits (the logits are a linear map of
+      // them after a norm), so the same tolerance applies.
+      expect_close(hidden, rec.layers[size_t(l)].hidden, 0, "hidden state of layer " + std::to_string(l));
     }
-    // Hidden states carry the same rounding differences as the logits (the logits are a linear map of
-    // them after a norm), so the same tolerance applies.
-    expect_close(hidden, rec.layers[size_t(l)].hidden, 0, "hidden state of layer " + std::to_string(l));
-  }
-  EXPECT_GE(double(agree) / double(n * c.num_layers), spec().min_expert_agreement) << "decode vs prefill experts";
+    EXPECT_GE(double(agree) / double(n * c.num_layers), spec().min_expert_agreement) << "decode vs prefill experts";
+  });
 }
 
 // Observing must not change what is computed: the same logits bit for bit, prefill, decode and tail.
 TEST_P(EngineContract, ProbeDoesNotChangeTheLogits) {
-  ContractRecorder rec;
-  engine->reset();
-  expect_bitwise(engine->forward(tokens, &rec), prefill, "prefill with a probe");
-  engine->reset();
-  std::vector<MatrixRF> plain;
-  for (int i = 0; i < n; ++i) plain.push_back(engine->forward(span(i, 1)));
-  engine->reset();
-  for (int i = 0; i < n; ++i)
-    expect_bitwise(engine->forward(span(i, 1), &rec), plain[size_t(i)], "decode with a probe, position " + std::to_string(i));
-  engine->reset();
-  const MatrixRF tail = engine->forward_tail(tokens, n - 2);
-  engine->reset();
-  ContractRecorder tail_rec;
-  expect_bitwise(engine->forward_tail(tokens, n - 2, &tail_rec), tail, "forward_tail with a probe");
-  // on_logits sees at least the rows returned (an engine may compute the lm_head for all rows).
-  ASSERT_EQ(tail_rec.logits.size(), 1u);
-  ASSERT_GE(tail_rec.logits[0].rows(), 2);
-  expect_bitwise(tail_rec.logits[0].bottomRows(2), tail, "forward_tail's on_logits");
+  on_every_model([&] {
+    ContractRecorder rec;
+    engine->reset();
+    expect_bitwise(engine->forward(tokens, &rec), prefill, "prefill with a probe");
+    engine->reset();
+    std::vector<MatrixRF> plain;
+    for (int i = 0; i < n; ++i) plain.push_back(engine->forward(span(i, 1)));
+    engine->reset();
+    for (int i = 0; i < n; ++i)
+      expect_bitwise(engine->forward(span(i, 1), &rec), plain[size_t(i)], "decode with a probe, position " + std::to_string(i));
+    engine->reset();
+    const MatrixRF tail = engine->forward_tail(tokens, n - 2);
+    engine->reset();
+    ContractRecorder tail_rec;
+    expect_bitwise(engine->forward_tail(tokens, n - 2, &tail_rec), tail, "forward_tail with a probe");
+    // on_logits sees at least the rows returned (an engine may compute the lm_head for all rows).
+    ASSERT_EQ(tail_rec.logits.size(), 1u);
+    ASSERT_GE(tail_rec.logits[0].rows(), 2);
+    expect_bitwise(tail_rec.logits[0].bottomRows(2), tail, "forward_tail's on_logits");
+  });
 }
 
 }  // namespace moelab::test

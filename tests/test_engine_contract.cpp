@@ -90,9 +90,7 @@ std::vector<EngineUnderTest> host_engines() {
   return e;
 }
 
-INSTANTIATE_TEST_SUITE_P(Engines, EngineContract,
-                         ::testing::Combine(::testing::ValuesIn(host_engines()), MOELAB_FIXTURE_MODELS),
-                         contract_test_name);
+INSTANTIATE_TEST_SUITE_P(Engines, EngineContract, ::testing::ValuesIn(host_engines()), contract_test_name);
 
 }  // namespace
 }  // namespace moelab::test
