@@ -13,6 +13,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "core/ascii.hpp"
 #include "core/error.hpp"
 
 namespace moelab::evals {
@@ -21,16 +22,9 @@ using nlohmann::json;
 
 namespace {
 
-// ECMAScript's (and the C locale's) \s: the six ASCII white-space characters. The harness's Python
-// \s also takes Unicode white space; moelab has always used the ASCII set (as in strip() below).
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r'; }
-
-std::string strip(const std::string& s) {
-  size_t a = 0, b = s.size();
-  while (a < b && is_space(s[a])) ++a;
-  while (b > a && is_space(s[b - 1])) --b;
-  return s.substr(a, b - a);
-}
+// The white space of the harness's regexes (\s) is taken as ECMAScript's and the C locale's: the six
+// ASCII characters (core/ascii.hpp). Python's \s also takes Unicode white space; moelab has always used
+// the ASCII set.
 
 void replace_all(std::string& s, const std::string& from, const std::string& to) {
   for (size_t p = 0; (p = s.find(from, p)) != std::string::npos; p += to.size()) s.replace(p, from.size(), to);
@@ -306,7 +300,7 @@ void optional_string(const json& j, const char* field, std::string& out) {
 // overflows the stack on long spans). Each function reproduces the regex it replaces exactly. ----
 
 std::string hellaswag_preprocess(std::string text) {
-  text = strip(text);
+  text = strip_ascii_space(text);
   replace_all(text, " [title]", ". ");
   // re.sub("\\[.*?\\]", "", text): each '[' through the first ']' after it, unless a line break
   // ('.' matches neither '\n' nor, in ECMAScript, '\r') comes first.
@@ -359,8 +353,8 @@ std::string tighten_pairs(const std::string& s, char open, char close) {
       break;
     }
     size_t a = i + 1, b = j;
-    while (a < b && is_space(s[a])) ++a;
-    while (b > a && is_space(s[b - 1])) --b;
+    while (a < b && is_ascii_space(s[a])) ++a;
+    while (b > a && is_ascii_space(s[b - 1])) --b;
     out += open;
     out.append(s, a, b - a);
     out += close;
@@ -368,8 +362,6 @@ std::string tighten_pairs(const std::string& s, char open, char close) {
   }
   return out;
 }
-
-bool is_digit(char c) { return c >= '0' && c <= '9'; }
 
 }  // namespace
 
@@ -379,7 +371,7 @@ std::string wikitext_detokenize(std::string s) {
     std::string out;
     out.reserve(s.size());
     for (size_t i = 0, n = s.size(); i < n;) {
-      if (s[i] == '/' && i + 4 < n && s[i + 1] == '\'' && s[i + 2] == ' ' && is_digit(s[i + 3]) && s[i + 4] == '/') {
+      if (s[i] == '/' && i + 4 < n && s[i + 1] == '\'' && s[i + 2] == ' ' && is_ascii_digit(s[i + 3]) && s[i + 4] == '/') {
         out += "/'[0-9]/";
         i += 5;
       } else {
@@ -499,7 +491,7 @@ Doc from_mmlu(const json& j) {
   Doc d;
   const auto choices = get_strings(j, "choices", 4);
   if (choices.size() != 4) field_error("choices", fmt::format("expected 4 choices, got {}", choices.size()));
-  d.query = strip(get_string(j, "question"));
+  d.query = strip_ascii_space(get_string(j, "question"));
   const char* L = "ABCD";
   for (int i = 0; i < 4; ++i) d.query += fmt::format("\n{}. {}", L[i], choices[size_t(i)]);
   d.query += "\nAnswer:";
@@ -524,7 +516,7 @@ Doc from_winogrande(const json& j) {
   const size_t idx = s.find('_');
   if (idx == std::string::npos) field_error("sentence", "has no '_' blank");
   d.contexts = {s.substr(0, idx) + get_string(j, "option1"), s.substr(0, idx) + get_string(j, "option2")};
-  d.continuation = strip(s.substr(idx + 1));
+  d.continuation = strip_ascii_space(s.substr(idx + 1));
   const json& a = need(j, "answer");
   if (a.is_string() && (a == "1" || a == "2")) d.gold = a == "1" ? 0 : 1;
   else if (a.is_number_integer() && (a == 1 || a == 2)) d.gold = a == 1 ? 0 : 1;
@@ -556,7 +548,7 @@ std::vector<Doc> from_wikitext(const std::string& text, const std::string& sourc
   std::vector<Doc> docs;
   std::string cur;
   auto flush = [&] {
-    if (strip(cur).empty()) return;
+    if (strip_ascii_space(cur).empty()) return;
     Doc d;
     d.page = cur;
     d.text = wikitext_detokenize(cur);
@@ -700,7 +692,7 @@ std::vector<Doc> read_docs(const std::string& task, TaskType type, const std::st
     const std::string line = content.substr(start, e - start);
     start = e + 1;
     ++line_no;
-    if (strip(line).empty()) continue;
+    if (strip_ascii_space(line).empty()) continue;
     json j;
     try {
       j = json::parse(line);

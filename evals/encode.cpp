@@ -1,12 +1,12 @@
 #include "evals/encode.hpp"
 
+#include "core/ascii.hpp"
 #include "core/error.hpp"
 #include "core/tokenizer.hpp"
 
 namespace moelab::evals {
 
 namespace {
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
 const std::string kUnderline = "\xE2\x96\x81";  // "▁"
 }  // namespace
 
@@ -39,7 +39,7 @@ std::pair<Tokens, Tokens> encode_pair(const TextCodec& codec, std::string contex
     return {Tokens{codec.prefix_token}, cont};
   }
   size_t n_spaces = 0;
-  while (n_spaces < context.size() && is_space(context[context.size() - 1 - n_spaces])) ++n_spaces;
+  while (n_spaces < context.size() && is_ascii_space(context[context.size() - 1 - n_spaces])) ++n_spaces;
   if (n_spaces > 0) {
     continuation = context.substr(context.size() - n_spaces) + continuation;
     context.resize(context.size() - n_spaces);

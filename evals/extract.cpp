@@ -3,24 +3,16 @@
 #include <algorithm>
 #include <cctype>
 
-namespace moelab::evals {
+#include "core/ascii.hpp"
 
-namespace {
-std::string strip(const std::string& s) {
-  size_t a = 0, b = s.size();
-  while (a < b && std::isspace((unsigned char)s[a])) ++a;
-  while (b > a && std::isspace((unsigned char)s[b - 1])) --b;
-  return s.substr(a, b - a);
-}
-}  // namespace
+namespace moelab::evals {
 
 // The two filters below are hand-written equivalents of the harness's regexes (linear time; std::regex's
 // recursive matcher overflows the stack on long runs).
 
 namespace {
-bool is_digit(char c) { return c >= '0' && c <= '9'; }
-bool strict_class(char c) { return is_digit(c) || c == '.' || c == ','; }             // [0-9\.\,]
-bool flexible_class(char c) { return is_digit(c) || c == '$' || c == '.' || c == ','; }  // [$0-9.,]
+bool strict_class(char c) { return is_ascii_digit(c) || c == '.' || c == ','; }             // [0-9\.\,]
+bool flexible_class(char c) { return is_ascii_digit(c) || c == '$' || c == '.' || c == ','; }  // [$0-9.,]
 template <class Pred>
 size_t run_end(const std::string& s, size_t k, Pred pred) {
   while (k < s.size() && pred(s[k])) ++k;
@@ -35,7 +27,7 @@ std::string gsm8k_strict(const std::string& response) {
     const size_t start = p + 5;
     const size_t digits = start < response.size() && response[start] == '-' ? start + 1 : start;
     const size_t e = run_end(response, digits, strict_class);
-    if (e > digits) return strip(response.substr(start, e - start));
+    if (e > digits) return strip_ascii_space(response.substr(start, e - start));
   }
   return "[invalid]";
 }
@@ -51,7 +43,7 @@ std::string gsm8k_flexible(const std::string& response) {
     const size_t e1 = run_end(s, body, flexible_class);
     size_t end = 0;
     if (e1 - body >= 2) end = e1;                       // first alternative
-    else if (const size_t e2 = run_end(s, body, is_digit); e2 > body) end = e2;  // second
+    else if (const size_t e2 = run_end(s, body, is_ascii_digit); e2 > body) end = e2;  // second
     if (end == 0) {
       ++p;
       continue;
@@ -60,7 +52,7 @@ std::string gsm8k_flexible(const std::string& response) {
     any = true;
     p = end;
   }
-  return any ? strip(last) : "[invalid]";
+  return any ? strip_ascii_space(last) : "[invalid]";
 }
 
 std::string gsm8k_normalize(std::string s) {
