@@ -43,7 +43,15 @@ if [[ $mode == asan ]]; then
 else
   build=build-tsan
   regex=${regex:-'CpuEngine|Q8|ThreadPool|CpuKernels'}
-  command -v clang++ >/dev/null || { echo "sanitize.sh --tsan: needs clang (apt-get install clang libomp-dev)" >&2; exit 1; }
+  # clang, its TSan runtime and LLVM's OpenMP with Archer: installed here when missing, as fuzz.sh does
+  # (the default setup never needs clang).
+  if ! command -v clang++ >/dev/null || ! ls /usr/lib/llvm-*/lib/libarcher.so >/dev/null 2>&1; then
+    echo "sanitize.sh --tsan: installing clang and libomp-dev (LLVM's OpenMP and Archer) from Debian (apt-get)"
+    sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-rt-dev libomp-dev
+  fi
   flags="-fsanitize=thread -fno-omit-frame-pointer"
   mkdir -p "$build"
   "${nice[@]}" cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOELAB_CUDA=OFF \
