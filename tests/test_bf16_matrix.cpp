@@ -23,7 +23,12 @@ using cpu::Isa;
 // the product into the sum): at most (cols + 4) u sum|w x| with u = 2^-24.
 double fp32_bound(int64_t cols, double magnitude) { return (double(cols) + 4) * std::ldexp(1.0, -24) * magnitude; }
 
-TEST(Bf16Matrix, RowsMatchFloat64OnEveryIsa) {
+// The BF16 head has scalar and AVX2 kernels; one this CPU lacks is SKIPPED with the flags it lacks.
+class Bf16MatrixRows : public ::testing::TestWithParam<Isa> {};
+
+TEST_P(Bf16MatrixRows, MatchFloat64) {
+  const Isa isa = GetParam();
+  MOELAB_SKIP_UNLESS_RUNS_HERE(isa);
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 0.02f);
   // Widths: a multiple of 16 (the unrolled loop), 4096 (Mixtral), tails of 4 and of 7 columns.
@@ -35,8 +40,7 @@ TEST(Bf16Matrix, RowsMatchFloat64OnEveryIsa) {
     for (int n : {1, 3, 4, 6}) {  // the four-token kernel, its remainder, and both together
       MatrixRF x(n, cols);
       for (Eigen::Index i = 0; i < x.size(); ++i) x.data()[i] = normal(rng) * 50.0f;
-      for (const Isa isa : {Isa::Scalar, Isa::Avx2}) {
-        if (!runs_here(isa)) continue;
+      {
         std::vector<float> y(static_cast<size_t>(n * rows), std::nanf(""));
         cpu::bf16_matrix_rows(isa, m, x.data(), cols, n, y.data(), rows, 0, rows);
         for (int t = 0; t < n; ++t)
@@ -57,6 +61,9 @@ TEST(Bf16Matrix, RowsMatchFloat64OnEveryIsa) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Isas, Bf16MatrixRows, ::testing::Values(Isa::Scalar, Isa::Avx2),
+                         [](const auto& info) { return isa_test_name(info.param); });
 
 class Bf16LmHead : public DequantizedFixture {};
 

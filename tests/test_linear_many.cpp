@@ -20,14 +20,18 @@ cpu::Nf4Matrix random_nf4(int64_t rows, int64_t cols, int blocksize, std::mt1993
   return cpu::quantize_matrix(v, rows, cols, blocksize, /*double_quant=*/true);
 }
 
-TEST(Nf4LinearMany, EqualsOneMatrixAtATimeBitForBit) {
+// One test per kernel set; one this CPU lacks is SKIPPED with the flags it lacks.
+class Nf4LinearMany : public ::testing::TestWithParam<cpu::Isa> {};
+
+TEST_P(Nf4LinearMany, EqualsOneMatrixAtATimeBitForBit) {
+  const cpu::Isa isa = GetParam();
+  MOELAB_SKIP_UNLESS_RUNS_HERE(isa);
   std::mt19937 rng(9);
   // q/k/v-like: one width, different row counts; large enough to be split over the pool.
   const auto wq = random_nf4(1024, 512, 64, rng), wk = random_nf4(256, 512, 64, rng), wv = random_nf4(384, 512, 64, rng);
   const auto other_block = random_nf4(96, 512, 128, rng);
   cpu::ThreadPool pool(3);
-  for (const cpu::Isa isa : cpu::kAllIsas) {
-    if (!runs_here(isa)) continue;
+  {
     for (const std::string mode : {"int8", "fp32"}) {
       const cpu::LinearContext ctx{isa, cpu::parse_activations(mode), &pool};
       for (const int n : {1, 5, 70}) {  // decode, a few tokens, several token tiles
@@ -48,6 +52,9 @@ TEST(Nf4LinearMany, EqualsOneMatrixAtATimeBitForBit) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, Nf4LinearMany, ::testing::ValuesIn(cpu::kAllIsas),
+                         [](const auto& info) { return isa_test_name(info.param); });
 
 }  // namespace
 }  // namespace moelab::test
