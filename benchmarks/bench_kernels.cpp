@@ -18,6 +18,7 @@
 #include <random>
 #include <vector>
 
+#include "tests/ops/op_cases.hpp"
 #include "optimized/cpu/kernels.hpp"
 #include "optimized/cpu/linear.hpp"
 #include "optimized/cpu/moe.hpp"
@@ -110,11 +111,18 @@ void BM_ReadBandwidth(benchmark::State& state) {
   state.counters["threads"] = threads;
 }
 
+// The shapes timed are the op table's benchmark rows (tests/ops/op_cases.hpp), the same cases the
+// kernels are tested on against float64.
 struct Shape {
   const char* name;
   int64_t rows, cols;
 };
-const Shape kShapes[] = {{"w1_w3", 14336, 4096}, {"w2", 4096, 14336}, {"q_o", 4096, 4096}, {"k_v", 1024, 4096}};
+const std::vector<Shape> kShapes = [] {
+  std::vector<Shape> shapes;
+  for (const auto& s : moelab::ops::kMatrixShapes)
+    if (s.benchmark) shapes.push_back({s.name, s.rows, s.cols});
+  return shapes;
+}();
 
 void set_bandwidth_counters(benchmark::State& state, int64_t bytes_per_iter) {
   state.SetBytesProcessed(int64_t(state.iterations()) * bytes_per_iter);
