@@ -313,7 +313,8 @@ TEST(StatsRandom, UniformRoutingMatchesBaselinesWithin5StandardErrors) {
   // Each token: a uniformly random k-subset in random order (so the first choice is uniform too).
   // Consecutive-pair indicators are pairwise independent under this model, so SE = sqrt(p(1−p)/pairs).
   std::mt19937_64 rng(20240108);
-  for (auto [e, k] : {std::pair{8, 2}, std::pair{8, 1}, std::pair{16, 4}}) {
+  for (const auto& ek : {std::pair{8, 2}, std::pair{8, 1}, std::pair{16, 4}}) {
+    const int e = ek.first, k = ek.second;  // not a structured binding: the lambda below captures them (clang 14)
     TraceBuilder b(1, k, e);
     std::vector<int> perm(static_cast<size_t>(e));
     for (int s = 0; s < 40; ++s) {
