@@ -70,7 +70,11 @@ else
     echo "sanitize.sh --tsan: WARNING: no libarcher.so (libomp-dev); OpenMP reports suppressed as false positives" >&2
     printf '%s\n' 'called_from_lib:libomp.so.5' 'race:libomp.so.5' 'called_from_lib:libgomp.so.1' 'race:libgomp.so.1' >>"$tsan_supp"
   fi
-  export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/$tsan_supp}
+  # ignore_noninstrumented_modules=1: what Archer's start-up warning asks for. libomp itself is not built with TSan, so
+  # its internal allocator and locks (memory only libomp touches: ___kmp_free's memset, its mutexes) raced
+  # in 14 of 327 tests without it, timing-dependent; moelab's own (instrumented) accesses are still checked,
+  # and Archer supplies OpenMP's synchronization for them.
+  export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:ignore_noninstrumented_modules=1:suppressions=$PWD/$tsan_supp}
 fi
 
 ctest_args=(--test-dir "$build" --output-on-failure -j"$jobs" ${CTEST_ARGS:-})
