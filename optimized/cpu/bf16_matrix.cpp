@@ -6,6 +6,7 @@
 
 #include "core/dtype.hpp"
 #include "optimized/cpu/linear.hpp"
+#include "optimized/cpu/row_chunks.hpp"
 
 namespace moelab::cpu {
 namespace {
@@ -87,16 +88,9 @@ void bf16_matrix_rows(Isa isa, const Bf16Matrix& w, const float* x, int64_t x_st
 MatrixRF bf16_linear(Isa isa, const Bf16Matrix& w, const MatrixRF& x, ThreadPool* pool) {
   const int64_t n = x.rows();
   MatrixRF y(n, w.rows);
-  const int64_t chunk = std::max<int64_t>(8, (64 * 1024) / std::max<int64_t>(1, w.cols));
-  const int64_t chunks = (w.rows + chunk - 1) / chunk;
-  const auto body = [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
-      bf16_matrix_rows(isa, w, x.data(), w.cols, int(n), y.data() + r0, w.rows, r0, r1);
-    }
-  };
-  if (pool && n * w.rows * w.cols >= kMinParallelMacs) pool->parallel_for(chunks, 1, body);
-  else body(0, chunks);
+  for_row_chunks(w.rows, w.cols, n * w.rows * w.cols, pool, [&](int64_t r0, int64_t r1) {
+    bf16_matrix_rows(isa, w, x.data(), w.cols, int(n), y.data() + r0, w.rows, r0, r1);
+  });
   return y;
 }
 

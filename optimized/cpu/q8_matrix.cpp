@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "optimized/cpu/linear.hpp"
+#include "optimized/cpu/row_chunks.hpp"
 #include "optimized/cpu/q8_vectors.hpp"
 
 namespace moelab::cpu {
@@ -89,16 +90,9 @@ MatrixRF q8_linear(Isa isa, const Q8Matrix& w, const MatrixRF& x, ThreadPool* po
   std::vector<float> d(size_t(n * nd));
   for (int64_t t = 0; t < n; ++t) quantize_q8(x.row(t).data(), w.cols, q.data() + t * w.cols, d.data() + t * nd);
   MatrixRF y(n, w.rows);
-  const int64_t chunk = std::max<int64_t>(8, (64 * 1024) / std::max<int64_t>(1, w.cols));
-  const int64_t chunks = (w.rows + chunk - 1) / chunk;
-  const auto body = [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * chunk, r1 = std::min(w.rows, r0 + chunk);
-      q8_matrix_rows(isa, w, q.data(), d.data(), w.cols, nd, int(n), y.data() + r0, w.rows, r0, r1);
-    }
-  };
-  if (pool && n * w.rows * w.cols >= kMinParallelMacs) pool->parallel_for(chunks, 1, body);
-  else body(0, chunks);
+  for_row_chunks(w.rows, w.cols, n * w.rows * w.cols, pool, [&](int64_t r0, int64_t r1) {
+    q8_matrix_rows(isa, w, q.data(), d.data(), w.cols, nd, int(n), y.data() + r0, w.rows, r0, r1);
+  });
   return y;
 }
 
