@@ -3,7 +3,9 @@
 // Every stage here (attention, router, experts, norms, lm_head) has its own code, apart from
 // reference/model.cpp on purpose: `moelab diff` and the engine tests compare the two layer by layer,
 // and a stage shared between them would carry one bug into both sides of the comparison unseen. Do not
-// merge them; share only what is not under comparison (checkpoint reading, the clock).
+// merge them; share only what is not under comparison (checkpoint reading, the clock). The layer ops
+// (RMSNorm, RoPE, attention's per-query loop, the router's top-k) are cpu-nf4's own too, in
+// layer_ops.cpp, where the op table (tests/ops) runs them against float64; they belong to this side.
 
 #include <fmt/format.h>
 #include <omp.h>
@@ -16,6 +18,7 @@
 #include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
+#include "optimized/cpu/layer_ops.hpp"
 #include "optimized/cpu/linear.hpp"
 #include "optimized/cpu/moe.hpp"
 #include "optimized/cpu/quantize.hpp"
@@ -120,8 +123,7 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
           if (m->double_quantized()) std::vector<float>().swap(m->absmax);
     }
 
-  for (int i = 0; i < cfg_.head_dim / 2; ++i)
-    inv_freq_.push_back(1.0f / std::pow(float(cfg_.rope_theta), float(2 * i) / float(cfg_.head_dim)));
+  inv_freq_ = rope_inv_freq(cfg_.rope_theta, cfg_.head_dim);
   const int kv_width = cfg_.num_kv_heads * cfg_.head_dim;
   k_cache_.assign(size_t(cfg_.num_layers), MatrixRF(max_context_, kv_width));
   v_cache_.assign(size_t(cfg_.num_layers), MatrixRF(max_context_, kv_width));
@@ -144,96 +146,38 @@ int64_t Nf4Engine::weight_bytes() const {
   return b;
 }
 
-// x / sqrt(mean(x²) + eps) · weight, per row.
-MatrixRF Nf4Engine::rms_norm(const MatrixRF& x, const Eigen::RowVectorXf& w) const {
-  MatrixRF out(x.rows(), x.cols());
-  for (Eigen::Index t = 0; t < x.rows(); ++t) {
-    const float inv = 1.0f / std::sqrt(x.row(t).squaredNorm() / float(x.cols()) + float(cfg_.rms_norm_eps));
-    out.row(t) = (x.row(t) * inv).cwiseProduct(w);
-  }
-  return out;
-}
-
-// Rotate-half RoPE: dimension d pairs with d + head_dim/2.
-void Nf4Engine::rope(MatrixRF& x, int heads, int start) const {
-  const int hd = cfg_.head_dim, half = hd / 2;
-  for (Eigen::Index t = 0; t < x.rows(); ++t)
-    for (int i = 0; i < half; ++i) {
-      const float angle = float(start + t) * inv_freq_[size_t(i)];
-      const float c = std::cos(angle), s = std::sin(angle);
-      for (int h = 0; h < heads; ++h) {
-        float* a = &x(t, h * hd + i);
-        float* b = a + half;
-        const float a0 = *a, b0 = *b;
-        *a = a0 * c - b0 * s;
-        *b = b0 * c + a0 * s;
-      }
-    }
-}
-
-// GQA attention over the KV cache, heads in parallel; causal, plus the sliding window when set.
+// GQA attention over the KV cache: q/k/v projections, RoPE, the cache write, then layer_ops' attention.
 MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, int start) {
   const int n = int(x.rows()), hd = cfg_.head_dim, heads = cfg_.num_heads;
-  const int group = cfg_.num_heads / cfg_.num_kv_heads;
   const Nf4Matrix* qkv_weights[] = {&w.wq, &w.wk, &w.wv};
   auto qkv = nf4_linear_many(ctx_, qkv_weights, x);
   MatrixRF& q = qkv[0];
   MatrixRF& k = qkv[1];
   const MatrixRF& v = qkv[2];
-  rope(q, heads, start);
-  rope(k, cfg_.num_kv_heads, start);
+  cpu::rope(q, heads, hd, start, inv_freq_);
+  cpu::rope(k, cfg_.num_kv_heads, hd, start, inv_freq_);
   auto& kc = k_cache_[size_t(layer)];
   auto& vc = v_cache_[size_t(layer)];
   kc.middleRows(start, n) = k;
   vc.middleRows(start, n) = v;
-  const float scale = 1.0f / std::sqrt(float(hd));
   MatrixRF out(n, heads * hd);
-  const bool parallel = int64_t(heads) * n * (start + n) * hd >= kMinParallelMacs;
-  const auto one_query = [&](int64_t i) {
-      const int h = int(i / n), t = int(i % n);
-      const int kvh = h / group, p = start + t;
-      const int first = cfg_.sliding_window > 0 ? std::max(0, p - cfg_.sliding_window + 1) : 0;
-      const int len = p - first + 1;
-      Eigen::RowVectorXf s = (q.block(t, h * hd, 1, hd) * kc.block(first, kvh * hd, len, hd).transpose()) * scale;
-      s = (s.array() - s.maxCoeff()).exp();
-      s /= s.sum();
-      out.block(t, h * hd, 1, hd) = s * vc.block(first, kvh * hd, len, hd);
-  };
-  const int64_t queries = int64_t(heads) * n;
-  if (parallel)
-    pool_->parallel_for(queries, std::max<int64_t>(1, queries / (8 * pool_->threads())), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) one_query(i);
-    });
-  else
-    for (int64_t i = 0; i < queries; ++i) one_query(i);
+  cpu::attention(q, kc, vc, start, heads, cfg_.num_kv_heads, hd, cfg_.sliding_window, out, pool_.get());
   return nf4_linear(ctx_, w.wo, out);
 }
 
-// Softmax over all experts, top-k, renormalized.
+// The router's logits (an NF4 product), then layer_ops' softmax over all experts, top-k, renormalized.
 void Nf4Engine::route(const Nf4Layer& w, const MatrixRF& x, MatrixRF& logits, MatrixRI& experts,
                       MatrixRF& gates) const {
   const int n = int(x.rows()), k = cfg_.top_k;
-  experts.resize(n, k);
-  gates.resize(n, k);
   if (!cfg_.is_moe()) {
+    experts.resize(n, k);
+    gates.resize(n, k);
     experts.setZero();
     gates.setOnes();
     return;
   }
   logits = nf4_linear(ctx_, w.router, x);
-  std::vector<int> order(size_t(cfg_.num_experts));
-  for (int t = 0; t < n; ++t) {
-    Eigen::RowVectorXf p = (logits.row(t).array() - logits.row(t).maxCoeff()).exp();
-    p /= p.sum();
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
-    float kept = 0;
-    for (int j = 0; j < k; ++j) kept += p[order[size_t(j)]];
-    for (int j = 0; j < k; ++j) {
-      experts(t, j) = order[size_t(j)];
-      gates(t, j) = p[order[size_t(j)]] / kept;
-    }
-  }
+  route_top_k(logits, k, experts, gates);
 }
 
 MatrixRF Nf4Engine::run(std::span<const int32_t> tokens, int first_logits_row, Probe* probe) {
@@ -249,15 +193,16 @@ MatrixRF Nf4Engine::run(std::span<const int32_t> tokens, int first_logits_row, P
                               cfg_.source));
     ck_->read_rows_f32("model.embed_tokens.weight", tokens[size_t(t)], 1, h.row(t).data());
   }
+  const float eps = float(cfg_.rms_norm_eps);
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const auto& w = layers_[size_t(l)];
     LayerObservation obs;
     obs.layer = l;
     auto t0 = SteadyClock::now();
-    h += attention(l, w, rms_norm(h, w.attn_norm), pos_);
+    h += attention(l, w, rms_norm(h, w.attn_norm, eps), pos_);
     obs.attention_seconds = seconds_since(t0);
     t0 = SteadyClock::now();
-    const MatrixRF x = rms_norm(h, w.ffn_norm);
+    const MatrixRF x = rms_norm(h, w.ffn_norm, eps);
     MatrixRF logits;
     MatrixRI experts;
     MatrixRF gates;
@@ -277,7 +222,7 @@ MatrixRF Nf4Engine::run(std::span<const int32_t> tokens, int first_logits_row, P
   pos_ += n;
   const auto t0 = SteadyClock::now();
   // The lm_head only for the rows whose logits are used.
-  const MatrixRF normed = rms_norm(h.bottomRows(n - first_logits_row), final_norm_);
+  const MatrixRF normed = rms_norm(h.bottomRows(n - first_logits_row), final_norm_, eps);
   const MatrixRF logits = lm_head_q8_.rows > 0     ? q8_linear(ctx_.isa, lm_head_q8_, normed, pool_.get())
                           : lm_head_bf16_.rows > 0 ? bf16_linear(ctx_.isa, lm_head_bf16_, normed, pool_.get())
                                                    : fp32_linear(normed, lm_head_, pool_.get());

@@ -67,8 +67,6 @@ class Nf4Engine final : public Engine {
 
  private:
   MatrixRF run(std::span<const int32_t> tokens, int first_logits_row, Probe* probe);
-  MatrixRF rms_norm(const MatrixRF& x, const Eigen::RowVectorXf& w) const;
-  void rope(MatrixRF& x, int heads, int start) const;
   MatrixRF attention(int layer, const Nf4Layer& w, const MatrixRF& x, int start);
   void route(const Nf4Layer& w, const MatrixRF& x, MatrixRF& logits, MatrixRI& experts, MatrixRF& gates) const;
 
