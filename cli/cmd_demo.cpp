@@ -21,6 +21,7 @@
 #include "analysis/trace.hpp"
 #include "cli/bundled.hpp"
 #include "cli/commands.hpp"
+#include "cli/options.hpp"
 #include "cli/engines.hpp"
 #include "cli/eval_run.hpp"
 #include "cli/trace_run.hpp"
@@ -99,7 +100,7 @@ void run_demo(DemoArgs& a) {
   fs::create_directories(a.out);
   const fs::path out(a.out);
 
-  const auto ck = Checkpoint::open(a.model, stderr_is_terminal());
+  const auto ck = Checkpoint::open(a.model, /*show_progress=*/true);
   const auto& c = ck->config();
   fmt::print("== model {}\n   {} layers, {} experts (top-{}), {} parameters, {} active per token\n", a.model, c.num_layers,
              c.num_experts, c.top_k, c.total_params(), c.active_params());
@@ -238,15 +239,17 @@ void run_demo(DemoArgs& a) {
 void register_demo(CLI::App& app) {
   auto* cmd = app.add_subcommand("demo", "Run the main job on the bundled default model and write a report folder");
   static DemoArgs a;
-  cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled model)");
-  cmd->add_option("--out", a.out, "Output folder")->capture_default_str();
-  cmd->add_option("--prompt", a.prompt, "Prompt to continue");
-  cmd->add_option("--max-new-tokens", a.max_new_tokens, "Tokens to generate")->capture_default_str()->check(CLI::PositiveNumber);
+  add_model_option(*cmd, a.model);
+  add_output_option(*cmd, a.out, "Output folder")->capture_default_str();
+  add_deprecated_alias(*cmd, "--out", "--output", [](const std::string& v) { a.out = v; });
+  cmd->add_option("-p,--prompt", a.prompt, "Prompt to continue")->capture_default_str();
+  cmd->add_option("-n,--max-new-tokens", a.max_new_tokens, "Tokens to generate")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--corpus", a.corpus, "Held-out corpus to trace, JSONL with \"text\" and \"domain\" (default: the "
                                         "model's corpus/heldout.jsonl)");
   cmd->add_option("--hellaswag-items", a.hellaswag_items, "HellaSwag items to score (at most 200 are bundled)")
       ->capture_default_str()->check(CLI::Range(1, 200));
-  cmd->add_option("--threads", a.threads, "cpu-nf4 threads (0: all)")->check(threads_validator());
+  cmd->add_option("-t,--threads", a.threads, "cpu-nf4 threads (0: all cores)")->check(threads_validator())->capture_default_str();
+  add_progress_option(*cmd);
   cmd->add_flag("!--no-plots", a.plots, "Skip the plots");
   cmd->callback([] { run_demo(a); });
 }

@@ -4,6 +4,7 @@
 #include "analysis/diff.hpp"
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
+#include "cli/options.hpp"
 #include "cli/token_input.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
@@ -38,28 +39,35 @@ analysis::ForwardRecord run_side(const std::string& side, const Checkpoint* ck, 
 
 void register_diff(CLI::App& app) {
   auto* cmd = app.add_subcommand("diff", "Compare two engines (or forward dumps) layer by layer");
-  static std::string model, a = "ref", b, tokens_text, text, json_out;
+  static std::string model, a = "ref", b, json_out;
+  static PromptInput in;
+  static std::vector<std::string> a_opts, b_opts;
   static EngineOptions eo;
-  cmd->add_option("--model", model, "Checkpoint folder (default: the bundled model)");
-  cmd->add_option("--a", a, "Reference side: ref, ref-f64 or dump:FILE")->capture_default_str();
-  cmd->add_option("--b", b, "Side under test: ref, ref-f64 or dump:FILE")->required();
-  auto* tok_opt = cmd->add_option("--tokens", tokens_text, "Comma-separated token ids");
-  cmd->add_option("--text", text, "Text, tokenized with BOS")->excludes(tok_opt);
-  cmd->add_option("--json", json_out, "Also write the report as JSON");
-  cmd->add_flag("--stream", eo.stream, "Stream weights (engine sides)");
-  cmd->add_option("--context", eo.context, "Context length for engine sides");
+  add_model_option(*cmd, model);
+  cmd->add_option("--a", a, "Reference side: an engine (ref, ref-f64, cpu-nf4, cuda-nf4) or dump:FILE")
+      ->capture_default_str();
+  cmd->add_option("--b", b, "Side under test: an engine (ref, ref-f64, cpu-nf4, cuda-nf4) or dump:FILE")->required();
+  add_prompt_options(*cmd, in, {"--text", "--tokens"});
+  add_json_option(*cmd, json_out);
+  // The engine options below apply to both engine sides; --a-opt / --b-opt change one side.
+  cmd->add_option("--a-opt", a_opts, "One engine option for side a only, KEY=VALUE (e.g. activations=fp32); repeatable");
+  cmd->add_option("--b-opt", b_opts, "One engine option for side b only, KEY=VALUE (e.g. kernels=scalar); repeatable");
+  add_engine_options(*cmd, eo, /*choose_engine=*/false);
   cmd->callback([] {
     const bool need_model = !is_dump(a) || !is_dump(b);
     std::unique_ptr<Checkpoint> ck;
-    if (need_model) ck = Checkpoint::open(model.empty() ? default_model_dir() : model, stderr_is_terminal());
+    if (need_model) ck = Checkpoint::open(model.empty() ? default_model_dir() : model, /*show_progress=*/true);
     std::vector<int32_t> tokens;
-    if (!tokens_text.empty()) tokens = parse_token_list(tokens_text);
-    else if (!text.empty()) tokens = Tokenizer(ck ? ck->tokenizer_path() : default_model_dir() + "/tokenizer.model").encode(text);
+    if (!in.token_ids.empty()) tokens = parse_token_list(in.token_ids);
+    else if (!in.prompt.empty()) tokens = in.tokens(Tokenizer(ck ? ck->tokenizer_path() : default_model_dir() + "/tokenizer.model"));
     else if (is_dump(a)) tokens = analysis::ForwardRecord::from_dump(a.substr(5)).tokens;
     else if (is_dump(b)) tokens = analysis::ForwardRecord::from_dump(b.substr(5)).tokens;
-    else throw Error("diff: give --tokens or --text (or a dump side to take its tokens from)");
-    const auto ra = run_side(a, ck.get(), tokens, eo);
-    const auto rb = run_side(b, ck.get(), tokens, eo);
+    else throw Error("diff: give --prompt or --token-ids (or a dump side to take its tokens from)");
+    EngineOptions ea = eo, eb = eo;
+    for (const auto& kv : a_opts) apply_engine_override(ea, kv);
+    for (const auto& kv : b_opts) apply_engine_override(eb, kv);
+    const auto ra = run_side(a, ck.get(), tokens, ea);
+    const auto rb = run_side(b, ck.get(), tokens, eb);
     const auto report = analysis::diff_records(ra, rb, a, b);
     fmt::print("{}", report.table());
     if (!json_out.empty()) {

@@ -1,14 +1,18 @@
-// moelab eval: one task on one engine, scored as lm-evaluation-harness scores it, with Mistral AI's
-// reported score beside ours. Writes the harness's results JSON (--out) and per-sample JSONL
-// (--log-samples, next to --out).
+// moelab eval: tasks on one engine, scored as lm-evaluation-harness scores them, with Mistral AI's
+// reported scores beside ours. Writes the harness's results JSON (--output, one file for every task) and
+// per-sample JSONL (--log-samples: samples_<task>_<timestamp>.jsonl beside --output, lm_eval's names).
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <chrono>
 #include <cmath>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
+#include "cli/options.hpp"
 #include "cli/eval_run.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
@@ -22,68 +26,151 @@
 
 namespace moelab::cli {
 
+namespace {
+
+// lm_eval's --limit: a count, or below 1 a fraction of the documents.
+void parse_limit(const std::string& text, EvalRequest& q) {
+  double v = 0;
+  if (!CLI::detail::lexical_cast(text, v) || !std::isfinite(v) || v < 0)
+    throw Error(fmt::format("eval: --limit must be a count of documents (0: all) or a fraction below 1, got '{}'", text));
+  if (v > 0 && v < 1) {
+    q.limit_fraction = v;
+  } else {
+    if (v != std::floor(v) || v > 1e9)
+      throw Error(fmt::format("eval: --limit {} is neither a whole count nor a fraction below 1", text));
+    q.limit = int(v);
+  }
+}
+
+// The harness's timestamp in output names: ISO 8601 local time with ':' made '-' (2024-05-01T12-34-56.123456).
+std::string output_timestamp() {
+  const auto now = std::chrono::system_clock::now();
+  const std::time_t t = std::chrono::system_clock::to_time_t(now);
+  std::tm tm{};
+  localtime_r(&t, &tm);
+  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count() % 1000000;
+  return fmt::format("{:04}-{:02}-{:02}T{:02}-{:02}-{:02}.{:06}", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
+                     tm.tm_hour, tm.tm_min, tm.tm_sec, us);
+}
+
+// Several tasks' results in one harness-layout document, as lm_eval writes a multi-task run.
+void merge_results(nlohmann::json& into, const nlohmann::json& more) {
+  for (const char* key : {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "reported"})
+    if (more.contains(key)) into[key].update(more[key]);
+  const double total = std::stod(into["total_evaluation_time_seconds"].get<std::string>()) +
+                       std::stod(more["total_evaluation_time_seconds"].get<std::string>());
+  into["total_evaluation_time_seconds"] = fmt::format("{:.3f}", total);
+}
+
+}  // namespace
+
 void register_eval(CLI::App& app) {
-  auto* cmd = app.add_subcommand("eval", "Score a task like lm-evaluation-harness, beside Mixtral's reported score");
-  static std::string model, task, data, fewshot_data, out, reported, convert_to;
-  static int shots = -1, limit = 0, repeats = 1;
+  auto* cmd = app.add_subcommand("eval", "Score tasks like lm-evaluation-harness, beside Mixtral's reported scores");
+  static std::string model, out, reported, convert_to, limit_text = "0";
+  static std::vector<std::string> tasks, data, fewshot_data;
+  static int shots = -1, repeats = 1;
   static uint64_t seed = 1234;
   static float temperature = 0;
   static bool log_samples = false;
   static EngineOptions eo;
-  cmd->add_option("--model", model, "Checkpoint folder (default: the bundled model)");
-  cmd->add_option("--task", task, "hellaswag, arc_easy, arc_challenge, mmlu, winogrande, piqa, gsm8k, wikitext, "
-                                  "or multiple_choice / generate / rolling")->required();
-  cmd->add_option("--data", data, "Documents: normalized JSONL or the task's public form (.bz2/.gz read too)")->required();
-  cmd->add_option("--fewshot-data", fewshot_data, "Few-shot split (default: --data, excluding the doc itself)");
-  auto* shots_opt = cmd->add_option("--shots", shots, "Few-shot examples (default: the task's)");
-  cmd->add_option("--limit", limit, "Only the first N documents (0: all)");
-  cmd->add_option("--seed", seed, "Few-shot sampling seed (harness default 1234)");
-  cmd->add_option("--repeats", repeats, "Generation: samples per doc for maj@k (with --temperature > 0)");
-  cmd->add_option("--temperature", temperature, "Generation: 0 = greedy");
-  cmd->add_option("--out", out, "Results JSON (harness layout)");
-  cmd->add_flag("--log-samples", log_samples, "Also write per-sample JSONL next to --out");
+  add_model_option(*cmd, model);
+  cmd->add_option("--tasks", tasks, "Tasks, comma-separated: " + fmt::format("{}", fmt::join(evals::task_names(), ", ")))->delimiter(',');
+  add_deprecated_alias(*cmd, "--task", "--tasks", [](const std::string& v) { tasks.push_back(v); });
+  cmd->add_option("--data", data, "Documents of each task, in --tasks order (repeat --data): normalized JSONL or the "
+                                  "task's public form (.bz2/.gz read too)");
+  cmd->add_option("--fewshot-data", fewshot_data, "Few-shot split of each task, in --tasks order (default: --data, "
+                                                  "excluding the doc itself)");
+  cmd->add_option("--num-fewshot,--num_fewshot", shots, "Few-shot examples (-1: each task's default)")
+      ->capture_default_str();
+  add_deprecated_alias(*cmd, "--shots", "--num-fewshot", [](const std::string& v) {
+    if (!CLI::detail::lexical_cast(v, shots)) throw CLI::ValidationError("--shots", "'" + v + "' is not a count");
+  });
+  cmd->add_option("--limit", limit_text, "Only the first N documents of each task, or (below 1) that fraction of "
+                                         "them, rounded up (0: all)")
+      ->capture_default_str();
+  cmd->add_option("--seed", seed, "Few-shot sampling seed (the harness's default)")->capture_default_str();
+  cmd->add_option("--repeats", repeats, "Generation: samples per doc for maj@k (with --temperature > 0)")
+      ->capture_default_str();
+  cmd->add_option("--temperature", temperature, "Generation: 0 = greedy")->capture_default_str();
+  cmd->add_option("-o,--output,--output_path", out, "Results JSON (lm-evaluation-harness layout; one file for all tasks)");
+  add_deprecated_alias(*cmd, "--out", "--output", [](const std::string& v) { out = v; });
+  cmd->add_flag("--log-samples,--log_samples", log_samples,
+                "Also write per-sample JSONL, samples_<task>_<timestamp>.jsonl beside --output (lm_eval's names)");
   cmd->add_option("--reported", reported, "Reported scores JSON (default: evals/reported/mixtral-8x7b.json)");
   cmd->add_option("--convert-to", convert_to,
-                  "Only convert --data (public form) to the normalized JSONL in this file, then stop (no model)");
+                  "Only convert --data (public form, one task) to the normalized JSONL in this file, then stop (no model)");
   add_engine_options(*cmd, eo);
-  cmd->callback([shots_opt] {
+  cmd->callback([] {
     // Counts are checked here (one "moelab: error:" line) rather than by CLI11 validators.
-    if (shots_opt->count() > 0 && shots < 0) throw Error(fmt::format("eval: --shots must be 0 or more (got {})", shots));
-    if (limit < 0) throw Error(fmt::format("eval: --limit must be 0 (all documents) or more (got {})", limit));
+    EvalRequest base;
+    parse_limit(limit_text, base);
+    if (shots < -1) throw Error(fmt::format("eval: --num-fewshot must be 0 or more, or -1 for each task's default (got {})", shots));
     if (repeats < 1) throw Error(fmt::format("eval: --repeats must be 1 or more (got {})", repeats));
     if (!std::isfinite(temperature) || temperature < 0)
       throw Error(fmt::format("eval: --temperature must be a finite number >= 0 (got {})", temperature));
+    if (tasks.empty()) throw Error("eval: give --tasks (e.g. --tasks hellaswag)");
+    if (data.size() != tasks.size())
+      throw Error(fmt::format("eval: {} tasks need {} --data files, in the same order (got {})", tasks.size(),
+                              tasks.size(), data.size()));
+    if (!fewshot_data.empty() && fewshot_data.size() != tasks.size())
+      throw Error(fmt::format("eval: give one --fewshot-data per task ({}) or none (got {})", tasks.size(),
+                              fewshot_data.size()));
     if (model.empty()) model = default_model_dir();
-    if (log_samples && out.empty()) throw Error("eval: --log-samples needs --out");
+    if (log_samples && out.empty()) throw Error("eval: --log-samples needs --output");
     if (!convert_to.empty()) {
-      const evals::TaskSpec spec = evals::task_spec(task);
-      auto docs = evals::read_docs(task, spec.type, data);
-      if (limit > 0 && size_t(limit) < docs.size()) docs.resize(size_t(limit));
+      if (tasks.size() != 1) throw Error("eval: --convert-to converts one task's --data");
+      const evals::TaskSpec spec = evals::task_spec(tasks[0]);
+      auto docs = evals::read_docs(tasks[0], spec.type, data[0]);
+      if (base.limit_fraction > 0) docs.resize(size_t(std::ceil(double(docs.size()) * base.limit_fraction)));
+      else if (base.limit > 0 && size_t(base.limit) < docs.size()) docs.resize(size_t(base.limit));
       std::string lines;
       for (const auto& d : docs) lines += evals::to_normalized(d, spec.type).dump() + "\n";
       write_file_atomic(convert_to, lines);
-      fmt::print("wrote {} ({} documents, normalized {} form)\n", convert_to, docs.size(), task);
+      fmt::print("wrote {} ({} documents, normalized {} form)\n", convert_to, docs.size(), tasks[0]);
       return;
     }
-    // Documents are read and checked before the model loads: bad data fails in seconds.
-    const auto inputs = read_eval_inputs(EvalRequest{.task = task, .data = data, .fewshot_data = fewshot_data,
-                                                     .reported = reported, .shots = shots, .limit = limit,
-                                                     .seed = seed, .repeats = repeats, .temperature = temperature});
-    const auto ck = Checkpoint::open(model, stderr_is_terminal());
+    // Every task's documents are read and checked before the model loads: bad data fails in seconds.
+    std::vector<EvalInputs> inputs;
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      EvalRequest q = base;
+      q.task = tasks[i];
+      q.data = data[i];
+      q.fewshot_data = fewshot_data.empty() ? "" : fewshot_data[i];
+      q.reported = reported;
+      q.shots = shots;
+      q.seed = seed;
+      q.repeats = repeats;
+      q.temperature = temperature;
+      inputs.push_back(read_eval_inputs(q));
+    }
+    const auto ck = Checkpoint::open(model, /*show_progress=*/true);
     const Tokenizer tok(ck->tokenizer_path());
     auto engine = make_engine(*ck, eo);
-    const auto o = run_eval(*engine, tok, model, inputs);
-    fmt::print("{}", o.table);
+    nlohmann::json results;
+    std::vector<std::pair<std::string, std::string>> samples;  // (task, JSONL)
+    for (const auto& in : inputs) {
+      const auto o = run_eval(*engine, tok, model, in);
+      if (inputs.size() > 1) fmt::print("{}:\n", in.request.task);
+      fmt::print("{}", o.table);
+      if (inputs.size() > 1) fmt::print("\n");
+      if (results.is_null()) results = o.results_json;
+      else merge_results(results, o.results_json);
+      std::string lines;
+      for (const auto& s : o.result.samples) lines += s.dump() + "\n";
+      samples.emplace_back(in.request.task, std::move(lines));
+    }
     report_engine_counters(*engine);
     if (!out.empty()) {
-      write_file_atomic(out, o.results_json.dump(2) + "\n");
+      write_file_atomic(out, results.dump(2) + "\n");
       fmt::print("wrote {}\n", out);
       if (log_samples) {
-        std::string lines;
-        for (const auto& s : o.result.samples) lines += s.dump() + "\n";
-        const std::string path = out + ".samples_" + task + ".jsonl";
-        write_file_atomic(path, lines);
-        fmt::print("wrote {}\n", path);
+        const std::string stamp = output_timestamp();
+        const auto dir = std::filesystem::path(out).parent_path();
+        for (const auto& [task, lines] : samples) {
+          const std::string path = (dir / ("samples_" + task + "_" + stamp + ".jsonl")).string();
+          write_file_atomic(path, lines);
+          fmt::print("wrote {}\n", path);
+        }
       }
     }
   });

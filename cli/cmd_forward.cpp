@@ -5,6 +5,7 @@
 #include "analysis/forward_record.hpp"
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
+#include "cli/options.hpp"
 #include "cli/token_input.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
@@ -15,22 +16,20 @@ namespace moelab::cli {
 
 void register_forward(CLI::App& app) {
   auto* cmd = app.add_subcommand("forward", "Run one forward pass and dump logits and per-layer tensors");
-  static std::string model, tokens_text, text, dump;
-  static bool no_bos = false;
+  static std::string model, dump;
+  static PromptInput in;
   static EngineOptions eo;
-  cmd->add_option("--model", model, "Checkpoint folder (default: the bundled model)");
-  auto* tok_opt = cmd->add_option("--tokens", tokens_text, "Comma-separated token ids, used as given");
-  auto* text_opt = cmd->add_option("--text", text, "Text, tokenized with BOS");
-  tok_opt->excludes(text_opt);
-  cmd->add_flag("--no-bos", no_bos, "With --text: do not prepend BOS");
-  cmd->add_option("--dump", dump, "Output safetensors file")->required();
+  add_model_option(*cmd, model);
+  add_prompt_options(*cmd, in, {"--text", "--tokens"});
+  add_output_option(*cmd, dump, "Output safetensors file: logits and every layer's tensors");
+  add_deprecated_alias(*cmd, "--dump", "--output", [](const std::string& v) { dump = v; });
   add_engine_options(*cmd, eo);
   cmd->callback([] {
-    if (tokens_text.empty() && text.empty()) throw Error("forward: give --tokens or --text");
+    if (!in.given()) throw Error("forward: give --prompt or --token-ids");
+    if (dump.empty()) throw Error("forward: give --output FILE.safetensors");
     if (model.empty()) model = default_model_dir();
-    const auto ck = Checkpoint::open(model, stderr_is_terminal());
-    const auto ids = !tokens_text.empty() ? parse_token_list(tokens_text)
-                                          : Tokenizer(ck->tokenizer_path()).encode(text, !no_bos);
+    const auto ck = Checkpoint::open(model, /*show_progress=*/true);
+    const auto ids = !in.token_ids.empty() ? parse_token_list(in.token_ids) : in.tokens(Tokenizer(ck->tokenizer_path()));
     auto engine = make_engine(*ck, eo);
     const auto record = analysis::ForwardRecord::run(*engine, ids);
     const auto tensors = record.to_tensors();

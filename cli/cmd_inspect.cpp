@@ -2,13 +2,16 @@
 #include <fmt/format.h>
 
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
+#include "cli/options.hpp"
 #include "core/checkpoint.hpp"
 #include "core/config.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
+#include "core/safetensors_writer.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -24,6 +27,21 @@ std::string human_bytes(int64_t b) {
   const double gib = double(b) / double(1ll << 30);
   if (gib >= 1) return fmt::format("{:.1f} GiB", gib);
   return fmt::format("{:.1f} MiB", double(b) / double(1 << 20));
+}
+
+// What print_config shows, for --json.
+nlohmann::json config_json(const ModelConfig& c, int context) {
+  nlohmann::json memory = nlohmann::json::array();
+  for (const auto& m : memory_estimates(c, context))
+    memory.push_back({{"engine", m.engine}, {"weight_bytes", m.weight_bytes}, {"kv_cache_bytes", m.kv_cache_bytes},
+                      {"how", m.how}});
+  return {{"architecture", c.arch_name()}, {"layers", c.num_layers}, {"hidden_size", c.hidden_size},
+          {"intermediate_size", c.intermediate_size}, {"num_heads", c.num_heads}, {"num_kv_heads", c.num_kv_heads},
+          {"head_dim", c.head_dim}, {"num_experts", c.num_experts}, {"top_k", c.top_k}, {"vocab_size", c.vocab_size},
+          {"rope_theta", c.rope_theta}, {"max_position_embeddings", c.max_position_embeddings},
+          {"sliding_window", c.sliding_window}, {"tie_word_embeddings", c.tie_word_embeddings},
+          {"torch_dtype", c.torch_dtype}, {"total_params", c.total_params()}, {"active_params", c.active_params()},
+          {"expert_params", c.expert_params()}, {"context", context}, {"memory", memory}};
 }
 
 void print_config(const ModelConfig& c, int context) {
@@ -56,21 +74,28 @@ void register_inspect(CLI::App& app) {
   static std::string config_path;
   static int context = 4096;
   static bool check_values = false;
-  cmd->add_option("--model", model, "Checkpoint folder (config.json + safetensors)");
+  static std::string json_out;
+  add_model_option(*cmd, model);
   cmd->add_option("--config", config_path, "Only a config.json (no weights needed)")->check(CLI::ExistingFile);
-  cmd->add_option("--context", context, "Context length for the KV cache estimate")->capture_default_str()
+  cmd->add_option("-c,--context", context, "Context length for the KV cache estimate")->capture_default_str()
       ->check(CLI::PositiveNumber);
+  add_json_option(*cmd, json_out);
+  add_progress_option(*cmd);
   cmd->add_flag("--check-values", check_values,
                 "Also read every float tensor in full and fail on the first NaN or infinity (reads all the data)");
   cmd->callback([] {
     if (!config_path.empty()) {
-      print_config(ModelConfig::from_json_file(config_path), context);
+      const auto c = ModelConfig::from_json_file(config_path);
+      print_config(c, context);
+      if (!json_out.empty()) write_file_atomic(json_out, config_json(c, context).dump(2) + "\n");
       return;
     }
     if (model.empty()) model = default_model_dir();
     fmt::print("model             {}\n", model);
-    const auto ck = Checkpoint::open(model, stderr_is_terminal());
+    const auto ck = Checkpoint::open(model, /*show_progress=*/true);
     print_config(ck->config(), context);
+    nlohmann::json j = config_json(ck->config(), context);
+    j["model"] = model;
     int64_t bytes = 0;
     size_t count = 0;
     for (const auto& s : ck->shards()) {
@@ -86,7 +111,7 @@ void register_inspect(CLI::App& app) {
       int64_t scanned = 0, tensors = 0, total = 0;
       for (const auto& s : ck->shards())
         for (const auto& [_, t] : s->tensors()) total += dtype_is_float_convertible(t.dtype) ? t.numel() : 0;
-      Progress progress("checking values", total, stderr_is_terminal());
+      Progress progress("checking values", total);
       for (const auto& s : ck->shards())
         for (const auto& [_, t] : s->tensors()) {
           const int64_t n = s->check_finite(t);  // throws naming the file, tensor and element
@@ -101,6 +126,12 @@ void register_inspect(CLI::App& app) {
                  "scans all now)\n");
     }
     for (const auto& w : ck->warnings()) fmt::print("warning: {}\n", w);
+    if (!json_out.empty()) {
+      j["checkpoint"] = {{"shards", ck->shards().size()}, {"tensors", count}, {"bytes", bytes},
+                         {"tokenizer", ck->tokenizer_path()}, {"values_checked", check_values},
+                         {"warnings", ck->warnings()}};
+      write_file_atomic(json_out, j.dump(2) + "\n");
+    }
   });
 }
 

@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "cli/commands.hpp"
+#include "cli/options.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
@@ -43,12 +44,12 @@ nlohmann::json read_json(const fs::path& p) {
 
 // --out, without a trailing slash ("q/" names the folder q).
 fs::path output_folder(const std::string& out) {
-  if (out.empty()) throw Error("--out must name a folder");
+  if (out.empty()) throw Error("quantize: give --output FOLDER");
   std::error_code ec;
   fs::path p = fs::absolute(out, ec).lexically_normal();
-  if (ec) throw Error(fmt::format("{}: cannot use as --out ({})", out, ec.message()));
+  if (ec) throw Error(fmt::format("{}: cannot use as --output ({})", out, ec.message()));
   if (p.filename().empty()) p = p.parent_path();
-  if (p.filename().empty() || p == p.root_path()) throw Error(fmt::format("{}: --out must name a folder", out));
+  if (p.filename().empty() || p == p.root_path()) throw Error(fmt::format("{}: --output must name a folder", out));
   return p;
 }
 
@@ -62,29 +63,29 @@ bool looks_like_checkpoint(const fs::path& dir) {
   return false;
 }
 
-// What --out holds now: nothing, an empty folder, or a folder to replace (only with --force, and only a
+// What --output holds now: nothing, an empty folder, or a folder to replace (only with --force, and only a
 // checkpoint: --force never deletes a folder of other files). Anything else is refused before any work.
 bool out_exists_and_may_be_replaced(const fs::path& out, const std::string& model, bool force) {
   std::error_code ec;
   const auto st = fs::status(out, ec);
   if (ec && st.type() != fs::file_type::not_found)
-    throw Error(fmt::format("{}: cannot use as --out ({})", out.string(), ec.message()));
+    throw Error(fmt::format("{}: cannot use as --output ({})", out.string(), ec.message()));
   if (st.type() == fs::file_type::not_found) return false;
   if (st.type() != fs::file_type::directory)
-    throw Error(fmt::format("{}: --out exists and is not a folder", out.string()));
-  if (fs::equivalent(model, out, ec)) throw Error("--out must differ from --model");
+    throw Error(fmt::format("{}: --output exists and is not a folder", out.string()));
+  if (fs::equivalent(model, out, ec)) throw Error("--output must differ from --model");
   const auto m = fs::weakly_canonical(model, ec), o = fs::weakly_canonical(out, ec);
   if (!ec && std::mismatch(o.begin(), o.end(), m.begin(), m.end()).first == o.end())
-    throw Error(fmt::format("{}: --out contains --model {}; choose another folder", out.string(), model));
+    throw Error(fmt::format("{}: --output contains --model {}; choose another folder", out.string(), model));
   const bool empty = fs::is_empty(out, ec);
-  if (ec) throw Error(fmt::format("{}: cannot read --out ({})", out.string(), ec.message()));
+  if (ec) throw Error(fmt::format("{}: cannot read --output ({})", out.string(), ec.message()));
   if (empty) return true;
   if (!force)
-    throw Error(fmt::format("{}: --out is not empty; pass --force to replace it with the new checkpoint (its files are "
+    throw Error(fmt::format("{}: --output is not empty; pass --force to replace it with the new checkpoint (its files are "
                             "then deleted)", out.string()));
   if (!looks_like_checkpoint(out))
     throw Error(fmt::format("{}: --force replaces only a folder holding a checkpoint (config.json, *.safetensors), "
-                            "and this one holds none: remove it yourself or choose another --out", out.string()));
+                            "and this one holds none: remove it yourself or choose another --output", out.string()));
   return true;
 }
 
@@ -212,9 +213,9 @@ QuantizeSizes write_quantized(const Checkpoint& ck, const QuantizeArgs& a, const
 void run_quantize(const QuantizeArgs& a) {
   const fs::path out_dir = output_folder(a.out);
   const bool out_exists = out_exists_and_may_be_replaced(out_dir, a.model, a.force);
-  const auto ck = Checkpoint::open(a.model, stderr_is_terminal());
+  const auto ck = Checkpoint::open(a.model, /*show_progress=*/true);
   if (ck->config().quantization.nf4) throw Error(fmt::format("{}: already an NF4 checkpoint", a.model));
-  // Everything is written into a new folder beside --out and swapped in when complete: --out never
+  // Everything is written into a new folder beside --output and swapped in when complete: --output never
   // mixes two checkpoints, and a failed run leaves it as it was.
   const fs::path tmp = make_temp_sibling(out_dir);
   QuantizeSizes sizes;
@@ -240,13 +241,15 @@ void run_quantize(const QuantizeArgs& a) {
 void register_quantize(CLI::App& app) {
   auto* cmd = app.add_subcommand("quantize", "Write an NF4 (bitsandbytes, transformers bnb-4bit layout) checkpoint");
   static QuantizeArgs a;
-  cmd->add_option("--model", a.model, "Float checkpoint folder")->required();
-  cmd->add_option("--out", a.out, "Output folder (new, empty, or with --force a checkpoint to replace)")->required();
+  add_model_option(*cmd, a.model, /*required=*/true);
+  add_output_option(*cmd, a.out, "Output folder (new, empty, or with --force a checkpoint to replace)");
+  add_deprecated_alias(*cmd, "--out", "--output", [](const std::string& v) { a.out = v; });
+  add_progress_option(*cmd);
   cmd->add_option("--blocksize", a.blocksize, "NF4 block size")->capture_default_str()
       ->check(CLI::IsMember({32, 64, 128, 256, 512, 1024, 2048, 4096}));
   cmd->add_flag("--no-double-quant", a.no_double_quant, "Keep absmax in FP32 (bnb_4bit_use_double_quant=false)");
   cmd->add_option("--shard-size-mb", a.shard_mb, "Largest shard")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_flag("--force", a.force, "Replace the checkpoint already in --out (swapped atomically once the new one is "
+  cmd->add_flag("--force", a.force, "Replace the checkpoint already in --output (swapped atomically once the new one is "
                                     "complete; the old files are then deleted)");
   cmd->callback([] { run_quantize(a); });
 }

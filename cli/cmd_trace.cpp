@@ -14,6 +14,7 @@
 #include "analysis/trace.hpp"
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
+#include "cli/options.hpp"
 #include "cli/trace_run.hpp"
 #include "core/checkpoint.hpp"
 #include "core/clock.hpp"
@@ -55,15 +56,15 @@ void run_repair(const std::string& path) {
 
 void run_trace(TraceArgs& a) {
   if (!a.repair.empty()) {
-    if (!a.inputs.empty() || !a.out.empty()) throw Error("trace: --repair works alone (no --input, --out)");
+    if (!a.inputs.empty() || !a.out.empty()) throw Error("trace: --repair works alone (no --input, --output)");
     return run_repair(a.repair);
   }
   if (a.inputs.empty()) throw Error("trace: give at least one --input");
-  if (a.out.empty()) throw Error("trace: give --out TRACE.h5");
+  if (a.out.empty()) throw Error("trace: give --output TRACE.h5");
   // Every input is read and checked before the model loads, so a bad line fails in seconds, not hours.
   const auto texts = analysis::read_trace_inputs(a.inputs, a.domains);
   if (a.model.empty()) a.model = default_model_dir();
-  const auto ck = Checkpoint::open(a.model, stderr_is_terminal());
+  const auto ck = Checkpoint::open(a.model, /*show_progress=*/true);
   const auto& cfg = ck->config();
   if (a.router_logits && !cfg.is_moe())
     throw Error(fmt::format("{}: --router-logits needs an MoE model; {} has no router", a.model, cfg.arch_name()));
@@ -114,7 +115,7 @@ int32_t argmax_last_row(const MatrixRF& logits) {
 
 void run_profile(ProfileArgs& a) {
   if (!a.synthetic.empty() && !a.text.empty())
-    throw Error("profile: --text needs a checkpoint's tokenizer; a synthetic model has none (use --tokens)");
+    throw Error("profile: --prompt needs a checkpoint's tokenizer; a synthetic model has none (use --n-prompt)");
   std::unique_ptr<Checkpoint> ck;
   std::unique_ptr<Engine> engine;
   if (!a.synthetic.empty()) {
@@ -122,7 +123,7 @@ void run_profile(ProfileArgs& a) {
     a.model = "synthetic:" + a.synthetic;
   } else {
     if (a.model.empty()) a.model = default_model_dir();
-    ck = Checkpoint::open(a.model, stderr_is_terminal());
+    ck = Checkpoint::open(a.model, /*show_progress=*/true);
     engine = make_engine(*ck, a.eo);
   }
   const int context = engine->max_context();
@@ -131,11 +132,11 @@ void run_profile(ProfileArgs& a) {
     prompt = Tokenizer(ck->tokenizer_path()).encode(a.text, /*add_bos=*/true);
   } else {
     const int n = a.tokens > 0 ? a.tokens : std::min(128, context - a.decode);
-    if (n < 1) throw Error(fmt::format("profile: --decode {} leaves no room for a prompt in a context of {}", a.decode, context));
+    if (n < 1) throw Error(fmt::format("profile: --n-gen {} leaves no room for a prompt in a context of {}", a.decode, context));
     prompt = synthetic_prompt(n, engine->config());
   }
   if (int(prompt.size()) + a.decode > context)
-    throw Error(fmt::format("profile: {} prompt tokens + {} decode steps exceed the engine's context of {} tokens "
+    throw Error(fmt::format("profile: {} prompt tokens + {} decode steps (--n-gen) exceed the engine's context of {} tokens "
                             "(see --context)", prompt.size(), a.decode, context));
 
   analysis::TimingProbe prefill("prefill"), decode("decode");
@@ -183,11 +184,12 @@ void run_profile(ProfileArgs& a) {
 void register_trace_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("trace", "Record expert routing of texts into an HDF5 trace (appends to an existing one)");
   static TraceArgs a;
-  cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled model)");
+  add_model_option(*cmd, a.model);
   cmd->add_option("--input", a.inputs, "Text file (one text) or .jsonl file ({\"text\": ..., \"domain\": ...} per line); repeatable");
   cmd->add_option("--domain", a.domains, "Domain of each --input, in the same order (default: the file's stem; a "
                                          "JSONL record's own \"domain\" wins)");
-  cmd->add_option("--out", a.out, "Trace file to create or append to");
+  add_output_option(*cmd, a.out, "Trace file to create or append to");
+  add_deprecated_alias(*cmd, "--out", "--output", [](const std::string& v) { a.out = v; });
   cmd->add_flag("--router-logits", a.router_logits, "Also record every router logit (float16, [N, L, E])");
   cmd->add_option("--max-tokens", a.max_tokens, "Stop after this many tokens in total (0: all)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--window", a.window, "Tokens per sequence; longer texts are cut (default: min(512, context))")
@@ -203,7 +205,7 @@ void register_profile_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("profile", "Prefill and decode throughput, with the stage latency (attention, router, "
                                              "experts, lm head) where the engine reports it");
   static ProfileArgs a;
-  auto* model = cmd->add_option("--model", a.model, "Checkpoint folder (default: the bundled model)");
+  auto* model = add_model_option(*cmd, a.model);
   auto* synthetic = cmd->add_option("--synthetic", a.synthetic,
                                     "Instead of a checkpoint: random NF4 weights at a published shape (mixtral-8x7b), "
                                     "drawn on the GPU (cuda-nf4 only): full-size speed without the checkpoint");
@@ -211,14 +213,26 @@ void register_profile_command(CLI::App& app) {
   cmd->add_option("--seed", a.seed, "With --synthetic: seed of the weights")->capture_default_str();
   cmd->add_flag("--totals-only", a.totals_only, "Time whole forward calls only, with no per-layer probe (cuda-nf4 "
                                                 "copies each layer's observations to the host when probed)");
-  auto* text = cmd->add_option("--text", a.text, "Prompt text (tokenized with BOS)");
-  cmd->add_option("--tokens", a.tokens, "Prompt of this many synthetic tokens (default: min(128, context - decode))")
-      ->check(CLI::PositiveNumber)
+  auto* text = cmd->add_option("-p,--prompt", a.text, "Prompt text (tokenized with BOS) instead of synthetic tokens");
+  // llama-bench's -p / -n are token counts; here -p is the prompt text, as on every other subcommand.
+  cmd->add_option("--n-prompt", a.tokens, "Prompt of this many synthetic tokens (0: min(128, context - n-gen))")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber)
       ->excludes(text);
-  cmd->add_option("--decode", a.decode, "Decode steps after each prefill")->capture_default_str()->check(CLI::NonNegativeNumber);
-  cmd->add_option("--repeat", a.repeat, "Measured runs (prefill + decode)")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--n-gen", a.decode, "Decode steps after each prefill")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("-r,--repetitions", a.repeat, "Measured runs (prefill + decode)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--warmup", a.warmup, "Unmeasured runs first")->capture_default_str()->check(CLI::NonNegativeNumber);
-  cmd->add_option("--json", a.json_out, "Also write the breakdown as JSON");
+  add_json_option(*cmd, a.json_out);
+  const auto count_alias = [cmd](const char* old_name, const char* new_name, int& field) {
+    add_deprecated_alias(*cmd, old_name, new_name, [old_name, &field](const std::string& v) {
+      if (!CLI::detail::lexical_cast(v, field) || field < 0)
+        throw CLI::ValidationError(old_name, "'" + v + "' is not a count");
+    });
+  };
+  count_alias("--tokens", "--n-prompt", a.tokens);
+  count_alias("--decode", "--n-gen", a.decode);
+  count_alias("--repeat", "--repetitions", a.repeat);
+  add_deprecated_alias(*cmd, "--text", "--prompt", [](const std::string& v) { a.text = v; });
   add_engine_options(*cmd, a.eo);
   cmd->callback([] { run_profile(a); });
 }

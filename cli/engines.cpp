@@ -1,10 +1,12 @@
 #include "cli/engines.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <thread>
 
+#include "cli/options.hpp"
 #include "core/error.hpp"
 #include "core/model_presets.hpp"
 #include "core/progress.hpp"
@@ -34,30 +36,42 @@ CLI::Validator threads_validator() {
       "0..4xCORES");
 }
 
-void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
-  cmd.add_option("--engine", opts.engine, "Engine: ref (Eigen FP32 reference), cpu-nf4 (NF4 weights, SIMD, threads) or cuda-nf4 (NF4 on an NVIDIA GPU)")
-      ->check(CLI::IsMember({"ref", "cpu-nf4", "cuda-nf4"}))
-      ->capture_default_str();
+namespace {
+const std::vector<std::string> kEngines{"ref", "cpu-nf4", "cuda-nf4"};
+const std::vector<std::string> kPrecisions{"f32", "f64"};
+const std::vector<std::string> kKernelSets{"auto", "avx512-vnni", "avx512", "avx2-vnni", "avx2", "scalar"};
+const std::vector<std::string> kLmHeads{"auto", "fp32", "bf16", "q8"};
+const std::vector<std::string> kActivations{"auto", "int8", "bf16", "fp32"};
+}  // namespace
+
+void add_engine_options(CLI::App& cmd, EngineOptions& opts, bool choose_engine) {
+  if (choose_engine)
+    cmd.add_option("--engine", opts.engine, "Engine: ref (Eigen FP32 reference), cpu-nf4 (NF4 weights, SIMD, threads) or cuda-nf4 (NF4 on an NVIDIA GPU)")
+        ->check(CLI::IsMember(kEngines))
+        ->capture_default_str();
   cmd.add_option("--precision", opts.precision, "Reference precision: f32, or f64 (a float64 oracle)")
-      ->check(CLI::IsMember({"f32", "f64"}))
+      ->check(CLI::IsMember(kPrecisions))
       ->capture_default_str();
   cmd.add_flag("--stream", opts.stream, "Stream layer weights from the mmap'd checkpoint instead of keeping a copy");
-  cmd.add_option("--context", opts.context, "Context length to allocate the KV cache for (default: min(4096, model max))")
-      ->check(CLI::NonNegativeNumber);
-  cmd.add_option("--threads", opts.threads, "cpu-nf4: threads (default: all cores)")->check(threads_validator());
+  cmd.add_option("-c,--context", opts.context, "Context length to allocate the KV cache for (0: min(4096, model max))")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd.add_option("-t,--threads", opts.threads, "cpu-nf4: threads (0: all cores)")
+      ->check(threads_validator())
+      ->capture_default_str();
   cmd.add_option("--kernels", opts.isa, "cpu-nf4: kernel set (auto: the widest this CPU has)")
-      ->check(CLI::IsMember({"auto", "avx512-vnni", "avx512", "avx2-vnni", "avx2", "scalar"}))
+      ->check(CLI::IsMember(kKernelSets))
       ->capture_default_str();
   cmd.add_option("--lm-head", opts.lm_head,
                  "cpu-nf4: lm_head format: fp32 (exact), bf16 (half the bytes; exact for a BF16 checkpoint), q8 (int8 "
                  "per row, a quarter of the bytes), auto (q8 with int8 activations, fp32 with --activations fp32)")
-      ->check(CLI::IsMember({"auto", "fp32", "bf16", "q8"}))
+      ->check(CLI::IsMember(kLmHeads))
       ->capture_default_str();
   cmd.add_option("--activations", opts.activations,
                  "Type of the weight products' inputs: auto (int8 on cpu-nf4, bf16 on cuda-nf4), int8 (cpu-nf4: "
                  "integer dot products), bf16 (cuda-nf4: tensor cores) or fp32 (the exact check mode); accumulation "
                  "is FP32 (int32 within a block) either way")
-      ->check(CLI::IsMember({"auto", "int8", "bf16", "fp32"}))
+      ->check(CLI::IsMember(kActivations))
       ->capture_default_str();
   cmd.add_option("--gpu-expert-cache", opts.gpu_expert_cache,
                  "cuda-nf4: keep N experts per layer on the GPU and the rest in pinned host memory, copied on demand "
@@ -67,6 +81,42 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts) {
   cmd.add_flag("--gpu-expert-prefetch", opts.gpu_expert_prefetch,
                "cuda-nf4 with --gpu-expert-cache: copy the next layer's likely experts (its router applied to the "
                "current hidden state) while this layer computes");
+  add_progress_option(cmd);
+}
+
+void apply_engine_override(EngineOptions& opts, const std::string& key_value) {
+  const auto eq = key_value.find('=');
+  const std::string key = key_value.substr(0, eq), value = eq == std::string::npos ? "" : key_value.substr(eq + 1);
+  const auto bad = [&](const std::string& why) {
+    return Error(fmt::format("engine option '{}': {}", key_value, why));
+  };
+  if (eq == std::string::npos) throw bad("expected KEY=VALUE, e.g. activations=fp32");
+  const auto member = [&](const std::vector<std::string>& allowed, std::string& field) {
+    if (std::find(allowed.begin(), allowed.end(), value) == allowed.end())
+      throw bad(fmt::format("{} is one of {}", key, fmt::join(allowed, ", ")));
+    field = value;
+  };
+  const auto count = [&](int& field, int limit) {
+    int v = 0;
+    if (!CLI::detail::lexical_cast(value, v) || v < 0 || v > limit) throw bad(fmt::format("{} is a count from 0 to {}", key, limit));
+    field = v;
+  };
+  const auto flag = [&](bool& field) {
+    if (value != "true" && value != "false") throw bad(fmt::format("{} is true or false", key));
+    field = value == "true";
+  };
+  if (key == "activations") member(kActivations, opts.activations);
+  else if (key == "kernels") member(kKernelSets, opts.isa);
+  else if (key == "lm-head") member(kLmHeads, opts.lm_head);
+  else if (key == "precision") member(kPrecisions, opts.precision);
+  else if (key == "threads") count(opts.threads, max_threads());
+  else if (key == "context") count(opts.context, 1 << 30);
+  else if (key == "gpu-expert-cache") count(opts.gpu_expert_cache, 1 << 20);
+  else if (key == "stream") flag(opts.stream);
+  else if (key == "gpu-expert-prefetch") flag(opts.gpu_expert_prefetch);
+  else
+    throw bad("unknown key (activations, kernels, lm-head, precision, threads, context, stream, gpu-expert-cache, "
+              "gpu-expert-prefetch)");
 }
 
 namespace {
@@ -94,7 +144,7 @@ cuda::EngineOptions cuda_options(const EngineOptions& opts) {
     throw Error("--gpu-expert-prefetch needs --gpu-expert-cache N (with every expert on the GPU there is nothing to fetch)");
   return cuda::EngineOptions{.max_context = opts.context,
                              .device = 0,
-                             .show_progress = stderr_is_terminal(),
+                             .show_progress = true,
                              .activations = cuda_activations(opts.activations),
                              .gpu_expert_cache = opts.gpu_expert_cache,
                              .prefetch_experts = opts.gpu_expert_prefetch};
@@ -117,7 +167,7 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
   if (opts.threads < 0 || opts.threads > max_threads())
     throw Error(fmt::format("--threads must be 0 (all cores) or 1 to {}, got {}", max_threads(), opts.threads));
   if (opts.engine == "ref") {
-    ref::ModelOptions mo{opts.context, opts.stream, stderr_is_terminal()};
+    ref::ModelOptions mo{opts.context, opts.stream, true};
     if (opts.precision == "f64") return std::make_unique<ref::Model<double>>(ck, mo);
     return std::make_unique<ref::Model<float>>(ck, mo);
   }
@@ -127,7 +177,7 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
         ck, cpu::EngineOptions{.max_context = opts.context, .threads = opts.threads, .isa = opts.isa,
                                .activations = cpu_activations(opts.activations),
                                .lm_head = opts.lm_head,
-                               .show_progress = stderr_is_terminal()});
+                               .show_progress = true});
     fmt::print(stderr, "[cpu-nf4] loaded in {:.2f}s: {:.1f} MiB of weights, {} kernels, {} activations, {} lm_head, {} threads\n",
                engine->load_seconds(), double(engine->weight_bytes()) / double(1 << 20), cpu::isa_name(engine->isa()),
                cpu::activations_name(engine->activations()), engine->lm_head_format(), engine->threads());

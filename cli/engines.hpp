@@ -25,9 +25,15 @@ struct EngineOptions {
   bool gpu_expert_prefetch = false;  // cuda-nf4 with the cache: prefetch the next layer's likely experts
 };
 
-// Adds --engine, --precision, --stream, --context, --threads, --kernels and the cuda-nf4 options
-// (--activations, --gpu-expert-cache, --gpu-expert-prefetch) to a subcommand.
-void add_engine_options(CLI::App& cmd, EngineOptions& opts);
+// Adds the engine option group (--engine, --precision, --stream, --context, --threads/-t, --kernels,
+// --lm-head, --activations, --gpu-expert-cache, --gpu-expert-prefetch) and --progress to a subcommand.
+// Without `choose_engine` (diff, whose --a and --b name the engines) --engine is left out.
+void add_engine_options(CLI::App& cmd, EngineOptions& opts, bool choose_engine = true);
+// One engine option set from "KEY=VALUE" (diff's --a-opt / --b-opt: one side differs from the shared
+// options), KEY being an engine option's long name without dashes (activations, kernels, lm-head,
+// threads, context, precision, stream, gpu-expert-cache, gpu-expert-prefetch). Throws moelab::Error
+// naming the pair when the key or the value is not one the option accepts.
+void apply_engine_override(EngineOptions& opts, const std::string& key_value);
 // --threads accepts 0 (all cores) or 1..max_threads() (4x the hardware threads): more would only
 // oversubscribe, and OpenMP crashes creating 100,000 threads.
 int max_threads();

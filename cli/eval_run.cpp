@@ -26,7 +26,11 @@ EvalInputs read_eval_inputs(const EvalRequest& q) {
   in.fewshot = q.fewshot_data.empty() ? in.docs : evals::read_docs(q.task, in.spec.type, q.fewshot_data);
   // --reported is read after the run: a directory or FIFO there must fail now, not hours later.
   if (!q.reported.empty()) (void)read_regular_file(q.reported, "reported scores file", 64u << 20);
-  if (q.limit > 0 && size_t(q.limit) < in.docs.size()) in.docs.resize(size_t(q.limit));
+  in.original_docs = int64_t(in.docs.size());
+  if (q.limit_fraction > 0)  // as lm_eval: ceil(len(docs) * limit)
+    in.docs.resize(size_t(std::ceil(double(in.docs.size()) * q.limit_fraction)));
+  else if (q.limit > 0 && size_t(q.limit) < in.docs.size())
+    in.docs.resize(size_t(q.limit));
   return in;
 }
 
@@ -46,7 +50,7 @@ EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& mo
   std::unique_ptr<Progress> bar;
   int64_t last = 0;
   ro.progress = [&](int64_t done, int64_t total) {
-    if (!bar) bar = std::make_unique<Progress>(q.task + " (" + engine.name() + ")", total, stderr_is_terminal());
+    if (!bar) bar = std::make_unique<Progress>(q.task + " (" + engine.name() + ")", total);
     bar->advance(done - last);
     last = done;
   };
@@ -83,10 +87,12 @@ EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& mo
   t += fmt::format("{} documents, {}-shot, engine {}, {:.1f} s\n", r.n, shots, engine.name(), r.seconds);
   for (const auto& w : r.warnings) t += fmt::format("note: {}\n", w);
 
-  o.results_json = evals::results_json(r, spec, evals::RunInfo{model_dir, engine.name(), q.data, shots, q.limit, q.seed});
-  if (rep)
-    o.results_json["reported"] = {{"score", rep->score}, {"shots", rep->shots}, {"metric", rep->metric},
-                                  {"source", rep->source}};
+  o.results_json = evals::results_json(r, spec, evals::RunInfo{model_dir, engine.name(), q.data, shots, q.limit, q.seed,
+                                                                      in.original_docs});
+  if (q.limit_fraction > 0) o.results_json["config"]["limit"] = q.limit_fraction;
+  if (rep)  // keyed by task, as the harness's own per-task fields are
+    o.results_json["reported"][q.task] = {{"score", rep->score}, {"shots", rep->shots}, {"metric", rep->metric},
+                                          {"source", rep->source}};
   return o;
 }
 

@@ -20,6 +20,7 @@ struct EvalRequest {
   std::string reported;  // reported-scores JSON; empty: evals/reported/mixtral-8x7b.json of this repository
   int shots = -1;        // -1: the task's default
   int limit = 0;         // 0: every document
+  double limit_fraction = 0;  // in (0, 1): that fraction of the documents, rounded up (lm_eval's --limit 0.1)
   uint64_t seed = 1234;
   int repeats = 1;
   float temperature = 0;
@@ -39,6 +40,7 @@ struct EvalInputs {
   evals::TaskSpec spec;
   int shots = 0;
   std::vector<evals::Doc> docs, fewshot;
+  int64_t original_docs = 0;  // before the limit
 };
 EvalInputs read_eval_inputs(const EvalRequest& request);
 

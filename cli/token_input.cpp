@@ -20,10 +20,10 @@ std::vector<int32_t> parse_token_list(const std::string& text) {
       if (used != item.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(item);
       ids.push_back(int32_t(v));
     } catch (const std::exception&) {
-      throw Error(fmt::format("--tokens: '{}' is not a token id (expected e.g. 1,415,2936)", item));
+      throw Error(fmt::format("--token-ids: '{}' is not a token id (expected e.g. 1,415,2936)", item));
     }
   }
-  if (ids.empty()) throw Error("--tokens: no token ids given");
+  if (ids.empty()) throw Error("--token-ids: no token ids given");
   return ids;
 }
 

@@ -2,25 +2,67 @@
 
 #include <unistd.h>
 
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <fmt/format.h>
 
 #include "core/clock.hpp"
+#include "core/error.hpp"
 
 namespace moelab {
 
 bool stderr_is_terminal() { return ::isatty(STDERR_FILENO) == 1; }
 
+namespace {
+std::atomic<ProgressMode> g_mode{ProgressMode::Auto};
+}
+
+// Plain lines every 10 s; MOELAB_PROGRESS_INTERVAL=SECONDS changes that (a batch log may want fewer, a
+// test more).
+static std::chrono::steady_clock::duration line_interval() {
+  static const std::chrono::steady_clock::duration interval = [] {
+    const char* env = std::getenv("MOELAB_PROGRESS_INTERVAL");
+    double s = 10;
+    if (env && *env) {
+      char* end = nullptr;
+      const double v = std::strtod(env, &end);
+      if (end && *end == '\0' && std::isfinite(v) && v >= 0) s = v;
+    }
+    return std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(s));
+  }();
+  return interval;
+}
+
+void set_progress_mode(ProgressMode mode) { g_mode = mode; }
+ProgressMode progress_mode() { return g_mode; }
+
+ProgressMode parse_progress_mode(const std::string& name) {
+  if (name == "auto") return ProgressMode::Auto;
+  if (name == "bar") return ProgressMode::Bar;
+  if (name == "lines") return ProgressMode::Lines;
+  if (name == "none") return ProgressMode::None;
+  throw Error(fmt::format("--progress: '{}' is not one of auto, bar, lines, none", name));
+}
+
 Progress::Progress(std::string label, int64_t total, bool enabled, Unit unit)
-    : label_(std::move(label)), total_(total), enabled_(enabled), terminal_(stderr_is_terminal()), unit_(unit),
-      start_(std::chrono::steady_clock::now()), last_draw_(start_) {}
+    : label_(std::move(label)),
+      total_(total),
+      enabled_(enabled && progress_mode() != ProgressMode::None),
+      terminal_(progress_mode() == ProgressMode::Bar     ? true
+                : progress_mode() == ProgressMode::Lines ? false
+                                                         : stderr_is_terminal()),
+      unit_(unit),
+      start_(std::chrono::steady_clock::now()),
+      last_draw_(start_) {}
 
 Progress::~Progress() { finish(); }
 
 void Progress::advance(int64_t n) {
   done_ += n;
   const auto now = std::chrono::steady_clock::now();
-  if (now - last_draw_ > (terminal_ ? std::chrono::milliseconds(100) : std::chrono::milliseconds(10'000))) {
+  if (now - last_draw_ > (terminal_ ? std::chrono::milliseconds(100) : line_interval())) {
     last_draw_ = now;
     draw(false);
   }
@@ -46,8 +88,9 @@ void Progress::draw(bool final) {
   if (!terminal_) {  // plain lines for logs; a job done before the first one stays quiet
     if (final && !printed_) return;
     printed_ = true;
-    std::fprintf(stderr, "%s: %s (%.0f%%) %.1fs%s\n", label_.c_str(), count.c_str(), 100 * frac, secs,
-                 final ? "" : fmt::format(" eta {:.0f}s", eta).c_str());
+    const std::string rate = unit_ == Unit::Bytes ? "" : fmt::format(", {:.2f}/s", secs > 0 ? double(done_) / secs : 0.0);
+    std::fprintf(stderr, "%s: %s (%.0f%%) %.1fs%s%s\n", label_.c_str(), count.c_str(), 100 * frac, secs, rate.c_str(),
+                 final ? "" : fmt::format(", eta {:.0f}s", eta).c_str());
     return;
   }
   const int width = 30, filled = int(frac * width + 0.5);

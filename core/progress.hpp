@@ -2,7 +2,8 @@
 // Progress on stderr for long work: a one-line bar with rate and ETA when stderr is a terminal; when
 // it is redirected (nohup, a batch scheduler's log) and `enabled` was asked for regardless of the
 // terminal, a plain line every 10 seconds (and one at the end after those), so a log shows the job is
-// alive. Callers that want no lines in logs pass enabled = stderr_is_terminal().
+// alive. The process-wide mode (--progress on the command line) can force the bar or the lines, or
+// silence every Progress.
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -27,5 +28,12 @@ class Progress {
 };
 
 bool stderr_is_terminal();
+
+// auto: a bar on a terminal, lines when stderr is redirected; bar / lines: that form either way; none: silent.
+enum class ProgressMode { Auto, Bar, Lines, None };
+void set_progress_mode(ProgressMode mode);
+ProgressMode progress_mode();
+// "auto", "bar", "lines", "none"; throws moelab::Error for anything else.
+ProgressMode parse_progress_mode(const std::string& name);
 
 }  // namespace moelab

@@ -36,7 +36,7 @@ json results_json(const TaskResult& r, const TaskSpec& spec, const RunInfo& info
           {"versions", {{r.task, "moelab-1"}}},
           {"n-shot", {{r.task, info.shots}}},
           {"higher_is_better", {{r.task, hib}}},
-          {"n-samples", {{r.task, {{"original", r.n}, {"effective", r.n}}}}},
+          {"n-samples", {{r.task, {{"original", info.original_docs >= 0 ? info.original_docs : int64_t(r.n)}, {"effective", r.n}}}}},
           {"config", {{"model", "moelab"}, {"model_args", fmt::format("pretrained={},engine={}", info.model, info.engine)},
                       {"batch_size", 1}, {"limit", info.limit ? json(info.limit) : json(nullptr)},
                       {"fewshot_seed", info.seed}, {"bootstrap_iters", 0}}},

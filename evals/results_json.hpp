@@ -13,6 +13,7 @@ struct RunInfo {
   std::string model, engine, data;
   int shots = 0, limit = 0;
   uint64_t seed = 1234;
+  int64_t original_docs = -1;  // documents in the data before --limit (-1: as many as were run)
 };
 
 nlohmann::json results_json(const TaskResult& r, const TaskSpec& spec, const RunInfo& info);

@@ -22,7 +22,7 @@ trap cleanup EXIT
 
 run() {  # $1 label, $2 threads -> prints "decode prefill" tok/s
   local json="$tmp/$1.json"
-  "$moelab" profile --model "$model" --engine cpu-nf4 --threads "$2" --tokens 128 --decode 16 --repeat "$repeat" \
+  "$moelab" profile --model "$model" --engine cpu-nf4 --threads "$2" --n-prompt 128 --n-gen 16 --repetitions "$repeat" \
     --totals-only --json "$json" > "$tmp/$1.txt" 2>&1 || { cat "$tmp/$1.txt" >&2; exit 1; }
   python3 - "$json" <<'PY'
 import json, sys

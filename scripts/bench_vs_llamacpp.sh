@@ -20,12 +20,12 @@
 #      OMP_NUM_THREADS=T), then llama.cpp Q4_0, moelab cpu-nf4, llama.cpp IQ4_NL, Q4_K_M, moelab cpu-nf4
 #      (A B C D B), a closing probe after the last round; `cat /proc/loadavg` before every run.
 #      llama.cpp: `llama-bench -m X -p 128,512 -n 32 -t T -r K -o json`;
-#      moelab:    `moelab profile --engine cpu-nf4 --tokens 128 --decode 32 --threads T --repeat K
-#                  --totals-only` and `--tokens 512 --decode 0` (decode after a 128-token prompt, where
+#      moelab:    `moelab profile --engine cpu-nf4 --n-prompt 128 --n-gen 32 --threads T --repetitions K
+#                  --totals-only` and `--n-prompt 512 --n-gen 0` (decode after a 128-token prompt, where
 #                  llama-bench's tg32 starts from an empty context: a small difference in attention only).
 #      Peak RSS: GNU time's maximum resident set size of the measured run (file pages of the mmap'd
 #      weights included). Load: wall time of a separate run that loads the model and computes one token
-#      (llama-bench -p 0 -n 1 -r 1 --no-warmup; moelab profile --tokens 1 --decode 0 --repeat 1 --warmup 0),
+#      (llama-bench -p 0 -n 1 -r 1 --no-warmup; moelab profile --n-prompt 1 --n-gen 0 --repetitions 1 --warmup 0),
 #      page cache warm.
 #   6. One markdown table (printed, and in OUT/results.md with OUT/results.json and the raw files under
 #      OUT/raw/): decode and prefill tok/s, weight bytes read per decoded token (from the stored tensors:
@@ -40,7 +40,7 @@
 #                     Q4_0,IQ4_NL,Q4_K_M; IQ4_NL quantizes slowly: ~9 minutes a layer here)
 #   --threads T       threads for both engines and the probe (default: nproc)
 #   --rounds R        interleaved rounds (default 2)
-#   --reps K          repetitions inside each run (llama-bench -r, moelab profile --repeat; default 3)
+#   --reps K          repetitions inside each run (llama-bench -r, moelab profile --repetitions; default 3)
 #   --out DIR         results folder (default .bench-cache/results-<UTC time>)
 #   --skip-build      build nothing: use build/moelab, build/moelab_bench and the cached llama.cpp as they are
 #                     (without it, moelab and moelab_bench are rebuilt under flock $MOELAB_BUILD_LOCK,
@@ -292,7 +292,7 @@ if [[ -f "$NF4/.complete" ]]; then
   step_done "cached ($NF4)"
 else
   rm -rf "$NF4.partial"
-  "$GNU_TIME" -v -o "$RAW/moelab-quantize.time" "${NICE_PREFIX[@]}" "$MOELAB" quantize --model "$CKPT" --out "$NF4.partial" \
+  "$GNU_TIME" -v -o "$RAW/moelab-quantize.time" "${NICE_PREFIX[@]}" "$MOELAB" quantize --model "$CKPT" --output "$NF4.partial" \
     > "$RAW/moelab-quantize.log" 2>&1 || { tail -30 "$RAW/moelab-quantize.log" >&2; die "moelab quantize failed"; }
   rm -rf "$NF4"
   mv "$NF4.partial" "$NF4"
@@ -338,15 +338,15 @@ run_moelab() {  # $1: round, $2: index within the round
   local common=(profile --model "$NF4" --engine cpu-nf4 --threads "$THREADS" --totals-only "${MOELAB_EXTRA[@]}")
   note_load "$tag load"
   log "   $tag: load"
-  "$GNU_TIME" -v -o "$RAW/$tag-load.time" "$MOELAB" "${common[@]}" --tokens 1 --decode 0 --repeat 1 --warmup 0 \
+  "$GNU_TIME" -v -o "$RAW/$tag-load.time" "$MOELAB" "${common[@]}" --n-prompt 1 --n-gen 0 --repetitions 1 --warmup 0 \
     > "$RAW/$tag-load.txt" 2>&1 || { tail -20 "$RAW/$tag-load.txt" >&2; die "$tag load run failed"; }
   note_load "$tag p128"
-  log "   $tag: profile --tokens 128 --decode 32 --repeat $REPS"
-  "$GNU_TIME" -v -o "$RAW/$tag-p128.time" "$MOELAB" "${common[@]}" --tokens 128 --decode 32 --repeat "$REPS" \
+  log "   $tag: profile --n-prompt 128 --n-gen 32 --repetitions $REPS"
+  "$GNU_TIME" -v -o "$RAW/$tag-p128.time" "$MOELAB" "${common[@]}" --n-prompt 128 --n-gen 32 --repetitions "$REPS" \
     --json "$RAW/$tag-p128.json" > "$RAW/$tag-p128.txt" 2>&1 || { tail -20 "$RAW/$tag-p128.txt" >&2; die "$tag p128 failed"; }
   note_load "$tag p512"
-  log "   $tag: profile --tokens 512 --decode 0 --repeat $REPS"
-  "$GNU_TIME" -v -o "$RAW/$tag-p512.time" "$MOELAB" "${common[@]}" --tokens 512 --decode 0 --repeat "$REPS" \
+  log "   $tag: profile --n-prompt 512 --n-gen 0 --repetitions $REPS"
+  "$GNU_TIME" -v -o "$RAW/$tag-p512.time" "$MOELAB" "${common[@]}" --n-prompt 512 --n-gen 0 --repetitions "$REPS" \
     --json "$RAW/$tag-p512.json" > "$RAW/$tag-p512.txt" 2>&1 || { tail -20 "$RAW/$tag-p512.txt" >&2; die "$tag p512 failed"; }
 }
 

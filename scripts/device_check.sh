@@ -70,7 +70,7 @@ for m in "$here"/tests/fixtures/models/*/; do
   name=$(basename "$m")
   for act in bf16 fp32; do
     step "diff_${name}_$act" 30 "$build/moelab" diff --model "$m" --a ref --b cuda-nf4 --activations "$act" \
-      --text "Mixture of experts" --json "$out/diff_${name}_$act.json"
+      --prompt "Mixture of experts" --json "$out/diff_${name}_$act.json"
   done
 done
 
@@ -81,9 +81,9 @@ step bench 300 "$build/moelab_bench_cuda" --benchmark_min_time=0.2 --benchmark_o
 
 # 6. End to end through the CLI: the synthetic full-size model, all experts resident and 4 per layer.
 step profile_synthetic 90 "$build/moelab" profile --synthetic mixtral-8x7b --engine cuda-nf4 --totals-only \
-  --tokens 128 --decode 32 --repeat 2 --context 1024 --json "$out/profile_synthetic.json"
+  --n-prompt 128 --n-gen 32 --repetitions 2 --context 1024 --json "$out/profile_synthetic.json"
 step profile_synthetic_cache4 120 "$build/moelab" profile --synthetic mixtral-8x7b --engine cuda-nf4 --totals-only \
-  --tokens 128 --decode 32 --repeat 2 --context 1024 --gpu-expert-cache 4 --gpu-expert-prefetch \
+  --n-prompt 128 --n-gen 32 --repetitions 2 --context 1024 --gpu-expert-cache 4 --gpu-expert-prefetch \
   --json "$out/profile_synthetic_cache4.json"
 
 # 7. Summary.

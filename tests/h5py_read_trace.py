@@ -173,7 +173,7 @@ def check_cli_trace(args, work):
         fh.write(json.dumps({"text": "2 + 2 = 4, 3 * 7 = 21"}) + "\n")
     trace = os.path.join(work, "cli.h5")
     run([args.moelab, "trace", "--model", model, "--input", text, "--input", jsonl, "--domain", "license",
-         "--domain", "misc", "--out", trace, "--window", "16", "--router-logits"])
+         "--domain", "misc", "--output", trace, "--window", "16", "--router-logits"])
     s = check_trace(trace, from_engine=True)
     expect(s["sequences"] >= 4 and s["layers"] == 2 and s["experts"] == 4, f"{trace}: unexpected summary {s}")
     with h5py.File(trace, "r") as f:
@@ -184,7 +184,7 @@ def check_cli_trace(args, work):
         a, b = int(s["offsets"][seq]), int(s["offsets"][seq + 1])
         ids = ",".join(str(int(x)) for x in s["token_ids"][a:b])
         dump = os.path.join(work, f"fwd{seq}.safetensors")
-        run([args.moelab, "forward", "--model", model, "--tokens", ids, "--dump", dump])
+        run([args.moelab, "forward", "--model", model, "--token-ids", ids, "--output", dump])
         d = read_safetensors(dump)
         for layer in range(s["layers"]):
             expect(np.array_equal(s["expert_ids"][a:b, layer].astype(np.int32), d[f"layers.{layer}.experts"]),

@@ -11,6 +11,7 @@
 
 #include "core/tokenizer.hpp"
 #include "fixture_util.hpp"
+#include "process_util.hpp"
 
 namespace moelab::test {
 namespace {
@@ -37,13 +38,7 @@ class Cli : public ::testing::Test {
     const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
     const std::string cmd = std::string(MOELAB_BIN) + " " + args + " >" + out.string() + " 2>" + err.string();
     const int status = std::system(cmd.c_str());
-    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
-  }
-  static std::string slurp(const fs::path& p) {
-    std::ifstream in(p);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
+    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, read_file_bytes(out), read_file_bytes(err)};
   }
   // A private copy of a fixture model that the test may corrupt.
   fs::path copy_model(const std::string& name) {
@@ -68,7 +63,7 @@ TEST_F(Cli, ForwardDumpReproducesTransformersOnEveryFixture) {
     std::string ids;
     for (int32_t t : read_i32(expected, "tokens")) ids += (ids.empty() ? "" : ",") + std::to_string(t);
     const auto dump = (tmp / (name + ".safetensors")).string();
-    const CliRun r = moelab("forward --model " + model_dir(name) + " --tokens " + ids + " --dump " + dump);
+    const CliRun r = moelab("forward --model " + model_dir(name) + " --token-ids " + ids + " --output " + dump);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     SafetensorsFile got(dump);
     EXPECT_LT(rel_l2(read_matrix_f32(got, "logits"), read_matrix_f32(expected, "logits")), 1e-5);
@@ -116,7 +111,7 @@ TEST_F(Cli, GenerateGreedyMatchesTransformers) {
   };
   std::string list;
   for (int32_t t : prompt) list += (list.empty() ? "" : ",") + std::to_string(t);
-  const CliRun r = moelab("generate --model " + dir + " --tokens " + list + " --max-new-tokens 8 --print-ids");
+  const CliRun r = moelab("generate --model " + dir + " --token-ids " + list + " --max-new-tokens 8 --print-ids");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(generated_ids(r), want) << r.err;
   EXPECT_NE(r.err.find("generated 8 tokens"), std::string::npos) << r.err;
@@ -143,7 +138,7 @@ TEST_F(Cli, EverySubcommandHasHelp) {
   ASSERT_EQ(top.exit_code, 0);
   std::vector<std::string> listed;
   std::istringstream lines(top.out.substr(std::min(top.out.find("Subcommands:"), top.out.size())));
-  for (std::string line; std::getline(lines, line);)
+  for (std::string line; std::getline(lines, line) && !line.empty();)  // the list ends at a blank line
     if (line.rfind("  ", 0) == 0 && line.size() > 2 && line[2] != ' ') listed.push_back(line.substr(2, line.find(' ', 2) - 2));
   for (const std::string known : {"inspect", "generate", "forward", "demo", "diff", "quantize", "eval", "trace",
                                   "profile", "stats", "devices"})
@@ -163,7 +158,7 @@ TEST_F(Cli, BadArgumentsFail) {
   EXPECT_NE(moelab("frobnicate").exit_code, 0);
   EXPECT_NE(moelab("generate --prompt hi --top-p 2").exit_code, 0);
   EXPECT_NE(moelab("generate").exit_code, 0);  // --prompt is required
-  expect_one_line_error(moelab("forward --tokens 1,x,3 --dump " + (tmp / "d.safetensors").string()), {"'x'"});
+  expect_one_line_error(moelab("forward --token-ids 1,x,3 --output " + (tmp / "d.safetensors").string()), {"'x'"});
   expect_one_line_error(moelab("inspect --model /nonexistent/model"), {"/nonexistent/model"});
 }
 
@@ -187,17 +182,17 @@ TEST_F(Cli, HeaderPointingPastTheEndIsOneClearError) {
 TEST_F(Cli, MissingTensorIsOneClearError) {
   // One more layer in config.json than the checkpoint has: layer 3's tensors are missing.
   const auto dir = copy_model("mixtral-8e-bf16-sharded");
-  auto cfg = nlohmann::json::parse(slurp(dir / "config.json"));
+  auto cfg = nlohmann::json::parse(read_file_bytes(dir / "config.json"));
   cfg["num_hidden_layers"] = 4;
   std::ofstream(dir / "config.json") << cfg.dump(2);
-  expect_one_line_error(moelab("forward --model " + dir.string() + " --tokens 1,2 --dump " + (tmp / "x").string()),
+  expect_one_line_error(moelab("forward --model " + dir.string() + " --token-ids 1,2 --output " + (tmp / "x").string()),
                         {"missing tensor", "model.layers.3."});
   EXPECT_FALSE(fs::exists(tmp / "x"));
 }
 
 TEST_F(Cli, ShapeMismatchIsOneClearError) {
   const auto dir = copy_model("mixtral-4e-gqa-f32");
-  auto cfg = nlohmann::json::parse(slurp(dir / "config.json"));
+  auto cfg = nlohmann::json::parse(read_file_bytes(dir / "config.json"));
   cfg["intermediate_size"] = 100;
   std::ofstream(dir / "config.json") << cfg.dump(2);
   expect_one_line_error(moelab("inspect --model " + dir.string()),
@@ -212,14 +207,14 @@ TEST_F(Cli, MissingShardIsOneClearError) {
 
 TEST_F(Cli, ContextOverflowIsOneClearError) {
   expect_one_line_error(moelab("forward --model " + model_dir("mixtral-4e-gqa-f32") +
-                               " --context 4 --tokens 1,2,3,4,5 --dump " + (tmp / "x").string()),
+                               " --context 4 --token-ids 1,2,3,4,5 --output " + (tmp / "x").string()),
                         {"context overflow"});
 }
 
 TEST_F(Cli, ProfileTotalsOnlyCountsEveryTokenAndWritesJson) {
   const auto json_path = tmp / "profile.json";
   const auto r = moelab("profile --model " + model_dir("mixtral-8e-bf16-sharded") +
-                        " --engine cpu-nf4 --tokens 9 --decode 3 --repeat 2 --warmup 1 --totals-only --json " +
+                        " --engine cpu-nf4 --n-prompt 9 --n-gen 3 --repetitions 2 --warmup 1 --totals-only --json " +
                         json_path.string());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("prefill: 2 calls, 18 tokens"), std::string::npos) << r.out;
@@ -239,8 +234,8 @@ TEST_F(Cli, SyntheticAndExpertCacheOptionsFailClearly) {
   expect_one_line_error(moelab("profile --synthetic mixtral-9x9b --engine cuda-nf4"), {"mixtral-9x9b", "mixtral-8x7b"});
   expect_one_line_error(moelab("generate --prompt hi --engine cpu-nf4 --gpu-expert-cache 2"),
                         {"--gpu-expert-cache", "cuda-nf4"});
-  expect_one_line_error(moelab("profile --synthetic mixtral-8x7b --engine cuda-nf4 --text hello"),
-                        {"synthetic", "--tokens"});
+  expect_one_line_error(moelab("profile --synthetic mixtral-8x7b --engine cuda-nf4 --prompt hello"),
+                        {"synthetic", "--n-prompt"});
 }
 
 }  // namespace

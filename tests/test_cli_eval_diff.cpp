@@ -17,6 +17,7 @@
 #include "fixture_util.hpp"
 #include "optimized/cpu/engine.hpp"
 #include "reference/model.hpp"
+#include "process_util.hpp"
 
 namespace moelab::test {
 namespace {
@@ -24,21 +25,28 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-json read_json(const fs::path& p) { return json::parse(slurp(p)); }
+json read_json(const fs::path& p) { return json::parse(read_file_bytes(p)); }
 
 std::vector<json> read_jsonl(const fs::path& p) {
   std::vector<json> out;
-  std::istringstream in(slurp(p));
+  std::istringstream in(read_file_bytes(p));
   for (std::string line; std::getline(in, line);)
     if (!line.empty()) out.push_back(json::parse(line));
   return out;
+}
+
+// The per-sample file `eval --log-samples` wrote for `task`: the one samples_<task>_<timestamp>.jsonl
+// in the folder of --output `results` (lm_eval's naming). Empty, with a failure, unless exactly one.
+fs::path samples_file(const fs::path& results, const std::string& task) {
+  const std::string prefix = "samples_" + task + "_";
+  std::vector<fs::path> found;
+  for (const auto& e : fs::directory_iterator(results.parent_path())) {
+    const std::string name = e.path().filename().string();
+    if (name.size() > prefix.size() + 6 && name.starts_with(prefix) && name.ends_with(".jsonl")) found.push_back(e.path());
+  }
+  if (found.size() == 1) return found[0];
+  ADD_FAILURE() << found.size() << " files " << prefix << "*.jsonl in " << results.parent_path();
+  return {};
 }
 
 class CliEvalDiff : public ::testing::Test {
@@ -60,7 +68,7 @@ class CliEvalDiff : public ::testing::Test {
     args.insert(args.begin(), MOELAB_BIN);
     const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
     const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
-    return {status, slurp(out), slurp(err)};
+    return {status, read_file_bytes(out), read_file_bytes(err)};
   }
   static void expect_one_line_error(const Run& r, const std::string& needle) {
     EXPECT_EQ(r.status, 1) << r.err;
@@ -91,8 +99,8 @@ constexpr double kTolChoice = 1e-4;
 TEST_F(CliEvalDiff, EvalMultipleChoiceWritesTheHarnessResultsAndSamples) {
   const json oracle = read_json(fixture("evals/parity/parity_mc.json"));
   const auto out = path("results.json");
-  const Run r = moelab({"eval", "--model", model_dir(kModel), "--task", "multiple_choice", "--data",
-                        fixture("evals/tasks/mc_test.jsonl"), "--out", out, "--log-samples"});
+  const Run r = moelab({"eval", "--model", model_dir(kModel), "--tasks", "multiple_choice", "--data",
+                        fixture("evals/tasks/mc_test.jsonl"), "--output", out, "--log-samples"});
   ASSERT_EQ(r.status, 0) << r.err;
   // The table: each metric with our score in percent, and the run's summary line.
   EXPECT_NE(r.out.find("acc_norm,none"), std::string::npos) << r.out;
@@ -110,7 +118,7 @@ TEST_F(CliEvalDiff, EvalMultipleChoiceWritesTheHarnessResultsAndSamples) {
   EXPECT_EQ(got["n-samples"]["multiple_choice"]["effective"], 6);
   EXPECT_EQ(got["n-shot"]["multiple_choice"], 0);
 
-  const auto samples = read_jsonl(out + ".samples_multiple_choice.jsonl");
+  const auto samples = read_jsonl(samples_file(out, "multiple_choice"));
   const auto& want = oracle["samples"];
   ASSERT_EQ(samples.size(), want.size());
   for (size_t i = 0; i < want.size(); ++i) {
@@ -133,8 +141,8 @@ TEST_F(CliEvalDiff, EvalMultipleChoiceWritesTheHarnessResultsAndSamples) {
 TEST_F(CliEvalDiff, EvalRollingMatchesTheHarnessPerplexities) {
   const json oracle = read_json(fixture("evals/parity/parity_rolling.json"));
   const auto out = path("rolling.json");
-  const Run r = moelab({"eval", "--model", model_dir(kModel), "--task", "rolling", "--data",
-                        fixture("evals/tasks/rolling_test.jsonl"), "--out", out, "--log-samples"});
+  const Run r = moelab({"eval", "--model", model_dir(kModel), "--tasks", "rolling", "--data",
+                        fixture("evals/tasks/rolling_test.jsonl"), "--output", out, "--log-samples"});
   ASSERT_EQ(r.status, 0) << r.err;
   const json got = read_json(out);
   const json& res = got["results"]["rolling"];
@@ -146,7 +154,7 @@ TEST_F(CliEvalDiff, EvalRollingMatchesTheHarnessPerplexities) {
     }
     EXPECT_NEAR(res[k].get<double>(), v.get<double>(), 1e-5 * std::abs(v.get<double>())) << k;
   }
-  const auto samples = read_jsonl(out + ".samples_rolling.jsonl");
+  const auto samples = read_jsonl(samples_file(out, "rolling"));
   ASSERT_EQ(samples.size(), oracle["samples"].size());
   for (size_t i = 0; i < samples.size(); ++i) {
     const json& w = oracle["samples"][i];
@@ -161,13 +169,13 @@ TEST_F(CliEvalDiff, EvalRollingMatchesTheHarnessPerplexities) {
 TEST_F(CliEvalDiff, EvalLimitAndBadRecords) {
   const json oracle = read_json(fixture("evals/parity/parity_mc.json"));
   const auto out = path("limited.json");
-  const Run r = moelab({"eval", "--model", model_dir(kModel), "--task", "multiple_choice", "--data",
-                        fixture("evals/tasks/mc_test.jsonl"), "--limit", "2", "--out", out, "--log-samples"});
+  const Run r = moelab({"eval", "--model", model_dir(kModel), "--tasks", "multiple_choice", "--data",
+                        fixture("evals/tasks/mc_test.jsonl"), "--limit", "2", "--output", out, "--log-samples"});
   ASSERT_EQ(r.status, 0) << r.err;
   const json got = read_json(out);
   EXPECT_EQ(got["n-samples"]["multiple_choice"]["effective"], 2);
   EXPECT_EQ(got["config"]["limit"], 2);
-  const auto samples = read_jsonl(out + ".samples_multiple_choice.jsonl");
+  const auto samples = read_jsonl(samples_file(out, "multiple_choice"));
   ASSERT_EQ(samples.size(), 2u);
   // acc over the first two documents, from the harness's per-document scores.
   const double acc = (oracle["samples"][0]["metrics"]["acc"].get<double>() +
@@ -176,7 +184,7 @@ TEST_F(CliEvalDiff, EvalLimitAndBadRecords) {
 
   std::ofstream(path("bad.jsonl")) << R"({"query": "q", "choices": ["a", "b"], "gold": 0})" "\n"
                                    << R"({"prompt": "not a multiple-choice record"})" "\n";
-  expect_one_line_error(moelab({"eval", "--model", "/nonexistent", "--task", "multiple_choice", "--data",
+  expect_one_line_error(moelab({"eval", "--model", "/nonexistent", "--tasks", "multiple_choice", "--data",
                                 path("bad.jsonl")}),
                         path("bad.jsonl") + ":2: multiple_choice: record is neither the normalized form");
 }
@@ -218,7 +226,7 @@ TEST_F(CliEvalDiff, DiffEnginesIsTheLibrarysDiffAndADumpAgainstItselfIsZero) {
   const auto ck = Checkpoint::open(model_dir(kModel));
   const auto tokens = read_i32(SafetensorsFile(model_dir(kModel) + "/expected.safetensors"), "tokens");
   const auto json_out = path("engines.json");
-  const Run r = moelab({"diff", "--model", model_dir(kModel), "--a", "ref", "--b", "cpu-nf4", "--tokens",
+  const Run r = moelab({"diff", "--model", model_dir(kModel), "--a", "ref", "--b", "cpu-nf4", "--token-ids",
                         token_list(tokens), "--json", json_out});
   ASSERT_EQ(r.status, 0) << r.err;
   const json d = read_json(json_out);
@@ -238,9 +246,9 @@ TEST_F(CliEvalDiff, DiffEnginesIsTheLibrarysDiffAndADumpAgainstItselfIsZero) {
   EXPECT_NEAR(d["logits"]["rel_l2"].get<double>(), want.logits.rel_l2, 1e-4 * want.logits.rel_l2);
   EXPECT_NEAR(d["logits"]["mean_kl"].get<double>(), want.mean_kl, 1e-3 * want.mean_kl);
 
-  // forward --dump, then the dump against itself: no model needed, zero everywhere.
+  // forward --output, then the dump against itself: no model needed, zero everywhere.
   const auto dump = path("fwd.safetensors");
-  ASSERT_EQ(moelab({"forward", "--model", model_dir(kModel), "--tokens", token_list(tokens), "--dump", dump}).status, 0);
+  ASSERT_EQ(moelab({"forward", "--model", model_dir(kModel), "--token-ids", token_list(tokens), "--output", dump}).status, 0);
   const auto self_json = path("self.json");
   const Run s = moelab({"diff", "--a", "dump:" + dump, "--b", "dump:" + dump, "--json", self_json});
   ASSERT_EQ(s.status, 0) << s.err;
@@ -256,11 +264,11 @@ TEST_F(CliEvalDiff, DiffEnginesIsTheLibrarysDiffAndADumpAgainstItselfIsZero) {
 TEST_F(CliEvalDiff, DiffInputErrorsAreOneLine) {
   const auto dump = model_dir(kModel) + "/expected.safetensors";
   expect_one_line_error(moelab({"diff", "--model", model_dir(kModel), "--a", "dump:" + dump, "--b", "ref",
-                                "--tokens", "1,2,3"}),
+                                "--token-ids", "1,2,3"}),
                         "the dump's tokens differ from the tokens given");
   expect_one_line_error(moelab({"diff", "--model", model_dir(kModel), "--a", "ref", "--b", "ref-f64"}),
-                        "give --tokens or --text");
-  expect_one_line_error(moelab({"diff", "--model", model_dir(kModel), "--a", "ref", "--b", "nonsense", "--tokens", "1,2"}),
+                        "give --prompt or --token-ids");
+  expect_one_line_error(moelab({"diff", "--model", model_dir(kModel), "--a", "ref", "--b", "nonsense", "--token-ids", "1,2"}),
                         "unknown engine 'nonsense'");
 }
 

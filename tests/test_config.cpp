@@ -10,16 +10,10 @@
 #include "core/model_presets.hpp"
 #include "core/error.hpp"
 #include "fixture_util.hpp"
+#include "process_util.hpp"
 
 namespace moelab::test {
 namespace {
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 TEST(Config, Mixtral8x7BRealConfig) {
   const auto c = ModelConfig::from_json_file(fixture("configs/mixtral-8x7b-v0.1.json"));
@@ -99,7 +93,7 @@ void expect_config_error(const std::string& text, const std::string& needle) {
 }
 
 TEST(Config, BadConfigsAreClearErrors) {
-  const std::string good = read_text(fixture("configs/mixtral-8x7b-v0.1.json"));
+  const std::string good = read_file_bytes(fixture("configs/mixtral-8x7b-v0.1.json"));
   auto with = [&](const std::string& key, const std::string& value) {
     auto j = nlohmann::json::parse(good);
     j[key] = nlohmann::json::parse(value);
@@ -125,14 +119,14 @@ TEST(Config, BadConfigsAreClearErrors) {
 
 // Issue 13 item 8: every dimension is bounded, and counts are checked 64-bit arithmetic.
 TEST(ConfigLimits, TenMillionLayersIsRefusedAtParse) {
-  const std::string good = read_text(fixture("configs/mixtral-8x7b-v0.1.json"));
+  const std::string good = read_file_bytes(fixture("configs/mixtral-8x7b-v0.1.json"));
   auto j = nlohmann::json::parse(good);
   j["num_hidden_layers"] = 10'000'000;
   expect_config_error(j.dump(), "'num_hidden_layers' is 10000000, more than the 1024 moelab accepts");
 }
 
 TEST(ConfigLimits, EveryDimensionHasAnUpperBound) {
-  const std::string good = read_text(fixture("configs/mixtral-8x7b-v0.1.json"));
+  const std::string good = read_file_bytes(fixture("configs/mixtral-8x7b-v0.1.json"));
   for (const auto& [key, limit] : std::vector<std::pair<std::string, int64_t>>{
            {"vocab_size", limits::kMaxVocab},
            {"hidden_size", limits::kMaxHidden},
@@ -159,7 +153,7 @@ TEST(ConfigLimits, EveryDimensionHasAnUpperBound) {
 TEST(ConfigLimits, SizesThatOverflowedInt64AreRefused) {
   // Accepted before the bounds (each dimension was allowed up to 2^30) and counted with wrapping
   // arithmetic: total_params() came out negative and inspect printed negative MiB.
-  const std::string good = read_text(fixture("configs/mixtral-8x7b-v0.1.json"));
+  const std::string good = read_file_bytes(fixture("configs/mixtral-8x7b-v0.1.json"));
   auto j = nlohmann::json::parse(good);
   j["hidden_size"] = 1 << 30;
   j["intermediate_size"] = 1 << 30;
@@ -170,7 +164,7 @@ TEST(ConfigLimits, SizesThatOverflowedInt64AreRefused) {
 
 TEST(ConfigLimits, CountsAtTheLimitsArePositiveAndExact) {
   // The largest config the bounds allow: every count and memory estimate stays positive and exact.
-  auto j = nlohmann::json::parse(read_text(fixture("configs/mixtral-8x7b-v0.1.json")));
+  auto j = nlohmann::json::parse(read_file_bytes(fixture("configs/mixtral-8x7b-v0.1.json")));
   j["vocab_size"] = limits::kMaxVocab;
   j["hidden_size"] = limits::kMaxHidden;
   j["intermediate_size"] = limits::kMaxIntermediate;

@@ -175,7 +175,7 @@ TEST(CpuEnginePrequantized, QuantizeRoundTripIsBitwiseIdentical) {
   const auto src = model_dir("mixtral-8e-bf16-sharded");
   const auto out = fs::temp_directory_path() / ("moelab-quantize-" + std::to_string(::getpid()));
   fs::remove_all(out);
-  const std::string cmd = std::string(MOELAB_BIN) + " quantize --model " + src + " --out " + out.string() +
+  const std::string cmd = std::string(MOELAB_BIN) + " quantize --model " + src + " --output " + out.string() +
                           " --shard-size-mb 0.2 > /dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
   EXPECT_TRUE(fs::exists(out / "model.safetensors.index.json"));  // 0.2 MiB shards force several files
@@ -196,7 +196,7 @@ TEST(CpuEnginePrequantized, CorruptQuantStateIsAClearError) {
   const auto src = model_dir("mixtral-4e-gqa-f32");
   const auto out = fs::temp_directory_path() / ("moelab-quantize-bad-" + std::to_string(::getpid()));
   fs::remove_all(out);
-  ASSERT_EQ(std::system((std::string(MOELAB_BIN) + " quantize --model " + src + " --out " + out.string() +
+  ASSERT_EQ(std::system((std::string(MOELAB_BIN) + " quantize --model " + src + " --output " + out.string() +
                          " > /dev/null").c_str()), 0);
   // Rewrite one weight's quant_state JSON with a wrong blocksize: it no longer matches absmax.
   const auto path = (out / "model.safetensors").string();

@@ -258,7 +258,7 @@ TEST(CudaHostCli, EngineWithoutDeviceIsAClearError) {
   const fs::path err = fs::temp_directory_path() / ("moelab-cuda-cli-" + std::to_string(::getpid()) + ".txt");
   const fs::path dump = fs::temp_directory_path() / ("moelab-cuda-cli-" + std::to_string(::getpid()) + ".safetensors");
   const std::string cmd = std::string(MOELAB_BIN) + " forward --model " + MOELAB_FIXTURES +
-                          "/models/mixtral-4e-gqa-f32 --engine cuda-nf4 --text hi --dump " + dump.string() +
+                          "/models/mixtral-4e-gqa-f32 --engine cuda-nf4 --prompt hi --output " + dump.string() +
                           " >/dev/null 2>" + err.string();
   const int status = std::system(cmd.c_str());
   ASSERT_TRUE(WIFEXITED(status)) << "moelab did not exit normally (crashed?)";

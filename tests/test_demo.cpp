@@ -21,18 +21,12 @@
 #include "fixture_util.hpp"
 #include "optimized/cpu/engine.hpp"
 #include "reference/model.hpp"
+#include "process_util.hpp"
 
 namespace moelab::test {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   const fs::path tmp = fs::temp_directory_path() / ("moelab-demo-test-" + std::to_string(::getpid()));
@@ -50,13 +44,13 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   }
   const auto out = tmp / "report";
   const std::string cmd = std::string(MOELAB_BIN) + " demo --model " + model_dir("mixtral-4e-gqa-f32") +
-                          " --corpus " + (tmp / "heldout.jsonl").string() + " --out " + out.string() +
+                          " --corpus " + (tmp / "heldout.jsonl").string() + " --output " + out.string() +
                           " --max-new-tokens 4 --hellaswag-items 3 --no-plots --threads 1 >" +
                           (tmp / "stdout.txt").string() + " 2>&1";
   const int status = std::system(cmd.c_str());
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << slurp(tmp / "stdout.txt");
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file_bytes(tmp / "stdout.txt");
 
-  const auto index = nlohmann::json::parse(slurp(out / "index.json"));
+  const auto index = nlohmann::json::parse(read_file_bytes(out / "index.json"));
   EXPECT_EQ(index["format"], "moelab-demo-v1");
   for (const std::string e : {"ref", "cpu-nf4"}) {
     EXPECT_EQ(index["generations"][e]["tokens"].size(), 4u) << e;
@@ -76,7 +70,7 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
     const double want = rel_l2(nf4_engine.forward(ids), ref_engine.forward(ids));
     const double got = index["diff"]["logits_rel_l2"].get<double>();
     EXPECT_NEAR(got, want, 1e-9 * want);
-    const auto diff_file = nlohmann::json::parse(slurp(index["diff"]["path"].get<std::string>()));
+    const auto diff_file = nlohmann::json::parse(read_file_bytes(index["diff"]["path"].get<std::string>()));
     EXPECT_EQ(diff_file["tokens"].get<size_t>(), ids.size());
     EXPECT_EQ(diff_file["logits"]["rel_l2"].get<double>(), got);
   }
@@ -87,7 +81,7 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   EXPECT_EQ(trace.num_sequences(), 12);
 
   // The index's domain spread is recomputed here from the statistics file's load shares.
-  const auto stats = nlohmann::json::parse(slurp(index["stats"]["path"].get<std::string>()));
+  const auto stats = nlohmann::json::parse(read_file_bytes(index["stats"]["path"].get<std::string>()));
   ASSERT_EQ(stats["domains"].size(), 2u);
   const auto& spread = index["stats"]["domain_spread_per_layer"];
   ASSERT_EQ(spread.size(), stats["overall"]["layers"].size());
@@ -104,7 +98,7 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   }
 
   // The SVG figure draws every (layer, domain, expert) share of the statistics file, bar height to scale.
-  const std::string svg = slurp(index["stats"]["figure"].get<std::string>());
+  const std::string svg = read_file_bytes(index["stats"]["figure"].get<std::string>());
   const std::regex bar(R"re(<rect class="bar" data-domain="([^"]+)" data-expert="(\d+)" data-share="([0-9.]+)" x="[0-9.]+" y="[0-9.]+" width="[0-9.]+" height="([0-9.]+)")re");
   std::map<std::string, size_t> domain_index;
   for (size_t d = 0; d < stats["domains"].size(); ++d) domain_index[stats["domains"][d]["name"]] = d;
@@ -127,7 +121,7 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   ASSERT_EQ(index["evals"].size(), 4u);
   std::set<std::pair<std::string, std::string>> runs;
   for (const auto& e : index["evals"]) {
-    const auto results = nlohmann::json::parse(slurp(e["results"].get<std::string>()));
+    const auto results = nlohmann::json::parse(read_file_bytes(e["results"].get<std::string>()));
     const std::string task = e["task"];
     runs.insert({task, e["engine"].get<std::string>()});
     ASSERT_TRUE(results["results"].contains(task)) << results.dump();

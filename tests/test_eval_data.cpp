@@ -22,19 +22,13 @@
 #include "evals/extract.hpp"
 #include "evals/results_json.hpp"
 #include "fixture_util.hpp"
+#include "process_util.hpp"
 
 namespace moelab::evals {
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 void write(const fs::path& p, const std::string& bytes) {
   std::ofstream out(p, std::ios::binary);
@@ -80,7 +74,7 @@ class EvalData : public ::testing::Test {
     args.insert(args.begin(), MOELAB_BIN);
     const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
     const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
-    return {status, slurp(out), slurp(err)};
+    return {status, test::read_file_bytes(out), test::read_file_bytes(err)};
   }
   static void expect_one_line_error(const Run& r, const std::string& exact_message) {
     EXPECT_EQ(r.status, 1) << r.err;
@@ -122,11 +116,11 @@ TEST_F(EvalData, CliConvertsACompressedFileWhoseNameHasQuotesAndSemicolons) {
   const auto name = path("y';touch PWNED;'.jsonl.bz2");
   fs::copy_file(test::fixture("evals/compressed/mc.jsonl.bz2"), name);
   const auto out = path("converted.jsonl");
-  const Run r = moelab({"eval", "--task", "multiple_choice", "--data", name, "--convert-to", out});
+  const Run r = moelab({"eval", "--tasks", "multiple_choice", "--data", name, "--convert-to", out});
   ASSERT_EQ(r.status, 0) << r.err;
   // The fixture is already in the normalized form: the conversion gives back the same records.
   std::vector<json> got, want;
-  std::istringstream g(slurp(out)), w(slurp(test::fixture("evals/compressed/mc.jsonl")));
+  std::istringstream g(test::read_file_bytes(out)), w(test::read_file_bytes(test::fixture("evals/compressed/mc.jsonl")));
   for (std::string l; std::getline(g, l);) got.push_back(json::parse(l));
   for (std::string l; std::getline(w, l);) want.push_back(json::parse(l));
   EXPECT_EQ(got.size(), 3u);
@@ -145,8 +139,8 @@ TEST_F(EvalData, MultiMemberGzipAndMultiStreamBzip2AreReadWhole) {
 }
 
 TEST_F(EvalData, CorruptTruncatedAndMislabelledArchivesAreOneClearError) {
-  const std::string gz = slurp(test::fixture("evals/compressed/mc.jsonl.gz"));
-  const std::string bz = slurp(test::fixture("evals/compressed/mc.jsonl.bz2"));
+  const std::string gz = test::read_file_bytes(test::fixture("evals/compressed/mc.jsonl.gz"));
+  const std::string bz = test::read_file_bytes(test::fixture("evals/compressed/mc.jsonl.bz2"));
   ASSERT_GT(gz.size(), 40u);
   ASSERT_GT(bz.size(), 40u);
   const auto mc = TaskType::MultipleChoice;
@@ -186,11 +180,11 @@ TEST_F(EvalData, CorruptTruncatedAndMislabelledArchivesAreOneClearError) {
 }
 
 TEST_F(EvalData, CliCorruptGzipIsOneLineNamingTheFile) {
-  std::string gz = slurp(test::fixture("evals/compressed/mc.jsonl.gz"));
+  std::string gz = test::read_file_bytes(test::fixture("evals/compressed/mc.jsonl.gz"));
   gz.resize(gz.size() / 2);
   const auto name = path("half';.jsonl.gz");
   write(name, gz);
-  expect_one_line_error(moelab({"eval", "--task", "multiple_choice", "--data", name, "--convert-to", path("o.jsonl")}),
+  expect_one_line_error(moelab({"eval", "--tasks", "multiple_choice", "--data", name, "--convert-to", path("o.jsonl")}),
                         name + ": truncated gzip data (the compressed stream ends early)");
 }
 
@@ -231,14 +225,14 @@ TEST_F(EvalData, RunProcessPassesArgumentsVerbatimAndReportsStatus) {
     const InDirectory in_tmp(tmp);
     EXPECT_EQ(run_process({"printf", "%s|%s", nasty, "second arg"}, {.stdout_path = out}), 0);
   }
-  EXPECT_EQ(slurp(out), nasty + "|second arg");
+  EXPECT_EQ(test::read_file_bytes(out), nasty + "|second arg");
   EXPECT_FALSE(fs::exists(tmp / "PWNED"));
   EXPECT_FALSE(fs::exists(tmp / "PWNED2"));
 
   EXPECT_EQ(run_process({"sh", "-c", "exit 3"}), 3);
   EXPECT_EQ(run_process({"sh", "-c", "kill -TERM $$"}), 128 + 15);
   EXPECT_EQ(run_process({"sh", "-c", "echo to-stderr >&2; echo to-stdout"}, {.stdout_path = "/dev/null", .stderr_path = out}), 0);
-  EXPECT_EQ(slurp(out), "to-stderr\n");
+  EXPECT_EQ(test::read_file_bytes(out), "to-stderr\n");
   try {
     run_process({"/nonexistent/moelab-no-such-program", "x"});
     ADD_FAILURE() << "no error for a missing program";
@@ -268,12 +262,12 @@ TEST_F(EvalData, DemoPlotsIntoAnOutputFolderWhoseNameHasShellSyntax) {
   Run r{};
   {
     const InDirectory in_tmp(tmp);  // a shell would have run touch here
-    r = moelab({"demo", "--model", test::model_dir("mixtral-4e-gqa-f32"), "--corpus", (tmp / "heldout.jsonl").string(), "--out",
+    r = moelab({"demo", "--model", test::model_dir("mixtral-4e-gqa-f32"), "--corpus", (tmp / "heldout.jsonl").string(), "--output",
                 out, "--max-new-tokens", "4", "--hellaswag-items", "3", "--threads", "1"});
   }
   ASSERT_EQ(r.status, 0) << r.out << r.err;
   EXPECT_FALSE(fs::exists(tmp / "PWNED"));
-  const auto index = json::parse(slurp(tmp / out / "index.json"));
+  const auto index = json::parse(test::read_file_bytes(tmp / out / "index.json"));
   std::set<std::string> plots;
   for (const auto& p : index["plots"]) plots.insert(fs::path(p.get<std::string>()).filename().string());
   EXPECT_EQ(plots, (std::set<std::string>{"coselection_layer0.png", "expert_load_by_domain.png", "load_heatmap.png",
@@ -622,26 +616,26 @@ TEST_F(EvalData, ReportedScoresFileIsCheckedEntryByEntry) {
 
 TEST_F(EvalData, CliRejectsNegativeCountsAndBadRecordsInOneLine) {
   const auto data = test::fixture("evals/compressed/mc.jsonl");
-  expect_one_line_error(moelab({"eval", "--task", "multiple_choice", "--data", data, "--shots", "-3"}),
-                        "eval: --shots must be 0 or more (got -3)");
-  expect_one_line_error(moelab({"eval", "--task", "multiple_choice", "--data", data, "--shots", "-1"}),
-                        "eval: --shots must be 0 or more (got -1)");
-  expect_one_line_error(moelab({"eval", "--task", "multiple_choice", "--data", data, "--limit", "-1"}),
-                        "eval: --limit must be 0 (all documents) or more (got -1)");
-  expect_one_line_error(moelab({"eval", "--task", "generate", "--data", data, "--repeats", "-2"}),
+  expect_one_line_error(moelab({"eval", "--tasks", "multiple_choice", "--data", data, "--num-fewshot", "-3"}),
+                        "eval: --num-fewshot must be 0 or more, or -1 for each task's default (got -3)");
+  expect_one_line_error(moelab({"eval", "--tasks", "multiple_choice", "--data", data, "--num-fewshot", "-2"}),
+                        "eval: --num-fewshot must be 0 or more, or -1 for each task's default (got -2)");
+  expect_one_line_error(moelab({"eval", "--tasks", "multiple_choice", "--data", data, "--limit", "-1"}),
+                        "eval: --limit must be a count of documents (0: all) or a fraction below 1, got '-1'");
+  expect_one_line_error(moelab({"eval", "--tasks", "generate", "--data", data, "--repeats", "-2"}),
                         "eval: --repeats must be 1 or more (got -2)");
-  expect_one_line_error(moelab({"eval", "--task", "generate", "--data", data, "--repeats", "0"}),
+  expect_one_line_error(moelab({"eval", "--tasks", "generate", "--data", data, "--repeats", "0"}),
                         "eval: --repeats must be 1 or more (got 0)");
   const auto bad = path("bad.jsonl");
   write(bad, "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 1099511627776}\n");
-  expect_one_line_error(moelab({"eval", "--task", "multiple_choice", "--data", bad, "--convert-to", path("o.jsonl")}),
+  expect_one_line_error(moelab({"eval", "--tasks", "multiple_choice", "--data", bad, "--convert-to", path("o.jsonl")}),
                         bad + ":1: field \"gold\": 1099511627776 is out of range (expected 0..1 for 2 choices)");
   // Checked before any model loads: a missing model does not hide the data error.
-  expect_one_line_error(moelab({"eval", "--model", path("no-model"), "--task", "multiple_choice", "--data", bad}),
+  expect_one_line_error(moelab({"eval", "--model", path("no-model"), "--tasks", "multiple_choice", "--data", bad}),
                         bad + ":1: field \"gold\": 1099511627776 is out of range (expected 0..1 for 2 choices)");
   const auto hs = path("hs.jsonl");
   write(hs, "{\"activity_label\": \"A\", \"ctx_a\": \"b\", \"ctx_b\": \"c\", \"endings\": [\"1\", \"2\"], \"label\": \"one\"}\n");
-  expect_one_line_error(moelab({"eval", "--task", "hellaswag", "--data", hs, "--convert-to", path("o.jsonl")}),
+  expect_one_line_error(moelab({"eval", "--tasks", "hellaswag", "--data", hs, "--convert-to", path("o.jsonl")}),
                         hs + ":1: field \"label\": expected an integer label, got \"one\"");
 }
 

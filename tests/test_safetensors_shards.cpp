@@ -16,16 +16,12 @@
 #include "core/safetensors.hpp"
 #include "core/safetensors_shards.hpp"
 #include "core/safetensors_writer.hpp"
+#include "process_util.hpp"
 
 namespace moelab::test {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
 
 struct Scratch {
   fs::path dir = fs::temp_directory_path() / ("moelab-shards-" + std::to_string(::getpid()) + "-" +
@@ -65,7 +61,7 @@ TEST(SafetensorsShards, OneShardIsByteIdenticalToTheInMemoryWriter) {
   SafetensorsShardWriter w(s.dir / "out", int64_t(1) << 30, meta);
   for (const auto& t : ts) w.add(t);
   w.finish();
-  EXPECT_EQ(slurp(s.dir / "out" / "model.safetensors"), slurp(s.dir / "expected.safetensors"));
+  EXPECT_EQ(read_file_bytes(s.dir / "out" / "model.safetensors"), read_file_bytes(s.dir / "expected.safetensors"));
   // Nothing else is left in the folder: no spill file, no index, no parts.
   EXPECT_EQ(std::distance(fs::directory_iterator(s.dir / "out"), fs::directory_iterator{}), 1);
 }
@@ -81,7 +77,7 @@ TEST(SafetensorsShards, SeveralShardsHoldEveryTensorOnceAndTheIndexNamesIt) {
     for (const auto& t : ts) n += int64_t(t.data.size());
     return n;
   }());
-  const auto index = nlohmann::json::parse(slurp(s.dir / "model.safetensors.index.json"));
+  const auto index = nlohmann::json::parse(read_file_bytes(s.dir / "model.safetensors.index.json"));
   EXPECT_EQ(index["metadata"]["total_size"].get<int64_t>(), w.total_bytes());
   std::set<std::string> shards;
   for (const auto& t : ts) {

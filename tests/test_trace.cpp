@@ -38,6 +38,7 @@
 #include "core/tokenizer.hpp"
 #include "fixture_util.hpp"
 #include "reference/model.hpp"
+#include "process_util.hpp"
 
 namespace moelab::test {
 namespace {
@@ -77,13 +78,6 @@ class TempDir {
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
   out << text;
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 // Expects `f` to throw moelab::Error whose message contains every needle.
@@ -426,7 +420,7 @@ TEST(TraceAppend, NonTraceFilesAreNeverOverwritten) {
   const auto text = tmp.file("notes.h5");
   write_text(text, "my notes");
   expect_error([&] { TraceWriter w(text, small_header(false)); }, {text, "not an HDF5 file"});
-  EXPECT_EQ(slurp(text), "my notes");
+  EXPECT_EQ(read_file_bytes(text), "my notes");
   const auto other = tmp.file("other.h5");
   H5Fclose(H5Fcreate(other.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
   expect_error([&] { TraceWriter w(other, small_header(false)); }, {other, "not a moelab trace"});
@@ -594,7 +588,11 @@ TEST(TraceCrash, AppendingToACrashedTraceRecovers) {
 // Starts a writer that flushes after every sequence and reports each committed count on a pipe, waits
 // for `wait_for` commits, lets it run `delay_us` more, and SIGKILLs it. Returns the last count reported;
 // the writer may die between committing and reporting, so the file may hold one more.
-int32_t kill_busy_writer(const std::string& path, const TraceHeader& h, int wait_for, unsigned delay_us,
+// The kill comes `cycle_fraction` of one commit cycle after the writer reports sequence `wait_for` committed;
+// the cycle is measured from the writer's own reports, so the kills spread over its write-flush-commit
+// cycle whatever the build's speed (a sanitizer build is several times slower: fixed microsecond delays
+// then all landed before the next flush began).
+int32_t kill_busy_writer(const std::string& path, const TraceHeader& h, int wait_for, double cycle_fraction,
                          int64_t chunk_tokens = 64) {
   int fds[2];
   if (::pipe(fds) != 0) throw std::runtime_error("pipe");
@@ -615,9 +613,13 @@ int32_t kill_busy_writer(const std::string& path, const TraceHeader& h, int wait
   }
   ::close(fds[1]);
   int32_t last = 0;
+  std::chrono::steady_clock::time_point first_report, last_report;
   while (last < wait_for && ::read(fds[0], &last, sizeof last) == sizeof last) {
+    last_report = std::chrono::steady_clock::now();
+    if (last == 1) first_report = last_report;
   }
-  std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+  const auto cycle = last > 1 ? (last_report - first_report) / (last - 1) : std::chrono::steady_clock::duration{};
+  std::this_thread::sleep_for(std::chrono::duration_cast<std::chrono::nanoseconds>(cycle * cycle_fraction));
   ::kill(pid, SIGKILL);
   int status = 0;
   ::waitpid(pid, &status, 0);
@@ -651,7 +653,7 @@ TEST(TraceCrash, KilledAtRandomMomentsTheFileStaysConsistent) {
     SCOPED_TRACE("trial " + std::to_string(trial));
     const auto path = tmp.file("t" + std::to_string(trial % 8) + ".h5");
     fs::remove(path);
-    const int32_t last = kill_busy_writer(path, h, 3 + (trial % 6) * 7, rng() % 3000);
+    const int32_t last = kill_busy_writer(path, h, 3 + (trial % 6) * 7, double(rng() % 1000) / 1000);
 
     TraceData got;
     bool repaired = false;
@@ -690,7 +692,7 @@ TEST(TraceCrash, TornIndexBlockIsSalvagedByRepair) {
   const auto path = tmp.file("t.h5");
   const auto h = small_header(true);
   const int32_t last = kill_busy_writer(path, h, 40, 0, /*chunk_tokens=*/16);
-  std::string bytes = slurp(path);
+  std::string bytes = read_file_bytes(path);
   const size_t block = bytes.rfind("EADB");  // an extensible-array data block: chunk addresses
   ASSERT_NE(block, std::string::npos) << "no chunk-index data block; the test needs a longer trace";
   bytes[block + 24] = char(bytes[block + 24] ^ 0x5a);
@@ -834,7 +836,7 @@ CliRun moelab(const TempDir& tmp, const std::string& args) {
   const auto out = tmp.file("stdout.txt"), err = tmp.file("stderr.txt");
   const std::string cmd = std::string(MOELAB_BIN) + " " + args + " >" + out + " 2>" + err;
   const int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, read_file_bytes(out), read_file_bytes(err)};
 }
 
 void expect_one_line_error(const CliRun& r, const std::vector<std::string>& needles) {
@@ -853,13 +855,13 @@ TEST(TraceCli, WindowsDomainsAppendAndTimings) {
   write_text(tmp.file("mit.txt"), text);
   write_text(tmp.file("more.jsonl"), "{\"text\": \"int main() { return 0; }\", \"domain\": \"code\"}\n");
   const auto out = tmp.file("t.h5");
-  auto r = moelab(tmp, fmt::format("trace --model {} --input {} --domain license --out {} --window 16 --router-logits "
+  auto r = moelab(tmp, fmt::format("trace --model {} --input {} --domain license --output {} --window 16 --router-logits "
                                    "--timings",
                                    model, tmp.file("mit.txt"), out));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("wrote " + out), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("attention ms"), std::string::npos) << r.out;
-  const auto timings = nlohmann::json::parse(slurp(tmp.file("t.timings.json")));
+  const auto timings = nlohmann::json::parse(read_file_bytes(tmp.file("t.timings.json")));
   EXPECT_EQ(timings["format"], "moelab-timings-v1");
   EXPECT_EQ(timings["phases"]["trace"]["layers"].size(), 2u);
 
@@ -873,7 +875,7 @@ TEST(TraceCli, WindowsDomainsAppendAndTimings) {
   ref::Model<float> engine(*ck);
   for (int64_t s = 0; s < got.num_sequences(); ++s) expect_window_matches_forward(got, s, engine, true);
 
-  r = moelab(tmp, fmt::format("trace --model {} --input {} --out {} --router-logits --max-tokens 5", model,
+  r = moelab(tmp, fmt::format("trace --model {} --input {} --output {} --router-logits --max-tokens 5", model,
                               tmp.file("more.jsonl"), out));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("appended to " + out), std::string::npos) << r.out;
@@ -887,36 +889,36 @@ TEST(TraceCli, BadInputsAreOneLineErrors) {
   TempDir tmp;
   const auto model = model_dir("mixtral-4e-gqa-f32");
   write_text(tmp.file("bad.jsonl"), "{\"text\": \"fine\"}\n{\"txt\": \"oops\"}\n");
-  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --out {}", model, tmp.file("bad.jsonl"),
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {}", model, tmp.file("bad.jsonl"),
                                                 tmp.file("t.h5"))),
                         {tmp.file("bad.jsonl") + ":2", "text"});
   EXPECT_FALSE(fs::exists(tmp.file("t.h5"))) << "nothing is written when the inputs are bad";
-  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --out {}", model, tmp.file("nope.txt"),
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {}", model, tmp.file("nope.txt"),
                                                 tmp.file("t.h5"))),
                         {tmp.file("nope.txt")});
   write_text(tmp.file("a.txt"), "hello");
-  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --domain x --domain y --out {}", model,
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --domain x --domain y --output {}", model,
                                                 tmp.file("a.txt"), tmp.file("t.h5"))),
                         {"2 --domain", "1 --input"});
   // A trace of one model, then an append with another.
-  ASSERT_EQ(moelab(tmp, fmt::format("trace --model {} --input {} --out {}", model, tmp.file("a.txt"), tmp.file("t.h5"))).exit_code, 0);
-  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --out {}", model_dir("mixtral-8e-bf16-sharded"),
+  ASSERT_EQ(moelab(tmp, fmt::format("trace --model {} --input {} --output {}", model, tmp.file("a.txt"), tmp.file("t.h5"))).exit_code, 0);
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {}", model_dir("mixtral-8e-bf16-sharded"),
                                                 tmp.file("a.txt"), tmp.file("t.h5"))),
                         {tmp.file("t.h5"), "another model"});
   EXPECT_EQ(analysis::read_trace(tmp.file("t.h5")).num_sequences(), 1);
-  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --out {} --router-logits",
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {} --router-logits",
                                                 model_dir("mistral-dense"), tmp.file("a.txt"), tmp.file("d.h5"))),
                         {"--router-logits", "MoE"});
 }
 
 TEST(TraceCli, ProfilePrintsPrefillAndDecode) {
   TempDir tmp;
-  const auto r = moelab(tmp, fmt::format("profile --model {} --tokens 20 --decode 3 --repeat 2 --json {}",
+  const auto r = moelab(tmp, fmt::format("profile --model {} --n-prompt 20 --n-gen 3 --repetitions 2 --json {}",
                                          model_dir("mixtral-4e-gqa-f32"), tmp.file("p.json")));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("prefill: 2 calls, 40 tokens"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("decode: 6 calls, 6 tokens"), std::string::npos) << r.out;
-  const auto j = nlohmann::json::parse(slurp(tmp.file("p.json")));
+  const auto j = nlohmann::json::parse(read_file_bytes(tmp.file("p.json")));
   EXPECT_EQ(j["phases"]["prefill"]["tokens"], 40);
   EXPECT_EQ(j["phases"]["decode"]["calls"], 6);
 }
@@ -974,8 +976,8 @@ Spawned spawn_moelab(const TempDir& tmp, const std::vector<std::string>& args, d
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (!r.timed_out && WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
   if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
-  r.out = slurp(out);
-  r.err = slurp(err);
+  r.out = read_file_bytes(out);
+  r.err = read_file_bytes(err);
   return r;
 }
 
@@ -1033,7 +1035,7 @@ TEST(TraceWriteError, FileSizeLimitEndsInOneLineAndKeepsWhatWasFlushed) {
   TempDir tmp;
   write_text(tmp.file("in.txt"), long_text(30000, 7));
   const std::vector<std::string> common{"trace", "--model", model_dir("mixtral-4e-gqa-f32"), "--input", tmp.file("in.txt"),
-                                        "--router-logits", "--window", "64", "--out"};
+                                        "--router-logits", "--window", "64", "--output"};
   auto args = common;
   args.push_back(tmp.file("full.h5"));
   const auto whole = spawn_moelab(tmp, args, 300);
@@ -1068,7 +1070,7 @@ TEST(TraceWriteError, FullFilesystemEndsInOneLineAndKeepsWhatWasFlushed) {
   write_text(tmp.file("in.txt"), long_text(40000, 8));
   const auto out = dir + "/t.h5";
   const auto r = spawn_moelab(tmp, {"trace", "--model", model_dir("mixtral-4e-gqa-f32"), "--input", tmp.file("in.txt"),
-                                    "--router-logits", "--window", "64", "--out", out},
+                                    "--router-logits", "--window", "64", "--output", out},
                               300);
   expect_clean_failure(r, {out, "No space left on device", "flushed before the error are kept"});
   EXPECT_EQ(r.err.find("HDF5-DIAG"), std::string::npos) << r.err;
@@ -1223,7 +1225,7 @@ TEST(TraceCorrupt, OldVariableLengthStringsStillRead) {
   }
   const auto before = analysis::read_trace(path);
   make_strings_variable_length(path);
-  ASSERT_NE(slurp(path).find("GCOL"), std::string::npos) << "no global heap: the strings are not variable-length";
+  ASSERT_NE(read_file_bytes(path).find("GCOL"), std::string::npos) << "no global heap: the strings are not variable-length";
   const auto after = analysis::read_trace(path);
   EXPECT_EQ(after.attributes, before.attributes);
   EXPECT_EQ(after.domain_names, before.domain_names);
@@ -1249,7 +1251,7 @@ TEST(TraceCorrupt, DamagedStringHeapIsAClearErrorNotAHang) {
     add(w, make_sequence(1, 5, h, 0));
   }
   make_strings_variable_length(good);
-  const std::string bytes = slurp(good);
+  const std::string bytes = read_file_bytes(good);
   const size_t heap = bytes.find("GCOL");
   ASSERT_NE(heap, std::string::npos);
   const auto put64 = [](std::string& b, size_t at, uint64_t v) {
@@ -1289,7 +1291,7 @@ TEST(TraceCorrupt, TruncatedFilesAreClearErrors) {
     TraceWriter w(good, h, TraceWriterOptions{.chunk_tokens = 16});
     for (int i = 0; i < 20; ++i) add(w, crash_sequence(i, h));
   }
-  const std::string bytes = slurp(good);
+  const std::string bytes = read_file_bytes(good);
   for (const size_t keep : {size_t(0), size_t(7), size_t(100), size_t(2048), size_t(4096), bytes.size() / 3,
                             bytes.size() / 2, bytes.size() - 4096, bytes.size() - 1}) {
     SCOPED_TRACE("first " + std::to_string(keep) + " of " + std::to_string(bytes.size()) + " bytes");
@@ -1303,7 +1305,7 @@ TEST(TraceCorrupt, TruncatedFilesAreClearErrors) {
   // end-of-file check): it reads, or fails in one line; never a crash or a hang.
   const auto crashed = tmp.file("crashed.h5");
   kill_busy_writer(crashed, h, 30, 0, /*chunk_tokens=*/16);
-  const std::string cbytes = slurp(crashed);
+  const std::string cbytes = read_file_bytes(crashed);
   for (const size_t keep : {size_t(4096), cbytes.size() / 3, cbytes.size() / 2, cbytes.size() - 4096, cbytes.size() - 1}) {
     SCOPED_TRACE("crashed writer's file, first " + std::to_string(keep) + " of " + std::to_string(cbytes.size()) + " bytes");
     const auto path = tmp.file("cut.h5");
@@ -1327,7 +1329,7 @@ TEST(TraceCorrupt, NonRegularFilesAreRefused) {
     SCOPED_TRACE(path);
     for (const auto& args : {std::vector<std::string>{"stats", path}, std::vector<std::string>{"trace", "--repair", path},
                              std::vector<std::string>{"trace", "--model", model_dir("mixtral-4e-gqa-f32"), "--input",
-                                                      tmp.file("a.txt"), "--out", path}}) {
+                                                      tmp.file("a.txt"), "--output", path}}) {
       const auto r = spawn_moelab(tmp, args, 30);
       expect_clean_failure(r, {path});
     }

@@ -1,0 +1,91 @@
+#pragma once
+// Helpers the tests share for files and child processes: read a whole file, and run a program from an
+// argument vector (posix_spawn, no shell) with its stdout and stderr in files and a time limit.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace moelab::test {
+
+// The whole file as bytes ("" when it cannot be opened: the caller's assertion on the content says so).
+inline std::string read_file_bytes(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+struct ProgramRun {
+  int exit_code = -1;  // -1 when killed by a signal
+  int signal = 0;
+  bool timed_out = false;
+  std::string out, err;
+};
+
+// Starts argv[0] with argv (no shell, stdin from /dev/null); stdout and stderr go to the two files.
+// Returns the pid, or -1 when the program could not be started.
+inline pid_t spawn_program(const std::vector<std::string>& args, const std::filesystem::path& out_file,
+                           const std::filesystem::path& err_file) {
+  std::vector<std::string> all = args;
+  std::vector<char*> argv;
+  for (auto& a : all) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, out_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, 2, err_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  return rc == 0 ? pid : -1;
+}
+
+// Waits for `pid` at most `seconds` (then kills it and says so in timed_out), and reads its outputs.
+inline ProgramRun wait_program(pid_t pid, double seconds, const std::filesystem::path& out_file,
+                               const std::filesystem::path& err_file) {
+  ProgramRun r;
+  if (pid < 0) {
+    r.err = "could not start the program";
+    return r;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  int status = 0;
+  for (;;) {
+    const pid_t w = ::waitpid(pid, &status, WNOHANG);
+    if (w == pid) break;
+    if (std::chrono::steady_clock::now() > deadline) {
+      r.timed_out = true;
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
+  r.out = read_file_bytes(out_file);
+  r.err = read_file_bytes(err_file);
+  return r;
+}
+
+// spawn_program + wait_program with the outputs in `dir` (stdout.txt, stderr.txt).
+inline ProgramRun run_program(const std::vector<std::string>& args, const std::filesystem::path& dir,
+                              double seconds = 120) {
+  const auto out = dir / "stdout.txt", err = dir / "stderr.txt";
+  return wait_program(spawn_program(args, out, err), seconds, out, err);
+}
+
+}  // namespace moelab::test
