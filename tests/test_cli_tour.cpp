@@ -178,7 +178,9 @@ TEST_F(CliTour, EvalRunsSeveralTasksIntoOneResultsFileWithLmEvalSpellings) {
     SCOPED_TRACE(task);
     ASSERT_TRUE(j["results"].contains(task));
     for (const auto& [metric, value] : alone["results"][task].items())
-      if (value.is_number()) EXPECT_DOUBLE_EQ(j["results"][task][metric].get<double>(), value.get<double>()) << metric;
+      if (value.is_number()) {
+        EXPECT_DOUBLE_EQ(j["results"][task][metric].get<double>(), value.get<double>()) << metric;
+      }
     EXPECT_EQ(j["n-samples"][task], alone["n-samples"][task]);
     EXPECT_TRUE(j["configs"].contains(task));
     EXPECT_TRUE(j["versions"].contains(task));
