@@ -20,6 +20,7 @@
 
 #include "tests/ops/op_cases.hpp"
 #include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/layer_ops.hpp"
 #include "optimized/cpu/linear.hpp"
 #include "optimized/cpu/moe.hpp"
 #include "reference/model.hpp"
@@ -267,6 +268,61 @@ void BM_MoeLayerFp32Reference(benchmark::State& state) {
   state.SetItemsProcessed(int64_t(state.iterations()) * n);
 }
 
+// The decoder-layer ops (optimized/cpu/layer_ops.hpp) on the op table's benchmark rows (Mixtral shapes):
+// the same cases tests/ops/test_op_table.cpp runs against float64.
+MatrixRF random_rows(int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  MatrixRF m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
+  return m;
+}
+
+void BM_RmsNorm(benchmark::State& state, moelab::ops::NormCase c) {
+  const MatrixRF x = random_rows(c.n, c.dim, 1);
+  const Eigen::RowVectorXf w = random_rows(1, c.dim, 2).row(0);
+  MatrixRF out(c.n, c.dim);
+  for (auto _ : state) {
+    moelab::cpu::rms_norm(x, w, 1e-5f, out);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(int64_t(state.iterations()) * c.n);
+}
+
+void BM_Rope(benchmark::State& state, moelab::ops::RopeCase c) {
+  MatrixRF x = random_rows(c.n, int64_t(c.heads) * c.head_dim, 3);
+  const auto inv_freq = moelab::cpu::rope_inv_freq(c.theta, c.head_dim);
+  for (auto _ : state) {
+    moelab::cpu::rope(x, c.heads, c.head_dim, c.start, inv_freq);  // rotating again each time: same work
+    benchmark::DoNotOptimize(x.data());
+  }
+  state.SetItemsProcessed(int64_t(state.iterations()) * c.n);
+}
+
+// Bytes: the keys and values each query head group reads (decode is bound by reading the KV cache).
+void BM_Attention(benchmark::State& state, moelab::ops::AttentionCase c) {
+  const int64_t kv = int64_t(c.kv_heads) * c.head_dim, rows = c.start + c.n;
+  const MatrixRF q = random_rows(c.n, int64_t(c.heads) * c.head_dim, 4), k = random_rows(rows, kv, 5), v = random_rows(rows, kv, 6);
+  MatrixRF out(c.n, int64_t(c.heads) * c.head_dim);
+  for (auto _ : state) {
+    moelab::cpu::attention(q, k, v, c.start, c.heads, c.kv_heads, c.head_dim, c.window, out, &moelab::cpu::default_pool());
+    benchmark::DoNotOptimize(out.data());
+  }
+  set_bandwidth_counters(state, 2 * rows * kv * int64_t(sizeof(float)));
+  state.SetItemsProcessed(int64_t(state.iterations()) * c.n);
+}
+
+void BM_RouterTopK(benchmark::State& state, moelab::ops::RouterCase c) {
+  const MatrixRF logits = random_rows(c.n, c.experts, 7);
+  MatrixRI experts;
+  MatrixRF gates;
+  for (auto _ : state) {
+    moelab::cpu::route_top_k(logits, c.top_k, experts, gates);
+    benchmark::DoNotOptimize(gates.data());
+  }
+  state.SetItemsProcessed(int64_t(state.iterations()) * c.n);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -300,6 +356,20 @@ int main(int argc, char** argv) {
       benchmark::RegisterBenchmark((std::string("Nf4GemvTokens/") + s.name).c_str(), BM_Nf4GemvTokens, s)
           ->Arg(1)->Arg(2)->Arg(4)->Unit(benchmark::kMicrosecond)->UseRealTime();
   benchmark::RegisterBenchmark("Nf4Dequantize/64x4096", BM_Nf4Dequantize)->UseRealTime();
+  for (const auto& c : moelab::ops::kNormCases)
+    if (c.benchmark)
+      benchmark::RegisterBenchmark((std::string("RmsNorm/") + c.name).c_str(), BM_RmsNorm, c)->Unit(benchmark::kMicrosecond)->UseRealTime();
+  for (const auto& c : moelab::ops::kRopeCases)
+    if (c.benchmark)
+      benchmark::RegisterBenchmark((std::string("Rope/") + c.name).c_str(), BM_Rope, c)->Unit(benchmark::kMicrosecond)->UseRealTime();
+  for (const auto& c : moelab::ops::kAttentionCases)
+    if (c.benchmark)
+      benchmark::RegisterBenchmark((std::string("Attention/") + c.name).c_str(), BM_Attention, c)
+          ->Unit(benchmark::kMicrosecond)->UseRealTime();
+  for (const auto& c : moelab::ops::kRouterCases)
+    if (c.benchmark)
+      benchmark::RegisterBenchmark((std::string("RouterTopK/") + c.name).c_str(), BM_RouterTopK, c)
+          ->Unit(benchmark::kMicrosecond)->UseRealTime();
   benchmark::RegisterBenchmark("MoeLayer/nf4", BM_MoeLayerNf4)->Arg(1)->Arg(8)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("MoeLayer/fp32_reference", BM_MoeLayerFp32Reference)
       ->Arg(1)->Arg(8)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();

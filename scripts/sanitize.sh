@@ -3,7 +3,7 @@
 #
 #   scripts/sanitize.sh [CTEST_REGEX]          AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
 #   scripts/sanitize.sh --tsan [CTEST_REGEX]   ThreadSanitizer (build-tsan/), default regex:
-#                                              'CpuEngine|Q8|ThreadPool|CpuKernels' (the cpu-nf4 tests)
+#                                              'CpuEngine|Q8|ThreadPool|OpTable' (the cpu-nf4 tests)
 #
 # ASan+UBSan: the default compiler, RelWithDebInfo, -fsanitize=address,undefined -fno-omit-frame-pointer,
 # UB fatal (-fno-sanitize-recover), leak detection on, MOELAB_CUDA=OFF; builds moelab_tests, the CLI
@@ -42,7 +42,7 @@ if [[ $mode == asan ]]; then
   export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$supp/lsan.supp:print_suppressions=0}
 else
   build=build-tsan
-  regex=${regex:-'CpuEngine|Q8|ThreadPool|CpuKernels'}
+  regex=${regex:-'CpuEngine|Q8|ThreadPool|OpTable'}
   # clang, its TSan runtime and LLVM's OpenMP with Archer: installed here when missing, as fuzz.sh does
   # (the default setup never needs clang).
   if ! command -v clang++ >/dev/null || ! ls /usr/lib/llvm-*/lib/libarcher.so >/dev/null 2>&1; then
