@@ -1,11 +1,12 @@
 #pragma once
-// Files that ship with moelab's source tree (the default model, eval slices, reported scores, plot
-// scripts), found from the build's compile-time knowledge of where that tree is.
+// Files that ship with moelab (the default model, eval slices, reported scores, plot scripts): under
+// <prefix>/share/moelab for an installed binary (`cmake --install`), else in the source tree the build
+// came from (known at compile time).
 #include <string>
 
 namespace moelab::cli {
 
-// <source tree>/rel, e.g. bundled_path("evals/data/hellaswag-val-200.txt").
+// <bundled root>/rel, e.g. bundled_path("evals/data/hellaswag-val-200.txt").
 std::string bundled_path(const std::string& rel);
 
 }  // namespace moelab::cli

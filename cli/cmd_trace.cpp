@@ -15,6 +15,7 @@
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
 #include "cli/options.hpp"
+#include "cli/throughput_table.hpp"
 #include "cli/trace_run.hpp"
 #include "core/checkpoint.hpp"
 #include "core/clock.hpp"
@@ -91,7 +92,7 @@ void run_trace(TraceArgs& a) {
 }
 
 struct ProfileArgs {
-  std::string model, text, json_out, synthetic;
+  std::string model, text, json_out, synthetic, format = "text";
   int tokens = 0, decode = 16, repeat = 3, warmup = 1;
   uint64_t seed = 0;
   bool totals_only = false;
@@ -141,6 +142,8 @@ void run_profile(ProfileArgs& a) {
 
   analysis::TimingProbe prefill("prefill"), decode("decode");
   Progress progress("profile", int64_t(a.warmup + a.repeat));
+  ThroughputRow pp{.test = fmt::format("pp{}", prompt.size()), .n_prompt = int64_t(prompt.size())};
+  ThroughputRow tg{.test = fmt::format("tg{}", a.decode), .n_gen = a.decode};
   for (int run = 0; run < a.warmup + a.repeat; ++run) {
     const bool measured = run >= a.warmup;  // warm-up runs fill caches and are not counted
     engine->reset();
@@ -148,36 +151,51 @@ void run_profile(ProfileArgs& a) {
     // --totals-only: no probe, so engines that copy per-layer observations to the host run at full speed.
     // As a generation's prefill: the lm_head only for the row that is sampled (llama-bench does the same).
     MatrixRF logits = engine->forward_tail(prompt, int(prompt.size()) - 1, measured && !a.totals_only ? &prefill : nullptr);
-    if (measured) prefill.add_call(int64_t(prompt.size()), seconds_since(t0));
+    const double prefill_seconds = seconds_since(t0);
+    if (measured) prefill.add_call(int64_t(prompt.size()), prefill_seconds);
+    if (measured) pp.tokens_per_second.push_back(double(prompt.size()) / std::max(prefill_seconds, 1e-12));
+    double decode_seconds = 0;
     for (int step = 0; step < a.decode; ++step) {
       const int32_t next = argmax_last_row(logits);
       t0 = SteadyClock::now();
       logits = engine->forward(std::span<const int32_t>(&next, 1), measured && !a.totals_only ? &decode : nullptr);
-      if (measured) decode.add_call(1, seconds_since(t0));
+      const double s = seconds_since(t0);
+      decode_seconds += s;
+      if (measured) decode.add_call(1, s);
     }
+    if (measured && a.decode > 0) tg.tokens_per_second.push_back(double(a.decode) / std::max(decode_seconds, 1e-12));
     progress.advance();
   }
   progress.finish();
-  fmt::print("engine {}, model {}, prompt {} tokens, {} decode steps, {} measured runs after {} warm-up\n\n",
-             engine->name(), a.model, prompt.size(), a.decode, a.repeat, a.warmup);
-  // Without a probe there is no breakdown: print each phase's first line (calls, tokens, wall, tokens/s).
-  const auto shown = [&](const analysis::TimingReport& r) {
-    const std::string t = r.table();
-    return a.totals_only ? t.substr(0, t.find('\n') + 1) : t;
-  };
-  fmt::print("{}\n", shown(prefill.report()));
-  if (a.decode > 0) fmt::print("{}", shown(decode.report()));
+  std::vector<ThroughputRow> rows{pp};
+  if (a.decode > 0) rows.push_back(tg);
+  const ThroughputContext tctx{std::filesystem::path(a.model).filename().string(), engine->name(), a.eo.threads};
+  if (a.format == "md" || a.format == "csv") {  // the table alone, to paste or to parse
+    fmt::print("{}", a.format == "md" ? throughput_markdown(tctx, rows) : throughput_csv(tctx, rows));
+  } else {
+    fmt::print("engine {}, model {}, prompt {} tokens, {} decode steps, {} measured runs after {} warm-up\n\n",
+               engine->name(), a.model, prompt.size(), a.decode, a.repeat, a.warmup);
+    fmt::print("{}\n", throughput_text(tctx, rows));
+    // Without a probe there is no breakdown: print each phase's first line (calls, tokens, wall, tokens/s).
+    const auto shown = [&](const analysis::TimingReport& r) {
+      const std::string t = r.table();
+      return a.totals_only ? t.substr(0, t.find('\n') + 1) : t;
+    };
+    fmt::print("{}\n", shown(prefill.report()));
+    if (a.decode > 0) fmt::print("{}", shown(decode.report()));
+  }
   report_engine_counters(*engine);
   if (!a.json_out.empty()) {
     std::vector<const analysis::TimingReport*> phases{&prefill.report()};
     if (a.decode > 0) phases.push_back(&decode.report());
     nlohmann::json doc = timings_document(engine->name(), a.model, phases);
+    doc["throughput"] = throughput_json(rows);
     if (const auto c = expert_cache_counters(*engine))
       doc["expert_cache"] = {{"slots_per_layer", a.eo.gpu_expert_cache}, {"prefetch", a.eo.gpu_expert_prefetch},
                              {"hit_rate", c->hit_rate}, {"hits", c->hits}, {"prefetch_hits", c->prefetch_hits},
                              {"misses", c->misses}, {"prefetches", c->prefetches}, {"bytes_copied", c->bytes_copied}};
     write_file_atomic(a.json_out, doc.dump(2) + "\n");
-    fmt::print("wrote {}\n", a.json_out);
+    if (a.format == "text") fmt::print("wrote {}\n", a.json_out);
   }
 }
 
@@ -223,6 +241,10 @@ void register_profile_command(CLI::App& app) {
   cmd->add_option("-r,--repetitions", a.repeat, "Measured runs (prefill + decode)")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--warmup", a.warmup, "Unmeasured runs first")->capture_default_str()->check(CLI::NonNegativeNumber);
   add_json_option(*cmd, a.json_out);
+  cmd->add_option("--format", a.format, "How to print: text (throughput and the stage breakdown), md or csv "
+                                        "(llama-bench's throughput table: mean ± sample sd of tokens/s over the runs)")
+      ->check(CLI::IsMember({"text", "md", "csv"}))
+      ->capture_default_str();
   const auto count_alias = [cmd](const char* old_name, const char* new_name, int& field) {
     add_deprecated_alias(*cmd, old_name, new_name, [old_name, &field](const std::string& v) {
       if (!CLI::detail::lexical_cast(v, field) || field < 0)

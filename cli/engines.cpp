@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <thread>
 
+#include "cli/bundled.hpp"
 #include "cli/options.hpp"
 #include "core/error.hpp"
 #include "core/model_presets.hpp"
@@ -229,6 +230,6 @@ void report_engine_counters(const Engine& engine) {
                double(c->bytes_copied) / double(1ull << 30));
 }
 
-std::string default_model_dir() { return MOELAB_DEFAULT_MODEL; }
+std::string default_model_dir() { return bundled_path("models/default"); }
 
 }  // namespace moelab::cli

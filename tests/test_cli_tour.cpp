@@ -5,6 +5,7 @@
 // tasks into one results file and takes lm_eval's spellings.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -203,6 +204,54 @@ TEST_F(CliTour, EvalRunsSeveralTasksIntoOneResultsFileWithLmEvalSpellings) {
   const auto short_data = moelab({"eval", "-m", "/nonexistent", "--tasks", "multiple_choice,rolling", "--data", mc});
   EXPECT_EQ(short_data.exit_code, 1);
   EXPECT_NE(short_data.err.find("2 tasks need 2 --data files"), std::string::npos) << short_data.err;
+}
+
+// profile as llama-bench reports: pp/tg rows, mean ± sample sd over the runs; the CSV's avg_ts and
+// stddev_ts are recomputed here from its own samples_ts, and the JSON holds the same samples.
+TEST_F(CliTour, ProfilePrintsLlamaBenchTablesWithMeanAndSd) {
+  const std::vector<std::string> base{"profile", "-m", model_dir(kModel), "--engine", "cpu-nf4", "--n-prompt", "12",
+                                      "--n-gen", "5", "-r", "4", "--warmup", "0"};
+  auto csv_args = base;
+  csv_args.insert(csv_args.end(), {"--format", "csv", "--json", path("p.json")});
+  const auto csv = moelab(csv_args);
+  ASSERT_EQ(csv.exit_code, 0) << csv.err;
+  std::istringstream lines(csv.out);
+  std::string header, line;
+  std::getline(lines, header);
+  EXPECT_EQ(header, "model,engine,threads,test,n_prompt,n_gen,avg_ts,stddev_ts,samples_ts");
+  const json doc = json::parse(read_file_bytes(path("p.json")));
+  int rows = 0;
+  while (std::getline(lines, line)) {
+    SCOPED_TRACE(line);
+    const std::regex re(R"re(^mixtral-4e-gqa-f32,cpu-nf4,0,(pp12|tg5),(\d+),(\d+),([0-9.]+),([0-9.]+),"\[([^\]]*)\]"$)re");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(line, m, re));
+    const bool prompt = m[1] == "pp12";
+    EXPECT_EQ(std::stoi(m[2]), prompt ? 12 : 0);
+    EXPECT_EQ(std::stoi(m[3]), prompt ? 0 : 5);
+    std::vector<double> v;
+    std::istringstream samples(m[6].str());
+    for (std::string x; std::getline(samples, x, ',');) v.push_back(std::stod(x));
+    ASSERT_EQ(v.size(), 4u) << "one sample per measured run";
+    double mean = 0, ss = 0;
+    for (const double x : v) mean += x / 4;
+    for (const double x : v) ss += (x - mean) * (x - mean);
+    // Samples are printed to 6 significant digits: the recomputed figures agree to that.
+    EXPECT_NEAR(std::stod(m[4]), mean, 1e-5 * mean);
+    EXPECT_NEAR(std::stod(m[5]), std::sqrt(ss / 3), 1e-5 * mean);
+    const json& t = doc["throughput"][prompt ? 0 : 1];
+    EXPECT_EQ(t["test"], m[1].str());
+    EXPECT_NEAR(t["avg_ts"].get<double>(), mean, 1e-5 * mean);
+    ++rows;
+  }
+  EXPECT_EQ(rows, 2);
+  auto md_args = base;
+  md_args.insert(md_args.end(), {"--format", "md"});
+  const auto md = moelab(md_args);
+  ASSERT_EQ(md.exit_code, 0) << md.err;
+  EXPECT_EQ(md.out.rfind("| model | engine | threads | test | t/s |\n| --- | --- | ---: | ---: | ---: |\n", 0), 0u) << md.out;
+  EXPECT_TRUE(std::regex_search(md.out, std::regex(R"(\| mixtral-4e-gqa-f32 \| cpu-nf4 \| all \| tg5 \| [0-9.]+ ± [0-9.]+ \|)")))
+      << md.out;
 }
 
 TEST_F(CliTour, RedirectedLongWorkPrintsProgressLines) {
