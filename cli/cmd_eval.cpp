@@ -78,8 +78,10 @@ void register_eval(CLI::App& app) {
   add_deprecated_alias(*cmd, "--task", "--tasks", [](const std::string& v) { tasks.push_back(v); });
   cmd->add_option("--data", data, "Documents of each task, in --tasks order (repeat --data): normalized JSONL or the "
                                   "task's public form (.bz2/.gz read too)");
-  cmd->add_option("--fewshot-data", fewshot_data, "Few-shot split of each task, in --tasks order (default: --data, "
-                                                  "excluding the doc itself)");
+  cmd->add_option("--fewshot-data", fewshot_data, "Few-shot split of each task, in --tasks order: a file of the task's "
+                  "records, or a sparse slice (docs at their indices). Default: gsm8k the bundled slice of its train "
+                  "split (the 5-shot draws of the first 100 test docs, seed 1234); other tasks --data, excluding the "
+                  "doc itself");
   cmd->add_option("--num-fewshot,--num_fewshot", shots, "Few-shot examples (-1: each task's default)")
       ->capture_default_str();
   add_deprecated_alias(*cmd, "--shots", "--num-fewshot", [](const std::string& v) {

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 
@@ -23,7 +24,12 @@ EvalInputs read_eval_inputs(const EvalRequest& q) {
   EvalInputs in{.request = q, .spec = evals::task_spec(q.task)};
   in.shots = q.shots < 0 ? in.spec.default_shots : q.shots;
   in.docs = evals::read_docs(q.task, in.spec.type, q.data);
-  in.fewshot = q.fewshot_data.empty() ? in.docs : evals::read_docs(q.task, in.spec.type, q.fewshot_data);
+  in.fewshot_path = !q.fewshot_data.empty() ? q.fewshot_data
+                    : !in.spec.bundled_fewshot.empty() ? bundled_path(in.spec.bundled_fewshot) : "";
+  in.fewshot_eval_split = in.fewshot_path.empty();
+  std::string declared_split;
+  in.fewshot = in.fewshot_eval_split ? in.docs
+                                     : evals::read_fewshot_docs(q.task, in.spec.type, in.fewshot_path, &declared_split);
   // --reported is read after the run: a directory or FIFO there must fail now, not hours later.
   if (!q.reported.empty()) (void)read_regular_file(q.reported, "reported scores file", 64u << 20);
   in.original_docs = int64_t(in.docs.size());
@@ -31,6 +37,16 @@ EvalInputs read_eval_inputs(const EvalRequest& q) {
     in.docs.resize(size_t(std::ceil(double(in.docs.size()) * q.limit_fraction)));
   else if (q.limit > 0 && size_t(q.limit) < in.docs.size())
     in.docs.resize(size_t(q.limit));
+  in.fewshot_origin = evals::fewshot_origin(in.docs, in.fewshot, in.fewshot_eval_split, declared_split);
+  in.fewshot_note = evals::fewshot_protocol_difference(in.spec, in.shots, in.fewshot_origin);
+  // A sparse slice serves only the draws it was made for: try every draw now, before the model loads.
+  const bool sparse = std::any_of(in.fewshot.begin(), in.fewshot.end(), [](const evals::Doc& d) { return d.absent(); });
+  if (sparse && in.shots > 0 && in.fewshot.size() >= size_t(in.shots) &&
+      (in.spec.type == evals::TaskType::MultipleChoice || in.spec.type == evals::TaskType::Generate)) {
+    evals::PyRandom rnd(q.seed);
+    for (size_t i = 0; i < in.docs.size(); ++i)
+      (void)evals::fewshot_context(in.spec, in.docs[i], in.shots, in.fewshot, false, i, rnd);
+  }
   return in;
 }
 
@@ -38,7 +54,7 @@ EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& mo
   const auto& q = in.request;
   const auto& spec = in.spec;
   const int shots = in.shots;
-  const bool same_split = q.fewshot_data.empty();
+  const bool same_split = in.fewshot_eval_split;
   const auto codec = evals::TextCodec::from(tok);
 
   evals::RunOptions ro;
@@ -74,8 +90,11 @@ EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& mo
       rs = fmt::format("{:.1f}", rep->score);
       diff = fmt::format("{:+.1f}", 100 * v - rep->score);
       if (rep->shots != shots || rep->metric != metric)
-        note = fmt::format("protocols differ: reported {}-shot {} (table {})",
-                           rep->shots < 0 ? std::string("?") : std::to_string(rep->shots), rep->metric, rep->table);
+        note = fmt::format("protocols differ: reported {}-shot {} (table {}){}",
+                           rep->shots < 0 ? std::string("?") : std::to_string(rep->shots), rep->metric, rep->table,
+                           in.fewshot_note.empty() ? "" : "; " + in.fewshot_note);
+      else if (!in.fewshot_note.empty())
+        note = fmt::format("protocols differ: {} (table {})", in.fewshot_note, rep->table);
       else
         note = fmt::format("table {}; their pipeline, not lm-eval", rep->table);
     }
@@ -85,6 +104,9 @@ EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& mo
                      diff, note);
   }
   t += fmt::format("{} documents, {}-shot, engine {}, {:.1f} s\n", r.n, shots, engine.name(), r.seconds);
+  if (!in.fewshot_note.empty())
+    t += fmt::format("note: {}; few-shot data: {}\n", in.fewshot_note,
+                     in.fewshot_path.empty() ? "--data (no --fewshot-data)" : in.fewshot_path);
   for (const auto& w : r.warnings) t += fmt::format("note: {}\n", w);
 
   o.results_json = evals::results_json(r, spec, evals::RunInfo{model_dir, engine.name(), q.data, shots, q.limit, q.seed,
@@ -93,6 +115,7 @@ EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& mo
   if (rep)  // keyed by task, as the harness's own per-task fields are
     o.results_json["reported"][q.task] = {{"score", rep->score}, {"shots", rep->shots}, {"metric", rep->metric},
                                           {"source", rep->source}};
+  if (rep && !in.fewshot_note.empty()) o.results_json["reported"][q.task]["protocol_differs"] = in.fewshot_note;
   return o;
 }
 

@@ -34,13 +34,19 @@ struct EvalOutcome {
 };
 
 // The request's documents, read and checked (any form the converters take) before a model is loaded, so
-// that bad data fails in seconds.
+// that bad data fails in seconds; so does a few-shot draw that a sparse slice cannot serve.
 struct EvalInputs {
   EvalRequest request;
   evals::TaskSpec spec;
   int shots = 0;
   std::vector<evals::Doc> docs, fewshot;
   int64_t original_docs = 0;  // before the limit
+  // Few-shot examples: --fewshot-data, else the task's bundled slice of the harness's few-shot split
+  // (gsm8k: evals/data/gsm8k-train-fewshot.jsonl), else the evaluated docs (each doc's own dropped).
+  std::string fewshot_path;  // "" when drawn from the evaluated docs
+  bool fewshot_eval_split = false;
+  evals::FewshotOrigin fewshot_origin;
+  std::string fewshot_note;  // how that differs from the harness's protocol ("" when it does not)
 };
 EvalInputs read_eval_inputs(const EvalRequest& request);
 

@@ -676,7 +676,15 @@ Doc from_record(const std::string& task, TaskType type, const json& j) {
 
 }  // namespace
 
-std::vector<Doc> read_docs(const std::string& task, TaskType type, const std::string& path) {
+namespace {
+
+constexpr uint64_t kMaxSparseTotal = 100'000'000;  // a header's "total": placeholders are allocated for it
+
+bool is_sparse_header(const json& j) { return j.is_object() && j.contains("split") && j.contains("total"); }
+
+// read_docs and read_fewshot_docs: JSONL records, or (allow_sparse) a sparse slice placed at its indices.
+std::vector<Doc> read_records(const std::string& task, TaskType type, const std::string& path, bool allow_sparse,
+                              std::string* split_out) {
   const std::string content = read_all(path);
   const std::string base = strip_compression(path);
   if (ends_with(base, ".txt")) {
@@ -685,6 +693,10 @@ std::vector<Doc> read_docs(const std::string& task, TaskType type, const std::st
     throw Error(fmt::format("{}: a .txt file is read only for hellaswag (6-line form) and rolling tasks", path));
   }
   std::vector<Doc> docs;
+  bool first = true, sparse = false;
+  std::string split;
+  uint64_t total = 0;
+  std::vector<size_t> indices;  // sparse: each record's index in the full split
   size_t line_no = 0;
   for (size_t start = 0; start < content.size();) {
     size_t e = content.find('\n', start);
@@ -702,14 +714,62 @@ std::vector<Doc> read_docs(const std::string& task, TaskType type, const std::st
       throw Error(fmt::format("{}:{}: not valid JSON: {}", path, line_no, what));
     }
     try {
-      docs.push_back(from_record(task, type, j));
+      if (first && is_sparse_header(j)) {
+        if (!allow_sparse)
+          throw Error("this is a sparse slice of a split (a header with \"split\" and \"total\"): only few-shot "
+                      "examples are drawn from one; pass it with --fewshot-data");
+        split = get_string(j, "split");
+        if (split.empty()) field_error("split", "expected a split name, got \"\"");
+        const json& t = need(j, "total");
+        if (!t.is_number_unsigned() || t.get<uint64_t>() == 0 || t.get<uint64_t>() > kMaxSparseTotal)
+          field_error("total", fmt::format("expected the split's size, an integer 1..{}, got {}", kMaxSparseTotal, show(t)));
+        total = t.get<uint64_t>();
+        sparse = true;
+        first = false;
+        continue;
+      }
+      first = false;
+      if (sparse) {
+        if (!j.is_object()) throw Error(fmt::format("a record must be a JSON object, got {} {}", j.type_name(), show(j)));
+        const json& v = need(j, "index");
+        if (!v.is_number_unsigned() || v.get<uint64_t>() >= total)
+          field_error("index", fmt::format("expected the record's index in the {} split, an integer 0..{}, got {}", split,
+                                           total - 1, show(v)));
+        const size_t i = size_t(v.get<uint64_t>());
+        if (!indices.empty() && i <= indices.back())
+          field_error("index", fmt::format("{} is not above the previous record's {} (indices must increase)", i,
+                                           indices.back()));
+        json rec = j;
+        rec.erase("index");
+        docs.push_back(from_record(task, type, rec));
+        indices.push_back(i);
+      } else {
+        docs.push_back(from_record(task, type, j));
+      }
     } catch (const Error& ex) {
       throw Error(fmt::format("{}:{}: {}", path, line_no, ex.what()));
     } catch (const json::exception& ex) {  // not expected: every field is checked before use
       throw Error(fmt::format("{}:{}: {}", path, line_no, ex.what()));
     }
   }
-  return docs;
+  if (split_out) *split_out = split;
+  if (!sparse) return docs;
+  Doc gap;
+  gap.absent_from = path;
+  gap.absent_split = split;
+  std::vector<Doc> placed(size_t(total), gap);
+  for (size_t k = 0; k < docs.size(); ++k) placed[indices[k]] = std::move(docs[k]);
+  return placed;
+}
+
+}  // namespace
+
+std::vector<Doc> read_docs(const std::string& task, TaskType type, const std::string& path) {
+  return read_records(task, type, path, /*allow_sparse=*/false, nullptr);
+}
+
+std::vector<Doc> read_fewshot_docs(const std::string& task, TaskType type, const std::string& path, std::string* split) {
+  return read_records(task, type, path, /*allow_sparse=*/true, split);
 }
 
 }  // namespace moelab::evals

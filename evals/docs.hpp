@@ -25,8 +25,12 @@ struct Doc {
   std::string task_id, prompt, test, entry_point;
   std::string subject;  // MMLU
   nlohmann::json source;  // the record as read (for --log-samples)
+  // A place a sparse slice of a split leaves empty (see read_fewshot_docs): the slice's file and the
+  // split's name; every other field is empty. Drawing it as a few-shot example is an error.
+  std::string absent_from, absent_split;
 
   bool partial() const { return !contexts.empty(); }
+  bool absent() const { return !absent_from.empty(); }
 };
 
 // Reads `path` for task `task` (hellaswag, arc_easy, arc_challenge, mmlu, winogrande, piqa, gsm8k,
@@ -35,6 +39,16 @@ struct Doc {
 // (libbz2, zlib). Every field of every record is checked (presence, type, range); a bad one throws
 // moelab::Error "PATH:LINE: field \"NAME\": problem".
 std::vector<Doc> read_docs(const std::string& task, TaskType type, const std::string& path);
+
+// A few-shot split: what read_docs reads, or a sparse slice of a split (the docs that known draws need,
+// each at its index in the full split), JSONL whose first line is a header
+//   {"split": "train", "total": 7473, ...}
+// and whose other lines are records of the task (any form read_docs takes) with an "index" field, 0 <=
+// index < total, strictly increasing. The result has `total` docs: the records at their indices and
+// absent() placeholders elsewhere. `split` (when given) receives the header's split name ("" for a plain
+// file). read_docs refuses a sparse slice (it can only be few-shot data).
+std::vector<Doc> read_fewshot_docs(const std::string& task, TaskType type, const std::string& path,
+                                   std::string* split = nullptr);
 
 // Converters from one public record (exposed for tests).
 Doc from_hellaswag_json(const nlohmann::json& j);

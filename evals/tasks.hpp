@@ -22,6 +22,13 @@ struct TaskSpec {
   std::vector<std::string> until;    // generation
   int max_gen_toks = 256;
   std::string reported_key;          // key in evals/reported/*.json
+  // The split the harness draws few-shot examples from (its fewshot_split, else its training split;
+  // MMLU: dev); "" for the generic tasks. For gsm8k also that split's size, on which the harness's draws
+  // depend (0: not checked), and the slice of it this repository ships (relative to the source tree),
+  // used when no --fewshot-data is given.
+  std::string fewshot_split;
+  size_t fewshot_split_size = 0;
+  std::string bundled_fewshot;
 };
 
 // Known names: hellaswag, arc_easy, arc_challenge, mmlu, winogrande, piqa, gsm8k, humaneval, wikitext,
@@ -31,10 +38,25 @@ std::vector<std::string> task_names();
 
 std::string describe(const TaskSpec& t, const Doc& d);  // the description placed before the few-shot block
 
+// Where a run's few-shot examples come from, as far as it can be told from the files.
+struct FewshotOrigin {
+  bool eval_split = false;     // drawn from the evaluated documents themselves (no few-shot data)
+  std::string declared_split;  // a sparse slice's header "split" ("" for a plain file)
+  size_t pool_size = 0;        // docs in the few-shot split (a sparse slice: its header's "total")
+  size_t shared_with_eval = 0; // few-shot docs whose text equals an evaluated doc's
+};
+// How those examples differ from the harness's protocol for task `t` ("" when they do not, as far as can
+// be told, or when no examples are drawn), e.g. "few-shot from the evaluated split (harness: train)".
+std::string fewshot_protocol_difference(const TaskSpec& t, int shots, const FewshotOrigin& o);
+// The origin of `fewshot` for evaluated `docs` (eval_split and declared_split as given).
+FewshotOrigin fewshot_origin(const std::vector<Doc>& docs, const std::vector<Doc>& fewshot, bool eval_split,
+                             const std::string& declared_split);
+
 // The harness's fewshot_context: description + for each example (text + delimiter + target +
 // fewshot_delimiter) + the doc's own text ("" for partial scoring, whose contexts carry it).
 // `rnd` is the task's shared random.Random(seed), drawn from in document order; when the few-shot
-// docs are the evaluated docs, n+1 are drawn and the doc itself (`self_index`) is dropped.
+// docs are the evaluated docs, n+1 are drawn and the doc itself (`self_index`) is dropped. Drawing a doc
+// that a sparse slice lacks (Doc::absent) throws a one-line error naming the file and index.
 std::string fewshot_context(const TaskSpec& t, const Doc& doc, int shots, const std::vector<Doc>& fewshot_docs,
                             bool same_split, size_t self_index, PyRandom& rnd);
 

@@ -9,18 +9,22 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <regex>
 #include <set>
 #include <sstream>
 
+#include "analysis/trace.hpp"
 #include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/spawn.hpp"
 #include "evals/docs.hpp"
 #include "evals/extract.hpp"
+#include "evals/pyrandom.hpp"
 #include "evals/results_json.hpp"
+#include "evals/tasks.hpp"
 #include "fixture_util.hpp"
 #include "process_util.hpp"
 
@@ -637,6 +641,247 @@ TEST_F(EvalData, CliRejectsNegativeCountsAndBadRecordsInOneLine) {
   write(hs, "{\"activity_label\": \"A\", \"ctx_a\": \"b\", \"ctx_b\": \"c\", \"endings\": [\"1\", \"2\"], \"label\": \"one\"}\n");
   expect_one_line_error(moelab({"eval", "--tasks", "hellaswag", "--data", hs, "--convert-to", path("o.jsonl")}),
                         hs + ":1: field \"label\": expected an integer label, got \"one\"");
+}
+
+
+// ---- Issue 14: GSM8K's few-shot examples as lm-evaluation-harness 0.4.9.2 takes them: from the train split,
+// rnd.sample(train_docs, 5) per test doc from one random.Random(1234). The repository ships the sparse slice
+// of the train split those draws need for the first 100 test docs (evals/data/gsm8k-train-fewshot.jsonl);
+// tests/fixtures/evals/gsm8k-fewshot-draws.json holds the indices Python drew and the hashes of the prompts
+// built from the FULL train file (scripts/make_gsm8k_fewshot_slice.py wrote both). ----
+
+
+using analysis::sha256_hex;
+
+const fs::path kRepo = fs::path(MOELAB_FIXTURES).parent_path().parent_path();
+const std::string kSlice = (kRepo / "evals/data/gsm8k-train-fewshot.jsonl").string();
+const std::string kTest20 = (kRepo / "evals/data/gsm8k-test-20.jsonl").string();
+
+json draws_fixture() {
+  std::ifstream f(test::fixture("evals/gsm8k-fewshot-draws.json"));
+  return json::parse(f);
+}
+
+std::string one_line_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(EvalGsm8kFewshot, BundledSliceGivesThePromptsOfTheFullTrainSplit) {
+  const json fx = draws_fixture();
+  const TaskSpec spec = task_spec("gsm8k");
+  EXPECT_EQ(spec.fewshot_split, "train");
+  EXPECT_EQ(spec.fewshot_split_size, 7473u);
+  EXPECT_EQ(spec.bundled_fewshot, "evals/data/gsm8k-train-fewshot.jsonl");
+  std::string split;
+  const auto pool = read_fewshot_docs("gsm8k", spec.type, kSlice, &split);
+  EXPECT_EQ(split, "train");
+  ASSERT_EQ(pool.size(), fx["total"].get<size_t>());
+  const auto test = read_docs("gsm8k", spec.type, kTest20);
+  ASSERT_EQ(test.size(), 20u);
+
+  // Python's indices, from our generator; and the slice holds exactly the docs those draws use.
+  PyRandom draw(fx["seed"].get<uint64_t>()), ctx_rnd(fx["seed"].get<uint64_t>()), block_rnd(fx["seed"].get<uint64_t>());
+  std::set<size_t> needed, held;
+  for (size_t i = 0; i < pool.size(); ++i)
+    if (!pool[i].absent()) held.insert(i);
+  const auto& docs = fx["docs"];
+  ASSERT_EQ(docs.size(), 100u);
+  size_t prompts = 0;
+  for (size_t k = 0; k < docs.size(); ++k) {
+    SCOPED_TRACE(k);
+    const auto expected = docs[k]["indices"].get<std::vector<size_t>>();
+    EXPECT_EQ(draw.sample(pool.size(), 5), expected);
+    needed.insert(expected.begin(), expected.end());
+    // The few-shot block alone (a doc with no text), for every one of the 100 docs.
+    EXPECT_EQ(sha256_hex(fewshot_context(spec, Doc{}, 5, pool, false, k, block_rnd)),
+              docs[k]["fewshot_sha256"].get<std::string>());
+    // The whole prompt, for the test docs the repository ships.
+    if (k < test.size()) {
+      EXPECT_EQ(sha256_hex(fewshot_context(spec, test[k], 5, pool, false, k, ctx_rnd)),
+                docs[k]["prompt_sha256"].get<std::string>());
+      ++prompts;
+    }
+  }
+  EXPECT_EQ(prompts, 20u);
+  EXPECT_EQ(held, needed);
+  // The records are the train file's own: question/answer as GSM8K writes them (no "index" left in source).
+  const Doc& d = pool[*held.begin()];
+  EXPECT_EQ(d.text.rfind("Question: ", 0), 0u);
+  EXPECT_NE(d.target.find("\n#### "), std::string::npos);
+  EXPECT_FALSE(d.source.contains("index"));
+}
+
+class EvalSparseSlice : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    tmp = fs::temp_directory_path() / ("moelab-fewshot-" + std::to_string(::getpid()) + "-" +
+                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+  }
+  void TearDown() override { fs::remove_all(tmp); }
+  std::string path(const std::string& name) const { return (tmp / name).string(); }
+  std::string write(const std::string& name, const std::string& bytes) const {
+    std::ofstream(path(name), std::ios::binary) << bytes;
+    return path(name);
+  }
+  struct Run {
+    int status;
+    std::string out, err;
+  };
+  Run moelab(std::vector<std::string> args) {
+    args.insert(args.begin(), MOELAB_BIN);
+    const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
+    const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
+    return {status, test::read_file_bytes(out), test::read_file_bytes(err)};
+  }
+  fs::path tmp;
+};
+
+const std::string kRecord = R"("question": "q?", "answer": "a\n#### 1")";
+
+TEST_F(EvalSparseSlice, PlacesDocsAtTheirIndicesAndNamesAMissingDraw) {
+  const auto f = write("s.jsonl", R"({"split": "train", "total": 6})" "\n"
+                                  R"({"index": 1, "question": "one?", "answer": "1\n#### 1"})" "\n"
+                                  R"({"index": 4, "question": "four?", "answer": "4\n#### 4"})" "\n");
+  std::string split;
+  const auto pool = read_fewshot_docs("gsm8k", TaskType::Generate, f, &split);
+  EXPECT_EQ(split, "train");
+  ASSERT_EQ(pool.size(), 6u);
+  EXPECT_EQ(pool[1].text, "Question: one?\nAnswer:");
+  EXPECT_EQ(pool[4].target, "4\n#### 4");
+  for (int i : {0, 2, 3, 5}) EXPECT_TRUE(pool[size_t(i)].absent()) << i;
+  // random.Random(1234).sample(range(6), 2) draws [3, 0] first: index 3 is missing.
+  const TaskSpec spec = task_spec("gsm8k");
+  PyRandom rnd(1234);
+  Doc doc;
+  doc.text = "Question: x\nAnswer:";
+  const std::string e = one_line_error([&] { fewshot_context(spec, doc, 2, pool, false, 0, rnd); });
+  EXPECT_EQ(e, f + ": the few-shot draw needs document 3 of the train split, which this sparse slice does not hold; "
+                   "pass the full train file with --fewshot-data");
+  // A plain file of the same records reads as before; read_docs refuses the sparse form.
+  EXPECT_EQ(read_fewshot_docs("gsm8k", TaskType::Generate, kTest20).size(), 20u);
+  EXPECT_EQ(one_line_error([&] { read_docs("gsm8k", TaskType::Generate, f); }),
+            f + ":1: this is a sparse slice of a split (a header with \"split\" and \"total\"): only few-shot examples "
+                "are drawn from one; pass it with --fewshot-data");
+}
+
+TEST_F(EvalSparseSlice, BadHeadersAndIndicesAreOneLineErrors) {
+  auto error = [&](const std::string& content) {
+    const auto f = write("b.jsonl", content);
+    return one_line_error([&] { read_fewshot_docs("gsm8k", TaskType::Generate, f); });
+  };
+  const auto f = path("b.jsonl");
+  EXPECT_EQ(error(R"({"split": "train", "total": 0})"),
+            f + ":1: field \"total\": expected the split's size, an integer 1..100000000, got 0");
+  EXPECT_EQ(error(R"({"split": "train", "total": "7473"})"),
+            f + ":1: field \"total\": expected the split's size, an integer 1..100000000, got \"7473\"");
+  EXPECT_EQ(error(R"({"split": 3, "total": 5})"), f + ":1: field \"split\": expected a string, got number 3");
+  EXPECT_EQ(error("{\"split\": \"train\", \"total\": 5}\n{" + kRecord + "}"), f + ":2: field \"index\": missing");
+  EXPECT_EQ(error("{\"split\": \"train\", \"total\": 5}\n{\"index\": 5, " + kRecord + "}"),
+            f + ":2: field \"index\": expected the record's index in the train split, an integer 0..4, got 5");
+  EXPECT_EQ(error("{\"split\": \"train\", \"total\": 5}\n{\"index\": -1, " + kRecord + "}"),
+            f + ":2: field \"index\": expected the record's index in the train split, an integer 0..4, got -1");
+  EXPECT_EQ(error("{\"split\": \"train\", \"total\": 5}\n{\"index\": 2, " + kRecord + "}\n{\"index\": 2, " + kRecord + "}"),
+            f + ":3: field \"index\": 2 is not above the previous record's 2 (indices must increase)");
+  EXPECT_EQ(error("{\"split\": \"train\", \"total\": 5}\n{\"index\": 2, \"question\": 1, \"answer\": \"a\"}"),
+            f + ":2: field \"question\": expected a string, got number 1");
+}
+
+FewshotOrigin origin(bool eval_split, const std::string& declared_split, size_t pool_size, size_t shared_with_eval) {
+  FewshotOrigin o;
+  o.eval_split = eval_split;
+  o.declared_split = declared_split;
+  o.pool_size = pool_size;
+  o.shared_with_eval = shared_with_eval;
+  return o;
+}
+
+TEST(EvalFewshotProtocol, DifferenceFromTheHarnessSplitIsNamed) {
+  const TaskSpec g = task_spec("gsm8k");
+  EXPECT_EQ(fewshot_protocol_difference(g, 5, origin(false, "train", 7473, 0)), "");
+  EXPECT_EQ(fewshot_protocol_difference(g, 5, origin(false, "", 7473, 0)), "");  // the full train file
+  EXPECT_EQ(fewshot_protocol_difference(g, 0, origin(true, "", 20, 0)), "");  // no examples drawn
+  EXPECT_EQ(fewshot_protocol_difference(g, 5, origin(true, "", 1319, 0)),
+            "few-shot drawn from the evaluated split (harness: train)");
+  EXPECT_EQ(fewshot_protocol_difference(g, 5, origin(false, "", 1319, 100)),
+            "few-shot data holds 100 evaluated docs (harness: train split)");
+  EXPECT_EQ(fewshot_protocol_difference(g, 5, origin(false, "test", 1319, 0)),
+            "few-shot from a slice of the test split (harness: train)");
+  EXPECT_EQ(fewshot_protocol_difference(g, 5, origin(false, "", 40, 0)),
+            "few-shot pool of 40 docs (harness: the train split's 7473)");
+  EXPECT_EQ(fewshot_protocol_difference(task_spec("hellaswag"), 10, origin(true, "", 200, 0)),
+            "few-shot drawn from the evaluated split (harness: train)");
+  EXPECT_EQ(fewshot_protocol_difference(task_spec("generate"), 5, origin(true, "", 20, 0)), "");
+  // The test split passed as few-shot data: its docs are the evaluated ones.
+  const auto test = read_docs("gsm8k", TaskType::Generate, kTest20);
+  const std::vector<Doc> first2(test.begin(), test.begin() + 2);
+  const auto o = fewshot_origin(first2, test, false, "");
+  EXPECT_EQ(o.shared_with_eval, 2u);
+  EXPECT_EQ(o.pool_size, 20u);
+  EXPECT_EQ(fewshot_origin(first2, read_fewshot_docs("gsm8k", TaskType::Generate, kSlice), false, "train").shared_with_eval,
+            0u);
+}
+
+// The CLI: `--tasks gsm8k` without --fewshot-data takes the bundled train slice (the harness's prompts, no
+// "protocols differ"); the test file as few-shot data prints the difference beside the reported 58.4; a run
+// past the slice's draws stops before the model loads with the one-line error.
+TEST_F(EvalSparseSlice, CliDefaultsToTheBundledTrainSliceAndNamesADifferentSplit) {
+  const json fx = draws_fixture();
+  fs::create_directories(tmp / "a");
+  Run r = moelab({"eval", "--tasks", "gsm8k", "--data", kTest20, "--limit", "2", "--output", path("a/r.json"),
+                  "--log-samples"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("58.4"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("protocols differ"), std::string::npos) << r.out;
+  size_t checked = 0;
+  for (const auto& e : fs::directory_iterator(tmp / "a")) {
+    if (e.path().filename().string().rfind("samples_gsm8k_", 0) != 0) continue;
+    std::ifstream in(e.path());
+    for (std::string line; std::getline(in, line);) {
+      const json s = json::parse(line);
+      const auto k = s["doc_id"].get<size_t>();
+      EXPECT_EQ(sha256_hex(s["arguments"][0][0].get<std::string>()), fx["docs"][k]["prompt_sha256"].get<std::string>());
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 4u);  // 2 docs x 2 filters
+
+  r = moelab({"eval", "--tasks", "gsm8k", "--data", kTest20, "--fewshot-data", kTest20, "--limit", "2"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("58.4     -58.4  protocols differ: few-shot data holds 2 evaluated docs (harness: train split) "
+                       "(table 3)"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("note: few-shot data holds 2 evaluated docs (harness: train split); few-shot data: " + kTest20),
+            std::string::npos)
+      << r.out;
+
+  // 120 docs: the 101st draw on reaches past the slice. The expected index: the first absent one drawn.
+  std::string many, test20 = test::read_file_bytes(kTest20);
+  for (int i = 0; i < 6; ++i) many += test20;
+  const auto big = write("gsm8k-120.jsonl", many);
+  const auto pool = read_fewshot_docs("gsm8k", TaskType::Generate, kSlice);
+  PyRandom rnd(1234);
+  size_t missing = 0;
+  bool found = false;
+  for (int k = 0; k < 120 && !found; ++k)
+    for (size_t i : rnd.sample(pool.size(), 5))
+      if (!found && pool[i].absent()) missing = i, found = true;
+  ASSERT_TRUE(found);
+  r = moelab({"eval", "--model", path("no-model"), "--tasks", "gsm8k", "--data", big});
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_EQ(r.err, "moelab: error: " + kSlice + ": the few-shot draw needs document " + std::to_string(missing) +
+                       " of the train split, which this sparse slice does not hold; pass the full train file with "
+                       "--fewshot-data\n");
+  // --limit 100 stays within the slice (the README's recipe).
+  r = moelab({"eval", "--model", path("no-model"), "--tasks", "gsm8k", "--data", big, "--limit", "100"});
+  EXPECT_EQ(r.err.find("few-shot draw"), std::string::npos) << r.err;
 }
 
 }  // namespace
