@@ -1,12 +1,14 @@
 #pragma once
-// Helpers the tests share for files and child processes: read a whole file, and run a program from an
-// argument vector (posix_spawn, no shell) with its stdout and stderr in files and a time limit.
+// Helpers the tests share for files and child processes: a scratch folder per test, read a whole file,
+// and run a program from an argument vector (posix_spawn, no shell) with its stdout and stderr in files
+// and a time limit (core/spawn.hpp's run_process has neither the limit nor the captured output).
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -18,6 +20,31 @@
 extern char** environ;
 
 namespace moelab::test {
+
+// A fresh folder under the system temp directory, removed with everything in it on destruction; its name
+// holds the process id and a counter, so tests running in parallel (ctest -j) never share one.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix = "moelab-test") {
+    static std::atomic<int> counter{0};
+    path_ = std::filesystem::temp_directory_path() /
+            (prefix + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string str() const { return path_.string(); }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
 
 // The whole file as bytes ("" when it cannot be opened: the caller's assertion on the content says so).
 inline std::string read_file_bytes(const std::filesystem::path& p) {

@@ -23,19 +23,13 @@ using nlohmann::json;
 
 class CliTour : public ::testing::Test {
  protected:
-  void SetUp() override {
-    tmp = fs::temp_directory_path() / ("moelab-cli-tour-" + std::to_string(::getpid()) + "-" +
-                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-  }
-  void TearDown() override { fs::remove_all(tmp); }
   ProgramRun moelab(std::vector<std::string> args, double seconds = 300) {
     args.insert(args.begin(), MOELAB_BIN);
     return run_program(args, tmp, seconds);
   }
   std::string path(const std::string& name) const { return (tmp / name).string(); }
-  fs::path tmp;
+  TempDir scratch{"moelab-cli-tour"};
+  const fs::path& tmp = scratch.path();
 };
 
 const std::string kModel = "mixtral-4e-gqa-f32";

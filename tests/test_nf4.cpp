@@ -35,9 +35,11 @@
 #include "core/safetensors_writer.hpp"
 #include "optimized/cpu/nf4_matrix.hpp"
 #include "optimized/nf4/nf4.hpp"
+#include "process_util.hpp"
 
 using namespace moelab;
 using namespace moelab::nf4;
+using moelab::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
@@ -130,23 +132,6 @@ std::vector<float> random_normal(size_t n, float scale, uint32_t seed) {
   return v;
 }
 
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path_ = fs::temp_directory_path() /
-            ("moelab_nf4_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 }  // namespace
 

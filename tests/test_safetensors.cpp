@@ -20,34 +20,15 @@
 #include "core/error.hpp"
 #include "core/safetensors.hpp"
 #include "core/safetensors_writer.hpp"
+#include "process_util.hpp"
 
 using namespace moelab;
 namespace fs = std::filesystem;
+using moelab::test::TempDir;
 
 namespace {
 
 // A fresh directory under the system temp dir, removed with everything in it at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    std::random_device rd;
-    path_ = fs::temp_directory_path() / ("moelab_st_test_" + std::to_string(::getpid()) + "_" +
-                                         std::to_string(counter++) + "_" + std::to_string(rd()));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 std::string le64(uint64_t n) {
   std::string s;

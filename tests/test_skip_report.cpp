@@ -25,18 +25,12 @@ const std::string kSkipVerdict = "Test Pass Reason:\nSkip regular expression fou
 
 class SkipReport : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir = fs::temp_directory_path() / ("moelab-skip-report-" + std::to_string(::getpid()) + "-" +
-                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  void TearDown() override { fs::remove_all(dir); }
   ProgramRun report(const std::string& log) {
     std::ofstream(dir / "LastTest.log") << log;
     return run_program({MOELAB_SKIP_REPORT, (dir / "LastTest.log").string()}, dir, 30);
   }
-  fs::path dir;
+  TempDir scratch{"moelab-skip-report"};
+  const fs::path& dir = scratch.path();
 };
 
 TEST_F(SkipReport, ListsEachSkippedTestUnderItsReason) {
