@@ -2,18 +2,32 @@
 // Routing traces in HDF5 (DESIGN.md "analysis/"): writing them crash-safely and appendably, reading
 // them back into a TraceData, and recording one window's routing from any engine through a Probe.
 //
-// File layout (every dataset chunked, shuffled and deflate-compressed, unlimited along its first axis):
-//   /tokens            int32   [N]
-//   /sequence_offsets  int64   [S + 1]   sequence s is tokens [offsets[s], offsets[s+1]); offsets[0] = 0
-//   /sequence_domain   int32   [S]       index into its attribute `domain_names` (strings); -1 = unlabeled
-//   /experts           uint8   [N, L, k] chosen experts in rank order (highest probability first)
-//   /gates             float32 [N, L, k] renormalized gate weights
-//   /router_logits     float16 [N, L, E] optional; IEEE half, round-to-nearest-even from the FP32 logits
-// Root attributes: model_config (the checkpoint's config.json as a JSON string), engine (the engines of
-// all runs, comma-separated in order of first use), tool ("moelab"), tool_version, created (ISO-8601
-// UTC of the first run), num_layers, top_k, num_experts, window (the longest window of any run; 0: not
-// stated), runs (a JSON string: one object per run with engine, tool_version, started, window,
-// first_sequence, first_token, router_logits).
+// File layout (every row dataset chunked, shuffled and deflate-compressed, unlimited along its first axis):
+//   /tokens            int32   [N]       dims (token)
+//   /sequence_offsets  int64   [S + 1]   dims (sequence_boundary); sequence s is tokens [offsets[s],
+//                                        offsets[s+1]); offsets[0] = 0
+//   /sequence_domain   int32   [S]       dims (sequence); index into its attribute `domain_names`
+//                                        (strings); -1 = unlabeled
+//   /experts           uint8   [N, L, k] dims (token, layer, rank): chosen experts in rank order (highest
+//                                        probability first)
+//   /gates             float32 [N, L, k] dims (token, layer, rank): renormalized gate weights
+//   /router_logits     float16 [N, L, E] dims (token, layer, expert); optional; IEEE half,
+//                                        round-to-nearest-even from the FP32 logits
+//   /layer, /rank, /expert  int32 [L], [k], [E]: 0, 1, 2, ...: HDF5 dimension scales (H5DS), attached
+//                                        to those axes of /experts, /gates and /router_logits
+// Self-describing: every dataset has a `description` attribute (one sentence: what, units, what each
+// axis is) and its axes carry HDF5 dimension labels (H5DSset_label: h5py's dset.dims[i].label; the
+// names above). The token and sequence axes have labels but no scale dataset.
+// Root attributes: model_config (the checkpoint's config.json as a JSON string), model_path (the model
+// directory, absolute), tokenizer_sha256 (SHA-256, hex, of the bytes of its tokenizer.model), inputs (a
+// JSON string: the input files of every run, absolute, in order of first use), engine, tool ("moelab"),
+// tool_version, created (ISO-8601 UTC of the first run), num_layers, top_k, num_experts, window (the
+// longest window of any run; 0: not stated), runs (a JSON string: one object per run with engine,
+// tool_version, started, window, first_sequence, first_token, router_logits, inputs).
+// Older traces. moelab before 2026-12 wrote no descriptions, dimension labels, scales, model_path,
+// tokenizer_sha256 or inputs, and its `engine` could list several engines, comma-separated (appends
+// were not checked against it). Such files read as before; appending to one (same engine only) adds
+// model_path and tokenizer_sha256 from the appending run, which its earlier runs may not share.
 // The file uses HDF5's newest format (superblock v3), so it needs HDF5 >= 1.10 to read (h5py wheels
 // bundle 1.14); HDF5 1.8 tools cannot open it.
 // String attributes are fixed-length, NUL-padded UTF-8 (h5py gives them back as bytes). moelab before
@@ -61,6 +75,7 @@
 #include <nlohmann/json.hpp>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "analysis/trace_data.hpp"
@@ -78,6 +93,9 @@ struct TraceHeader {
   nlohmann::json model_config;  // the checkpoint's config.json
   int num_layers = 0, top_k = 0, num_experts = 0;
   std::string engine;
+  std::string model_path;        // the model directory, absolute ("": not recorded)
+  std::string tokenizer_sha256;  // sha256_file of its tokenizer.model ("": not recorded)
+  std::vector<std::string> inputs;  // this run's input files, absolute
   std::string tool_version;
   int window = 0;  // the longest sequence this run may write (longer ones are refused); 0: not stated
   bool router_logits = false;
@@ -89,16 +107,33 @@ struct TraceWriterOptions {
   double flush_seconds = 60;    // ... or once the oldest waiting sequence is this old (slow engines)
   int64_t chunk_tokens = 4096;  // HDF5 chunk length along the token axis (fewer for very wide rows)
   int deflate_level = 4;
+  // false: the file must not exist yet (or be empty); a trace is never added to by accident.
+  // true: add to the trace in the file, or create it when there is none.
+  bool append = false;
 };
+
+// Throws moelab::Error "PATH: already exists; pass --append ..." when `path` is a non-empty file and
+// `append` is false (what TraceWriter refuses, for callers that check before loading a model).
+void check_trace_output(const std::string& path, bool append);
+
+// Throws what a TraceWriter appending to `path` would throw for a trace of another model, tokenizer,
+// engine or kind (without writing anything; a missing or empty file passes): for callers that check
+// before loading a model. (The writer checks again.)
+void check_appendable(const std::string& path, const TraceHeader& header);
+
+// SHA-256 of bytes / of a file's bytes, as 64 lowercase hex digits (hashlib.sha256(...).hexdigest()).
+std::string sha256_hex(std::string_view bytes);
+std::string sha256_file(const std::string& path);
 
 // config.json fields that do not change what the model computes (metadata, training-only settings,
 // storage dtype and quantization); they may differ between runs appended to one trace.
 bool is_volatile_config_field(const std::string& key);
 
-// Writes a trace, creating the file or appending to it. Appending checks that the file is a moelab
-// trace of the same model (num_layers, top_k, num_experts and config.json minus volatile fields) and
-// of the same kind (with or without router logits); otherwise it throws moelab::Error naming the file
-// and the difference. Only one TraceWriter may hold a file: a second one, in any process, is refused.
+// Writes a trace, creating the file or (with options.append) appending to it. Appending checks that
+// the file is a moelab trace of the same model (num_layers, top_k, num_experts, config.json minus
+// volatile fields, and model_path where both record one), the same tokenizer (tokenizer_sha256, where
+// both record one), the same engine, and of the same kind (with or without router logits); otherwise
+// it throws moelab::Error naming the file and the difference. Only one TraceWriter may hold a file: a second one, in any process, is refused.
 class TraceWriter {
  public:
   TraceWriter(const std::string& path, const TraceHeader& header, TraceWriterOptions options = {});

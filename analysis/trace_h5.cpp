@@ -420,8 +420,8 @@ nlohmann::json read_attr_json(const H5Context& cx, hid_t obj, const std::string&
   }
   if (!scalar) return values;
   if (values.empty()) return nullptr;
-  // model_config and runs are JSON documents stored as strings; give them back as JSON.
-  if ((name == "model_config" || name == "runs") && values[0].is_string()) {
+  // model_config, runs and inputs are JSON documents stored as strings; give them back as JSON.
+  if ((name == "model_config" || name == "runs" || name == "inputs") && values[0].is_string()) {
     auto parsed = nlohmann::json::parse(values[0].get<std::string>(), nullptr, false);
     if (!parsed.is_discarded()) return parsed;
   }

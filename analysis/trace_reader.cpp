@@ -138,6 +138,8 @@ void rewrite_trace(const std::string& path, const TraceData& trace) {
   h.top_k = trace.top_k;
   h.num_experts = trace.num_experts;
   h.engine = string_attr(attrs, "engine");
+  h.model_path = string_attr(attrs, "model_path");
+  h.tokenizer_sha256 = string_attr(attrs, "tokenizer_sha256");
   h.tool_version = string_attr(attrs, "tool_version");
   h.window = attrs.value("window", 0);
   h.router_logits = trace.has_router_logits();
@@ -160,8 +162,10 @@ void rewrite_trace(const std::string& path, const TraceData& trace) {
     setup();
     const H5Context cx{tmp};
     const Id file(cx.id(H5Fopen(tmp.c_str(), H5F_ACC_RDWR, H5P_DEFAULT), "cannot reopen"));
-    for (const char* key : {"created", "runs", "engine", "tool_version"})
+    for (const char* key : {"created", "runs", "engine", "tool_version", "inputs"})
       if (attrs.contains(key)) write_string_attr(cx, file, key, string_attr(attrs, key));
+    // A trace from before inputs were recorded does not claim to know them.
+    if (!attrs.contains("inputs")) cx.ok(H5Adelete(file, "inputs"), "cannot write attribute inputs");
   } catch (...) {
     ::unlink(tmp.c_str());
     throw;

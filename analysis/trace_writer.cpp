@@ -1,5 +1,7 @@
 // TraceWriter: creating and appending to routing traces, crash-safely (analysis/trace.hpp).
 #include <fmt/format.h>
+#include <hdf5_hl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -49,16 +51,58 @@ std::string first_difference(const nlohmann::json& in_file, const nlohmann::json
   return "";
 }
 
-std::vector<std::string> split_commas(const std::string& s) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    const size_t end = std::min(s.find(',', start), s.size());
-    if (end > start) out.push_back(s.substr(start, end - start));
-    start = end + 1;
-  }
-  return out;
+// What each dataset is, for its `description` attribute, and the names of its axes (analysis/trace.hpp).
+struct DatasetDoc {
+  const char* name;
+  const char* description;
+  std::vector<const char*> axes;
+};
+
+const std::vector<DatasetDoc>& dataset_docs() {
+  static const std::vector<DatasetDoc> docs = {
+      {kTokens,
+       "Token id (index into the model tokenizer's vocabulary) of every traced token, sequences one after another; "
+       "shape [token].",
+       {"token"}},
+      {kOffsets,
+       "Where each sequence starts on the token axis, then the total token count: sequence s is tokens "
+       "[offsets[s], offsets[s+1]); shape [sequence_boundary], sequences + 1 entries.",
+       {"sequence_boundary"}},
+      {kDomain,
+       "Domain of each sequence, as an index into this dataset's domain_names attribute (-1: unlabeled); shape "
+       "[sequence].",
+       {"sequence"}},
+      {kExperts,
+       "Experts the router chose for each token at each MoE layer (expert index 0 to E-1), highest router "
+       "probability first; shape [token, layer, rank].",
+       {"token", "layer", "rank"}},
+      {kGates,
+       "Gate weight of each chosen expert (its router softmax probability renormalized over the chosen top-k, so "
+       "each token's weights sum to 1 per layer; unitless); shape [token, layer, rank].",
+       {"token", "layer", "rank"}},
+      {kLogits,
+       "Router logit of every expert for each token at each MoE layer, before the softmax (unitless; float16, "
+       "rounded to nearest even from float32); shape [token, layer, expert].",
+       {"token", "layer", "expert"}},
+      {"layer", "Dimension scale of the layer axes: MoE layer index 0 to L-1, in decoder order; shape [layer].",
+       {"layer"}},
+      {"rank", "Dimension scale of the rank axes: 0 is the chosen expert with the highest router probability; shape "
+               "[rank].",
+       {"rank"}},
+      {"expert", "Dimension scale of the expert axis of router_logits: expert index 0 to E-1 within a layer; shape "
+                 "[expert].",
+       {"expert"}},
+  };
+  return docs;
 }
+
+const DatasetDoc& doc_of(const std::string& name) {
+  for (const auto& d : dataset_docs())
+    if (name == d.name) return d;
+  throw Error("trace: no documentation for /" + name);  // (a programming error)
+}
+
+std::string join_json(const std::vector<std::string>& v) { return nlohmann::json(v).dump(); }
 
 
 // Paged file-space aggregation: every metadata block smaller than a 4 KiB page lies inside one page.
@@ -71,7 +115,75 @@ Id paged_file_creation() {
   return fcpl;
 }
 
+// A string attribute of the file as text ("" when absent; a non-string one as its JSON).
+std::string file_string(const H5Context& cx, hid_t file, const char* name) {
+  if (H5Aexists(file, name) <= 0) return "";
+  const auto j = read_attr_json(cx, file, name);
+  return j.is_string() ? j.get<std::string>() : j.dump();
+}
+
+// Refuses a file that is not a trace of this model, tokenizer and engine, or not of this kind.
+void check_same_trace(const H5Context& cx, hid_t file, hid_t experts, hid_t gates, const TraceHeader& header) {
+  const struct {
+    const char* name;
+    int ours;
+  } shape[] = {{"num_layers", header.num_layers}, {"top_k", header.top_k}, {"num_experts", header.num_experts}};
+  for (const auto& s : shape) {
+    const auto v = read_int_attr(cx, file, s.name);
+    if (!v) throw Error(fmt::format("{}: not a moelab trace (no integer attribute {})", cx.path, s.name));
+    if (*v != s.ours)
+      throw Error(fmt::format("{}: holds a trace of another model ({} is {} in the file, {} here); write to a new file",
+                              cx.path, s.name, *v, s.ours));
+  }
+  if (H5Aexists(file, "model_config") <= 0) throw Error(fmt::format("{}: not a moelab trace (no model_config attribute)", cx.path));
+  const auto theirs = stable_config(read_attr_json(cx, file, "model_config"));
+  const auto ours = stable_config(header.model_config);
+  if (theirs != ours)
+    throw Error(fmt::format("{}: holds a trace of another model (model_config: {}); write to a new file", cx.path,
+                            first_difference(theirs, ours)));
+  // The same model directory, tokenizer and engine, where the file records them (older traces may not).
+  const auto their_path = file_string(cx, file, "model_path");
+  if (!their_path.empty() && !header.model_path.empty() && their_path != header.model_path)
+    throw Error(fmt::format("{}: holds a trace of another model (model_path is {} in the file, {} here); write to "
+                            "a new file", cx.path, their_path, header.model_path));
+  const auto their_tok = file_string(cx, file, "tokenizer_sha256");
+  if (!their_tok.empty() && !header.tokenizer_sha256.empty() && their_tok != header.tokenizer_sha256)
+    throw Error(fmt::format("{}: was traced with another tokenizer (tokenizer_sha256 is {} in the file, {} here); "
+                            "write to a new file", cx.path, their_tok, header.tokenizer_sha256));
+  const auto their_engine = file_string(cx, file, "engine");
+  if (their_engine != header.engine)
+    throw Error(fmt::format("{}: was traced with another engine (engine is \"{}\" in the file, \"{}\" here); append "
+                            "with --engine {} or write to a new file", cx.path, their_engine, header.engine,
+                            their_engine));
+  const bool file_has_logits = H5Lexists(file, kLogits, H5P_DEFAULT) > 0;
+  if (file_has_logits != header.router_logits)
+    throw Error(fmt::format("{}: the trace was written {} router logits; append {} --router-logits", cx.path,
+                            file_has_logits ? "with" : "without", file_has_logits ? "with" : "without"));
+  const std::vector<hsize_t> want_k{hsize_t(header.num_layers), hsize_t(header.top_k)};
+  for (auto [dset, name] : {std::pair{experts, kExperts}, std::pair{gates, kGates}}) {
+    const auto d = dims_of(cx, dset, name);
+    if (d.size() != 3 || d[1] != want_k[0] || d[2] != want_k[1])
+      throw Error(fmt::format("{}: /{} does not have shape [N, {}, {}]", cx.path, name, want_k[0], want_k[1]));
+  }
+}
+
 }  // namespace
+
+void check_appendable(const std::string& path, const TraceHeader& header) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || (S_ISREG(st.st_mode) && st.st_size == 0)) return;  // a new trace
+  setup();
+  const H5Context cx{path};
+  const Id file = open_for_reading(cx);
+  const Id experts = open_row_dataset(cx, file, kExperts), gates = open_row_dataset(cx, file, kGates);
+  check_same_trace(cx, file, experts, gates, header);
+}
+
+void check_trace_output(const std::string& path, bool append) {
+  struct stat st {};
+  if (append || ::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) return;
+  throw Error(fmt::format("{}: already exists; pass --append to add to the trace in it, or choose another file", path));
+}
 
 bool is_volatile_config_field(const std::string& key) {
   static const std::set<std::string> fields = {
@@ -153,7 +265,39 @@ struct TraceWriter::Impl {
   nlohmann::json this_run() const {
     return {{"engine", header.engine},       {"tool_version", header.tool_version}, {"started", utc_now_iso8601()},
             {"window", header.window},       {"first_sequence", file_sequences},    {"first_token", file_tokens},
-            {"router_logits", header.router_logits}};
+            {"router_logits", header.router_logits}, {"inputs", header.inputs}};
+  }
+
+  // The `description` attribute and the dimension labels of one dataset.
+  void document(hid_t dset, const char* name) {
+    const auto& d = doc_of(name);
+    write_string_attr(cx, dset, "description", d.description);
+    for (size_t i = 0; i < d.axes.size(); ++i)
+      cx.ok(H5DSset_label(dset, unsigned(i), d.axes[i]), fmt::format("cannot label the axes of /{}", name));
+  }
+
+  // A dimension scale dataset 0, 1, ..., n-1, attached to axis `axis` of each of `users`.
+  void add_scale(const char* name, hsize_t n, std::initializer_list<std::pair<hid_t, unsigned>> users) {
+    Id space(cx.id(H5Screate_simple(1, &n, nullptr), "cannot create a dataspace"));
+    Id dset(cx.id(H5Dcreate2(file, name, H5T_STD_I32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                  fmt::format("cannot create /{}", name)));
+    std::vector<int32_t> values(n);
+    for (size_t i = 0; i < values.size(); ++i) values[i] = int32_t(i);
+    cx.ok(H5Dwrite(dset, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), fmt::format("cannot write /{}", name));
+    cx.ok(H5DSset_scale(dset, name), fmt::format("cannot make /{} a dimension scale", name));
+    document(dset, name);
+    for (auto [user, axis] : users)
+      if (user >= 0) cx.ok(H5DSattach_scale(user, dset, axis), fmt::format("cannot attach the scale /{}", name));
+  }
+
+  void document_layout() {
+    for (auto [dset, name] : {std::pair{hid_t(tokens), kTokens}, std::pair{hid_t(offsets), kOffsets},
+                              std::pair{hid_t(domain), kDomain}, std::pair{hid_t(experts), kExperts},
+                              std::pair{hid_t(gates), kGates}, std::pair{hid_t(logits), kLogits}})
+      if (dset >= 0) document(dset, name);
+    add_scale("layer", hsize_t(header.num_layers), {{experts, 1}, {gates, 1}, {logits, 1}});
+    add_scale("rank", hsize_t(header.top_k), {{experts, 2}, {gates, 2}});
+    if (logits.valid()) add_scale("expert", hsize_t(header.num_experts), {{logits, 2}});
   }
 
   void create() {
@@ -176,6 +320,9 @@ struct TraceWriter::Impl {
     write_strings_attr(cx, domain, "domain_names", domain_names);
     write_string_attr(cx, file, "model_config", header.model_config.dump());
     write_string_attr(cx, file, "engine", header.engine);
+    if (!header.model_path.empty()) write_string_attr(cx, file, "model_path", header.model_path);
+    if (!header.tokenizer_sha256.empty()) write_string_attr(cx, file, "tokenizer_sha256", header.tokenizer_sha256);
+    write_string_attr(cx, file, "inputs", join_json(header.inputs));
     write_string_attr(cx, file, "tool", "moelab");
     write_string_attr(cx, file, "tool_version", header.tool_version);
     write_string_attr(cx, file, "created", utc_now_iso8601());
@@ -184,38 +331,11 @@ struct TraceWriter::Impl {
     write_int_attr(cx, file, "num_experts", header.num_experts);
     write_int_attr(cx, file, "window", header.window);
     write_string_attr(cx, file, "runs", nlohmann::json::array({this_run()}).dump());
+    document_layout();
   }
 
-  // Refuses a file that is not a trace of this model, or not of this kind.
-  void check_compatible() {
-    const struct {
-      const char* name;
-      int ours;
-    } shape[] = {{"num_layers", header.num_layers}, {"top_k", header.top_k}, {"num_experts", header.num_experts}};
-    for (const auto& s : shape) {
-      const auto v = read_int_attr(cx, file, s.name);
-      if (!v) throw Error(fmt::format("{}: not a moelab trace (no integer attribute {})", cx.path, s.name));
-      if (*v != s.ours)
-        throw Error(fmt::format("{}: holds a trace of another model ({} is {} in the file, {} here); write to a new file",
-                                cx.path, s.name, *v, s.ours));
-    }
-    if (H5Aexists(file, "model_config") <= 0) throw Error(fmt::format("{}: not a moelab trace (no model_config attribute)", cx.path));
-    const auto theirs = stable_config(read_attr_json(cx, file, "model_config"));
-    const auto ours = stable_config(header.model_config);
-    if (theirs != ours)
-      throw Error(fmt::format("{}: holds a trace of another model (model_config: {}); write to a new file", cx.path,
-                              first_difference(theirs, ours)));
-    const bool file_has_logits = H5Lexists(file, kLogits, H5P_DEFAULT) > 0;
-    if (file_has_logits != header.router_logits)
-      throw Error(fmt::format("{}: the trace was written {} router logits; append {} --router-logits", cx.path,
-                              file_has_logits ? "with" : "without", file_has_logits ? "with" : "without"));
-    const std::vector<hsize_t> want_k{hsize_t(header.num_layers), hsize_t(header.top_k)};
-    for (auto [dset, name] : {std::pair{hid_t(experts), kExperts}, std::pair{hid_t(gates), kGates}}) {
-      const auto d = dims_of(cx, dset, name);
-      if (d.size() != 3 || d[1] != want_k[0] || d[2] != want_k[1])
-        throw Error(fmt::format("{}: /{} does not have shape [N, {}, {}]", cx.path, name, want_k[0], want_k[1]));
-    }
-  }
+
+  void check_compatible() { check_same_trace(cx, file, experts, gates, header); }
 
   // Drops rows past the last committed sequence (left by a writer that died mid-flush or after writing
   // rows it never committed), so that this run's rows follow the committed ones.
@@ -240,12 +360,22 @@ struct TraceWriter::Impl {
     add_new_domains();
     write_strings_attr(cx, domain, "domain_names", domain_names);
 
-    const auto engine_attr = H5Aexists(file, "engine") > 0 ? read_attr_json(cx, file, "engine") : nlohmann::json();
-    auto engines = engine_attr.is_string() ? split_commas(engine_attr.get<std::string>()) : std::vector<std::string>{};
-    if (std::find(engines.begin(), engines.end(), header.engine) == engines.end()) engines.push_back(header.engine);
-    std::string joined;
-    for (const auto& e : engines) joined += (joined.empty() ? "" : ",") + e;
-    write_string_attr(cx, file, "engine", joined);
+    // (The engine is this run's: check_compatible refused another.) A trace from before these were
+    // recorded gets them from this run (analysis/trace.hpp, "Older traces").
+    if (H5Aexists(file, "model_path") <= 0 && !header.model_path.empty())
+      write_string_attr(cx, file, "model_path", header.model_path);
+    if (H5Aexists(file, "tokenizer_sha256") <= 0 && !header.tokenizer_sha256.empty())
+      write_string_attr(cx, file, "tokenizer_sha256", header.tokenizer_sha256);
+    std::vector<std::string> inputs;
+    if (H5Aexists(file, "inputs") > 0) {
+      const auto j = read_attr_json(cx, file, "inputs");
+      if (j.is_array())
+        for (const auto& x : j)
+          if (x.is_string()) inputs.push_back(x.get<std::string>());
+    }
+    for (const auto& in : header.inputs)
+      if (std::find(inputs.begin(), inputs.end(), in) == inputs.end()) inputs.push_back(in);
+    write_string_attr(cx, file, "inputs", join_json(inputs));
 
     const int64_t window = std::max<int64_t>(read_int_attr(cx, file, "window").value_or(0), header.window);
     write_int_attr(cx, file, "window", window);
@@ -345,6 +475,7 @@ struct TraceWriter::Impl {
 TraceWriter::TraceWriter(const std::string& path, const TraceHeader& header, TraceWriterOptions options)
     : impl_(std::make_unique<Impl>(path, header, options)) {
   impl_->check_header();
+  if (impl_->lock->size() != 0 && !options.append) check_trace_output(path, false);  // throws
   if (impl_->lock->size() == 0) {
     try {
       impl_->create();

@@ -142,7 +142,9 @@ void run_demo(DemoArgs& a) {
   heading(3, fmt::format("routing trace of the held-out corpus ({})", corpus));
   const auto trace_path = (out / "routing-trace.h5").string();
   fs::remove(trace_path);
-  const auto traced = trace_texts(*ref, *ck, tok, texts, trace_path, TraceRunOptions{.window = std::min(256, ref->max_context()), .router_logits = true});
+  const auto traced = trace_texts(*ref, *ck, tok, texts, trace_path,
+                                  TraceRunOptions{.window = std::min(256, ref->max_context()), .router_logits = true,
+                                                  .inputs = {corpus}});
   fmt::print("{}\nwrote {}\n", describe(traced, ref->name()), trace_path);
 
   // 4. Statistics by domain.

@@ -42,7 +42,7 @@ nlohmann::json timings_document(const std::string& engine, const std::string& mo
 struct TraceArgs {
   std::string model, out, repair;
   std::vector<std::string> inputs, domains;
-  bool router_logits = false, timings = false;
+  bool router_logits = false, timings = false, append = false;
   int64_t max_tokens = 0;
   int window = 0;
   EngineOptions eo;
@@ -62,6 +62,7 @@ void run_trace(TraceArgs& a) {
   }
   if (a.inputs.empty()) throw Error("trace: give at least one --input");
   if (a.out.empty()) throw Error("trace: give --output TRACE.h5");
+  analysis::check_trace_output(a.out, a.append);  // before hours of work, not after the model loads
   // Every input is read and checked before the model loads, so a bad line fails in seconds, not hours.
   const auto texts = analysis::read_trace_inputs(a.inputs, a.domains);
   if (a.model.empty()) a.model = default_model_dir();
@@ -70,11 +71,17 @@ void run_trace(TraceArgs& a) {
   if (a.router_logits && !cfg.is_moe())
     throw Error(fmt::format("{}: --router-logits needs an MoE model; {} has no router", a.model, cfg.arch_name()));
   const Tokenizer tok(ck->tokenizer_path());
-  auto engine = make_engine(*ck, a.eo);
   analysis::TimingProbe timing("trace");
-  const auto r = trace_texts(*engine, *ck, tok, texts, a.out,
-                             TraceRunOptions{.window = a.window, .max_tokens = a.max_tokens,
-                                             .router_logits = a.router_logits, .timing = a.timings ? &timing : nullptr});
+  const TraceRunOptions options{.window = a.window, .max_tokens = a.max_tokens, .router_logits = a.router_logits,
+                                .append = a.append, .inputs = a.inputs, .timing = a.timings ? &timing : nullptr};
+  // Appending: the trace's model, tokenizer and engine are checked before the engine loads (its name as
+  // make_engine will give it; the writer checks again with the engine's own).
+  if (a.append) {
+    const auto name = a.eo.engine == "ref" && a.eo.precision == "f64" ? std::string("ref-f64") : a.eo.engine;
+    analysis::check_appendable(a.out, trace_header(*ck, name, a.window, options, texts));
+  }
+  auto engine = make_engine(*ck, a.eo);
+  const auto r = trace_texts(*engine, *ck, tok, texts, a.out, options);
   fmt::print("{}\n", describe(r, engine->name()));
   report_engine_counters(*engine);
   if (r.empty_texts) fmt::print("skipped {} empty texts\n", r.empty_texts);
@@ -200,14 +207,16 @@ void run_profile(ProfileArgs& a) {
 }
 
 void register_trace_command(CLI::App& app) {
-  auto* cmd = app.add_subcommand("trace", "Record expert routing of texts into an HDF5 trace (appends to an existing one)");
+  auto* cmd = app.add_subcommand("trace", "Record expert routing of texts into an HDF5 trace (a new file, or --append to an existing one)");
   static TraceArgs a;
   add_model_option(*cmd, a.model);
   cmd->add_option("--input", a.inputs, "Text file (one text) or .jsonl file ({\"text\": ..., \"domain\": ...} per line); repeatable");
   cmd->add_option("--domain", a.domains, "Domain of each --input, in the same order (default: the file's stem; a "
                                          "JSONL record's own \"domain\" wins)");
-  add_output_option(*cmd, a.out, "Trace file to create or append to");
+  add_output_option(*cmd, a.out, "Trace file to create (it must not exist unless --append is given)");
   add_deprecated_alias(*cmd, "--out", "--output", [](const std::string& v) { a.out = v; });
+  cmd->add_flag("--append", a.append, "Add to the trace in --output (same model, tokenizer, engine and --router-logits "
+                                      "as it records); without it an existing file is an error");
   cmd->add_flag("--router-logits", a.router_logits, "Also record every router logit (float16, [N, L, E])");
   cmd->add_option("--max-tokens", a.max_tokens, "Stop after this many tokens in total (0: all)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--window", a.window, "Tokens per sequence; longer texts are cut (default: min(512, context))")

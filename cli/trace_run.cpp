@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <csignal>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -24,6 +25,15 @@ nlohmann::json read_config_json(const ModelConfig& cfg) {
   auto j = nlohmann::json::parse(ss.str(), nullptr, false);
   if (!in || j.is_discarded()) throw Error(fmt::format("{}: cannot read the config again", cfg.source));
   return j;
+}
+
+// A path as the trace records it: absolute and normalized (symlinks kept: they name what the user chose).
+std::string absolute_path(const std::string& p) {
+  std::error_code ec;
+  const auto a = std::filesystem::absolute(p, ec);
+  auto n = (ec ? std::filesystem::path(p) : a).lexically_normal();
+  if (!n.has_filename() && n != n.root_path()) n = n.parent_path();  // "dir/" -> "dir"
+  return n.string();
 }
 
 // One sequence of the trace: a window of one text's tokens.
@@ -85,6 +95,27 @@ class StopOnSignals {
 
 }  // namespace
 
+analysis::TraceHeader trace_header(const Checkpoint& ck, const std::string& engine_name, int window,
+                                   const TraceRunOptions& o, const std::vector<analysis::TraceText>& texts) {
+  const auto& cfg = ck.config();
+  analysis::TraceHeader header;
+  header.model_config = read_config_json(cfg);
+  header.num_layers = cfg.num_layers;
+  header.top_k = cfg.top_k;
+  header.num_experts = cfg.num_experts;
+  header.engine = engine_name;
+  header.model_path = absolute_path(ck.dir());
+  header.tokenizer_sha256 = analysis::sha256_file(ck.tokenizer_path());
+  for (const auto& in : o.inputs) header.inputs.push_back(absolute_path(in));
+  header.tool_version = MOELAB_VERSION;
+  header.window = window;
+  header.router_logits = o.router_logits;
+  for (const auto& t : texts)
+    if (std::find(header.domain_names.begin(), header.domain_names.end(), t.domain) == header.domain_names.end())
+      header.domain_names.push_back(t.domain);
+  return header;
+}
+
 TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer& tok,
                            const std::vector<analysis::TraceText>& texts, const std::string& out,
                            const TraceRunOptions& o) {
@@ -99,21 +130,9 @@ TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer
   const auto windows = cut_windows(texts, tok, r.window, o.max_tokens, r.empty_texts);
   if (windows.empty()) throw Error("trace: the inputs hold no text");
 
-  analysis::TraceHeader header;
-  header.model_config = read_config_json(cfg);
-  header.num_layers = cfg.num_layers;
-  header.top_k = cfg.top_k;
-  header.num_experts = cfg.num_experts;
-  header.engine = engine.name();
-  header.tool_version = MOELAB_VERSION;
-  header.window = r.window;
-  header.router_logits = o.router_logits;
-  for (const auto& t : texts)
-    if (std::find(header.domain_names.begin(), header.domain_names.end(), t.domain) == header.domain_names.end())
-      header.domain_names.push_back(t.domain);
-
+  const auto header = trace_header(ck, engine.name(), r.window, o, texts);
   const StopOnSignals stop;  // from before the file is created: a signal from then on ends the run cleanly
-  analysis::TraceWriter writer(out, header);
+  analysis::TraceWriter writer(out, header, analysis::TraceWriterOptions{.append = o.append});
   r.appended = writer.appended();
   r.recovered = writer.recovered();
   r.tokens_before = writer.tokens_before();

@@ -17,6 +17,8 @@ struct TraceRunOptions {
   int window = 0;            // tokens per sequence; 0: min(512, the engine's context)
   int64_t max_tokens = 0;    // stop after this many tokens in all (0: every text)
   bool router_logits = false;
+  bool append = false;       // add to the trace in `out` (refused when it exists and this is false)
+  std::vector<std::string> inputs;  // the input files, recorded in the trace (absolute)
   analysis::TimingProbe* timing = nullptr;  // also observes every call when given
 };
 
@@ -30,11 +32,17 @@ struct TraceRunResult {
 };
 
 // Tokenizes each text with BOS, cuts it into windows (only the first starts with BOS), runs each window
-// from an empty cache and appends its routing to `out` (created, or appended to when it is a trace of
-// the same model). Shows progress on a terminal.
+// from an empty cache and writes its routing to `out`: a new file, or with options.append the trace
+// in it (of the same model, tokenizer and engine; analysis::TraceWriter checks). Shows progress on a
+// terminal.
 TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer& tok,
                            const std::vector<analysis::TraceText>& texts, const std::string& out,
                            const TraceRunOptions& options);
+
+// What the trace records of a run: the model (config, directory), its tokenizer's hash, the engine,
+// the inputs (absolute), the window, and the texts' domains.
+analysis::TraceHeader trace_header(const Checkpoint& ck, const std::string& engine_name, int window,
+                                   const TraceRunOptions& options, const std::vector<analysis::TraceText>& texts);
 
 // One line: tokens, sequences, window, tokens per domain, time and speed.
 std::string describe(const TraceRunResult& r, const std::string& engine_name);

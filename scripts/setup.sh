@@ -40,9 +40,9 @@ else
   echo "[setup] Debian packages already installed"
 fi
 
-# The light tier: reading traces and dumps (h5py, safetensors, numpy), plots (matplotlib), the real
+# The light tier: reading traces and dumps (h5py, pandas, safetensors, numpy), plots (matplotlib), the real
 # Mixtral tokenizer shipped in mistral-common. Exact pins so results reproduce.
-light=(numpy==2.3.5 safetensors==0.7.0 sentencepiece==0.2.1 h5py==3.15.1 matplotlib==3.10.8 mistral-common==1.8.8)
+light=(numpy==2.3.5 safetensors==0.7.0 sentencepiece==0.2.1 h5py==3.15.1 pandas==2.3.3 matplotlib==3.10.8 mistral-common==1.8.8)
 # The heavy tier: transformers stays on 4.x, whose MixtralForCausalLM keeps the per-expert weight layout
 # real checkpoints have on disk (5.x fuses experts at load).
 heavy=(torch==2.9.1 transformers==4.57.3 accelerate==1.11.0 bitsandbytes==0.49.2 lm-eval==0.4.9.2)

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <hdf5.h>
+#include <hdf5_hl.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mount.h>
@@ -143,6 +144,9 @@ Sequence make_sequence(uint64_t seed, int n, const TraceHeader& h, int domain) {
   }
   return s;
 }
+
+// Options of a writer that adds to an existing trace (without them an existing file is refused).
+const TraceWriterOptions kAppend{.append = true};
 
 void add(TraceWriter& w, const Sequence& s) { w.add_sequence(s.domain, s.tokens, s.experts, s.gates, s.logits); }
 
@@ -320,6 +324,136 @@ TEST(TraceFile, WithoutRouterLogitsThereIsNoDataset) {
   expect_same_rows(got, expected_trace({s}, h));
 }
 
+// Every dataset says what it holds (a `description` attribute) and names its axes (HDF5 dimension
+// labels); the layer, rank and expert axes have dimension scales. Read with the C API and H5DS, not ours.
+TEST(TraceFile, SelfDescribing) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  auto h = small_header(true);
+  h.model_path = "/models/m";
+  h.tokenizer_sha256 = analysis::sha256_hex("tokenizer bytes");
+  h.inputs = {"/data/a.jsonl", "/data/b.txt"};
+  {
+    TraceWriter w(path, h);
+    add(w, make_sequence(1, 10, h, 0));
+  }
+  const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  const std::vector<std::pair<const char*, std::vector<std::string>>> axes = {
+      {"tokens", {"token"}},
+      {"sequence_offsets", {"sequence_boundary"}},
+      {"sequence_domain", {"sequence"}},
+      {"experts", {"token", "layer", "rank"}},
+      {"gates", {"token", "layer", "rank"}},
+      {"router_logits", {"token", "layer", "expert"}},
+      {"layer", {"layer"}},
+      {"rank", {"rank"}},
+      {"expert", {"expert"}}};
+  for (const auto& [name, labels] : axes) {
+    SCOPED_TRACE(name);
+    const hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
+    ASSERT_GE(d, 0);
+    ASSERT_GT(H5Aexists(d, "description"), 0);
+    const hid_t a = H5Aopen(d, "description", H5P_DEFAULT), t = H5Aget_type(a);
+    std::string text(H5Tget_size(t), '\0');
+    H5Aread(a, t, text.data());
+    text.resize(strnlen(text.data(), text.size()));
+    H5Tclose(t), H5Aclose(a);
+    EXPECT_GT(text.size(), 40u) << text;
+    EXPECT_EQ(text.back(), '.') << text;
+    EXPECT_NE(text.find("shape ["), std::string::npos) << text;
+    ASSERT_EQ(H5Sget_simple_extent_ndims(H5Dget_space(d)), int(labels.size()));
+    for (size_t i = 0; i < labels.size(); ++i) {
+      char label[64] = {};
+      ASSERT_GT(H5DSget_label(d, unsigned(i), label, sizeof label), 0) << "axis " << i;
+      EXPECT_EQ(std::string(label), labels[i]) << "axis " << i;
+      EXPECT_NE(text.find(labels[i]), std::string::npos) << "the description names axis " << labels[i];
+    }
+    H5Dclose(d);
+  }
+  const auto attached = [&](const char* dset, const char* scale, unsigned axis) {
+    const hid_t d = H5Dopen2(f, dset, H5P_DEFAULT), s = H5Dopen2(f, scale, H5P_DEFAULT);
+    const bool yes = H5DSis_scale(s) > 0 && H5DSis_attached(d, s, axis) > 0;
+    H5Dclose(s), H5Dclose(d);
+    return yes;
+  };
+  EXPECT_TRUE(attached("experts", "layer", 1));
+  EXPECT_TRUE(attached("experts", "rank", 2));
+  EXPECT_TRUE(attached("gates", "layer", 1));
+  EXPECT_TRUE(attached("gates", "rank", 2));
+  EXPECT_TRUE(attached("router_logits", "layer", 1));
+  EXPECT_TRUE(attached("router_logits", "expert", 2));
+  EXPECT_FALSE(attached("experts", "layer", 2));
+  {
+    const hid_t d = H5Dopen2(f, "expert", H5P_DEFAULT);
+    std::vector<int32_t> v(4);
+    H5Dread(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+    EXPECT_EQ(v, (std::vector<int32_t>{0, 1, 2, 3}));
+    H5Dclose(d);
+  }
+  H5Fclose(f);
+  const auto a = analysis::read_trace(path).attributes;
+  EXPECT_EQ(a["model_path"], "/models/m");
+  EXPECT_EQ(a["tokenizer_sha256"], analysis::sha256_hex("tokenizer bytes"));
+  EXPECT_EQ(a["inputs"], nlohmann::json({"/data/a.jsonl", "/data/b.txt"}));
+  EXPECT_EQ(a["runs"][0]["inputs"], nlohmann::json({"/data/a.jsonl", "/data/b.txt"}));
+  // A repair rewrites the file and keeps all of it.
+  EXPECT_EQ(analysis::repair_trace(path), 0);
+}
+
+// FIPS 180-4 known answers, across the one- and two-block padding boundary.
+TEST(TraceHash, Sha256KnownAnswers) {
+  EXPECT_EQ(analysis::sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(analysis::sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(analysis::sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  EXPECT_EQ(analysis::sha256_hex(std::string(1000000, 'a')),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+  // (hashlib.sha256 of 55 and 56 bytes, the last one-block and first two-block paddings, and of 64.)
+  EXPECT_EQ(analysis::sha256_hex(std::string(55, 'x')), "d5e285683cd4efc02d021a5c62014694958901005d6f71e89e0989fac77e4072");
+  EXPECT_EQ(analysis::sha256_hex(std::string(56, 'x')), "04c26261370ee7541549d16dee320c723e3fd14671e66a099afe0a377c16888e");
+  EXPECT_EQ(analysis::sha256_hex(std::string(64, 'y')), "ffbf30ab94107b2c14d75cfb455ec94f200400ddc5ce304e0c21894090db055f");
+}
+
+// Traces written by older builds (the fuzz corpus seeds: fixed-length strings, and the older
+// variable-length ones) read as before, and can be appended to by the same engine.
+TEST(TraceFile, OldTracesStillReadAndAppend) {
+  TempDir tmp;
+  const std::string corpus = fixture("../fuzz/corpus/trace/");
+  for (const char* name : {"seed-trace-0", "seed-trace-1", "seed-trace-vlen-strings"}) {
+    SCOPED_TRACE(name);
+    const auto t = analysis::read_trace(corpus + name);
+    EXPECT_GT(t.num_tokens(), 0);
+    EXPECT_EQ(t.attributes["engine"], "ref");
+    EXPECT_FALSE(t.attributes.contains("model_path"));
+    EXPECT_FALSE(t.attributes.contains("inputs"));
+  }
+  const auto path = tmp.file("old.h5");
+  fs::copy_file(corpus + "seed-trace-1", path);
+  const auto old = analysis::read_trace(path);
+  TraceHeader h;
+  h.model_config = old.attributes["model_config"];
+  h.num_layers = old.num_layers, h.top_k = old.top_k, h.num_experts = old.num_experts;
+  h.engine = "ref";
+  h.tool_version = "test";
+  h.router_logits = true;
+  h.model_path = "/models/m";
+  h.tokenizer_sha256 = std::string(64, 'c');
+  h.domain_names = {"new"};
+  auto other = h;
+  other.engine = "cpu-nf4";
+  expect_error([&] { TraceWriter w(path, other, kAppend); }, {path, "another engine"});
+  {
+    TraceWriter w(path, h, kAppend);
+    add(w, make_sequence(5, 4, h, w.domain_id("new")));
+  }
+  const auto got = analysis::read_trace(path);
+  EXPECT_EQ(got.num_tokens(), old.num_tokens() + 4);
+  EXPECT_EQ(std::vector<int32_t>(got.tokens.begin(), got.tokens.begin() + old.num_tokens()), old.tokens);
+  EXPECT_EQ(got.attributes["model_path"], "/models/m");  // from the first run that records one
+  EXPECT_EQ(got.attributes["created"], old.attributes["created"]);
+}
+
 TEST(TraceFile, BadSequencesAreRefused) {
   TempDir tmp;
   const auto path = tmp.file("t.h5");
@@ -360,14 +494,13 @@ TEST(TraceAppend, SecondRunIsConcatenated) {
     TraceWriter w(path, h1);
     for (const auto& s : run1) add(w, s);
   }
-  // Another engine, a longer window, domains b (already there) and c (new); a volatile config field differs.
+  // A longer window, domains b (already there) and c (new); a volatile config field differs.
   auto h2 = small_header(true, {"b", "c"});
-  h2.engine = "cpu-nf4";
   h2.window = 256;
   h2.model_config["transformers_version"] = "9.9.9";
   std::vector<Sequence> run2;
   {
-    TraceWriter w(path, h2);
+    TraceWriter w(path, h2, kAppend);
     EXPECT_TRUE(w.appended());
     EXPECT_FALSE(w.recovered());
     EXPECT_EQ(w.tokens_before(), 15);
@@ -383,12 +516,12 @@ TEST(TraceAppend, SecondRunIsConcatenated) {
   expect_same_rows(got, expected_trace(all, h1));
   EXPECT_EQ(got.sequence_offsets, (std::vector<int64_t>{0, 10, 15, 22, 25}));
   EXPECT_EQ(got.domain_names, (std::vector<std::string>{"a", "b", "c"}));
-  EXPECT_EQ(got.attributes["engine"], "ref,cpu-nf4");
+  EXPECT_EQ(got.attributes["engine"], "ref");
   EXPECT_EQ(got.attributes["window"], 256);
   EXPECT_EQ(got.attributes["model_config"]["transformers_version"], "4.57.3");  // the creating run's
   const auto& runs = got.attributes["runs"];
   ASSERT_EQ(runs.size(), 2u);
-  EXPECT_EQ(runs[1]["engine"], "cpu-nf4");
+  EXPECT_EQ(runs[1]["engine"], "ref");
   EXPECT_EQ(runs[1]["first_token"], 15);
   EXPECT_EQ(runs[1]["first_sequence"], 2);
 }
@@ -402,28 +535,108 @@ TEST(TraceAppend, AnotherModelIsRefusedAndTheFileKept) {
     add(w, make_sequence(1, 9, h, 0));
   }
   auto more_experts = small_header(true, {"a"}, 2, 8, 2);
-  expect_error([&] { TraceWriter w(path, more_experts); }, {path, "another model", "num_experts is 4 in the file, 8 here"});
+  expect_error([&] { TraceWriter w(path, more_experts, kAppend); }, {path, "another model", "num_experts is 4 in the file, 8 here"});
   auto more_layers = small_header(true, {"a"}, 3, 4, 2);
-  expect_error([&] { TraceWriter w(path, more_layers); }, {path, "num_layers"});
+  expect_error([&] { TraceWriter w(path, more_layers, kAppend); }, {path, "num_layers"});
   auto wider = small_header(true);
   wider.model_config["hidden_size"] = 128;  // same shape of trace, another model
-  expect_error([&] { TraceWriter w(path, wider); }, {path, "another model", "'hidden_size' is 64 in the file, 128 here"});
+  expect_error([&] { TraceWriter w(path, wider, kAppend); }, {path, "another model", "'hidden_size' is 64 in the file, 128 here"});
   auto no_logits = small_header(false);
-  expect_error([&] { TraceWriter w(path, no_logits); }, {path, "with router logits"});
+  expect_error([&] { TraceWriter w(path, no_logits, kAppend); }, {path, "with router logits"});
   const auto got = analysis::read_trace(path);  // untouched, and no longer locked
   EXPECT_EQ(got.num_tokens(), 9);
   EXPECT_EQ(got.attributes["runs"].size(), 1u);
+}
+
+// Appending is explicit: an existing file without options.append is refused, untouched; an empty or
+// absent one is a new trace either way.
+TEST(TraceAppend, ExistingFileNeedsAppend) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  const auto h = small_header(false);
+  {
+    TraceWriter w(path, h, kAppend);  // absent: created
+    EXPECT_FALSE(w.appended());
+    add(w, make_sequence(1, 6, h, 0));
+  }
+  const auto before = read_file_bytes(path);
+  expect_error([&] { TraceWriter w(path, h); }, {path, "already exists", "pass --append", "choose another file"});
+  expect_error([&] { analysis::check_trace_output(path, false); }, {path, "already exists", "--append"});
+  EXPECT_NO_THROW(analysis::check_trace_output(path, true));
+  EXPECT_NO_THROW(analysis::check_trace_output(tmp.file("absent.h5"), false));
+  EXPECT_EQ(read_file_bytes(path), before);
+  const auto notes = tmp.file("notes.h5");
+  write_text(notes, "my notes");
+  expect_error([&] { TraceWriter w(notes, h); }, {notes, "already exists"});
+  EXPECT_EQ(read_file_bytes(notes), "my notes");
+  write_text(tmp.file("empty.h5"), "");
+  {
+    TraceWriter w(tmp.file("empty.h5"), h);
+    EXPECT_FALSE(w.appended());
+    add(w, make_sequence(2, 3, h, 1));
+  }
+  EXPECT_EQ(analysis::read_trace(tmp.file("empty.h5")).num_tokens(), 3);
+  {
+    TraceWriter w(path, h, kAppend);
+    EXPECT_TRUE(w.appended());
+    add(w, make_sequence(3, 4, h, 1));
+  }
+  EXPECT_EQ(analysis::read_trace(path).num_tokens(), 10);
+}
+
+// Another engine, tokenizer or model directory than the trace records: refused, naming both, the file
+// untouched (before, the engines were joined into "ref,cpu-nf4" and statistics pooled both).
+TEST(TraceAppend, AnotherEngineTokenizerOrModelPathIsRefused) {
+  TempDir tmp;
+  const auto path = tmp.file("t.h5");
+  auto h = small_header(true);
+  h.model_path = "/models/a";
+  h.tokenizer_sha256 = std::string(64, 'a');
+  h.inputs = {"/in/x.jsonl"};
+  {
+    TraceWriter w(path, h);
+    add(w, make_sequence(1, 5, h, 0));
+  }
+  const auto before = read_file_bytes(path);
+  auto other = h;
+  other.engine = "cpu-nf4";
+  expect_error([&] { TraceWriter w(path, other, kAppend); },
+               {path, "another engine", "\"ref\" in the file", "\"cpu-nf4\" here", "--engine ref"});
+  other = h;
+  other.model_path = "/models/b";
+  expect_error([&] { TraceWriter w(path, other, kAppend); },
+               {path, "another model", "model_path is /models/a in the file, /models/b here"});
+  other = h;
+  other.tokenizer_sha256 = std::string(64, 'b');
+  expect_error([&] { TraceWriter w(path, other, kAppend); },
+               {path, "another tokenizer", std::string(64, 'a') + " in the file", std::string(64, 'b') + " here"});
+  EXPECT_EQ(read_file_bytes(path), before);
+  // The same of all three appends; the inputs of both runs are recorded.
+  auto same = h;
+  same.inputs = {"/in/x.jsonl", "/in/y.txt"};
+  {
+    TraceWriter w(path, same, kAppend);
+    add(w, make_sequence(2, 4, h, 1));
+  }
+  const auto a = analysis::read_trace(path).attributes;
+  EXPECT_EQ(a["engine"], "ref");
+  EXPECT_EQ(a["model_path"], "/models/a");
+  EXPECT_EQ(a["tokenizer_sha256"], std::string(64, 'a'));
+  EXPECT_EQ(a["inputs"], nlohmann::json({"/in/x.jsonl", "/in/y.txt"}));
+  ASSERT_EQ(a["runs"].size(), 2u);
+  EXPECT_EQ(a["runs"][0]["inputs"], nlohmann::json({"/in/x.jsonl"}));
+  EXPECT_EQ(a["runs"][1]["inputs"], nlohmann::json({"/in/x.jsonl", "/in/y.txt"}));
 }
 
 TEST(TraceAppend, NonTraceFilesAreNeverOverwritten) {
   TempDir tmp;
   const auto text = tmp.file("notes.h5");
   write_text(text, "my notes");
-  expect_error([&] { TraceWriter w(text, small_header(false)); }, {text, "not an HDF5 file"});
+  expect_error([&] { TraceWriter w(text, small_header(false), kAppend); }, {text, "not an HDF5 file"});
   EXPECT_EQ(read_file_bytes(text), "my notes");
   const auto other = tmp.file("other.h5");
   H5Fclose(H5Fcreate(other.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
-  expect_error([&] { TraceWriter w(other, small_header(false)); }, {other, "not a moelab trace"});
+  expect_error([&] { TraceWriter w(other, small_header(false), kAppend); }, {other, "not a moelab trace"});
 }
 
 TEST(TraceAppend, OneWriterAtATime) {
@@ -462,7 +675,7 @@ TEST(TraceAppend, UncommittedRowsAreIgnoredThenDropped) {
   EXPECT_EQ(analysis::read_trace(path).num_tokens(), 6);
   const auto s2 = make_sequence(2, 4, h, 1);
   {
-    TraceWriter w(path, h);
+    TraceWriter w(path, h, kAppend);
     EXPECT_EQ(w.dropped_tokens(), 3);
     add(w, s2);
   }
@@ -576,7 +789,7 @@ TEST(TraceCrash, AppendingToACrashedTraceRecovers) {
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   ASSERT_FALSE(plain_hdf5_open_works(path));
   {
-    TraceWriter w(path, h);
+    TraceWriter w(path, h, kAppend);
     EXPECT_TRUE(w.recovered());
     EXPECT_EQ(w.sequences_before(), 4);
     for (int i = 4; i < 6; ++i) add(w, crash_sequence(i, h));
@@ -673,7 +886,7 @@ TEST(TraceCrash, KilledAtRandomMomentsTheFileStaysConsistent) {
     expect_prefix_of_crash_sequences(got, got.num_sequences(), h);
     // And it can be continued.
     {
-      TraceWriter w(path, h);
+      TraceWriter w(path, h, kAppend);
       EXPECT_EQ(w.recovered(), !repaired);  // still marked by the dead writer, unless repaired above
       if (w.dropped_tokens() > 0) ++killed_mid_flush;
       add(w, crash_sequence(int(got.num_sequences()), h));
@@ -712,7 +925,7 @@ TEST(TraceCrash, TornIndexBlockIsSalvagedByRepair) {
   EXPECT_EQ(got.attributes["tool_version"], "test");  // attributes survive the rewrite
   EXPECT_EQ(got.attributes["runs"].size(), 1u);
   {
-    TraceWriter w(path, h);
+    TraceWriter w(path, h, kAppend);
     EXPECT_FALSE(w.recovered());
     add(w, crash_sequence(int(got.num_sequences()), h));
   }
@@ -876,7 +1089,21 @@ TEST(TraceCli, WindowsDomainsAppendAndTimings) {
   ref::Model<float> engine(*ck);
   for (int64_t s = 0; s < got.num_sequences(); ++s) expect_window_matches_forward(got, s, engine, true);
 
-  r = moelab(tmp, fmt::format("trace --model {} --input {} --output {} --router-logits --max-tokens 5", model,
+  const auto sha = analysis::sha256_file(ck->tokenizer_path());
+  EXPECT_EQ(got.attributes["model_path"], fs::absolute(model).lexically_normal().string());
+  EXPECT_EQ(got.attributes["tokenizer_sha256"], sha);
+  EXPECT_EQ(got.attributes["inputs"], nlohmann::json({tmp.file("mit.txt")}));
+
+  // Into the same file: without --append, one line and nothing written; with another engine, refused.
+  const auto before = read_file_bytes(out);
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {} --router-logits", model,
+                                                tmp.file("more.jsonl"), out)),
+                        {out, "already exists", "--append"});
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {} --router-logits --append "
+                                                "--engine cpu-nf4", model, tmp.file("more.jsonl"), out)),
+                        {out, "another engine", "\"ref\" in the file", "\"cpu-nf4\" here"});
+  EXPECT_EQ(read_file_bytes(out), before);
+  r = moelab(tmp, fmt::format("trace --model {} --input {} --output {} --router-logits --max-tokens 5 --append", model,
                               tmp.file("more.jsonl"), out));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("appended to " + out), std::string::npos) << r.out;
@@ -884,6 +1111,8 @@ TEST(TraceCli, WindowsDomainsAppendAndTimings) {
   EXPECT_EQ(got.num_tokens(), int64_t(ids.size()) + 5);  // --max-tokens cut the second run
   EXPECT_EQ(got.domain_names, (std::vector<std::string>{"license", "code"}));
   EXPECT_EQ(got.sequence_domain.back(), 1);
+  EXPECT_EQ(got.attributes["inputs"], nlohmann::json({tmp.file("mit.txt"), tmp.file("more.jsonl")}));
+  EXPECT_EQ(got.attributes["tokenizer_sha256"], sha);
 }
 
 TEST(TraceCli, BadInputsAreOneLineErrors) {
@@ -903,8 +1132,8 @@ TEST(TraceCli, BadInputsAreOneLineErrors) {
                         {"2 --domain", "1 --input"});
   // A trace of one model, then an append with another.
   ASSERT_EQ(moelab(tmp, fmt::format("trace --model {} --input {} --output {}", model, tmp.file("a.txt"), tmp.file("t.h5"))).exit_code, 0);
-  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {}", model_dir("mixtral-8e-bf16-sharded"),
-                                                tmp.file("a.txt"), tmp.file("t.h5"))),
+  expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {} --append",
+                                                model_dir("mixtral-8e-bf16-sharded"), tmp.file("a.txt"), tmp.file("t.h5"))),
                         {tmp.file("t.h5"), "another model"});
   EXPECT_EQ(analysis::read_trace(tmp.file("t.h5")).num_sequences(), 1);
   expect_one_line_error(moelab(tmp, fmt::format("trace --model {} --input {} --output {} --router-logits",
@@ -1136,7 +1365,7 @@ TEST(TraceWriteError, FailedWriterAbandonsTheFileCleanly) {
   ASSERT_LT(kept, 100);
   expect_prefix_of_crash_sequences(analysis::read_trace(path), kept, h);
   {
-    TraceWriter w(path, h);
+    TraceWriter w(path, h, kAppend);
     EXPECT_TRUE(w.recovered());
     add(w, crash_sequence(int(kept), h));
   }
@@ -1165,12 +1394,17 @@ TEST(TraceCorrupt, StringAttributesAreFixedLength) {
     H5Tclose(t);
     H5Aclose(a);
   };
-  for (const char* name : {"model_config", "engine", "tool", "tool_version", "created", "runs"}) check(f, name);
+  for (const char* name : {"model_config", "engine", "tool", "tool_version", "created", "runs", "inputs"}) check(f, name);
   const hid_t d = H5Dopen2(f, "sequence_domain", H5P_DEFAULT);
   check(d, "domain_names");
   H5Dclose(d);
+  for (const char* name : {"tokens", "sequence_offsets", "sequence_domain", "experts", "gates", "layer", "rank"}) {
+    const hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
+    check(ds, "description");
+    H5Dclose(ds);
+  }
   H5Fclose(f);
-  EXPECT_EQ(strings, 7);
+  EXPECT_EQ(strings, 15);
   const auto got = analysis::read_trace(path);
   EXPECT_EQ(got.domain_names, (std::vector<std::string>{"a", "longer name"}));
   EXPECT_EQ(got.attributes["tool"], "moelab");
@@ -1233,7 +1467,7 @@ TEST(TraceCorrupt, OldVariableLengthStringsStillRead) {
   expect_same_rows(after, expected_trace(seqs, h));
   // And appending to such a file works (its attributes are read, merged, and written back fixed-length).
   {
-    TraceWriter w(path, h);
+    TraceWriter w(path, h, kAppend);
     seqs.push_back(make_sequence(99, 3, h, 1));
     add(w, seqs.back());
   }
@@ -1253,7 +1487,8 @@ TEST(TraceCorrupt, DamagedStringHeapIsAClearErrorNotAHang) {
   }
   make_strings_variable_length(good);
   const std::string bytes = read_file_bytes(good);
-  const size_t heap = bytes.find("GCOL");
+  // The collection holding the string attributes (the dimension labels and scales have their own).
+  const size_t heap = bytes.rfind("GCOL", bytes.find("\"architectures\""));
   ASSERT_NE(heap, std::string::npos);
   const auto put64 = [](std::string& b, size_t at, uint64_t v) {
     for (int i = 0; i < 8; ++i) b[at + size_t(i)] = char((v >> (8 * i)) & 0xff);
