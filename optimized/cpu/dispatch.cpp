@@ -106,8 +106,12 @@ void gemv_prepared(Isa isa, const Nf4Matrix& w, const float* xs, float* y, int64
 
 void gemv_prepared_batch(Isa isa, const Nf4Matrix& w, const float* xs, int64_t xs_stride, int n, float* y,
                          int64_t y_stride, int64_t r0, int64_t r1) {
-  if (fp32_set(isa) == Fp32Set::Avx512) return avx512::gemv_prepared_batch(w, xs, xs_stride, n, y, y_stride, r0, r1);
-  for (int t = 0; t < n; ++t) gemv_prepared(isa, w, xs + t * xs_stride, y + t * y_stride, r0, r1);
+  switch (fp32_set(isa)) {
+    case Fp32Set::Avx512: return avx512::gemv_prepared_batch(w, xs, xs_stride, n, y, y_stride, r0, r1);
+    case Fp32Set::Avx2: return avx2::gemv_prepared_batch(w, xs, xs_stride, n, y, y_stride, r0, r1);
+    case Fp32Set::Scalar: break;
+  }
+  for (int t = 0; t < n; ++t) scalar::gemv_prepared(w, xs + t * xs_stride, y + t * y_stride, r0, r1);
 }
 
 void gemv_rows(Isa isa, const Nf4Matrix& w, const float* x, float* y, int64_t r0, int64_t r1) {

@@ -26,11 +26,12 @@ void gemv_rows(Isa isa, const Nf4Matrix& w, const float* x, float* y, int64_t r0
 // chunk into the elements of high and low nibbles), gemv_prepared consumes it.
 void prepare_x(Isa isa, const Nf4Matrix& w, const float* x, float* xs);
 void gemv_prepared(Isa isa, const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
-// gemv_prepared for n tokens at once (n <= 4): y[t * y_stride + r - r0] from xs + t * xs_stride. The
-// AVX-512 kernel decodes each weight block once for all n tokens (decoding, not DRAM, bounds a
-// two-core GEMV) and always works in four-row blocks; a token's result is gemv_prepared's to FP32
-// rounding, bit for bit where gemv_prepared blocks rows too (x beyond L1, e.g. w2). Other kernel sets
-// run gemv_prepared per token.
+// gemv_prepared for n tokens at once: y[t * y_stride + r - r0] from xs + t * xs_stride. The SIMD
+// kernels (one loop for both widths, fp32_kernel.hpp) decode each weight block once for up to four
+// tokens (decoding, not DRAM, bounds a two-core GEMV) and work in blocks of up to four rows (as many as
+// keep rows x tokens totals in registers); a token's result is gemv_prepared's bit for bit (their
+// arithmetic order does not depend on row blocking or token count). The scalar set runs gemv_prepared
+// per token.
 void gemv_prepared_batch(Isa isa, const Nf4Matrix& w, const float* xs, int64_t xs_stride, int n, float* y,
                          int64_t y_stride, int64_t r0, int64_t r1);
 // out[(r - r0) * cols + c] = W[r, c] in FP32 (code value times its block's absmax).
@@ -78,6 +79,8 @@ void gemv_q8_vnni(const Nf4Matrix& w, const int8_t* q, int64_t q_stride, const f
                   float* y, int64_t y_stride, int64_t r0, int64_t r1);
 void prepare_x(const Nf4Matrix& w, const float* x, float* xs);
 void gemv_prepared(const Nf4Matrix& w, const float* xs, float* y, int64_t r0, int64_t r1);
+void gemv_prepared_batch(const Nf4Matrix& w, const float* xs, int64_t xs_stride, int n, float* y, int64_t y_stride,
+                         int64_t r0, int64_t r1);
 void dequantize_rows(const Nf4Matrix& w, int64_t r0, int64_t r1, float* out);
 }  // namespace avx2
 namespace avx512 {

@@ -33,11 +33,7 @@ void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
 int64_t q8_values(const Nf4Matrix& w) { return w.cols; }
 
 namespace scalar {
-namespace {
-inline int code_at(const uint8_t* packed, int64_t i) {
-  return (i & 1) ? packed[i >> 1] & 0x0f : packed[i >> 1] >> 4;
-}
-}  // namespace
+using nf4::code_at;
 
 void gemv_q8(const Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d, int64_t d_stride, int n, float* y,
              int64_t y_stride, int64_t r0, int64_t r1) {

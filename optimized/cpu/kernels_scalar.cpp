@@ -6,11 +6,7 @@
 namespace moelab::cpu {
 
 namespace scalar {
-namespace {
-inline int code_at(const uint8_t* packed, int64_t i) {
-  return (i & 1) ? packed[i >> 1] & 0x0f : packed[i >> 1] >> 4;
-}
-}  // namespace
+using nf4::code_at;
 
 void prepare_x(const Nf4Matrix& w, const float* x, float* xs) { std::copy(x, x + w.cols, xs); }
 

@@ -69,9 +69,7 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ codes, const f
                                       int64_t first, int64_t count, Out* __restrict__ out) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = first + i;
-    const uint8_t byte = codes[e / 2];
-    const int code = (e % 2 == 0) ? (byte >> 4) : (byte & 15);
-    store(out + i, kNf4[code] * absmax[e / 64]);
+    store(out + i, kNf4[nf4::code_at(codes, e)] * absmax[e / 64]);
   }
 }
 

@@ -26,4 +26,14 @@ inline constexpr float kCodeValues[16] = {
     1.0f,
 };
 
+// Element i's 4-bit code in a packed NF4 tensor (bitsandbytes' packing: byte i / 2, the high nibble for
+// even i): the one definition of the nibble order, for the CPU kernels, the quantizer's dequantize and
+// the cuda-nf4 kernels (host and device).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline constexpr int code_at(const unsigned char* packed, long long i) {
+  return (i & 1) ? (packed[i >> 1] & 15) : (packed[i >> 1] >> 4);
+}
+
 }  // namespace moelab::nf4

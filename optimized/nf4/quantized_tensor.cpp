@@ -54,9 +54,7 @@ std::vector<float> dequantize(const QuantizedTensor& q) {
   const int64_t n = q.numel();
   std::vector<float> out(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    const uint8_t byte = q.packed[size_t(i / 2)];
-    const uint8_t code = (i % 2 == 0) ? byte >> 4 : byte & 0x0F;
-    out[size_t(i)] = kCodes[code] * absmax[size_t(i / q.blocksize)];
+    out[size_t(i)] = kCodes[size_t(code_at(q.packed.data(), i))] * absmax[size_t(i / q.blocksize)];
   }
   return out;
 }
