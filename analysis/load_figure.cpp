@@ -38,16 +38,30 @@ std::string expert_load_by_domain_svg(const StatsReport& r) {
   const double bar_w = 6, group_gap = 8, left = 50, panel_h = top * kLoadFigureBarScale + 40;
   const double group_w = double(domains) * bar_w + group_gap, panel_w = left + double(experts) * group_w + 10;
   const double legend_h = 18.0 * double(domains) + 10, height = double(layers) * panel_h + legend_h + 30;
+  const std::string title = fmt::format("Expert load by domain: share of each domain's top-{} choices (dashed: "
+                                        "uniform 1/{})", r.top_k, r.num_experts);
+  // Wide enough for the title: sans-serif at 13 px averages under 0.62 em per character.
+  const double width = std::max(panel_w, 20 + 0.62 * 13 * double(title.size()));
   std::string svg = fmt::format(
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0f}\" height=\"{:.0f}\" font-family=\"sans-serif\" "
-      "font-size=\"11\">\n<text x=\"10\" y=\"16\" font-size=\"13\">Expert load by domain: share of each domain's "
-      "top-{} choices (dashed: uniform 1/{})</text>\n",
-      panel_w, height, r.top_k, r.num_experts);
+      "font-size=\"11\">\n<text x=\"10\" y=\"16\" font-size=\"13\">{}</text>\n",
+      width, height, escape(title));
+  // The y axis: a tick and its share every 5% (10% when the tallest bar passes 25%).
+  const double step = top > 0.25 ? 0.10 : 0.05;
   for (size_t l = 0; l < layers; ++l) {
     const double y0 = 30 + double(l) * panel_h, base = y0 + top * kLoadFigureBarScale + 10;
-    svg += fmt::format("<g class=\"layer\" data-layer=\"{}\">\n<text x=\"4\" y=\"{:.1f}\">layer {}</text>\n", l, y0 + 12, l);
+    svg += fmt::format("<g class=\"layer\" data-layer=\"{}\">\n<text x=\"{:.1f}\" y=\"{:.1f}\">layer {}</text>\n", l,
+                       left + 4, y0 + 8, l);
     svg += fmt::format("<line x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"#444\"/>\n", left, base,
                        panel_w - 10, base);
+    svg += fmt::format("<line x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"#444\"/>\n", left, base,
+                       left, base - top * kLoadFigureBarScale);
+    for (int t = 0; double(t) * step <= top + 1e-9; ++t) {
+      const double v = double(t) * step, y = base - v * kLoadFigureBarScale;
+      svg += fmt::format("<line class=\"tick\" x1=\"{:.1f}\" y1=\"{:.2f}\" x2=\"{:.1f}\" y2=\"{:.2f}\" stroke=\"#444\"/>"
+                         "<text class=\"tick-label\" data-share=\"{:.2f}\" x=\"{:.1f}\" y=\"{:.2f}\" text-anchor=\"end\">{:.0f}%</text>\n",
+                         left - 4, y, left, y, v, left - 6, y + 4, 100 * v);
+    }
     const double uniform_y = base - kLoadFigureBarScale / double(r.num_experts);
     svg += fmt::format("<line x1=\"{:.1f}\" y1=\"{:.2f}\" x2=\"{:.1f}\" y2=\"{:.2f}\" stroke=\"#888\" "
                        "stroke-dasharray=\"4 3\"/>\n", left, uniform_y, panel_w - 10, uniform_y);

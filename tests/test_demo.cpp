@@ -113,6 +113,22 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
     if (++in_layer == per_layer) ++layer, in_layer = 0;
   }
   EXPECT_EQ(bars, per_layer * stats["overall"]["layers"].size());
+  // The title fits (the figure is at least as wide as the title at 0.62 em per character) and each layer's
+  // panel has a y axis: ticks labelled with the share they stand at, one 0% tick per layer.
+  std::smatch sm;
+  ASSERT_TRUE(std::regex_search(svg, sm, std::regex(R"re(<svg [^>]*width="([0-9.]+)")re")));
+  const double svg_width = std::stod(sm[1].str());
+  ASSERT_TRUE(std::regex_search(svg, sm, std::regex(R"re(<text x="10" y="16" font-size="13">([^<]+)</text>)re")));
+  EXPECT_GE(svg_width, 0.62 * 13 * double(sm[1].str().size())) << sm[1].str();
+  const std::regex tick(R"re(<text class="tick-label" data-share="([0-9.]+)" x="[0-9.]+" y="([0-9.]+)" text-anchor="end">(\d+)%</text>)re");
+  size_t zero_ticks = 0, ticks = 0;
+  for (auto it = std::sregex_iterator(svg.begin(), svg.end(), tick); it != std::sregex_iterator(); ++it, ++ticks) {
+    const double share = std::stod((*it)[1].str());
+    EXPECT_EQ(std::stoi((*it)[3].str()), int(std::lround(100 * share))) << (*it)[0].str();
+    if (share == 0) ++zero_ticks;
+  }
+  EXPECT_EQ(zero_ticks, stats["overall"]["layers"].size());
+  EXPECT_GE(ticks, 2 * stats["overall"]["layers"].size());
 
   // One result per task and engine, in the harness's layout, with the metrics the index shows. The
   // scores themselves are lm-evaluation-harness's (EvalParity checks the scoring against it); a random
