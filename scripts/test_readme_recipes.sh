@@ -18,7 +18,8 @@
 #     error ("cuda-nf4: no CUDA device found"), which is checked instead;
 #   - timed benchmarks: moelab_bench only lists what its filter selects (which must be something), and
 #     the side-by-side scripts (bench_*.sh) are not run: figures, not behaviour, and minutes of CPU;
-#   - .venv/bin/python commands when the light Python tier is missing.
+#   - .venv/bin/python commands when the light Python tier is missing, or lacks a module the command
+#     imports (scripts/setup.sh only warns when its PyPI install fails).
 # Exit status: 0 when every command that ran succeeded (or failed as documented), 1 otherwise.
 set -uo pipefail
 build=$(cd "${1:?usage: test_readme_recipes.sh BUILD_DIR [README]}" && pwd)
@@ -80,6 +81,10 @@ for cmd in "${commands[@]}"; do
       echo "  FAIL: expected the one-line 'no CUDA device' error, got exit $rc:"; sed 's/^/    /' <<<"$out" | tail -20
       failed=$((failed + 1))
     fi
+  elif ((rc != 0)) && [[ $cmd == .venv/bin/python* ]] && grep -q "ModuleNotFoundError" <<<"$out"; then
+    # The light tier's install is allowed to fail (setup.sh warns; the C++ toolkit never needs it).
+    echo "  not run: the light Python tier lacks $(grep -o "No module named '[^']*'" <<<"$out" | head -1)"
+    ran=$((ran - 1)) skipped=$((skipped + 1))
   elif ((rc != 0)); then
     echo "  FAIL: exit $rc:"; sed 's/^/    /' <<<"$out" | tail -20
     failed=$((failed + 1))
