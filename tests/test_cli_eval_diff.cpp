@@ -51,13 +51,6 @@ fs::path samples_file(const fs::path& results, const std::string& task) {
 
 class CliEvalDiff : public ::testing::Test {
  protected:
-  void SetUp() override {
-    tmp = fs::temp_directory_path() / ("moelab-cli-eval-diff-" + std::to_string(::getpid()) + "-" +
-                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-  }
-  void TearDown() override { fs::remove_all(tmp); }
 
   struct Run {
     int status;
@@ -78,7 +71,8 @@ class CliEvalDiff : public ::testing::Test {
   }
   std::string path(const std::string& name) const { return (tmp / name).string(); }
 
-  fs::path tmp;
+  TempDir scratch{"moelab-cli-eval-diff"};
+  const fs::path& tmp = scratch.path();
 };
 
 const std::string kModel = "mixtral-4e-gqa-f32";  // the model the harness oracles were run on

@@ -32,6 +32,7 @@ namespace moelab::evals {
 namespace {
 
 namespace fs = std::filesystem;
+using test::TempDir;
 using nlohmann::json;
 
 void write(const fs::path& p, const std::string& bytes) {
@@ -48,13 +49,6 @@ struct InDirectory {
 
 class EvalData : public ::testing::Test {
  protected:
-  void SetUp() override {
-    tmp = fs::temp_directory_path() / ("moelab-evaldata-" + std::to_string(::getpid()) + "-" +
-                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-  }
-  void TearDown() override { fs::remove_all(tmp); }
 
   // The message read_docs throws for `content` written to `name` (empty when it does not throw).
   std::string error_for(const std::string& task, TaskType type, const std::string& name, const std::string& content) {
@@ -85,7 +79,8 @@ class EvalData : public ::testing::Test {
     EXPECT_EQ(r.err, "moelab: error: " + exact_message + "\n");
   }
 
-  fs::path tmp;
+  TempDir scratch{"moelab-evaldata"};
+  const fs::path& tmp = scratch.path();
 };
 
 std::vector<std::string> queries(const std::vector<Doc>& docs) {
@@ -718,13 +713,6 @@ TEST(EvalGsm8kFewshot, BundledSliceGivesThePromptsOfTheFullTrainSplit) {
 
 class EvalSparseSlice : public ::testing::Test {
  protected:
-  void SetUp() override {
-    tmp = fs::temp_directory_path() / ("moelab-fewshot-" + std::to_string(::getpid()) + "-" +
-                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-  }
-  void TearDown() override { fs::remove_all(tmp); }
   std::string path(const std::string& name) const { return (tmp / name).string(); }
   std::string write(const std::string& name, const std::string& bytes) const {
     std::ofstream(path(name), std::ios::binary) << bytes;
@@ -740,7 +728,8 @@ class EvalSparseSlice : public ::testing::Test {
     const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
     return {status, test::read_file_bytes(out), test::read_file_bytes(err)};
   }
-  fs::path tmp;
+  TempDir scratch{"moelab-fewshot"};
+  const fs::path& tmp = scratch.path();
 };
 
 const std::string kRecord = R"("question": "q?", "answer": "a\n#### 1")";
