@@ -388,6 +388,10 @@ struct TraceWriter::Impl {
 
   void open_existing() {
     setup();
+    // Refuse another engine, model or tokenizer from a read-only open, before the file is opened for
+    // writing: a read-write open and close may rewrite metadata blocks (seen as changed bytes after a
+    // refused append in the ASan build), and a refusal must leave the file as it was.
+    check_appendable(cx.path, header);
     file = open_for_writing(cx);
     appended = true;
     tokens = open_row_dataset(cx, file, kTokens);
