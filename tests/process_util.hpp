@@ -17,6 +17,8 @@
 #include <thread>
 #include <vector>
 
+#include "core/spawn.hpp"
+
 extern char** environ;
 
 namespace moelab::test {
@@ -114,5 +116,20 @@ inline ProgramRun run_program(const std::vector<std::string>& args, const std::f
   const auto out = dir / "stdout.txt", err = dir / "stderr.txt";
   return wait_program(spawn_program(args, out, err), seconds, out, err);
 }
+
+#ifdef MOELAB_BIN
+// The moelab binary with `args` (no shell), stdout and stderr in files in `dir`; status as
+// core/spawn.hpp's run_process reports it (exit code, or 128 + the signal).
+struct MoelabRun {
+  int status;
+  std::string out, err;
+};
+inline MoelabRun run_moelab(std::vector<std::string> args, const std::filesystem::path& dir) {
+  args.insert(args.begin(), MOELAB_BIN);
+  const auto out = dir / "stdout.txt", err = dir / "stderr.txt";
+  const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
+  return {status, read_file_bytes(out), read_file_bytes(err)};
+}
+#endif
 
 }  // namespace moelab::test

@@ -52,17 +52,9 @@ fs::path samples_file(const fs::path& results, const std::string& task) {
 class CliEvalDiff : public ::testing::Test {
  protected:
 
-  struct Run {
-    int status;
-    std::string out, err;
-  };
-  // The real binary, started without a shell.
-  Run moelab(std::vector<std::string> args) {
-    args.insert(args.begin(), MOELAB_BIN);
-    const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
-    const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
-    return {status, read_file_bytes(out), read_file_bytes(err)};
-  }
+  using Run = test::MoelabRun;
+  // The real binary, started without a shell (arguments passed as they are).
+  Run moelab(std::vector<std::string> args) { return test::run_moelab(std::move(args), tmp); }
   static void expect_one_line_error(const Run& r, const std::string& needle) {
     EXPECT_EQ(r.status, 1) << r.err;
     EXPECT_EQ(r.err.rfind("moelab: error: ", 0), 0u) << r.err;

@@ -63,17 +63,9 @@ class EvalData : public ::testing::Test {
   }
   std::string path(const std::string& name) const { return (tmp / name).string(); }
 
-  struct Run {
-    int status;
-    std::string out, err;
-  };
+  using Run = test::MoelabRun;
   // The real binary, started without a shell (arguments passed as they are).
-  Run moelab(std::vector<std::string> args) {
-    args.insert(args.begin(), MOELAB_BIN);
-    const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
-    const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
-    return {status, test::read_file_bytes(out), test::read_file_bytes(err)};
-  }
+  Run moelab(std::vector<std::string> args) { return test::run_moelab(std::move(args), tmp); }
   static void expect_one_line_error(const Run& r, const std::string& exact_message) {
     EXPECT_EQ(r.status, 1) << r.err;
     EXPECT_EQ(r.err, "moelab: error: " + exact_message + "\n");
@@ -718,16 +710,9 @@ class EvalSparseSlice : public ::testing::Test {
     std::ofstream(path(name), std::ios::binary) << bytes;
     return path(name);
   }
-  struct Run {
-    int status;
-    std::string out, err;
-  };
-  Run moelab(std::vector<std::string> args) {
-    args.insert(args.begin(), MOELAB_BIN);
-    const auto out = tmp / "stdout.txt", err = tmp / "stderr.txt";
-    const int status = run_process(args, {.stdout_path = out.string(), .stderr_path = err.string()});
-    return {status, test::read_file_bytes(out), test::read_file_bytes(err)};
-  }
+  using Run = test::MoelabRun;
+  // The real binary, started without a shell (arguments passed as they are).
+  Run moelab(std::vector<std::string> args) { return test::run_moelab(std::move(args), tmp); }
   TempDir scratch{"moelab-fewshot"};
   const fs::path& tmp = scratch.path();
 };
