@@ -7,7 +7,6 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -15,6 +14,8 @@
 
 #include "core/ascii.hpp"
 #include "core/error.hpp"
+#include "evals/unicode_case.hpp"
+#include "evals/unicode_space.hpp"
 
 namespace moelab::evals {
 
@@ -22,18 +23,13 @@ using nlohmann::json;
 
 namespace {
 
-// The white space of the harness's regexes (\s) is taken as ECMAScript's and the C locale's: the six
-// ASCII characters (core/ascii.hpp). Python's \s also takes Unicode white space; moelab has always used
-// the ASCII set.
+// Where the harness applies a Python str method or a regex to a document, the code below does what
+// Python does on Unicode text: str.strip() and the regexes' \s take every str.isspace() character,
+// capitalize() and lower() use the full Unicode mappings (evals/unicode_space.hpp, unicode_case.hpp).
+// ASCII-only handling (core/ascii.hpp) is left for moelab's own parsing (blank JSONL lines, articles).
 
 void replace_all(std::string& s, const std::string& from, const std::string& to) {
   for (size_t p = 0; (p = s.find(from, p)) != std::string::npos; p += to.size()) s.replace(p, from.size(), to);
-}
-
-// Python str.capitalize() for ASCII: first character upper, the rest lower.
-std::string capitalize(std::string s) {
-  for (size_t i = 0; i < s.size(); ++i) s[i] = char(i == 0 ? std::toupper((unsigned char)s[i]) : std::tolower((unsigned char)s[i]));
-  return s;
 }
 
 bool ends_with(const std::string& s, const std::string& suf) {
@@ -300,10 +296,10 @@ void optional_string(const json& j, const char* field, std::string& out) {
 // overflows the stack on long spans). Each function reproduces the regex it replaces exactly. ----
 
 std::string hellaswag_preprocess(std::string text) {
-  text = strip_ascii_space(text);
+  text = python_strip(text);
   replace_all(text, " [title]", ". ");
-  // re.sub("\\[.*?\\]", "", text): each '[' through the first ']' after it, unless a line break
-  // ('.' matches neither '\n' nor, in ECMAScript, '\r') comes first.
+  // re.sub("\\[.*?\\]", "", text): each '[' through the first ']' after it, unless a '\n' comes first
+  // (Python's '.' matches every character but '\n', '\r' included).
   std::string kept;
   kept.reserve(text.size());
   for (size_t i = 0, n = text.size(); i < n;) {
@@ -312,7 +308,7 @@ std::string hellaswag_preprocess(std::string text) {
       continue;
     }
     size_t j = i + 1;
-    while (j < n && text[j] != ']' && text[j] != '\n' && text[j] != '\r') ++j;
+    while (j < n && text[j] != ']' && text[j] != '\n') ++j;
     if (j < n && text[j] == ']') {
       i = j + 1;  // removed
     } else {
@@ -338,7 +334,8 @@ std::string hellaswag_preprocess(std::string text) {
 namespace {
 
 // re.sub(r"O\s*([^C]*?)\s*C", r"O\1C", s) for an opening O and closing C (O == C for quotes): each O
-// pairs with the first C after it, and the white space just inside the pair is removed.
+// pairs with the first C after it, and the white space just inside the pair (Python's \s, which is
+// str.isspace(): the greedy \s* and the lazy group leave exactly the stripped inside) is removed.
 std::string tighten_pairs(const std::string& s, char open, char close) {
   std::string out;
   out.reserve(s.size());
@@ -352,11 +349,8 @@ std::string tighten_pairs(const std::string& s, char open, char close) {
       out.append(s, i, std::string::npos);
       break;
     }
-    size_t a = i + 1, b = j;
-    while (a < b && is_ascii_space(s[a])) ++a;
-    while (b > a && is_ascii_space(s[b - 1])) --b;
     out += open;
-    out.append(s, a, b - a);
+    out += python_strip(std::string_view(s).substr(i + 1, j - i - 1));
     out += close;
     i = j + 1;
   }
@@ -417,7 +411,8 @@ bool wikitext_is_article_heading(const std::string& l) {
 
 Doc from_hellaswag_json(const json& j) {
   Doc d;
-  const std::string ctx = get_string(j, "ctx_a") + " " + capitalize(get_string(j, "ctx_b"));
+  // lm_eval/tasks/hellaswag/utils.py _process_doc: Python's str.capitalize(), full Unicode mappings.
+  const std::string ctx = get_string(j, "ctx_a") + " " + python_capitalize(get_string(j, "ctx_b"));
   d.query = hellaswag_preprocess(get_string(j, "activity_label") + ": " + ctx);
   for (const auto& e : get_strings(j, "endings", 1)) d.choices.push_back(hellaswag_preprocess(e));
   const json& l = need(j, "label");
@@ -491,7 +486,7 @@ Doc from_mmlu(const json& j) {
   Doc d;
   const auto choices = get_strings(j, "choices", 4);
   if (choices.size() != 4) field_error("choices", fmt::format("expected 4 choices, got {}", choices.size()));
-  d.query = strip_ascii_space(get_string(j, "question"));
+  d.query = python_strip(get_string(j, "question"));  // the template's {{question.strip()}}
   const char* L = "ABCD";
   for (int i = 0; i < 4; ++i) d.query += fmt::format("\n{}. {}", L[i], choices[size_t(i)]);
   d.query += "\nAnswer:";
@@ -516,7 +511,7 @@ Doc from_winogrande(const json& j) {
   const size_t idx = s.find('_');
   if (idx == std::string::npos) field_error("sentence", "has no '_' blank");
   d.contexts = {s.substr(0, idx) + get_string(j, "option1"), s.substr(0, idx) + get_string(j, "option2")};
-  d.continuation = strip_ascii_space(s.substr(idx + 1));
+  d.continuation = python_strip(std::string_view(s).substr(idx + 1));  // doc_to_target's .strip()
   const json& a = need(j, "answer");
   if (a.is_string() && (a == "1" || a == "2")) d.gold = a == "1" ? 0 : 1;
   else if (a.is_number_integer() && (a == 1 || a == 2)) d.gold = a == 1 ? 0 : 1;

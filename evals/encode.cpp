@@ -1,8 +1,8 @@
 #include "evals/encode.hpp"
 
-#include "core/ascii.hpp"
 #include "core/error.hpp"
 #include "core/tokenizer.hpp"
+#include "evals/unicode_space.hpp"
 
 namespace moelab::evals {
 
@@ -38,8 +38,8 @@ std::pair<Tokens, Tokens> encode_pair(const TextCodec& codec, std::string contex
     if (!cont.empty() && cont[0] == codec.prefix_token) return {Tokens{cont[0]}, Tokens(cont.begin() + 1, cont.end())};
     return {Tokens{codec.prefix_token}, cont};
   }
-  size_t n_spaces = 0;
-  while (n_spaces < context.size() && is_ascii_space(context[context.size() - 1 - n_spaces])) ++n_spaces;
+  // n_spaces = len(context) - len(context.rstrip()): Python's rstrip, Unicode white space.
+  const size_t n_spaces = context.size() - python_rstrip(context).size();
   if (n_spaces > 0) {
     continuation = context.substr(context.size() - n_spaces) + continuation;
     context.resize(context.size() - n_spaces);

@@ -4,8 +4,9 @@
 // tok_encode / tok_decode):
 // - every string is encoded with the tokenizer's default special tokens, which for the Llama /
 //   Mistral sentencepiece tokenizer means BOS first;
-// - a (context, continuation) pair: trailing whitespace of the context moves to the front of the
-//   continuation, then context+continuation is encoded whole and split at the encoded context's length;
+// - a (context, continuation) pair: trailing whitespace of the context (Python's rstrip(): Unicode
+//   white space) moves to the front of the continuation, then context+continuation is encoded whole and
+//   split at the encoded context's length;
 // - an empty context becomes [BOS] (the prefix token), unless the continuation starts with it;
 // - decoding (generated text) follows the slow LlamaTokenizer: one leading "▁" of the first piece is
 //   dropped before sentencepiece decodes, special tokens are skipped.

@@ -1,9 +1,10 @@
 #include "evals/extract.hpp"
 
 #include <algorithm>
-#include <cctype>
 
 #include "core/ascii.hpp"
+#include "evals/unicode_case.hpp"
+#include "evals/utf8.hpp"
 
 namespace moelab::evals {
 
@@ -55,17 +56,43 @@ std::string gsm8k_flexible(const std::string& response) {
   return any ? strip_ascii_space(last) : "[invalid]";
 }
 
+namespace {
+
+// A string read back from a numpy str array: numpy pads to the array's width with NULs and drops
+// trailing NULs on reading (and in ==), so a string's own trailing NULs are lost too.
+std::string numpy_item(std::string s) {
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
+}
+
+// The first n code points of s.
+std::string first_code_points(const std::string& s, size_t n) {
+  size_t i = 0;
+  for (; i < s.size() && n > 0; --n) i += utf8_next(s, i).bytes;
+  return s.substr(0, i);
+}
+
+}  // namespace
+
+// exact_match_hf_evaluate (lm_eval/api/metrics.py) on one string: each regex is applied with re.sub
+// and the result stored in a numpy array (`np.array([re.sub(s, "", x) for x in predictions])`), which
+// the next regex reads back; then np.char.lower, which calls Python's str.lower() and stores the result
+// in an array of the same width, so a lower-case form longer than the string ('İ' -> 'i' + U+0307) is cut
+// to the string's length in code points.
 std::string gsm8k_normalize(std::string s) {
-  s.erase(std::remove(s.begin(), s.end(), ','), s.end());
+  s.erase(std::remove(s.begin(), s.end(), ','), s.end());  // the first regex reads the Python string itself
+  s = numpy_item(std::move(s));
   s.erase(std::remove(s.begin(), s.end(), '$'), s.end());
+  s = numpy_item(std::move(s));
   // "(?s).*#### ": greedy, so everything up to and including the LAST "#### ".
   const size_t p = s.rfind("#### ");
   if (p != std::string::npos) s.erase(0, p + 5);
+  s = numpy_item(std::move(s));
   // "\.$": a '.' at the very end, or just before a final '\n' (Python's $).
   if (!s.empty() && s.back() == '.') s.pop_back();
   else if (s.size() >= 2 && s.back() == '\n' && s[s.size() - 2] == '.') s.erase(s.size() - 2, 1);
-  for (auto& c : s) c = char(std::tolower((unsigned char)c));  // numpy lower (ASCII here)
-  return s;
+  const size_t width = utf8_decode(s).size();  // the array's width: the string as re.sub returned it
+  return numpy_item(first_code_points(python_lower(numpy_item(std::move(s))), width));
 }
 
 double gsm8k_exact_match(const std::string& prediction, const std::string& reference) {

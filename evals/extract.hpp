@@ -14,7 +14,8 @@ std::string gsm8k_strict(const std::string& response);
 std::string gsm8k_flexible(const std::string& response);
 
 // exact_match with gsm8k's options: regexes_to_ignore ",", "\$", "(?s).*#### ", "\.$" removed from
-// both sides, then lower-cased; 1.0 if equal.
+// both sides, then lower-cased; 1.0 if equal. As the harness computes it with numpy string arrays:
+// Python's Unicode lower(), cut to the string's length in code points, and trailing NULs dropped.
 double gsm8k_exact_match(const std::string& prediction, const std::string& reference);
 std::string gsm8k_normalize(std::string s);
 

@@ -4,6 +4,7 @@
 #include <map>
 
 #include "core/error.hpp"
+#include "evals/unicode_space.hpp"
 
 namespace moelab::evals {
 
@@ -64,15 +65,8 @@ double weighted_perplexity(const Weighted& items) { return std::exp(-weighted_me
 double bits_per_byte(const Weighted& items) { return -weighted_mean(items) / std::log(2.0); }
 
 size_t count_words(const std::string& text) {
-  // re.split(r"\s+", s): pieces between maximal whitespace runs, empty pieces at the ends included.
-  size_t pieces = 1;
-  bool in_space = false;
-  for (unsigned char c : text) {
-    const bool sp = c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
-    if (sp && !in_space) ++pieces;
-    in_space = sp;
-  }
-  return pieces;
+  // len(re.split(r"\s+", page)): Python's \s is Unicode white space (str.isspace()).
+  return python_re_split_whitespace(text).size();
 }
 
 size_t count_bytes(const std::string& text) { return text.size(); }
