@@ -80,6 +80,7 @@
 
 #include "analysis/trace_data.hpp"
 #include "core/engine.hpp"
+#include "core/sha256.hpp"
 
 namespace moelab::analysis {
 
@@ -121,9 +122,9 @@ void check_trace_output(const std::string& path, bool append);
 // before loading a model. (The writer checks again.)
 void check_appendable(const std::string& path, const TraceHeader& header);
 
-// SHA-256 of bytes / of a file's bytes, as 64 lowercase hex digits (hashlib.sha256(...).hexdigest()).
-std::string sha256_hex(std::string_view bytes);
-std::string sha256_file(const std::string& path);
+// SHA-256 (core/sha256.hpp), named here too for the trace's callers.
+using moelab::sha256_file;
+using moelab::sha256_hex;
 
 // config.json fields that do not change what the model computes (metadata, training-only settings,
 // storage dtype and quantization); they may differ between runs appended to one trace.

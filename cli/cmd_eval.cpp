@@ -20,6 +20,8 @@
 #include "core/safetensors_writer.hpp"
 #include "core/tokenizer.hpp"
 #include "evals/docs.hpp"
+#include "evals/lm_eval_samples.hpp"
+#include "evals/python_format.hpp"
 #include "evals/results_json.hpp"
 #include "evals/runner.hpp"
 #include "evals/tasks.hpp"
@@ -42,24 +44,36 @@ void parse_limit(const std::string& text, EvalRequest& q) {
   }
 }
 
-// The harness's timestamp in output names: ISO 8601 local time with ':' made '-' (2024-05-01T12-34-56.123456).
+// The harness's date_id in output names: datetime.now().isoformat() with ':' made '-'
+// (2024-05-01T12-34-56.123456; isoformat leaves out the fraction when it is zero).
 std::string output_timestamp() {
   const auto now = std::chrono::system_clock::now();
   const std::time_t t = std::chrono::system_clock::to_time_t(now);
   std::tm tm{};
   localtime_r(&t, &tm);
   const auto us = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count() % 1000000;
-  return fmt::format("{:04}-{:02}-{:02}T{:02}-{:02}-{:02}.{:06}", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
-                     tm.tm_hour, tm.tm_min, tm.tm_sec, us);
+  return fmt::format("{:04}-{:02}-{:02}T{:02}-{:02}-{:02}", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                     tm.tm_min, tm.tm_sec) +
+         (us ? fmt::format(".{:06}", us) : std::string());
 }
 
-// Several tasks' results in one harness-layout document, as lm_eval writes a multi-task run.
-void merge_results(nlohmann::json& into, const nlohmann::json& more) {
-  for (const char* key : {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "reported"})
-    if (more.contains(key)) into[key].update(more[key]);
-  const double total = std::stod(into["total_evaluation_time_seconds"].get<std::string>()) +
-                       std::stod(more["total_evaluation_time_seconds"].get<std::string>());
-  into["total_evaluation_time_seconds"] = fmt::format("{:.3f}", total);
+// Where results and samples go. A path ending in ".json" is the results file itself, samples beside it
+// (lm_eval would write <stem>_<date>.json there; ours keeps the name given). Anything else is a folder, laid
+// out as lm_eval lays out --output_path DIR: DIR/<model_name_sanitized>/results_<date>.json and
+// samples_<task>_<date>.jsonl beside it.
+struct OutputPaths {
+  std::filesystem::path results, samples_dir;
+};
+OutputPaths output_paths(const std::string& out, const std::string& model, const std::string& stamp) {
+  namespace fs = std::filesystem;
+  const fs::path p(out);
+  if (p.extension() == ".json") return {p, p.parent_path()};
+  std::error_code ec;
+  if (fs::exists(p, ec) && !fs::is_directory(p, ec))
+    throw Error(fmt::format("{}: --output is an existing file but not .json: give a results file ending in .json "
+                            "or a folder", out));
+  const fs::path dir = p / evals::sanitize_model_name(model);
+  return {dir / ("results_" + stamp + ".json"), dir};
 }
 
 }  // namespace
@@ -94,10 +108,11 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--repeats", repeats, "Generation: samples per doc for maj@k (with --temperature > 0)")
       ->capture_default_str();
   cmd->add_option("--temperature", temperature, "Generation: 0 = greedy")->capture_default_str();
-  cmd->add_option("-o,--output,--output_path", out, "Results JSON (lm-evaluation-harness layout; one file for all tasks)");
+  cmd->add_option("-o,--output,--output_path", out, "Results (lm-evaluation-harness layout, one document for all tasks): "
+                                                   "FILE.json, or a folder: FOLDER/<model>/results_<date>.json as lm_eval");
   add_deprecated_alias(*cmd, "--out", "--output", [](const std::string& v) { out = v; });
   cmd->add_flag("--log-samples,--log_samples", log_samples,
-                "Also write per-sample JSONL, samples_<task>_<timestamp>.jsonl beside --output (lm_eval's names)");
+                "Also write per-sample JSONL, samples_<task>_<date>.jsonl beside the results (lm_eval's names and records)");
   cmd->add_option("--reported", reported, "Reported scores JSON (default: evals/reported/mixtral-8x7b.json)");
   cmd->add_option("--convert-to", convert_to,
                   "Only convert --data (public form, one task) to the normalized JSONL in this file, then stop (no model)");
@@ -148,30 +163,31 @@ void register_eval(CLI::App& app) {
     const auto ck = Checkpoint::open(model, /*show_progress=*/true);
     const Tokenizer tok(ck->tokenizer_path());
     auto engine = make_engine(*ck, eo);
-    nlohmann::json results;
-    std::vector<std::pair<std::string, std::string>> samples;  // (task, JSONL)
+    std::vector<EvalOutcome> outcomes;
+    outcomes.reserve(inputs.size());
     for (const auto& in : inputs) {
-      const auto o = run_eval(*engine, tok, model, in);
+      outcomes.push_back(run_eval(*engine, tok, model, in));
       if (inputs.size() > 1) fmt::print("{}:\n", in.request.task);
-      fmt::print("{}", o.table);
+      fmt::print("{}", outcomes.back().table);
       if (inputs.size() > 1) fmt::print("\n");
-      if (results.is_null()) results = o.results_json;
-      else merge_results(results, o.results_json);
-      std::string lines;
-      for (const auto& s : o.result.samples) lines += s.dump() + "\n";
-      samples.emplace_back(in.request.task, std::move(lines));
     }
     report_engine_counters(*engine);
     if (!out.empty()) {
-      write_file_atomic(out, results.dump(2) + "\n");
-      fmt::print("wrote {}\n", out);
+      std::vector<const EvalOutcome*> all;
+      for (const auto& o : outcomes) all.push_back(&o);
+      const auto results = eval_results_json(all, *engine, tok, model, inputs[0].request);
+      const std::string stamp = output_timestamp();
+      const auto paths = output_paths(out, model, stamp);
+      if (!paths.samples_dir.empty()) std::filesystem::create_directories(paths.samples_dir);
+      write_file_atomic(paths.results.string(), evals::python_json_dumps(results, 2) + "\n");
+      fmt::print("wrote {}\n", paths.results.string());
       if (log_samples) {
-        const std::string stamp = output_timestamp();
-        const auto dir = std::filesystem::path(out).parent_path();
-        for (const auto& [task, lines] : samples) {
-          const std::string path = (dir / ("samples_" + task + "_" + stamp + ".jsonl")).string();
-          write_file_atomic(path, lines);
-          fmt::print("wrote {}\n", path);
+        for (const auto& o : outcomes) {
+          std::string lines;
+          for (const auto& s : o.result.samples) lines += evals::saved_sample_line(s);
+          const auto path = paths.samples_dir / ("samples_" + o.result.task + "_" + stamp + ".jsonl");
+          write_file_atomic(path.string(), lines);
+          fmt::print("wrote {}\n", path.string());
         }
       }
     }

@@ -3,10 +3,13 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <memory>
 
+#include "cli/build_info.hpp"
 #include "cli/bundled.hpp"
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
 #include "core/regular_file.hpp"
@@ -71,7 +74,15 @@ EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& mo
     last = done;
   };
   EvalOutcome o;
+  o.started_unix = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  o.started = std::chrono::duration<double>(SteadyClock::now().time_since_epoch()).count();
   o.result = evals::run_task(engine, codec, spec, in.docs, in.fewshot, same_split, ro);
+  o.ended = std::chrono::duration<double>(SteadyClock::now().time_since_epoch()).count();
+  o.spec = spec;
+  o.data = q.data;
+  o.shots = shots;
+  o.original_docs = in.original_docs;
+  o.fewshot_note = in.fewshot_note;
   if (bar) bar->finish();
   o.reported = evals::find_reported(q.reported.empty() ? default_reported_path() : q.reported, spec.reported_key, shots);
 
@@ -109,14 +120,39 @@ EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& mo
                      in.fewshot_path.empty() ? "--data (no --fewshot-data)" : in.fewshot_path);
   for (const auto& w : r.warnings) t += fmt::format("note: {}\n", w);
 
-  o.results_json = evals::results_json(r, spec, evals::RunInfo{model_dir, engine.name(), q.data, shots, q.limit, q.seed,
-                                                                      in.original_docs});
-  if (q.limit_fraction > 0) o.results_json["config"]["limit"] = q.limit_fraction;
-  if (rep)  // keyed by task, as the harness's own per-task fields are
-    o.results_json["reported"][q.task] = {{"score", rep->score}, {"shots", rep->shots}, {"metric", rep->metric},
-                                          {"source", rep->source}};
-  if (rep && !in.fewshot_note.empty()) o.results_json["reported"][q.task]["protocol_differs"] = in.fewshot_note;
+  o.results_json = eval_results_json({&o}, engine, tok, model_dir, q);
   return o;
+}
+
+nlohmann::ordered_json eval_results_json(const std::vector<const EvalOutcome*>& outcomes, const Engine& engine,
+                                         const Tokenizer& tok, const std::string& model_dir, const EvalRequest& q) {
+  std::vector<evals::TaskRun> runs;
+  evals::RunInfo info;
+  info.model = model_dir;
+  info.engine = engine.name();
+  info.device = engine.name().rfind("cuda", 0) == 0 ? "cuda" : "cpu";
+  info.limit = q.limit_fraction > 0 ? nlohmann::ordered_json(q.limit_fraction)
+               : q.limit > 0        ? nlohmann::ordered_json(q.limit)
+                                    : nlohmann::ordered_json(nullptr);
+  info.seed = q.seed;
+  info.git_hash = build_git_hash();
+  info.max_length = engine.max_context();
+  info.bos_id = tok.bos_id();
+  info.eos_id = tok.eos_id();
+  for (const EvalOutcome* o : outcomes) {
+    runs.push_back({&o->result, &o->spec, o->data, o->shots, o->original_docs, o->result.n});
+    if (runs.size() == 1) info.date = o->started_unix, info.start_time = o->started;
+    info.end_time = o->ended;
+  }
+  auto doc = evals::results_json(runs, info);
+  for (const EvalOutcome* o : outcomes) {
+    if (!o->reported) continue;
+    const auto& rep = *o->reported;
+    auto& entry = doc["reported"][o->result.task];  // keyed by task, as the harness's own per-task fields are
+    entry = {{"score", rep.score}, {"shots", rep.shots}, {"metric", rep.metric}, {"source", rep.source}};
+    if (!o->fewshot_note.empty()) entry["protocol_differs"] = o->fewshot_note;
+  }
+  return doc;
 }
 
 }  // namespace moelab::cli

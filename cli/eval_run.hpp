@@ -29,8 +29,15 @@ struct EvalRequest {
 struct EvalOutcome {
   evals::TaskResult result;
   std::optional<evals::Reported> reported;
-  nlohmann::json results_json;  // the harness's layout, with "reported" added when there is one
+  // This task alone in the harness's results layout, with "reported" added when there is one.
+  nlohmann::ordered_json results_json;
   std::string table;            // metric, ours, stderr, reported, diff, note; then n, shots, engine, time
+  // What results_json is made from (eval_results_json puts several tasks in one document).
+  evals::TaskSpec spec;
+  std::string data, fewshot_note;
+  int shots = 0;
+  int64_t original_docs = 0;
+  double started_unix = 0, started = 0, ended = 0;  // Unix time; monotonic seconds (core/clock.hpp)
 };
 
 // The request's documents, read and checked (any form the converters take) before a model is loaded, so
@@ -52,6 +59,11 @@ EvalInputs read_eval_inputs(const EvalRequest& request);
 
 // Runs the task with a progress bar and scores it.
 EvalOutcome run_eval(Engine& engine, const Tokenizer& tok, const std::string& model_dir, const EvalInputs& inputs);
+
+// Several tasks of one run (same engine and model) in one results document, as lm_eval writes a
+// multi-task run: run info from the engine, the tokenizer and the build; "reported" keyed by task.
+nlohmann::ordered_json eval_results_json(const std::vector<const EvalOutcome*>& outcomes, const Engine& engine,
+                                         const Tokenizer& tok, const std::string& model_dir, const EvalRequest& request);
 
 // The default reported-scores file: evals/reported/mixtral-8x7b.json in this source tree.
 std::string default_reported_path();

@@ -547,6 +547,7 @@ std::vector<Doc> from_wikitext(const std::string& text, const std::string& sourc
     Doc d;
     d.page = cur;
     d.text = wikitext_detokenize(cur);
+    d.source = {{"page", cur}};  // the harness's document (EleutherAI/wikitext_document_level)
     docs.push_back(std::move(d));
   };
   for (size_t i = 0; i < lines.size(); ++i) {
@@ -737,9 +738,12 @@ std::vector<Doc> read_records(const std::string& task, TaskType type, const std:
         json rec = j;
         rec.erase("index");
         docs.push_back(from_record(task, type, rec));
+        docs.back().source = nlohmann::ordered_json::parse(line);
+        docs.back().source.erase("index");
         indices.push_back(i);
       } else {
         docs.push_back(from_record(task, type, j));
+        docs.back().source = nlohmann::ordered_json::parse(line);  // the keys in the file's order
       }
     } catch (const Error& ex) {
       throw Error(fmt::format("{}:{}: {}", path, line_no, ex.what()));

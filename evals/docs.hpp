@@ -24,7 +24,9 @@ struct Doc {
   // Code (HumanEval).
   std::string task_id, prompt, test, entry_point;
   std::string subject;  // MMLU
-  nlohmann::json source;  // the record as read (for --log-samples)
+  // The record as read, keys in the file's order (lm-eval's doc_hash is over json.dumps of the doc as its
+  // dataset holds it, so the order is part of the hash); a .txt form's record as built from its lines.
+  nlohmann::ordered_json source;
   // A place a sparse slice of a split leaves empty (see read_fewshot_docs): the slice's file and the
   // split's name; every other field is empty. Drawing it as a few-shot example is an error.
   std::string absent_from, absent_split;

@@ -5,43 +5,176 @@
 #include <cmath>
 #include <ctime>
 #include <fstream>
+#include <map>
+#include <string_view>
 
 #include "core/error.hpp"
+#include "evals/lm_eval_samples.hpp"
+#include "evals/python_format.hpp"
 
 namespace moelab::evals {
 
 using nlohmann::json;
+using nlohmann::ordered_json;
 
-json results_json(const TaskResult& r, const TaskSpec& spec, const RunInfo& info) {
-  json res = {{"alias", r.task}};
-  json hib = json::object();
-  for (const auto& [k, v] : r.metrics) {
-    res[k] = std::isnan(v) ? json("N/A") : json(v);
-    const std::string metric = k.substr(0, k.find(','));
-    if (metric.find("_stderr") == std::string::npos)
-      hib[metric] = metric.find("perplexity") == std::string::npos && metric != "bits_per_byte";
-  }
-  json metric_list = json::array();
-  for (const auto& m : spec.metrics) metric_list.push_back({{"metric", m}});
+namespace {
+
+struct HarnessTask {
+  const char* name;
+  const char* dataset_path;
+  const char* dataset_name;  // nullptr: null
+  double version;
+};
+// From each task's YAML in lm-eval 0.4.9.2 (lm_eval/tasks/<task>/*.yaml): dataset and metadata.version.
+// mmlu: the per-subject tasks' version (the mmlu group's is 2; moelab scores the subjects as one task).
+constexpr HarnessTask kHarnessTasks[] = {
+    {"hellaswag", "Rowan/hellaswag", nullptr, 1.0},
+    {"arc_easy", "allenai/ai2_arc", "ARC-Easy", 1.0},
+    {"arc_challenge", "allenai/ai2_arc", "ARC-Challenge", 1.0},
+    {"mmlu", "cais/mmlu", nullptr, 1.0},
+    {"winogrande", "winogrande", "winogrande_xl", 1.0},
+    {"piqa", "baber/piqa", nullptr, 1.0},
+    {"gsm8k", "gsm8k", "main", 3.0},
+    {"humaneval", "openai/openai_humaneval", nullptr, 1.0},
+    {"wikitext", "EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", 2.0},
+};
+
+const HarnessTask* harness_task(const std::string& task) {
+  for (const auto& t : kHarnessTasks)
+    if (task == t.name) return &t;
+  return nullptr;
+}
+
+bool higher_is_better(const std::string& metric) {
+  return metric.find("perplexity") == std::string::npos && metric != "bits_per_byte";
+}
+
+ordered_json task_config(const TaskRun& t) {
+  const TaskSpec& spec = *t.spec;
+  const HarnessTask* h = harness_task(spec.name);
   const char* types[] = {"multiple_choice", "generate_until", "loglikelihood_rolling", "generate_until"};
-  json cfg = {{"task", r.task}, {"output_type", types[int(spec.type)]}, {"dataset_path", info.data},
-              {"num_fewshot", info.shots}, {"target_delimiter", spec.target_delimiter},
-              {"fewshot_delimiter", spec.fewshot_delimiter}, {"metric_list", metric_list},
-              {"fewshot_config", {{"sampler", spec.first_n_fewshot ? "first_n" : "default"}}}};
-  if (spec.type == TaskType::Generate || spec.type == TaskType::Code)
-    cfg["generation_kwargs"] = {{"until", spec.until}, {"do_sample", false}, {"max_gen_toks", spec.max_gen_toks}};
-  return {{"results", {{r.task, res}}},
-          {"groups", json::object()},
-          {"configs", {{r.task, cfg}}},
-          {"versions", {{r.task, "moelab-1"}}},
-          {"n-shot", {{r.task, info.shots}}},
-          {"higher_is_better", {{r.task, hib}}},
-          {"n-samples", {{r.task, {{"original", info.original_docs >= 0 ? info.original_docs : int64_t(r.n)}, {"effective", r.n}}}}},
-          {"config", {{"model", "moelab"}, {"model_args", fmt::format("pretrained={},engine={}", info.model, info.engine)},
-                      {"batch_size", 1}, {"limit", info.limit ? json(info.limit) : json(nullptr)},
-                      {"fewshot_seed", info.seed}, {"bootstrap_iters", 0}}},
-          {"date", double(std::time(nullptr))},
-          {"total_evaluation_time_seconds", fmt::format("{:.3f}", r.seconds)}};
+  ordered_json metric_list = ordered_json::array();
+  for (const auto& m : spec.metrics) {
+    if (spec.type == TaskType::Rolling) metric_list.push_back({{"metric", m}});  // wikitext.yaml names them only
+    else metric_list.push_back({{"metric", m}, {"aggregation", "mean"}, {"higher_is_better", higher_is_better(m)}});
+  }
+  ordered_json cfg = {{"task", spec.name},
+                      {"dataset_path", h ? ordered_json(h->dataset_path) : ordered_json("json")},
+                      {"dataset_name", h && h->dataset_name ? ordered_json(h->dataset_name) : ordered_json(nullptr)},
+                      // The file this run read (the harness's form for local data: data_files).
+                      {"dataset_kwargs", {{"data_files", {{"test", t.data}}}}}};
+  if (!spec.fewshot_split.empty()) cfg["fewshot_split"] = spec.fewshot_split;
+  cfg["description"] = spec.description;
+  cfg["target_delimiter"] = spec.target_delimiter;
+  cfg["fewshot_delimiter"] = spec.fewshot_delimiter;
+  cfg["fewshot_config"] = {{"sampler", spec.first_n_fewshot ? "first_n" : "default"}};
+  cfg["num_fewshot"] = t.shots;
+  cfg["metric_list"] = metric_list;
+  cfg["output_type"] = types[int(spec.type)];
+  // generation_kwargs as the YAMLs give them (gsm8k.yaml; humaneval.yaml, whose max_gen_toks is what ran here).
+  if (spec.type == TaskType::Generate)
+    cfg["generation_kwargs"] = {{"until", spec.until}, {"do_sample", false}, {"temperature", 0.0}};
+  if (spec.type == TaskType::Code)
+    cfg["generation_kwargs"] = {{"until", spec.until}, {"max_gen_toks", spec.max_gen_toks}, {"do_sample", false}};
+  cfg["repeats"] = 1;
+  cfg["should_decontaminate"] = false;
+  cfg["metadata"] = {{"version", harness_task_version(spec.name)}};
+  return cfg;
+}
+
+}  // namespace
+
+ordered_json harness_task_version(const std::string& task) {
+  const HarnessTask* h = harness_task(task);
+  return h ? ordered_json(h->version) : ordered_json(nullptr);
+}
+
+std::string sanitize_model_name(const std::string& model) {
+  // re.sub(r"[\"<>:/\|\\?\*\[\]]+", "__", model_name)
+  std::string out;
+  bool in_run = false;
+  for (const char c : model) {
+    if (std::string_view("\"<>:/|\\?*[]").find(c) != std::string_view::npos) {
+      if (!in_run) out += "__";
+      in_run = true;
+    } else {
+      out += c;
+      in_run = false;
+    }
+  }
+  return out;
+}
+
+ordered_json results_json(const std::vector<TaskRun>& tasks, const RunInfo& info) {
+  ordered_json results = ordered_json::object(), group_subtasks = ordered_json::object();
+  // The harness sorts these four by task name (dict(sorted(...))); results and n-samples keep run order.
+  std::map<std::string, ordered_json> configs, versions, n_shot, hib_all;
+  ordered_json n_samples = ordered_json::object(), task_hashes = ordered_json::object();
+  for (const auto& t : tasks) {
+    const TaskResult& r = *t.result;
+    ordered_json res = {{"alias", r.task}};
+    ordered_json hib = ordered_json::object();
+    for (const auto& [k, v] : r.metrics) {
+      res[k] = std::isnan(v) ? ordered_json("N/A") : ordered_json(v);
+      const std::string metric = k.substr(0, k.find(','));
+      if (metric.find("_stderr") == std::string::npos) hib[metric] = higher_is_better(metric);
+    }
+    results[r.task] = res;
+    configs[r.task] = task_config(t);
+    versions[r.task] = harness_task_version(r.task);
+    n_shot[r.task] = t.shots;
+    hib_all[r.task] = hib;
+    const int64_t effective = t.effective_docs >= 0 ? t.effective_docs : r.n;
+    n_samples[r.task] = {{"original", t.original_docs >= 0 ? t.original_docs : effective}, {"effective", effective}};
+    task_hashes[r.task] = task_hash(r.samples);
+  }
+  // get_subtask_list gives each standalone task an empty list; the harness writes them in reverse order.
+  for (auto it = tasks.rbegin(); it != tasks.rend(); ++it) group_subtasks[it->result->task] = ordered_json::array();
+  auto sorted = [](const std::map<std::string, ordered_json>& m) {
+    ordered_json o = ordered_json::object();
+    for (const auto& [k, v] : m) o[k] = v;
+    return o;
+  };
+  const std::string model_args = fmt::format("pretrained={},engine={}", info.model, info.engine);
+  ordered_json doc = {
+      {"results", results},
+      {"group_subtasks", group_subtasks},
+      {"configs", sorted(configs)},
+      {"versions", sorted(versions)},
+      {"n-shot", sorted(n_shot)},
+      {"higher_is_better", sorted(hib_all)},
+      {"n-samples", n_samples},
+      {"config", {{"model", "moelab"}, {"model_args", model_args}, {"batch_size", 1}, {"batch_sizes", ordered_json::array()},
+                  {"device", info.device}, {"use_cache", nullptr}, {"limit", info.limit},
+                  // mean's stderr is closed-form (the harness's too: bootstrap_iters applies to other aggregations)
+                  {"bootstrap_iters", 0}, {"gen_kwargs", nullptr}, {"random_seed", 0}, {"numpy_seed", 1234},
+                  {"torch_seed", 1234}, {"fewshot_seed", info.seed}}},
+      {"git_hash", info.git_hash.empty() ? ordered_json(nullptr) : ordered_json(info.git_hash)},
+      {"date", info.date},
+      {"pretty_env_info", fmt::format("moelab {} engine, git {}", info.engine, info.git_hash.empty() ? "unknown" : info.git_hash)},
+      {"transformers_version", nullptr},
+      {"lm_eval_version", nullptr},
+      {"upper_git_hash", nullptr},
+      // The Mixtral tokenizer has no pad token; the harness's HFLM pads with unk (<unk>, id 0) then.
+      {"tokenizer_pad_token", ordered_json::array({"<unk>", "0"})},
+      {"tokenizer_eos_token", ordered_json::array({info.eos_token, std::to_string(info.eos_id)})},
+      {"tokenizer_bos_token", ordered_json::array({info.bos_token, std::to_string(info.bos_id)})},
+      {"eot_token_id", info.eos_id},
+      {"max_length", info.max_length},
+      {"task_hashes", task_hashes},
+      {"model_source", "moelab"},
+      {"model_name", info.model},
+      {"model_name_sanitized", sanitize_model_name(info.model)},
+      {"system_instruction", nullptr},
+      {"system_instruction_sha", nullptr},
+      {"fewshot_as_multiturn", false},
+      {"chat_template", nullptr},
+      {"chat_template_sha", nullptr},
+      {"start_time", info.start_time},
+      {"end_time", info.end_time},
+      // str(end_time - start_time), as the harness writes it
+      {"total_evaluation_time_seconds", python_float_repr(info.end_time - info.start_time)}};
+  return doc;
 }
 
 std::optional<Reported> find_reported(const std::string& path, const std::string& task, int shots) {

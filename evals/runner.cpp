@@ -10,6 +10,7 @@
 #include "core/sampling.hpp"
 #include "evals/extract.hpp"
 #include "evals/generate_until.hpp"
+#include "evals/lm_eval_samples.hpp"
 #include "evals/loglikelihood.hpp"
 #include "evals/metrics.hpp"
 #include "evals/rolling.hpp"
@@ -18,6 +19,7 @@
 namespace moelab::evals {
 
 using nlohmann::json;
+using nlohmann::ordered_json;
 
 namespace {
 
@@ -54,23 +56,27 @@ void run_multiple_choice(Engine& engine, const TextCodec& codec, const TaskSpec&
     const Doc& d = docs[i];
     std::vector<double> lls;
     std::vector<bool> greedy;
-    json resps = json::array(), arguments = json::array();
+    SampleFields f;
     for (size_t k = first[i]; k < first[i + 1]; ++k) {
       lls.push_back(res[k].logprob);
       greedy.push_back(res[k].is_greedy);
-      resps.push_back({res[k].logprob, res[k].is_greedy});
-      arguments.push_back({args[k].first, args[k].second});
+      f.arguments.push_back({args[k].first, args[k].second});
+      f.resps.push_back(ordered_json::array({{res[k].logprob, res[k].is_greedy}}));  // one (ll, is_greedy) per request
+      f.filtered_resps.push_back({res[k].logprob, res[k].is_greedy});
     }
     // acc_norm divides by the length of the choice strings as doc_to_choice returns them.
     const auto& choice_strings = d.partial() ? d.contexts : d.choices;
     const ChoiceScores s = score_choices(lls, greedy, choice_strings, d.gold);
-    json sample = {{"doc_id", i}, {"doc", d.source}, {"target", d.gold}, {"arguments", arguments},
-                   {"filtered_resps", resps}, {"filter", "none"}};
+    f.doc_id = int64_t(i);
+    f.doc = harness_doc(spec.name, d);
+    // doc_to_target: the gold index, or for partial scoring (WinoGrande) the continuation text.
+    f.target = d.partial() ? ordered_json(d.continuation) : ordered_json(d.gold);
     for (const auto& m : spec.metrics) {
       const double v = m == "acc" ? s.acc : m == "acc_norm" ? s.acc_norm : m == "acc_bytes" ? s.acc_bytes : s.exact_match;
       per_metric[m].push_back(v);
-      sample[m] = v;
+      f.metrics.emplace_back(m, v);
     }
+    ordered_json sample = sample_record(std::move(f));
     r.samples.push_back(std::move(sample));
   }
   for (const auto& m : spec.metrics) add_mean(r, m, "none", per_metric[m]);
@@ -90,13 +96,20 @@ void run_rolling(Engine& engine, const TextCodec& codec, const TaskSpec& spec, c
     const double nw = double(count_words(d.page)), nb = double(count_bytes(d.page));
     words.push_back({rr.logprob, nw});
     bytes.push_back({rr.logprob, nb});
-    r.samples.push_back({{"doc_id", i}, {"doc", d.source}, {"target", d.text}, {"arguments", json::array({json::array({d.text})})},
-                         {"filtered_resps", rr.logprob}, {"filter", "none"}, {"windows", rr.windows},
-                         {"word_perplexity", {rr.logprob, nw}}, {"byte_perplexity", {rr.logprob, nb}},
-                         {"bits_per_byte", {rr.logprob, nb}}});
+    SampleFields f;
+    f.doc_id = int64_t(i);
+    f.doc = harness_doc(spec.name, d);
+    f.target = d.text;  // doc_to_target: the detokenized page, which is also the request's one argument
+    f.arguments.push_back({d.text});
+    f.resps.push_back({rr.logprob});
+    f.filtered_resps.push_back(rr.logprob);
+    f.metrics = {{"word_perplexity", {rr.logprob, nw}}, {"byte_perplexity", {rr.logprob, nb}},
+                 {"bits_per_byte", {rr.logprob, nb}}};
+    ordered_json sample = sample_record(std::move(f));
+    sample["windows"] = rr.windows;  // moelab's: how many windows the document took
+    r.samples.push_back(std::move(sample));
     if (opts.progress) opts.progress(int64_t(i + 1), int64_t(docs.size()));
   }
-  (void)spec;
   const double nan = std::nan("");
   r.metrics["word_perplexity,none"] = weighted_perplexity(words);
   r.metrics["word_perplexity_stderr,none"] = nan;
@@ -120,6 +133,9 @@ void run_generate(Engine& engine, const TextCodec& codec, const TaskSpec& spec, 
   sp.temperature = opts.temperature;
   sp.seed = opts.sampling_seed;
   Sampler sampler(sp);
+  // The request's second argument: the task's generation_kwargs as its YAML gives them (gsm8k.yaml).
+  const ordered_json gen_kwargs = {{"until", go.until}, {"do_sample", sampling}, {"temperature", double(opts.temperature)}};
+  std::vector<ordered_json> strict_records, flexible_records;
   for (size_t i = 0; i < docs.size(); ++i) {
     std::vector<std::string> texts, strict_answers;
     for (int s = 0; s < k; ++s) texts.push_back(generate_until(engine, codec, contexts[i], go, sampler).text);
@@ -129,14 +145,18 @@ void run_generate(Engine& engine, const TextCodec& codec, const TaskSpec& spec, 
     const double em_f = gsm8k_exact_match(fs, docs[i].target);
     strict.push_back(em_s);
     flexible.push_back(em_f);
-    json base = {{"doc_id", i}, {"doc", docs[i].source}, {"target", docs[i].target},
-                 {"arguments", json::array({json::array({contexts[i], json{{"until", go.until}, {"max_gen_toks", go.max_gen_toks}}})})},
-                 {"resps", json::array({texts})}};
-    json a = base, b = base;
-    a["filter"] = "strict-match", a["filtered_resps"] = json::array({strict_answers[0]}), a["exact_match"] = em_s;
-    b["filter"] = "flexible-extract", b["filtered_resps"] = json::array({fs}), b["exact_match"] = em_f;
-    r.samples.push_back(a);
-    r.samples.push_back(b);
+    // One record per (doc, filter); the harness lists every doc of a filter before the next filter's.
+    SampleFields f;
+    f.doc_id = int64_t(i);
+    f.doc = harness_doc(spec.name, docs[i]);
+    f.target = docs[i].target;  // gsm8k.yaml: doc_to_target "{{answer}}"
+    f.arguments.push_back({contexts[i], gen_kwargs});
+    f.resps.push_back(texts);
+    SampleFields a = f, b = f;
+    a.filter = "strict-match", a.filtered_resps.push_back(strict_answers[0]), a.metrics = {{"exact_match", em_s}};
+    b.filter = "flexible-extract", b.filtered_resps.push_back(fs), b.metrics = {{"exact_match", em_f}};
+    strict_records.push_back(sample_record(std::move(a)));
+    flexible_records.push_back(sample_record(std::move(b)));
     if (k > 1) {
       std::vector<std::string> valid;
       for (const auto& s : strict_answers) valid.push_back(s == "[invalid]" ? "" : s);
@@ -145,6 +165,8 @@ void run_generate(Engine& engine, const TextCodec& codec, const TaskSpec& spec, 
     }
     if (opts.progress) opts.progress(int64_t(i + 1), int64_t(docs.size()));
   }
+  for (auto* records : {&strict_records, &flexible_records})
+    for (auto& rec : *records) r.samples.push_back(std::move(rec));
   add_mean(r, "exact_match", "strict-match", strict);
   add_mean(r, "exact_match", "flexible-extract", flexible);
   if (k > 1) add_mean(r, fmt::format("maj@{}", k), "strict-match", maj);
@@ -171,7 +193,7 @@ void run_code(Engine& engine, const TextCodec& codec, const TaskSpec& spec, cons
   for (size_t i = 0; i < docs.size(); ++i) {
     const Doc& d = docs[i];
     int correct = 0;
-    json runs = json::array();
+    ordered_json runs = ordered_json::array();
     std::vector<std::string> texts;
     for (int s = 0; s < n; ++s) {
       const std::string completion = generate_until(engine, codec, d.prompt, go, sampler).text;
@@ -182,14 +204,24 @@ void run_code(Engine& engine, const TextCodec& codec, const TaskSpec& spec, cons
                       {"signal", sr.signal}, {"network_isolated", sr.network_isolated}, {"output_tail", sr.output},
                       {"sandbox_error", sr.error}});
     }
-    json sample = {{"doc_id", i}, {"doc", d.source}, {"target", d.test + "\ncheck(" + d.entry_point + ")"},
-                   {"arguments", json::array({json::array({d.prompt, json{{"until", go.until}, {"max_gen_toks", go.max_gen_toks}}})})},
-                   {"resps", json::array({texts})}, {"filter", "create_test"}, {"runs", runs}};
+    SampleFields f;
+    f.doc_id = int64_t(i);
+    f.doc = harness_doc(spec.name, d);
+    f.target = d.test + "\ncheck(" + d.entry_point + ")";  // humaneval.yaml's doc_to_target
+    // humaneval.yaml's generation_kwargs, in its order (max_gen_toks: what ran here).
+    f.arguments.push_back({d.prompt, ordered_json{{"until", go.until}, {"max_gen_toks", go.max_gen_toks}, {"do_sample", sampling}}});
+    f.resps.push_back(texts);
+    ordered_json programs = ordered_json::array();  // the create_test filter: prompt + completion
+    for (const auto& t : texts) programs.push_back(d.prompt + t);
+    f.filtered_resps.push_back(programs);
+    f.filter = "create_test";
     for (int k : ks) {
       const double v = pass_at_k(n, correct, k);
       per_k[k].push_back(v);
-      sample[fmt::format("pass@{}", k)] = v;
+      f.metrics.emplace_back(fmt::format("pass@{}", k), v);
     }
+    ordered_json sample = sample_record(std::move(f));
+    sample["runs"] = runs;  // moelab's: each program's sandbox outcome
     r.samples.push_back(std::move(sample));
     if (opts.progress) opts.progress(int64_t(i + 1), int64_t(docs.size()));
   }

@@ -28,7 +28,8 @@ struct TaskResult {
   std::string task;
   // "acc,none" -> value, "acc_stderr,none" -> stderr (NaN when not defined).
   std::map<std::string, double> metrics;
-  std::vector<nlohmann::json> samples;  // one per doc (generation: one per filter)
+  // lm-eval's per-sample records (evals/lm_eval_samples.hpp), in its order: per filter, per doc.
+  std::vector<nlohmann::ordered_json> samples;
   int64_t n = 0;
   double seconds = 0;
   int64_t tokens_forwarded = 0;        // multiple choice: cost of the log-likelihood requests

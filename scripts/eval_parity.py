@@ -66,6 +66,25 @@ def patch_task_logging(lm_eval_tasks):
     lm_eval_tasks.Path = _Path
 
 
+def save_lm_eval_output(tracker, out, tmp):
+    """The harness's files as `lm_eval --output_path DIR --log_samples` writes them, copied to
+    tests/fixtures/evals/lm_eval_output/ (the folder named after the model is the temporary copy's path,
+    sanitized; it is renamed to "fixture-model"). scripts/check_lm_eval_format.py compares moelab's files
+    with these, field by field."""
+    import copy
+    import glob
+    results = {k: v for k, v in out.items() if k != "samples"}
+    samples = copy.deepcopy(out["samples"])  # save_results_samples rewrites records in place
+    tracker.save_results_aggregated(results=copy.deepcopy(results), samples=samples)
+    for task in results["configs"]:
+        tracker.save_results_samples(task_name=task, samples=copy.deepcopy(samples[task]))
+    dest = os.path.join(ROOT, "tests/fixtures/evals/lm_eval_output/fixture-model")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    for f in glob.glob(os.path.join(tmp, "lm_eval_output", "*", "*.json*")):
+        shutil.copy(f, dest)
+
+
 def main():
     import lm_eval
     import lm_eval.tasks
@@ -75,12 +94,18 @@ def main():
         model_dir = model_copy(tmp)
         check_tokenizer(model_dir)
         tm = lm_eval.tasks.TaskManager(include_path=TASKS_DIR, include_defaults=False)
+        # The tracker is what `lm_eval --output_path DIR --log_samples` uses: it writes the harness's own
+        # results_<date>.json and samples_<task>_<date>.jsonl, kept as the reference for moelab's files.
+        from lm_eval.loggers import EvaluationTracker
+        tracker = EvaluationTracker(output_path=os.path.join(tmp, "lm_eval_output"))
         out = lm_eval.simple_evaluate(
             model="hf",
             model_args=f"pretrained={model_dir},dtype=float32,use_fast_tokenizer=False",
             tasks=TASKS, task_manager=tm, device="cpu", batch_size=1, log_samples=True,
+            evaluation_tracker=tracker,
             random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
             bootstrap_iters=1000)  # mean: closed-form stderr; nothing here is bootstrapped
+        save_lm_eval_output(tracker, out, tmp)
     os.makedirs(OUT_DIR, exist_ok=True)
     for task in TASKS:
         samples = []
@@ -95,6 +120,10 @@ def main():
                 "filtered_resps": s["filtered_resps"],
                 "filter": s.get("filter", "none"),
                 "metrics": {m: s[m] for m in s.get("metrics", []) if m in s},
+                # lm-eval's own hashes (evaluator.evaluate): moelab's records must carry the same
+                "doc_hash": s["doc_hash"],
+                "prompt_hash": s["prompt_hash"],
+                "target_hash": s["target_hash"],
             })
         res = {k: v for k, v in out["results"][task].items() if k != "alias"}
         doc = {

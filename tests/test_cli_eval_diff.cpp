@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -47,6 +48,50 @@ fs::path samples_file(const fs::path& results, const std::string& task) {
   if (found.size() == 1) return found[0];
   ADD_FAILURE() << found.size() << " files " << prefix << "*.jsonl in " << results.parent_path();
   return {};
+}
+
+// The harness's own samples file for a parity task, as `lm_eval --log_samples` wrote it
+// (scripts/eval_parity.py keeps it in tests/fixtures/evals/lm_eval_output/).
+std::vector<json> harness_samples(const std::string& task) {
+  const fs::path dir = fixture("evals/lm_eval_output/fixture-model");
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.starts_with("samples_" + task + "_2")) return read_jsonl(e.path());
+  }
+  ADD_FAILURE() << "no samples_" << task << "_<date>.jsonl in " << dir;
+  return {};
+}
+
+// Our saved record against the harness's saved record of the same document: the same fields in the same
+// order, equal where the model does not enter (doc, target, arguments, filter, metric names, the three
+// hashes), and responses written as the harness writes them (str() of each value: "-12.5", "False"),
+// equal within `tol` for log-likelihoods.
+void expect_saved_like_harness(const json& ours, const json& theirs, double tol) {
+  std::vector<std::string> our_keys, their_keys;
+  for (const auto& [k, v] : ours.items()) our_keys.push_back(k);
+  for (const auto& [k, v] : theirs.items()) their_keys.push_back(k);
+  // (json sorts keys; the order on disk is checked on the raw lines by scripts/check_lm_eval_format.py)
+  for (const auto& k : their_keys) EXPECT_TRUE(ours.contains(k)) << "missing " << k;
+  for (const char* k : {"doc_id", "doc", "target", "arguments", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash"})
+    EXPECT_EQ(ours[k], theirs[k]) << k;
+  for (const char* k : {"resps", "filtered_resps"}) {
+    const std::string a = ours[k].dump(), b = theirs[k].dump();
+    // Same shape and strings, numbers compared after parsing: flatten both to their leaves.
+    std::vector<std::string> la, lb;
+    std::function<void(const json&, std::vector<std::string>&)> leaves = [&](const json& j, std::vector<std::string>& out) {
+      if (j.is_array()) for (const auto& x : j) leaves(x, out);
+      else out.push_back(j.get<std::string>());  // every leaf is a string on disk
+    };
+    leaves(ours[k], la);
+    leaves(theirs[k], lb);
+    ASSERT_EQ(la.size(), lb.size()) << k << ": " << a << " vs " << b;
+    for (size_t i = 0; i < la.size(); ++i) {
+      char* end = nullptr;
+      const double x = std::strtod(lb[i].c_str(), &end);
+      if (end != lb[i].c_str() && *end == 0) EXPECT_NEAR(std::stod(la[i]), x, tol) << k << "[" << i << "]";
+      else EXPECT_EQ(la[i], lb[i]) << k << "[" << i << "]";
+    }
+  }
 }
 
 class CliEvalDiff : public ::testing::Test {
@@ -106,17 +151,12 @@ TEST_F(CliEvalDiff, EvalMultipleChoiceWritesTheHarnessResultsAndSamples) {
 
   const auto samples = read_jsonl(samples_file(out, "multiple_choice"));
   const auto& want = oracle["samples"];
+  const auto theirs = harness_samples("parity_mc");
   ASSERT_EQ(samples.size(), want.size());
+  ASSERT_EQ(samples.size(), theirs.size());
   for (size_t i = 0; i < want.size(); ++i) {
     SCOPED_TRACE("doc " + std::to_string(i));
-    EXPECT_EQ(samples[i]["doc_id"], want[i]["doc_id"]);
-    EXPECT_EQ(samples[i]["arguments"], want[i]["arguments"]);  // context and continuation strings, exactly
-    ASSERT_EQ(samples[i]["filtered_resps"].size(), want[i]["filtered_resps"].size());
-    for (size_t k = 0; k < want[i]["filtered_resps"].size(); ++k) {
-      EXPECT_NEAR(samples[i]["filtered_resps"][k][0].get<double>(), want[i]["filtered_resps"][k][0].get<double>(),
-                  kTolChoice);
-      EXPECT_EQ(samples[i]["filtered_resps"][k][1], want[i]["filtered_resps"][k][1]);
-    }
+    expect_saved_like_harness(samples[i], theirs[i], kTolChoice);
     for (const auto& [m, v] : want[i]["metrics"].items()) EXPECT_EQ(samples[i][m], v) << m;
   }
 }
@@ -141,10 +181,12 @@ TEST_F(CliEvalDiff, EvalRollingMatchesTheHarnessPerplexities) {
     EXPECT_NEAR(res[k].get<double>(), v.get<double>(), 1e-5 * std::abs(v.get<double>())) << k;
   }
   const auto samples = read_jsonl(samples_file(out, "rolling"));
+  const auto theirs = harness_samples("parity_rolling");
   ASSERT_EQ(samples.size(), oracle["samples"].size());
+  ASSERT_EQ(samples.size(), theirs.size());
   for (size_t i = 0; i < samples.size(); ++i) {
     const json& w = oracle["samples"][i];
-    EXPECT_NEAR(samples[i]["filtered_resps"].get<double>(), w["filtered_resps"][0].get<double>(), 1e-3) << i;
+    expect_saved_like_harness(samples[i], theirs[i], 1e-3);
     EXPECT_EQ(samples[i]["word_perplexity"][1], w["metrics"]["word_perplexity"][1]) << i;  // word count
     EXPECT_EQ(samples[i]["byte_perplexity"][1], w["metrics"]["byte_perplexity"][1]) << i;  // byte count
   }

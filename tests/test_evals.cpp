@@ -258,6 +258,13 @@ void expect_metrics_equal(const json& want, const TaskResult& got, double rel_to
   }
 }
 
+// lm-eval's own doc_hash, prompt_hash and target_hash for the record (scripts/eval_parity.py keeps them):
+// the same document (keys in the same order), the same prompt and the same target, byte for byte.
+void expect_same_hashes(const json& want, const nlohmann::ordered_json& got) {
+  for (const char* h : {"doc_hash", "prompt_hash", "target_hash"})
+    EXPECT_EQ(got[h].get<std::string>(), want[h].get<std::string>()) << h;
+}
+
 void expect_choice_samples(const json& oracle, const TaskResult& got) {
   const auto& want = oracle["samples"];
   ASSERT_EQ(want.size(), got.samples.size());
@@ -267,11 +274,12 @@ void expect_choice_samples(const json& oracle, const TaskResult& got) {
     const auto& g = got.samples[i];
     ASSERT_EQ(w["arguments"].size(), g["arguments"].size());
     for (size_t k = 0; k < w["arguments"].size(); ++k) {
-      EXPECT_EQ(w["arguments"][k], g["arguments"][k]);  // context and continuation strings, exactly
+      EXPECT_EQ(w["arguments"][k], json(g["arguments"][k]));  // context and continuation strings, exactly
       EXPECT_NEAR(g["filtered_resps"][k][0].get<double>(), w["filtered_resps"][k][0].get<double>(), kTolChoice);
       EXPECT_EQ(g["filtered_resps"][k][1].get<bool>(), w["filtered_resps"][k][1].get<bool>());
     }
     for (const auto& [m, v] : w["metrics"].items()) EXPECT_EQ(g[m].get<double>(), v.get<double>()) << m;
+    expect_same_hashes(w, g);
   }
 }
 
@@ -298,7 +306,8 @@ TEST_F(EvalParity, RollingPerplexity) {
   const auto& want = oracle["samples"];
   ASSERT_EQ(want.size(), r.samples.size());
   for (size_t i = 0; i < want.size(); ++i) {
-    EXPECT_NEAR(r.samples[i]["filtered_resps"].get<double>(), want[i]["filtered_resps"][0].get<double>(), kTolRolling);
+    EXPECT_NEAR(r.samples[i]["filtered_resps"][0].get<double>(), want[i]["filtered_resps"][0].get<double>(), kTolRolling);
+    expect_same_hashes(want[i], r.samples[i]);
     EXPECT_EQ(r.samples[i]["word_perplexity"][1], want[i]["metrics"]["word_perplexity"][1]);
     EXPECT_EQ(r.samples[i]["byte_perplexity"][1], want[i]["metrics"]["byte_perplexity"][1]);
   }
@@ -311,14 +320,17 @@ TEST_F(EvalParity, GreedyGenerationAndGsm8kFilters) {
   const auto r = run("parity_gen", "generate", "gen_test.jsonl");
   const auto& want = oracle["samples"];
   ASSERT_EQ(want.size(), r.samples.size());
-  // The harness logs one entry per (doc, filter); ours are in the same order per doc.
-  std::map<std::pair<int, std::string>, json> mine;
-  for (const auto& s : r.samples) mine[{s["doc_id"].get<int>(), s["filter"].get<std::string>()}] = s;
-  for (const auto& w : want) {
-    const auto& g = mine.at({w["doc_id"].get<int>(), w["filter"].get<std::string>()});
-    EXPECT_EQ(g["arguments"][0][0], w["arguments"][0][0]);
-    EXPECT_EQ(g["resps"][0][0], w["resps"][0][0]);  // generated text, exactly
-    EXPECT_EQ(g["filtered_resps"], w["filtered_resps"]);
+  // The harness logs one entry per (doc, filter) ...
+  // ... in the same order too: every doc of one filter, then the next filter's.
+  for (size_t i = 0; i < want.size(); ++i) {
+    const auto& w = want[i];
+    const auto& g = r.samples[i];
+    EXPECT_EQ(g["doc_id"].get<int>(), w["doc_id"].get<int>()) << i;
+    EXPECT_EQ(g["filter"].get<std::string>(), w["filter"].get<std::string>()) << i;
+    expect_same_hashes(w, g);
+    EXPECT_EQ(json(g["arguments"][0][0]), w["arguments"][0][0]);
+    EXPECT_EQ(json(g["resps"][0][0]), w["resps"][0][0]);  // generated text, exactly
+    EXPECT_EQ(json(g["filtered_resps"]), w["filtered_resps"]);
     EXPECT_EQ(g["exact_match"].get<double>(), w["metrics"]["exact_match"].get<double>());
   }
   expect_metrics_equal(oracle["results"], r, 0);
