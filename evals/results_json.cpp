@@ -106,11 +106,14 @@ std::string sanitize_model_name(const std::string& model) {
 }
 
 ordered_json results_json(const std::vector<TaskRun>& tasks, const RunInfo& info) {
-  ordered_json results = ordered_json::object(), group_subtasks = ordered_json::object();
-  // The harness sorts these four by task name (dict(sorted(...))); results and n-samples keep run order.
-  std::map<std::string, ordered_json> configs, versions, n_shot, hib_all;
+  // Orders as lm-eval 0.4.9.2 writes a run of standalone tasks: results, configs, versions, n-shot and
+  // higher_is_better sorted by name; group_subtasks in the order asked; n-samples and task_hashes in its
+  // evaluation order, which for standalone tasks is the reverse of the order asked.
+  ordered_json group_subtasks = ordered_json::object();
+  std::map<std::string, ordered_json> results, configs, versions, n_shot, hib_all;
   ordered_json n_samples = ordered_json::object(), task_hashes = ordered_json::object();
-  for (const auto& t : tasks) {
+  for (auto it = tasks.rbegin(); it != tasks.rend(); ++it) {
+    const TaskRun& t = *it;
     const TaskResult& r = *t.result;
     ordered_json res = {{"alias", r.task}};
     ordered_json hib = ordered_json::object();
@@ -128,8 +131,7 @@ ordered_json results_json(const std::vector<TaskRun>& tasks, const RunInfo& info
     n_samples[r.task] = {{"original", t.original_docs >= 0 ? t.original_docs : effective}, {"effective", effective}};
     task_hashes[r.task] = task_hash(r.samples);
   }
-  // get_subtask_list gives each standalone task an empty list; the harness writes them in reverse order.
-  for (auto it = tasks.rbegin(); it != tasks.rend(); ++it) group_subtasks[it->result->task] = ordered_json::array();
+  for (const auto& t : tasks) group_subtasks[t.result->task] = ordered_json::array();  // no subtasks
   auto sorted = [](const std::map<std::string, ordered_json>& m) {
     ordered_json o = ordered_json::object();
     for (const auto& [k, v] : m) o[k] = v;
@@ -137,7 +139,7 @@ ordered_json results_json(const std::vector<TaskRun>& tasks, const RunInfo& info
   };
   const std::string model_args = fmt::format("pretrained={},engine={}", info.model, info.engine);
   ordered_json doc = {
-      {"results", results},
+      {"results", sorted(results)},
       {"group_subtasks", group_subtasks},
       {"configs", sorted(configs)},
       {"versions", sorted(versions)},

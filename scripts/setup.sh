@@ -42,7 +42,13 @@ fi
 
 # The light tier: reading traces and dumps (h5py, pandas, safetensors, numpy), plots (matplotlib), the real
 # Mixtral tokenizer shipped in mistral-common. Exact pins so results reproduce.
-light=(numpy==2.3.5 safetensors==0.7.0 sentencepiece==0.2.1 h5py==3.15.1 pandas==2.3.3 matplotlib==3.10.8 mistral-common==1.8.8)
+# pytablewriter, PyYAML and Jinja2: what lm-eval's results-reading code and make_table import (below).
+light=(numpy==2.3.5 safetensors==0.7.0 sentencepiece==0.2.1 h5py==3.15.1 pandas==2.3.3 matplotlib==3.10.8 mistral-common==1.8.8
+       pytablewriter==1.2.1 PyYAML==6.0.4 Jinja2==3.1.6)
+# lm-eval itself without its dependencies (torch, transformers, datasets: the heavy tier's): the light tier
+# uses only lm_eval.utils (the results/samples file readers and make_table), for the lm-eval format test
+# (scripts/check_lm_eval_format.py).
+light_nodeps=(lm-eval==0.4.9.2)
 # The heavy tier: transformers stays on 4.x, whose MixtralForCausalLM keeps the per-expert weight layout
 # real checkpoints have on disk (5.x fuses experts at load).
 heavy=(torch==2.9.1 transformers==4.57.3 accelerate==1.11.0 bitsandbytes==0.49.2 lm-eval==0.4.9.2)
@@ -51,7 +57,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   /usr/bin/python3 -m venv .venv
 fi
-want=("${light[@]}")
+want=("${light[@]}" "${light_nodeps[@]}")
 [ "$dev" = 1 ] && want+=("${heavy[@]}")
 # Skip pip entirely when every pin is already satisfied (keeps re-runs fast and offline-safe).
 if .venv/bin/python - "${want[@]}" <<'PY'
@@ -68,7 +74,10 @@ then
   echo "[setup] Python tier already installed ($([ "$dev" = 1 ] && echo light+heavy || echo light))"
 else
   echo "[setup] installing Python packages into .venv: ${want[*]}"
-  if ! .venv/bin/pip install -q --disable-pip-version-check "${want[@]}"; then
+  want_deps=("${light[@]}")
+  [ "$dev" = 1 ] && want_deps+=("${heavy[@]}")
+  if ! { .venv/bin/pip install -q --disable-pip-version-check "${want_deps[@]}" &&
+         .venv/bin/pip install -q --disable-pip-version-check --no-deps "${light_nodeps[@]}"; }; then
     # The C++ toolkit and its tests never need Python, so without --dev a failed PyPI install (no
     # network, an untrusted TLS proxy) is a loud warning, not a failed set-up.
     [ "$dev" = 1 ] && { echo "[setup] ERROR: pip could not install the heavy tier" >&2; exit 1; }

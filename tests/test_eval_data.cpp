@@ -821,7 +821,10 @@ TEST_F(EvalSparseSlice, CliDefaultsToTheBundledTrainSliceAndNamesADifferentSplit
     for (std::string line; std::getline(in, line);) {
       const json s = json::parse(line);
       const auto k = s["doc_id"].get<size_t>();
-      EXPECT_EQ(sha256_hex(s["arguments"][0][0].get<std::string>()), fx["docs"][k]["prompt_sha256"].get<std::string>());
+      // The saved record's prompt (lm_eval's gen_args_0/arg_0) and its prompt_hash: the harness's prompt.
+      EXPECT_EQ(sha256_hex(s["arguments"]["gen_args_0"]["arg_0"].get<std::string>()),
+                fx["docs"][k]["prompt_sha256"].get<std::string>());
+      EXPECT_EQ(s["prompt_hash"].get<std::string>(), fx["docs"][k]["prompt_sha256"].get<std::string>());
       ++checked;
     }
   }
