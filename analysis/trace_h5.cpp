@@ -600,6 +600,18 @@ std::vector<uint8_t> read_rows_raw(const H5Context& cx, hid_t dset, const char* 
   return out;
 }
 
+void read_row_range(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, size_t elem_size, int64_t first,
+                    int64_t rows, size_t row_elems, void* out) {
+  if (rows <= 0) return;
+  if (first < 0 || row_elems == 0 || uint64_t(rows) > (uint64_t(1) << 40) / (row_elems * elem_size))
+    cx.damaged(fmt::format("/{}: rows {}..{} of {} values", name, first, first + rows - 1, row_elems));
+  if (read_row_block(dset, mem_type, first, rows, out)) return;
+  const std::string why = error_text();
+  throw Error(fmt::format("{}: cannot read /{} rows {}..{}: {} (if a writer was killed while writing it, "
+                          "`moelab trace --repair {}` keeps what is readable)",
+                          cx.path, name, first, first + rows - 1, why, cx.path));
+}
+
 void shrink_rows(const H5Context& cx, hid_t dset, const char* name, int64_t rows) {
   auto dims = dims_of(cx, dset, name);
   if (dims.empty() || int64_t(dims[0]) <= rows) return;

@@ -144,6 +144,10 @@ std::vector<T> read_rows(const H5Context& cx, hid_t dset, const char* name, hid_
   if (!raw.empty()) std::memcpy(out.data(), raw.data(), out.size() * sizeof(T));
   return out;
 }
+// Reads rows [first, first + rows) (each of `row_elems` elements of `elem_size` bytes) into `out`, throwing
+// as read_rows_raw does when HDF5 cannot read them: a streaming reader's block (analysis/trace_stream.hpp).
+void read_row_range(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, size_t elem_size, int64_t first,
+                    int64_t rows, size_t row_elems, void* out);
 void shrink_rows(const H5Context& cx, hid_t dset, const char* name, int64_t rows);
 
 // Opening files.

@@ -1,0 +1,76 @@
+#pragma once
+// The vocabulary of the expert-cache simulator (analysis/cachesim.hpp): a set of experts, the counters a
+// policy keeps per layer, and the policies by name.
+#include <array>
+#include <bit>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moelab::analysis::cachesim {
+
+// A set of expert ids (0..255, as a trace stores them) as a bit mask.
+struct ExpertSet {
+  std::array<uint64_t, 4> bits{};
+  void add(int e) { bits[size_t(e) >> 6] |= uint64_t(1) << (e & 63); }
+  void remove(int e) { bits[size_t(e) >> 6] &= ~(uint64_t(1) << (e & 63)); }
+  bool has(int e) const { return (bits[size_t(e) >> 6] >> (e & 63)) & 1; }
+  int size() const {
+    int n = 0;
+    for (uint64_t w : bits) n += std::popcount(w);
+    return n;
+  }
+  bool empty() const { return (bits[0] | bits[1] | bits[2] | bits[3]) == 0; }
+  ExpertSet operator|(const ExpertSet& o) const {
+    ExpertSet r;
+    for (size_t i = 0; i < 4; ++i) r.bits[i] = bits[i] | o.bits[i];
+    return r;
+  }
+  ExpertSet operator&(const ExpertSet& o) const {
+    ExpertSet r;
+    for (size_t i = 0; i < 4; ++i) r.bits[i] = bits[i] & o.bits[i];
+    return r;
+  }
+  bool operator==(const ExpertSet&) const = default;
+  std::vector<int> ids() const {  // ascending
+    std::vector<int> out;
+    for (size_t i = 0; i < 4; ++i)
+      for (uint64_t w = bits[i]; w; w &= w - 1) out.push_back(int(i * 64) + std::countr_zero(w));
+    return out;
+  }
+};
+
+// What one policy did at one layer, summed over the scored steps.
+struct LayerCounts {
+  int64_t steps = 0;          // decode steps (one token each, or one per sequence of a batch)
+  int64_t requests = 0;       // experts the steps needed: per step, the distinct experts of its tokens
+  int64_t hits = 0;           // needed experts already on the GPU (prefetched ones included)
+  int64_t prefetch_hits = 0;  // of the hits, experts a prefetch had copied and not yet used
+  int64_t misses = 0;         // needed experts copied on demand (requests = hits + misses)
+  int64_t prefetch_copies = 0;  // experts copied by prefetches (used or not)
+  // Prefetch guesses (prefetch policies only): experts guessed, guessed experts the step needed, and the
+  // experts needed by the steps that had a guess (precision = guess_used / guessed, recall = guess_used /
+  // guess_needed).
+  int64_t guessed = 0, guess_used = 0, guess_needed = 0;
+
+  LayerCounts& operator+=(const LayerCounts& o) {
+    steps += o.steps, requests += o.requests, hits += o.hits, prefetch_hits += o.prefetch_hits, misses += o.misses;
+    prefetch_copies += o.prefetch_copies, guessed += o.guessed, guess_used += o.guess_used;
+    guess_needed += o.guess_needed;
+    return *this;
+  }
+  int64_t copies() const { return misses + prefetch_copies; }
+};
+
+enum class Policy { Lru, Lfu, LfuAged, Fifo, Static, Belady, PrefetchPrev };
+
+std::vector<Policy> all_policies();
+std::string policy_name(Policy p);  // "lru", "lfu", "lfu-aged", "fifo", "static", "belady", "prefetch-prev"
+// Throws moelab::Error naming the known policies.
+Policy parse_policy(const std::string& name);
+// One paragraph: what the policy keeps and evicts (cachesim --help and docs/cachesim.md).
+std::string policy_description(Policy p);
+bool is_prefetch_policy(Policy p);
+bool is_bypass_policy(Policy p);  // misses go through a staging buffer and may stay uncached (static, belady)
+
+}  // namespace moelab::analysis::cachesim

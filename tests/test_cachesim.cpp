@@ -1,0 +1,599 @@
+// The expert-cache simulator (analysis/cachesim.hpp) against figures derived here, never copied from its
+// output: brute-force LRU and FIFO, an exhaustive search for the optimum Belady must equal, "no policy beats
+// Belady" over many random traces, exact hit rates of uniform random routing (top-1 by a symmetry
+// argument, top-2 by an exact Markov chain and one case by hand), a repeated pair, hand-worked batches and
+// prefetch guesses, the cuda-nf4 policy object replayed as the engine drives it, expert sizes, option
+// parsing; and `moelab cachesim` through the real binary, bad inputs included.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <map>
+#include <numeric>
+#include <random>
+
+#include "analysis/cachesim.hpp"
+#include "core/error.hpp"
+#include "optimized/cuda/expert_cache_policy.hpp"
+
+namespace moelab::test {
+namespace {
+
+using analysis::CacheSimOptions;
+using analysis::CacheSimReport;
+using analysis::TraceData;
+namespace cachesim = analysis::cachesim;
+using cachesim::LayerCounts;
+using cachesim::Policy;
+
+// routes[s][t][l]: sequence s, token t, layer l: the token's top-k (rank order).
+using Routes = std::vector<std::vector<std::vector<std::vector<int>>>>;
+
+TraceData to_trace(int layers, int k, int experts, const Routes& seqs) {
+  TraceData tr;
+  tr.num_layers = layers;
+  tr.top_k = k;
+  tr.num_experts = experts;
+  tr.sequence_offsets = {0};
+  for (const auto& seq : seqs) {
+    for (const auto& tok : seq) {
+      tr.tokens.push_back(int32_t(tr.tokens.size() % 1000));
+      for (const auto& r : tok)
+        for (int e : r) tr.experts.push_back(uint8_t(e)), tr.gates.push_back(1.0f / float(k));
+    }
+    tr.sequence_offsets.push_back(int64_t(tr.tokens.size()));
+    tr.sequence_domain.push_back(-1);
+  }
+  return tr;
+}
+
+// A uniformly random k-subset per token and layer, in random rank order.
+Routes random_routes(std::mt19937_64& rng, int layers, int k, int experts, int sequences, int max_len) {
+  Routes seqs(static_cast<size_t>(sequences));
+  std::vector<int> ids(static_cast<size_t>(experts));
+  for (auto& seq : seqs) {
+    const int n = int(rng() % uint64_t(max_len + 1));
+    for (int t = 0; t < n; ++t) {
+      std::vector<std::vector<int>> tok;
+      for (int l = 0; l < layers; ++l) {
+        std::iota(ids.begin(), ids.end(), 0);
+        std::shuffle(ids.begin(), ids.end(), rng);
+        tok.emplace_back(ids.begin(), ids.begin() + k);
+      }
+      seq.push_back(tok);
+    }
+  }
+  return seqs;
+}
+
+// Skewed routing (a few popular experts), where policies differ more than under uniform routing.
+Routes skewed_routes(std::mt19937_64& rng, int layers, int k, int experts, int sequences, int max_len) {
+  Routes seqs(static_cast<size_t>(sequences));
+  std::vector<double> w(static_cast<size_t>(experts));
+  for (int e = 0; e < experts; ++e) w[size_t(e)] = 1.0 / double(1 + e * e);
+  for (auto& seq : seqs) {
+    const int n = int(rng() % uint64_t(max_len + 1));
+    for (int t = 0; t < n; ++t) {
+      std::vector<std::vector<int>> tok;
+      for (int l = 0; l < layers; ++l) {
+        std::vector<int> chosen;
+        while (int(chosen.size()) < k) {
+          std::discrete_distribution<int> d(w.begin(), w.end());
+          const int e = d(rng);
+          if (std::find(chosen.begin(), chosen.end(), e) == chosen.end()) chosen.push_back(e);
+        }
+        tok.push_back(chosen);
+      }
+      seq.push_back(tok);
+    }
+  }
+  return seqs;
+}
+
+// The steps as docs/cachesim.md defines them, written here independently of the simulator: batches of B
+// sequences in file order; step i of a batch needs, per layer, the union of the experts of token i of
+// every sequence still running; a step is scored when its lowest token index in the stream is at least
+// the calibration count.
+struct Steps {
+  std::vector<std::vector<uint32_t>> need;  // [step][layer] bit mask (experts < 32)
+  std::vector<bool> scored;
+  std::vector<int> tokens;
+};
+Steps steps_of(const Routes& seqs, int layers, int batch, int64_t calibration) {
+  Steps st;
+  int64_t base = 0;
+  for (size_t b0 = 0; b0 < seqs.size(); b0 += size_t(batch)) {
+    const size_t b1 = std::min(seqs.size(), b0 + size_t(batch));
+    size_t longest = 0;
+    std::vector<int64_t> first(b1 - b0);
+    int64_t at = base;
+    for (size_t s = b0; s < b1; ++s) first[s - b0] = at, at += int64_t(seqs[s].size()), longest = std::max(longest, seqs[s].size());
+    for (size_t i = 0; i < longest; ++i) {
+      std::vector<uint32_t> need(size_t(layers), 0);
+      int64_t lowest = -1;
+      int tokens = 0;
+      for (size_t s = b0; s < b1; ++s) {
+        if (seqs[s].size() <= i) continue;
+        if (lowest < 0) lowest = first[s - b0] + int64_t(i);
+        ++tokens;
+        for (int l = 0; l < layers; ++l)
+          for (int e : seqs[s][i][size_t(l)]) need[size_t(l)] |= 1u << e;
+      }
+      st.need.push_back(need);
+      st.scored.push_back(lowest >= calibration);
+      st.tokens.push_back(tokens);
+    }
+    base = at;
+  }
+  return st;
+}
+
+std::vector<int> ids_of(uint32_t mask) {
+  std::vector<int> out;
+  for (int e = 0; e < 32; ++e)
+    if (mask >> e & 1) out.push_back(e);
+  return out;
+}
+
+// Textbook LRU over the step's experts in ascending id: a recency list, evicting its back. (The engine's
+// pins never bind in LRU: the experts a round pinned were just used, so they sit at the front.)
+int64_t brute_lru_hits(const Steps& st, int layer, int capacity) {
+  std::vector<int> list;  // front = most recent
+  int64_t hits = 0;
+  for (size_t t = 0; t < st.need.size(); ++t)
+    for (int e : ids_of(st.need[t][size_t(layer)])) {
+      const auto it = std::find(list.begin(), list.end(), e);
+      if (it != list.end()) {
+        hits += st.scored[t];
+        list.erase(it);
+      } else if (int(list.size()) == capacity) {
+        list.pop_back();
+      }
+      list.insert(list.begin(), e);
+    }
+  return hits;
+}
+
+// FIFO with the engine's rounds: rounds of at most C experts in ascending id; a miss evicts the oldest
+// load among the experts the round has not acquired yet.
+int64_t brute_fifo_hits(const Steps& st, int layer, int capacity) {
+  std::vector<int> queue;  // front = oldest load
+  int64_t hits = 0;
+  for (size_t t = 0; t < st.need.size(); ++t) {
+    const auto ids = ids_of(st.need[t][size_t(layer)]);
+    for (size_t r0 = 0; r0 < ids.size(); r0 += size_t(capacity)) {
+      std::vector<int> pinned;
+      for (size_t i = r0; i < std::min(ids.size(), r0 + size_t(capacity)); ++i) {
+        const int e = ids[i];
+        if (std::find(queue.begin(), queue.end(), e) != queue.end()) {
+          hits += st.scored[t];
+        } else {
+          if (int(queue.size()) == capacity)
+            queue.erase(std::find_if(queue.begin(), queue.end(), [&](int x) {
+              return std::find(pinned.begin(), pinned.end(), x) == pinned.end();
+            }));
+          queue.push_back(e);
+        }
+        pinned.push_back(e);
+      }
+    }
+  }
+  return hits;
+}
+
+// The fewest scored misses any policy can have at one layer: every choice of what to hold after each step
+// (any subset of what was held and what the step used, at most C experts), searched exhaustively.
+int64_t optimal_misses(const Steps& st, int layer, int capacity) {
+  std::map<uint32_t, int64_t> states{{0u, 0}};
+  for (size_t t = 0; t < st.need.size(); ++t) {
+    const uint32_t need = st.need[t][size_t(layer)];
+    std::map<uint32_t, int64_t> next;
+    for (const auto& [held, cost] : states) {
+      const int64_t c = cost + (st.scored[t] ? std::popcount(need & ~held) : 0);
+      const uint32_t pool = held | need;
+      for (uint32_t sub = pool;; sub = (sub - 1) & pool) {  // every subset of the pool
+        if (std::popcount(sub) <= capacity) {
+          auto [it, fresh] = next.try_emplace(sub, c);
+          if (!fresh) it->second = std::min(it->second, c);
+        }
+        if (sub == 0) break;
+      }
+    }
+    states = std::move(next);
+  }
+  int64_t best = INT64_MAX;
+  for (const auto& [held, cost] : states) best = std::min(best, cost);
+  return best;
+}
+
+CacheSimReport run(const TraceData& tr, std::vector<Policy> policies, std::vector<int> sizes, int batch = 1,
+                   int64_t calibration = 0) {
+  const auto src = analysis::memory_routing_source(tr);
+  CacheSimOptions o;
+  o.policies = std::move(policies);
+  o.cache_sizes = std::move(sizes);
+  o.batch = batch;
+  o.calibrate.tokens = calibration;
+  return analysis::simulate_cache({src.get()}, o);
+}
+
+LayerCounts counts(const CacheSimReport& r, Policy p, int c, int layer = -1) {
+  const auto* res = r.find(p, c);
+  EXPECT_NE(res, nullptr) << cachesim::policy_name(p) << " C=" << c;
+  if (!res) return {};
+  return layer < 0 ? res->total() : res->layers[size_t(layer)];
+}
+
+TEST(CacheSim, LruAndFifoEqualBruteForceOnRandomTraces) {
+  std::mt19937_64 rng(5);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int E = 3 + int(rng() % 6), k = 1 + int(rng() % std::min(3, E)), L = 1 + int(rng() % 3);
+    const int B = 1 + int(rng() % 3);
+    const auto seqs = trial % 2 ? random_routes(rng, L, k, E, 1 + int(rng() % 5), 30)
+                                : skewed_routes(rng, L, k, E, 1 + int(rng() % 5), 30);
+    const auto tr = to_trace(L, k, E, seqs);
+    if (tr.num_tokens() == 0) continue;
+    const int64_t calibration = int64_t(rng() % uint64_t(tr.num_tokens()));
+    std::vector<int> sizes(static_cast<size_t>(E));
+    std::iota(sizes.begin(), sizes.end(), 1);
+    const auto r = run(tr, {Policy::Lru, Policy::Fifo}, sizes, B, calibration);
+    const auto st = steps_of(seqs, L, B, calibration);
+    for (int c = 1; c <= E; ++c)
+      for (int l = 0; l < L; ++l) {
+        EXPECT_EQ(counts(r, Policy::Lru, c, l).hits, brute_lru_hits(st, l, c)) << "trial " << trial << " C=" << c;
+        EXPECT_EQ(counts(r, Policy::Fifo, c, l).hits, brute_fifo_hits(st, l, c)) << "trial " << trial << " C=" << c;
+      }
+  }
+}
+
+TEST(CacheSim, BeladyEqualsTheExhaustiveOptimum) {
+  std::mt19937_64 rng(7);
+  for (int trial = 0; trial < 80; ++trial) {
+    const int E = 3 + int(rng() % 4), k = 1 + int(rng() % 2), L = 1 + int(rng() % 2), B = 1 + int(rng() % 2);
+    const auto seqs = trial % 2 ? random_routes(rng, L, k, E, 1 + int(rng() % 3), 14)
+                                : skewed_routes(rng, L, k, E, 1 + int(rng() % 3), 14);
+    const auto tr = to_trace(L, k, E, seqs);
+    if (tr.num_tokens() == 0) continue;
+    const int64_t calibration = trial % 3 == 0 ? int64_t(rng() % uint64_t(tr.num_tokens())) : 0;  // with a warm-up too
+    std::vector<int> sizes(static_cast<size_t>(E));
+    std::iota(sizes.begin(), sizes.end(), 1);
+    const auto r = run(tr, {Policy::Belady}, sizes, B, calibration);
+    EXPECT_EQ(r.belady_undecided, 0);  // the window holds the whole trace: exact
+    const auto st = steps_of(seqs, L, B, calibration);
+    for (int c = 1; c <= E; ++c)
+      for (int l = 0; l < L; ++l)
+        EXPECT_EQ(counts(r, Policy::Belady, c, l).misses, optimal_misses(st, l, c)) << "trial " << trial << " C=" << c;
+  }
+}
+
+TEST(CacheSim, NoPolicyBeatsBeladyOnRandomTraces) {
+  std::mt19937_64 rng(13);
+  int compared = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int E = 2 + int(rng() % 9), k = 1 + int(rng() % std::min(3, E)), L = 1 + int(rng() % 2);
+    const int B = 1 + int(rng() % 4);
+    const auto seqs = trial % 2 ? random_routes(rng, L, k, E, 1 + int(rng() % 6), 40)
+                                : skewed_routes(rng, L, k, E, 1 + int(rng() % 6), 40);
+    const auto tr = to_trace(L, k, E, seqs);
+    if (tr.num_tokens() < 2) continue;
+    const int64_t calibration = 1 + int64_t(rng() % uint64_t(tr.num_tokens() - 1));  // static needs some
+    std::vector<int> sizes(static_cast<size_t>(E));
+    std::iota(sizes.begin(), sizes.end(), 1);
+    const auto r = run(tr, cachesim::all_policies(), sizes, B, calibration);
+    for (int c = 1; c <= E; ++c)
+      for (int l = 0; l < L; ++l) {
+        const auto best = counts(r, Policy::Belady, c, l);
+        for (Policy p : cachesim::all_policies()) {
+          const auto got = counts(r, p, c, l);
+          EXPECT_EQ(got.requests, best.requests);
+          EXPECT_LE(got.hits, best.hits) << cachesim::policy_name(p) << " beats belady: trial " << trial << " C=" << c;
+          ++compared;
+        }
+      }
+  }
+  EXPECT_GT(compared, 5000);
+}
+
+// Uniform random top-1: with a full cache K (after the warm-up) and a request independent of K, the hit
+// probability is Σ_x P(x ∈ K) P(request = x) = (1/E) Σ_x P(x ∈ K) = C/E, for every policy that keeps C.
+// Checked on 30 independent traces: |mean − C/E| within 5 standard errors of the 30 rates.
+TEST(CacheSim, UniformTop1HitRateIsCOverE) {
+  const int E = 8, traces = 30, n = 6000;
+  std::mt19937_64 rng(17);
+  std::map<std::pair<Policy, int>, std::vector<double>> rates;
+  const std::vector<Policy> policies{Policy::Lru, Policy::Fifo, Policy::Lfu, Policy::LfuAged};
+  for (int i = 0; i < traces; ++i) {
+    Routes seqs(1);
+    std::uniform_int_distribution<int> pick(0, E - 1);
+    for (int t = 0; t < n; ++t) seqs[0].push_back({{pick(rng)}, {pick(rng)}});
+    const auto r = run(to_trace(2, 1, E, seqs), policies, {1, 2, 3, 4, 5, 6, 7, 8}, 1, 100);
+    for (Policy p : policies)
+      for (int c = 1; c <= E; ++c) {
+        const auto t = counts(r, p, c);
+        rates[{p, c}].push_back(double(t.hits) / double(t.requests));
+      }
+  }
+  for (const auto& [key, v] : rates) {
+    const double mean = std::accumulate(v.begin(), v.end(), 0.0) / double(v.size());
+    double var = 0;
+    for (double x : v) var += (x - mean) * (x - mean);
+    const double se = std::sqrt(var / double(v.size() - 1) / double(v.size()));
+    const double expected = double(key.second) / E;
+    EXPECT_NEAR(mean, expected, 5 * se + 1e-12) << cachesim::policy_name(key.first) << " C=" << key.second;
+  }
+}
+
+// The exact stationary hit rate of LRU or FIFO, as the engine runs them, under uniform random top-2 of E:
+// a Markov chain on the cache's ordered contents (recency order for LRU, load order for FIFO); each step
+// draws one of the C(E,2) pairs uniformly, takes it in ascending id, in rounds of at most C, and a miss
+// evicts the oldest expert the round has not acquired yet.
+double markov_top2_hit_rate(int E, int C, bool fifo) {
+  std::vector<std::pair<int, int>> pairs;
+  for (int a = 0; a < E; ++a)
+    for (int b = a + 1; b < E; ++b) pairs.push_back({a, b});
+  std::map<std::vector<int>, int> index;
+  std::vector<std::vector<int>> states;
+  std::vector<std::vector<int>> next;   // [state][pair] -> state
+  std::vector<std::vector<int>> hits;   // [state][pair] -> hits
+  const auto id = [&](const std::vector<int>& s) {
+    auto [it, fresh] = index.try_emplace(s, int(states.size()));
+    if (fresh) states.push_back(s);
+    return it->second;
+  };
+  id({});
+  for (size_t i = 0; i < states.size(); ++i) {
+    std::vector<int> to, h;
+    for (const auto& [a, b] : pairs) {
+      std::vector<int> s = states[i];  // front = newest (most recent, or latest load)
+      int got = 0;
+      const std::vector<int> req{a, b};
+      for (size_t r0 = 0; r0 < req.size(); r0 += size_t(C)) {
+        std::vector<int> pinned;
+        for (size_t j = r0; j < std::min(req.size(), r0 + size_t(C)); ++j) {
+          const int e = req[j];
+          const auto it = std::find(s.begin(), s.end(), e);
+          if (it != s.end()) {
+            ++got;
+            if (!fifo) s.erase(it), s.insert(s.begin(), e);
+          } else {
+            if (int(s.size()) == C)
+              for (int x = int(s.size()) - 1; x >= 0; --x)
+                if (std::find(pinned.begin(), pinned.end(), s[size_t(x)]) == pinned.end()) {
+                  s.erase(s.begin() + x);
+                  break;
+                }
+            s.insert(s.begin(), e);
+          }
+          pinned.push_back(e);
+        }
+      }
+      to.push_back(id(s));
+      h.push_back(got);
+    }
+    next.push_back(to);
+    hits.push_back(h);
+  }
+  std::vector<double> p(states.size(), 0.0), q(states.size());
+  p[0] = 1;
+  for (int it = 0; it < 5000; ++it) {
+    std::fill(q.begin(), q.end(), 0.0);
+    for (size_t i = 0; i < states.size(); ++i)
+      for (size_t j = 0; j < pairs.size(); ++j) q[size_t(next[i][j])] += p[i] / double(pairs.size());
+    double change = 0;
+    for (size_t i = 0; i < states.size(); ++i) change += std::abs(q[i] - p[i]);
+    std::swap(p, q);
+    if (change < 1e-13) break;
+  }
+  double expected_hits = 0;
+  for (size_t i = 0; i < states.size(); ++i)
+    for (size_t j = 0; j < pairs.size(); ++j) expected_hits += p[i] * hits[i][j] / double(pairs.size());
+  return expected_hits / 2;
+}
+
+// Uniform random top-2 of 8 is NOT C/E under the engine's order of work: when the lower-id expert of a
+// step misses, it may evict the other one (the LRU or oldest), which then misses too; and taking experts in
+// ascending id makes higher ids more recent, so the one evicted is not a uniformly random one. By hand for
+// C = 1: the slot holds the higher id m of the previous pair (P(m) = m/28, m = 1..7) and the next step hits
+// only when m is the lower id of its pair (P = (7 − m)/28): Σ m(7 − m)/784 = 1/14 hits a step, a hit rate
+// of 1/28 (not 1/8). For every C the exact chain above gives the figure; the simulator's mean over 30
+// independent traces must be within 5 standard errors of it.
+TEST(CacheSim, UniformTop2MatchesTheExactMarkovChain) {
+  const int E = 8, traces = 30, n = 6000;
+  EXPECT_NEAR(markov_top2_hit_rate(E, 1, false), 1.0 / 28, 1e-12);
+  EXPECT_NEAR(markov_top2_hit_rate(E, 1, true), 1.0 / 28, 1e-12);
+  std::map<std::pair<Policy, int>, double> exact;
+  for (int c = 1; c <= 5; ++c) {  // C = 6 and 7 have 20160 and 40320 ordered states: slow for a unit test
+    exact[{Policy::Lru, c}] = markov_top2_hit_rate(E, c, false);
+    exact[{Policy::Fifo, c}] = markov_top2_hit_rate(E, c, true);
+  }
+  // Below C/E for 1 < C < E: the evict-the-partner effect.
+  for (const auto& [key, v] : exact) {
+    if (key.second > 1) EXPECT_LT(v, double(key.second) / E) << cachesim::policy_name(key.first);
+  }
+  std::mt19937_64 rng(19);
+  std::map<std::pair<Policy, int>, std::vector<double>> rates;
+  for (int i = 0; i < traces; ++i) {
+    Routes one(1);
+    std::vector<int> ids(static_cast<size_t>(E));
+    for (int t = 0; t < n; ++t) {
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      one[0].push_back({{ids[0], ids[1]}});
+    }
+    const auto r = run(to_trace(1, 2, E, one), {Policy::Lru, Policy::Fifo}, {1, 2, 3, 4, 5}, 1, 200);
+    for (const auto& [key, v] : exact) {
+      const auto t = counts(r, key.first, key.second);
+      rates[key].push_back(double(t.hits) / double(t.requests));
+    }
+  }
+  for (const auto& [key, v] : rates) {
+    const double mean = std::accumulate(v.begin(), v.end(), 0.0) / double(v.size());
+    double var = 0;
+    for (double x : v) var += (x - mean) * (x - mean);
+    const double se = std::sqrt(var / double(v.size() - 1) / double(v.size()));
+    EXPECT_NEAR(mean, exact[key], 5 * se + 1e-12) << cachesim::policy_name(key.first) << " C=" << key.second
+                                                  << " (C/E = " << double(key.second) / E << ")";
+  }
+}
+
+// Every token of every layer chooses experts 3 and 5. After the first token (the warm-up: --calibrate 1),
+// every policy with C >= 2 hits every request. With C = 1 the engine's rounds load 3, then 5, every step:
+// the slot policies never hit; Belady keeps one of the two (one hit a step); static keeps the more used of
+// the tie, 3 (one hit a step).
+TEST(CacheSim, RepeatedPairHitsEverythingAfterWarmUp) {
+  const int L = 3, E = 8, N = 50;
+  for (int batch : {1, 2}) {
+    Routes seqs(3);
+    for (auto& s : seqs)
+      for (int t = 0; t < N; ++t) s.push_back(std::vector<std::vector<int>>(size_t(L), std::vector<int>{5, 3}));
+    const auto r = run(to_trace(L, 2, E, seqs), cachesim::all_policies(), {1, 2, 3, 8}, batch, 1);
+    const int64_t steps = batch == 1 ? 3 * N - 1 : 2 * N - 1;  // batch 2: sequences {0,1} then {2}
+    for (Policy p : cachesim::all_policies()) {
+      for (int c : {2, 3, 8}) {
+        const auto t = counts(r, p, c);
+        EXPECT_EQ(t.steps, steps * L);
+        EXPECT_EQ(t.requests, 2 * steps * L);
+        EXPECT_EQ(t.hits, t.requests) << cachesim::policy_name(p) << " C=" << c;
+        EXPECT_EQ(t.misses, 0);
+      }
+      const auto one = counts(r, p, 1);
+      const bool keeps_one = p == Policy::Belady || p == Policy::Static;
+      EXPECT_EQ(one.hits, keeps_one ? steps * L : 0) << cachesim::policy_name(p);
+      EXPECT_EQ(one.misses, keeps_one ? steps * L : 2 * steps * L) << cachesim::policy_name(p);
+    }
+  }
+}
+
+// Batches by hand: sequences A = 0 1 2 and B = 3 4 (top-1, one layer) decoded together need {0,3}, {1,4},
+// {2}: 5 requests in 3 steps, 5 tokens, all misses with room for every expert.
+TEST(CacheSim, BatchStepsNeedTheUnionOfTheirTokensExperts) {
+  Routes seqs{{{{0}}, {{1}}, {{2}}}, {{{3}}, {{4}}}};
+  auto r = run(to_trace(1, 1, 8, seqs), {Policy::Lru}, {8}, 2);
+  auto t = counts(r, Policy::Lru, 8);
+  EXPECT_EQ(r.scored_tokens, 5);
+  EXPECT_EQ(r.scored_steps, 3);
+  EXPECT_EQ(t.steps, 3);
+  EXPECT_EQ(t.requests, 5);
+  EXPECT_EQ(t.misses, 5);
+  // A = 0 0, B = 0 1: steps {0}, {0, 1}: 3 requests, 2 misses (0 once, 1 once).
+  Routes shared{{{{0}}, {{0}}}, {{{0}}, {{1}}}};
+  r = run(to_trace(1, 1, 8, shared), {Policy::Lru}, {8}, 2);
+  t = counts(r, Policy::Lru, 8);
+  EXPECT_EQ(t.requests, 3);
+  EXPECT_EQ(t.misses, 2);
+  EXPECT_EQ(t.hits, 1);
+}
+
+// prefetch-prev by hand (one layer, E = 4, top-2, C = 2): tokens {0,1} {0,1} {2,3} {2,3}. The guess is the
+// previous step's experts: none at step 0; {0,1} at steps 1 and 2 (used at 1, not at 2); {2,3} at step 3
+// (used). The guessed experts are always resident (just used), so nothing is copied: 4 hits, 4 misses;
+// guessed 6, used 4, needed 6 by the guessed steps: precision 2/3, recall 2/3.
+TEST(CacheSim, PrefetchPreviousTokensGuessesByHand) {
+  Routes seqs{{{{0, 1}}, {{0, 1}}, {{2, 3}}, {{2, 3}}}};
+  const auto r = run(to_trace(1, 2, 4, seqs), {Policy::PrefetchPrev}, {2});
+  const auto t = counts(r, Policy::PrefetchPrev, 2);
+  EXPECT_EQ(t.hits, 4);
+  EXPECT_EQ(t.misses, 4);
+  EXPECT_EQ(t.prefetch_copies, 0);
+  EXPECT_EQ(t.guessed, 6);
+  EXPECT_EQ(t.guess_used, 4);
+  EXPECT_EQ(t.guess_needed, 6);
+  const auto j = r.to_json();
+  EXPECT_NEAR(j["results"][0]["prefetch"]["precision"].get<double>(), 2.0 / 3, 1e-15);
+  EXPECT_NEAR(j["results"][0]["layers"][0]["prefetch"]["recall"].get<double>(), 2.0 / 3, 1e-15);
+  EXPECT_TRUE(j["results"][0]["prefetch"].is_object());
+}
+
+// The simulator's lru IS the cuda-nf4 policy object: the same object, replayed here as
+// optimized/cuda/moe_stage.cpp drives it (distinct experts in ascending id, rounds of at most C, acquire,
+// then end_step; prefetch-prev: prefetch before the step), gives the simulator's hit and miss counts.
+TEST(CacheSim, LruAndPrefetchEqualTheEnginePolicyReplayed) {
+  std::mt19937_64 rng(23);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int E = 8, k = 2, L = 3, B = 1 + trial % 3;
+    const auto seqs = skewed_routes(rng, L, k, E, 4, 50);
+    const auto tr = to_trace(L, k, E, seqs);
+    if (tr.num_tokens() == 0) continue;
+    const auto st = steps_of(seqs, L, B, 0);
+    for (int c = 1; c <= E; ++c) {
+      const auto r = run(tr, {Policy::Lru, Policy::PrefetchPrev}, {c}, B);
+      for (bool prefetch : {false, true}) {
+        cuda::ExpertCachePolicy engine(L, E, c, 1);
+        std::vector<uint32_t> previous(size_t(L), 0);
+        for (const auto& need : st.need)
+          for (int l = 0; l < L; ++l) {
+            if (prefetch && previous[size_t(l)]) {
+              std::vector<float> probs(size_t(E), 0.0f);
+              for (int e : ids_of(previous[size_t(l)])) probs[size_t(e)] = 1;
+              engine.prefetch(l, probs, std::popcount(previous[size_t(l)]));
+            }
+            previous[size_t(l)] = need[size_t(l)];
+            const auto ids = ids_of(need[size_t(l)]);
+            for (size_t r0 = 0; r0 < ids.size(); r0 += size_t(c)) {
+              const std::vector<int> round(ids.begin() + long(r0), ids.begin() + long(std::min(ids.size(), r0 + size_t(c))));
+              engine.acquire(l, round);
+              engine.end_step(l);
+            }
+          }
+        const auto t = counts(r, prefetch ? Policy::PrefetchPrev : Policy::Lru, c);
+        EXPECT_EQ(t.hits, engine.stats().hits + engine.stats().prefetch_hits) << "C=" << c;
+        EXPECT_EQ(t.prefetch_hits, engine.stats().prefetch_hits);
+        EXPECT_EQ(t.misses, engine.stats().misses);
+        EXPECT_EQ(t.prefetch_copies, engine.stats().prefetches);
+      }
+    }
+  }
+}
+
+// Mixtral-8x7B's expert: w1, w3 [14336, 4096] and w2 [4096, 14336], 58,720,256 weights each. NF4 as
+// cuda-nf4 holds it: 4 bits a weight (29,360,128 bytes) + one FP32 absmax per 64 (917,504 × 4 =
+// 3,670,016 bytes), each a multiple of 256: 3 × 33,030,144 = 99,090,432 bytes. BF16: 3 × 58,720,256 × 2.
+TEST(CacheSim, ExpertBytesOfMixtral8x7B) {
+  const auto b = analysis::expert_bytes_of({{"hidden_size", 4096}, {"intermediate_size", 14336}});
+  EXPECT_EQ(b.nf4, 99090432);
+  EXPECT_EQ(b.bf16, 352321536);
+  EXPECT_FALSE(analysis::expert_bytes_of({{"hidden_size", 4096}}).known());
+  EXPECT_FALSE(analysis::expert_bytes_of(nullptr).known());
+  // The bundled model's shape (128 x 256): codes 16,384 + absmax 512 × 4 = 2,048 a matrix, each on 256 bytes.
+  EXPECT_EQ(analysis::expert_bytes_of({{"hidden_size", 128}, {"intermediate_size", 256}}).nf4, 3 * (16384 + 2048));
+}
+
+TEST(CacheSim, OptionParsing) {
+  EXPECT_EQ(analysis::parse_cache_sizes("1-8"), (std::vector<int>{1, 2, 3, 4, 5, 6, 7, 8}));
+  EXPECT_EQ(analysis::parse_cache_sizes("8,2,4,2"), (std::vector<int>{2, 4, 8}));
+  EXPECT_EQ(analysis::parse_cache_sizes("1-3,8"), (std::vector<int>{1, 2, 3, 8}));
+  for (const char* bad : {"", "a", "3-1", "1,,2", "-2", "1-"}) EXPECT_THROW(analysis::parse_cache_sizes(bad), Error) << bad;
+  EXPECT_EQ(analysis::parse_calibration("4096").tokens, 4096);
+  EXPECT_DOUBLE_EQ(analysis::parse_calibration("0.25").fraction, 0.25);
+  EXPECT_DOUBLE_EQ(analysis::parse_calibration("10%").fraction, 0.10);
+  EXPECT_EQ(analysis::parse_calibration("10%").resolve(1000), 100);
+  for (const char* bad : {"", "x", "1.5", "-3", "100%", "5%%"}) EXPECT_THROW(analysis::parse_calibration(bad), Error) << bad;
+  EXPECT_EQ(analysis::parse_policies("all").size(), cachesim::all_policies().size());
+  EXPECT_EQ(analysis::parse_policies("lru,belady,lru"), (std::vector<Policy>{Policy::Lru, Policy::Belady}));
+  EXPECT_THROW(analysis::parse_policies("lru,mru"), Error);
+  for (Policy p : cachesim::all_policies()) {
+    EXPECT_EQ(cachesim::parse_policy(cachesim::policy_name(p)), p);
+    EXPECT_FALSE(cachesim::policy_description(p).empty());
+  }
+}
+
+TEST(CacheSim, BadOptionsAreClearErrors) {
+  Routes seqs{{{{0, 1}}, {{2, 3}}}};
+  const auto tr = to_trace(1, 2, 4, seqs);
+  const auto expect_error = [&](auto&& f, const std::string& needle) {
+    try {
+      f();
+      ADD_FAILURE() << "no error; expected " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error([&] { run(tr, {Policy::Lru}, {5}); }, "cache size 5 is outside 1..4");
+  expect_error([&] { run(tr, {Policy::Lru}, {0}); }, "cache size 0 is outside 1..4");
+  expect_error([&] { run(tr, {Policy::Static}, {2}); }, "static policy needs calibration tokens");
+  expect_error([&] { run(tr, {Policy::Lru}, {2}, 1, 2); }, "nothing is left to score");
+}
+
+}  // namespace
+}  // namespace moelab::test
