@@ -1,6 +1,8 @@
 // moelab diff: two engines (or forward dumps) over the same tokens, layer by layer.
 #include <fmt/format.h>
 
+#include <tuple>
+
 #include "analysis/diff.hpp"
 #include "cli/commands.hpp"
 #include "cli/engines.hpp"
@@ -42,6 +44,7 @@ void register_diff(CLI::App& app) {
   static std::string model, a = "ref", b, json_out;
   static PromptInput in;
   static std::vector<std::string> a_opts, b_opts;
+  static std::string a_adapter, b_adapter;
   static EngineOptions eo;
   add_model_option(*cmd, model);
   cmd->add_option("--a", a, "Reference side: an engine (ref, ref-f64, cpu-nf4, cuda-nf4) or dump:FILE")
@@ -52,6 +55,9 @@ void register_diff(CLI::App& app) {
   // The engine options below apply to both engine sides; --a-opt / --b-opt change one side.
   cmd->add_option("--a-opt", a_opts, "One engine option for side a only, KEY=VALUE (e.g. activations=fp32); repeatable");
   cmd->add_option("--b-opt", b_opts, "One engine option for side b only, KEY=VALUE (e.g. kernels=scalar); repeatable");
+  cmd->add_option("--a-adapter", a_adapter, "A LoRA adapter folder for side a only (as --a-opt adapter=DIR)");
+  cmd->add_option("--b-adapter", b_adapter,
+                  "A LoRA adapter folder for side b only (as --b-opt adapter=DIR): the model with and without its adapter");
   add_engine_options(*cmd, eo, /*choose_engine=*/false);
   cmd->callback([] {
     const bool need_model = !is_dump(a) || !is_dump(b);
@@ -66,9 +72,18 @@ void register_diff(CLI::App& app) {
     EngineOptions ea = eo, eb = eo;
     for (const auto& kv : a_opts) apply_engine_override(ea, kv);
     for (const auto& kv : b_opts) apply_engine_override(eb, kv);
+    for (const auto& [side, adapter, o] : {std::tuple{&a, &a_adapter, &ea}, std::tuple{&b, &b_adapter, &eb}}) {
+      if (adapter->empty()) continue;
+      if (is_dump(*side)) throw Error(fmt::format("diff: {} is a dump; an adapter applies to an engine side", *side));
+      o->adapter = *adapter;
+    }
     const auto ra = run_side(a, ck.get(), tokens, ea);
     const auto rb = run_side(b, ck.get(), tokens, eb);
-    const auto report = analysis::diff_records(ra, rb, a, b);
+    // A side with an adapter the other lacks is labelled so ("ref+adapter").
+    const auto label = [&](const std::string& side, const EngineOptions& mine, const EngineOptions& other) {
+      return !mine.adapter.empty() && mine.adapter != other.adapter ? side + "+adapter" : side;
+    };
+    const auto report = analysis::diff_records(ra, rb, label(a, ea, eb), label(b, eb, ea));
     fmt::print("{}", report.table());
     if (!json_out.empty()) {
       write_file_atomic(json_out, report.to_json().dump(2) + "\n");

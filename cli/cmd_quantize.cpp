@@ -20,6 +20,7 @@
 
 #include "cli/commands.hpp"
 #include "cli/options.hpp"
+#include "cli/output_folder.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
@@ -40,17 +41,6 @@ nlohmann::json read_json(const fs::path& p) {
   } catch (const nlohmann::json::exception& e) {
     throw Error(fmt::format("{}: not valid JSON ({})", p.string(), e.what()));
   }
-}
-
-// --out, without a trailing slash ("q/" names the folder q).
-fs::path output_folder(const std::string& out) {
-  if (out.empty()) throw Error("quantize: give --output FOLDER");
-  std::error_code ec;
-  fs::path p = fs::absolute(out, ec).lexically_normal();
-  if (ec) throw Error(fmt::format("{}: cannot use as --output ({})", out, ec.message()));
-  if (p.filename().empty()) p = p.parent_path();
-  if (p.filename().empty() || p == p.root_path()) throw Error(fmt::format("{}: --output must name a folder", out));
-  return p;
 }
 
 bool looks_like_checkpoint(const fs::path& dir) {
@@ -87,24 +77,6 @@ bool out_exists_and_may_be_replaced(const fs::path& out, const std::string& mode
     throw Error(fmt::format("{}: --force replaces only a folder holding a checkpoint (config.json, *.safetensors), "
                             "and this one holds none: remove it yourself or choose another --output", out.string()));
   return true;
-}
-
-// A fresh folder beside `out` ("<parent>/.<name>.tmp-XXXXXX") for the new checkpoint.
-fs::path make_temp_sibling(const fs::path& out) {
-  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
-  std::error_code ec;
-  fs::create_directories(parent, ec);
-  if (ec) throw Error(fmt::format("{}: cannot create the output folder's parent {} ({})", out.string(), parent.string(),
-                                  ec.message()));
-  std::string tmpl = (parent / ("." + out.filename().string() + ".tmp-XXXXXX")).string();
-  if (!::mkdtemp(tmpl.data()))
-    throw Error(fmt::format("{}: cannot create a folder in {} to write into ({})", out.string(), parent.string(),
-                            std::strerror(errno)));
-  // mkdtemp makes it 0700; a checkpoint folder gets the usual permissions.
-  const mode_t mask = ::umask(0);
-  ::umask(mask);
-  ::chmod(tmpl.c_str(), 0777 & ~mask);
-  return tmpl;
 }
 
 // Puts the finished checkpoint `tmp` at `out` in one step: a rename when `out` is absent, else an atomic
@@ -211,7 +183,7 @@ QuantizeSizes write_quantized(const Checkpoint& ck, const QuantizeArgs& a, const
 }
 
 void run_quantize(const QuantizeArgs& a) {
-  const fs::path out_dir = output_folder(a.out);
+  const fs::path out_dir = output_folder(a.out, "quantize");
   const bool out_exists = out_exists_and_may_be_replaced(out_dir, a.model, a.force);
   const auto ck = Checkpoint::open(a.model, /*show_progress=*/true);
   if (ck->config().quantization.nf4) throw Error(fmt::format("{}: already an NF4 checkpoint", a.model));

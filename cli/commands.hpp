@@ -13,6 +13,7 @@ void register_trace(CLI::App& app);    // trace and profile
 void register_stats(CLI::App& app);
 void register_diff(CLI::App& app);
 void register_quantize(CLI::App& app);
+void register_merge(CLI::App& app);
 void register_eval(CLI::App& app);
 
 }  // namespace moelab::cli

@@ -9,6 +9,7 @@
 #include "cli/bundled.hpp"
 #include "cli/options.hpp"
 #include "core/error.hpp"
+#include "core/lora.hpp"
 #include "core/model_presets.hpp"
 #include "core/progress.hpp"
 #include "optimized/cpu/engine.hpp"
@@ -82,6 +83,9 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts, bool choose_engine) 
   cmd.add_flag("--gpu-expert-prefetch", opts.gpu_expert_prefetch,
                "cuda-nf4 with --gpu-expert-cache: copy the next layer's likely experts (its router applied to the "
                "current hidden state) while this layer computes");
+  cmd.add_option("--adapter", opts.adapter,
+                 "A peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied unmerged: "
+                 "y = W x + scale * B (A x), the LoRA product in FP32 (ref, cpu-nf4; docs/lora.md)");
   add_progress_option(cmd);
 }
 
@@ -115,9 +119,10 @@ void apply_engine_override(EngineOptions& opts, const std::string& key_value) {
   else if (key == "gpu-expert-cache") count(opts.gpu_expert_cache, 1 << 20);
   else if (key == "stream") flag(opts.stream);
   else if (key == "gpu-expert-prefetch") flag(opts.gpu_expert_prefetch);
+  else if (key == "adapter") opts.adapter = value;  // a folder (checked when loaded), or empty: none
   else
     throw bad("unknown key (activations, kernels, lm-head, precision, threads, context, stream, gpu-expert-cache, "
-              "gpu-expert-prefetch)");
+              "gpu-expert-prefetch, adapter)");
 }
 
 namespace {
@@ -161,14 +166,26 @@ void print_cuda_loaded(const cuda::CudaNf4Engine& engine) {
 }
 #endif
 
+// The adapter named by --adapter, read and checked against the model before any weight is loaded.
+std::shared_ptr<const LoraAdapter> load_adapter(const Checkpoint& ck, const EngineOptions& opts) {
+  if (opts.adapter.empty()) return nullptr;
+  if (opts.engine == "cuda-nf4")
+    throw Error(fmt::format("--adapter {}: cuda-nf4 does not apply LoRA adapters yet; use --engine cpu-nf4 or ref, or "
+                            "merge the adapter into the weights first (moelab merge)", opts.adapter));
+  auto adapter = LoraAdapter::load(opts.adapter, ck.config());
+  fmt::print(stderr, "[{}] adapter {}\n", opts.engine, adapter->summary());
+  return adapter;
+}
+
 }  // namespace
 
 std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& opts) {
   check_cuda_only_options(opts);
   if (opts.threads < 0 || opts.threads > max_threads())
     throw Error(fmt::format("--threads must be 0 (all cores) or 1 to {}, got {}", max_threads(), opts.threads));
+  const auto adapter = load_adapter(ck, opts);
   if (opts.engine == "ref") {
-    ref::ModelOptions mo{opts.context, opts.stream, true};
+    ref::ModelOptions mo{opts.context, opts.stream, true, adapter};
     if (opts.precision == "f64") return std::make_unique<ref::Model<double>>(ck, mo);
     return std::make_unique<ref::Model<float>>(ck, mo);
   }
@@ -178,7 +195,8 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
         ck, cpu::EngineOptions{.max_context = opts.context, .threads = opts.threads, .isa = opts.isa,
                                .activations = cpu_activations(opts.activations),
                                .lm_head = opts.lm_head,
-                               .show_progress = true});
+                               .show_progress = true,
+                               .adapter = adapter});
     fmt::print(stderr, "[cpu-nf4] loaded in {:.2f}s: {:.1f} MiB of weights, {} kernels, {} activations, {} lm_head, {} threads\n",
                engine->load_seconds(), double(engine->weight_bytes()) / double(1 << 20), cpu::isa_name(engine->isa()),
                cpu::activations_name(engine->activations()), engine->lm_head_format(), engine->threads());
@@ -198,6 +216,7 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
 
 std::unique_ptr<Engine> make_synthetic_engine(const std::string& preset, const EngineOptions& opts, uint64_t seed) {
   const ModelConfig config = model_preset(preset);  // an unknown name is an error naming the known ones
+  if (!opts.adapter.empty()) throw Error("--adapter needs a checkpoint's weights; --synthetic draws random ones");
   if (opts.engine != "cuda-nf4")
     throw Error(fmt::format("--synthetic draws random weights on the GPU: it needs --engine cuda-nf4, not {}", opts.engine));
 #ifdef MOELAB_HAVE_CUDA

@@ -23,15 +23,17 @@ struct EngineOptions {
   std::string lm_head = "auto";  // cpu-nf4: fp32, q8, or auto (q8 with int8 activations, fp32 in the check mode)
   int gpu_expert_cache = 0;          // cuda-nf4: experts per layer on the GPU (0: all)
   bool gpu_expert_prefetch = false;  // cuda-nf4 with the cache: prefetch the next layer's likely experts
+  std::string adapter = {};          // a peft LoRA adapter folder applied unmerged (ref, cpu-nf4); empty: none
 };
 
 // Adds the engine option group (--engine, --precision, --stream, --context, --threads/-t, --kernels,
-// --lm-head, --activations, --gpu-expert-cache, --gpu-expert-prefetch) and --progress to a subcommand.
+// --lm-head, --activations, --gpu-expert-cache, --gpu-expert-prefetch, --adapter) and --progress to a subcommand.
 // Without `choose_engine` (diff, whose --a and --b name the engines) --engine is left out.
 void add_engine_options(CLI::App& cmd, EngineOptions& opts, bool choose_engine = true);
 // One engine option set from "KEY=VALUE" (diff's --a-opt / --b-opt: one side differs from the shared
 // options), KEY being an engine option's long name without dashes (activations, kernels, lm-head,
-// threads, context, precision, stream, gpu-expert-cache, gpu-expert-prefetch). Throws moelab::Error
+// threads, context, precision, stream, gpu-expert-cache, gpu-expert-prefetch, adapter: a folder, or empty for
+// none). Throws moelab::Error
 // naming the pair when the key or the value is not one the option accepts.
 void apply_engine_override(EngineOptions& opts, const std::string& key_value);
 // --threads accepts 0 (all cores) or 1..max_threads() (4x the hardware threads): more would only

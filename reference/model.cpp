@@ -28,7 +28,7 @@ const ModelConfig& refuse_quantized(const Checkpoint& ck) {
 
 template <typename S>
 Model<S>::Model(const Checkpoint& ck, ModelOptions options)
-    : cfg_(refuse_quantized(ck)), weights_(ck, options.stream, options.show_progress) {
+    : cfg_(refuse_quantized(ck)), weights_(ck, options.stream, options.show_progress, options.adapter) {
   max_context_ = options.max_context > 0 ? options.max_context : std::min(cfg_.max_position_embeddings, 4096);
   if (max_context_ > cfg_.max_position_embeddings)
     throw Error(fmt::format("context {} exceeds the model's max_position_embeddings {} ({})", max_context_,
@@ -94,9 +94,9 @@ template <typename S>
 Mat<S> Model<S>::attention(int layer, const LayerWeights<S>& w, const Mat<S>& x, int start_pos) {
   const int n = int(x.rows()), hd = cfg_.head_dim;
   const int heads = cfg_.num_heads, group = cfg_.num_heads / cfg_.num_kv_heads;
-  Mat<S> q = x * w.wq.transpose();  // [n, heads * hd]
-  Mat<S> k = x * w.wk.transpose();  // [n, kv_heads * hd]
-  Mat<S> v = x * w.wv.transpose();
+  Mat<S> q = linear(x, w.wq, w.wq_lora);  // [n, heads * hd]
+  Mat<S> k = linear(x, w.wk, w.wk_lora);  // [n, kv_heads * hd]
+  Mat<S> v = linear(x, w.wv, w.wv_lora);
   apply_rope(q, heads, start_pos);
   apply_rope(k, cfg_.num_kv_heads, start_pos);
   k_cache_[layer].middleRows(start_pos, n) = k;
@@ -121,7 +121,7 @@ Mat<S> Model<S>::attention(int layer, const LayerWeights<S>& w, const Mat<S>& x,
       out.block(t, h * hd, 1, hd) = s * values.middleRows(first, len);
     }
   }
-  return out * w.wo.transpose();
+  return linear(out, w.wo, w.wo_lora);
 }
 
 // Router: softmax over all experts, top-k of the probabilities, renormalized.  x: [n, hidden]
@@ -136,7 +136,7 @@ RouterOutput<S> Model<S>::route(const LayerWeights<S>& w, const Mat<S>& x) const
     r.gates.setOnes();
     return r;
   }
-  r.logits = x * w.router.transpose();  // [n, experts]
+  r.logits = linear(x, w.router, w.router_lora);  // [n, experts]
   std::vector<int> order(cfg_.num_experts);
   for (int t = 0; t < n; ++t) {
     RowVec<S> prob = (r.logits.row(t).array() - r.logits.row(t).maxCoeff()).exp();
@@ -153,13 +153,22 @@ RouterOutput<S> Model<S>::route(const LayerWeights<S>& w, const Mat<S>& x) const
   return r;
 }
 
+// A linear layer, as peft's lora.Linear computes it unmerged: the base product, then
+// lora_B(lora_A(x)) * scaling added to it.
+template <typename S>
+Mat<S> Model<S>::linear(const Mat<S>& x, const Mat<S>& w, const LoraDelta<S>& lora) {
+  Mat<S> y = x * w.transpose();
+  if (!lora.empty()) y += ((x * lora.a.transpose()) * lora.b.transpose()) * lora.scale;
+  return y;
+}
+
 // SwiGLU expert: w2(silu(w1 x) * w3 x).                                x: [m, hidden] → [m, hidden]
 template <typename S>
 Mat<S> Model<S>::expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x) {
-  Mat<S> gate = x * e.w1.transpose();  // [m, intermediate]
-  const Mat<S> up = x * e.w3.transpose();
+  Mat<S> gate = linear(x, e.w1, e.w1_lora);  // [m, intermediate]
+  const Mat<S> up = linear(x, e.w3, e.w3_lora);
   gate = gate.array() / (S(1) + (-gate.array()).exp());  // silu
-  return gate.cwiseProduct(up) * e.w2.transpose();
+  return linear(gate.cwiseProduct(up), e.w2, e.w2_lora);
 }
 
 // Mixture of experts: each expert runs once on the tokens routed to it, and its output is added to

@@ -16,6 +16,8 @@ struct ModelOptions {
   int max_context = 0;  // 0: min(max_position_embeddings, 4096)
   bool stream = false;  // stream layer weights from the checkpoint instead of keeping an FP32 copy
   bool show_progress = false;
+  // A LoRA adapter applied unmerged: every adapted product is x Wᵀ + scale · (x Aᵀ) Bᵀ, in S.
+  std::shared_ptr<const LoraAdapter> adapter = nullptr;
 };
 
 template <typename S>
@@ -51,6 +53,8 @@ class Model final : public Engine {
   static Mat<S> moe(const LayerWeights<S>& w, const Mat<S>& x, const RouterOutput<S>& r,
                     std::vector<ExpertTiming>* timings = nullptr);
   static Mat<S> expert_mlp(const ExpertWeights<S>& e, const Mat<S>& x);
+  // x Wᵀ, plus the LoRA term scale · (x Aᵀ) Bᵀ when the weight is adapted.   x: [n, in] → [n, out]
+  static Mat<S> linear(const Mat<S>& x, const Mat<S>& w, const LoraDelta<S>& lora);
 
  private:
   ModelConfig cfg_;

@@ -5,7 +5,8 @@
 namespace moelab::ref {
 
 template <typename S>
-WeightStore<S>::WeightStore(const Checkpoint& ck, bool stream, bool show_progress) : ck_(ck), stream_(stream) {
+WeightStore<S>::WeightStore(const Checkpoint& ck, bool stream, bool show_progress, std::shared_ptr<const LoraAdapter> adapter)
+    : ck_(ck), stream_(stream), adapter_(std::move(adapter)) {
   final_norm_ = load_vector("model.norm.weight");
   if (stream_) return;
   const auto& c = ck_.config();
@@ -37,6 +38,17 @@ RowVec<S> WeightStore<S>::load_vector(const std::string& name) const {
 }
 
 template <typename S>
+LoraDelta<S> WeightStore<S>::lora(const std::string& weight_name) const {
+  LoraDelta<S> d;
+  if (const LoraFactors* f = adapter_ ? adapter_->find(weight_name) : nullptr) {
+    d.a = f->a.template cast<S>();
+    d.b = f->b.template cast<S>();
+    d.scale = S(f->scale);
+  }
+  return d;
+}
+
+template <typename S>
 std::shared_ptr<LayerWeights<S>> WeightStore<S>::load_layer(int i) const {
   const auto& c = ck_.config();
   const std::string p = "model.layers." + std::to_string(i) + ".";
@@ -49,7 +61,15 @@ std::shared_ptr<LayerWeights<S>> WeightStore<S>::load_layer(int i) const {
   w->ffn_norm = load_vector(p + "post_attention_layernorm.weight");
   if (c.is_moe()) w->router = load_matrix(c.router_name(i));
   for (int e = 0; e < c.num_experts; ++e)
-    w->experts.push_back({load_matrix(c.w1_name(i, e)), load_matrix(c.w3_name(i, e)), load_matrix(c.w2_name(i, e))});
+    w->experts.push_back({load_matrix(c.w1_name(i, e)), load_matrix(c.w3_name(i, e)), load_matrix(c.w2_name(i, e)),
+                          lora(c.w1_name(i, e)), lora(c.w3_name(i, e)), lora(c.w2_name(i, e))});
+  if (adapter_) {
+    w->wq_lora = lora(p + "self_attn.q_proj.weight");
+    w->wk_lora = lora(p + "self_attn.k_proj.weight");
+    w->wv_lora = lora(p + "self_attn.v_proj.weight");
+    w->wo_lora = lora(p + "self_attn.o_proj.weight");
+    if (c.is_moe()) w->router_lora = lora(c.router_name(i));
+  }
   return w;
 }
 

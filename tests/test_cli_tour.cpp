@@ -69,11 +69,11 @@ TEST_F(CliTour, EveryHelpSpeaksTheSameNames) {
     EXPECT_NE(top.out.find(use), std::string::npos) << use << "\n" << top.out;
   const auto subs = listed_subcommands(top.out);
   const std::set<std::string> expected{"inspect", "generate", "forward", "demo",  "diff",   "quantize",
-                                       "eval",    "trace",    "profile", "stats", "devices"};
+                                       "merge",   "eval",     "trace",   "profile", "stats", "devices"};
   EXPECT_EQ(std::set<std::string>(subs.begin(), subs.end()), expected);
 
   const std::set<std::string> runs_engine{"generate", "forward", "diff", "eval", "trace", "profile"};
-  const std::set<std::string> main_output{"forward", "trace", "quantize", "eval", "demo"};
+  const std::set<std::string> main_output{"forward", "trace", "quantize", "merge", "eval", "demo"};
   const std::set<std::string> json_summary{"generate", "inspect", "profile", "devices", "diff", "stats"};
   const std::set<std::string> takes_prompt{"generate", "forward", "diff", "profile", "demo"};
   for (const auto& sub : subs) {

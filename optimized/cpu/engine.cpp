@@ -92,6 +92,8 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
   progress.finish();
   if (failure) std::rethrow_exception(failure);
 
+  adapter_ = opt_.adapter;
+  const auto lora = [&](const std::string& weight) { return adapter_ ? adapter_->find(weight) : nullptr; };
   size_t next = 0;  // quantized_weight_names lists, per layer: q, k, v, o, router (MoE), experts' w1, w3, w2
   for (int l = 0; l < cfg_.num_layers; ++l) {
     Nf4Layer layer;
@@ -102,12 +104,22 @@ Nf4Engine::Nf4Engine(const Checkpoint& ck, EngineOptions options)
     layer.wk = std::move(quantized[next++]);
     layer.wv = std::move(quantized[next++]);
     layer.wo = std::move(quantized[next++]);
-    if (cfg_.is_moe()) layer.router = std::move(quantized[next++]);
+    layer.wq_lora = lora(p + "self_attn.q_proj.weight");
+    layer.wk_lora = lora(p + "self_attn.k_proj.weight");
+    layer.wv_lora = lora(p + "self_attn.v_proj.weight");
+    layer.wo_lora = lora(p + "self_attn.o_proj.weight");
+    if (cfg_.is_moe()) {
+      layer.router = std::move(quantized[next++]);
+      layer.router_lora = lora(cfg_.router_name(l));
+    }
     for (int e = 0; e < cfg_.num_experts; ++e) {
       Nf4Expert ex;
       ex.w1 = std::move(quantized[next++]);
       ex.w3 = std::move(quantized[next++]);
       ex.w2 = std::move(quantized[next++]);
+      ex.w1_lora = lora(cfg_.w1_name(l, e));
+      ex.w3_lora = lora(cfg_.w3_name(l, e));
+      ex.w2_lora = lora(cfg_.w2_name(l, e));
       layer.experts.push_back(std::move(ex));
     }
     layers_.push_back(std::move(layer));
@@ -143,7 +155,7 @@ int64_t Nf4Engine::weight_bytes() const {
     b += (l.attn_norm.size() + l.ffn_norm.size()) * int64_t(sizeof(float));
     for (const auto& e : l.experts) b += e.w1.bytes() + e.w3.bytes() + e.w2.bytes();
   }
-  return b;
+  return b + (adapter_ ? adapter_->bytes() : 0);
 }
 
 // GQA attention over the KV cache: q/k/v projections, RoPE, the cache write, then layer_ops' attention.
@@ -153,7 +165,10 @@ MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, i
   auto qkv = nf4_linear_many(ctx_, qkv_weights, x);
   MatrixRF& q = qkv[0];
   MatrixRF& k = qkv[1];
-  const MatrixRF& v = qkv[2];
+  MatrixRF& v = qkv[2];
+  add_lora(w.wq_lora, x, q);
+  add_lora(w.wk_lora, x, k);
+  add_lora(w.wv_lora, x, v);
   cpu::rope(q, heads, hd, start, inv_freq_);
   cpu::rope(k, cfg_.num_kv_heads, hd, start, inv_freq_);
   auto& kc = k_cache_[size_t(layer)];
@@ -162,7 +177,9 @@ MatrixRF Nf4Engine::attention(int layer, const Nf4Layer& w, const MatrixRF& x, i
   vc.middleRows(start, n) = v;
   MatrixRF out(n, heads * hd);
   cpu::attention(q, kc, vc, start, heads, cfg_.num_kv_heads, hd, cfg_.sliding_window, out, pool_.get());
-  return nf4_linear(ctx_, w.wo, out);
+  MatrixRF o = nf4_linear(ctx_, w.wo, out);
+  add_lora(w.wo_lora, out, o);
+  return o;
 }
 
 // The router's logits (an NF4 product), then layer_ops' softmax over all experts, top-k, renormalized.
@@ -177,6 +194,7 @@ void Nf4Engine::route(const Nf4Layer& w, const MatrixRF& x, MatrixRF& logits, Ma
     return;
   }
   logits = nf4_linear(ctx_, w.router, x);
+  add_lora(w.router_lora, x, logits);
   route_top_k(logits, k, experts, gates);
 }
 

@@ -30,12 +30,17 @@ struct EngineOptions {
   int blocksize = 64;
   bool double_quant = true;
   bool show_progress = false;
+  // A LoRA adapter applied unmerged: FP32 factors beside the NF4 products, y = W x + scale · B (A x).
+  std::shared_ptr<const LoraAdapter> adapter = nullptr;
 };
 
 struct Nf4Layer {
   Eigen::RowVectorXf attn_norm, ffn_norm;
   Nf4Matrix wq, wk, wv, wo, router;  // router empty for dense models
   std::vector<Nf4Expert> experts;
+  // LoRA factors (null: not adapted), owned by the engine's adapter.
+  const LoraFactors *wq_lora = nullptr, *wk_lora = nullptr, *wv_lora = nullptr, *wo_lora = nullptr,
+                    *router_lora = nullptr;
 };
 
 class Nf4Engine final : public Engine {
@@ -85,6 +90,7 @@ class Nf4Engine final : public Engine {
   Bf16Matrix lm_head_bf16_;
   Eigen::RowVectorXf final_norm_;
   std::vector<Nf4Layer> layers_;
+  std::shared_ptr<const LoraAdapter> adapter_;  // null: none
   std::vector<float> inv_freq_;
   std::vector<MatrixRF> k_cache_, v_cache_;  // per layer [max_context, kv_heads * head_dim]
 };

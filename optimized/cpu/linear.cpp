@@ -158,6 +158,12 @@ MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w, ThreadPool* pool) {
   return y;
 }
 
+void add_lora(const LoraFactors* lora, const MatrixRF& x, MatrixRF& y) {
+  if (!lora) return;
+  const MatrixRF ax = x * lora->a.transpose();  // [n, r]
+  y.noalias() += (ax * lora->b.transpose()) * float(lora->scale);
+}
+
 ThreadPool& default_pool() {
   static ThreadPool pool(physical_cores());
   return pool;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/engine.hpp"
+#include "core/lora.hpp"
 #include "optimized/cpu/kernels.hpp"
 #include "optimized/cpu/thread_pool.hpp"
 
@@ -43,6 +44,10 @@ MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w, ThreadPool* pool = nu
 
 // FP32-mode batches up to this many tokens use the GEMV path.
 inline constexpr int kGemvMaxTokens = 4;
+
+// y += scale · (x Aᵀ) Bᵀ in FP32 for a LoRA-adapted weight (peft's unmerged lora.Linear: the base product,
+// then lora_B(lora_A(x)) * scaling added); nothing when `lora` is null. x: [n, in], y: [n, out].
+void add_lora(const LoraFactors* lora, const MatrixRF& x, MatrixRF& y);
 
 // A pool of physical_cores() threads shared by callers that have none of their own.
 ThreadPool& default_pool();

@@ -19,9 +19,12 @@ MatrixRF moe_block(const LinearContext& ctx, const std::vector<Nf4Expert>& exper
     const Nf4Matrix* gate_up[] = {&ex.w1, &ex.w3};
     auto gu = nf4_linear_many(ctx, gate_up, xe);
     MatrixRF& g = gu[0];
-    const MatrixRF& u = gu[1];
+    MatrixRF& u = gu[1];
+    add_lora(ex.w1_lora, xe, g);
+    add_lora(ex.w3_lora, xe, u);
     g = (g.array() / (1.0f + (-g.array()).exp())) * u.array();  // silu(w1 x) · w3 x
-    const MatrixRF y = nf4_linear(ctx, ex.w2, g);
+    MatrixRF y = nf4_linear(ctx, ex.w2, g);
+    add_lora(ex.w2_lora, g, y);
     for (size_t i = 0; i < routed.size(); ++i) out.row(routed[i].first) += routed[i].second * y.row(Eigen::Index(i));
   }
   return out;

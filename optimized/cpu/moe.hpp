@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "core/engine.hpp"
+#include "core/lora.hpp"
 #include "optimized/cpu/kernels.hpp"
 #include "optimized/cpu/linear.hpp"
 
@@ -11,6 +12,10 @@ namespace moelab::cpu {
 
 struct Nf4Expert {
   Nf4Matrix w1, w3, w2;  // [ffn, hidden], [ffn, hidden], [hidden, ffn]
+  // A LoRA adapter's factors for each (null: not adapted), owned by the engine's adapter.
+  const LoraFactors* w1_lora = nullptr;
+  const LoraFactors* w3_lora = nullptr;
+  const LoraFactors* w2_lora = nullptr;
 };
 
 // x: [n, hidden]; experts, gates: [n, k]. Returns [n, hidden].
