@@ -15,5 +15,6 @@ void register_diff(CLI::App& app);
 void register_quantize(CLI::App& app);
 void register_merge(CLI::App& app);
 void register_eval(CLI::App& app);
+void register_serve(CLI::App& app);
 
 }  // namespace moelab::cli

@@ -65,6 +65,7 @@ int main(int argc, char** argv) {
   moelab::cli::register_quantize(app);
   moelab::cli::register_merge(app);
   moelab::cli::register_eval(app);
+  moelab::cli::register_serve(app);
   moelab::cli::register_trace(app);
   moelab::cli::register_stats(app);
   moelab::cli::register_devices(app);

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <sentencepiece_processor.h>
 
+#include <cctype>
+#include <cstdlib>
 #include <filesystem>
 
 #include "core/error.hpp"
@@ -50,6 +52,31 @@ std::string Tokenizer::piece(int32_t id) const {
     throw Error(fmt::format("{}: token id {} outside the vocabulary of {}", path_, id, vocab_size()));
   return sp_->IdToPiece(id);
 }
+
+std::string Tokenizer::token_bytes(int32_t id) const {
+  const std::string p = piece(id);  // checks the range
+  if (sp_->IsControl(id)) return {};
+  if (sp_->IsUnknown(id)) {
+    std::string text;
+    sp_->Decode(std::vector<int>{id}, &text).IgnoreError();
+    return text;
+  }
+  if (sp_->IsByte(id) && p.size() == 6 && p.rfind("<0x", 0) == 0 && p[5] == '>' && std::isxdigit((unsigned char)p[3]) &&
+      std::isxdigit((unsigned char)p[4]))
+    return std::string(1, char(std::strtol(p.substr(3, 2).c_str(), nullptr, 16)));
+  static const std::string kSpace = "\xE2\x96\x81";  // U+2581, sentencepiece's word boundary
+  std::string out;
+  for (size_t i = 0; i < p.size();) {
+    if (p.compare(i, kSpace.size(), kSpace) == 0) {
+      out += ' ';
+      i += kSpace.size();
+    } else {
+      out += p[i++];
+    }
+  }
+  return out;
+}
+
 int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
 int Tokenizer::bos_id() const { return sp_->bos_id(); }
 int Tokenizer::eos_id() const { return sp_->eos_id(); }

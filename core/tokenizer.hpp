@@ -21,6 +21,10 @@ class Tokenizer {
   std::vector<int32_t> encode(std::string_view text, bool add_bos = true) const;
   std::string decode(const std::vector<int32_t>& ids) const;
   std::string piece(int32_t id) const;  // an id outside the vocabulary throws moelab::Error (as decode)
+  // The bytes `id` stands for inside a decoded text: "" for a control token (BOS, EOS), the byte of a
+  // byte-fallback piece ("<0x0A>"), sentencepiece's surface for the unknown token, else the piece with each
+  // "\u2581" as a space. (decode() also drops the one leading space of a text's first piece.)
+  std::string token_bytes(int32_t id) const;
   int vocab_size() const;
   int bos_id() const;
   int eos_id() const;
