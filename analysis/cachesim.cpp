@@ -289,6 +289,7 @@ struct Instance {
   int capacity;
   std::unique_ptr<cachesim::CachePolicy> sim;
   std::vector<LayerCounts> counts;
+  std::vector<cachesim::StepMix> mix;
 };
 
 }  // namespace
@@ -346,7 +347,8 @@ CacheSimReport simulate_cache(const std::vector<const RoutingSource*>& sources, 
       pp.lfu_aging_steps = r.options.lfu_aging_steps;
       if (p == Policy::Static) pp.static_sets = cachesim::most_used(counts, c);
       if (p == Policy::Belady) pp.future = &future, pp.belady_undecided = &r.belady_undecided;
-      sims.push_back({p, c, cachesim::make_policy(p, pp), std::vector<LayerCounts>(size_t(r.num_layers))});
+      sims.push_back({p, c, cachesim::make_policy(p, pp), std::vector<LayerCounts>(size_t(r.num_layers)),
+                      std::vector<cachesim::StepMix>(size_t(r.num_layers), cachesim::StepMix(r.num_experts))});
     }
 
   StepStream stream(sources, r.options.batch, r.calibration_tokens);
@@ -379,9 +381,12 @@ CacheSimReport simulate_cache(const std::vector<const RoutingSource*>& sources, 
     for (auto& inst : sims)
       for (int l = 0; l < r.num_layers; ++l) {
         LayerCounts& c = s.scored ? inst.counts[size_t(l)] : warmup[size_t(l)];
+        const int64_t misses = c.misses, prefetches = c.prefetch_copies;
+        const int used = s.sets[size_t(l)].size();
         c.steps += 1;
-        c.requests += s.sets[size_t(l)].size();
+        c.requests += used;
         inst.sim->step(t, l, s.sets[size_t(l)], c);
+        if (s.scored) inst.mix[size_t(l)].add(used, int(c.misses - misses), int(c.prefetch_copies - prefetches));
       }
     if (s.scored) r.scored_tokens += s.tokens, ++r.scored_steps;
     progress.advance(s.tokens);
@@ -389,7 +394,7 @@ CacheSimReport simulate_cache(const std::vector<const RoutingSource*>& sources, 
     fill();
   }
   progress.finish();
-  for (auto& inst : sims) r.results.push_back({inst.policy, inst.capacity, std::move(inst.counts)});
+  for (auto& inst : sims) r.results.push_back({inst.policy, inst.capacity, std::move(inst.counts), std::move(inst.mix)});
   return r;
 }
 

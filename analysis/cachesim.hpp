@@ -78,6 +78,7 @@ struct CacheSimResult {
   cachesim::Policy policy;
   int cache_size = 0;
   std::vector<cachesim::LayerCounts> layers;
+  std::vector<cachesim::StepMix> step_mix;  // per layer, over the scored steps
   cachesim::LayerCounts total() const;
 };
 
@@ -97,6 +98,7 @@ struct CacheSimReport {
   const CacheSimResult* find(cachesim::Policy p, int cache_size) const;
   nlohmann::json to_json() const;  // "moelab-cachesim-v1", docs/cachesim.md
   std::string table() const;       // per policy and cache size: hit rate, misses and bytes per token
+  std::string hit_rate_table() const;  // the hit rate alone: cache sizes down, policies across
   std::string layer_table(int cache_size) const;  // hit rate per layer and policy at one cache size
 };
 

@@ -47,7 +47,8 @@ std::string policy_description(Policy p) {
              "chose are not kept); any other is copied into a staging buffer for its step and never cached";
     case Policy::PrefetchPrev:
       return "lru plus a prefetch, before each layer's step, of the experts that layer needed at the previous step "
-             "(the previous token's experts); its guesses' precision and recall are reported";
+             "(the previous token's experts; at most C, lowest ids first); its guesses' precision and recall are "
+             "reported";
     case Policy::Belady:
       return "Belady's MIN, the offline optimum: after each step keeps the C experts (of those held and those just "
              "used) whose next use comes soonest; an upper bound on every policy's hit rate";

@@ -38,7 +38,8 @@ class EnginePolicy : public CachePolicy {
       if (!guess.empty()) {
         std::vector<float> probs(size_t(experts_), 0.0f);
         for (int e : guess.ids()) probs[size_t(e)] = 1.0f;
-        c.prefetch_copies += int64_t(cache_.prefetch(layer, probs, guess.size()).size());
+        // At most C: a guess larger than the cache would evict its own first experts.
+        c.prefetch_copies += int64_t(cache_.prefetch(layer, probs, std::min(guess.size(), capacity_)).size());
         c.guessed += guess.size();
         c.guess_used += (guess & need).size();
         c.guess_needed += need.size();

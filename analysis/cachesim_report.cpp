@@ -106,20 +106,7 @@ std::string CacheSimReport::table() const {
     s += fmt::format("belady: {} evictions tied beyond the {}-step look-ahead (the bound is approximate there; "
                      "raise --belady-window)\n", belady_undecided, options.belady_window);
 
-  // Hit rate: cache sizes down, policies across.
-  s += "\nhit rate, % of the experts each step needs (per layer, cache of C experts)\n";
-  s += fmt::format("{:>3}", "C");
-  for (Policy p : options.policies) s += fmt::format(" {:>13}", cachesim::policy_name(p));
-  s += "\n";
-  for (int c : options.cache_sizes) {
-    s += fmt::format("{:>3}", c);
-    for (Policy p : options.policies) {
-      const auto* res = find(p, c);
-      const auto t = res ? res->total() : LayerCounts{};
-      s += fmt::format(" {:>13}", pct(t.hits, t.requests));
-    }
-    s += "\n";
-  }
+  s += "\n" + hit_rate_table();
 
   // Traffic.
   s += fmt::format("\ncopies per token (all {} layers; misses + prefetches) and bytes moved per token\n", num_layers);
@@ -142,6 +129,24 @@ std::string CacheSimReport::table() const {
     for (size_t l = 0; l < res.layers.size(); ++l)
       s += fmt::format("{:>5} {:>10} {:>8}\n", l, pct(res.layers[l].guess_used, res.layers[l].guessed),
                        pct(res.layers[l].guess_used, res.layers[l].guess_needed));
+  }
+  return s;
+}
+
+std::string CacheSimReport::hit_rate_table() const {
+  // Cache sizes down, policies across.
+  std::string s = "hit rate, % of the experts each step needs (per layer, cache of C experts)\n";
+  s += fmt::format("{:>3}", "C");
+  for (Policy p : options.policies) s += fmt::format(" {:>13}", cachesim::policy_name(p));
+  s += "\n";
+  for (int c : options.cache_sizes) {
+    s += fmt::format("{:>3}", c);
+    for (Policy p : options.policies) {
+      const auto* res = find(p, c);
+      const auto t = res ? res->total() : LayerCounts{};
+      s += fmt::format(" {:>13}", pct(t.hits, t.requests));
+    }
+    s += "\n";
   }
   return s;
 }

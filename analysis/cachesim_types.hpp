@@ -4,6 +4,7 @@
 #include <array>
 #include <bit>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,37 @@ struct LayerCounts {
     return *this;
   }
   int64_t copies() const { return misses + prefetch_copies; }
+};
+
+// How often a step at one layer needed u experts, of which m missed, with p prefetch copies (each <= E): the
+// time model's per-step terms are not linear in them (analysis/cachesim_time.hpp), so means are not enough.
+class StepMix {
+ public:
+  explicit StepMix(int experts = 0) : side_(size_t(experts) + 1) {
+    if (side_ * side_ * side_ <= kDenseLimit) dense_.assign(side_ * side_ * side_, 0);
+  }
+  void add(int used, int misses, int prefetches, int64_t n = 1) {
+    const size_t key = (size_t(used) * side_ + size_t(misses)) * side_ + size_t(prefetches);
+    if (!dense_.empty()) dense_[key] += n;
+    else sparse_[key] += n;
+  }
+  void merge(const StepMix& o) {
+    o.for_each([&](int u, int m, int p, int64_t n) { add(u, m, p, n); });
+  }
+  template <class F>
+  void for_each(F&& f) const {  // f(used, misses, prefetches, steps) for every non-zero entry, in key order
+    const auto call = [&](size_t key, int64_t n) {
+      if (n) f(int(key / side_ / side_), int(key / side_ % side_), int(key % side_), n);
+    };
+    for (size_t i = 0; i < dense_.size(); ++i) call(i, dense_[i]);
+    for (const auto& [key, n] : sparse_) call(key, n);
+  }
+
+ private:
+  static constexpr size_t kDenseLimit = 4096;  // a flat table up to E = 15 (Mixtral's 8: 729 entries)
+  size_t side_;
+  std::vector<int64_t> dense_;
+  std::map<size_t, int64_t> sparse_;
 };
 
 enum class Policy { Lru, Lfu, LfuAged, Fifo, Static, Belady, PrefetchPrev };

@@ -11,6 +11,7 @@ void register_demo(CLI::App& app);
 void register_devices(CLI::App& app);
 void register_trace(CLI::App& app);    // trace and profile
 void register_stats(CLI::App& app);
+void register_cachesim(CLI::App& app);
 void register_diff(CLI::App& app);
 void register_quantize(CLI::App& app);
 void register_merge(CLI::App& app);

@@ -68,6 +68,7 @@ int main(int argc, char** argv) {
   moelab::cli::register_serve(app);
   moelab::cli::register_trace(app);
   moelab::cli::register_stats(app);
+  moelab::cli::register_cachesim(app);
   moelab::cli::register_devices(app);
   app.footer(kOverview);  // after the subcommands, which would otherwise inherit it
   try {

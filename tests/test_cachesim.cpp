@@ -4,6 +4,7 @@
 // argument, top-2 by an exact Markov chain and one case by hand), a repeated pair, hand-worked batches and
 // prefetch guesses, the cuda-nf4 policy object replayed as the engine drives it, expert sizes, option
 // parsing; and `moelab cachesim` through the real binary, bad inputs included.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,9 +14,19 @@
 #include <numeric>
 #include <random>
 
+#include <hdf5.h>
+
+#include <filesystem>
+#include <fstream>
+
 #include "analysis/cachesim.hpp"
+#include "analysis/cachesim_figure.hpp"
+#include "analysis/cachesim_time.hpp"
+#include "analysis/trace.hpp"
 #include "core/error.hpp"
+#include "core/model_presets.hpp"
 #include "optimized/cuda/expert_cache_policy.hpp"
+#include "process_util.hpp"
 
 namespace moelab::test {
 namespace {
@@ -439,8 +450,9 @@ TEST(CacheSim, UniformTop2MatchesTheExactMarkovChain) {
 
 // Every token of every layer chooses experts 3 and 5. After the first token (the warm-up: --calibrate 1),
 // every policy with C >= 2 hits every request. With C = 1 the engine's rounds load 3, then 5, every step:
-// the slot policies never hit; Belady keeps one of the two (one hit a step); static keeps the more used of
-// the tie, 3 (one hit a step).
+// lru, lfu, lfu-aged and fifo never hit; Belady keeps one of the two (one hit a step); static keeps the
+// lower id of the tie, 3 (one hit a step); prefetch-prev prefetches the lower id of its guess {3, 5}, 3,
+// over the 5 the step left (one copy a step), which then hits (one hit a step).
 TEST(CacheSim, RepeatedPairHitsEverythingAfterWarmUp) {
   const int L = 3, E = 8, N = 50;
   for (int batch : {1, 2}) {
@@ -458,9 +470,11 @@ TEST(CacheSim, RepeatedPairHitsEverythingAfterWarmUp) {
         EXPECT_EQ(t.misses, 0);
       }
       const auto one = counts(r, p, 1);
-      const bool keeps_one = p == Policy::Belady || p == Policy::Static;
+      const bool keeps_one = p == Policy::Belady || p == Policy::Static || p == Policy::PrefetchPrev;
       EXPECT_EQ(one.hits, keeps_one ? steps * L : 0) << cachesim::policy_name(p);
       EXPECT_EQ(one.misses, keeps_one ? steps * L : 2 * steps * L) << cachesim::policy_name(p);
+      EXPECT_EQ(one.prefetch_copies, p == Policy::PrefetchPrev ? steps * L : 0) << cachesim::policy_name(p);
+      EXPECT_EQ(one.prefetch_hits, p == Policy::PrefetchPrev ? steps * L : 0) << cachesim::policy_name(p);
     }
   }
 }
@@ -526,7 +540,7 @@ TEST(CacheSim, LruAndPrefetchEqualTheEnginePolicyReplayed) {
             if (prefetch && previous[size_t(l)]) {
               std::vector<float> probs(size_t(E), 0.0f);
               for (int e : ids_of(previous[size_t(l)])) probs[size_t(e)] = 1;
-              engine.prefetch(l, probs, std::popcount(previous[size_t(l)]));
+              engine.prefetch(l, probs, std::min(c, std::popcount(previous[size_t(l)])));
             }
             previous[size_t(l)] = need[size_t(l)];
             const auto ids = ids_of(need[size_t(l)]);
@@ -593,6 +607,191 @@ TEST(CacheSim, BadOptionsAreClearErrors) {
   expect_error([&] { run(tr, {Policy::Lru}, {0}); }, "cache size 0 is outside 1..4");
   expect_error([&] { run(tr, {Policy::Static}, {2}); }, "static policy needs calibration tokens");
   expect_error([&] { run(tr, {Policy::Lru}, {2}, 1, 2); }, "nothing is left to score");
+}
+
+// The time model by hand on a one-layer "model" whose every figure is chosen round: an expert of b bytes,
+// attention a, lm_head h; steps that use u experts with m misses. Each prediction is the formula of
+// analysis/cachesim_time.hpp evaluated here on the simulated (u, m) of each step.
+TEST(CacheSimTime, PredictionsFollowTheStatedFormula) {
+  // Top-1 of 4, one layer: tokens 0 1 0 1 ... with C = 1: every step misses (u = 1, m = 1); with C = 2
+  // none after the first two (which the warm-up takes).
+  Routes seqs(1);
+  for (int t = 0; t < 100; ++t) seqs[0].push_back({{t % 2}});
+  const auto r = run(to_trace(1, 1, 4, seqs), {Policy::Lru}, {1, 2}, 1, 2);
+  analysis::TimeModelParams p;
+  p.model = model_preset("mixtral-8x7b");
+  p.gpu_gb_per_s = 1000;
+  p.link = analysis::parse_link("pcie4-x16");
+  p.context = 1;
+  for (bool overlap : {true, false}) {
+    p.overlap = overlap;
+    const auto tm = analysis::predict_decode(r, p);
+    ASSERT_EQ(tm.predictions.size(), 2u);
+    const double G = 1e12, X = 25e9, b = 99090432, a = double(tm.attention_bytes) / G, h = double(tm.head_bytes) / G;
+    const double x = b / G, copy = b / X;
+    EXPECT_EQ(tm.expert_bytes, 99090432);
+    // lm_head FP32 [32000, 4096] + the final norm; attention q, o [4096, 4096], k, v [1024, 4096], router [8, 4096]
+    // in NF4 with FP32 absmax (each region on 256 bytes), + two FP32 norms.
+    EXPECT_EQ(tm.head_bytes, 32000LL * 4096 * 4 + 4096 * 4);
+    const auto nf4 = [](int64_t n) { return (n / 2 + 255) / 256 * 256 + (n / 64 * 4 + 255) / 256 * 256; };
+    EXPECT_EQ(tm.attention_bytes, 2 * nf4(4096LL * 4096) + 2 * nf4(1024LL * 4096) + nf4(8LL * 4096) + 2 * 4096 * 4);
+    // C = 1: 32 layers, each step one expert, one miss; C = 2: one expert, no miss.
+    const double miss_layer = overlap ? a + std::max(x, copy + x) : a + x + copy;
+    EXPECT_NEAR(tm.predictions[0].step_seconds, h + 32 * miss_layer, 1e-12);
+    EXPECT_NEAR(tm.predictions[1].step_seconds, h + 32 * (a + x), 1e-12);
+    EXPECT_NEAR(tm.predictions[1].tokens_per_second, 1 / (h + 32 * (a + x)), 1e-9);
+    // GPU memory: the fixed part + 32 · C experts + an FP32 KV cache of 1 token (32 layers · 2 · 8 heads · 128 · 4).
+    EXPECT_EQ(tm.predictions[1].gpu_bytes - tm.predictions[0].gpu_bytes, 32 * 99090432LL);
+    EXPECT_EQ(tm.kv_bytes, 32 * 2 * 8 * 128 * 4);
+    EXPECT_GE(tm.assumptions.size(), 6u);
+  }
+  EXPECT_THROW(analysis::parse_link("pcie9"), Error);
+  EXPECT_DOUBLE_EQ(analysis::parse_link("12.5").gb_per_s, 12.5);
+  EXPECT_DOUBLE_EQ(analysis::parse_link("nvlink-c2c").gb_per_s, 360);
+}
+
+// ---- `moelab cachesim` through the real binary -------------------------------------------------------
+
+// A trace file of `seqs` written by the TraceWriter, with a config that names the expert's shape.
+void write_trace(const std::string& path, int layers, int k, int experts, const Routes& seqs) {
+  analysis::TraceHeader h;
+  h.model_config = {{"architectures", {"MixtralForCausalLM"}}, {"hidden_size", 64}, {"intermediate_size", 128},
+                    {"num_hidden_layers", layers}, {"num_local_experts", experts}, {"num_experts_per_tok", k}};
+  h.num_layers = layers;
+  h.top_k = k;
+  h.num_experts = experts;
+  h.engine = "synthetic";
+  h.tool_version = "test";
+  analysis::TraceWriter w(path, h);
+  const auto tr = to_trace(layers, k, experts, seqs);
+  const size_t lk = size_t(layers * k);
+  for (int64_t s = 0; s < tr.num_sequences(); ++s) {
+    const auto t0 = size_t(tr.sequence_offsets[size_t(s)]), t1 = size_t(tr.sequence_offsets[size_t(s) + 1]);
+    if (t1 == t0) continue;
+    w.add_sequence(-1, {tr.tokens.data() + t0, t1 - t0}, {tr.experts.data() + t0 * lk, (t1 - t0) * lk},
+                   {tr.gates.data() + t0 * lk, (t1 - t0) * lk});
+  }
+  w.close();
+}
+
+std::string read_text(const std::string& path) { return read_file_bytes(path); }
+
+TEST(CacheSimCli, TraceFileToTablesJsonAndFigure) {
+  TempDir tmp("moelab-cachesim-cli");
+  std::mt19937_64 rng(29);
+  Routes seqs = skewed_routes(rng, 2, 2, 4, 5, 40);
+  seqs.push_back(skewed_routes(rng, 2, 2, 4, 1, 40)[0]);
+  if (seqs[0].empty()) seqs[0] = skewed_routes(rng, 2, 2, 4, 1, 40)[0];
+  const std::string trace = tmp.file("t.h5");
+  write_trace(trace, 2, 2, 4, seqs);
+  const auto run_cli = run_moelab({"cachesim", trace, "--cache-sizes", "1-4", "--policy", "lru,fifo,belady", "--batch", "2",
+                                   "--calibrate", "0", "-o", tmp.file("r.json"), "--json", tmp.file("s.json"), "--svg",
+                                   tmp.file("f.svg"), "--progress", "none"},
+                                  tmp.path());
+  ASSERT_EQ(run_cli.status, 0) << run_cli.err;
+  for (const char* needle : {"hit rate", "lru", "fifo", "belady", "MB/tok NF4", "time model", "tokens/s", "GPU GiB",
+                             "pcie4-x16", "hit rate per layer"})
+    EXPECT_NE(run_cli.out.find(needle), std::string::npos) << needle << " not in:\n" << run_cli.out;
+  // The same simulation in memory gives the same counts.
+  const auto tr = to_trace(2, 2, 4, seqs);
+  const auto expected = run(tr, {Policy::Lru, Policy::Fifo, Policy::Belady}, {1, 2, 3, 4}, 2);
+  const auto got = nlohmann::json::parse(read_text(tmp.file("r.json")));
+  EXPECT_EQ(got["format"], "moelab-cachesim-v1");
+  EXPECT_EQ(got["traces"][0], trace);
+  EXPECT_EQ(got["settings"]["batch"], 2);
+  EXPECT_EQ(got["expert_bytes"]["bf16"], 3 * 64 * 128 * 2);
+  ASSERT_EQ(got["results"].size(), expected.results.size());
+  const std::string svg = read_text(tmp.file("f.svg"));
+  for (size_t i = 0; i < expected.results.size(); ++i) {
+    const auto& e = expected.results[i];
+    const auto& g = got["results"][i];
+    const auto t = e.total();
+    EXPECT_EQ(g["policy"], cachesim::policy_name(e.policy));
+    EXPECT_EQ(g["cache_size"], e.cache_size);
+    EXPECT_EQ(g["hits"], t.hits);
+    EXPECT_EQ(g["misses"], t.misses);
+    EXPECT_EQ(g["requests"], t.requests);
+    EXPECT_EQ(g["layers"][1]["hits"], e.layers[1].hits);
+    EXPECT_NEAR(g["bytes_per_token"]["bf16"].get<double>(), double(t.copies()) / double(tr.num_tokens()) * 3 * 64 * 128 * 2, 1e-6);
+    // The figure draws each point at its hit rate.
+    const std::string point = fmt::format("data-policy=\"{}\" data-cache-size=\"{}\" data-hit-rate=\"{:.6f}\"",
+                                          cachesim::policy_name(e.policy), e.cache_size, double(t.hits) / double(t.requests));
+    EXPECT_NE(svg.find(point), std::string::npos) << point;
+  }
+  EXPECT_TRUE(got["time_model"]["assumptions"].is_array());
+  EXPECT_EQ(got["time_model"]["predictions"].size(), expected.results.size());
+  // --json: the printed summary, without the per-layer arrays.
+  const auto summary = nlohmann::json::parse(read_text(tmp.file("s.json")));
+  EXPECT_FALSE(summary["results"][0].contains("layers"));
+  EXPECT_EQ(summary["results"][0]["hits"], got["results"][0]["hits"]);
+}
+
+TEST(CacheSimCli, HelpDocumentsEveryPolicyAndTheTimeModel) {
+  TempDir tmp("moelab-cachesim-help");
+  const auto r = run_moelab({"cachesim", "--help"}, tmp.path());
+  ASSERT_EQ(r.status, 0);
+  for (Policy p : cachesim::all_policies()) {
+    EXPECT_NE(r.out.find(cachesim::policy_name(p) + ": "), std::string::npos) << cachesim::policy_name(p);
+    EXPECT_NE(r.out.find(cachesim::policy_description(p).substr(0, 40)), std::string::npos) << cachesim::policy_name(p);
+  }
+  for (const auto& l : analysis::link_presets())
+    EXPECT_NE(r.out.find(fmt::format("{}: {} GB/s", l.name, l.gb_per_s)), std::string::npos) << l.name;
+  for (const char* opt : {"--cache-sizes TEXT=1-E", "--policy TEXT=all", "--batch INT", "=1", "--calibrate TEXT=10%",
+                          "--gpu-bandwidth FLOAT:POSITIVE=900", "--link TEXT=pcie4-x16", "--no-overlap",
+                          "--time-model TEXT=mixtral-8x7b", "--context", "=4096", "--belady-window", "=16384",
+                          "--lfu-aging", "=64", "-o,--output", "--json", "--svg", "--progress"})
+    EXPECT_NE(r.out.find(opt), std::string::npos) << opt;
+}
+
+// Bad inputs end in one line on stderr naming the file (or the option), exit 1.
+TEST(CacheSimCli, BadInputsAreOneClearLine) {
+  TempDir tmp("moelab-cachesim-bad");
+  const std::string good = tmp.file("good.h5");
+  Routes seqs{{{{0, 1}}, {{2, 3}}, {{1, 2}}}};
+  write_trace(good, 1, 2, 4, seqs);
+  // A trace without /experts.
+  const std::string no_experts = tmp.file("no-experts.h5");
+  write_trace(no_experts, 1, 2, 4, seqs);
+  {
+    const hid_t f = H5Fopen(no_experts.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    ASSERT_GE(H5Ldelete(f, "experts", H5P_DEFAULT), 0);
+    H5Fclose(f);
+  }
+  // A truncated trace: its first half.
+  const std::string truncated = tmp.file("truncated.h5");
+  {
+    const std::string bytes = read_text(good);
+    std::ofstream(truncated, std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  }
+  const std::string text = tmp.file("notes.txt");
+  std::ofstream(text) << "not a trace\n";
+  const struct {
+    std::vector<std::string> args;
+    std::string needle;
+  } cases[] = {
+      {{no_experts}, no_experts + ": not a moelab trace (no /experts dataset)"},
+      {{truncated}, truncated + ": "},
+      {{text}, text + ": not an HDF5 file"},
+      {{tmp.file("missing.h5")}, tmp.file("missing.h5") + ": cannot open"},
+      {{good, "--cache-sizes", "0-2"}, good + ": cache size 0 is outside 1..4"},
+      {{good, "--cache-sizes", "5"}, good + ": cache size 5 is outside 1..4"},
+      {{good, "--cache-sizes", "2-x"}, "--cache-sizes 2-x"},
+      {{good, "--policy", "mru"}, "unknown policy 'mru'"},
+      {{good, "--policy", "static", "--calibrate", "0"}, "static policy needs calibration tokens"},
+      {{good, "--calibrate", "1.5"}, "--calibrate 1.5"},
+      {{good, "--link", "pcie9"}, "--link pcie9"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> args{"cachesim"};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    args.insert(args.end(), {"--progress", "none"});
+    const auto r = run_moelab(args, tmp.path());
+    EXPECT_EQ(r.status, 1) << c.needle << "\n" << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("moelab: error: ", 0), 0u) << r.err;
+    EXPECT_NE(r.err.find(c.needle), std::string::npos) << "expected '" << c.needle << "' in: " << r.err;
+  }
 }
 
 }  // namespace
