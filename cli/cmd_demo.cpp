@@ -3,9 +3,11 @@
 //   2. the layer-by-layer diff between the two engines;
 //   3. a routing trace (HDF5) of the held-out multi-domain corpus;
 //   4. routing statistics by domain: expert load, load balance, stickiness against random routing;
-//   5. a small eval on both engines (HellaSwag and WikiText-2 slices), beside Mixtral's reported scores;
-//   6. plots of the routing, when Python with h5py and matplotlib (the light tier) is present (the
-//      expert-load-by-domain figure of step 4 is drawn as SVG without it).
+//   5. the expert-cache simulation of that trace: hit rate per policy for C = 1..E experts per layer on the
+//      GPU, Belady's bound, and the time model's Mixtral-8x7B decode speed (drawn as SVG too);
+//   6. a small eval on both engines (HellaSwag and WikiText-2 slices), beside Mixtral's reported scores;
+//   7. plots of the routing, when Python with h5py and matplotlib (the light tier) is present (the
+//      figures of steps 4 and 5 are drawn as SVG without it).
 // Everything lands in one folder with index.json naming every output.
 #include <fmt/format.h>
 
@@ -15,6 +17,9 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "analysis/cachesim.hpp"
+#include "analysis/cachesim_figure.hpp"
+#include "analysis/cachesim_time.hpp"
 #include "analysis/diff.hpp"
 #include "analysis/load_figure.hpp"
 #include "analysis/stats.hpp"
@@ -29,6 +34,7 @@
 #include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/generate.hpp"
+#include "core/model_presets.hpp"
 #include "core/progress.hpp"
 #include "core/safetensors_writer.hpp"
 #include "core/spawn.hpp"
@@ -85,7 +91,7 @@ std::string plotting_python() {
   return "";
 }
 
-void heading(int step, const std::string& what) { fmt::print("\n== [{}/6] {}\n", step, what); }
+void heading(int step, const std::string& what) { fmt::print("\n== [{}/7] {}\n", step, what); }
 
 void run_demo(DemoArgs& a) {
   const auto started = std::chrono::steady_clock::now();
@@ -166,8 +172,37 @@ void run_demo(DemoArgs& a) {
   write_file_atomic(load_svg, analysis::expert_load_by_domain_svg(stats));
   fmt::print("wrote {} (every layer) and {}\n", load_svg, (out / "routing-stats.json").string());
 
-  // 5. Evals on both engines.
-  heading(5, "evals on both engines: HellaSwag (0-shot) and WikiText-2 slices, beside Mixtral-8x7B's reported scores");
+  // 5. The expert-cache simulation of the same trace (docs/cachesim.md).
+  heading(5, "expert cache: how many experts per layer must stay on the GPU (the trace replayed through caches)");
+  analysis::CacheSimOptions cache_options;  // every policy, C = 1..E, the first 10% of the tokens to calibrate
+  cache_options.calibrate.fraction = 0.1;
+  const auto cache = analysis::simulate_cache(std::vector<std::string>{trace_path}, cache_options);
+  analysis::TimeModelParams time_params;
+  time_params.model = model_preset("mixtral-8x7b");
+  time_params.link = analysis::parse_link("pcie4-x16");
+  const auto decode = analysis::predict_decode(cache, time_params);
+  fmt::print("{} tokens after a warm-up of {}; belady is the optimum, the bound of every policy\n{}", cache.scored_tokens,
+             cache.calibration_tokens, cache.hit_rate_table());
+  for (const int size : {std::max(1, c.num_experts / 2), c.num_experts})
+    for (const auto& p : decode.predictions)  // (in the simulation's order)
+      if (p.policy == analysis::cachesim::Policy::Lru && p.cache_size == size)
+        fmt::print("time model (Mixtral-8x7B shapes in NF4, {} GB/s GPU, PCIe 4.0 x16 at 25 GB/s; assumptions in the JSON): "
+                 "lru with C = {}: {:.1f} tokens/s in {:.1f} GiB of GPU memory\n", time_params.gpu_gb_per_s, p.cache_size,
+                 p.tokens_per_second, double(p.gpu_bytes) / double(1ull << 30));
+  auto cache_json = cache.to_json();
+  cache_json["time_model"] = decode.to_json();
+  const auto cache_path = (out / "cachesim.json").string(), cache_svg = (out / "cache-hit-rate.svg").string();
+  write_file_atomic(cache_path, cache_json.dump(2) + "\n");
+  write_file_atomic(cache_svg, analysis::cache_hit_rate_svg(cache));
+  fmt::print("wrote {} and {}\n", cache_path, cache_svg);
+  nlohmann::json cache_index = {{"path", cache_path}, {"figure", cache_svg}, {"hit_rate", nlohmann::json::object()}};
+  for (const auto& r : cache.results) {
+    const auto t = r.total();
+    cache_index["hit_rate"][analysis::cachesim::policy_name(r.policy)].push_back(double(t.hits) / double(t.requests));
+  }
+
+  // 6. Evals on both engines.
+  heading(6, "evals on both engines: HellaSwag (0-shot) and WikiText-2 slices, beside Mixtral-8x7B's reported scores");
   nlohmann::json evals_index = nlohmann::json::array();
   fs::create_directories(out / "evals");
   for (const auto* inputs : {&hs_inputs, &wt_inputs})
@@ -182,8 +217,8 @@ void run_demo(DemoArgs& a) {
   fmt::print("(a {} parameter model against a 46.7B one: the reported scores are there for scale, not as a target)\n",
              c.total_params());
 
-  // 6. Plots.
-  heading(6, "plots");
+  // 7. Plots.
+  heading(7, "plots");
   nlohmann::json plots = nlohmann::json::array();
   const std::string py = a.plots ? plotting_python() : "";
   if (py.empty()) {
@@ -227,6 +262,7 @@ void run_demo(DemoArgs& a) {
                  {"engine", ref->name()}}},
       {"stats", {{"path", (out / "routing-stats.json").string()}, {"domain_spread_per_layer", spread},
                  {"figure", load_svg}}},
+      {"cachesim", cache_index},
       {"evals", evals_index},
       {"plots", plots},
       {"seconds", seconds},

@@ -1,6 +1,7 @@
 // `moelab demo` end to end on a fixture model: every output named in index.json exists and agrees with
-// what it indexes (the trace's tokens, the statistics' per-domain loads, one result per task and engine),
-// and the diff's figure is the one the two engines give when run here directly.
+// what it indexes (the trace's tokens, the statistics' per-domain loads, the cache simulation of the trace,
+// one result per task and engine), and the diff's figure is the one the two engines give when run here
+// directly.
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -157,6 +158,28 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   EXPECT_EQ(runs, (std::set<std::pair<std::string, std::string>>{
                       {"hellaswag", "ref"}, {"hellaswag", "cpu-nf4"}, {"wikitext", "ref"}, {"wikitext", "cpu-nf4"}}));
   EXPECT_TRUE(index["plots"].empty());  // --no-plots
+
+  // The cache simulation of the demo's own trace: every policy for C = 1..E, none above Belady's optimum,
+  // the figure with a point per policy and size, the time model's predictions with their assumptions.
+  const auto cache = nlohmann::json::parse(read_file_bytes(index["cachesim"]["path"].get<std::string>()));
+  EXPECT_EQ(cache["format"], "moelab-cachesim-v1");
+  EXPECT_EQ(cache["trace"]["tokens"], index["trace"]["tokens"]);
+  const int experts = cache["trace"]["num_experts"];
+  const auto& rates = index["cachesim"]["hit_rate"];
+  ASSERT_EQ(rates.size(), 7u);
+  ASSERT_EQ(rates["belady"].size(), size_t(experts));
+  for (const auto& [policy, r] : rates.items()) {
+    ASSERT_EQ(r.size(), size_t(experts)) << policy;
+    for (int c = 0; c < experts; ++c)
+      EXPECT_LE(r[size_t(c)].get<double>(), rates["belady"][size_t(c)].get<double>()) << policy << " C=" << c + 1;
+  }
+  const std::string cache_svg = read_file_bytes(index["cachesim"]["figure"].get<std::string>());
+  size_t points = 0;
+  for (size_t at = cache_svg.find("class=\"point\""); at != std::string::npos; at = cache_svg.find("class=\"point\"", at + 1))
+    ++points;
+  EXPECT_EQ(points, 7u * size_t(experts));
+  EXPECT_EQ(cache["time_model"]["predictions"].size(), 7u * size_t(experts));
+  EXPECT_FALSE(cache["time_model"]["assumptions"].empty());
   fs::remove_all(tmp);
 }
 
