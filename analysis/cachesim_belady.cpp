@@ -10,14 +10,16 @@ namespace moelab::analysis::cachesim {
 NextUseIndex::NextUseIndex(int layers, int experts) : experts_(experts), queues_(size_t(layers) * size_t(experts)) {}
 
 void NextUseIndex::push(int64_t step, const std::vector<ExpertSet>& sets) {
+  int ids[256];
   for (size_t l = 0; l < sets.size(); ++l)
-    for (int e : sets[l].ids()) queues_[l * size_t(experts_) + size_t(e)].push_back(step);
+    for (int i = 0, n = sets[l].to_ids(ids); i < n; ++i) queues_[l * size_t(experts_) + size_t(ids[i])].push_back(step);
 }
 
 void NextUseIndex::pop(int64_t step, const std::vector<ExpertSet>& sets) {
+  int ids[256];
   for (size_t l = 0; l < sets.size(); ++l)
-    for (int e : sets[l].ids()) {
-      auto& q = queues_[l * size_t(experts_) + size_t(e)];
+    for (int i = 0, n = sets[l].to_ids(ids); i < n; ++i) {
+      auto& q = queues_[l * size_t(experts_) + size_t(ids[i])];
       if (q.empty() || q.front() != step) throw Error("cachesim: look-ahead window out of order");
       q.pop_front();
     }
@@ -46,9 +48,11 @@ class BeladyPolicy : public CachePolicy {
       held = candidates;
       return;
     }
-    std::vector<std::pair<int64_t, int>> by_next;
-    for (int e : candidates.ids()) by_next.push_back({future_.next_use(layer, e), e});
-    std::sort(by_next.begin(), by_next.end());  // soonest first, ties to the lower id
+    int ids[256];
+    std::pair<int64_t, int> by_next[256];
+    const int n = candidates.to_ids(ids);
+    for (int i = 0; i < n; ++i) by_next[i] = {future_.next_use(layer, ids[i]), ids[i]};
+    std::sort(by_next, by_next + n);  // soonest first, ties to the lower id
     held = ExpertSet{};
     for (int i = 0; i < capacity_; ++i) held.add(by_next[size_t(i)].second);
     const auto cut = size_t(capacity_);

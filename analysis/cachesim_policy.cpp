@@ -17,9 +17,9 @@ namespace {
 // The rounds of a step, as the engine forms them: ascending ids, at most `capacity` per round.
 template <class F>
 void for_each_round(const ExpertSet& need, int capacity, F&& f) {
-  const std::vector<int> ids = need.ids();
-  for (size_t r0 = 0; r0 < ids.size(); r0 += size_t(capacity))
-    f(std::span<const int>(ids.data() + r0, std::min(size_t(capacity), ids.size() - r0)));
+  int ids[256];
+  const int n = need.to_ids(ids);
+  for (int r0 = 0; r0 < n; r0 += capacity) f(std::span<const int>(ids + r0, size_t(std::min(capacity, n - r0))));
 }
 
 // lru: the cuda-nf4 engine's ExpertCachePolicy, driven as moe_stage.cpp drives it. With a prefetch guess

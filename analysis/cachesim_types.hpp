@@ -33,6 +33,13 @@ struct ExpertSet {
     return r;
   }
   bool operator==(const ExpertSet&) const = default;
+  // The ids in ascending order into `out` (room for 256); returns how many (no allocation: the hot path).
+  int to_ids(int* out) const {
+    int n = 0;
+    for (size_t i = 0; i < 4; ++i)
+      for (uint64_t w = bits[i]; w; w &= w - 1) out[n++] = int(i * 64) + std::countr_zero(w);
+    return n;
+  }
   std::vector<int> ids() const {  // ascending
     std::vector<int> out;
     for (size_t i = 0; i < 4; ++i)
