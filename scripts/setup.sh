@@ -51,7 +51,10 @@ light=(numpy==2.3.5 safetensors==0.7.0 sentencepiece==0.2.1 h5py==3.15.1 pandas=
 light_nodeps=(lm-eval==0.4.9.2)
 # The heavy tier: transformers stays on 4.x, whose MixtralForCausalLM keeps the per-expert weight layout
 # real checkpoints have on disk (5.x fuses experts at load). peft: the LoRA adapter fixtures (make_lora_fixtures.py).
-heavy=(torch==2.9.1 transformers==4.57.3 accelerate==1.11.0 bitsandbytes==0.49.2 lm-eval==0.4.9.2 peft==0.21.2)
+# tenacity: what lm-eval's API models (local-completions against moelab serve) need beyond its own dependencies
+# (scripts/serve_lm_eval_parity.py).
+heavy=(torch==2.9.1 transformers==4.57.3 accelerate==1.11.0 bitsandbytes==0.49.2 lm-eval==0.4.9.2 peft==0.21.2
+       tenacity==9.2.1)
 
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"

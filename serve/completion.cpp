@@ -271,7 +271,15 @@ ChoiceResult Completer::run(const PreparedRequest& p, size_t index, const std::f
     const std::span<const float> logits(row.data(), size_t(row.size()));
     const int32_t next = sampler.sample(logits);
     if (next == tok_.eos_id()) {
+      // EOS ends the text but was generated: counted, and listed in logprobs (as vLLM and OpenAI do), so an
+      // echo request with max_tokens 1 always has one entry after the prompt's (lm-eval drops it).
       r.finish_reason = "stop";
+      r.eos = true;
+      if (want) {
+        auto e = entry(logits, next, std::string(), base_offset + gen_chars);
+        r.logprobs.push_back(e);
+        pending.push_back(std::move(e));
+      }
       break;
     }
     r.generated.push_back(next);
@@ -310,7 +318,7 @@ ChoiceResult Completer::run(const PreparedRequest& p, size_t index, const std::f
     }
   }
   emit(true);
-  r.completion_tokens = int(r.generated.size());
+  r.completion_tokens = int(r.generated.size()) + (r.eos ? 1 : 0);
   r.text = prompt_text + completion;
   return r;
 }

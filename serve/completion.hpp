@@ -49,9 +49,10 @@ struct Delta {
 struct ChoiceResult {
   std::string text;           // echo: the prompt's text, then the completion
   std::string finish_reason;  // "stop" (EOS or a stop string) or "length" (max_tokens, or the context)
-  int prompt_tokens = 0, completion_tokens = 0;
+  int prompt_tokens = 0, completion_tokens = 0;  // completion_tokens counts an EOS that ended the text
+  bool eos = false;                   // generation ended at EOS
   std::vector<int32_t> generated;     // the generated ids (EOS not included)
-  std::vector<LogprobEntry> logprobs;  // echo: one per prompt token, then one per generated token
+  std::vector<LogprobEntry> logprobs;  // echo: one per prompt token, then one per generated token (EOS too)
 };
 
 // A request checked and tokenized.
