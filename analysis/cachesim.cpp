@@ -37,6 +37,10 @@ class FileSource : public RoutingSource {
   const std::vector<int64_t>& sequence_offsets() const override { return s_.sequence_offsets(); }
   nlohmann::json model_config() const override { return s_.attributes().value("model_config", nlohmann::json()); }
   void read_experts(int64_t first, int64_t n, std::vector<uint8_t>& out) const override { s_.read_experts(first, n, out); }
+  bool has_prefetch_guess() const override { return s_.has_prefetch_guess(); }
+  void read_prefetch_guess(int64_t first, int64_t n, std::vector<uint8_t>& out) const override {
+    s_.read_prefetch_guess(first, n, out);
+  }
 
  private:
   TraceStream s_;
@@ -56,6 +60,13 @@ class MemorySource : public RoutingSource {
   void read_experts(int64_t first, int64_t n, std::vector<uint8_t>& out) const override {
     const size_t lk = size_t(t_.num_layers) * size_t(t_.top_k);
     out.assign(t_.experts.begin() + long(size_t(first) * lk), t_.experts.begin() + long(size_t(first + n) * lk));
+  }
+  bool has_prefetch_guess() const override { return t_.has_prefetch_guess(); }
+  void read_prefetch_guess(int64_t first, int64_t n, std::vector<uint8_t>& out) const override {
+    if (!t_.has_prefetch_guess()) throw Error(fmt::format("{}: no prefetch guesses", name_));
+    const size_t lk = size_t(t_.num_layers) * size_t(t_.top_k);
+    out.assign(t_.prefetch_guess.begin() + long(size_t(first) * lk),
+               t_.prefetch_guess.begin() + long(size_t(first + n) * lk));
   }
 
  private:
@@ -193,20 +204,22 @@ namespace {
 struct Step {
   int64_t tokens = 0;
   bool scored = false;
-  std::vector<ExpertSet> sets;  // [L]: the experts the step needs at each layer
+  std::vector<ExpertSet> sets;   // [L]: the experts the step needs at each layer
+  std::vector<ExpertSet> guess;  // [L]: the union of its tokens' recorded prefetch guesses (when read)
 };
 
 // Batches of B sequences in file order, source after source; a step is one token of each running sequence.
 class StepStream {
  public:
-  StepStream(const std::vector<const RoutingSource*>& sources, int batch, int64_t calibration_tokens)
-      : sources_(sources), batch_(batch), calibration_(calibration_tokens),
+  StepStream(const std::vector<const RoutingSource*>& sources, int batch, int64_t calibration_tokens, bool guesses)
+      : sources_(sources), batch_(batch), calibration_(calibration_tokens), guesses_(guesses),
         layers_(sources.front()->num_layers()), k_(sources.front()->top_k()) {}
 
   bool next(Step& out) {
     while (pos_ >= longest_)
       if (!load_batch()) return false;
     out.sets.assign(size_t(layers_), ExpertSet{});
+    out.guess.assign(guesses_ ? size_t(layers_) : 0, ExpertSet{});
     out.tokens = 0;
     int64_t first_token = -1;  // the step's lowest token index in the stream
     for (size_t j = 0; j < starts_.size(); ++j) {
@@ -217,6 +230,12 @@ class StepStream {
       const uint8_t* r = &rows_[size_t(row) * size_t(layers_) * size_t(k_)];
       for (int l = 0; l < layers_; ++l)
         for (int i = 0; i < k_; ++i) out.sets[size_t(l)].add(r[l * k_ + i]);
+      if (guesses_) {
+        const uint8_t* g = &guess_rows_[size_t(row) * size_t(layers_) * size_t(k_)];
+        for (int l = 0; l < layers_; ++l)
+          for (int i = 0; i < k_; ++i)
+            if (g[l * k_ + i] != 255) out.guess[size_t(l)].add(g[l * k_ + i]);
+      }
     }
     out.scored = first_token >= calibration_;
     ++pos_;
@@ -238,6 +257,7 @@ class StepStream {
       const int64_t s1 = std::min(S, seq_ + batch_);
       batch_row_ = off[size_t(seq_)];
       sources_[src_]->read_experts(batch_row_, off[size_t(s1)] - batch_row_, rows_);
+      if (guesses_) sources_[src_]->read_prefetch_guess(batch_row_, off[size_t(s1)] - batch_row_, guess_rows_);
       starts_.clear();
       lengths_.clear();
       longest_ = 0;
@@ -255,11 +275,13 @@ class StepStream {
   std::vector<const RoutingSource*> sources_;
   int batch_;
   int64_t calibration_;
+  bool guesses_;
   int layers_, k_;
   size_t src_ = 0;
   int64_t base_ = 0, seq_ = 0;  // the current source's first token in the stream; its next sequence
   int64_t batch_row_ = 0;       // the batch's first row in the source
   std::vector<uint8_t> rows_;   // the batch's routing
+  std::vector<uint8_t> guess_rows_;  // and its recorded prefetch guesses
   std::vector<int64_t> starts_, lengths_;
   int64_t pos_ = 0, longest_ = 0;
 };
@@ -316,7 +338,17 @@ CacheSimReport simulate_cache(const std::vector<const RoutingSource*>& sources, 
   r.options = options;
   if (r.options.cache_sizes.empty())
     for (int c = 1; c <= r.num_experts; ++c) r.options.cache_sizes.push_back(c);
-  if (r.options.policies.empty()) r.options.policies = cachesim::all_policies();
+  bool all_guessed = true;
+  for (const RoutingSource* s : sources) all_guessed = all_guessed && s->has_prefetch_guess();
+  if (r.options.policies.empty())
+    for (Policy p : cachesim::all_policies())
+      if (all_guessed || !cachesim::needs_prefetch_guess(p)) r.options.policies.push_back(p);
+  for (Policy p : r.options.policies)
+    if (cachesim::needs_prefetch_guess(p))
+      for (const RoutingSource* s : sources)
+        if (!s->has_prefetch_guess())
+          throw Error(fmt::format("{}: {} needs the trace's prefetch guesses (/prefetch_guess: trace with "
+                                  "--record-prefetch-guess)", s->name(), cachesim::policy_name(p)));
   for (int c : r.options.cache_sizes)
     if (c < 1 || c > r.num_experts)
       throw Error(fmt::format("{}: cache size {} is outside 1..{} (the trace's experts per layer)", first.name(), c,
@@ -351,7 +383,10 @@ CacheSimReport simulate_cache(const std::vector<const RoutingSource*>& sources, 
                       std::vector<cachesim::StepMix>(size_t(r.num_layers), cachesim::StepMix(r.num_experts))});
     }
 
-  StepStream stream(sources, r.options.batch, r.calibration_tokens);
+  bool wants_guess = false;
+  for (Policy p : policies) wants_guess = wants_guess || cachesim::needs_prefetch_guess(p);
+  StepStream stream(sources, r.options.batch, r.calibration_tokens, wants_guess);
+  const ExpertSet no_guess;
   const size_t window = r.belady_simulated ? size_t(r.options.belady_window) + 1 : 1;
   // Belady sees only the scored steps' needs: warm-up misses cost nothing, so during the warm-up it
   // gathers the experts the scored part wants soonest (and no policy beats it on the scored steps).
@@ -385,7 +420,7 @@ CacheSimReport simulate_cache(const std::vector<const RoutingSource*>& sources, 
         const int used = s.sets[size_t(l)].size();
         c.steps += 1;
         c.requests += used;
-        inst.sim->step(t, l, s.sets[size_t(l)], c);
+        inst.sim->step(t, l, s.sets[size_t(l)], s.guess.empty() ? no_guess : s.guess[size_t(l)], c);
         if (s.scored) inst.mix[size_t(l)].add(used, int(c.misses - misses), int(c.prefetch_copies - prefetches));
       }
     if (s.scored) r.scored_tokens += s.tokens, ++r.scored_steps;

@@ -37,6 +37,9 @@ class RoutingSource {
   virtual nlohmann::json model_config() const = 0;  // the trace's config.json (null when not recorded)
   // Experts of tokens [first, first + n): [n, L, k]. Throws moelab::Error naming the source on bad data.
   virtual void read_experts(int64_t first, int64_t n, std::vector<uint8_t>& out) const = 0;
+  // The recorded next-layer gate guesses (analysis/prefetch_guess.hpp), [n, L, k], 255 where none.
+  virtual bool has_prefetch_guess() const = 0;
+  virtual void read_prefetch_guess(int64_t first, int64_t n, std::vector<uint8_t>& out) const = 0;
 };
 std::unique_ptr<RoutingSource> open_routing_source(const std::string& trace_path);
 // Validates the trace first (validate_trace); the source refers to `trace`, which must outlive it.
@@ -62,7 +65,7 @@ Calibration parse_calibration(const std::string& text);  // "4096", "0.1", "10%"
 
 struct CacheSimOptions {
   std::vector<int> cache_sizes;  // each in 1..E; empty: 1..E
-  std::vector<cachesim::Policy> policies;  // empty: all
+  std::vector<cachesim::Policy> policies;  // empty: all (next-layer-gate only when every trace has guesses)
   int batch = 1;
   Calibration calibrate;
   int lfu_aging_steps = 64;
@@ -104,7 +107,8 @@ struct CacheSimReport {
 
 // Replays the sources (in order, as one stream) through every policy and cache size of `options`.
 // Throws moelab::Error naming the source for sources that disagree (layers, top-k, experts), a cache size
-// outside 1..E, static without calibration tokens, and bad rows.
+// outside 1..E, static without calibration tokens, next-layer-gate on a trace without prefetch guesses, and
+// bad rows.
 CacheSimReport simulate_cache(const std::vector<const RoutingSource*>& sources, const CacheSimOptions& options);
 CacheSimReport simulate_cache(const std::vector<std::string>& trace_paths, const CacheSimOptions& options);
 

@@ -38,7 +38,7 @@ class BeladyPolicy : public CachePolicy {
   explicit BeladyPolicy(const PolicyParams& p)
       : capacity_(p.capacity), future_(*p.future), undecided_(p.belady_undecided), held_(size_t(p.layers)) {}
 
-  void step(int64_t, int layer, const ExpertSet& need, LayerCounts& c) override {
+  void step(int64_t, int layer, const ExpertSet& need, const ExpertSet&, LayerCounts& c) override {
     ExpertSet& held = held_[size_t(layer)];
     const int hits = (need & held).size();
     c.hits += hits;

@@ -70,7 +70,7 @@ std::string cache_hit_rate_svg(const CacheSimReport& r) {
     svg += fmt::format("<line x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"{}\" stroke-width=\"{}\"{}/>"
                        "<text x=\"{:.1f}\" y=\"{:.1f}\">{}</text>\n", legend_x, ly, legend_x + 20, ly,
                        bound ? "#000" : colour(i), bound ? 2.5 : 1.5, bound ? " stroke-dasharray=\"6 3\"" : "",
-                       legend_x + 25, ly + 4, bound ? name + " (optimum: the bound)" : name);
+                       legend_x + 25, ly + 4, bound ? name + " (optimum)" : name);
     if (!bound) ++i;
   }
   svg += "</svg>\n";

@@ -7,7 +7,8 @@
 namespace moelab::analysis::cachesim {
 
 std::vector<Policy> all_policies() {
-  return {Policy::Lru, Policy::Lfu, Policy::LfuAged, Policy::Fifo, Policy::Static, Policy::PrefetchPrev, Policy::Belady};
+  return {Policy::Lru,          Policy::Lfu,           Policy::LfuAged, Policy::Fifo, Policy::Static,
+          Policy::PrefetchPrev, Policy::NextLayerGate, Policy::Belady};
 }
 
 std::string policy_name(Policy p) {
@@ -19,6 +20,7 @@ std::string policy_name(Policy p) {
     case Policy::Static: return "static";
     case Policy::Belady: return "belady";
     case Policy::PrefetchPrev: return "prefetch-prev";
+    case Policy::NextLayerGate: return "next-layer-gate";
   }
   return "?";
 }
@@ -49,14 +51,20 @@ std::string policy_description(Policy p) {
       return "lru plus a prefetch, before each layer's step, of the experts that layer needed at the previous step "
              "(the previous token's experts; at most C, lowest ids first); its guesses' precision and recall are "
              "reported";
+    case Policy::NextLayerGate:
+      return "lru plus a prefetch, before each layer's step, of the experts the trace's next-layer gate guessed for "
+             "it (layer l's router on layer l-1's output: `moelab trace --record-prefetch-guess`; at most C, lowest "
+             "ids first; layer 0 has no guess); its guesses' precision and recall are reported";
     case Policy::Belady:
       return "Belady's MIN, the offline optimum: after each step keeps the C experts (of those held and those just "
-             "used) whose next use comes soonest; an upper bound on every policy's hit rate";
+             "used) whose next use comes soonest; no policy copies fewer experts, and none that copies only on demand hits "
+             "more often";
   }
   return "";
 }
 
-bool is_prefetch_policy(Policy p) { return p == Policy::PrefetchPrev; }
+bool is_prefetch_policy(Policy p) { return p == Policy::PrefetchPrev || p == Policy::NextLayerGate; }
+bool needs_prefetch_guess(Policy p) { return p == Policy::NextLayerGate; }
 bool is_bypass_policy(Policy p) { return p == Policy::Static || p == Policy::Belady; }
 
 }  // namespace moelab::analysis::cachesim

@@ -23,18 +23,19 @@ void for_each_round(const ExpertSet& need, int capacity, F&& f) {
 }
 
 // lru: the cuda-nf4 engine's ExpertCachePolicy, driven as moe_stage.cpp drives it. With a prefetch guess
-// (prefetch-prev), the guessed experts are prefetched before the step, as the engine's prefetch is issued
-// before the layer's step.
+// (prefetch-prev: the previous step's experts; next-layer-gate: the trace's guess), the guessed experts are
+// prefetched before the step, as the engine's prefetch is issued before the layer's step.
 class EnginePolicy : public CachePolicy {
  public:
-  EnginePolicy(const PolicyParams& p, bool prefetch_previous)
+  enum class Guess { None, Previous, Recorded };
+  EnginePolicy(const PolicyParams& p, Guess guess)
       : cache_(p.layers, p.experts, p.capacity, p.expert_bytes), capacity_(p.capacity), experts_(p.experts),
-        prefetch_(prefetch_previous), previous_(size_t(p.layers)) {}
+        mode_(guess), previous_(size_t(p.layers)) {}
 
-  void step(int64_t, int layer, const ExpertSet& need, LayerCounts& c) override {
+  void step(int64_t, int layer, const ExpertSet& need, const ExpertSet& recorded, LayerCounts& c) override {
     const int64_t prefetch_hits_before = cache_.stats().prefetch_hits;
-    if (prefetch_) {
-      const ExpertSet& guess = previous_[size_t(layer)];
+    if (mode_ != Guess::None) {
+      const ExpertSet guess = mode_ == Guess::Previous ? previous_[size_t(layer)] : recorded;
       if (!guess.empty()) {
         std::vector<float> probs(size_t(experts_), 0.0f);
         for (int e : guess.ids()) probs[size_t(e)] = 1.0f;
@@ -44,7 +45,7 @@ class EnginePolicy : public CachePolicy {
         c.guess_used += (guess & need).size();
         c.guess_needed += need.size();
       }
-      previous_[size_t(layer)] = need;
+      if (mode_ == Guess::Previous) previous_[size_t(layer)] = need;
     }
     for_each_round(need, capacity_, [&](std::span<const int> round) {
       for (const auto& r : cache_.acquire(layer, round)) (r.copy ? c.misses : c.hits) += 1;
@@ -56,7 +57,7 @@ class EnginePolicy : public CachePolicy {
  private:
   moelab::cuda::ExpertCachePolicy cache_;
   int capacity_, experts_;
-  bool prefetch_;
+  Guess mode_;
   std::vector<ExpertSet> previous_;  // per layer, the previous step's experts (prefetch-prev's guess)
 };
 
@@ -72,7 +73,7 @@ class SlotPolicy : public CachePolicy {
     if (kind == Kind::LfuAged && aging_ < 1) throw Error("cachesim: the lfu-aged halving period must be at least 1 step");
   }
 
-  void step(int64_t t, int layer, const ExpertSet& need, LayerCounts& c) override {
+  void step(int64_t t, int layer, const ExpertSet& need, const ExpertSet&, LayerCounts& c) override {
     const size_t l = size_t(layer);
     if (kind_ == Kind::LfuAged && t - aged_at_[l] >= aging_) {  // every `aging_` steps, counts halve
       for (int e = 0; e < experts_; ++e) count_[l * size_t(experts_) + size_t(e)] >>= 1;
@@ -133,7 +134,7 @@ class SlotPolicy : public CachePolicy {
 class StaticPolicy : public CachePolicy {
  public:
   explicit StaticPolicy(std::vector<ExpertSet> sets) : sets_(std::move(sets)) {}
-  void step(int64_t, int layer, const ExpertSet& need, LayerCounts& c) override {
+  void step(int64_t, int layer, const ExpertSet& need, const ExpertSet&, LayerCounts& c) override {
     const int hits = (need & sets_[size_t(layer)]).size();
     c.hits += hits;
     c.misses += need.size() - hits;
@@ -164,8 +165,9 @@ std::unique_ptr<CachePolicy> make_policy(Policy p, const PolicyParams& params) {
     throw Error(fmt::format("cachesim: cache size {} is outside 1..{} (the experts per layer)", params.capacity,
                             params.experts));
   switch (p) {
-    case Policy::Lru: return std::make_unique<EnginePolicy>(params, false);
-    case Policy::PrefetchPrev: return std::make_unique<EnginePolicy>(params, true);
+    case Policy::Lru: return std::make_unique<EnginePolicy>(params, EnginePolicy::Guess::None);
+    case Policy::PrefetchPrev: return std::make_unique<EnginePolicy>(params, EnginePolicy::Guess::Previous);
+    case Policy::NextLayerGate: return std::make_unique<EnginePolicy>(params, EnginePolicy::Guess::Recorded);
     case Policy::Fifo: return std::make_unique<SlotPolicy>(params, SlotPolicy::Kind::Fifo);
     case Policy::Lfu: return std::make_unique<SlotPolicy>(params, SlotPolicy::Kind::Lfu);
     case Policy::LfuAged: return std::make_unique<SlotPolicy>(params, SlotPolicy::Kind::LfuAged);

@@ -22,8 +22,9 @@ class NextUseIndex;
 class CachePolicy {
  public:
   virtual ~CachePolicy() = default;
-  // Step `t` (counted from 0 over the whole run) at `layer`, needing `need`; adds what happened to `c`.
-  virtual void step(int64_t t, int layer, const ExpertSet& need, LayerCounts& c) = 0;
+  // Step `t` (counted from 0 over the whole run) at `layer`, needing `need`, with the trace's prefetch guess
+  // for it (`guess`: empty when none); adds what happened to `c`.
+  virtual void step(int64_t t, int layer, const ExpertSet& need, const ExpertSet& guess, LayerCounts& c) = 0;
 };
 
 struct PolicyParams {

@@ -101,15 +101,17 @@ class StepMix {
   std::map<size_t, int64_t> sparse_;
 };
 
-enum class Policy { Lru, Lfu, LfuAged, Fifo, Static, Belady, PrefetchPrev };
+enum class Policy { Lru, Lfu, LfuAged, Fifo, Static, Belady, PrefetchPrev, NextLayerGate };
 
 std::vector<Policy> all_policies();
-std::string policy_name(Policy p);  // "lru", "lfu", "lfu-aged", "fifo", "static", "belady", "prefetch-prev"
+// "lru", "lfu", "lfu-aged", "fifo", "static", "belady", "prefetch-prev", "next-layer-gate"
+std::string policy_name(Policy p);
 // Throws moelab::Error naming the known policies.
 Policy parse_policy(const std::string& name);
 // One paragraph: what the policy keeps and evicts (cachesim --help and docs/cachesim.md).
 std::string policy_description(Policy p);
 bool is_prefetch_policy(Policy p);
+bool needs_prefetch_guess(Policy p);  // next-layer-gate: the trace's /prefetch_guess
 bool is_bypass_policy(Policy p);  // misses go through a staging buffer and may stay uncached (static, belady)
 
 }  // namespace moelab::analysis::cachesim

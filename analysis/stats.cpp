@@ -70,6 +70,12 @@ void validate_trace(const TraceData& tr) {
     fail(fmt::format("experts has {} values, expected N·L·k = {}", tr.experts.size(), n * lk));
   if (!tr.gates.empty() && int64_t(tr.gates.size()) != n * lk)
     fail(fmt::format("gates has {} values, expected N·L·k = {}", tr.gates.size(), n * lk));
+  if (tr.has_prefetch_guess() && int64_t(tr.prefetch_guess.size()) != n * lk)
+    fail(fmt::format("prefetch_guess has {} values, expected N·L·k = {}", tr.prefetch_guess.size(), n * lk));
+  for (size_t i = 0; i < tr.prefetch_guess.size(); ++i)
+    if (tr.prefetch_guess[i] >= tr.num_experts && tr.prefetch_guess[i] != 255)
+      fail(fmt::format("prefetch_guess: expert id {} >= num_experts {} at token {} layer {}", int(tr.prefetch_guess[i]),
+                       tr.num_experts, i / size_t(lk), i / size_t(tr.top_k) % size_t(tr.num_layers)));
   if (tr.has_router_logits() && int64_t(tr.router_logits.size()) != n * tr.num_layers * tr.num_experts)
     fail(fmt::format("router_logits has {} values, expected N·L·E = {}", tr.router_logits.size(),
                      n * tr.num_layers * tr.num_experts));

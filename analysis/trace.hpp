@@ -13,6 +13,12 @@
 //   /gates             float32 [N, L, k] dims (token, layer, rank): renormalized gate weights
 //   /router_logits     float16 [N, L, E] dims (token, layer, expert); optional; IEEE half,
 //                                        round-to-nearest-even from the FP32 logits
+//   /prefetch_guess    uint8   [N, L, k] dims (token, layer, rank); optional (`moelab trace
+//                                        --record-prefetch-guess`): the top-k experts of layer l's router
+//                                        applied to layer l-1's output hidden state after layer l's
+//                                        post-attention RMSNorm (the guess a prefetcher can make one layer
+//                                        early; analysis/prefetch_guess.hpp), highest logit first; 255 at
+//                                        layer 0, which nothing precedes
 //   /layer, /rank, /expert  int32 [L], [k], [E]: 0, 1, 2, ...: HDF5 dimension scales (H5DS), attached
 //                                        to those axes of /experts, /gates and /router_logits
 // Self-describing: every dataset has a `description` attribute (one sentence: what, units, what each
@@ -23,7 +29,7 @@
 // JSON string: the input files of every run, absolute, in order of first use), engine, tool ("moelab"),
 // tool_version, created (ISO-8601 UTC of the first run), num_layers, top_k, num_experts, window (the
 // longest window of any run; 0: not stated), runs (a JSON string: one object per run with engine,
-// tool_version, started, window, first_sequence, first_token, router_logits, inputs).
+// tool_version, started, window, first_sequence, first_token, router_logits, prefetch_guess, inputs).
 // Older traces. moelab before 2026-12 wrote no descriptions, dimension labels, scales, model_path,
 // tokenizer_sha256 or inputs, and its `engine` could list several engines, comma-separated (appends
 // were not checked against it). Such files read as before; appending to one (same engine only) adds
@@ -84,6 +90,8 @@
 
 namespace moelab::analysis {
 
+class PrefetchGuesser;  // analysis/prefetch_guess.hpp
+
 // IEEE 754 binary16, as the bits of a uint16. float_to_half rounds to nearest, ties to even; values
 // beyond the half range become infinities; NaN stays NaN.
 uint16_t float_to_half(float f);
@@ -100,6 +108,7 @@ struct TraceHeader {
   std::string tool_version;
   int window = 0;  // the longest sequence this run may write (longer ones are refused); 0: not stated
   bool router_logits = false;
+  bool prefetch_guess = false;  // the trace holds /prefetch_guess
   std::vector<std::string> domain_names;  // every domain this run may write (merged into the file's)
 };
 
@@ -134,7 +143,8 @@ bool is_volatile_config_field(const std::string& key);
 // the file is a moelab trace of the same model (num_layers, top_k, num_experts, config.json minus
 // volatile fields, and model_path where both record one), the same tokenizer (tokenizer_sha256, where
 // both record one), the same engine, and of the same kind (with or without router logits); otherwise
-// it throws moelab::Error naming the file and the difference. Only one TraceWriter may hold a file: a second one, in any process, is refused.
+// it throws moelab::Error naming the file and the difference. (Of the same kind: with or without router
+// logits, and with or without prefetch guesses.) Only one TraceWriter may hold a file: a second one, in any process, is refused.
 class TraceWriter {
  public:
   TraceWriter(const std::string& path, const TraceHeader& header, TraceWriterOptions options = {});
@@ -151,9 +161,11 @@ class TraceWriter {
   // Index of a domain name in the file's domain_names (-1 for ""); throws if it was not in the header.
   int domain_id(const std::string& name) const;
 
-  // One sequence: n tokens with their routing, row-major [n, L, k] and, with router logits, [n, L, E].
+  // One sequence: n tokens with their routing, row-major [n, L, k] and, with router logits, [n, L, E]; with
+  // prefetch guesses, [n, L, k] (expert ids, or 255 at layer 0).
   void add_sequence(int domain, std::span<const int32_t> tokens, std::span<const uint8_t> experts,
-                    std::span<const float> gates, std::span<const float> router_logits = {});
+                    std::span<const float> gates, std::span<const float> router_logits = {},
+                    std::span<const uint8_t> prefetch_guess = {});
   void flush();  // writes buffered sequences and makes them durable against a crash of this process
   void close();  // flushes and closes; the file is then a plain HDF5 file again
 
@@ -196,12 +208,15 @@ struct WindowRouting {
   std::vector<uint8_t> experts;      // [n, L, k]
   std::vector<float> gates;          // [n, L, k]
   std::vector<float> router_logits;  // [n, L, E], or empty
+  std::vector<uint8_t> prefetch_guess;  // [n, L, k] (255 at layer 0), or empty
 };
 
 // Collects the experts, gates and (optionally) router logits of every layer of one forward call.
 class RoutingProbe : public Probe {
  public:
-  RoutingProbe(const ModelConfig& config, bool with_router_logits);
+  // With a guesser, also the next-layer gate's guess of every layer after the first, from the hidden states
+  // the engine reports (analysis/prefetch_guess.hpp).
+  RoutingProbe(const ModelConfig& config, bool with_router_logits, const PrefetchGuesser* guesser = nullptr);
   void start(int n);  // before each forward call of n tokens
   void on_layer(const LayerObservation& obs) override;
   WindowRouting take();  // after the call; throws if a layer was not observed
@@ -209,6 +224,7 @@ class RoutingProbe : public Probe {
  private:
   int layers_, top_k_, experts_;
   bool with_logits_;
+  const PrefetchGuesser* guesser_;
   int n_ = 0;
   std::vector<bool> seen_;
   WindowRouting out_;
@@ -217,6 +233,6 @@ class RoutingProbe : public Probe {
 // Runs one window from an empty cache (engine.reset(), then forward) and returns its routing.
 // `also` (e.g. a TimingProbe) observes the same call.
 WindowRouting route_window(Engine& engine, std::span<const int32_t> tokens, bool with_router_logits,
-                           Probe* also = nullptr);
+                           Probe* also = nullptr, const PrefetchGuesser* guesser = nullptr);
 
 }  // namespace moelab::analysis

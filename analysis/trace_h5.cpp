@@ -540,7 +540,7 @@ Id open_row_dataset(const H5Context& cx, hid_t file, const char* name) {
   Id probe(cx.id(H5Dopen2(file, name, H5P_DEFAULT), fmt::format("cannot open /{}", name)));
   // The layout (analysis/trace.hpp): rank and kind of number of each dataset.
   const std::string n = name;
-  const bool rows_3d = n == kExperts || n == kGates || n == kLogits;
+  const bool rows_3d = n == kExperts || n == kGates || n == kLogits || n == kGuess;
   const bool floats = n == kGates || n == kLogits;
   dims_of(cx, probe, name, rows_3d ? 3 : 1);
   check_type(cx, probe, name, floats ? H5T_FLOAT : H5T_INTEGER, floats ? "floating-point" : "integer");

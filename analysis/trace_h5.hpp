@@ -96,6 +96,8 @@ constexpr const char* kDomain = "sequence_domain";
 constexpr const char* kExperts = "experts";
 constexpr const char* kGates = "gates";
 constexpr const char* kLogits = "router_logits";
+constexpr const char* kGuess = "prefetch_guess";
+inline constexpr uint8_t kNoGuess = 255;  // /prefetch_guess at layer 0: nothing precedes it
 
 Id half_type();           // IEEE binary16, little-endian (what h5py and numpy read as float16)
 Id latest_format_fapl();  // file access with the newest format (superblock v3): SWMR needs it

@@ -39,12 +39,19 @@ ReadOutcome read_trace_file(const std::string& path, bool salvage) {
              gates = open_row_dataset(cx, file, kGates);
   const bool has_logits = H5Lexists(file, kLogits, H5P_DEFAULT) > 0;
   const Id logits = has_logits ? open_row_dataset(cx, file, kLogits) : Id();
+  const bool has_guess = H5Lexists(file, kGuess, H5P_DEFAULT) > 0;
+  const Id guess = has_guess ? open_row_dataset(cx, file, kGuess) : Id();
 
   // Shapes: [N, L, k] from /experts; E from the attribute (or /router_logits).
   const auto ed = dims_of(cx, experts, kExperts), gd = dims_of(cx, gates, kGates);
   // (Row counts may differ: a writer that died mid-flush extended some datasets and not others.)
   if (ed.size() != 3 || gd.size() != 3 || gd[1] != ed[1] || gd[2] != ed[2])
     throw Error(fmt::format("{}: /experts and /gates must both have shape [N, L, k]", path));
+  if (has_guess) {
+    const auto pd = dims_of(cx, guess, kGuess);
+    if (pd.size() != 3 || pd[1] != ed[1] || pd[2] != ed[2])
+      throw Error(fmt::format("{}: /{} must have the shape of /experts, [N, L, k]", path, kGuess));
+  }
   tr.num_layers = int(ed[1]);
   tr.top_k = int(ed[2]);
   const auto ld = has_logits ? dims_of(cx, logits, kLogits) : std::vector<hsize_t>{};
@@ -64,7 +71,8 @@ ReadOutcome read_trace_file(const std::string& path, bool salvage) {
     if (const auto v = read_int_attr(cx, file, attr); v && *v != value)
       cx.damaged(fmt::format("the {} attribute is {}, but /experts has {}", attr, *v, value));
   for (auto [dset, name] : {std::pair{hid_t(tokens), kTokens}, std::pair{hid_t(experts), kExperts},
-                            std::pair{hid_t(gates), kGates}, std::pair{hid_t(logits), kLogits}})
+                            std::pair{hid_t(gates), kGates}, std::pair{hid_t(logits), kLogits},
+                            std::pair{hid_t(guess), kGuess}})
     if (dset >= 0) r.rows_in_file = std::max(r.rows_in_file, int64_t(dims_of(cx, dset, name)[0]));
 
   // Only committed rows: everything up to the last sequence offset.
@@ -79,7 +87,8 @@ ReadOutcome read_trace_file(const std::string& path, bool salvage) {
       throw Error(fmt::format("{}: /sequence_offsets decreases at entry {}", path, s));
   const Committed c{int64_t(tr.sequence_offsets.size()) - 1, tr.sequence_offsets.back()};
   if (!salvage)
-    check_rows_cover(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
+    check_rows_cover(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}, {guess, kGuess}},
+                     domain);
 
   const size_t lk = size_t(tr.num_layers) * size_t(tr.top_k), le = size_t(tr.num_layers) * size_t(tr.num_experts);
   const auto rows_of = [&](hid_t dset, const char* name) {  // salvaging, a short dataset is simply short
@@ -96,6 +105,7 @@ ReadOutcome read_trace_file(const std::string& path, bool salvage) {
     tr.router_logits.resize(raw.size());
     std::transform(raw.begin(), raw.end(), tr.router_logits.begin(), half_to_float);
   }
+  if (has_guess) tr.prefetch_guess = read_rows<uint8_t>(cx, guess, kGuess, H5T_NATIVE_UINT8, rows_of(guess, kGuess), lk, salvage);
   if (H5Aexists(domain, "domain_names") > 0) tr.domain_names = read_strings(cx, domain, "domain_names");
 
   if (salvage) {  // keep the sequences whose every row was read
@@ -103,6 +113,7 @@ ReadOutcome read_trace_file(const std::string& path, bool salvage) {
     rows = std::min(rows, int64_t(tr.experts.size() / lk));
     rows = std::min(rows, int64_t(tr.gates.size() / lk));
     if (has_logits) rows = std::min(rows, int64_t(tr.router_logits.size() / le));
+    if (has_guess) rows = std::min(rows, int64_t(tr.prefetch_guess.size() / lk));
     int64_t s = std::min<int64_t>(c.sequences, int64_t(tr.sequence_domain.size()));
     while (tr.sequence_offsets[size_t(s)] > rows) --s;
     r.complete = s == c.sequences && int64_t(offsets_dims[0]) == c.sequences + 1;
@@ -113,6 +124,7 @@ ReadOutcome read_trace_file(const std::string& path, bool salvage) {
     tr.experts.resize(n * lk);
     tr.gates.resize(n * lk);
     if (has_logits) tr.router_logits.resize(n * le);
+    if (has_guess) tr.prefetch_guess.resize(n * lk);
   }
   for (int32_t d : tr.sequence_domain)
     if (d < -1 || d >= int32_t(tr.domain_names.size()))
@@ -143,6 +155,7 @@ void rewrite_trace(const std::string& path, const TraceData& trace) {
   h.tool_version = string_attr(attrs, "tool_version");
   h.window = attrs.value("window", 0);
   h.router_logits = trace.has_router_logits();
+  h.prefetch_guess = trace.has_prefetch_guess();
   h.domain_names = trace.domain_names;
   try {
     {
@@ -154,7 +167,9 @@ void rewrite_trace(const std::string& path, const TraceData& trace) {
         w.add_sequence(trace.sequence_domain[size_t(s)], {trace.tokens.data() + a, n},
                        {trace.experts.data() + a * lk, n * lk}, {trace.gates.data() + a * lk, n * lk},
                        h.router_logits ? std::span<const float>(trace.router_logits.data() + a * le, n * le)
-                                       : std::span<const float>());
+                                       : std::span<const float>(),
+                       h.prefetch_guess ? std::span<const uint8_t>(trace.prefetch_guess.data() + a * lk, n * lk)
+                                        : std::span<const uint8_t>());
       }
       w.close();
     }

@@ -12,7 +12,7 @@ using namespace h5;
 
 struct TraceStream::Impl {
   H5Context cx;
-  Id file, experts;
+  Id file, experts, guess;
   int layers = 0, k = 0, e = 0;
   std::vector<int64_t> offsets;
   nlohmann::json attrs;
@@ -48,6 +48,15 @@ TraceStream::TraceStream(const std::string& path) : impl_(std::make_unique<Impl>
   if (int64_t(ed[0]) < m.offsets.back())
     cx.damaged(fmt::format("/{} has {} rows, fewer than /sequence_offsets says ({})", kExperts, ed[0], m.offsets.back()));
   check_read_size(cx, m.experts, kExperts, uint64_t(m.offsets.back()) * uint64_t(m.layers) * uint64_t(m.k));
+  if (H5Lexists(m.file, kGuess, H5P_DEFAULT) > 0) {
+    m.guess = open_row_dataset(cx, m.file, kGuess);
+    const auto gd = dims_of(cx, m.guess, kGuess, 3);
+    if (gd[1] != ed[1] || gd[2] != ed[2])
+      throw Error(fmt::format("{}: /{} must have the shape of /experts, [N, {}, {}]", path, kGuess, ed[1], ed[2]));
+    if (int64_t(gd[0]) < m.offsets.back())
+      cx.damaged(fmt::format("/{} has {} rows, fewer than /sequence_offsets says ({})", kGuess, gd[0], m.offsets.back()));
+    check_read_size(cx, m.guess, kGuess, uint64_t(m.offsets.back()) * uint64_t(m.layers) * uint64_t(m.k));
+  }
 }
 
 TraceStream::~TraceStream() = default;
@@ -60,6 +69,21 @@ int64_t TraceStream::num_tokens() const { return impl_->offsets.back(); }
 int64_t TraceStream::num_sequences() const { return int64_t(impl_->offsets.size()) - 1; }
 const std::vector<int64_t>& TraceStream::sequence_offsets() const { return impl_->offsets; }
 const nlohmann::json& TraceStream::attributes() const { return impl_->attrs; }
+bool TraceStream::has_prefetch_guess() const { return impl_->guess.valid(); }
+
+void TraceStream::read_prefetch_guess(int64_t first, int64_t n, std::vector<uint8_t>& out) const {
+  const Impl& m = *impl_;
+  if (!m.guess.valid()) throw Error(fmt::format("{}: the trace has no /{} (trace with --record-prefetch-guess)", m.cx.path, kGuess));
+  if (first < 0 || n < 0 || first + n > num_tokens())
+    throw Error(fmt::format("{}: rows {}..{} are outside the trace's {} tokens", m.cx.path, first, first + n - 1, num_tokens()));
+  const size_t lk = size_t(m.layers) * size_t(m.k);
+  out.resize(size_t(n) * lk);
+  read_row_range(m.cx, m.guess, kGuess, H5T_NATIVE_UINT8, 1, first, n, lk, out.data());
+  for (size_t i = 0; i < out.size(); ++i)
+    if (out[i] >= m.e && out[i] != kNoGuess)
+      throw Error(fmt::format("{}: /{}: token {} layer {}: expert id {} >= num_experts {}", m.cx.path, kGuess,
+                              first + int64_t(i / lk), i / size_t(m.k) % size_t(m.layers), int(out[i]), m.e));
+}
 
 void TraceStream::read_experts(int64_t first, int64_t n, std::vector<uint8_t>& out) const {
   const Impl& m = *impl_;

@@ -35,6 +35,10 @@ class TraceStream {
   // moelab::Error naming the file and the token for an expert id >= num_experts or one chosen twice in a
   // token's top-k, and for rows HDF5 cannot read.
   void read_experts(int64_t first, int64_t n, std::vector<uint8_t>& out) const;
+  // The optional /prefetch_guess (analysis/trace.hpp), read and checked (ids below num_experts, or 255) like
+  // read_experts; throws when the trace has none.
+  bool has_prefetch_guess() const;
+  void read_prefetch_guess(int64_t first, int64_t n, std::vector<uint8_t>& out) const;
 
  private:
   struct Impl;

@@ -84,6 +84,11 @@ const std::vector<DatasetDoc>& dataset_docs() {
        "Router logit of every expert for each token at each MoE layer, before the softmax (unitless; float16, "
        "rounded to nearest even from float32); shape [token, layer, expert].",
        {"token", "layer", "expert"}},
+      {kGuess,
+       "Prefetch guess for each token at each MoE layer: the experts layer l's router ranks highest when applied to "
+       "layer l-1's output hidden state after layer l's post-attention RMSNorm (what a prefetcher knows one layer "
+       "early), highest logit first; 255 at layer 0, which nothing precedes; shape [token, layer, rank].",
+       {"token", "layer", "rank"}},
       {"layer", "Dimension scale of the layer axes: MoE layer index 0 to L-1, in decoder order; shape [layer].",
        {"layer"}},
       {"rank", "Dimension scale of the rank axes: 0 is the chosen expert with the highest router probability; shape "
@@ -159,6 +164,10 @@ void check_same_trace(const H5Context& cx, hid_t file, hid_t experts, hid_t gate
   if (file_has_logits != header.router_logits)
     throw Error(fmt::format("{}: the trace was written {} router logits; append {} --router-logits", cx.path,
                             file_has_logits ? "with" : "without", file_has_logits ? "with" : "without"));
+  const bool file_has_guess = H5Lexists(file, kGuess, H5P_DEFAULT) > 0;
+  if (file_has_guess != header.prefetch_guess)
+    throw Error(fmt::format("{}: the trace was written {} prefetch guesses; append {} --record-prefetch-guess", cx.path,
+                            file_has_guess ? "with" : "without", file_has_guess ? "with" : "without"));
   const std::vector<hsize_t> want_k{hsize_t(header.num_layers), hsize_t(header.top_k)};
   for (auto [dset, name] : {std::pair{experts, kExperts}, std::pair{gates, kGates}}) {
     const auto d = dims_of(cx, dset, name);
@@ -201,7 +210,7 @@ struct TraceWriter::Impl {
   TraceHeader header;
   TraceWriterOptions options;
   std::unique_ptr<WriterLock> lock;
-  Id file, tokens, offsets, domain, experts, gates, logits;
+  Id file, tokens, offsets, domain, experts, gates, logits, guess;
   Id half;  // the float16 datatype
 
   bool appended = false, recovered = false;
@@ -215,6 +224,7 @@ struct TraceWriter::Impl {
   std::vector<uint8_t> buf_experts;
   std::vector<float> buf_gates;
   std::vector<uint16_t> buf_logits;
+  std::vector<uint8_t> buf_guess;
   std::chrono::steady_clock::time_point oldest_buffered;
   int64_t written_tokens = 0, written_sequences = 0;
   bool closed = false;
@@ -245,9 +255,9 @@ struct TraceWriter::Impl {
   // committed (SWMR ordering; see the header comment), like the file of a writer that was killed. The
   // HDF5 objects stay open until the process exits; the writer lock is released.
   void abandon() {
-    for (Id* d : {&tokens, &offsets, &domain, &experts, &gates, &logits, &file}) d->abandon();
+    for (Id* d : {&tokens, &offsets, &domain, &experts, &gates, &logits, &guess, &file}) d->abandon();
     buf_tokens.clear(), buf_domain.clear(), buf_lengths.clear(), buf_experts.clear(), buf_gates.clear(),
-        buf_logits.clear();
+        buf_logits.clear(), buf_guess.clear();
     closed = true;
     if (lock) lock->mark_abandoned();
     lock.reset();
@@ -265,7 +275,8 @@ struct TraceWriter::Impl {
   nlohmann::json this_run() const {
     return {{"engine", header.engine},       {"tool_version", header.tool_version}, {"started", utc_now_iso8601()},
             {"window", header.window},       {"first_sequence", file_sequences},    {"first_token", file_tokens},
-            {"router_logits", header.router_logits}, {"inputs", header.inputs}};
+            {"router_logits", header.router_logits}, {"prefetch_guess", header.prefetch_guess},
+            {"inputs", header.inputs}};
   }
 
   // The `description` attribute and the dimension labels of one dataset.
@@ -293,10 +304,11 @@ struct TraceWriter::Impl {
   void document_layout() {
     for (auto [dset, name] : {std::pair{hid_t(tokens), kTokens}, std::pair{hid_t(offsets), kOffsets},
                               std::pair{hid_t(domain), kDomain}, std::pair{hid_t(experts), kExperts},
-                              std::pair{hid_t(gates), kGates}, std::pair{hid_t(logits), kLogits}})
+                              std::pair{hid_t(gates), kGates}, std::pair{hid_t(logits), kLogits},
+                              std::pair{hid_t(guess), kGuess}})
       if (dset >= 0) document(dset, name);
-    add_scale("layer", hsize_t(header.num_layers), {{experts, 1}, {gates, 1}, {logits, 1}});
-    add_scale("rank", hsize_t(header.top_k), {{experts, 2}, {gates, 2}});
+    add_scale("layer", hsize_t(header.num_layers), {{experts, 1}, {gates, 1}, {logits, 1}, {guess, 1}});
+    add_scale("rank", hsize_t(header.top_k), {{experts, 2}, {gates, 2}, {guess, 2}});
     if (logits.valid()) add_scale("expert", hsize_t(header.num_experts), {{logits, 2}});
   }
 
@@ -313,6 +325,7 @@ struct TraceWriter::Impl {
     experts = create_row_dataset(cx, file, kExperts, H5T_STD_U8LE, {L, K}, ct, options.deflate_level);
     gates = create_row_dataset(cx, file, kGates, H5T_IEEE_F32LE, {L, K}, ct, options.deflate_level);
     if (header.router_logits) logits = create_row_dataset(cx, file, kLogits, half, {L, E}, ct, options.deflate_level);
+    if (header.prefetch_guess) guess = create_row_dataset(cx, file, kGuess, H5T_STD_U8LE, {L, K}, ct, options.deflate_level);
     const int64_t zero = 0;
     write_rows(cx, offsets, kOffsets, H5T_NATIVE_INT64, &zero, 0, 1);
 
@@ -341,7 +354,8 @@ struct TraceWriter::Impl {
   // rows it never committed), so that this run's rows follow the committed ones.
   void drop_uncommitted() {
     const auto c = read_committed(cx, offsets);
-    dropped += drop_rows_past(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits}}, domain);
+    dropped += drop_rows_past(cx, c, {{tokens, kTokens}, {experts, kExperts}, {gates, kGates}, {logits, kLogits},
+                                      {guess, kGuess}}, domain);
     file_tokens = c.tokens;
     file_sequences = c.sequences;
   }
@@ -400,6 +414,7 @@ struct TraceWriter::Impl {
     experts = open_row_dataset(cx, file, kExperts);
     gates = open_row_dataset(cx, file, kGates);
     if (H5Lexists(file, kLogits, H5P_DEFAULT) > 0) logits = open_row_dataset(cx, file, kLogits);
+    if (H5Lexists(file, kGuess, H5P_DEFAULT) > 0) guess = open_row_dataset(cx, file, kGuess);
     check_compatible();
     drop_uncommitted();
     tokens_before = file_tokens;
@@ -445,8 +460,9 @@ struct TraceWriter::Impl {
     write_rows(cx, experts, kExperts, H5T_NATIVE_UINT8, buf_experts.data(), file_tokens, n);
     write_rows(cx, gates, kGates, H5T_NATIVE_FLOAT, buf_gates.data(), file_tokens, n);
     if (logits.valid()) write_rows(cx, logits, kLogits, half, buf_logits.data(), file_tokens, n);
+    if (guess.valid()) write_rows(cx, guess, kGuess, H5T_NATIVE_UINT8, buf_guess.data(), file_tokens, n);
     write_rows(cx, domain, kDomain, H5T_NATIVE_INT32, buf_domain.data(), file_sequences, s);
-    for (hid_t d : {hid_t(tokens), hid_t(experts), hid_t(gates), hid_t(logits), hid_t(domain)})
+    for (hid_t d : {hid_t(tokens), hid_t(experts), hid_t(gates), hid_t(logits), hid_t(guess), hid_t(domain)})
       if (d >= 0) cx.ok(H5Dflush(d), "cannot flush");
     // 2. The commit: the new sequence ends, appended to /sequence_offsets.
     std::vector<int64_t> ends;
@@ -458,7 +474,7 @@ struct TraceWriter::Impl {
     file_tokens += n;
     file_sequences += s;
     buf_tokens.clear(), buf_domain.clear(), buf_lengths.clear(), buf_experts.clear(), buf_gates.clear(),
-        buf_logits.clear();
+        buf_logits.clear(), buf_guess.clear();
   }
 
   void close() {
@@ -467,7 +483,7 @@ struct TraceWriter::Impl {
     flush();
     setup();
     try {
-      for (Id* d : {&tokens, &offsets, &domain, &experts, &gates, &logits}) cx.ok(d->reset(), "cannot close");
+      for (Id* d : {&tokens, &offsets, &domain, &experts, &gates, &logits, &guess}) cx.ok(d->reset(), "cannot close");
       cx.ok(file.reset(), "cannot close");  // the last reference: this closes the file
     } catch (const Error& e) {
       write_failed(e);
@@ -525,7 +541,8 @@ int TraceWriter::domain_id(const std::string& name) const {
 }
 
 void TraceWriter::add_sequence(int domain, std::span<const int32_t> tokens, std::span<const uint8_t> experts,
-                               std::span<const float> gates, std::span<const float> router_logits) {
+                               std::span<const float> gates, std::span<const float> router_logits,
+                               std::span<const uint8_t> prefetch_guess) {
   auto& m = *impl_;
   if (!m.failure.empty()) throw Error(m.failure);
   if (m.closed) throw Error(fmt::format("{}: trace already closed", m.cx.path));
@@ -540,6 +557,13 @@ void TraceWriter::add_sequence(int domain, std::span<const int32_t> tokens, std:
   if (router_logits.size() != want_logits)
     throw Error(fmt::format("{}: sequence of {} tokens needs {} router logits, got {}", m.cx.path, n, want_logits,
                             router_logits.size()));
+  const size_t want_guess = m.guess.valid() ? n * m.row_k() : 0;
+  if (prefetch_guess.size() != want_guess)
+    throw Error(fmt::format("{}: sequence of {} tokens needs {} prefetch guesses, got {}", m.cx.path, n, want_guess,
+                            prefetch_guess.size()));
+  for (uint8_t e : prefetch_guess)
+    if (e >= m.header.num_experts && e != kNoGuess)
+      throw Error(fmt::format("{}: prefetch guess {} outside the {} experts", m.cx.path, int(e), m.header.num_experts));
   if (domain < -1 || domain >= int(m.domain_names.size()))
     throw Error(fmt::format("{}: domain index {} outside the {} domain names", m.cx.path, domain, m.domain_names.size()));
   for (uint8_t e : experts)
@@ -551,6 +575,7 @@ void TraceWriter::add_sequence(int domain, std::span<const int32_t> tokens, std:
   m.buf_experts.insert(m.buf_experts.end(), experts.begin(), experts.end());
   m.buf_gates.insert(m.buf_gates.end(), gates.begin(), gates.end());
   for (float x : router_logits) m.buf_logits.push_back(float_to_half(x));
+  m.buf_guess.insert(m.buf_guess.end(), prefetch_guess.begin(), prefetch_guess.end());
   m.buf_domain.push_back(domain);
   m.buf_lengths.push_back(int64_t(n));
   m.written_tokens += int64_t(n);

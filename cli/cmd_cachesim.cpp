@@ -26,7 +26,7 @@ struct CacheSimArgs {
 };
 
 std::string policies_help() {
-  std::string s = "Policies, comma-separated, or all:";
+  std::string s = "Policies, comma-separated, or all (next-layer-gate only for traces with prefetch guesses):";
   for (auto p : analysis::cachesim::all_policies())
     s += fmt::format("\n  {}: {}", analysis::cachesim::policy_name(p), analysis::cachesim::policy_description(p));
   return s;
@@ -59,7 +59,7 @@ analysis::TimeModelParams time_params(const CacheSimArgs& a, const analysis::Cac
 void run(const CacheSimArgs& a) {
   analysis::CacheSimOptions o;
   if (a.cache_sizes != "1-E") o.cache_sizes = analysis::parse_cache_sizes(a.cache_sizes);
-  o.policies = analysis::parse_policies(a.policies);
+  if (a.policies != "all") o.policies = analysis::parse_policies(a.policies);  // all: what the traces allow
   o.batch = a.batch;
   o.calibrate = analysis::parse_calibration(a.calibrate);
   o.lfu_aging_steps = a.lfu_aging;

@@ -149,7 +149,7 @@ void run_demo(DemoArgs& a) {
   const auto trace_path = (out / "routing-trace.h5").string();
   fs::remove(trace_path);
   const auto traced = trace_texts(*ref, *ck, tok, texts, trace_path,
-                                  TraceRunOptions{.window = std::min(256, ref->max_context()), .router_logits = true,
+                                  TraceRunOptions{.window = std::min(256, ref->max_context()), .router_logits = true, .prefetch_guess = true,
                                                   .inputs = {corpus}});
   fmt::print("{}\nwrote {}\n", describe(traced, ref->name()), trace_path);
 
@@ -181,7 +181,8 @@ void run_demo(DemoArgs& a) {
   time_params.model = model_preset("mixtral-8x7b");
   time_params.link = analysis::parse_link("pcie4-x16");
   const auto decode = analysis::predict_decode(cache, time_params);
-  fmt::print("{} tokens after a warm-up of {}; belady is the optimum, the bound of every policy\n{}", cache.scored_tokens,
+  fmt::print("{} tokens after a warm-up of {}; belady is the optimum: no policy copies less, no demand policy hits "
+             "more\n{}", cache.scored_tokens,
              cache.calibration_tokens, cache.hit_rate_table());
   for (const int size : {std::max(1, c.num_experts / 2), c.num_experts})
     for (const auto& p : decode.predictions)  // (in the simulation's order)

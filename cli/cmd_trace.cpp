@@ -42,7 +42,7 @@ nlohmann::json timings_document(const std::string& engine, const std::string& mo
 struct TraceArgs {
   std::string model, out, repair;
   std::vector<std::string> inputs, domains;
-  bool router_logits = false, timings = false, append = false;
+  bool router_logits = false, prefetch_guess = false, timings = false, append = false;
   int64_t max_tokens = 0;
   int window = 0;
   EngineOptions eo;
@@ -70,10 +70,13 @@ void run_trace(TraceArgs& a) {
   const auto& cfg = ck->config();
   if (a.router_logits && !cfg.is_moe())
     throw Error(fmt::format("{}: --router-logits needs an MoE model; {} has no router", a.model, cfg.arch_name()));
+  if (a.prefetch_guess && !cfg.is_moe())
+    throw Error(fmt::format("{}: --record-prefetch-guess needs an MoE model; {} has no router", a.model, cfg.arch_name()));
   const Tokenizer tok(ck->tokenizer_path());
   analysis::TimingProbe timing("trace");
   const TraceRunOptions options{.window = a.window, .max_tokens = a.max_tokens, .router_logits = a.router_logits,
-                                .append = a.append, .inputs = a.inputs, .timing = a.timings ? &timing : nullptr};
+                                .prefetch_guess = a.prefetch_guess, .append = a.append, .inputs = a.inputs,
+                                .timing = a.timings ? &timing : nullptr};
   // Appending: the trace's model, tokenizer and engine are checked before the engine loads (its name as
   // make_engine will give it; the writer checks again with the engine's own).
   if (a.append) {
@@ -215,9 +218,13 @@ void register_trace_command(CLI::App& app) {
                                          "JSONL record's own \"domain\" wins)");
   add_output_option(*cmd, a.out, "Trace file to create (it must not exist unless --append is given)");
   add_deprecated_alias(*cmd, "--out", "--output", [](const std::string& v) { a.out = v; });
-  cmd->add_flag("--append", a.append, "Add to the trace in --output (same model, tokenizer, engine and --router-logits "
-                                      "as it records); without it an existing file is an error");
+  cmd->add_flag("--append", a.append, "Add to the trace in --output (same model, tokenizer, engine, --router-logits "
+                                      "and --record-prefetch-guess as it records); without it an existing file is an error");
   cmd->add_flag("--router-logits", a.router_logits, "Also record every router logit (float16, [N, L, E])");
+  cmd->add_flag("--record-prefetch-guess", a.prefetch_guess,
+                "Also record the next-layer gate's guess: per token and layer l >= 1, the top-k of layer l's router "
+                "applied to layer l-1's output (/prefetch_guess [N, L, k]; docs/traces.md); replayed by `moelab "
+                "cachesim --policy next-layer-gate`");
   cmd->add_option("--max-tokens", a.max_tokens, "Stop after this many tokens in total (0: all)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--window", a.window, "Tokens per sequence; longer texts are cut (default: min(512, context))")
       ->check(CLI::PositiveNumber);

@@ -8,8 +8,10 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
+#include "analysis/prefetch_guess.hpp"
 #include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
@@ -110,6 +112,7 @@ analysis::TraceHeader trace_header(const Checkpoint& ck, const std::string& engi
   header.tool_version = MOELAB_VERSION;
   header.window = window;
   header.router_logits = o.router_logits;
+  header.prefetch_guess = o.prefetch_guess;
   for (const auto& t : texts)
     if (std::find(header.domain_names.begin(), header.domain_names.end(), t.domain) == header.domain_names.end())
       header.domain_names.push_back(t.domain);
@@ -130,6 +133,9 @@ TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer
   const auto windows = cut_windows(texts, tok, r.window, o.max_tokens, r.empty_texts);
   if (windows.empty()) throw Error("trace: the inputs hold no text");
 
+  // Read before the file is created: a checkpoint whose routers cannot be read fails without writing anything.
+  const std::optional<analysis::PrefetchGuesser> guesser =
+      o.prefetch_guess ? std::optional(analysis::PrefetchGuesser::from_checkpoint(ck)) : std::nullopt;
   const auto header = trace_header(ck, engine.name(), r.window, o, texts);
   const StopOnSignals stop;  // from before the file is created: a signal from then on ends the run cleanly
   analysis::TraceWriter writer(out, header, analysis::TraceWriterOptions{.append = o.append});
@@ -151,10 +157,11 @@ TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer
   for (const auto& w : windows) {
     if (stop.signal()) break;
     const auto t0 = SteadyClock::now();
-    const auto routing = analysis::route_window(engine, w.tokens, o.router_logits, o.timing);
+    const auto routing = analysis::route_window(engine, w.tokens, o.router_logits, o.timing, guesser ? &*guesser : nullptr);
     if (o.timing) o.timing->add_call(int64_t(w.tokens.size()), seconds_since(t0));
     const auto& domain = texts[w.text].domain;
-    writer.add_sequence(writer.domain_id(domain), w.tokens, routing.experts, routing.gates, routing.router_logits);
+    writer.add_sequence(writer.domain_id(domain), w.tokens, routing.experts, routing.gates, routing.router_logits,
+                        routing.prefetch_guess);
     r.per_domain[domain].first += int64_t(w.tokens.size());
     r.per_domain[domain].second += 1;
     progress.advance(int64_t(w.tokens.size()));

@@ -17,6 +17,7 @@ struct TraceRunOptions {
   int window = 0;            // tokens per sequence; 0: min(512, the engine's context)
   int64_t max_tokens = 0;    // stop after this many tokens in all (0: every text)
   bool router_logits = false;
+  bool prefetch_guess = false;  // also the next-layer gate's guesses (analysis/prefetch_guess.hpp)
   bool append = false;       // add to the trace in `out` (refused when it exists and this is false)
   std::vector<std::string> inputs;  // the input files, recorded in the trace (absolute)
   analysis::TimingProbe* timing = nullptr;  // also observes every call when given

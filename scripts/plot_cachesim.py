@@ -6,7 +6,8 @@ Usage:
 
 Figures (OUTDIR/...):
     hit_rate.png           hit rate (all layers) against the cache size C, one line per policy; Belady's
-                           optimum drawn thick and dashed: no policy can be above it
+                           optimum drawn thick and dashed: no demand policy is above it (a prefetching one
+                           can be, by copying more)
     hit_rate_by_layer.png  per layer, the hit rate of each policy at one cache size (default: the middle one)
     bytes_per_token.png    NF4 bytes copied host->GPU per token (demand misses and prefetches, all layers)
                            against C, per policy, on a log scale (zero traffic is left out)

@@ -22,11 +22,15 @@
 #include "analysis/cachesim.hpp"
 #include "analysis/cachesim_figure.hpp"
 #include "analysis/cachesim_time.hpp"
+#include "analysis/forward_record.hpp"
 #include "analysis/trace.hpp"
+#include "analysis/trace_stream.hpp"
+#include "core/checkpoint.hpp"
 #include "core/error.hpp"
 #include "core/model_presets.hpp"
 #include "optimized/cuda/expert_cache_policy.hpp"
 #include "process_util.hpp"
+#include "reference/model.hpp"
 
 namespace moelab::test {
 namespace {
@@ -57,6 +61,19 @@ TraceData to_trace(int layers, int k, int experts, const Routes& seqs) {
     tr.sequence_domain.push_back(-1);
   }
   return tr;
+}
+
+// Random prefetch guesses (a k-subset per token and layer >= 1; 255 at layer 0), as a trace records them.
+void add_random_guesses(TraceData& tr, std::mt19937_64& rng) {
+  tr.prefetch_guess.assign(tr.experts.size(), 255);
+  std::vector<int> ids(static_cast<size_t>(tr.num_experts));
+  for (int64_t t = 0; t < tr.num_tokens(); ++t)
+    for (int l = 1; l < tr.num_layers; ++l) {
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      for (int j = 0; j < tr.top_k; ++j)
+        tr.prefetch_guess[size_t((t * tr.num_layers + l) * tr.top_k + j)] = uint8_t(ids[size_t(j)]);
+    }
 }
 
 // A uniformly random k-subset per token and layer, in random rank order.
@@ -286,19 +303,33 @@ TEST(CacheSim, NoPolicyBeatsBeladyOnRandomTraces) {
     const int B = 1 + int(rng() % 4);
     const auto seqs = trial % 2 ? random_routes(rng, L, k, E, 1 + int(rng() % 6), 40)
                                 : skewed_routes(rng, L, k, E, 1 + int(rng() % 6), 40);
-    const auto tr = to_trace(L, k, E, seqs);
+    auto tr = to_trace(L, k, E, seqs);
     if (tr.num_tokens() < 2) continue;
+    add_random_guesses(tr, rng);  // for next-layer-gate
     const int64_t calibration = 1 + int64_t(rng() % uint64_t(tr.num_tokens() - 1));  // static needs some
     std::vector<int> sizes(static_cast<size_t>(E));
     std::iota(sizes.begin(), sizes.end(), 1);
     const auto r = run(tr, cachesim::all_policies(), sizes, B, calibration);
+    // Without a warm-up (static needs one, so it is left out there): every policy copies at least as many
+    // experts as Belady misses, since a prefetch can be put off to the step that uses the expert without
+    // copying more. (During a warm-up prefetches are free, so there a prefetcher may copy less in the scored
+    // steps.)
+    std::vector<Policy> no_static;
+    for (Policy p : cachesim::all_policies())
+      if (p != Policy::Static) no_static.push_back(p);
+    const auto cold = run(tr, no_static, sizes, B, 0);
     for (int c = 1; c <= E; ++c)
       for (int l = 0; l < L; ++l) {
-        const auto best = counts(r, Policy::Belady, c, l);
+        const auto best = counts(r, Policy::Belady, c, l), cold_best = counts(cold, Policy::Belady, c, l);
         for (Policy p : cachesim::all_policies()) {
           const auto got = counts(r, p, c, l);
           EXPECT_EQ(got.requests, best.requests);
-          EXPECT_LE(got.hits, best.hits) << cachesim::policy_name(p) << " beats belady: trial " << trial << " C=" << c;
+          // A policy that copies only on demand never hits more often than Belady.
+          if (!cachesim::is_prefetch_policy(p))
+            EXPECT_LE(got.hits, best.hits) << cachesim::policy_name(p) << " beats belady: trial " << trial << " C=" << c;
+          if (p != Policy::Static)
+            EXPECT_GE(counts(cold, p, c, l).copies(), cold_best.misses)
+                << cachesim::policy_name(p) << " copies less: trial " << trial << " C=" << c;
           ++compared;
         }
       }
@@ -452,14 +483,19 @@ TEST(CacheSim, UniformTop2MatchesTheExactMarkovChain) {
 // every policy with C >= 2 hits every request. With C = 1 the engine's rounds load 3, then 5, every step:
 // lru, lfu, lfu-aged and fifo never hit; Belady keeps one of the two (one hit a step); static keeps the
 // lower id of the tie, 3 (one hit a step); prefetch-prev prefetches the lower id of its guess {3, 5}, 3,
-// over the 5 the step left (one copy a step), which then hits (one hit a step).
+// over the 5 the step left (one copy a step), which then hits (one hit a step); next-layer-gate, whose
+// recorded guess is {3, 5} at every layer but the first (which has none), does the same at layers 1 and 2
+// and what lru does at layer 0.
 TEST(CacheSim, RepeatedPairHitsEverythingAfterWarmUp) {
   const int L = 3, E = 8, N = 50;
   for (int batch : {1, 2}) {
     Routes seqs(3);
     for (auto& s : seqs)
       for (int t = 0; t < N; ++t) s.push_back(std::vector<std::vector<int>>(size_t(L), std::vector<int>{5, 3}));
-    const auto r = run(to_trace(L, 2, E, seqs), cachesim::all_policies(), {1, 2, 3, 8}, batch, 1);
+    auto tr = to_trace(L, 2, E, seqs);
+    tr.prefetch_guess = tr.experts;
+    for (int64_t t = 0; t < tr.num_tokens(); ++t) tr.prefetch_guess[size_t(t * L * 2)] = tr.prefetch_guess[size_t(t * L * 2 + 1)] = 255;
+    const auto r = run(tr, cachesim::all_policies(), {1, 2, 3, 8}, batch, 1);
     const int64_t steps = batch == 1 ? 3 * N - 1 : 2 * N - 1;  // batch 2: sequences {0,1} then {2}
     for (Policy p : cachesim::all_policies()) {
       for (int c : {2, 3, 8}) {
@@ -470,6 +506,13 @@ TEST(CacheSim, RepeatedPairHitsEverythingAfterWarmUp) {
         EXPECT_EQ(t.misses, 0);
       }
       const auto one = counts(r, p, 1);
+      if (p == Policy::NextLayerGate) {
+        EXPECT_EQ(one.hits, steps * (L - 1));
+        EXPECT_EQ(one.misses, 2 * steps + steps * (L - 1));
+        EXPECT_EQ(one.prefetch_copies, steps * (L - 1));
+        EXPECT_EQ(one.prefetch_hits, steps * (L - 1));
+        continue;
+      }
       const bool keeps_one = p == Policy::Belady || p == Policy::Static || p == Policy::PrefetchPrev;
       EXPECT_EQ(one.hits, keeps_one ? steps * L : 0) << cachesim::policy_name(p);
       EXPECT_EQ(one.misses, keeps_one ? steps * L : 2 * steps * L) << cachesim::policy_name(p);
@@ -792,6 +835,146 @@ TEST(CacheSimCli, BadInputsAreOneClearLine) {
     EXPECT_EQ(r.err.rfind("moelab: error: ", 0), 0u) << r.err;
     EXPECT_NE(r.err.find(c.needle), std::string::npos) << "expected '" << c.needle << "' in: " << r.err;
   }
+}
+
+// next-layer-gate by hand (E = 4, top-1, C = 1): layer 1 needs 0, 1, 2 and the trace guessed 0, 1, 3 for it.
+// Step 0: 0 is prefetched into the empty slot and used (a prefetch hit). Step 1: 1 is prefetched over 0 and
+// used. Step 2: 3 is prefetched over 1, then 2 misses. Layer 1: 2 hits (both prefetch hits), 1 miss, 3 copies
+// by prefetch; guessed 3, used 2, needed 3. Layer 0 (always expert 0, no guess) is plain lru: 1 miss, 2 hits.
+TEST(CacheSim, NextLayerGateByHand) {
+  Routes seqs{{{{0}, {0}}, {{0}, {1}}, {{0}, {2}}}};
+  auto tr = to_trace(2, 1, 4, seqs);
+  tr.prefetch_guess = {255, 0, 255, 1, 255, 3};
+  const auto r = run(tr, {Policy::NextLayerGate}, {1});
+  const auto l1 = counts(r, Policy::NextLayerGate, 1, 1), l0 = counts(r, Policy::NextLayerGate, 1, 0);
+  EXPECT_EQ(l1.hits, 2);
+  EXPECT_EQ(l1.prefetch_hits, 2);
+  EXPECT_EQ(l1.misses, 1);
+  EXPECT_EQ(l1.prefetch_copies, 3);
+  EXPECT_EQ(l1.guessed, 3);
+  EXPECT_EQ(l1.guess_used, 2);
+  EXPECT_EQ(l1.guess_needed, 3);
+  EXPECT_EQ(l0.hits, 2);
+  EXPECT_EQ(l0.misses, 1);
+  EXPECT_EQ(l0.guessed, 0);
+  // A trace without guesses: next-layer-gate is refused by name, and "all" leaves it out.
+  const auto plain = to_trace(2, 1, 4, seqs);
+  EXPECT_THROW(run(plain, {Policy::NextLayerGate}, {1}), Error);
+  const auto src = analysis::memory_routing_source(plain);
+  CacheSimOptions every;
+  every.calibrate.tokens = 1;  // static needs some
+  const auto all = analysis::simulate_cache({src.get()}, every);
+  EXPECT_EQ(all.find(Policy::NextLayerGate, 1), nullptr);
+  EXPECT_NE(all.find(Policy::Lru, 1), nullptr);
+}
+
+// The optional /prefetch_guess dataset: written, read back whole and streamed, refused on an append of
+// the other kind.
+TEST(CacheSimTrace, PrefetchGuessDatasetRoundTrip) {
+  TempDir tmp("moelab-guess-trace");
+  std::mt19937_64 rng(31);
+  const int L = 3, k = 2, E = 8;
+  const auto seqs = random_routes(rng, L, k, E, 4, 30);
+  auto tr = to_trace(L, k, E, seqs);
+  add_random_guesses(tr, rng);
+  analysis::TraceHeader h;
+  h.model_config = {{"hidden_size", 64}, {"intermediate_size", 128}};
+  h.num_layers = L, h.top_k = k, h.num_experts = E, h.engine = "synthetic", h.tool_version = "test";
+  h.prefetch_guess = true;
+  const std::string path = tmp.file("g.h5");
+  {
+    analysis::TraceWriter w(path, h, analysis::TraceWriterOptions{.flush_tokens = 7});
+    const size_t lk = size_t(L * k);
+    for (int64_t s = 0; s < tr.num_sequences(); ++s) {
+      const auto a = size_t(tr.sequence_offsets[size_t(s)]), b = size_t(tr.sequence_offsets[size_t(s) + 1]);
+      if (a == b) continue;
+      w.add_sequence(-1, {tr.tokens.data() + a, b - a}, {tr.experts.data() + a * lk, (b - a) * lk},
+                     {tr.gates.data() + a * lk, (b - a) * lk}, {}, {tr.prefetch_guess.data() + a * lk, (b - a) * lk});
+    }
+    EXPECT_THROW(w.add_sequence(-1, {tr.tokens.data(), 1}, {tr.experts.data(), size_t(L * k)},
+                                {tr.gates.data(), size_t(L * k)}),
+                 Error);  // a sequence without its guesses
+    w.close();
+  }
+  const auto back = analysis::read_trace(path);
+  EXPECT_EQ(back.prefetch_guess, tr.prefetch_guess);
+  analysis::TraceStream stream(path);
+  ASSERT_TRUE(stream.has_prefetch_guess());
+  std::vector<uint8_t> rows;
+  stream.read_prefetch_guess(3, 5, rows);
+  EXPECT_EQ(rows, std::vector<uint8_t>(tr.prefetch_guess.begin() + 3 * L * k, tr.prefetch_guess.begin() + 8 * L * k));
+  // Appending without guesses to a trace with them (and the other way round) is refused.
+  auto without = h;
+  without.prefetch_guess = false;
+  try {
+    analysis::TraceWriter w(path, without, analysis::TraceWriterOptions{.append = true});
+    ADD_FAILURE() << "append of another kind accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("append with --record-prefetch-guess"), std::string::npos) << e.what();
+  }
+  // The simulator replays the file's guesses as it does the in-memory ones.
+  const auto from_file = analysis::simulate_cache(std::vector<std::string>{path}, [] {
+    CacheSimOptions o;
+    o.policies = {Policy::NextLayerGate};
+    return o;
+  }());
+  const auto from_memory = run(tr, {Policy::NextLayerGate}, {1, 2, 3, 4, 5, 6, 7, 8});
+  for (int c = 1; c <= E; ++c) {
+    EXPECT_EQ(counts(from_file, Policy::NextLayerGate, c).hits, counts(from_memory, Policy::NextLayerGate, c).hits);
+    EXPECT_EQ(counts(from_file, Policy::NextLayerGate, c).guess_used, counts(from_memory, Policy::NextLayerGate, c).guess_used);
+  }
+}
+
+// `moelab trace --record-prefetch-guess` on the bundled model: every guess is the top-k of layer l's router
+// applied to layer l-1's output after layer l's post-attention RMSNorm, recomputed here with Eigen from the
+// reference engine's hidden states of the same window; layer 0 has none.
+TEST(CacheSimTrace, RecordedGuessesAreTheNextLayerGate) {
+  TempDir tmp("moelab-guess-cli");
+  std::ofstream(tmp.file("text.txt")) << "The licensee may copy and distribute verbatim copies of the program.";
+  const auto r = run_moelab({"trace", "--model", MOELAB_BUNDLED_MODEL, "--input", tmp.file("text.txt"), "--output",
+                             tmp.file("t.h5"), "--record-prefetch-guess", "--progress", "none"},
+                            tmp.path());
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto tr = analysis::read_trace(tmp.file("t.h5"));
+  ASSERT_TRUE(tr.has_prefetch_guess());
+  ASSERT_EQ(tr.num_sequences(), 1);
+  const auto ck = Checkpoint::open(MOELAB_BUNDLED_MODEL);
+  const auto& cfg = ck->config();
+  ref::Model<float> model(*ck);
+  const auto rec = analysis::ForwardRecord::run(model, tr.tokens);
+  int64_t total = 0;
+  for (int l = 0; l < tr.num_layers; ++l)
+    for (int64_t t = 0; t < tr.num_tokens(); ++t) {
+      if (l == 0) {
+        for (int j = 0; j < tr.top_k; ++j) EXPECT_EQ(tr.prefetch_guess[size_t((t * tr.num_layers) * tr.top_k + j)], 255);
+        continue;
+      }
+      const Eigen::VectorXd h = rec.layers[size_t(l - 1)].hidden.row(Eigen::Index(t)).cast<double>().transpose();
+      const auto w = ck->read_f32(fmt::format("model.layers.{}.post_attention_layernorm.weight", l));
+      const auto g = ck->read_f32(cfg.router_name(l));
+      const Eigen::VectorXd wn = Eigen::Map<const Eigen::VectorXf>(w.data(), cfg.hidden_size).cast<double>();
+      const Eigen::MatrixXd router =
+          Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(g.data(), cfg.num_experts,
+                                                                                                 cfg.hidden_size)
+              .cast<double>();
+      const Eigen::VectorXd x = (h / std::sqrt(h.squaredNorm() / double(cfg.hidden_size) + cfg.rms_norm_eps)).cwiseProduct(wn);
+      const Eigen::VectorXd logits = router * x;
+      std::vector<int> order(size_t(cfg.num_experts));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits(a) > logits(b); });
+      for (int j = 0; j < tr.top_k; ++j) {
+        EXPECT_EQ(int(tr.prefetch_guess[size_t((t * tr.num_layers + l) * tr.top_k + j)]), order[size_t(j)])
+            << "token " << t << " layer " << l << " rank " << j;
+      }
+      ++total;
+    }
+  EXPECT_GT(total, 0);
+  // On a checkpoint without the guesses' kind: appending without the flag is refused in one line.
+  const auto again = run_moelab({"trace", "--model", MOELAB_BUNDLED_MODEL, "--input", tmp.file("text.txt"), "--output",
+                                 tmp.file("t.h5"), "--append", "--progress", "none"},
+                                tmp.path());
+  EXPECT_EQ(again.status, 1);
+  EXPECT_NE(again.err.find("append with --record-prefetch-guess"), std::string::npos) << again.err;
 }
 
 }  // namespace

@@ -166,7 +166,7 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   EXPECT_EQ(cache["trace"]["tokens"], index["trace"]["tokens"]);
   const int experts = cache["trace"]["num_experts"];
   const auto& rates = index["cachesim"]["hit_rate"];
-  ASSERT_EQ(rates.size(), 7u);
+  ASSERT_EQ(rates.size(), 8u);  // with next-layer-gate: the demo records prefetch guesses
   ASSERT_EQ(rates["belady"].size(), size_t(experts));
   for (const auto& [policy, r] : rates.items()) {
     ASSERT_EQ(r.size(), size_t(experts)) << policy;
@@ -177,8 +177,8 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   size_t points = 0;
   for (size_t at = cache_svg.find("class=\"point\""); at != std::string::npos; at = cache_svg.find("class=\"point\"", at + 1))
     ++points;
-  EXPECT_EQ(points, 7u * size_t(experts));
-  EXPECT_EQ(cache["time_model"]["predictions"].size(), 7u * size_t(experts));
+  EXPECT_EQ(points, 8u * size_t(experts));
+  EXPECT_EQ(cache["time_model"]["predictions"].size(), 8u * size_t(experts));
   EXPECT_FALSE(cache["time_model"]["assumptions"].empty());
   fs::remove_all(tmp);
 }
