@@ -68,11 +68,12 @@ TEST_F(CliTour, EveryHelpSpeaksTheSameNames) {
   for (const char* use : {"evaluate   moelab eval --tasks", "benchmark  moelab profile", "trace      moelab trace"})
     EXPECT_NE(top.out.find(use), std::string::npos) << use << "\n" << top.out;
   const auto subs = listed_subcommands(top.out);
-  const std::set<std::string> expected{"inspect", "generate", "forward", "demo",  "diff",   "quantize",
-                                       "merge",   "eval",     "trace",   "profile", "stats", "devices"};
+  const std::set<std::string> expected{"inspect", "generate", "forward", "demo",  "diff",    "quantize", "merge",
+                                       "eval",    "trace",    "profile", "stats", "devices", "cachesim", "serve"};
   EXPECT_EQ(std::set<std::string>(subs.begin(), subs.end()), expected);
 
-  const std::set<std::string> runs_engine{"generate", "forward", "diff", "eval", "trace", "profile"};
+  const std::set<std::string> runs_engine{"generate", "forward", "diff", "eval", "trace", "profile", "serve"};
+  const std::set<std::string> reads_no_model{"stats", "devices", "cachesim"};  // traces or the machine
   const std::set<std::string> main_output{"forward", "trace", "quantize", "merge", "eval", "demo"};
   const std::set<std::string> json_summary{"generate", "inspect", "profile", "devices", "diff", "stats"};
   const std::set<std::string> takes_prompt{"generate", "forward", "diff", "profile", "demo"};
@@ -84,8 +85,8 @@ TEST_F(CliTour, EveryHelpSpeaksTheSameNames) {
     // No old spelling is shown anywhere (they still parse, hidden, with a warning).
     for (const char* old : {"--text", "--tokens", "--dump", "--out", "--task", "--shots", "--decode", "--repeat"})
       EXPECT_EQ(option_line(h, old), "") << old << " is still in " << sub << "'s help";
-    if (sub != "stats" && sub != "devices") EXPECT_NE(option_line(h, "-m"), "") << "-m,--model";
-    if (sub != "stats" && sub != "devices")
+    if (!reads_no_model.count(sub)) EXPECT_NE(option_line(h, "-m"), "") << "-m,--model";
+    if (!reads_no_model.count(sub))
       EXPECT_EQ(option_line(h, "-m"), option_line(h, "--model")) << "-m and --model are one option";
     if (runs_engine.count(sub)) {
       // The shared engine group: the same line, word for word, on every engine-running subcommand.
