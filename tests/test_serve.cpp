@@ -374,13 +374,23 @@ TEST_F(ServeTest, GreedyCompletionEqualsMoelabGenerate) {
 // "stop"; a stop string that never appears changes nothing.
 TEST_F(ServeTest, StopStrings) {
   start({}, MOELAB_BUNDLED_MODEL);
-  const json base = completion({{"prompt", "The license"}, {"max_tokens", 60}, {"temperature", 0}});
+  const json base = completion({{"prompt", "The license"}, {"max_tokens", 60}, {"temperature", 0}, {"logprobs", 0}});
   const std::string full = base["choices"][0]["text"];
   ASSERT_GE(full.size(), 20u) << full;
   EXPECT_EQ(base["choices"][0]["finish_reason"], "length");
-  // A stop string taken from the middle of the text (three bytes: likely across a token boundary).
-  const std::string stop = full.substr(full.size() / 2, 3);
-  const size_t at = full.find(stop);
+  // A stop string across a token boundary (the last two bytes of one token's text and the first of the
+  // next), whose first occurrence is there: a stream must hold the first two bytes back until it knows.
+  const json& toks = base["choices"][0]["logprobs"]["tokens"];
+  std::string stop;
+  size_t at = std::string::npos, offset = 0;
+  for (size_t i = 0; i + 1 < toks.size() && at == std::string::npos; ++i) {
+    const std::string a = toks[i], b = toks[i + 1];
+    offset += a.size();
+    if (a.size() < 2 || b.empty() || a.rfind("bytes:", 0) == 0 || b.rfind("bytes:", 0) == 0) continue;
+    const std::string cand = a.substr(a.size() - 2) + b.substr(0, 1);
+    if (full.find(cand) == offset - 2) stop = cand, at = offset - 2;
+  }
+  ASSERT_NE(at, std::string::npos) << "no stop string across a token boundary in " << json(full);
   for (const bool stream : {false, true}) {
     auto c = client();
     json body{{"prompt", "The license"}, {"max_tokens", 60}, {"temperature", 0}, {"stop", {"@@never@@", stop}},
