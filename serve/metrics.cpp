@@ -5,8 +5,8 @@
 namespace moelab::serve {
 
 void Metrics::Histogram::observe(double v) {
-  for (size_t i = 0; i < kBuckets.size(); ++i)
-    if (v <= kBuckets[i]) counts[i]++;
+  for (size_t i = 0; i < bounds->size(); ++i)
+    if (v <= (*bounds)[i]) counts[i]++;
   count++;
   sum += v;
 }
@@ -22,6 +22,12 @@ void Metrics::queue_wait(double seconds) {
   queue_wait_.observe(seconds);
 }
 
+void Metrics::engine_time(double engine_seconds, double overhead_seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  engine_seconds_ += engine_seconds;
+  overhead_.observe(overhead_seconds);
+}
+
 void Metrics::tokens(int64_t prompt, int64_t generated) {
   std::lock_guard<std::mutex> lock(mu_);
   prompt_tokens_ += prompt;
@@ -30,10 +36,10 @@ void Metrics::tokens(int64_t prompt, int64_t generated) {
 
 namespace {
 void render_histogram(std::string& out, const std::string& name, const std::string& labels, uint64_t count, double sum,
-                      const std::array<uint64_t, Metrics::kBuckets.size()>& counts) {
+                      const std::array<uint64_t, 14>& counts, const std::array<double, 14>& bounds = Metrics::kBuckets) {
   const std::string sep = labels.empty() ? "" : ",";
-  for (size_t i = 0; i < Metrics::kBuckets.size(); ++i)
-    out += fmt::format("{}_bucket{{{}{}le=\"{}\"}} {}\n", name, labels, sep, Metrics::kBuckets[i], counts[i]);
+  for (size_t i = 0; i < bounds.size(); ++i)
+    out += fmt::format("{}_bucket{{{}{}le=\"{}\"}} {}\n", name, labels, sep, bounds[i], counts[i]);
   out += fmt::format("{}_bucket{{{}{}le=\"+Inf\"}} {}\n", name, labels, sep, count);
   const std::string braces = labels.empty() ? "" : "{" + labels + "}";
   out += fmt::format("{}_sum{} {}\n{}_count{} {}\n", name, braces, sum, name, braces, count);
@@ -68,6 +74,14 @@ std::string Metrics::render(size_t queue_depth, bool running, size_t max_queue, 
   out += "# HELP moelab_queue_wait_seconds Time a request waited for the engine.\n"
          "# TYPE moelab_queue_wait_seconds histogram\n";
   render_histogram(out, "moelab_queue_wait_seconds", "", queue_wait_.count, queue_wait_.sum, queue_wait_.counts);
+  out += "# HELP moelab_engine_seconds_total Time completion requests spent running on the engine (forward calls, "
+         "sampling, decoding; a stream's event writes).\n# TYPE moelab_engine_seconds_total counter\n";
+  out += fmt::format("moelab_engine_seconds_total {}\n", engine_seconds_);
+  out += "# HELP moelab_request_overhead_seconds A completion request's time outside the engine and the queue "
+         "(reading and parsing, tokenizing, checking, building the answer).\n"
+         "# TYPE moelab_request_overhead_seconds histogram\n";
+  render_histogram(out, "moelab_request_overhead_seconds", "", overhead_.count, overhead_.sum, overhead_.counts,
+                   kOverheadBuckets);
   out += extra;
   return out;
 }

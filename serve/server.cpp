@@ -8,6 +8,7 @@
 
 #include <httplib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cerrno>
@@ -191,16 +192,21 @@ struct Server::Impl {
       }
       const auto t0 = Clock::now();
       ticket->wait_turn();
-      metrics.queue_wait(since(t0));
+      const double waited = since(t0);
+      metrics.queue_wait(waited);
+      const auto t1 = Clock::now();
       std::vector<ChoiceResult> choices;
       for (size_t i = 0; i < prepared->prompt_ids.size(); ++i) {
         choices.push_back(completer.run(*prepared, i, {}, queue.cancel_flag()));
         metrics.tokens(choices.back().prompt_tokens, choices.back().completion_tokens);
       }
+      const double ran = since(t1);
       ticket.reset();
       const bool lp = prepared->req.logprobs.has_value();
       res.set_content(dump(chat ? chat_json(m, choices.front(), lp) : completion_json(m, choices, lp)),
                       "application/json");
+      const double total = t_request_start == Clock::time_point{} ? since(t0) : since(t_request_start);
+      metrics.engine_time(ran, std::max(0.0, total - waited - ran));
       return false;
     });
   }
@@ -218,18 +224,33 @@ struct Server::Impl {
             Impl* self;
             const std::string& label;
             Clock::time_point t0;
-            ~Count() { self->metrics.request_done(label, 200, since(t0)); }
-          } count{this, label, started};
+            const double &waited, &ran;
+            ~Count() {
+              const double total = since(t0);
+              self->metrics.request_done(label, 200, total);
+              self->metrics.engine_time(ran, std::max(0.0, total - waited - ran));
+            }
+          };
           const auto send = [&](const ojson& j) {
             const std::string event = "data: " + dump(j) + "\n\n";
             return sink.write(event.data(), event.size());
           };
           const bool lp = prepared->req.logprobs.has_value();
           int64_t prompt_tokens = 0, completion_tokens = 0;
+          double waited = 0, ran = 0;
+          const Count count{this, label, started, waited, ran};
           try {
             const auto t0 = Clock::now();
             ticket->wait_turn();
-            metrics.queue_wait(since(t0));
+            waited = since(t0);
+            metrics.queue_wait(waited);
+            const auto t1 = Clock::now();
+            struct Ran {  // the engine's share, however the run ends
+              double& ran;
+              Clock::time_point t1;
+              ~Ran() { ran = since(t1); }
+            };
+            Ran measure{ran, t1};
             for (size_t i = 0; i < prepared->prompt_ids.size(); ++i) {
               bool first = true;
               const auto on_delta = [&](const Delta& d) {
@@ -370,6 +391,9 @@ struct Server::Impl {
     http.set_write_timeout(us(opts.io_timeout));
     http.set_keep_alive_timeout(opts.keep_alive_timeout);
     http.set_keep_alive_max_count(1000);
+    // httplib writes a response's headers and body in separate sends: without TCP_NODELAY, Nagle's algorithm
+    // holds the body until the client's delayed ACK (~40 ms on Linux), longer than a small model's request.
+    http.set_tcp_nodelay(true);
     // Before the body is read: a declared length over the limit is refused at once (httplib itself would
     // read and discard the whole body first, however long the client takes to send it), and the connection
     // is closed, since the body is never read.

@@ -788,6 +788,11 @@ TEST_F(ServeTest, ModelsHealthMetricsTokenizer) {
   EXPECT_NE(t.find("moelab_request_duration_seconds_bucket{endpoint=\"/v1/completions\",le=\"+Inf\"} 4\n"),
             std::string::npos);
   EXPECT_NE(t.find("moelab_queue_wait_seconds_count 3\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("moelab_request_overhead_seconds_count 3\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("moelab_request_overhead_seconds_bucket{le=\"+Inf\"} 3\n"), std::string::npos) << t;
+  std::smatch engine_s;
+  ASSERT_TRUE(std::regex_search(t, engine_s, std::regex("moelab_engine_seconds_total ([0-9.e+-]+)\n"))) << t;
+  EXPECT_GT(std::stod(engine_s[1]), 0.0);
   // Every sample line is NAME{labels} VALUE or NAME VALUE; every family has HELP and TYPE.
   std::istringstream lines(t);
   std::string line;
