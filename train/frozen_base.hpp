@@ -1,0 +1,49 @@
+#pragma once
+// The frozen base model of QLoRA training: the linear weights NF4 model quantizes held as NF4 (quantized
+// here with bitsandbytes' rules, or read from a pre-quantized checkpoint) and dequantized a layer at a time
+// when that layer is computed, so the resident base stays ~NF4 size; embedding, norms and lm_head in S.
+// With BaseOptions{nf4 = false} the linear weights are the checkpoint's float values instead.
+#include <map>
+#include <string>
+#include <vector>
+
+#include "optimized/nf4/nf4.hpp"
+#include "train/lora_model.hpp"
+
+namespace moelab::train {
+
+// One layer's frozen weights in S, dequantized for the time the layer is computed.
+template <typename S>
+struct LayerBase {
+  RowVec<S> attn_norm, ffn_norm;
+  Mat<S> wq, wk, wv, wo;  // [out, in]
+  Mat<S> router;          // [experts, hidden]; empty for dense models
+  std::vector<Mat<S>> w1, w3, w2;  // per expert (one for dense models)
+};
+
+template <typename S>
+class FrozenBase {
+ public:
+  FrozenBase(const Checkpoint& ck, const BaseOptions& opt);
+  const ModelConfig& config() const { return cfg_; }
+  LayerBase<S> layer(int l) const;  // dequantizes (or copies) layer l's weights
+  const Mat<S>& embedding() const { return embedding_; }  // [vocab, hidden]
+  const RowVec<S>& final_norm() const { return final_norm_; }
+  const Mat<S>& lm_head() const { return lm_head_; }      // [vocab, hidden]
+
+ private:
+  Mat<S> matrix(const std::string& name) const;
+
+  ModelConfig cfg_;
+  bool nf4_ = true;
+  std::map<std::string, nf4::QuantizedTensor> quantized_;  // nf4 == true
+  std::map<std::string, Mat<S>> dense_;                    // nf4 == false
+  std::vector<RowVec<S>> attn_norm_, ffn_norm_;
+  Mat<S> embedding_, lm_head_;
+  RowVec<S> final_norm_;
+};
+
+extern template class FrozenBase<float>;
+extern template class FrozenBase<double>;
+
+}  // namespace moelab::train

@@ -1,0 +1,456 @@
+#include "train/lora_model.hpp"
+
+// The training forward over whole sequences and its backward, layer by layer (stages in train/stages.hpp).
+// Sequences are processed layer-major (every sequence through layer l, then l+1) so each layer's NF4 weights
+// are dequantized once per pass; the backward walks the layers in reverse and dequantizes them again.
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <map>
+
+#include "core/error.hpp"
+#include "train/frozen_base.hpp"
+#include "train/stages.hpp"
+
+namespace moelab::train {
+
+namespace {
+
+// One weight's adapter, if any: read through `p`, gradients written through `grad` (null in loss()).
+template <typename S>
+struct Adapted {
+  const LoraParam<S>* p = nullptr;
+  LoraParam<S>* grad = nullptr;
+  uint64_t id = 0;  // index in LoraParams: names this weight's dropout streams
+};
+
+template <typename S>
+struct LayerAdapters {
+  Adapted<S> q, k, v, o, router;
+  std::vector<Adapted<S>> w1, w3, w2;  // per expert
+};
+
+template <typename S>
+struct ExpertCache {
+  std::vector<int> rows, slot;  // routed tokens (ascending) and the top-k rank that chose this expert
+  std::vector<S> gate;
+  Mat<S> x, a, b, m, y;  // input rows, w1 x, w3 x, silu(a) ⊙ b, output (before the gate)
+  stage::LinearCache<S> c1, c3, c2;
+};
+
+// Everything a layer's backward reads. With gradient checkpointing only h_in (and the routing, for the
+// auxiliary loss) survives the forward; the rest is recomputed, by the same code, in the backward.
+template <typename S>
+struct LayerCache {
+  Mat<S> h_in, xn1, q, k, v, attn, h_mid, xn2;  // q, k after RoPE; attn before o_proj
+  std::vector<S> inv1, inv2;                    // RMSNorm 1/rms per token
+  std::vector<Mat<S>> p;                        // attention probabilities per head [n, n]
+  stage::LinearCache<S> cq, ck, cv, co, cr;
+  Mat<S> probs;        // router softmax [n, experts]
+  MatrixRI experts;    // [n, top_k], highest probability first
+  Mat<S> gates;        // [n, top_k] renormalized over the chosen experts
+  std::vector<ExpertCache<S>> moe;
+};
+
+}  // namespace
+
+template <typename S>
+struct LoraModel<S>::Impl {
+  FrozenBase<S> base;
+  const ModelConfig& cfg;
+  stage::Rope<S> rope;
+
+  Impl(const Checkpoint& ck, const BaseOptions& opt)
+      : base(ck, opt), cfg(base.config()), rope(cfg.rope_theta, cfg.head_dim) {}
+
+  struct Call {
+    double dropout = 0;
+    uint64_t seed = 0;
+  };
+
+  stage::Dropout dropout_of(const Adapted<S>& a, const Call& call, size_t seq) const {
+    if (!a.p || call.dropout <= 0) return {};
+    return {call.dropout, stage::mix(stage::mix(call.seed) ^ (a.id << 24) ^ uint64_t(seq))};
+  }
+
+  // ---- one layer of one sequence ----
+
+  Mat<S> layer_forward(const LayerBase<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, const Mat<S>& h_in,
+                       LayerCache<S>& c) const {
+    using namespace stage;
+    const int n = int(h_in.rows()), hd = cfg.head_dim, heads = cfg.num_heads, group = cfg.num_heads / cfg.num_kv_heads;
+    c.h_in = h_in;
+    c.xn1 = rms_norm(h_in, w.attn_norm, cfg.rms_norm_eps, &c.inv1);
+    c.q = linear_forward(c.xn1, w.wq, ad.q.p, dropout_of(ad.q, call, seq), &c.cq);
+    c.k = linear_forward(c.xn1, w.wk, ad.k.p, dropout_of(ad.k, call, seq), &c.ck);
+    c.v = linear_forward(c.xn1, w.wv, ad.v.p, dropout_of(ad.v, call, seq), &c.cv);
+    rope.apply(c.q, heads, +1);
+    rope.apply(c.k, cfg.num_kv_heads, +1);
+    c.attn.resize(n, heads * hd);
+    c.p.assign(size_t(heads), Mat<S>());
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < heads; ++h) {
+      const int kvh = h / group;
+      c.attn.middleCols(h * hd, hd) = attention_head<S>(c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
+                                                        c.v.middleCols(kvh * hd, hd), cfg.sliding_window, c.p[size_t(h)]);
+    }
+    c.h_mid = h_in + linear_forward(c.attn, w.wo, ad.o.p, dropout_of(ad.o, call, seq), &c.co);
+    c.xn2 = rms_norm(c.h_mid, w.ffn_norm, cfg.rms_norm_eps, &c.inv2);
+    route(w, ad, call, seq, c);
+    return c.h_mid + moe_forward(w, ad, call, seq, c);
+  }
+
+  // Router: softmax over all experts, top-k (ties to the lower id), renormalized over the k chosen.
+  void route(const LayerBase<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, LayerCache<S>& c) const {
+    const int n = int(c.xn2.rows()), k = cfg.top_k, E = cfg.num_experts;
+    c.experts.resize(n, k);
+    c.gates.resize(n, k);
+    if (!cfg.is_moe()) {  // dense: the one MLP, weight 1
+      c.experts.setZero();
+      c.gates.setOnes();
+      return;
+    }
+    const Mat<S> logits = stage::linear_forward(c.xn2, w.router, ad.router.p, dropout_of(ad.router, call, seq), &c.cr);
+    c.probs.resize(n, E);
+    std::vector<int> order(static_cast<size_t>(E));
+    for (int t = 0; t < n; ++t) {
+      RowVec<S> prob = (logits.row(t).array() - logits.row(t).maxCoeff()).exp();
+      prob /= prob.sum();
+      c.probs.row(t) = prob;
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return prob[a] > prob[b]; });
+      S kept = 0;
+      for (int j = 0; j < k; ++j) kept += prob[order[size_t(j)]];
+      for (int j = 0; j < k; ++j) {
+        c.experts(t, j) = order[size_t(j)];
+        c.gates(t, j) = prob[order[size_t(j)]] / kept;
+      }
+    }
+  }
+
+  // Each expert once over its tokens; outputs added with their gates in ascending expert order.
+  Mat<S> moe_forward(const LayerBase<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, LayerCache<S>& c) const {
+    using namespace stage;
+    const int n = int(c.xn2.rows()), E = cfg.num_experts;
+    c.moe.assign(size_t(E), ExpertCache<S>());
+    for (int t = 0; t < n; ++t)
+      for (int j = 0; j < int(c.experts.cols()); ++j) {
+        auto& x = c.moe[size_t(c.experts(t, j))];
+        x.rows.push_back(t);
+        x.slot.push_back(j);
+        x.gate.push_back(c.gates(t, j));
+      }
+#pragma omp parallel for schedule(dynamic)
+    for (int e = 0; e < E; ++e) {
+      auto& x = c.moe[size_t(e)];
+      if (x.rows.empty()) continue;
+      x.x.resize(Eigen::Index(x.rows.size()), c.xn2.cols());
+      for (size_t i = 0; i < x.rows.size(); ++i) x.x.row(Eigen::Index(i)) = c.xn2.row(x.rows[i]);
+      const auto& a1 = ad.w1[size_t(e)], &a3 = ad.w3[size_t(e)], &a2 = ad.w2[size_t(e)];
+      x.a = linear_forward(x.x, w.w1[size_t(e)], a1.p, dropout_of(a1, call, seq), &x.c1);
+      x.b = linear_forward(x.x, w.w3[size_t(e)], a3.p, dropout_of(a3, call, seq), &x.c3);
+      x.m = x.a.unaryExpr([](S v) { return silu(v); }).cwiseProduct(x.b);
+      x.y = linear_forward(x.m, w.w2[size_t(e)], a2.p, dropout_of(a2, call, seq), &x.c2);
+    }
+    Mat<S> out = Mat<S>::Zero(n, c.xn2.cols());
+    for (const auto& x : c.moe)
+      for (size_t i = 0; i < x.rows.size(); ++i) out.row(x.rows[i]) += x.gate[i] * x.y.row(Eigen::Index(i));
+    return out;
+  }
+
+  // dL/dh_in from dL/dh_out; `aux_dprob` (per expert, empty when off) is d(coef · aux)/d(router probability),
+  // the same for every token.
+  Mat<S> layer_backward(const LayerBase<S>& w, const LayerAdapters<S>& ad, const LayerCache<S>& c, const Mat<S>& dh_out,
+                        const std::vector<double>& aux_dprob) const {
+    using namespace stage;
+    const int n = int(dh_out.rows()), hd = cfg.head_dim, heads = cfg.num_heads, group = cfg.num_heads / cfg.num_kv_heads;
+    const int E = cfg.num_experts, k = cfg.top_k;
+
+    // Experts: out[t] += g · y, y = w2(silu(a) ⊙ b).
+    Mat<S> dgates = Mat<S>::Zero(n, k);
+    std::vector<Mat<S>> dx_expert(static_cast<size_t>(E));
+#pragma omp parallel for schedule(dynamic)
+    for (int e = 0; e < E; ++e) {
+      const auto& x = c.moe[size_t(e)];
+      if (x.rows.empty()) continue;
+      const Eigen::Index m = Eigen::Index(x.rows.size());
+      Mat<S> dy(m, dh_out.cols());
+      for (Eigen::Index i = 0; i < m; ++i) {
+        const int t = x.rows[size_t(i)];
+        dy.row(i) = dh_out.row(t) * x.gate[size_t(i)];
+        dgates(t, x.slot[size_t(i)]) = dh_out.row(t).dot(x.y.row(i));  // one expert per (t, slot): no race
+      }
+      const Mat<S> dmid = linear_backward(dy, x.m, w.w2[size_t(e)], ad.w2[size_t(e)].grad, x.c2);
+      Mat<S> da(x.a.rows(), x.a.cols()), db(x.a.rows(), x.a.cols());
+      for (Eigen::Index i = 0; i < da.size(); ++i) {
+        const S av = x.a.data()[i];
+        da.data()[i] = dmid.data()[i] * x.b.data()[i] * silu_grad(av);
+        db.data()[i] = dmid.data()[i] * silu(av);
+      }
+      dx_expert[size_t(e)] = linear_backward(da, x.x, w.w1[size_t(e)], ad.w1[size_t(e)].grad, x.c1);
+      dx_expert[size_t(e)] += linear_backward(db, x.x, w.w3[size_t(e)], ad.w3[size_t(e)].grad, x.c3);
+    }
+    Mat<S> dxn2 = Mat<S>::Zero(n, dh_out.cols());
+    for (int e = 0; e < E; ++e) {
+      const auto& x = c.moe[size_t(e)];
+      for (size_t i = 0; i < x.rows.size(); ++i) dxn2.row(x.rows[i]) += dx_expert[size_t(e)].row(Eigen::Index(i));
+    }
+
+    // Router: the gates are the softmax of the chosen logits alone, so only those get dL/dgate's share;
+    // the auxiliary loss reaches every logit through the full softmax.
+    if (cfg.is_moe()) {
+      Mat<S> dlogits = Mat<S>::Zero(n, E);
+      for (int t = 0; t < n; ++t) {
+        S dot = 0;
+        for (int j = 0; j < k; ++j) dot += c.gates(t, j) * dgates(t, j);
+        for (int j = 0; j < k; ++j) dlogits(t, c.experts(t, j)) += c.gates(t, j) * (dgates(t, j) - dot);
+        if (!aux_dprob.empty()) {
+          S pd = 0;
+          for (int e = 0; e < E; ++e) pd += c.probs(t, e) * S(aux_dprob[size_t(e)]);
+          for (int e = 0; e < E; ++e) dlogits(t, e) += c.probs(t, e) * (S(aux_dprob[size_t(e)]) - pd);
+        }
+      }
+      dxn2 += linear_backward(dlogits, c.xn2, w.router, ad.router.grad, c.cr);
+    }
+    Mat<S> dh_mid = dh_out + rms_norm_backward(dxn2, c.h_mid, w.ffn_norm, c.inv2);
+
+    // Attention.
+    const Mat<S> dattn = linear_backward(dh_mid, c.attn, w.wo, ad.o.grad, c.co);
+    Mat<S> dq(n, heads * hd);
+    std::vector<Mat<S>> dk_head(static_cast<size_t>(heads)), dv_head(static_cast<size_t>(heads));
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < heads; ++h) {
+      const int kvh = h / group;
+      Mat<S> dqh;
+      attention_head_backward<S>(dattn.middleCols(h * hd, hd), c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
+                                 c.v.middleCols(kvh * hd, hd), c.p[size_t(h)], dqh, dk_head[size_t(h)], dv_head[size_t(h)]);
+      dq.middleCols(h * hd, hd) = dqh;
+    }
+    Mat<S> dk = Mat<S>::Zero(n, cfg.num_kv_heads * hd), dv = Mat<S>::Zero(n, cfg.num_kv_heads * hd);
+    for (int h = 0; h < heads; ++h) {  // the query heads sharing a KV head add up, in head order
+      dk.middleCols((h / group) * hd, hd) += dk_head[size_t(h)];
+      dv.middleCols((h / group) * hd, hd) += dv_head[size_t(h)];
+    }
+    rope.apply(dq, heads, -1);
+    rope.apply(dk, cfg.num_kv_heads, -1);
+    Mat<S> dxn1 = linear_backward(dq, c.xn1, w.wq, ad.q.grad, c.cq);
+    dxn1 += linear_backward(dk, c.xn1, w.wk, ad.k.grad, c.ck);
+    dxn1 += linear_backward(dv, c.xn1, w.wv, ad.v.grad, c.cv);
+    return dh_mid + rms_norm_backward(dxn1, c.h_in, w.attn_norm, c.inv1);
+  }
+
+  // ---- the adapters of the model's weights ----
+
+  std::vector<LayerAdapters<S>> adapters(const LoraParams<S>& params, LoraParams<S>* grads) const {
+    std::map<std::string, size_t> index;
+    for (size_t i = 0; i < params.params().size(); ++i) index[params.params()[i].weight_name] = i;
+    size_t used = 0;
+    const auto get = [&](const std::string& name, int64_t out, int64_t in) {
+      Adapted<S> a;
+      const auto it = index.find(name);
+      if (it == index.end()) return a;
+      const auto& p = params.params()[it->second];
+      if (p.a.cols() != in || p.b.rows() != out || p.a.rows() != p.b.cols() || p.a.rows() == 0)
+        throw Error(fmt::format("LoRA factors for '{}' are A [{}, {}], B [{}, {}]; the weight is [{}, {}]", name,
+                                p.a.rows(), p.a.cols(), p.b.rows(), p.b.cols(), out, in));
+      a.p = &p;
+      a.grad = grads ? &grads->params()[it->second] : nullptr;
+      a.id = it->second;
+      ++used;
+      return a;
+    };
+    const int64_t H = cfg.hidden_size, I = cfg.intermediate_size;
+    const int64_t q = int64_t(cfg.num_heads) * cfg.head_dim, kv = int64_t(cfg.num_kv_heads) * cfg.head_dim;
+    std::vector<LayerAdapters<S>> out(size_t(cfg.num_layers));
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto& a = out[size_t(l)];
+      const std::string p = fmt::format("model.layers.{}.self_attn.", l);
+      a.q = get(p + "q_proj.weight", q, H);
+      a.k = get(p + "k_proj.weight", kv, H);
+      a.v = get(p + "v_proj.weight", kv, H);
+      a.o = get(p + "o_proj.weight", H, q);
+      if (cfg.is_moe()) a.router = get(cfg.router_name(l), cfg.num_experts, H);
+      for (int e = 0; e < cfg.num_experts; ++e) {
+        a.w1.push_back(get(cfg.w1_name(l, e), I, H));
+        a.w3.push_back(get(cfg.w3_name(l, e), I, H));
+        a.w2.push_back(get(cfg.w2_name(l, e), H, I));
+      }
+    }
+    if (used != index.size())
+      for (const auto& [name, i] : index) {
+        bool found = false;
+        for (const auto& la : out)
+          for (const Adapted<S>* a : {&la.q, &la.k, &la.v, &la.o, &la.router}) found = found || (a->id == i && a->p);
+        for (const auto& la : out)
+          for (const auto* list : {&la.w1, &la.w3, &la.w2})
+            for (const auto& a : *list) found = found || (a.id == i && a.p);
+        if (!found) throw Error(fmt::format("LoRA factors for '{}': not a weight of this model ({})", name, cfg.source));
+      }
+    return out;
+  }
+
+  void check_batch(std::span<const TrainSequence> batch) const {
+    if (batch.empty()) throw Error("training batch is empty: no sequences");
+    for (size_t s = 0; s < batch.size(); ++s) {
+      const auto& q = batch[s];
+      if (q.tokens.empty()) throw Error(fmt::format("training sequence {} has no tokens", s));
+      if (q.target.size() != q.tokens.size())
+        throw Error(fmt::format("training sequence {}: {} target flags for {} tokens (one per token expected)", s,
+                                q.target.size(), q.tokens.size()));
+      if (int64_t(q.tokens.size()) > cfg.max_position_embeddings)
+        throw Error(fmt::format("training sequence {} has {} tokens, more than max_position_embeddings {} ({})", s,
+                                q.tokens.size(), cfg.max_position_embeddings, cfg.source));
+      for (size_t t = 0; t < q.tokens.size(); ++t)
+        if (q.tokens[t] < 0 || q.tokens[t] >= cfg.vocab_size)
+          throw Error(fmt::format("training sequence {}, token {}: id {} outside the vocabulary of {} ({})", s, t,
+                                  q.tokens[t], cfg.vocab_size, cfg.source));
+    }
+  }
+
+  // ---- the whole pass ----
+
+  LossResult run(std::span<const TrainSequence> batch, const LoraParams<S>& params, LoraParams<S>* grads,
+                 const LossOptions& opt, int64_t normalizer, double dropout) const {
+    check_batch(batch);
+    if (!(dropout >= 0 && dropout < 1)) throw Error(fmt::format("LoRA dropout {} is outside [0, 1)", dropout));
+    const auto ad = adapters(params, grads);
+    const bool grad = grads != nullptr;
+    const bool aux_on = opt.router_aux_coef != 0 && cfg.is_moe();
+    const Call call{opt.training ? dropout : 0.0, opt.dropout_seed};
+    const size_t B = batch.size();
+    const int L = cfg.num_layers;
+
+    LossResult r;
+    for (const auto& s : batch)
+      for (size_t t = 1; t < s.target.size(); ++t) r.targets += s.target[t] != 0;
+    const int64_t norm = normalizer > 0 ? normalizer : r.targets;
+    if (norm <= 0) throw Error("training batch has no target tokens (every target flag after the first token is 0)");
+
+    // Forward, layer-major.
+    std::vector<Mat<S>> h(B);
+    for (size_t s = 0; s < B; ++s) {
+      h[s].resize(Eigen::Index(batch[s].tokens.size()), cfg.hidden_size);
+      for (size_t t = 0; t < batch[s].tokens.size(); ++t) h[s].row(Eigen::Index(t)) = base.embedding().row(batch[s].tokens[t]);
+    }
+    std::vector<std::vector<LayerCache<S>>> kept(B, std::vector<LayerCache<S>>(size_t(L)));
+    for (int l = 0; l < L; ++l) {
+      const LayerBase<S> w = base.layer(l);
+      for (size_t s = 0; s < B; ++s) {
+        LayerCache<S> c;
+        Mat<S> out = layer_forward(w, ad[size_t(l)], call, s, h[s], c);
+        auto& k = kept[s][size_t(l)];
+        if (grad && !opt.gradient_checkpointing) {
+          k = std::move(c);
+        } else {
+          if (grad) k.h_in = std::move(c.h_in);
+          if (aux_on) {
+            k.probs = std::move(c.probs);
+            k.experts = std::move(c.experts);
+          }
+        }
+        h[s] = std::move(out);
+      }
+    }
+
+    // Cross-entropy: token t (target) predicted from the logits at t - 1.
+    double ce_sum = 0;
+    std::vector<Mat<S>> dh(B);
+    const S inv_norm = S(1) / S(norm);
+    for (size_t s = 0; s < B; ++s) {
+      const auto& seq = batch[s];
+      std::vector<S> inv;
+      const Mat<S> xf = stage::rms_norm(h[s], base.final_norm(), cfg.rms_norm_eps, &inv);
+      const Mat<S> logits = xf * base.lm_head().transpose();  // [n, vocab]
+      Mat<S> dlogits;
+      if (grad) dlogits = Mat<S>::Zero(logits.rows(), logits.cols());
+      for (size_t t = 1; t < seq.tokens.size(); ++t) {
+        if (!seq.target[t]) continue;
+        const Eigen::Index row = Eigen::Index(t - 1);
+        const S mx = logits.row(row).maxCoeff();
+        const auto ex = (logits.row(row).array() - mx).exp();
+        const S sum = ex.sum();
+        ce_sum += double(mx + std::log(sum) - logits(row, seq.tokens[t]));
+        if (grad) {
+          dlogits.row(row) = ex.matrix() * (inv_norm / sum);
+          dlogits(row, seq.tokens[t]) -= inv_norm;
+        }
+      }
+      if (grad) dh[s] = stage::rms_norm_backward<S>(dlogits * base.lm_head(), h[s], base.final_norm(), inv);
+    }
+    r.ce = ce_sum / double(norm);
+
+    // transformers' load_balancing_loss_func over every layer's router logits of the batch's tokens:
+    // E · Σ_e f_e P_e, f_e the share of (token, layer) pairs that chose e among their top-k (no gradient),
+    // P_e the mean router probability of e.
+    std::vector<double> aux_dprob;
+    if (aux_on) {
+      const int E = cfg.num_experts;
+      std::vector<double> count(size_t(E), 0), prob(size_t(E), 0);
+      double N = 0;
+      for (size_t s = 0; s < B; ++s)
+        for (int l = 0; l < L; ++l) {
+          const auto& k = kept[s][size_t(l)];
+          N += double(k.probs.rows());
+          for (Eigen::Index t = 0; t < k.probs.rows(); ++t) {
+            for (int e = 0; e < E; ++e) prob[size_t(e)] += double(k.probs(t, e));
+            for (Eigen::Index j = 0; j < k.experts.cols(); ++j) count[size_t(k.experts(t, j))] += 1;
+          }
+        }
+      double aux = 0;
+      aux_dprob.resize(size_t(E));
+      for (int e = 0; e < E; ++e) {
+        aux += (count[size_t(e)] / N) * (prob[size_t(e)] / N);
+        aux_dprob[size_t(e)] = opt.router_aux_coef * double(E) * (count[size_t(e)] / N) / N;
+      }
+      r.aux = aux * double(E);
+    }
+    r.loss = r.ce + opt.router_aux_coef * r.aux;
+    if (!grad) return r;
+
+    // Backward, layers in reverse.
+    for (int l = L - 1; l >= 0; --l) {
+      const LayerBase<S> w = base.layer(l);
+      for (size_t s = 0; s < B; ++s) {
+        auto& k = kept[s][size_t(l)];
+        if (opt.gradient_checkpointing) {
+          LayerCache<S> c;
+          const Mat<S> h_in = std::move(k.h_in);
+          layer_forward(w, ad[size_t(l)], call, s, h_in, c);  // the same code, masks and routing as the forward
+          dh[s] = layer_backward(w, ad[size_t(l)], c, dh[s], aux_dprob);
+        } else {
+          dh[s] = layer_backward(w, ad[size_t(l)], k, dh[s], aux_dprob);
+        }
+        k = LayerCache<S>();
+      }
+    }
+    return r;
+  }
+};
+
+template <typename S>
+LoraModel<S>::LoraModel(const Checkpoint& ck, BaseOptions base) : impl_(std::make_shared<Impl>(ck, base)) {}
+
+template <typename S>
+const ModelConfig& LoraModel<S>::config() const {
+  return impl_->cfg;
+}
+
+template <typename S>
+LossResult LoraModel<S>::loss_and_grad(std::span<const TrainSequence> batch, LoraParams<S>& params, const LossOptions& opt,
+                                       int64_t normalizer) {
+  return impl_->run(batch, params, &params, opt, normalizer, opt.lora_dropout);
+}
+
+template <typename S>
+LossResult LoraModel<S>::loss(std::span<const TrainSequence> batch, const LoraParams<S>& params, const LossOptions& opt,
+                              int64_t normalizer) {
+  LossOptions eval = opt;
+  eval.training = false;
+  return impl_->run(batch, params, nullptr, eval, normalizer, 0.0);
+}
+
+template class LoraModel<float>;
+template class LoraModel<double>;
+
+}  // namespace moelab::train

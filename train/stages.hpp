@@ -1,0 +1,188 @@
+#pragma once
+// The training forward's stages, each with its backward beside it, over one sequence (rows = tokens).
+// Written apart from reference/model.cpp on purpose (the reference is under comparison elsewhere), with
+// the same arithmetic in the forward where it matters (RMSNorm, RoPE angles, softmax, silu), so a fresh
+// adapter's loss matches the reference engine's to rounding.
+//
+// Conventions: x [n, in] row per token, W [out, in] as the checkpoint stores it, y = x Wᵀ. Every
+// backward takes dL/d(output) and returns dL/d(input); LoRA gradients are ADDED to grad_a / grad_b.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "train/lora_model.hpp"
+
+namespace moelab::train::stage {
+
+// ---- Linear with peft's unmerged LoRA: y = x Wᵀ + s · (dropout(x) Aᵀ) Bᵀ ----
+
+struct Dropout {
+  double p = 0;         // 0: off (evaluation, or lora_dropout 0)
+  uint64_t stream = 0;  // seeds this call's mask: the same stream gives the same mask (checkpointing recomputes)
+};
+
+template <typename S>
+struct LinearCache {
+  Mat<S> keep;  // dropout's multiplier, 0 or 1/(1-p) per input element; empty without dropout
+  Mat<S> xd;    // dropout(x); empty without dropout (x itself is used)
+  Mat<S> u;     // dropout(x) Aᵀ   [n, r]
+};
+
+// SplitMix64: spreads (seed, stream) into a generator seed, so neighbouring streams give unrelated masks.
+inline uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+template <typename S>
+Mat<S> linear_forward(const Mat<S>& x, const Mat<S>& w, const LoraParam<S>* lora, const Dropout& drop,
+                      LinearCache<S>* cache) {
+  Mat<S> y = x * w.transpose();
+  if (!lora) return y;
+  Mat<S> u;
+  if (drop.p > 0) {
+    // nn.Dropout: each element zeroed with probability p, the rest scaled by 1/(1-p).
+    std::mt19937_64 rng(mix(drop.stream));
+    std::uniform_real_distribution<double> uni(0.0, 1.0);
+    const S kept = S(1) / S(1 - drop.p);
+    Mat<S> keep(x.rows(), x.cols());
+    for (Eigen::Index i = 0; i < keep.size(); ++i) keep.data()[i] = uni(rng) < drop.p ? S(0) : kept;
+    Mat<S> xd = x.cwiseProduct(keep);
+    u = xd * lora->a.transpose();
+    if (cache) {
+      cache->keep = std::move(keep);
+      cache->xd = std::move(xd);
+    }
+  } else {
+    u = x * lora->a.transpose();
+  }
+  y += (u * lora->b.transpose()) * lora->scale;
+  if (cache) cache->u = std::move(u);
+  return y;
+}
+
+// dx = dy W + s ((dy B) A) ⊙ keep;  dB += s dyᵀ u;  dA += s (dy B)ᵀ dropout(x).
+template <typename S>
+Mat<S> linear_backward(const Mat<S>& dy, const Mat<S>& x, const Mat<S>& w, LoraParam<S>* lora, const LinearCache<S>& c) {
+  Mat<S> dx = dy * w;
+  if (!lora) return dx;
+  const Mat<S> g = dy * lora->b;  // [n, r]
+  lora->grad_b.noalias() += (dy.transpose() * c.u) * lora->scale;
+  lora->grad_a.noalias() += (g.transpose() * (c.xd.size() ? c.xd : x)) * lora->scale;
+  Mat<S> dxl = (g * lora->a) * lora->scale;
+  if (c.keep.size()) dxl = dxl.cwiseProduct(c.keep);
+  dx += dxl;
+  return dx;
+}
+
+// ---- RMSNorm: y = x / sqrt(mean(x²) + eps) ⊙ weight ----
+
+template <typename S>
+Mat<S> rms_norm(const Mat<S>& x, const RowVec<S>& weight, double eps, std::vector<S>* inv_out) {
+  Mat<S> out(x.rows(), x.cols());
+  if (inv_out) inv_out->resize(size_t(x.rows()));
+  for (Eigen::Index t = 0; t < x.rows(); ++t) {
+    const S mean_sq = x.row(t).squaredNorm() / S(x.cols());
+    const S inv = S(1) / std::sqrt(mean_sq + S(eps));
+    out.row(t) = (x.row(t) * inv).cwiseProduct(weight);
+    if (inv_out) (*inv_out)[size_t(t)] = inv;
+  }
+  return out;
+}
+
+// With g = dy ⊙ weight and r = inv: dx = r g − x r³ (g · x) / H.
+template <typename S>
+Mat<S> rms_norm_backward(const Mat<S>& dy, const Mat<S>& x, const RowVec<S>& weight, const std::vector<S>& inv) {
+  Mat<S> dx(x.rows(), x.cols());
+  const S H = S(x.cols());
+  for (Eigen::Index t = 0; t < x.rows(); ++t) {
+    const S r = inv[size_t(t)];
+    const RowVec<S> g = dy.row(t).cwiseProduct(weight);
+    const S dot = g.dot(x.row(t));
+    dx.row(t) = g * r - x.row(t) * (r * r * r * dot / H);
+  }
+  return dx;
+}
+
+// ---- Rotate-half RoPE: dimension i pairs with i + head_dim/2, token t at position t ----
+
+template <typename S>
+struct Rope {
+  std::vector<S> inv_freq;  // [head_dim / 2], inv_freq[i] = 1 / theta^(2i / head_dim), in S (as transformers)
+  int head_dim = 0;
+  Rope(double theta, int hd) : head_dim(hd) {
+    for (int i = 0; i < hd / 2; ++i) inv_freq.push_back(S(1) / std::pow(S(theta), S(2 * i) / S(hd)));
+  }
+  // sign +1: the forward rotation by angle; -1: its transpose (rotation by -angle), the backward.
+  void apply(Mat<S>& x, int heads, int sign) const {
+    const int half = head_dim / 2;
+    for (Eigen::Index t = 0; t < x.rows(); ++t) {
+      const S pos = S(t);
+      for (int i = 0; i < half; ++i) {
+        const S angle = pos * inv_freq[size_t(i)];
+        const S c = std::cos(angle), s = sign > 0 ? std::sin(angle) : -std::sin(angle);
+        for (int h = 0; h < heads; ++h) {
+          S& a = x(t, h * head_dim + i);
+          S& b = x(t, h * head_dim + i + half);
+          const S a0 = a, b0 = b;
+          a = a0 * c - b0 * s;
+          b = b0 * c + a0 * s;
+        }
+      }
+    }
+  }
+};
+
+// ---- Causal (optionally sliding-window) softmax attention of one head ----
+// Query t sees keys j in [first(t), t], first(t) = max(0, t − window + 1) with a window, else 0.
+
+inline int first_key(int t, int window) { return window > 0 ? std::max(0, t - window + 1) : 0; }
+
+// q [n, hd], k [n, hd], v [n, hd] → out [n, hd]; p (the attention probabilities, zero outside the mask) kept.
+template <typename S>
+Mat<S> attention_head(const Mat<S>& q, const Mat<S>& k, const Mat<S>& v, int window, Mat<S>& p) {
+  const int n = int(q.rows());
+  const S scale = S(1) / std::sqrt(S(q.cols()));
+  p = (q * k.transpose()) * scale;
+  for (int t = 0; t < n; ++t) {
+    const int first = first_key(t, window), len = t - first + 1;
+    auto s = p.row(t).segment(first, len);
+    s = (s.array() - s.maxCoeff()).exp();
+    s /= s.sum();
+    p.row(t).head(first).setZero();
+    p.row(t).tail(n - 1 - t).setZero();
+  }
+  return p * v;
+}
+
+// dS = P ⊙ (dP − rowsum(dP ⊙ P)) with dP = dO Vᵀ;  dq = dS k / √hd;  dk = dSᵀ q / √hd;  dv = Pᵀ dO.
+template <typename S>
+void attention_head_backward(const Mat<S>& d_out, const Mat<S>& q, const Mat<S>& k, const Mat<S>& v, const Mat<S>& p,
+                             Mat<S>& dq, Mat<S>& dk, Mat<S>& dv) {
+  const S scale = S(1) / std::sqrt(S(q.cols()));
+  Mat<S> ds = d_out * v.transpose();  // dP
+  for (Eigen::Index t = 0; t < ds.rows(); ++t) {
+    const S dot = ds.row(t).dot(p.row(t));
+    ds.row(t) = p.row(t).cwiseProduct((ds.row(t).array() - dot).matrix());
+  }
+  dq = (ds * k) * scale;
+  dk = (ds.transpose() * q) * scale;
+  dv = p.transpose() * d_out;
+}
+
+// ---- SwiGLU: silu(a) = a σ(a), silu'(a) = σ(a) (1 + a (1 − σ(a))) ----
+
+template <typename S>
+S silu(S a) { return a / (S(1) + std::exp(-a)); }
+template <typename S>
+S silu_grad(S a) {
+  const S sg = S(1) / (S(1) + std::exp(-a));
+  return sg * (S(1) + a * (S(1) - sg));
+}
+
+}  // namespace moelab::train::stage
