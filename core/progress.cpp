@@ -85,6 +85,7 @@ void Progress::draw(bool final) {
                         secs > 0 ? double(done_) / secs / 1e6 : 0.0);
   else
     count = fmt::format("{}/{}", done_, total_);
+  if (!detail_.empty()) count += "  " + detail_;
   if (!terminal_) {  // plain lines for logs; a job done before the first one stays quiet
     if (final && !printed_) return;
     printed_ = true;

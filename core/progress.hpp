@@ -17,10 +17,12 @@ class Progress {
   ~Progress();
   void advance(int64_t n = 1);
   void finish();
+  // Text shown after the count on the next draw (a training loop's loss and tokens/s); "" for none.
+  void set_detail(std::string detail) { detail_ = std::move(detail); }
 
  private:
   void draw(bool final);
-  std::string label_;
+  std::string label_, detail_;
   int64_t total_, done_ = 0;
   bool enabled_, terminal_, finished_ = false, printed_ = false;
   Unit unit_;

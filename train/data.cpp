@@ -1,0 +1,197 @@
+// JSONL training data: reading (plain or gzip), validating each line, tokenizing as trl's SFT does, and the
+// per-epoch shuffle. See data.hpp for the format and the rules.
+#include "train/data.hpp"
+
+#include <fmt/format.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "core/error.hpp"
+#include "core/regular_file.hpp"
+
+namespace moelab::train {
+
+int64_t Dataset::target_tokens() const {
+  int64_t n = 0;
+  for (const auto& s : sequences)
+    for (uint8_t t : s.target) n += t != 0;
+  return n;
+}
+
+int64_t Dataset::tokens() const {
+  int64_t n = 0;
+  for (const auto& s : sequences) n += int64_t(s.tokens.size());
+  return n;
+}
+
+namespace {
+
+constexpr uint64_t kMaxFileBytes = 4ull << 30;  // decompressed: a larger file is a mistake, not a dataset
+
+// The file's bytes, inflated when they start with gzip's magic number.
+std::string read_maybe_gzip(const std::string& path) {
+  std::string raw = read_regular_file(path, "training data", kMaxFileBytes);
+  if (raw.size() < 2 || uint8_t(raw[0]) != 0x1f || uint8_t(raw[1]) != 0x8b) return raw;
+  z_stream zs{};
+  if (inflateInit2(&zs, 15 + 32) != Z_OK) throw Error(fmt::format("{}: cannot start gzip decompression", path));
+  std::string out;
+  zs.next_in = reinterpret_cast<Bytef*>(raw.data());
+  zs.avail_in = uInt(raw.size());
+  char buf[1 << 16];
+  int rc = Z_OK;
+  while (rc != Z_STREAM_END) {
+    zs.next_out = reinterpret_cast<Bytef*>(buf);
+    zs.avail_out = sizeof buf;
+    rc = inflate(&zs, Z_NO_FLUSH);
+    if (rc == Z_STREAM_END && zs.avail_in > 0) {
+      // Concatenated gzip members (as `cat a.gz b.gz` makes): go on with the next one.
+      out.append(buf, sizeof buf - zs.avail_out);
+      inflateReset(&zs);
+      rc = Z_OK;
+      continue;
+    }
+    if (rc != Z_OK && rc != Z_STREAM_END) {
+      const std::string why = zs.msg ? zs.msg : (rc == Z_BUF_ERROR ? "truncated" : "corrupt");
+      inflateEnd(&zs);
+      throw Error(fmt::format("{}: not a valid gzip file ({})", path, why));
+    }
+    out.append(buf, sizeof buf - zs.avail_out);
+    if (out.size() > kMaxFileBytes) {
+      inflateEnd(&zs);
+      throw Error(fmt::format("{}: more than {} bytes decompressed", path, kMaxFileBytes));
+    }
+  }
+  inflateEnd(&zs);
+  return out;
+}
+
+// The string field `key` of line `where`, or throws naming it.
+std::string string_field(const nlohmann::json& j, const char* key, const std::string& where) {
+  const auto& v = j.at(key);
+  if (!v.is_string()) throw Error(fmt::format("{}: \"{}\" is {}, not a string", where, key, v.type_name()));
+  return v.get<std::string>();
+}
+
+}  // namespace
+
+Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opt) {
+  if (opt.max_seq_len < 2) throw Error(fmt::format("max sequence length {} is too short (at least 2)", opt.max_seq_len));
+  const std::string text = read_maybe_gzip(path);
+  Dataset ds;
+  ds.path = path;
+  int64_t kind_line = 0;  // the line that fixed the file's kind
+  std::vector<std::string> domains_seen;
+  size_t pos = 0;
+  for (int64_t line_no = 1; pos < text.size(); ++line_no) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    const std::string_view line(text.data() + pos, end - pos);
+    pos = end + 1;
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    const std::string where = fmt::format("{}:{}", path, line_no);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw Error(fmt::format("{}: not valid JSON ({})", where, e.what()));
+    }
+    if (!j.is_object()) throw Error(fmt::format("{}: a line must be a JSON object, not {}", where, j.type_name()));
+    for (const auto& [key, value] : j.items())
+      if (key != "text" && key != "prompt" && key != "completion" && key != "domain" && key != "source")
+        throw Error(fmt::format("{}: unknown field \"{}\" (a line holds \"text\", or \"prompt\" and \"completion\"; "
+                                "\"domain\" and \"source\" are read as metadata)", where, key));
+    const bool has_text = j.contains("text"), has_prompt = j.contains("prompt"), has_completion = j.contains("completion");
+    std::string kind;
+    if (has_text && !has_prompt && !has_completion) kind = "text";
+    else if (!has_text && has_prompt && has_completion) kind = "prompt-completion";
+    else if (has_text) throw Error(fmt::format("{}: \"text\" together with \"prompt\"/\"completion\"; a line is one kind", where));
+    else if (has_prompt) throw Error(fmt::format("{}: \"prompt\" without \"completion\"", where));
+    else if (has_completion) throw Error(fmt::format("{}: \"completion\" without \"prompt\"", where));
+    else throw Error(fmt::format("{}: no \"text\" and no \"prompt\"/\"completion\" field", where));
+    if (ds.kind.empty()) {
+      ds.kind = kind;
+      kind_line = line_no;
+    } else if (kind != ds.kind) {
+      throw Error(fmt::format("{}: a {} example in a {} dataset (line {} is {}); one file holds one kind", where, kind,
+                              ds.kind, kind_line, ds.kind));
+    }
+    std::string domain;
+    if (j.contains("domain")) domain = string_field(j, "domain", where);
+    if (j.contains("source")) (void)string_field(j, "source", where);
+    ++ds.lines;
+    if (std::find(domains_seen.begin(), domains_seen.end(), domain) == domains_seen.end()) domains_seen.push_back(domain);
+
+    TrainSequence seq;
+    if (kind == "text") {
+      const std::string t = string_field(j, "text", where);
+      if (t.empty()) throw Error(fmt::format("{}: \"text\" is empty", where));
+      if (!opt.domain.empty() && domain != opt.domain) continue;
+      seq.tokens = tok.encode(t, /*add_bos=*/true);
+      seq.tokens.push_back(tok.eos_id());
+      seq.target.assign(seq.tokens.size(), 1);
+    } else {
+      const std::string prompt = string_field(j, "prompt", where);
+      const std::string completion = string_field(j, "completion", where);
+      if (completion.empty()) throw Error(fmt::format("{}: \"completion\" is empty", where));
+      if (!opt.domain.empty() && domain != opt.domain) continue;
+      // trl: the prompt alone and the prompt + completion tokenized separately; the first len(prompt ids)
+      // positions of the whole are the prompt's.
+      const size_t prompt_len = tok.encode(prompt, true).size();
+      seq.tokens = tok.encode(prompt + completion, true);
+      seq.tokens.push_back(tok.eos_id());
+      seq.target.assign(seq.tokens.size(), 1);
+      if (opt.completion_only_loss)
+        for (size_t i = 0; i < std::min(prompt_len, seq.target.size()); ++i) seq.target[i] = 0;
+    }
+    seq.target[0] = 0;  // the first token is predicted from nothing
+    if (int64_t(seq.tokens.size()) > opt.max_seq_len) {
+      seq.tokens.resize(size_t(opt.max_seq_len));
+      seq.target.resize(size_t(opt.max_seq_len));
+      ++ds.truncated;
+    }
+    if (std::find(seq.target.begin(), seq.target.end(), uint8_t(1)) == seq.target.end()) {
+      ++ds.dropped_no_target;
+      continue;
+    }
+    ds.sequences.push_back(std::move(seq));
+    ds.domains.push_back(domain);
+  }
+  if (ds.lines == 0) throw Error(fmt::format("{}: no examples (an empty file?)", path));
+  if (ds.sequences.empty()) {
+    if (!opt.domain.empty()) {
+      std::string present;
+      for (const auto& d : domains_seen) present += (present.empty() ? "" : ", ") + (d.empty() ? "(none)" : d);
+      throw Error(fmt::format("{}: no example with \"domain\" \"{}\" (domains present: {})", path, opt.domain, present));
+    }
+    throw Error(fmt::format("{}: no example has a token to learn within --max-seq-len {}", path, opt.max_seq_len));
+  }
+  return ds;
+}
+
+namespace {
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[size_t(i)] = i;
+  uint64_t state = seed ^ (0xd1b54a32d192ed03ull * uint64_t(epoch + 1));
+  for (int64_t i = n - 1; i > 0; --i) {
+    // Lemire's multiply-shift: a draw in [0, i]; the bias (< 2^-40 for any dataset size here) does not matter,
+    // what matters is that it is fixed.
+    const uint64_t j = uint64_t((unsigned __int128)splitmix64(state) * uint64_t(i + 1) >> 64);
+    std::swap(order[size_t(i)], order[size_t(j)]);
+  }
+  return order;
+}
+
+}  // namespace moelab::train

@@ -1,0 +1,322 @@
+// The training loop (see finetune.hpp): batches from the per-epoch order, accumulation, clipping, AdamW, the
+// schedule, held-out evaluation, the CSV log, checkpoints, resume and the final adapter.
+#include "train/finetune.hpp"
+
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "core/checkpoint.hpp"
+#include "core/clock.hpp"
+#include "core/error.hpp"
+#include "core/progress.hpp"
+#include "core/regular_file.hpp"
+#include "core/safetensors_writer.hpp"
+#include "core/tokenizer.hpp"
+#include "train/train_state.hpp"
+
+namespace moelab::train {
+
+namespace fs = std::filesystem;
+
+std::string checkpoint_name(int64_t step) { return fmt::format("checkpoint-{}", step); }
+
+namespace {
+
+constexpr const char* kLogHeader = "step,epoch,loss,ce,aux,lr,grad_norm,tokens,tokens_per_s,elapsed_s,eval_loss\n";
+
+uint64_t mix(uint64_t a, uint64_t b) {
+  uint64_t z = a + 0x9e3779b97f4a7c15ull * (b + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// The dropout seed of micro-batch `micro` of optimizer step `step`.
+uint64_t dropout_seed(uint64_t seed, int64_t step, int64_t micro) {
+  return mix(mix(seed, uint64_t(step)), uint64_t(micro));
+}
+
+void check_options(const FinetuneOptions& o) {
+  if (o.batch_size < 1) throw Error(fmt::format("--batch-size {} must be at least 1", o.batch_size));
+  if (o.grad_accum < 1) throw Error(fmt::format("--gradient-accumulation-steps {} must be at least 1", o.grad_accum));
+  if (!(o.learning_rate > 0) || !std::isfinite(o.learning_rate))
+    throw Error(fmt::format("--learning-rate {} must be positive", o.learning_rate));
+  if (o.max_steps <= 0 && !(o.num_epochs > 0)) throw Error("--num-train-epochs must be positive (or give --max-steps)");
+  if (!(o.warmup_ratio >= 0 && o.warmup_ratio <= 1)) throw Error(fmt::format("--warmup-ratio {} is outside [0, 1]", o.warmup_ratio));
+  if (o.warmup_steps < 0) throw Error("--warmup-steps must not be negative");
+  if (!(o.adam.beta1 >= 0 && o.adam.beta1 < 1) || !(o.adam.beta2 >= 0 && o.adam.beta2 < 1))
+    throw Error("--adam-beta1 and --adam-beta2 must be in [0, 1)");
+  if (!(o.adam.eps >= 0)) throw Error("--adam-epsilon must not be negative");
+  if (!(o.adam.weight_decay >= 0)) throw Error("--weight-decay must not be negative");
+  if (o.router_aux_coef < 0) throw Error("--router-aux-loss-coef must not be negative");
+  if (o.eval_batch_size < 1) throw Error("--eval-batch-size must be at least 1");
+}
+
+// The options a resumed run must share with the run that wrote the checkpoint (the step count may change).
+nlohmann::json fingerprint(const FinetuneOptions& o, const Dataset& train) {
+  std::vector<std::string> targets = o.lora.target_modules;
+  std::sort(targets.begin(), targets.end());
+  return {
+      {"train_sequences", int64_t(train.sequences.size())},
+      {"train_tokens", train.tokens()},
+      {"train_target_tokens", train.target_tokens()},
+      {"batch_size", o.batch_size},
+      {"gradient_accumulation_steps", o.grad_accum},
+      {"seed", o.seed},
+      {"learning_rate", o.learning_rate},
+      {"lr_scheduler_type", lr_schedule_name(o.schedule)},
+      {"warmup_steps", o.warmup_steps},
+      {"warmup_ratio", o.warmup_ratio},
+      {"max_grad_norm", o.max_grad_norm},
+      {"adam_beta1", o.adam.beta1},
+      {"adam_beta2", o.adam.beta2},
+      {"adam_epsilon", o.adam.eps},
+      {"weight_decay", o.adam.weight_decay},
+      {"lora_r", o.lora.rank},
+      {"lora_alpha", o.lora.alpha},
+      {"lora_dropout", o.lora.dropout},
+      {"use_rslora", o.lora.use_rslora},
+      {"target_modules", targets},
+      {"router_aux_loss_coef", o.router_aux_coef},
+      {"nf4", o.base.nf4},
+  };
+}
+
+// Mean cross-entropy of the held-out set: every target token counted once, in batches, no dropout.
+double eval_loss(LoraModel<float>& model, const Dataset& ds, const LoraParams<float>& params, int64_t batch_size) {
+  const int64_t total = ds.target_tokens();
+  LossOptions lo;
+  lo.training = false;
+  double ce = 0;
+  const std::span<const TrainSequence> all(ds.sequences);
+  for (size_t i = 0; i < all.size(); i += size_t(batch_size))
+    ce += model.loss(all.subspan(i, std::min(all.size() - i, size_t(batch_size))), params, lo, total).ce;
+  return ce;
+}
+
+std::string fmt_double(double v) { return std::isfinite(v) ? fmt::format("{:.9g}", v) : std::string(); }
+
+void write_json_atomic(const fs::path& path, const nlohmann::ordered_json& j) {
+  write_file_atomic(path.string(), j.dump(2) + "\n");
+}
+
+}  // namespace
+
+FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* stop) {
+  check_options(o);
+  const fs::path out(o.output);
+  const bool resuming = !o.resume_from.empty();
+  {
+    std::error_code ec;
+    const auto st = fs::symlink_status(out, ec);
+    if (st.type() != fs::file_type::not_found) {
+      if (st.type() != fs::file_type::directory)
+        throw Error(fmt::format("{}: --output exists and is not a folder", out.string()));
+      if (!resuming && !fs::is_empty(out, ec))
+        throw Error(fmt::format("{}: --output is not empty; choose a new folder, or continue a run in it with "
+                                "--resume-from-checkpoint {}/checkpoint-STEP", out.string(), out.string()));
+    }
+  }
+  const auto ck = Checkpoint::open(o.model, o.show_progress);
+  const Tokenizer tok(ck->tokenizer_path());
+  const Dataset train = load_dataset(o.data, tok, o.data_options);
+  Dataset held_out;
+  if (!o.eval_data.empty()) {
+    DataOptions eo = o.data_options;
+    held_out = load_dataset(o.eval_data, tok, eo);
+  }
+  const int64_t n = int64_t(train.sequences.size());
+  const int64_t micro_per_epoch = (n + o.batch_size - 1) / o.batch_size;
+  const int64_t steps_per_epoch = (micro_per_epoch + o.grad_accum - 1) / o.grad_accum;
+  const int64_t total_steps =
+      o.max_steps > 0 ? o.max_steps : std::max<int64_t>(1, int64_t(std::ceil(o.num_epochs * double(steps_per_epoch))));
+  LrSchedule schedule{o.schedule, warmup_steps_for(o.warmup_steps, o.warmup_ratio, total_steps), total_steps};
+
+  LoraModel<float> model(*ck, o.base);
+  LoraParams<float> params = LoraParams<float>::init(ck->config(), o.lora, o.seed);
+  const std::vector<ParamView> views = param_views(params);
+  AdamW adam(o.adam);
+  TrainCounters counters;
+  const nlohmann::json print = fingerprint(o, train);
+
+  fs::create_directories(out);
+  const fs::path log_path = out / "train_log.csv";
+  if (resuming) {
+    read_train_checkpoint(o.resume_from, views, adam, counters, print);
+    if (counters.step > total_steps)
+      throw Error(fmt::format("{}: the checkpoint is at step {}, past this run's {} steps", o.resume_from, counters.step,
+                              total_steps));
+    // The log continues from the checkpoint's copy: rows of steps after it (an earlier run went further) go.
+    const fs::path saved_log = fs::path(o.resume_from) / "train_log.csv";
+    write_file_atomic(log_path.string(), fs::exists(saved_log) ? read_regular_file(saved_log.string(), "training log")
+                                                               : std::string(kLogHeader));
+  } else {
+    write_file_atomic(log_path.string(), kLogHeader);
+  }
+  std::ofstream log(log_path, std::ios::app);
+  if (!log) throw Error(fmt::format("{}: cannot open the training log for writing", log_path.string()));
+
+  FinetuneSummary sum;
+  sum.start_step = counters.step;
+  sum.total_steps = total_steps;
+  sum.trainable_parameters = params.parameter_count();
+  for (const auto& e : counters.evals) sum.evals.push_back({e.at("step").get<int64_t>(), e.at("eval_loss").get<double>()});
+
+  std::printf("finetune: %lld sequences (%lld tokens, %lld to learn) from %s; %lld steps (%lld per epoch) of %lld x %lld "
+              "sequences; %lld trainable parameters (LoRA r=%d on %zu weights); warmup %lld\n",
+              (long long)n, (long long)train.tokens(), (long long)train.target_tokens(), o.data.c_str(),
+              (long long)total_steps, (long long)steps_per_epoch, (long long)o.batch_size, (long long)o.grad_accum,
+              (long long)sum.trainable_parameters, o.lora.rank, params.params().size(), (long long)schedule.warmup_steps);
+  if (train.truncated > 0)
+    std::printf("finetune: %lld sequences cut to --max-seq-len %lld\n", (long long)train.truncated,
+                (long long)o.data_options.max_seq_len);
+  if (train.dropped_no_target > 0)
+    std::printf("finetune: %lld examples skipped: no completion token within --max-seq-len\n",
+                (long long)train.dropped_no_target);
+  if (resuming) std::printf("finetune: resumed from %s at step %lld\n", o.resume_from.c_str(), (long long)counters.step);
+  std::fflush(stdout);
+
+  auto evaluate = [&](int64_t step) {
+    if (held_out.sequences.empty()) return double(NAN);
+    const double l = eval_loss(model, held_out, params, o.eval_batch_size);
+    counters.evals.push_back({{"step", step}, {"eval_loss", l}});
+    sum.evals.push_back({step, l});
+    std::printf("finetune: step %lld: held-out loss %.4f (%lld target tokens of %s)\n", (long long)step, l,
+                (long long)held_out.target_tokens(), o.eval_data.c_str());
+    std::fflush(stdout);
+    return l;
+  };
+  if (!resuming) {
+    const double l = evaluate(0);
+    if (std::isfinite(l)) log << fmt::format("0,0,,,,,,0,,0,{}\n", fmt_double(l)) << std::flush;
+  }
+  auto save_checkpoint = [&](int64_t step) {
+    const fs::path dir = out / checkpoint_name(step);
+    log.flush();
+    write_train_checkpoint(dir.string(), params, o.lora, o.model, adam, views, counters, print, log_path.string());
+    sum.last_checkpoint = dir.string();
+  };
+
+  Progress progress("finetune", total_steps - counters.step, o.show_progress);
+  const auto t0 = std::chrono::steady_clock::now();
+  const double elapsed_before = counters.elapsed_s;
+  std::vector<int64_t> order;
+  int64_t order_epoch = -1;
+  double loss_sum = 0;
+  LossOptions lo;
+  lo.router_aux_coef = o.router_aux_coef;
+  lo.gradient_checkpointing = o.gradient_checkpointing;
+  while (counters.step < total_steps) {
+    const int64_t s = counters.step;
+    const int64_t epoch = s / steps_per_epoch, k = s % steps_per_epoch;
+    if (epoch != order_epoch) {
+      order = epoch_order(n, o.seed, epoch);
+      order_epoch = epoch;
+    }
+    const int64_t micro_begin = k * o.grad_accum, micro_end = std::min(micro_begin + o.grad_accum, micro_per_epoch);
+    // The accumulated batch's sequences and its target-token count (the normalizer of every micro-batch).
+    std::vector<std::vector<TrainSequence>> micro;
+    int64_t targets = 0, tokens = 0;
+    for (int64_t m = micro_begin; m < micro_end; ++m) {
+      auto& batch = micro.emplace_back();
+      for (int64_t i = m * o.batch_size; i < std::min((m + 1) * o.batch_size, n); ++i) {
+        const auto& seq = train.sequences[size_t(order[size_t(i)])];
+        batch.push_back(seq);
+        tokens += int64_t(seq.tokens.size());
+        for (uint8_t t : seq.target) targets += t != 0;
+      }
+    }
+    double loss = 0, ce = 0, aux = 0;
+    for (size_t m = 0; m < micro.size(); ++m) {
+      lo.dropout_seed = dropout_seed(o.seed, s, int64_t(m));
+      const LossResult r = model.loss_and_grad(micro[m], params, lo, targets);
+      loss += r.loss;
+      ce += r.ce;
+      aux += r.aux / double(micro.size());
+    }
+    const double grad_norm = clip_grad_norm(views, o.max_grad_norm);
+    if (!std::isfinite(loss) || !std::isfinite(grad_norm))
+      throw Error(fmt::format("the training loss became {} at step {} (gradient norm {}); try a lower --learning-rate",
+                              loss, s + 1, grad_norm));
+    const double lr = o.learning_rate * schedule.factor(s);
+    adam.step(views, lr);
+    params.zero_grad();
+
+    counters.step = s + 1;
+    counters.epoch = double(epoch) + double(k + 1) / double(steps_per_epoch);
+    counters.tokens += tokens;
+    counters.target_tokens += targets;
+    sum.tokens += tokens;
+    sum.target_tokens += targets;
+    loss_sum += loss;
+    sum.last_loss = loss;
+    const double run_s = seconds_since(t0);
+    counters.elapsed_s = elapsed_before + run_s;
+    const double tps = run_s > 0 ? double(sum.tokens) / run_s : 0;
+    double el = NAN;
+    if (!held_out.sequences.empty() && o.eval_steps > 0 && counters.step % o.eval_steps == 0 && counters.step < total_steps)
+      el = evaluate(counters.step);
+    if (!held_out.sequences.empty() && counters.step == total_steps) el = evaluate(counters.step);
+    log << fmt::format("{},{:.6g},{},{},{},{},{},{},{:.1f},{:.3f},{}\n", counters.step, counters.epoch, fmt_double(loss),
+                       fmt_double(ce), fmt_double(aux), fmt_double(lr), fmt_double(grad_norm), counters.tokens, tps,
+                       counters.elapsed_s, fmt_double(el));
+    log.flush();
+    if (o.logging_steps > 0 && (counters.step % o.logging_steps == 0 || counters.step == total_steps)) {
+      std::printf("step %lld/%lld  epoch %.2f  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tok/s\n", (long long)counters.step,
+                  (long long)total_steps, counters.epoch, loss, lr, grad_norm, tps);
+      std::fflush(stdout);
+    }
+    const double eta = double(total_steps - counters.step) * run_s / double(counters.step - sum.start_step);
+    progress.set_detail(fmt::format("loss {:.3f} {:.0f} tok/s eta {:.0f}s", loss, tps, eta));
+    progress.advance();
+    const bool stopping = stop && stop->load();
+    if ((o.save_steps > 0 && (counters.step % o.save_steps == 0 || counters.step == total_steps)) ||
+        (stopping && counters.step < total_steps))
+      save_checkpoint(counters.step);
+    if (stopping && counters.step < total_steps) {
+      sum.interrupted = true;
+      break;
+    }
+  }
+  progress.finish();
+  sum.steps = counters.step;
+  sum.epochs = counters.epoch;
+  sum.seconds = seconds_since(t0);
+  sum.train_loss = counters.step > sum.start_step ? loss_sum / double(counters.step - sum.start_step) : 0;
+  sum.completed = counters.step == total_steps;
+  if (sum.completed) params.save(out.string(), o.lora, o.model);
+
+  nlohmann::ordered_json j;
+  j["model"] = o.model;
+  j["data"] = o.data;
+  j["eval_data"] = o.eval_data;
+  j["completed"] = sum.completed;
+  j["interrupted"] = sum.interrupted;
+  j["resumed_from"] = o.resume_from;
+  j["start_step"] = sum.start_step;
+  j["steps"] = sum.steps;
+  j["total_steps"] = total_steps;
+  j["epochs"] = sum.epochs;
+  j["train_loss"] = sum.train_loss;
+  j["last_loss"] = sum.last_loss;
+  j["tokens"] = sum.tokens;
+  j["target_tokens"] = sum.target_tokens;
+  j["train_seconds"] = sum.seconds;
+  j["tokens_per_s"] = sum.seconds > 0 ? double(sum.tokens) / sum.seconds : 0.0;
+  j["trainable_parameters"] = sum.trainable_parameters;
+  j["eval"] = nlohmann::json::array();
+  for (const auto& e : sum.evals) j["eval"].push_back({{"step", e.step}, {"eval_loss", e.loss}});
+  j["last_checkpoint"] = sum.last_checkpoint;
+  j["adapter"] = sum.completed ? out.string() : std::string();
+  j["options"] = print;
+  write_json_atomic(out / "train_summary.json", j);
+  return sum;
+}
+
+}  // namespace moelab::train
