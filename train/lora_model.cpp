@@ -55,6 +55,10 @@ struct LayerCache {
 
 }  // namespace
 
+// Threads only pay off once a sequence is long enough: on a few tokens, waking the team costs more than the
+// work (and on a busy machine far more), so short sequences run on the calling thread.
+static bool parallel(int tokens) { return tokens >= 48; }
+
 template <typename S>
 struct LoraModel<S>::Impl {
   FrozenBase<S> base;
@@ -89,7 +93,7 @@ struct LoraModel<S>::Impl {
     rope.apply(c.k, cfg.num_kv_heads, +1);
     c.attn.resize(n, heads * hd);
     c.p.assign(size_t(heads), Mat<S>());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel(n))
     for (int h = 0; h < heads; ++h) {
       const int kvh = h / group;
       c.attn.middleCols(h * hd, hd) = attention_head<S>(c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
@@ -141,7 +145,7 @@ struct LoraModel<S>::Impl {
         x.slot.push_back(j);
         x.gate.push_back(c.gates(t, j));
       }
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (parallel(n))
     for (int e = 0; e < E; ++e) {
       auto& x = c.moe[size_t(e)];
       if (x.rows.empty()) continue;
@@ -170,7 +174,7 @@ struct LoraModel<S>::Impl {
     // Experts: out[t] += g · y, y = w2(silu(a) ⊙ b).
     Mat<S> dgates = Mat<S>::Zero(n, k);
     std::vector<Mat<S>> dx_expert(static_cast<size_t>(E));
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (parallel(n))
     for (int e = 0; e < E; ++e) {
       const auto& x = c.moe[size_t(e)];
       if (x.rows.empty()) continue;
@@ -219,7 +223,7 @@ struct LoraModel<S>::Impl {
     const Mat<S> dattn = linear_backward(dh_mid, c.attn, w.wo, ad.o.grad, c.co);
     Mat<S> dq(n, heads * hd);
     std::vector<Mat<S>> dk_head(static_cast<size_t>(heads)), dv_head(static_cast<size_t>(heads));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel(n))
     for (int h = 0; h < heads; ++h) {
       const int kvh = h / group;
       Mat<S> dqh;
