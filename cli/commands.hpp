@@ -17,5 +17,6 @@ void register_quantize(CLI::App& app);
 void register_merge(CLI::App& app);
 void register_eval(CLI::App& app);
 void register_serve(CLI::App& app);
+void register_finetune(CLI::App& app);
 
 }  // namespace moelab::cli

@@ -64,6 +64,7 @@ int main(int argc, char** argv) {
   moelab::cli::register_diff(app);
   moelab::cli::register_quantize(app);
   moelab::cli::register_merge(app);
+  moelab::cli::register_finetune(app);
   moelab::cli::register_eval(app);
   moelab::cli::register_serve(app);
   moelab::cli::register_trace(app);

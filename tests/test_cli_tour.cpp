@@ -68,13 +68,14 @@ TEST_F(CliTour, EveryHelpSpeaksTheSameNames) {
   for (const char* use : {"evaluate   moelab eval --tasks", "benchmark  moelab profile", "trace      moelab trace"})
     EXPECT_NE(top.out.find(use), std::string::npos) << use << "\n" << top.out;
   const auto subs = listed_subcommands(top.out);
-  const std::set<std::string> expected{"inspect", "generate", "forward", "demo",  "diff",    "quantize", "merge",
-                                       "eval",    "trace",    "profile", "stats", "devices", "cachesim", "serve"};
+  const std::set<std::string> expected{"inspect", "generate", "forward", "demo",     "diff",  "quantize",
+                                       "merge",   "eval",     "trace",   "profile",  "stats", "devices",
+                                       "cachesim", "serve",   "finetune"};
   EXPECT_EQ(std::set<std::string>(subs.begin(), subs.end()), expected);
 
   const std::set<std::string> runs_engine{"generate", "forward", "diff", "eval", "trace", "profile", "serve"};
   const std::set<std::string> reads_no_model{"stats", "devices", "cachesim"};  // traces or the machine
-  const std::set<std::string> main_output{"forward", "trace", "quantize", "merge", "eval", "demo"};
+  const std::set<std::string> main_output{"forward", "trace", "quantize", "merge", "eval", "demo", "finetune"};
   const std::set<std::string> json_summary{"generate", "inspect", "profile", "devices", "diff", "stats"};
   const std::set<std::string> takes_prompt{"generate", "forward", "diff", "profile", "demo"};
   for (const auto& sub : subs) {

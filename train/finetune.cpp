@@ -110,6 +110,7 @@ void write_json_atomic(const fs::path& path, const nlohmann::ordered_json& j) {
 
 FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* stop) {
   check_options(o);
+  if (o.threads > 0) omp_set_num_threads(o.threads);
   const fs::path out(o.output);
   const bool resuming = !o.resume_from.empty();
   {
@@ -272,8 +273,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
                   (long long)total_steps, counters.epoch, loss, lr, grad_norm, tps);
       std::fflush(stdout);
     }
-    const double eta = double(total_steps - counters.step) * run_s / double(counters.step - sum.start_step);
-    progress.set_detail(fmt::format("loss {:.3f} {:.0f} tok/s eta {:.0f}s", loss, tps, eta));
+    progress.set_detail(fmt::format("loss {:.3f}, {:.0f} tok/s", loss, tps));
     progress.advance();
     const bool stopping = stop && stop->load();
     if ((o.save_steps > 0 && (counters.step % o.save_steps == 0 || counters.step == total_steps)) ||

@@ -1,0 +1,234 @@
+// `moelab finetune` end to end, running the real binary on the bundled model: a short run lowers the held-out
+// loss and writes the log, the summary, checkpoints and a peft adapter that `moelab generate --adapter` loads
+// on both CPU engines; a resumed run equals an uninterrupted one bit for bit, also after a SIGTERM; bad data and
+// bad options fail with one clear line.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "process_util.hpp"
+
+namespace moelab::test {
+namespace {
+
+namespace fs = std::filesystem;
+// A fixture model (random weights, 512-token vocabulary): a step takes a fraction of a second.
+const std::string kModel = std::string(MOELAB_FIXTURES) + "/models/mixtral-4e-gqa-f32";
+
+// Facts with a fixed form the base model has never seen: after a few steps the adapter should predict the
+// pattern, so the held-out lines (other numbers, the same form) get a clearly lower loss.
+std::string fact_line(int i) {
+  return fmt::format("{{\"text\": \"Ticket {} is filed under shelf Q-{} in the zebra archive, row {}.\"}}\n", 100 + i,
+                     7 * i % 90, i % 9);
+}
+
+class FinetuneCli : public ::testing::Test {
+ protected:
+  TempDir dir{"moelab-finetune-cli"};
+  std::string train_path, eval_path;
+  void SetUp() override {
+    std::string train, eval;
+    for (int i = 0; i < 24; ++i) train += fact_line(i);
+    for (int i = 50; i < 54; ++i) eval += fact_line(i);
+    train_path = write("train.jsonl", train);
+    eval_path = write("eval.jsonl", eval);
+  }
+  std::string write(const std::string& name, const std::string& text) {
+    std::ofstream(dir.file(name), std::ios::binary) << text;
+    return dir.file(name);
+  }
+  MoelabRun moelab(const std::vector<std::string>& args) {
+    const fs::path d = dir.path() / fmt::format("run{}", runs_++);
+    fs::create_directories(d);
+    return run_moelab(args, d);
+  }
+  // A short run's options: small batches, --max-seq-len within the lines, two micro-batches per step, the
+  // default LoRA dropout (so the resume tests cover the dropout masks too).
+  std::vector<std::string> base_args(const std::string& out, int steps, int accum = 2) const {
+    return {"finetune",          "--model",         kModel,   "--data", train_path, "--eval-data", eval_path,
+            "-o",                out,               "--max-steps", std::to_string(steps), "--batch-size", "4",
+            "--gradient-accumulation-steps", std::to_string(accum), "--max-seq-len", "48", "--learning-rate", "3e-3",
+            "--warmup-steps", "2", "--lr-scheduler-type", "cosine", "--threads", "2", "--progress", "none"};
+  }
+  static nlohmann::json json_file(const fs::path& p) { return nlohmann::json::parse(read_file_bytes(p)); }
+  static std::vector<std::vector<std::string>> csv(const fs::path& p) {
+    std::vector<std::vector<std::string>> rows;
+    std::istringstream in(read_file_bytes(p));
+    for (std::string line; std::getline(in, line);) {
+      auto& row = rows.emplace_back();
+      std::string cell;
+      std::istringstream cells(line);
+      while (std::getline(cells, cell, ',')) row.push_back(cell);
+      if (!line.empty() && line.back() == ',') row.push_back("");
+    }
+    return rows;
+  }
+  int runs_ = 0;
+};
+
+TEST_F(FinetuneCli, ShortRunLowersHeldOutLossAndWritesAPeftAdapter) {
+  const std::string out = dir.file("out");
+  auto args = base_args(out, 12);
+  args.insert(args.end(), {"--save-steps", "6"});
+  const auto r = moelab(args);
+  ASSERT_EQ(r.status, 0) << r.err << r.out;
+  for (const char* f : {"adapter_config.json", "adapter_model.safetensors", "train_log.csv", "train_summary.json",
+                        "checkpoint-6/adapter_model.safetensors", "checkpoint-6/optimizer.safetensors",
+                        "checkpoint-6/trainer_state.json", "checkpoint-12/trainer_state.json"})
+    EXPECT_TRUE(fs::is_regular_file(fs::path(out) / f)) << f;
+  // No temporary folder is left behind.
+  for (const auto& e : fs::directory_iterator(out)) EXPECT_NE(e.path().filename().string()[0], '.') << e.path();
+
+  const auto sum = json_file(fs::path(out) / "train_summary.json");
+  EXPECT_TRUE(sum["completed"].get<bool>());
+  EXPECT_EQ(sum["steps"], 12);
+  ASSERT_EQ(sum["eval"].size(), 2u);  // before and after
+  const double before = sum["eval"][0]["eval_loss"], after = sum["eval"][1]["eval_loss"];
+  // The base model has never seen the pattern; 12 steps at 3e-3 must take a clear bite out of the loss (measured:
+  // see the commit message), not a rounding-level change.
+  EXPECT_LT(after, before - 0.5) << "held-out loss " << before << " -> " << after;
+
+  // The log: a header, the step-0 evaluation, then one row per step with a finite loss and the schedule's lr.
+  const auto rows = csv(fs::path(out) / "train_log.csv");
+  ASSERT_EQ(rows.size(), 14u);
+  EXPECT_EQ(rows[0], (std::vector<std::string>{"step", "epoch", "loss", "ce", "aux", "lr", "grad_norm", "tokens",
+                                                "tokens_per_s", "elapsed_s", "eval_loss"}));
+  for (int s = 1; s <= 12; ++s) {
+    ASSERT_EQ(rows[size_t(s) + 1].size(), 11u) << s;
+    EXPECT_EQ(std::stoi(rows[size_t(s) + 1][0]), s);
+    EXPECT_GT(std::stod(rows[size_t(s) + 1][2]), 0.0);
+  }
+  // warmup 2 then cosine: step 1 runs at lr 0, step 2 at half the peak, step 3 at the peak.
+  EXPECT_EQ(std::stod(rows[2][5]), 0.0);
+  EXPECT_DOUBLE_EQ(std::stod(rows[3][5]), 1.5e-3);
+  EXPECT_DOUBLE_EQ(std::stod(rows[4][5]), 3e-3);
+  // 24 sequences in micro-batches of 4, two per step: 3 steps an epoch.
+  EXPECT_DOUBLE_EQ(std::stod(rows[13][1]), 4.0);
+
+  // The adapter loads where every adapter loads: generate on the reference and the cpu-nf4 engines.
+  for (const char* engine : {"ref", "cpu-nf4"}) {
+    const auto g = moelab({"generate", "--model", kModel, "--engine", engine, "--adapter", out, "-p", "Ticket 160 is",
+                           "--max-new-tokens", "6", "--temperature", "0"});
+    EXPECT_EQ(g.status, 0) << engine << ": " << g.err;
+  }
+}
+
+TEST_F(FinetuneCli, ResumeEqualsAnUninterruptedRunBitForBit) {
+  const std::string straight = dir.file("straight"), resumed = dir.file("resumed");
+  auto a = base_args(straight, 6);
+  a.insert(a.end(), {"--save-steps", "3"});
+  const auto r1 = moelab(a);
+  ASSERT_EQ(r1.status, 0) << r1.err;
+  // Steps 4..6 again from the straight run's step-3 checkpoint, into a new folder.
+  auto b = base_args(resumed, 6);
+  b.insert(b.end(), {"--save-steps", "3", "--resume-from-checkpoint", straight + "/checkpoint-3"});
+  const auto r2 = moelab(b);
+  ASSERT_EQ(r2.status, 0) << r2.err;
+  EXPECT_NE(r2.out.find("resumed from"), std::string::npos) << r2.out;
+  EXPECT_EQ(read_file_bytes(fs::path(straight) / "adapter_model.safetensors"),
+            read_file_bytes(fs::path(resumed) / "adapter_model.safetensors"));
+  EXPECT_EQ(read_file_bytes(fs::path(straight) / "checkpoint-6/optimizer.safetensors"),
+            read_file_bytes(fs::path(resumed) / "checkpoint-6/optimizer.safetensors"));
+  // The logs agree on every column but the timings (tokens_per_s, elapsed_s).
+  const auto la = csv(fs::path(straight) / "train_log.csv"), lb = csv(fs::path(resumed) / "train_log.csv");
+  ASSERT_EQ(la.size(), lb.size());
+  for (size_t i = 0; i < la.size(); ++i)
+    for (size_t c : {0, 1, 2, 3, 4, 5, 6, 7, 10}) EXPECT_EQ(la[i][c], lb[i][c]) << "row " << i << " column " << c;
+  // Another batch size is refused, naming the option.
+  auto c = base_args(dir.file("other"), 6);
+  c.insert(c.end(), {"--resume-from-checkpoint", straight + "/checkpoint-3"});
+  c[std::find(c.begin(), c.end(), "--batch-size") - c.begin() + 1] = "2";
+  const auto r3 = moelab(c);
+  EXPECT_EQ(r3.status, 1);
+  EXPECT_NE(r3.err.find("trained with batch_size = 4, this run has 2"), std::string::npos) << r3.err;
+}
+
+TEST_F(FinetuneCli, SigtermWritesACheckpointThatResumesExactly) {
+  const int steps = 10;
+  const std::string straight = dir.file("straight"), stopped = dir.file("stopped");
+  const auto r1 = moelab(base_args(straight, steps, 1));
+  ASSERT_EQ(r1.status, 0) << r1.err;
+  // The same run, stopped by SIGTERM once a few steps are logged.
+  std::vector<std::string> argv = base_args(stopped, steps, 1);
+  argv.insert(argv.begin(), MOELAB_BIN);
+  const pid_t pid = spawn_program(argv, dir.path() / "stop.out", dir.path() / "stop.err");
+  ASSERT_GT(pid, 0);
+  const auto log = fs::path(stopped) / "train_log.csv";
+  for (int i = 0; i < 6000 && csv(log).size() < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ::kill(pid, SIGTERM);
+  const auto r2 = wait_program(pid, 120, dir.path() / "stop.out", dir.path() / "stop.err");
+  ASSERT_EQ(r2.exit_code, 0) << r2.err;
+  const auto sum = json_file(fs::path(stopped) / "train_summary.json");
+  ASSERT_TRUE(sum["interrupted"].get<bool>()) << "the run ended before the signal; make it longer";
+  const int at = sum["steps"];
+  EXPECT_LT(at, steps);
+  EXPECT_NE(r2.out.find("stopped by a signal after step " + std::to_string(at)), std::string::npos) << r2.out;
+  EXPECT_FALSE(fs::exists(fs::path(stopped) / "adapter_model.safetensors")) << "no final adapter before the end";
+  // Continue it in the same folder: the result is the uninterrupted run's.
+  auto b = base_args(stopped, steps, 1);
+  b.insert(b.end(), {"--resume-from-checkpoint", stopped + "/checkpoint-" + std::to_string(at)});
+  const auto r3 = moelab(b);
+  ASSERT_EQ(r3.status, 0) << r3.err;
+  EXPECT_EQ(read_file_bytes(fs::path(straight) / "adapter_model.safetensors"),
+            read_file_bytes(fs::path(stopped) / "adapter_model.safetensors"));
+}
+
+TEST_F(FinetuneCli, BadDataAndOptionsFailWithOneLine) {
+  auto one_line = [](const MoelabRun& r) { return std::count(r.err.begin(), r.err.end(), '\n') == 1; };
+  const std::string bad = write("bad.jsonl", fact_line(0) + fact_line(1) + "{\"text\": \"x\", \"label\": 1}\n");
+  auto args = base_args(dir.file("o1"), 2);
+  args[std::find(args.begin(), args.end(), "--data") - args.begin() + 1] = bad;
+  const auto r = moelab(args);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_TRUE(one_line(r)) << r.err;
+  EXPECT_NE(r.err.find("moelab: error: " + bad + ":3: unknown field \"label\""), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir.file("o1") + "/adapter_model.safetensors"));
+
+  // A folder as --data, a missing --eval-data: one line naming the path.
+  args = base_args(dir.file("o2"), 2);
+  args[std::find(args.begin(), args.end(), "--data") - args.begin() + 1] = dir.str();
+  const auto d = moelab(args);
+  EXPECT_EQ(d.status, 1);
+  EXPECT_NE(d.err.find(dir.str() + ": training data is a directory"), std::string::npos) << d.err;
+  args = base_args(dir.file("o3"), 2);
+  args[std::find(args.begin(), args.end(), "--eval-data") - args.begin() + 1] = dir.file("nope.jsonl");
+  const auto m = moelab(args);
+  EXPECT_EQ(m.status, 1);
+  EXPECT_TRUE(one_line(m)) << m.err;
+  EXPECT_NE(m.err.find(dir.file("nope.jsonl")), std::string::npos) << m.err;
+
+  // Options out of range are command-line mistakes (exit 2), one line naming the option.
+  for (const auto& [opt, value] : std::vector<std::pair<std::string, std::string>>{
+           {"--lora-r", "0"}, {"--lr-scheduler-type", "cosine_restarts"}, {"--warmup-ratio", "2"},
+           {"--batch-size", "0"}, {"--lora-dropout", "1.5"}}) {
+    auto a = base_args(dir.file("o4"), 2);
+    a.insert(a.end(), {opt, value});
+    const auto e = moelab(a);
+    EXPECT_EQ(e.status, 2) << opt << ": " << e.err;
+    EXPECT_TRUE(one_line(e)) << e.err;
+    EXPECT_NE(e.err.find(opt == "--batch-size" ? "batch-size" : opt), std::string::npos) << e.err;
+  }
+  // A target module the model does not have.
+  auto t = base_args(dir.file("o5"), 2);
+  t.insert(t.end(), {"--lora-target-modules", "q_proj,qkv_proj"});
+  const auto te = moelab(t);
+  EXPECT_EQ(te.status, 1);
+  EXPECT_NE(te.err.find("'qkv_proj' matches no Linear"), std::string::npos) << te.err;
+  // An output folder with something in it is never trained into.
+  fs::create_directories(dir.file("busy"));
+  std::ofstream(dir.file("busy/keep.txt")) << "x";
+  const auto busy = moelab(base_args(dir.file("busy"), 2));
+  EXPECT_EQ(busy.status, 1);
+  EXPECT_NE(busy.err.find("--output is not empty"), std::string::npos) << busy.err;
+}
+
+}  // namespace
+}  // namespace moelab::test
