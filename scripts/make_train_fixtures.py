@@ -66,7 +66,9 @@ Files per case (tests/fixtures/train/<case>/):
     train.loss, train.ce, train.aux     F64 [10]  float32 run, before each step
     train.lr                            F64 [10]  the learning rate of each step
     train.grad_norm                     F64 [10]  clip_grad_norm_'s total norm (before clipping)
-    train_f64.loss, .grad_norm          F64 [10]  float64 run
+    train_f64.loss, .ce, .aux, .grad_norm  F64 [10]  float64 run
+    train.factor_spread                 F64 [1]   max over the factors of max |f32 - f64| / max |f64| after the
+                                                  10 steps (torch's own rounding of a trajectory)
     held_out.tokens                     I32 [T]
     held_out.logits                     F32 [T, V]  float32 peft model with trained_adapter/, eval mode
     held_out.logits_f64                 F64 [T, V]  float64 model with the same (float32) factors
@@ -415,6 +417,8 @@ def make_case(name: str, spec: dict, cuda_map) -> dict:
     rec32 = train(pm, lambda: loss_f32(pm, batch, coef)[:3])
     rec64 = train(pm64_train, lambda: loss_f64(pm64_train, seqs, coef))
     assert np.allclose(rec32["lr"], rec64["lr"], rtol=0, atol=0)
+    factors64 = dict(trainable(pm64_train))
+    factor_spread = max(rel_max(p.detach().numpy(), factors64[n].detach().numpy()) for n, p in trainable(pm))
     pm.save_pretrained(out / "trained_adapter")
     rewrite_adapter_dir(out / "trained_adapter", model_name)
 
@@ -432,6 +436,7 @@ def make_case(name: str, spec: dict, cuda_map) -> dict:
         tensors[f"train.{k}"] = rec32[k]
     for k in ("loss", "ce", "aux", "grad_norm"):
         tensors[f"train_f64.{k}"] = rec64[k]
+    tensors["train.factor_spread"] = np.array([factor_spread], np.float64)
     tensors["held_out.tokens"] = held.numpy().astype(np.int32)
     tensors["held_out.logits"] = l32
     tensors["held_out.logits_f64"] = l64
@@ -454,6 +459,7 @@ def make_case(name: str, spec: dict, cuda_map) -> dict:
         "grad_spread_max": max(grad_spread.values()),
         "grad_spread_worst": max(grad_spread, key=grad_spread.get),
         "train_loss_spread": float(np.max(np.abs(rec32["loss"] - rec64["loss"]) / np.abs(rec64["loss"]))),
+        "factor_spread": factor_spread,
         "train_norm_spread": float(np.max(np.abs(rec32["grad_norm"] - rec64["grad_norm"]) / rec64["grad_norm"])),
         "loss_first_last": (rec32["loss"][0], rec32["loss"][-1]),
         "grad_norm_range": (float(rec32["grad_norm"].min()), float(rec32["grad_norm"].max())),
@@ -509,17 +515,32 @@ def write_readme(info: dict, nf4_map_note: str) -> None:
         "Relative errors: |f32 - f64| / |f64| for scalars; per tensor max |f32 - f64| / max |f64| for gradients and",
         "logits. These are the yardsticks of the C++ test's FP32 tolerances.",
         "",
-        "| case | padded vs alone (logits) | step-0 loss | CE | aux | gradients (worst tensor) | 10-step losses | grad norms | held-out logits | loss step 0 -> 9 | grad norm range | bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | padded vs alone (logits) | step-0 loss | CE | aux | gradients (worst tensor) | 10-step losses | grad norms | trained factors | held-out logits | loss step 0 -> 9 | grad norm range | bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in info.items():
         lines.append(
             f"| `{name}` | {c['pad_spread']:.1e} | {c['loss_spread']:.1e} | {c['ce_spread']:.1e} | {c['aux_spread']:.1e} | "
             f"{c['grad_spread_max']:.1e} (`{c['grad_spread_worst'].replace('base_model.model.', '')}`) | "
-            f"{c['train_loss_spread']:.1e} | {c['train_norm_spread']:.1e} | {c['logits_spread']:.1e} | "
+            f"{c['train_loss_spread']:.1e} | {c['train_norm_spread']:.1e} | {c['factor_spread']:.1e} | {c['logits_spread']:.1e} | "
             f"{c['loss_first_last'][0]:.4f} -> {c['loss_first_last'][1]:.4f} | "
             f"{c['grad_norm_range'][0]:.3f} .. {c['grad_norm_range'][1]:.3f} | {c['bytes']:,} |")
-    lines += ["", nf4_map_note, ""]
+    lines += [
+        "",
+        nf4_map_note,
+        "",
+        "## moelab_adapter/ (the other direction)",
+        "",
+        "`<case>/moelab_adapter/` is an adapter trained by moelab: `tests/test_train_parity.cpp`'s run of the same",
+        "recipe from `init_adapter/` (LoraModel<float> on moelab's own NF4 base, train::AdamW, clip_grad_norm, the",
+        "cosine LrSchedule), saved by `LoraParams::save`. To regenerate it, run the test with",
+        "`MOELAB_WRITE_MOELAB_ADAPTER=DIR` (it writes `DIR/<case>/`), copy each to `<case>/moelab_adapter/`, then",
+        "`scripts/make_train_fixtures.py --check-moelab-adapter`: peft loads it (`PeftModel.from_pretrained` on the",
+        "same NF4 base) and records transformers' held-out logits in `<case>/moelab_expected.safetensors`, which the",
+        "test compares with moelab's reference engine. The test also checks that a fresh run trains the committed",
+        "factors (within 10x `train.factor_spread`).",
+        "",
+    ]
     (OUT / "README.md").write_text("\n".join(lines))
 
 
