@@ -21,16 +21,16 @@ what transformers + peft + torch compute for QLoRA. This script runs that recipe
 records every number the C++ test (tests/test_train_parity.cpp) compares, so the test needs no Python:
 
 1. The frozen base as QLoRA holds it. Every weight moelab quantizes (ModelConfig::nf4_weight_names(): q/k/v/o,
-   the router gate, each expert's w1/w3/w2; embeddings, norms and lm_head stay float) is quantized with
-   bitsandbytes.functional.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4") and
-   dequantized to FP32 (the flat rule of bitsandbytes' pure-torch kernel: code[q] * absmax, absmax =
-   map8[qabsmax] * nested_absmax + offset). The 8-bit map is the fresh create_dynamic_map(), i.e. the CUDA one
-   moelab writes: bitsandbytes' CPU quantizer overwrites entry 0 with -1.0 (tests/fixtures/nf4/README.md,
-   finding 3); blocks with 8-bit code 0 are counted in the README, and bitsandbytes' own dequantization is
-   asserted equal wherever that entry is not used. Those values are loaded into a float32 MixtralForCausalLM
-   (eager attention, training mode), asserted bit-equal to what was loaded, and summarized per weight in
-   expected.safetensors (nf4_checksum.*) so the C++ test checks that moelab's own NF4 round trip of the float
-   checkpoint gives the same base.
+   the router gate, each expert's w1/w3/w2, or the dense MLP's gate/up/down_proj; embeddings, norms and
+   lm_head stay float) is quantized with bitsandbytes.functional.quantize_4bit(W, blocksize=64,
+   compress_statistics=True, quant_type="nf4") and dequantized to FP32 (the flat rule of bitsandbytes'
+   pure-torch kernel: code[q] * absmax, absmax = map8[qabsmax] * nested_absmax + offset). The 8-bit map is the
+   fresh create_dynamic_map(), i.e. the CUDA one moelab writes: bitsandbytes' CPU quantizer overwrites entry 0
+   with -1.0 (tests/fixtures/nf4/README.md, finding 3); blocks with 8-bit code 0 are counted in the README,
+   and bitsandbytes' own dequantization is asserted equal wherever that entry is not used. Those values are
+   loaded into the float32 model (MixtralForCausalLM or MistralForCausalLM, eager attention, training mode),
+   asserted bit-equal to what was loaded, and summarized per weight in expected.safetensors (nf4_checksum.*)
+   so the C++ test checks that moelab's own NF4 round trip of the float checkpoint gives the same base.
 2. peft: LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, init_lora_weights=False, ...) after
    torch.manual_seed(seed), get_peft_model. Both factors hold nn.Linear's seeded Kaiming-uniform values (peft's
    default B = 0 would make every A gradient zero). Saved by save_pretrained into init_adapter/.
@@ -51,6 +51,9 @@ records every number the C++ test (tests/test_train_parity.cpp) compares, so the
    (the peft model) and in float64 (the same recipe on the float64 model).
 6. The trained float32 adapter (save_pretrained into trained_adapter/) and transformers' logits with it on a
    held-out sequence, float32 and float64 (the float32 factors loaded onto the float64 model).
+
+Cases: mixtral-4e-gqa-f32 (top-2, GQA 4:1, every module moelab adapts, router aux loss on), mixtral-top1-swa
+(top-1, sliding window 4 < every sequence, tied lm_head, rsLoRA, attention + w2), mistral-dense (the dense MLP).
 
 Files per case (tests/fixtures/train/<case>/):
   init_adapter/adapter_config.json, adapter_model.safetensors      peft's save_pretrained (base_model_name_or_path
@@ -111,7 +114,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_fixtures import MODEL_DIR, ROOT, Float64Islands, use_float64_rope  # noqa: E402
-from transformers import MixtralForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, MistralForCausalLM, MixtralForCausalLM  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "train"
 PEFT_VERSION = "0.21.2"
@@ -145,6 +148,16 @@ CASES = {
         "prompt": [4, 0, 2],
         "held_out": 12,
     },
+    # The dense model (MistralForCausalLM: mlp.gate_proj/up_proj/down_proj instead of experts), GQA 2:1.
+    "mistral-dense": {
+        "model": "mistral-dense",
+        "seed": 1513,
+        "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        "router_aux_coef": 0.0,
+        "lengths": [15, 12, 8],
+        "prompt": [3, 2, 0],
+        "held_out": 12,
+    },
 }
 
 
@@ -161,10 +174,17 @@ def nf4_weight_names(cfg) -> list[str]:
     for l in range(cfg.num_hidden_layers):
         p = f"model.layers.{l}."
         names += [p + f"self_attn.{x}.weight" for x in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if not is_moe(cfg):  # MistralForCausalLM's dense MLP: w1 = gate_proj, w3 = up_proj, w2 = down_proj
+            names += [p + f"mlp.{w}.weight" for w in ("gate_proj", "up_proj", "down_proj")]
+            continue
         names.append(p + "block_sparse_moe.gate.weight")
         for e in range(cfg.num_local_experts):
             names += [p + f"block_sparse_moe.experts.{e}.{w}.weight" for w in ("w1", "w3", "w2")]
     return names
+
+
+def is_moe(cfg) -> bool:
+    return cfg.model_type == "mixtral"
 
 
 def nf4_round_trip(w: torch.Tensor, cuda_map: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -196,7 +216,8 @@ def checksum(w: torch.Tensor) -> np.ndarray:
 
 def load_nf4_base(model_name: str, cuda_map: torch.Tensor):
     """The float checkpoint with every NF4 weight replaced by its round trip; float32, eager, training mode."""
-    m = MixtralForCausalLM.from_pretrained(MODEL_DIR / model_name, dtype=torch.float32, attn_implementation="eager")
+    m = AutoModelForCausalLM.from_pretrained(MODEL_DIR / model_name, dtype=torch.float32, attn_implementation="eager")
+    assert type(m) in (MixtralForCausalLM, MistralForCausalLM), type(m)
     names = nf4_weight_names(m.config)
     params = dict(m.named_parameters())
     deq, code0, sums = {}, 0, {}
@@ -211,7 +232,7 @@ def load_nf4_base(model_name: str, cuda_map: torch.Tensor):
         assert torch.equal(params[n].detach(), deq[n]), n
         sums[f"nf4_checksum.{n}"] = checksum(params[n])
         digest.update(params[n].detach().numpy().astype("<f4").tobytes())
-    assert m.config.router_jitter_noise == 0.0 and m.config.attention_dropout == 0.0
+    assert getattr(m.config, "router_jitter_noise", 0.0) == 0.0 and m.config.attention_dropout == 0.0
     return m, sums, {"nf4_weights": len(names), "code0_blocks": code0, "sha256": digest.hexdigest()}
 
 
@@ -260,10 +281,15 @@ def peft_key(param_name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # 4. Losses
 # ----------------------------------------------------------------------------------------------------------
+def router_kwargs(coef: float) -> dict:
+    """output_router_logits only where the loss uses them (MistralForCausalLM has no router)."""
+    return {"output_router_logits": True} if coef > 0 else {}
+
+
 def loss_f32(pm, batch, coef: float):
     """The padded batch through the peft model, with transformers' own loss; CE and aux split."""
     ids, mask, labels = batch
-    out = pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, output_router_logits=coef > 0)
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, **router_kwargs(coef))
     if coef > 0:
         cfg = pm.base_model.model.config
         aux = load_balancing_loss_func(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, mask)
@@ -294,7 +320,7 @@ def loss_f64(pm64, seqs, coef: float):
     ce_sum, n, rl = 0, 0, [[] for _ in range(cfg.num_hidden_layers)]
     with Float64Islands():
         for tokens, target in seqs:
-            out = pm64(input_ids=tokens[None], use_cache=False, output_router_logits=coef > 0)
+            out = pm64(input_ids=tokens[None], use_cache=False, **router_kwargs(coef))
             assert out.logits.dtype == torch.float64
             lp = torch.log_softmax(out.logits[0, :-1], dim=-1)
             t = target[1:].bool()
@@ -372,7 +398,9 @@ def make_case(name: str, spec: dict, cuda_map) -> dict:
     model_name, coef = spec["model"], spec["router_aux_coef"]
     base, sums, nf4_info = load_nf4_base(model_name, cuda_map)
     cfg = base.config
-    base.router_aux_loss_coef = cfg.router_aux_loss_coef = coef  # MixtralForCausalLM keeps its own copy
+    if is_moe(cfg):
+        base.router_aux_loss_coef = cfg.router_aux_loss_coef = coef  # MixtralForCausalLM keeps its own copy
+    assert coef == 0 or is_moe(cfg)
     seqs, held = make_batch(spec, cfg.vocab_size)
     batch = padded(seqs)
 
@@ -494,7 +522,7 @@ def write_readme(info: dict, nf4_map_note: str) -> None:
         f"Generated with: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__},",
         f"bitsandbytes {bitsandbytes.__version__}; `ATEN_CPU_CAPABILITY=avx2`, one torch thread.",
         "",
-        f"Recipe (both cases): AdamW lr {OPTIM['lr']}, betas {OPTIM['betas']}, eps {OPTIM['eps']}, weight decay "
+        f"Recipe (every case): AdamW lr {OPTIM['lr']}, betas {OPTIM['betas']}, eps {OPTIM['eps']}, weight decay "
         f"{OPTIM['weight_decay']} (foreach=False); clip_grad_norm_ {MAX_GRAD_NORM}; cosine schedule with {WARMUP} "
         f"warmup steps of {STEPS}; the same batch every step; lora_dropout 0; init_lora_weights=False after "
         "torch.manual_seed(seed).",
