@@ -129,7 +129,7 @@ void LoraParams<S>::save(const std::string& dir, const LoraRecipe& recipe, const
   const double scale = recipe.scale();
   for (const auto& p : params_) {
     // One r and lora_alpha for every module: a rank_pattern / alpha_pattern adapter is not re-saved.
-    if (p.a.rows() != recipe.rank || std::abs(double(p.scale) - scale) > 1e-12 * std::abs(scale))
+    if (p.a.rows() != recipe.rank || p.scale != S(scale))  // compared in S: a float scale is the rounded recipe scale (rsLoRA's alpha/sqrt(r))
       throw Error(fmt::format("saving a LoRA adapter to {}: module '{}' has rank {} and scale {}, the recipe r={} "
                               "lora_alpha={} (scale {}); per-module ranks are not written",
                               dir, p.weight_name, p.a.rows(), double(p.scale), recipe.rank, recipe.alpha, scale));
