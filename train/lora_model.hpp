@@ -10,6 +10,12 @@
 // Layout and ownership (DESIGN: train/ depends on core/, reference/ types and optimized/nf4 only):
 //   LoraParams<S>  the trainable factors and their gradients, keyed by checkpoint weight name
 //   LoraModel<S>   the frozen base (NF4 or float) + loss_and_grad()
+// Files: train/lora_params.cpp (targets, init, peft's save format), train/frozen_base.* (the NF4 base,
+// dequantized a layer at a time), train/stages.hpp (each forward stage beside its backward),
+// train/lora_model.cpp (the pass over layers, cross-entropy, the auxiliary loss, checkpointing).
+// Threads: OpenMP over attention heads and experts for sequences of 48 tokens or more, plus Eigen's own
+// threaded products; with the same thread count the results do not depend on scheduling (every parallel
+// write has one owner and sums run in a fixed order).
 //   (train/adamw.*, train/schedule.*, train/data.*, cli/cmd_finetune.cpp build the training loop on these)
 #include <cstdint>
 #include <memory>

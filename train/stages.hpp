@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
-#include <random>
 #include <vector>
 
 #include "train/lora_model.hpp"
@@ -46,12 +45,14 @@ Mat<S> linear_forward(const Mat<S>& x, const Mat<S>& w, const LoraParam<S>* lora
   if (!lora) return y;
   Mat<S> u;
   if (drop.p > 0) {
-    // nn.Dropout: each element zeroed with probability p, the rest scaled by 1/(1-p).
-    std::mt19937_64 rng(mix(drop.stream));
-    std::uniform_real_distribution<double> uni(0.0, 1.0);
+    // nn.Dropout: each element zeroed with probability p, the rest scaled by 1/(1-p). Element i's draw is
+    // SplitMix64 at counter i: cheap, and the same mask whenever the stream is the same.
     const S kept = S(1) / S(1 - drop.p);
+    const double threshold = drop.p * 18446744073709551616.0;  // p · 2^64: P(draw < threshold) = p
     Mat<S> keep(x.rows(), x.cols());
-    for (Eigen::Index i = 0; i < keep.size(); ++i) keep.data()[i] = uni(rng) < drop.p ? S(0) : kept;
+    const uint64_t base = mix(drop.stream);
+    for (Eigen::Index i = 0; i < keep.size(); ++i)
+      keep.data()[i] = double(mix(base + uint64_t(i) * 0x9E3779B97F4A7C15ull)) < threshold ? S(0) : kept;
     Mat<S> xd = x.cwiseProduct(keep);
     u = xd * lora->a.transpose();
     if (cache) {
