@@ -20,6 +20,7 @@
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
 #include "core/lora.hpp"
+#include "core/safetensors.hpp"
 #include "fixture_util.hpp"
 #include "optimized/cpu/quantize.hpp"
 #include "reference/model.hpp"
@@ -513,6 +514,35 @@ TEST(TrainGrad, DropoutMaskIsNnDropout) {
   EXPECT_TRUE(c1.keep == c2.keep);
   EXPECT_FALSE(c1.keep == c3.keep);
   EXPECT_TRUE(c1.xd == x.cwiseProduct(c1.keep));
+}
+
+// A pre-quantized checkpoint (transformers + bitsandbytes' own 4-bit file) is read with its NF4 codes:
+// a fresh adapter's loss equals the cross-entropy of the logits transformers computed with that model
+// (tests/fixtures/models/mixtral-4e-bnb-nf4/expected.safetensors, FP32). Tolerance: cpu-nf4 reading the
+// same file matches those logits to 9e-7 relative L2 (test_cpu_engine.cpp), float32 rounding on
+// transformers' side; the cross-entropy inherits about that, so 1e-5 relative. A weight left unquantized
+// or decoded with another block or scale moves it by NF4's own error (0.57 relative L2 on the logits).
+TEST(TrainLoss, PrequantizedCheckpointEqualsTransformersNf4) {
+  const auto ck = Checkpoint::open(model_dir("mixtral-4e-bnb-nf4"));
+  ASSERT_TRUE(ck->config().quantization.nf4);
+  const SafetensorsFile expected(model_dir("mixtral-4e-bnb-nf4") + "/expected.safetensors");
+  TrainSequence s;
+  s.tokens = read_i32(expected, "tokens");
+  s.target.assign(s.tokens.size(), 1);
+  const MatrixRF logits = read_matrix_f32(expected, "logits");
+  double want = 0;
+  for (size_t t = 1; t < s.tokens.size(); ++t) {
+    const Eigen::RowVectorXd row = logits.row(Eigen::Index(t - 1)).cast<double>();
+    const double mx = row.maxCoeff();
+    want += mx + std::log((row.array() - mx).exp().sum()) - row(s.tokens[t]);
+  }
+  want /= double(s.tokens.size() - 1);
+  LoraModel<double> model(*ck);
+  const auto params = LoraParams<double>::init(ck->config(), full_recipe(ck->config()), 1);
+  const auto r = model.loss(std::span(&s, 1), params, {});
+  EXPECT_NEAR(r.ce, want, 1e-5 * want);
+  std::printf("  pre-quantized: ce %.9f, from transformers' logits %.9f\n", r.ce, want);
+  EXPECT_THROW(LoraModel<double>(*ck, {.nf4 = false}), Error);
 }
 
 }  // namespace
