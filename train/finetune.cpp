@@ -212,6 +212,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   double loss_sum = 0;
   LossOptions lo;
   lo.router_aux_coef = o.router_aux_coef;
+  lo.lora_dropout = o.lora.dropout;  // peft applies it on the LoRA branch while training
   lo.gradient_checkpointing = o.gradient_checkpointing;
   while (counters.step < total_steps) {
     const int64_t s = counters.step;
