@@ -297,7 +297,7 @@ def loss_f32(pm, batch, coef: float):
         # transformers' CE: mean over the labels of the shifted logits (float32)
         ce = TF.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                               ignore_index=-100)
-        assert abs((ce + coef * aux).item() - out.loss.item()) <= 1e-6 * abs(out.loss.item()), (ce.item(), aux.item(), out.loss.item(), out.aux_loss.item())
+        assert abs((ce + coef * aux).item() - out.loss.item()) <= 1e-6 * abs(out.loss.item()), (ce.item(), aux.item())
         return out.loss, (out.loss - coef * aux).item(), aux.item(), out
     return out.loss, out.loss.item(), 0.0, out
 
