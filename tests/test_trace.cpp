@@ -1216,7 +1216,8 @@ Spawned spawn_moelab(const TempDir& tmp, const std::vector<std::string>& args, d
   return r;
 }
 
-// Exit status 1 and exactly one line on stderr, "moelab: error: ...", holding every needle.
+// Exit status 1 and exactly one line on stderr, "moelab: error: ...", holding every needle. Callers pass
+// --progress none: a run slower than 10 s (a sanitizer build on a busy machine) prints progress lines too.
 void expect_clean_failure(const Spawned& r, const std::vector<std::string>& needles) {
   EXPECT_FALSE(r.timed_out) << "still running after " << r.seconds << " s (a hang)";
   EXPECT_EQ(r.signal, 0) << "killed by signal " << r.signal << "; stderr: " << r.err.substr(0, 2000);
@@ -1270,7 +1271,7 @@ TEST(TraceWriteError, FileSizeLimitEndsInOneLineAndKeepsWhatWasFlushed) {
   TempDir tmp;
   write_text(tmp.file("in.txt"), long_text(30000, 7));
   const std::vector<std::string> common{"trace", "--model", model_dir("mixtral-4e-gqa-f32"), "--input", tmp.file("in.txt"),
-                                        "--router-logits", "--window", "64", "--output"};
+                                        "--router-logits", "--window", "64", "--progress", "none", "--output"};
   auto args = common;
   args.push_back(tmp.file("full.h5"));
   const auto whole = spawn_moelab(tmp, args, 300);
@@ -1305,7 +1306,7 @@ TEST(TraceWriteError, FullFilesystemEndsInOneLineAndKeepsWhatWasFlushed) {
   write_text(tmp.file("in.txt"), long_text(40000, 8));
   const auto out = dir + "/t.h5";
   const auto r = spawn_moelab(tmp, {"trace", "--model", model_dir("mixtral-4e-gqa-f32"), "--input", tmp.file("in.txt"),
-                                    "--router-logits", "--window", "64", "--output", out},
+                                    "--router-logits", "--window", "64", "--progress", "none", "--output", out},
                               300);
   expect_clean_failure(r, {out, "No space left on device", "flushed before the error are kept"});
   EXPECT_EQ(r.err.find("HDF5-DIAG"), std::string::npos) << r.err;
