@@ -961,7 +961,13 @@ TEST(ServeCli, SoakConcurrentClientsGarbageAndDisconnects) {
   EXPECT_GE(good.load(), 4 * 6 * 6);
   EXPECT_GE(bad_answered.load(), 4 * 6 * 3);
   ASSERT_GT(rss.front(), 0);
+#ifndef __SANITIZE_ADDRESS__
   EXPECT_LT(rss.back() - rss.front(), 8 * 1024) << "RSS after each round (kB): " << json(rss).dump();
+#else
+  // An AddressSanitizer build (scripts/sanitize.sh) keeps freed memory in its quarantine (256 MB by default)
+  // so use-after-free is caught: RSS grows by design there (490 MB over the rounds, measured). That build
+  // checks leaks with LeakSanitizer at the server's exit instead.
+#endif
   std::printf("soak: %d well-formed answered correctly, %d bad ones answered or closed; RSS after each round (kB): %s\n",
               good.load(), bad_answered.load(), json(rss).dump().c_str());
   // Still serving, then a clean stop.
