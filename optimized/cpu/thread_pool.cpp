@@ -47,8 +47,10 @@ bool ThreadPool::run_chunks() {
   bool ran = false;
   uint64_t s = state_.load(std::memory_order_acquire);
   for (;;) {
-    const auto* body = body_.load(std::memory_order_acquire);
-    const int64_t n = n_.load(std::memory_order_acquire), grain = grain_.load(std::memory_order_acquire);
+    // seq_cst loads (with parallel_for's seq_cst stores): a worker that sees the next job's n_ also sees the
+    // closed state stored before it, so its compare-exchange below cannot succeed on a stale index.
+    const auto* body = body_.load();
+    const int64_t n = n_.load(), grain = grain_.load();
     const int64_t begin = int64_t(s & kIndexMask);
     if (body == nullptr || begin >= n) return ran;
     const int64_t end = std::min(n, begin + grain);
@@ -95,12 +97,17 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
   }
   failed_.store(false);
   failure_ = nullptr;
-  done_.store(0, std::memory_order_relaxed);
-  n_.store(n, std::memory_order_relaxed);
-  grain_.store(grain, std::memory_order_relaxed);
-  body_.store(&body, std::memory_order_relaxed);
+  // Close the previous job's index first. Without this, a worker holding the previous job's final state
+  // (index = its n) that read this job's larger n_ claimed chunk [old n, ...) with a compare-exchange that
+  // still matched, and ran it beside this job's own claim of it: a chunk ran twice (seen once in 673 tests,
+  // ThreadPool.ManyShortJobsInARowNeverMix on a fresh machine). No index is below kIndexMask's.
   const uint64_t generation = (state_.load() >> kIndexBits) + 1;
-  state_.store(generation << kIndexBits, std::memory_order_release);  // publishes the fields above
+  state_.store(((generation - 1) << kIndexBits) | kIndexMask);
+  done_.store(0);
+  n_.store(n);
+  grain_.store(grain);
+  body_.store(&body);
+  state_.store(generation << kIndexBits);  // publishes the fields above (seq_cst)
   wake_.fetch_add(1, std::memory_order_release);
   if (sleepers_.load() > 0) wake_.notify_all();
   t_inside_pool = true;
