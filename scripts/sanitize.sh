@@ -6,7 +6,7 @@
 #                                              'CpuEngine|Q8|ThreadPool|OpTable' (the cpu-nf4 tests)
 #
 # ASan+UBSan: the default compiler, RelWithDebInfo, -fsanitize=address,undefined -fno-omit-frame-pointer,
-# UB fatal (-fno-sanitize-recover), leak detection on, MOELAB_CUDA=OFF; builds moelab_tests, moelab_train_tests, the CLI
+# UB fatal (-fno-sanitize-recover), leak detection on, MOELAB_CUDA=OFF; builds moelab_tests, moelab_train_tests, moelab_bench (a README recipe runs it), the CLI
 # it runs and the fuzz corpus replays, then runs ctest (every test, or those matching CTEST_REGEX; the
 # CLI tests run the sanitized binary too). TSan: clang with LLVM's libomp and its Archer tool, so OpenMP
 # (used only at load) is understood rather than suppressed; see scripts/sanitizer-suppressions/tsan.supp.
@@ -33,7 +33,7 @@ if [[ $mode == asan ]]; then
     -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
     -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" >"$build/configure.log" 2>&1 ||
     { cat "$build/configure.log"; exit 1; }
-  targets=(--target moelab_tests --target moelab_train_tests --target moelab)
+  targets=(--target moelab_tests --target moelab_train_tests --target moelab --target moelab_bench)
   for h in safetensors config tokenizer eval_docs trace; do targets+=(--target "fuzz_replay_$h"); done
   "${nice[@]}" cmake --build "$build" -j"$jobs" "${targets[@]}"
   export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:fast_unwind_on_malloc=0}
