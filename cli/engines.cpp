@@ -85,7 +85,7 @@ void add_engine_options(CLI::App& cmd, EngineOptions& opts, bool choose_engine) 
                "current hidden state) while this layer computes");
   cmd.add_option("--adapter", opts.adapter,
                  "A peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied unmerged: "
-                 "y = W x + scale * B (A x), the LoRA product in FP32 (ref, cpu-nf4; docs/lora.md)");
+                 "y = W x + scale * B (A x), the LoRA product in FP32 (ref, cpu-nf4, cuda-nf4; docs/lora.md)");
   add_progress_option(cmd);
 }
 
@@ -144,7 +144,7 @@ cuda::ActType cuda_activations(const std::string& name) {
   return name == "fp32" ? cuda::ActType::f32 : cuda::ActType::bf16;
 }
 
-cuda::EngineOptions cuda_options(const EngineOptions& opts) {
+cuda::EngineOptions cuda_options(const EngineOptions& opts, std::shared_ptr<const LoraAdapter> adapter = nullptr) {
   if (opts.stream) throw Error("--stream applies to the ref engine only");
   if (opts.gpu_expert_prefetch && opts.gpu_expert_cache == 0)
     throw Error("--gpu-expert-prefetch needs --gpu-expert-cache N (with every expert on the GPU there is nothing to fetch)");
@@ -153,7 +153,8 @@ cuda::EngineOptions cuda_options(const EngineOptions& opts) {
                              .show_progress = true,
                              .activations = cuda_activations(opts.activations),
                              .gpu_expert_cache = opts.gpu_expert_cache,
-                             .prefetch_experts = opts.gpu_expert_prefetch};
+                             .prefetch_experts = opts.gpu_expert_prefetch,
+                             .adapter = std::move(adapter)};
 }
 
 void print_cuda_loaded(const cuda::CudaNf4Engine& engine) {
@@ -167,13 +168,11 @@ void print_cuda_loaded(const cuda::CudaNf4Engine& engine) {
 #endif
 
 // The adapter named by --adapter, read and checked against the model before any weight is loaded.
+// cuda-nf4 prints its summary once the engine exists, so a machine without a GPU gets one error line.
 std::shared_ptr<const LoraAdapter> load_adapter(const Checkpoint& ck, const EngineOptions& opts) {
   if (opts.adapter.empty()) return nullptr;
-  if (opts.engine == "cuda-nf4")
-    throw Error(fmt::format("--adapter {}: cuda-nf4 does not apply LoRA adapters yet; use --engine cpu-nf4 or ref, or "
-                            "merge the adapter into the weights first (moelab merge)", opts.adapter));
   auto adapter = LoraAdapter::load(opts.adapter, ck.config());
-  fmt::print(stderr, "[{}] adapter {}\n", opts.engine, adapter->summary());
+  if (opts.engine != "cuda-nf4") fmt::print(stderr, "[{}] adapter {}\n", opts.engine, adapter->summary());
   return adapter;
 }
 
@@ -204,7 +203,8 @@ std::unique_ptr<Engine> make_engine(const Checkpoint& ck, const EngineOptions& o
   }
   if (opts.engine == "cuda-nf4") {
 #ifdef MOELAB_HAVE_CUDA
-    auto engine = std::make_unique<cuda::CudaNf4Engine>(ck, cuda_options(opts));
+    auto engine = std::make_unique<cuda::CudaNf4Engine>(ck, cuda_options(opts, adapter));
+    if (adapter) fmt::print(stderr, "[cuda-nf4] adapter {}\n", adapter->summary());
     print_cuda_loaded(*engine);
     return engine;
 #else

@@ -23,7 +23,7 @@ struct EngineOptions {
   std::string lm_head = "auto";  // cpu-nf4: fp32, q8, or auto (q8 with int8 activations, fp32 in the check mode)
   int gpu_expert_cache = 0;          // cuda-nf4: experts per layer on the GPU (0: all)
   bool gpu_expert_prefetch = false;  // cuda-nf4 with the cache: prefetch the next layer's likely experts
-  std::string adapter = {};          // a peft LoRA adapter folder applied unmerged (ref, cpu-nf4); empty: none
+  std::string adapter = {};          // a peft LoRA adapter folder applied unmerged (ref, cpu-nf4, cuda-nf4); empty: none
 };
 
 // Adds the engine option group (--engine, --precision, --stream, --context, --threads/-t, --kernels,

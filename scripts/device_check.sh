@@ -1,9 +1,9 @@
 #!/bin/bash
 # The one cuda-nf4 check for the GPU machine: configure and build the CUDA targets, run the device
-# tests, `moelab diff --a ref --b cuda-nf4` on every fixture model (BF16 and FP32 products), the CUDA
-# benchmarks (NF4 GEMV vs copy bandwidth and cuBLAS FP16, attention, the full-shape MoE layer,
-# synthetic Mixtral-8x7B decode with the expert cache at all/6/4/2 experts per layer) and
-# `moelab profile --synthetic mixtral-8x7b` end to end.
+# tests, `moelab diff --a ref --b cuda-nf4` on every fixture model (BF16 and FP32 products) and with each
+# fixture LoRA adapter (FP32 products), the CUDA benchmarks (NF4 GEMV vs copy bandwidth and cuBLAS FP16,
+# attention, the full-shape MoE layer, synthetic Mixtral-8x7B decode with the expert cache at all/6/4/2
+# experts per layer) and `moelab profile --synthetic mixtral-8x7b` end to end.
 # Writes logs and summary.md to OUTDIR. Designed to finish well under 8 minutes on an H200.
 #
 #   scripts/device_check.sh OUTDIR
@@ -72,6 +72,16 @@ for m in "$here"/tests/fixtures/models/*/; do
     step "diff_${name}_$act" 30 "$build/moelab" diff --model "$m" --a ref --b cuda-nf4 --activations "$act" \
       --prompt "Mixture of experts" --json "$out/diff_${name}_$act.json"
   done
+done
+
+# 4b. The same with a LoRA adapter on both sides (cuda-nf4's unmerged LoRA path, FP32 products): the
+# fixture adapters and their models. The device tests (step 3, CudaLora.*) assert the bounds; this is the
+# CLI path end to end, its table in the log.
+for a in "$here"/tests/fixtures/lora/*/; do
+  name=$(basename "$a")
+  case $name in mixtral-4e-gqa-f32*) m=mixtral-4e-gqa-f32 ;; *) m=mixtral-top1-swa ;; esac
+  step "diff_lora_${name}" 30 "$build/moelab" diff --model "$here/tests/fixtures/models/$m" --a ref --b cuda-nf4 \
+    --activations fp32 --adapter "$a" --prompt "Mixture of experts" --json "$out/diff_lora_${name}.json"
 done
 
 # 5. Benchmarks (each repetition short; Google Benchmark's JSON kept). The synthetic decode builds a

@@ -1,6 +1,7 @@
 // LoRA adapters (issue 15, phase 1): peft's adapters read by core/lora.cpp, applied unmerged by ref and
 // cpu-nf4 and merged by `moelab merge`, against what transformers + peft compute with the same adapters
 // (tests/fixtures/lora, made by scripts/make_lora_fixtures.py; its README.md has the measured figures).
+// cuda-nf4's adapter path is checked on a GPU by tests/test_cuda_lora.cpp; here only its CLI.
 //
 // Tolerances, and where each comes from:
 // - ref (FP32) vs peft FP32, every layer's hidden state and router logits and the logits: relative L2
@@ -476,8 +477,36 @@ TEST_F(LoraBadAdapter, DamagedFilesNeverCrash) {
   expect_refused("/nonexistent/adapter", {"/nonexistent/adapter", "not a directory"});
 }
 
-TEST_F(LoraBadAdapter, CudaNf4RefusesAnAdapter) {
-  expect_refused(lora_dir(kCase), {"cuda-nf4", "--adapter"}, {"--engine", "cuda-nf4"});
+// cuda-nf4 applies adapters (tests/test_cuda_lora.cpp checks its numbers on a GPU). Off a GPU these check
+// the CLI around it: a bad adapter is refused naming the field before any device is looked for, and a
+// good one gets as far as the device: one line saying there is none (or that this build has no CUDA),
+// never a refusal of the adapter. With a GPU present the forward simply runs.
+TEST_F(LoraBadAdapter, CudaNf4ChecksTheAdapterBeforeTheDevice) {
+  AdapterCopy a(kCase);
+  a.edit_config([](ojson& j) { j["use_dora"] = true; });
+  expect_refused(a.str(), {kAdapterConfigFile, "'use_dora'", "DoRA"}, {"--engine", "cuda-nf4"});
+}
+
+TEST(LoraCli, CudaNf4TakesAnAdapter) {
+  TempDir out("moelab-lora-cuda");
+  const ProgramRun r = run_program({MOELAB_BIN, "forward", "--model", model_dir("mixtral-4e-gqa-f32"), "--adapter",
+                                    lora_dir("mixtral-4e-gqa-f32-r4"), "--engine", "cuda-nf4", "--token-ids",
+                                    "1,329,439", "--progress", "none", "-o", out.file("f.safetensors")},
+                                   out.path(), 60);
+  ASSERT_FALSE(r.timed_out) << "timed out (hung)";
+  EXPECT_EQ(r.signal, 0) << "killed by signal " << r.signal << "; stderr: " << r.err;
+  if (r.exit_code == 0) {  // a GPU: it ran, with the adapter
+    EXPECT_NE(r.err.find("[cuda-nf4] adapter "), std::string::npos) << r.err;
+    EXPECT_TRUE(fs::exists(out.file("f.safetensors")));
+    return;
+  }
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(r.err.rfind("moelab: error: cuda-nf4: ", 0), 0u) << r.err;
+  EXPECT_TRUE(r.err.find("no CUDA device found") != std::string::npos || r.err.find("built without CUDA") != std::string::npos)
+      << r.err;
+  EXPECT_EQ(r.err.find("adapter"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(out.file("f.safetensors")));
 }
 
 // ---------------------------------------------------------------------------------------------- CLI

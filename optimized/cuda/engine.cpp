@@ -40,6 +40,19 @@ void CudaNf4Engine::Impl::linear(Act x, int n, const DeviceMatrix& w, float* y, 
   }
 }
 
+void CudaNf4Engine::Impl::add_lora(const DeviceLora& lora, const float* x, int n, float* y, int64_t ldy) {
+  if (!lora.a || n == 0) return;
+  float* t = lora_t.get(size_t(n) * size_t(lora.rank));
+  const float one = 1.0f, zero = 0.0f;
+  // Column-major views of the row-major matrices: T^T[rank, n] = A[in, rank]^T * X^T[in, n], then
+  // Y^T[out, n] += scale * B[rank, out]^T * T^T[rank, n]. Two SGEMMs at any n (decode too): the factors
+  // are small beside the NF4 weight, and one code path keeps decode and prefill the same arithmetic.
+  MOELAB_CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, lora.rank, n, int(lora.in), &one, lora.a,
+                                  int(lora.in), x, int(lora.in), &zero, t, lora.rank));
+  MOELAB_CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, int(lora.out), n, lora.rank, &lora.scale, lora.b,
+                                  lora.rank, t, lora.rank, &one, y, int(ldy)));
+}
+
 MatrixRF CudaNf4Engine::Impl::to_host(const float* d, int rows, int cols) const {
   MatrixRF m(rows, cols);
   MOELAB_CUDA_CHECK(cudaMemcpyAsync(m.data(), d, size_t(rows) * cols * sizeof(float), cudaMemcpyDeviceToHost, stream));
@@ -62,8 +75,10 @@ CudaNf4Engine::CudaNf4Engine(const ModelConfig& config, const Checkpoint* ck, En
   if (options.gpu_expert_cache > 0 && options.gpu_expert_cache < config.top_k)
     throw Error(fmt::format("--gpu-expert-cache {}: fewer slots than the {} experts each token uses ({})",
                             options.gpu_expert_cache, config.top_k, config.source));
+  if (options.adapter && !ck) throw Error("cuda-nf4: a LoRA adapter needs a checkpoint's weights; a synthetic model has none");
   m.init_device(options.device);
   m.load_weights(ck, seed);
+  if (options.adapter) m.load_adapter(*options.adapter);
 }
 
 CudaNf4Engine::CudaNf4Engine(const Checkpoint& ck, EngineOptions options) : CudaNf4Engine(ck.config(), &ck, options, 0) {}
@@ -134,6 +149,9 @@ MatrixRF CudaNf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
     m.linear(xa, n, w.wq, q, qd);
     m.linear(xa, n, w.wk, k, kvd);
     m.linear(xa, n, w.wv, v, kvd);
+    m.add_lora(w.wq_lora, x, n, q, qd);  // on the FP32 x, as cpu-nf4 applies them
+    m.add_lora(w.wk_lora, x, n, k, kvd);
+    m.add_lora(w.wv_lora, x, n, v, kvd);
     rope(q, n, cfg.num_heads, cfg.head_dim, m.pos, m.inv_freq, s);
     rope(k, n, cfg.num_kv_heads, cfg.head_dim, m.pos, m.inv_freq, s);
     const size_t row_bytes = size_t(kvd) * sizeof(float);
@@ -144,6 +162,7 @@ MatrixRF CudaNf4Engine::forward(std::span<const int32_t> tokens, Probe* probe) {
     attention(q, m.k_cache[size_t(l)], m.v_cache[size_t(l)], n, m.pos, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
               cfg.sliding_window, att, attn_work, attn_work_floats, m.sm_count, s);
     m.linear(m.stage(att, int64_t(n) * qd, m.stage_att), n, w.wo, tmp, H);
+    m.add_lora(w.wo_lora, att, n, tmp, H);
     add_inplace(h, tmp, int64_t(n) * H, s);
 
     rms_norm(h, w.ffn_norm, n, H, float(cfg.rms_norm_eps), x, s);

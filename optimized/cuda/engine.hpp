@@ -5,6 +5,8 @@
 // inputs of every weight product are BF16 (default) or FP32 with FP32 accumulation; the residual
 // stream, norms, softmaxes and the KV cache stay FP32. Decode (<= 8 tokens per weight) runs the NF4
 // GEMV; larger batches dequantize bands of a weight and run a cuBLAS GEMM (tensor cores for BF16).
+// A LoRA adapter is applied unmerged beside the NF4 products: y = W x + s * B (A x), A and B FP32 on the
+// device, two cuBLAS SGEMMs on the FP32 input (the product's input before any BF16 rounding).
 // Semantics follow transformers' MixtralForCausalLM, as the reference does. Compiled whenever nvcc is
 // found; constructing it where no device exists throws "cuda-nf4: no CUDA device found".
 #include <memory>
@@ -12,6 +14,7 @@
 
 #include "core/checkpoint.hpp"
 #include "core/engine.hpp"
+#include "core/lora.hpp"
 #include "optimized/cuda/expert_cache_policy.hpp"
 #include "optimized/cuda/kernels.hpp"
 
@@ -24,6 +27,9 @@ struct EngineOptions {
   ActType activations = ActType::bf16;
   int gpu_expert_cache = 0;       // experts per layer kept on the GPU; 0 (or >= experts): all of them
   bool prefetch_experts = false;  // offloaded: copy the next layer's likely experts while this one computes
+  // A LoRA adapter applied unmerged (null: none). Its factors all live on the device, experts' too, even
+  // with gpu_expert_cache (they are small: 4 r (in + out) bytes per adapted weight).
+  std::shared_ptr<const LoraAdapter> adapter = nullptr;
 };
 
 class CudaNf4Engine final : public Engine {

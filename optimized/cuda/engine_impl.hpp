@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <array>
 #include <memory>
 #include <vector>
 
@@ -35,10 +36,23 @@ inline DeviceMatrix matrix_at(const uint8_t* base, const Nf4Region& region) {
           reinterpret_cast<const float*>(base + region.absmax_offset)};
 }
 
+// One LoRA-adapted Linear's factors on the device (FP32, row-major as peft stores them): A [rank, in],
+// B [out, rank]. a == nullptr: the weight is not adapted.
+struct DeviceLora {
+  int rank = 0;
+  int64_t in = 0, out = 0;
+  float scale = 0;
+  const float* a = nullptr;
+  const float* b = nullptr;
+};
+
 struct Layer {
   float* attn_norm = nullptr;
   float* ffn_norm = nullptr;
   DeviceMatrix wq, wk, wv, wo, router;  // router: MoE only; experts live in the ExpertStore
+  DeviceLora wq_lora, wk_lora, wv_lora, wo_lora, router_lora;
+  // Per expert: w1, w3, w2 (the expert block's order); empty when no adapter is applied.
+  std::vector<std::array<DeviceLora, 3>> expert_lora;
 };
 
 // A buffer that grows to the largest request and is reused across forward calls: device memory, or
@@ -111,6 +125,7 @@ struct CudaNf4Engine::Impl {
   std::vector<Layer> layers;
   Grow<int32_t> d_tokens, d_chosen, d_token_of_row, d_row_of;
   Grow<float> h, x, q, k, v, att, tmp, rlogits, rlogits_next, gates, gx, gu, act, ey, logits, attn_work;
+  Grow<float> lora_t;  // A x of a LoRA product, [n, rank]
   Grow<uint16_t> stage_x, stage_att, stage_gx, stage_act;  // BF16 copies of the products' inputs
   // Per layer, the grouped rows' source tokens and each choice's grouped row ([2 * n * top_k] int32 per
   // layer): each layer has its own slice, so its uploads need no wait before the next layer reuses it.
@@ -119,12 +134,17 @@ struct CudaNf4Engine::Impl {
   ~Impl();
   void init_device(int device);
   void load_weights(const Checkpoint* ck, uint64_t seed);  // ck == nullptr: synthetic
+  void load_adapter(const LoraAdapter& adapter);           // after load_weights: the factors, per layer
   float* alloc(int64_t elems);
 
   // Act view of x[count] as the products read it: x itself in FP32 mode, a BF16 copy in `buf` otherwise.
   Act stage(const float* x, int64_t count, Grow<uint16_t>& buf);
   // y[n, rows] (row stride ldy) = x[n, cols] * W^T.
   void linear(Act x, int n, const DeviceMatrix& w, float* y, int64_t ldy);
+  // y[n, out] (row stride ldy) += scale * (x[n, in] A^T) B^T: a LoRA product in FP32 (cuBLAS SGEMM, no
+  // TF32) on the FP32 input x (contiguous rows), queued after the base product into the same y; nothing
+  // when `lora` is not adapted.
+  void add_lora(const DeviceLora& lora, const float* x, int n, float* y, int64_t ldy);
   // h[n, H] += MoE(x[n, H]); writes the chosen experts to host_chosen [n * top_k] and the gates and router
   // logits to the device buffers `gates` / `rlogits`.
   void moe_stage(int layer, const float* x, int n, float* h, std::vector<int32_t>& host_chosen);

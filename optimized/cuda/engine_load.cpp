@@ -10,6 +10,7 @@
 #include <map>
 
 #include "core/clock.hpp"
+#include "core/lora.hpp"
 #include "core/progress.hpp"
 #include "optimized/cpu/quantize.hpp"
 #include "optimized/cuda/engine_impl.hpp"
@@ -18,13 +19,17 @@
 namespace moelab::cuda {
 namespace {
 
-float* upload_floats(const std::vector<float>& v, std::vector<void*>& owned, int64_t& counted) {
+float* upload_floats(const float* v, size_t count, std::vector<void*>& owned, int64_t& counted) {
   void* p = nullptr;
-  MOELAB_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(v.size(), 1) * sizeof(float)));
+  MOELAB_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(float)));
   owned.push_back(p);
-  counted += int64_t(v.size() * sizeof(float));
-  MOELAB_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
+  counted += int64_t(count * sizeof(float));
+  MOELAB_CUDA_CHECK(cudaMemcpy(p, v, count * sizeof(float), cudaMemcpyHostToDevice));
   return static_cast<float*>(p);
+}
+
+float* upload_floats(const std::vector<float>& v, std::vector<void*>& owned, int64_t& counted) {
+  return upload_floats(v.data(), v.size(), owned, counted);
 }
 
 // Where one NF4 matrix of the checkpoint goes: a region of the arena or of an expert block.
@@ -257,6 +262,47 @@ void CudaNf4Engine::Impl::load_weights(const Checkpoint* ck, uint64_t seed) {
   // its DMA ends), which the engine's non-blocking stream does not wait for: finish everything here.
   MOELAB_CUDA_CHECK(cudaDeviceSynchronize());
   load_seconds = seconds_since(t0);
+}
+
+// The adapter's factors go up once, FP32 as read (row-major, as the products read them). Every module the
+// adapter holds must land on a weight of this engine: one left over would be a silent ignore.
+void CudaNf4Engine::Impl::load_adapter(const LoraAdapter& adapter) {
+  size_t placed = 0;
+  const auto upload = [&](const std::string& weight, const DeviceMatrix& base) {
+    DeviceLora d;
+    const LoraFactors* f = adapter.find(weight);
+    if (!f) return d;
+    if (f->a.cols() != base.cols || f->b.rows() != base.rows || f->a.rows() != f->rank || f->b.cols() != f->rank)
+      throw Error(fmt::format("cuda-nf4: {}: LoRA factors A [{}, {}], B [{}, {}] do not fit the weight [{}, {}] ({})", weight,
+                              f->a.rows(), f->a.cols(), f->b.rows(), f->b.cols(), base.rows, base.cols, adapter.dir()));
+    d.rank = f->rank;
+    d.in = base.cols;
+    d.out = base.rows;
+    d.scale = float(f->scale);  // as cpu-nf4 scales its FP32 product
+    d.a = upload_floats(f->a.data(), size_t(f->a.size()), owned, other_bytes);
+    d.b = upload_floats(f->b.data(), size_t(f->b.size()), owned, other_bytes);
+    ++placed;
+    return d;
+  };
+  const int H = cfg.hidden_size, I = cfg.intermediate_size;
+  const DeviceMatrix w13{I, H, nullptr, nullptr}, w2{H, I, nullptr, nullptr};  // expert shapes (data in the store)
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    Layer& layer = layers[size_t(l)];
+    const std::string p = fmt::format("model.layers.{}.self_attn.", l);
+    layer.wq_lora = upload(p + "q_proj.weight", layer.wq);
+    layer.wk_lora = upload(p + "k_proj.weight", layer.wk);
+    layer.wv_lora = upload(p + "v_proj.weight", layer.wv);
+    layer.wo_lora = upload(p + "o_proj.weight", layer.wo);
+    if (cfg.is_moe()) layer.router_lora = upload(cfg.router_name(l), layer.router);
+    layer.expert_lora.resize(size_t(cfg.num_experts));
+    for (int e = 0; e < cfg.num_experts; ++e)
+      layer.expert_lora[size_t(e)] = {upload(cfg.w1_name(l, e), w13), upload(cfg.w3_name(l, e), w13),
+                                      upload(cfg.w2_name(l, e), w2)};
+  }
+  if (placed != adapter.modules().size())
+    throw Error(fmt::format("cuda-nf4: internal: {} of the adapter's {} modules have a weight in this engine ({})", placed,
+                            adapter.modules().size(), adapter.dir()));
+  MOELAB_CUDA_CHECK(cudaDeviceSynchronize());  // the uploads ran on the legacy default stream (see load_weights)
 }
 
 }  // namespace moelab::cuda

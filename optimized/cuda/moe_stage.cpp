@@ -44,10 +44,12 @@ void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std:
   host_chosen.assign(size_t(n) * K, 0);
   if (cfg.is_moe()) {
     linear(xa, n, layers[size_t(l)].router, rl, E);
+    add_lora(layers[size_t(l)].router_lora, x, n, rl, E);
     router_topk(rl, n, E, K, chosen, g, s);
     if (prefetch) {
       float* rn = rlogits_next.get(size_t(n) * E);
       linear(xa, n, layers[size_t(l) + 1].router, rn, E);
+      add_lora(layers[size_t(l) + 1].router_lora, x, n, rn, E);  // the router the next layer will run
       MOELAB_CUDA_CHECK(cudaMemcpyAsync(next_logits.data(), rn, next_logits.size() * sizeof(float),
                                         cudaMemcpyDeviceToHost, s));
     }
@@ -83,6 +85,7 @@ void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std:
     if (groups.count(e) > 0) used.push_back(e);
   const size_t per_round = size_t(experts->slots_per_layer());
   const WeightArena& layout = experts->layout();
+  const std::vector<std::array<DeviceLora, 3>>& lora = layers[size_t(l)].expert_lora;  // empty: no adapter
   for (size_t r0 = 0; r0 < used.size(); r0 += per_round) {
     const std::span<const int> round(used.data() + r0, std::min(per_round, used.size() - r0));
     const std::vector<const uint8_t*> blocks = experts->acquire(l, round);
@@ -94,10 +97,16 @@ void CudaNf4Engine::Impl::moe_stage(int l, const float* x, int n, float* h, std:
                          w2 = matrix_at(blocks[i], layout.region(2));
       gather_rows(x, token_of_row + groups.offsets[size_t(e)], c, H, gxb, s);
       const Act ga = this->stage(gxb, int64_t(c) * H, stage_gx);
+      float* ye = ey_all + int64_t(groups.offsets[size_t(e)]) * H;
       linear(ga, c, w1, gub, 2 * int64_t(I));      // gate projection into the first half of each row
       linear(ga, c, w3, gub + I, 2 * int64_t(I));  // up projection into the second half
+      if (!lora.empty()) {  // the expert's own tokens only (gxb: its c gathered rows, FP32)
+        add_lora(lora[size_t(e)][0], gxb, c, gub, 2 * int64_t(I));
+        add_lora(lora[size_t(e)][1], gxb, c, gub + I, 2 * int64_t(I));
+      }
       swiglu(gub, c, I, actb, s);
-      linear(this->stage(actb, int64_t(c) * I, stage_act), c, w2, ey_all + int64_t(groups.offsets[size_t(e)]) * H, H);
+      linear(this->stage(actb, int64_t(c) * I, stage_act), c, w2, ye, H);
+      if (!lora.empty()) add_lora(lora[size_t(e)][2], actb, c, ye, H);
     }
     experts->release(l);
   }
