@@ -90,8 +90,12 @@ void run(FinetuneArgs& a) {
   std::string evals;
   if (!sum.evals.empty())
     evals = fmt::format("; held-out loss {:.4f} -> {:.4f}", sum.evals.front().loss, sum.evals.back().loss);
-  std::printf("finetune: %lld steps in %.1f s (%.0f tokens/s), mean loss %.4f%s\n", (long long)(sum.steps - sum.start_step),
-              sum.seconds, sum.seconds > 0 ? double(sum.tokens) / sum.seconds : 0.0, sum.train_loss, evals.c_str());
+  std::printf("finetune: %lld steps in %.1f s (%.0f tokens/s; forward %.1f s, backward %.1f s, of which dequantizing "
+              "the base %.1f s; optimizer %.2f s), peak RSS %.0f MiB, mean loss %.4f%s\n",
+              (long long)(sum.steps - sum.start_step), sum.seconds,
+              sum.seconds > 0 ? double(sum.tokens) / sum.seconds : 0.0, sum.forward_seconds, sum.backward_seconds,
+              sum.dequantize_seconds, sum.optimizer_seconds, double(sum.peak_rss_bytes) / (1 << 20), sum.train_loss,
+              evals.c_str());
   std::printf("wrote %s: the adapter (adapter_config.json, adapter_model.safetensors; use it with --adapter %s), "
               "train_log.csv, train_summary.json\n", a.o.output.c_str(), a.o.output.c_str());
 }

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 
@@ -185,6 +186,41 @@ TEST_F(FinetuneCli, SigtermWritesACheckpointThatResumesExactly) {
   ASSERT_EQ(r3.status, 0) << r3.err;
   EXPECT_EQ(read_file_bytes(fs::path(straight) / "adapter_model.safetensors"),
             read_file_bytes(fs::path(stopped) / "adapter_model.safetensors"));
+}
+
+// The summary's time breakdown and peak memory (what scripts/bench_train.sh tabulates): every field present and
+// positive, the parts no more than the loop's wall time they are measured inside, and the peak resident set no
+// more than the kernel's own figure for the finished child. No speed is asserted.
+TEST_F(FinetuneCli, SummaryHasTheTimeBreakdownAndPeakMemory) {
+  const std::string out = dir.file("out");
+  const auto r = moelab(base_args(out, 4));
+  ASSERT_EQ(r.status, 0) << r.err << r.out;
+  rusage children{};
+  ASSERT_EQ(getrusage(RUSAGE_CHILDREN, &children), 0);
+  const auto sum = json_file(fs::path(out) / "train_summary.json");
+  for (const char* k : {"train_seconds", "tokens_per_s", "forward_seconds", "backward_seconds", "optimizer_seconds",
+                        "dequantize_seconds", "eval_seconds", "peak_rss_bytes", "peak_rss_before_training_bytes", "threads"}) {
+    ASSERT_TRUE(sum.contains(k) && sum[k].is_number()) << k;
+    EXPECT_GT(sum[k].get<double>(), 0.0) << k;
+  }
+  ASSERT_TRUE(sum.contains("simd") && sum["simd"].is_string());
+  const double total = sum["train_seconds"], fwd = sum["forward_seconds"], bwd = sum["backward_seconds"],
+               optim = sum["optimizer_seconds"], eval = sum["eval_seconds"];
+  // Each part is timed inside the loop's interval and the parts do not overlap.
+  EXPECT_LE(fwd + bwd + optim + eval, total) << fwd << " + " << bwd << " + " << optim << " + " << eval;
+  EXPECT_LE(sum["dequantize_seconds"].get<double>(), fwd + bwd);  // a part of those two
+  // tokens_per_s is the tokens over the loop's seconds (the same two figures the summary reports).
+  EXPECT_DOUBLE_EQ(sum["tokens_per_s"].get<double>(), sum["tokens"].get<double>() / total);
+  // The peak can only grow from the loop's start to its end, and the child's exit figure (ru_maxrss of every
+  // child this process has reaped, in KiB) includes the moment the summary was measured.
+  const int64_t peak = sum["peak_rss_bytes"], before = sum["peak_rss_before_training_bytes"];
+  EXPECT_GE(peak, before);
+  EXPECT_LE(peak, int64_t(children.ru_maxrss) * 1024);
+  // The final line carries the same breakdown.
+  EXPECT_NE(r.out.find("finetune: 4 steps in "), std::string::npos) << r.out;
+  for (const char* part : {"tokens/s; forward ", " s, backward ", " s, of which dequantizing the base ", " s; optimizer ",
+                           " s), peak RSS ", " MiB, mean loss "})
+    EXPECT_NE(r.out.find(part), std::string::npos) << part << " in " << r.out;
 }
 
 TEST_F(FinetuneCli, BadDataAndOptionsFailWithOneLine) {

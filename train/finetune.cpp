@@ -4,6 +4,9 @@
 
 #include <fmt/format.h>
 #include <omp.h>
+#include <sys/resource.h>
+
+#include <Eigen/Core>
 
 #include <chrono>
 #include <cmath>
@@ -98,6 +101,13 @@ double eval_loss(LoraModel<float>& model, const Dataset& ds, const LoraParams<fl
   for (size_t i = 0; i < all.size(); i += size_t(batch_size))
     ce += model.loss(all.subspan(i, std::min(all.size() - i, size_t(batch_size))), params, lo, total).ce;
   return ce;
+}
+
+// The process's peak resident set so far (Linux reports ru_maxrss in KiB).
+int64_t peak_rss_bytes() {
+  rusage ru{};
+  if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
+  return int64_t(ru.ru_maxrss) * 1024;
 }
 
 std::string fmt_double(double v) { return std::isfinite(v) ? fmt::format("{:.9g}", v) : std::string(); }
@@ -205,6 +215,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   };
 
   Progress progress("finetune", total_steps - counters.step, o.show_progress);
+  sum.peak_rss_before_training_bytes = peak_rss_bytes();
   const auto t0 = std::chrono::steady_clock::now();
   const double elapsed_before = counters.elapsed_s;
   std::vector<int64_t> order;
@@ -238,10 +249,14 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     for (size_t m = 0; m < micro.size(); ++m) {
       lo.dropout_seed = dropout_seed(o.seed, s, int64_t(m));
       const LossResult r = model.loss_and_grad(micro[m], params, lo, targets);
+      sum.forward_seconds += r.forward_s;
+      sum.backward_seconds += r.backward_s;
+      sum.dequantize_seconds += r.dequantize_s;
       loss += r.loss;
       ce += r.ce;
       aux += r.aux / double(micro.size());
     }
+    const auto t_optimizer = std::chrono::steady_clock::now();
     const double grad_norm = clip_grad_norm(views, o.max_grad_norm);
     if (!std::isfinite(loss) || !std::isfinite(grad_norm))
       throw Error(fmt::format("the training loss became {} at step {} (gradient norm {}); try a lower --learning-rate",
@@ -249,6 +264,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     const double lr = o.learning_rate * schedule.factor(s);
     adam.step(views, lr);
     params.zero_grad();
+    sum.optimizer_seconds += seconds_since(t_optimizer);
 
     counters.step = s + 1;
     counters.epoch = double(epoch) + double(k + 1) / double(steps_per_epoch);
@@ -262,9 +278,11 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     counters.elapsed_s = elapsed_before + run_s;
     const double tps = run_s > 0 ? double(sum.tokens) / run_s : 0;
     double el = NAN;
+    const auto t_eval = std::chrono::steady_clock::now();
     if (!held_out.sequences.empty() && o.eval_steps > 0 && counters.step % o.eval_steps == 0 && counters.step < total_steps)
       el = evaluate(counters.step);
     if (!held_out.sequences.empty() && counters.step == total_steps) el = evaluate(counters.step);
+    sum.eval_seconds += seconds_since(t_eval);
     log << fmt::format("{},{:.6g},{},{},{},{},{},{},{:.1f},{:.3f},{}\n", counters.step, counters.epoch, fmt_double(loss),
                        fmt_double(ce), fmt_double(aux), fmt_double(lr), fmt_double(grad_norm), counters.tokens, tps,
                        counters.elapsed_s, fmt_double(el));
@@ -289,6 +307,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   sum.steps = counters.step;
   sum.epochs = counters.epoch;
   sum.seconds = seconds_since(t0);
+  sum.peak_rss_bytes = peak_rss_bytes();
   sum.train_loss = counters.step > sum.start_step ? loss_sum / double(counters.step - sum.start_step) : 0;
   sum.completed = counters.step == total_steps;
   if (sum.completed) params.save(out.string(), o.lora, o.model);
@@ -310,6 +329,15 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   j["target_tokens"] = sum.target_tokens;
   j["train_seconds"] = sum.seconds;
   j["tokens_per_s"] = sum.seconds > 0 ? double(sum.tokens) / sum.seconds : 0.0;
+  j["forward_seconds"] = sum.forward_seconds;
+  j["backward_seconds"] = sum.backward_seconds;
+  j["optimizer_seconds"] = sum.optimizer_seconds;
+  j["dequantize_seconds"] = sum.dequantize_seconds;
+  j["eval_seconds"] = sum.eval_seconds;
+  j["peak_rss_bytes"] = sum.peak_rss_bytes;
+  j["peak_rss_before_training_bytes"] = sum.peak_rss_before_training_bytes;
+  j["threads"] = omp_get_max_threads();
+  j["simd"] = Eigen::SimdInstructionSetsInUse();  // what the training's Eigen products were compiled for
   j["trainable_parameters"] = sum.trainable_parameters;
   j["eval"] = nlohmann::json::array();
   for (const auto& e : sum.evals) j["eval"].push_back({{"step", e.step}, {"eval_loss", e.loss}});

@@ -63,7 +63,15 @@ struct FinetuneSummary {
   double train_loss = 0;           // mean of the per-step losses of this run
   double last_loss = 0;
   int64_t tokens = 0, target_tokens = 0;  // processed by this run
-  double seconds = 0;
+  double seconds = 0;               // wall seconds of this run's loop (the model and data were loaded before)
+  // Where the loop's seconds went (this run's steps): the micro-batches' forward and backward (LossResult's
+  // split), the optimizer (clip_grad_norm_, AdamW, zero_grad), the held-out evaluations inside the loop. The
+  // rest of `seconds` is batching, the log and checkpoints.
+  double forward_seconds = 0, backward_seconds = 0, optimizer_seconds = 0, eval_seconds = 0;
+  double dequantize_seconds = 0;  // of forward + backward: the NF4 base dequantized, a layer at a time
+  // The process's peak resident memory (getrusage ru_maxrss) when the loop began (loading the checkpoint,
+  // quantizing it, the data) and when it ended (the larger of that and the training's own peak).
+  int64_t peak_rss_before_training_bytes = 0, peak_rss_bytes = 0;
   std::vector<EvalPoint> evals;
   std::string last_checkpoint;     // "" when none was written
   int64_t trainable_parameters = 0;

@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
 #include <cmath>
 #include <map>
 
@@ -316,6 +317,10 @@ struct LoraModel<S>::Impl {
 
   LossResult run(std::span<const TrainSequence> batch, const LoraParams<S>& params, LoraParams<S>* grads,
                  const LossOptions& opt, int64_t normalizer, double dropout) const {
+    using Clock = std::chrono::steady_clock;
+    const auto secs = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
+    const auto t_start = Clock::now();
+    double head_backward_s = 0;  // lm_head's and the final norm's backward, inside the cross-entropy loop
     check_batch(batch);
     if (!(dropout >= 0 && dropout < 1)) throw Error(fmt::format("LoRA dropout {} is outside [0, 1)", dropout));
     const auto ad = adapters(params, grads);
@@ -339,7 +344,9 @@ struct LoraModel<S>::Impl {
     }
     std::vector<std::vector<LayerCache<S>>> kept(B, std::vector<LayerCache<S>>(size_t(L)));
     for (int l = 0; l < L; ++l) {
+      const auto t_layer = Clock::now();
       const LayerBase<S> w = base.layer(l);
+      r.dequantize_s += secs(t_layer, Clock::now());
       for (size_t s = 0; s < B; ++s) {
         LayerCache<S> c;
         Mat<S> out = layer_forward(w, ad[size_t(l)], call, s, h[s], c);
@@ -380,7 +387,11 @@ struct LoraModel<S>::Impl {
           dlogits(row, seq.tokens[t]) -= inv_norm;
         }
       }
-      if (grad) dh[s] = stage::rms_norm_backward<S>(dlogits * base.lm_head(), h[s], base.final_norm(), inv);
+      if (grad) {
+        const auto t = Clock::now();
+        dh[s] = stage::rms_norm_backward<S>(dlogits * base.lm_head(), h[s], base.final_norm(), inv);
+        head_backward_s += secs(t, Clock::now());
+      }
     }
     r.ce = ce_sum / double(norm);
 
@@ -410,11 +421,15 @@ struct LoraModel<S>::Impl {
       r.aux = aux * double(E);
     }
     r.loss = r.ce + opt.router_aux_coef * r.aux;
+    const auto t_loss = Clock::now();
+    r.forward_s = secs(t_start, t_loss) - head_backward_s;
     if (!grad) return r;
 
     // Backward, layers in reverse.
     for (int l = L - 1; l >= 0; --l) {
+      const auto t_layer = Clock::now();
       const LayerBase<S> w = base.layer(l);
+      r.dequantize_s += secs(t_layer, Clock::now());
       for (size_t s = 0; s < B; ++s) {
         auto& k = kept[s][size_t(l)];
         if (opt.gradient_checkpointing) {
@@ -428,6 +443,7 @@ struct LoraModel<S>::Impl {
         k = LayerCache<S>();
       }
     }
+    r.backward_s = head_backward_s + secs(t_loss, Clock::now());
     return r;
   }
 };

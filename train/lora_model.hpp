@@ -99,6 +99,13 @@ struct LossResult {
   double aux = 0;         // load_balancing_loss_func over the batch's tokens and all layers (0 when off);
                           // per call, not divided by anything: accumulation adds coef * aux per micro-batch
   int64_t targets = 0;    // target tokens in this batch
+  // Wall seconds of this call, split where the loss is known (two clock reads per sequence, no more):
+  // forward = embedding, the layers, final norm, lm_head, the cross-entropy (with its softmax gradient,
+  // computed in the same loop) and the auxiliary loss; backward = lm_head's and the final norm's backward and
+  // the layers in reverse, each layer's NF4 weights dequantized again (with gradient checkpointing, the
+  // recomputed layer forward too, as torch counts it). loss() fills forward_s only. dequantize_s: the part of
+  // both spent dequantizing the frozen NF4 weights to S, a layer at a time (FrozenBase::layer).
+  double forward_s = 0, backward_s = 0, dequantize_s = 0;
 };
 
 // How the base weights are held: NF4 as QLoRA does (bitsandbytes' quantization, blocksize 64, double quant)
