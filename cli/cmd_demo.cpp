@@ -6,8 +6,10 @@
 //   5. the expert-cache simulation of that trace: hit rate per policy for C = 1..E experts per layer on the
 //      GPU, Belady's bound, and the time model's Mixtral-8x7B decode speed (drawn as SVG too);
 //   6. a small eval on both engines (HellaSwag and WikiText-2 slices), beside Mixtral's reported scores;
-//   7. plots of the routing, when Python with h5py and matplotlib (the light tier) is present (the
-//      figures of steps 4 and 5 are drawn as SVG without it).
+//   7. a short QLoRA fine-tune on one domain of the model's training corpus, then the held-out loss and the
+//      expert load per domain, base against adapted, side by side (does fine-tuning move the routing?);
+//   8. plots of the routing, when Python with h5py and matplotlib (the light tier) is present (the
+//      figures of steps 4, 5 and 7 are drawn as SVG without it).
 // Everything lands in one folder with index.json naming every output.
 #include <fmt/format.h>
 
@@ -21,6 +23,7 @@
 #include "analysis/cachesim_figure.hpp"
 #include "analysis/cachesim_time.hpp"
 #include "analysis/diff.hpp"
+#include "analysis/finetune_effect.hpp"
 #include "analysis/load_figure.hpp"
 #include "analysis/stats.hpp"
 #include "analysis/trace.hpp"
@@ -39,6 +42,8 @@
 #include "core/safetensors_writer.hpp"
 #include "core/spawn.hpp"
 #include "core/tokenizer.hpp"
+#include "train/data.hpp"
+#include "train/finetune.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -52,7 +57,25 @@ struct DemoArgs {
   int hellaswag_items = 200;
   int threads = 0;
   bool plots = true;
+  // Step 7: the fine-tune (the README's QLoRA recipe on one domain, every linear adapted).
+  bool finetune = true;
+  std::string finetune_data, finetune_domain = "arithmetic";
+  int64_t finetune_steps = 30;
 };
+
+// The demo's fine-tune recipe: LoRA r 8 / alpha 16 on every linear of the frozen NF4 base, AdamW at 2e-3 with
+// the linear schedule, 4 sequences of at most 128 tokens per step: 30 steps take about 10 s on one core.
+constexpr int64_t kFinetuneSeqLen = 128, kFinetuneBatch = 4;
+constexpr double kFinetuneLearningRate = 2e-3;
+
+// The training corpus of step 7: --finetune-data, else the model's own (MODEL/corpus/train.jsonl.gz), else the
+// bundled model's.
+std::string finetune_data_for(const DemoArgs& a) {
+  if (!a.finetune_data.empty()) return a.finetune_data;
+  const auto own = fs::path(a.model) / "corpus" / "train.jsonl.gz";
+  if (fs::exists(own)) return own.string();
+  return (fs::path(default_model_dir()) / "corpus" / "train.jsonl.gz").string();
+}
 
 // The held-out corpus to trace: --corpus, else the model's own (MODEL/corpus/heldout.jsonl, as the
 // bundled model ships it), else the bundled model's.
@@ -91,7 +114,7 @@ std::string plotting_python() {
   return "";
 }
 
-void heading(int step, const std::string& what) { fmt::print("\n== [{}/7] {}\n", step, what); }
+void heading(int step, const std::string& what) { fmt::print("\n== [{}/8] {}\n", step, what); }
 
 void run_demo(DemoArgs& a) {
   const auto started = std::chrono::steady_clock::now();
@@ -112,6 +135,15 @@ void run_demo(DemoArgs& a) {
              c.num_experts, c.top_k, c.total_params(), c.active_params());
   if (!c.is_moe()) throw Error(fmt::format("{}: demo needs a mixture-of-experts model (it routes tokens to experts)", a.model));
   const Tokenizer tok(ck->tokenizer_path());
+  const std::string finetune_data = a.finetune ? finetune_data_for(a) : "";
+  train::DataOptions finetune_data_options{.max_seq_len = kFinetuneSeqLen, .domain = a.finetune_domain};
+  if (a.finetune) {
+    // Read now, so a missing file or a domain it does not have fails before anything runs (the loop reads it again).
+    const auto d = train::load_dataset(finetune_data, tok, finetune_data_options);
+    if (int64_t(d.sequences.size()) < kFinetuneBatch)
+      throw Error(fmt::format("{}: only {} examples of domain '{}'; the demo's fine-tune needs at least {}", finetune_data,
+                              d.sequences.size(), a.finetune_domain, kFinetuneBatch));
+  }
   auto ref = make_engine(*ck, EngineOptions{.threads = a.threads});
   auto nf4 = make_engine(*ck, EngineOptions{.engine = "cpu-nf4", .threads = a.threads});
   const std::vector<Engine*> engines{ref.get(), nf4.get()};
@@ -148,9 +180,14 @@ void run_demo(DemoArgs& a) {
   heading(3, fmt::format("routing trace of the held-out corpus ({})", corpus));
   const auto trace_path = (out / "routing-trace.h5").string();
   fs::remove(trace_path);
-  const auto traced = trace_texts(*ref, *ck, tok, texts, trace_path,
-                                  TraceRunOptions{.window = std::min(256, ref->max_context()), .router_logits = true, .prefetch_guess = true,
-                                                  .inputs = {corpus}});
+  // The held-out loss per domain is gathered from the same forward passes (step 7 compares it).
+  analysis::LossByDomain loss_before;
+  TraceRunOptions trace_options{.window = std::min(256, ref->max_context()), .router_logits = true, .prefetch_guess = true,
+                                .inputs = {corpus}};
+  trace_options.on_window_logits = [&](const std::string& domain, std::span<const int32_t> window, const MatrixRF& logits) {
+    analysis::add_window_loss(loss_before[domain], window, logits);
+  };
+  const auto traced = trace_texts(*ref, *ck, tok, texts, trace_path, trace_options);
   fmt::print("{}\nwrote {}\n", describe(traced, ref->name()), trace_path);
 
   // 4. Statistics by domain.
@@ -218,8 +255,73 @@ void run_demo(DemoArgs& a) {
   fmt::print("(a {} parameter model against a 46.7B one: the reported scores are there for scale, not as a target)\n",
              c.total_params());
 
-  // 7. Plots.
-  heading(7, "plots");
+  // 7. Fine-tuning one domain, and what it changed in every domain.
+  nlohmann::json finetune_index = nullptr;
+  if (!a.finetune) {
+    heading(7, "fine-tune: skipped (--no-finetune)");
+  } else {
+    heading(7, fmt::format("fine-tune (QLoRA) on '{}' for {} steps; then the held-out loss and the expert load per "
+                           "domain, base against adapted", a.finetune_domain, a.finetune_steps));
+    const fs::path ft_dir = out / "finetune";
+    fs::remove_all(ft_dir);  // the demo's own folder: a fresh run each time (finetune refuses a non-empty output)
+    train::FinetuneOptions fo;
+    fo.model = a.model;
+    fo.data = finetune_data;
+    fo.output = (ft_dir / "adapter").string();
+    fo.data_options = finetune_data_options;
+    fo.lora.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3"};  // every linear
+    fo.learning_rate = kFinetuneLearningRate;
+    fo.batch_size = kFinetuneBatch;
+    fo.max_steps = a.finetune_steps;
+    fo.save_steps = 0;
+    fo.logging_steps = 10;
+    fo.threads = a.threads;
+    const auto trained = train::run_finetune(fo);
+    fmt::print("trained {} steps on {} tokens in {:.1f} s ({:.0f} tokens/s), mean loss {:.4f}; adapter in {}\n",
+               trained.steps, trained.tokens, trained.seconds, trained.seconds > 0 ? double(trained.tokens) / trained.seconds : 0.0,
+               trained.train_loss, fo.output);
+    std::fflush(stdout);  // before the trace's progress lines (stderr)
+
+    // The held-out corpus again, through the reference engine with the adapter: the same windows as step 3.
+    auto adapted = make_engine(*ck, EngineOptions{.threads = a.threads, .adapter = fo.output});
+    analysis::LossByDomain loss_after;
+    TraceRunOptions after_options = trace_options;
+    after_options.on_window_logits = [&](const std::string& domain, std::span<const int32_t> window, const MatrixRF& logits) {
+      analysis::add_window_loss(loss_after[domain], window, logits);
+    };
+    const auto after_path = (ft_dir / "routing-trace-adapted.h5").string();
+    const auto traced_after = trace_texts(*adapted, *ck, tok, texts, after_path, after_options);
+    fmt::print("{}\n", describe(traced_after, adapted->name() + " + adapter"));
+    const auto after_trace = analysis::read_trace(after_path);
+    const auto effect = analysis::compare_finetune(analysis::read_trace(trace_path), after_trace, loss_before, loss_after,
+                                                   a.finetune_domain);
+    fmt::print("\n{}", effect.table(c.num_layers - 1));
+    const auto effect_path = (ft_dir / "effect.json").string();
+    auto effect_json = effect.to_json();
+    effect_json["adapter"] = fo.output;
+    effect_json["trace_before"] = trace_path;
+    effect_json["trace_after"] = after_path;
+    write_file_atomic(effect_path, effect_json.dump(2) + "\n");
+    const auto after_svg = (ft_dir / "expert-load-by-domain-adapted.svg").string();
+    write_file_atomic(after_svg, analysis::expert_load_by_domain_svg(analysis::compute_stats(after_trace, /*by_domain=*/true)));
+    fmt::print("wrote {}, {} (beside {}) and {}\n", effect_path, after_svg, load_svg, after_path);
+    nlohmann::json loss = nlohmann::json::object();
+    for (const auto& d : effect.domains) loss[d.domain] = {d.before.mean(), d.after.mean()};
+    finetune_index = {{"domain", a.finetune_domain},
+                      {"data", finetune_data},
+                      {"steps", trained.steps},
+                      {"train_tokens", trained.tokens},
+                      {"train_seconds", trained.seconds},
+                      {"adapter", fo.output},
+                      {"effect", effect_path},
+                      {"trace_after", after_path},
+                      {"figure_after", after_svg},
+                      {"heldout_loss_before_after", loss},
+                      {"routing_changed", effect.overall().routing_changed}};
+  }
+
+  // 8. Plots.
+  heading(8, "plots");
   nlohmann::json plots = nlohmann::json::array();
   const std::string py = a.plots ? plotting_python() : "";
   if (py.empty()) {
@@ -265,6 +367,7 @@ void run_demo(DemoArgs& a) {
                  {"figure", load_svg}}},
       {"cachesim", cache_index},
       {"evals", evals_index},
+      {"finetune", finetune_index},
       {"plots", plots},
       {"seconds", seconds},
   };
@@ -290,6 +393,14 @@ void register_demo(CLI::App& app) {
   cmd->add_option("-t,--threads", a.threads, "cpu-nf4 threads (0: all cores)")->check(threads_validator())->capture_default_str();
   add_progress_option(*cmd);
   cmd->add_flag("!--no-plots", a.plots, "Skip the plots");
+  cmd->add_flag("!--no-finetune", a.finetune, "Skip step 7, the fine-tune");
+  cmd->add_option("--finetune-domain", a.finetune_domain, "Step 7 fine-tunes on the training lines of this domain")
+      ->capture_default_str();
+  cmd->add_option("--finetune-data", a.finetune_data, "Step 7's training JSONL (or .jsonl.gz) with \"domain\" fields "
+                                                      "(default: the model's corpus/train.jsonl.gz)");
+  cmd->add_option("--finetune-steps", a.finetune_steps, "Step 7's optimizer steps")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t(1), int64_t(100000)));
   cmd->callback([] { run_demo(a); });
 }
 

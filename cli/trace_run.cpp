@@ -12,12 +12,32 @@
 #include <sstream>
 
 #include "analysis/prefetch_guess.hpp"
+#include "analysis/timing.hpp"
 #include "core/clock.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
 
 namespace moelab::cli {
 namespace {
+
+// Hands each window's logits to TraceRunOptions::on_window_logits while the engine still holds them.
+class WindowLogitsTap : public Probe {
+ public:
+  WindowLogitsTap(const TraceRunOptions& o) : o_(o) {}
+  void set_window(const std::string* domain, std::span<const int32_t> tokens) {
+    domain_ = domain;
+    tokens_ = tokens;
+  }
+  void on_layer(const LayerObservation&) override {}
+  void on_logits(const MatrixRF& logits, double) override {
+    if (o_.on_window_logits) o_.on_window_logits(*domain_, tokens_, logits);
+  }
+
+ private:
+  const TraceRunOptions& o_;
+  const std::string* domain_ = nullptr;
+  std::span<const int32_t> tokens_;
+};
 
 // The checkpoint's config.json, stored in the trace so that appends can be checked against it.
 nlohmann::json read_config_json(const ModelConfig& cfg) {
@@ -154,12 +174,15 @@ TraceRunResult trace_texts(Engine& engine, const Checkpoint& ck, const Tokenizer
   Progress progress("trace", total);
   const auto start = SteadyClock::now();
   int64_t done_tokens = 0, done_sequences = 0;
+  WindowLogitsTap tap(o);
+  analysis::ProbeFanout also({o.timing, o.on_window_logits ? &tap : nullptr});
   for (const auto& w : windows) {
     if (stop.signal()) break;
-    const auto t0 = SteadyClock::now();
-    const auto routing = analysis::route_window(engine, w.tokens, o.router_logits, o.timing, guesser ? &*guesser : nullptr);
-    if (o.timing) o.timing->add_call(int64_t(w.tokens.size()), seconds_since(t0));
     const auto& domain = texts[w.text].domain;
+    tap.set_window(&domain, w.tokens);
+    const auto t0 = SteadyClock::now();
+    const auto routing = analysis::route_window(engine, w.tokens, o.router_logits, &also, guesser ? &*guesser : nullptr);
+    if (o.timing) o.timing->add_call(int64_t(w.tokens.size()), seconds_since(t0));
     writer.add_sequence(writer.domain_id(domain), w.tokens, routing.experts, routing.gates, routing.router_logits,
                         routing.prefetch_guess);
     r.per_domain[domain].first += int64_t(w.tokens.size());

@@ -1,7 +1,9 @@
 #pragma once
 // Tracing texts into an HDF5 trace with any engine: the work of `moelab trace`, shared with `moelab demo`.
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -21,6 +23,11 @@ struct TraceRunOptions {
   bool append = false;       // add to the trace in `out` (refused when it exists and this is false)
   std::vector<std::string> inputs;  // the input files, recorded in the trace (absolute)
   analysis::TimingProbe* timing = nullptr;  // also observes every call when given
+  // Called after each window with its text's domain, its tokens and the logits the engine computed for it
+  // (one row per token: row i predicts token i + 1), so a pass that needs the logits (the demo's held-out
+  // loss per domain) rides on the trace instead of running the model again.
+  std::function<void(const std::string& domain, std::span<const int32_t> tokens, const MatrixRF& logits)>
+      on_window_logits = {};
 };
 
 struct TraceRunResult {

@@ -1,7 +1,8 @@
 // `moelab demo` end to end on a fixture model: every output named in index.json exists and agrees with
 // what it indexes (the trace's tokens, the statistics' per-domain loads, the cache simulation of the trace,
 // one result per task and engine), and the diff's figure is the one the two engines give when run here
-// directly.
+// directly; the fine-tune step's held-out losses and routing changes are recomputed from the models and the
+// traces themselves.
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -13,11 +14,13 @@
 #include <regex>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <span>
 #include <sstream>
 
 #include "analysis/load_figure.hpp"
 #include "analysis/trace.hpp"
 #include "core/checkpoint.hpp"
+#include "core/lora.hpp"
 #include "core/tokenizer.hpp"
 #include "fixture_util.hpp"
 #include "optimized/cpu/engine.hpp"
@@ -28,6 +31,98 @@ namespace moelab::test {
 namespace {
 
 namespace fs = std::filesystem;
+
+// -log softmax(row)[next] summed over a sequence's tokens 1..n-1, in float64 from the model's logits.
+template <typename M>
+double sequence_nll(const M& logits, std::span<const int32_t> tokens) {
+  double nll = 0;
+  for (size_t i = 0; i + 1 < tokens.size(); ++i) {
+    const Eigen::VectorXd row = logits.row(Eigen::Index(i)).transpose().template cast<double>();
+    const double max = row.maxCoeff();
+    nll += max + std::log((row.array() - max).exp().sum()) - row(tokens[i + 1]);
+  }
+  return nll;
+}
+
+// Step 7: a fine-tune on the arithmetic lines, then every held-out sequence through the model with the adapter.
+void check_finetune_step(const nlohmann::json& index, const analysis::TraceData& before, const nlohmann::json& stats,
+                         const std::string& stdout_text) {
+  const auto& ft = index["finetune"];
+  ASSERT_TRUE(ft.is_object()) << index.dump(2);
+  EXPECT_EQ(ft["domain"], "arithmetic");
+  EXPECT_EQ(ft["steps"], 8);
+  const std::string adapter_dir = ft["adapter"];
+  const auto summary = nlohmann::json::parse(read_file_bytes(fs::path(adapter_dir) / "train_summary.json"));
+  EXPECT_EQ(summary["steps"], 8);
+  const auto after = analysis::read_trace(ft["trace_after"].get<std::string>());
+  ASSERT_EQ(after.tokens, before.tokens);
+  ASSERT_EQ(after.sequence_offsets, before.sequence_offsets);
+  const auto effect = nlohmann::json::parse(read_file_bytes(ft["effect"].get<std::string>()));
+  EXPECT_EQ(effect["format"], "moelab-finetune-effect-v1");
+  EXPECT_EQ(effect["trained_domain"], "arithmetic");
+  ASSERT_EQ(effect["domains"].size(), 3u);  // arithmetic, legal, all
+
+  // The held-out loss per domain, recomputed: each traced sequence through the reference model without and
+  // with the adapter. Against the FP32 model the demo ran, only the order of the float64 sums differs (1e-9
+  // relative); against the float64 model, FP32 rounding of a two-layer forward moves a loss by ~1e-6 nats, so
+  // 1e-4 absolute.
+  const auto ck = Checkpoint::open(model_dir("mixtral-4e-gqa-f32"));
+  const auto adapter = LoraAdapter::load(adapter_dir, ck->config());
+  ref::Model<float> base32(*ck), adapted32(*ck, ref::ModelOptions{.adapter = adapter});
+  ref::Model<double> base64(*ck), adapted64(*ck, ref::ModelOptions{.adapter = adapter});
+  struct Sums { double b32 = 0, a32 = 0, b64 = 0, a64 = 0; int64_t n = 0, tokens = 0, changed = 0; };
+  std::map<std::string, Sums> sums;
+  const int L = before.num_layers, k = before.top_k;
+  for (int64_t s = 0; s < before.num_sequences(); ++s) {
+    const int64_t first = before.sequence_offsets[size_t(s)], last = before.sequence_offsets[size_t(s) + 1];
+    const std::span<const int32_t> ids(before.tokens.data() + first, size_t(last - first));
+    for (const std::string name : {before.domain_names[size_t(before.sequence_domain[size_t(s)])], std::string("all")}) {
+      auto& d = sums[name];
+      for (auto* m : {&base32, &adapted32}) m->reset();
+      for (auto* m : {&base64, &adapted64}) m->reset();
+      d.b32 += sequence_nll(base32.forward(ids), ids);
+      d.a32 += sequence_nll(adapted32.forward(ids), ids);
+      d.b64 += sequence_nll(base64.forward(ids), ids);
+      d.a64 += sequence_nll(adapted64.forward(ids), ids);
+      d.n += int64_t(ids.size()) - 1;
+      d.tokens += int64_t(ids.size());
+      for (int64_t t = first; t < last; ++t)
+        for (int l = 0; l < L; ++l) {
+          std::multiset<int> b, a;
+          for (int j = 0; j < k; ++j) b.insert(before.expert(t, l, j)), a.insert(after.expert(t, l, j));
+          d.changed += b != a;
+        }
+    }
+  }
+  for (const auto& d : effect["domains"]) {
+    const std::string name = d["domain"];
+    ASSERT_TRUE(sums.count(name)) << name;
+    const auto& w = sums[name];
+    EXPECT_EQ(d["tokens"], w.tokens) << name;
+    EXPECT_EQ(d["predicted_tokens"], w.n) << name;
+    const double lb = d["loss_before"], la = d["loss_after"];
+    EXPECT_NEAR(lb, w.b32 / double(w.n), 1e-9 * lb) << name;
+    EXPECT_NEAR(la, w.a32 / double(w.n), 1e-9 * la) << name;
+    EXPECT_NEAR(lb, w.b64 / double(w.n), 1e-4) << name;
+    EXPECT_NEAR(la, w.a64 / double(w.n), 1e-4) << name;
+    EXPECT_NEAR(d["routing_changed"].get<double>(), double(w.changed) / double(w.tokens * L), 1e-12) << name;
+    EXPECT_EQ(index["finetune"]["heldout_loss_before_after"][name][0].get<double>(), lb);
+    // The base's load per layer is the statistics file's (the same trace, counted by other code).
+    if (name != "all") {
+      const nlohmann::json* sd = nullptr;
+      for (const auto& x : stats["domains"]) if (x["name"] == name) sd = &x;
+      ASSERT_NE(sd, nullptr) << name;
+      for (int l = 0; l < L; ++l)
+        for (size_t e = 0; e < d["load_before"][size_t(l)].size(); ++e)
+          EXPECT_NEAR(d["load_before"][size_t(l)][e].get<double>(), (*sd)["layers"][size_t(l)]["load_share"][e].get<double>(), 1e-12);
+    }
+  }
+  // Trained on these very lines, the adapted model predicts them better than the base did.
+  for (const auto& d : effect["domains"])
+    if (d["domain"] == "arithmetic") EXPECT_LT(d["loss_after"].get<double>(), d["loss_before"].get<double>());
+  EXPECT_NE(stdout_text.find("arithmetic *"), std::string::npos) << stdout_text;
+  EXPECT_TRUE(fs::exists(ft["figure_after"].get<std::string>()));
+}
 
 TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   const fs::path tmp = fs::temp_directory_path() / ("moelab-demo-test-" + std::to_string(::getpid()));
@@ -42,11 +137,20 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
       corpus << nlohmann::json{{"text", "The licensee may copy and distribute verbatim copies of the program's source code."},
                                {"domain", "legal"}}.dump() << "\n";
     }
+    // Step 7's training data: the held-out arithmetic lines themselves (so their loss must fall) and other
+    // domains the domain filter must leave out.
+    std::ofstream train(tmp / "train.jsonl");
+    for (int i = 0; i < 6; ++i) {
+      train << nlohmann::json{{"text", "What is " + std::to_string(17 * i) + " + 25?\nAnswer: " + std::to_string(17 * i + 25)},
+                              {"domain", "arithmetic"}}.dump() << "\n";
+      train << nlohmann::json{{"text", "Permission is hereby granted, free of charge."}, {"domain", "legal"}}.dump() << "\n";
+    }
   }
   const auto out = tmp / "report";
   const std::string cmd = std::string(MOELAB_BIN) + " demo --model " + model_dir("mixtral-4e-gqa-f32") +
                           " --corpus " + (tmp / "heldout.jsonl").string() + " --output " + out.string() +
-                          " --max-new-tokens 4 --hellaswag-items 3 --no-plots --threads 1 >" +
+                          " --max-new-tokens 4 --hellaswag-items 3 --no-plots --threads 1 --finetune-data " + (tmp / "train.jsonl").string() +
+                          " --finetune-domain arithmetic --finetune-steps 8 >" +
                           (tmp / "stdout.txt").string() + " 2>&1";
   const int status = std::system(cmd.c_str());
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file_bytes(tmp / "stdout.txt");
@@ -180,6 +284,8 @@ TEST(Demo, WritesAReportFolderWhoseIndexMatchesItsFiles) {
   EXPECT_EQ(points, 8u * size_t(experts));
   EXPECT_EQ(cache["time_model"]["predictions"].size(), 8u * size_t(experts));
   EXPECT_FALSE(cache["time_model"]["assumptions"].empty());
+
+  check_finetune_step(index, trace, stats, read_file_bytes(tmp / "stdout.txt"));
   fs::remove_all(tmp);
 }
 
