@@ -18,13 +18,15 @@
 #   --only WHICH      run one of the two configurations
 #   --threads T       moelab's --threads (default: nproc)
 #   --force           run even when the 1-minute load average is >= 1.5; the table then marks every figure
-#                     "NOT VALID" (without it the script refuses: figures beside other work are not figures)
+#                     "NOT VALID" (without it the script refuses: figures beside other work are not figures);
+#                     before each configuration it waits up to MOELAB_BENCH_LOAD_WAIT seconds (default 120)
+#                     for the load to fall below 1.5 (the previous configuration's threads keep it up a while)
 #   --out DIR         raw outputs (each run's stdout, train_summary.json, train_log.csv)
 #                     [default .bench-cache/train-results-UTCSTAMP]
 #   steps / batch / seq: optimizer steps, sequences per step, --max-seq-len (defaults: bundled 20 x 8 x 128,
-#                     Mixtral-shaped 2 x 2 x 64; a step of it takes minutes on 2 cores). Data: the bundled corpus (models/default/corpus/train.jsonl.gz),
-#                     tokenized by each model's own tokenizer; no held-out evaluation, no checkpoints inside the
-#                     loop, LoRA r=8 on q/k/v/o (the CLI's defaults).
+#                     Mixtral-shaped 2 x 2 x 64: a step of it takes minutes on 2 cores). Data: the bundled
+#                     corpus (models/default/corpus/train.jsonl.gz), tokenized by each model's own tokenizer;
+#                     no held-out evaluation, no checkpoints inside the loop, LoRA r=8 on q/k/v/o (defaults).
 #
 # Environment: MOELAB_BUILD_DIR (default build), MOELAB_BENCH_CACHE (default .bench-cache), PYTHON for the
 # checkpoint writer (default .venv/bin/python, numpy only). The binary must already be built (Release).
@@ -53,7 +55,7 @@ while [[ $# -gt 0 ]]; do
     --mixtral-steps) need_value "$@"; M_STEPS=$2; shift 2 ;;
     --mixtral-batch) need_value "$@"; M_BATCH=$2; shift 2 ;;
     --mixtral-seq) need_value "$@"; M_SEQ=$2; shift 2 ;;
-    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -70,8 +72,6 @@ CORPUS="$ROOT/models/default/corpus/train.jsonl.gz"
 TOKENIZER="$ROOT/tests/fixtures/tokenizers/mixtral-8x7b-v0.1.model"
 [[ -x "$MOELAB" ]] || die "$MOELAB missing: build it first (cmake --build $BUILD_DIR --target moelab)"
 [[ -f "$CORPUS" ]] || die "$CORPUS missing (the bundled model's corpus)"
-[[ -n "$OUT" ]] || OUT="$CACHE/train-results-$(date -u +%Y%m%dT%H%M%SZ)"
-mkdir -p "$OUT"
 
 # The machine's vector ISA (what the CPU offers; the build's Eigen SIMD is in each summary's "simd").
 cpu_isa() {
@@ -83,11 +83,20 @@ cpu_isa() {
 ISA=$(cpu_isa)
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
-# Refuse (or, with --force, warn loudly) when the machine is busy. Prints the load for the table.
+busy() { awk -v l="$1" 'BEGIN { exit !(l >= 1.5) }'; }
+# Refuse (or, with --force, warn loudly) when the machine is busy. Prints the load for the table. The previous
+# configuration's own threads leave the 1-minute average high for a while (it decays with a 1-minute time
+# constant), so wait up to WAIT_S seconds for it to fall first.
+WAIT_S=${MOELAB_BENCH_LOAD_WAIT:-120}
 check_load() {
-  local l
+  local l waited=0
   l=$(load1)
-  if awk -v l="$l" 'BEGIN { exit !(l >= 1.5) }'; then
+  while busy "$l" && [[ $waited -lt $WAIT_S ]]; do
+    sleep 5
+    waited=$((waited + 5))
+    l=$(load1)
+  done
+  if busy "$l"; then
     if [[ $FORCE -eq 0 ]]; then
       die "1-minute load average is $l (>= 1.5): another job is running and the figures would not be valid; wait for a quiet machine, or pass --force to run anyway (every figure is then marked NOT VALID)"
     fi
@@ -127,6 +136,10 @@ mixtral_checkpoint() {
   echo "$nf4"
 }
 
+[[ $FORCE -eq 1 ]] || check_load > /dev/null  # refuse before making anything
+[[ -n "$OUT" ]] || OUT="$CACHE/train-results-$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$OUT"
+
 ROWS=()
 # run_config LABEL MODEL STEPS BATCH SEQ
 run_config() {
@@ -149,9 +162,9 @@ label, load, isa, t0, t1 = sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv
 total = j["train_seconds"]
 parts = [j["forward_seconds"], j["backward_seconds"], j["optimizer_seconds"]]
 other = total - sum(parts)
-cells = [f"{p:.2f} ({100 * p / total:.0f}%)" for p in parts]
+cells = [f"{p:.3f} ({100 * p / total:.0f}%)" for p in parts]
 deq = j["dequantize_seconds"]
-cells.insert(2, f"{deq:.2f} ({100 * deq / total:.0f}%)")
+cells.insert(2, f"{deq:.3f} ({100 * deq / total:.0f}%)")
 mib = lambda b: f"{b / 2**20:.0f}"
 print(f"| {label} | {j['steps']} | {j['tokens']} | {j['tokens_per_s']:.1f} | {total:.2f} | " + " | ".join(cells) +
       f" | {other:.2f} | {mib(j['peak_rss_bytes'])} ({mib(j['peak_rss_before_training_bytes'])}) | {t1 - t0:.1f} |"
