@@ -104,6 +104,11 @@ struct TraceHeader {
   std::string engine;
   std::string model_path;        // the model directory, absolute ("": not recorded)
   std::string tokenizer_sha256;  // sha256_file of its tokenizer.model ("": not recorded)
+  // The LoRA adapter the engine applied (--adapter): its folder, absolute, and the SHA-256 of its
+  // adapter_model.safetensors; both "" without one. A trace never mixes routing with and without an adapter,
+  // or of two adapters: appends are checked on the hash (a trace from before this was recorded counts as
+  // having none).
+  std::string adapter, adapter_sha256;
   std::vector<std::string> inputs;  // this run's input files, absolute
   std::string tool_version;
   int window = 0;  // the longest sequence this run may write (longer ones are refused); 0: not stated

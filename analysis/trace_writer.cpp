@@ -155,6 +155,15 @@ void check_same_trace(const H5Context& cx, hid_t file, hid_t experts, hid_t gate
   if (!their_tok.empty() && !header.tokenizer_sha256.empty() && their_tok != header.tokenizer_sha256)
     throw Error(fmt::format("{}: was traced with another tokenizer (tokenizer_sha256 is {} in the file, {} here); "
                             "write to a new file", cx.path, their_tok, header.tokenizer_sha256));
+  const auto their_adapter = file_string(cx, file, "adapter_sha256");
+  if (their_adapter != header.adapter_sha256) {
+    const auto theirs_dir = file_string(cx, file, "adapter");
+    const auto describe = [](const std::string& dir, const std::string& sha) {
+      return sha.empty() ? std::string("without an adapter") : fmt::format("with the adapter {} (sha256 {})", dir, sha);
+    };
+    throw Error(fmt::format("{}: was traced {}, this run is {}; append with the same --adapter or write to a new file",
+                            cx.path, describe(theirs_dir, their_adapter), describe(header.adapter, header.adapter_sha256)));
+  }
   const auto their_engine = file_string(cx, file, "engine");
   if (their_engine != header.engine)
     throw Error(fmt::format("{}: was traced with another engine (engine is \"{}\" in the file, \"{}\" here); append "
@@ -276,7 +285,7 @@ struct TraceWriter::Impl {
     return {{"engine", header.engine},       {"tool_version", header.tool_version}, {"started", utc_now_iso8601()},
             {"window", header.window},       {"first_sequence", file_sequences},    {"first_token", file_tokens},
             {"router_logits", header.router_logits}, {"prefetch_guess", header.prefetch_guess},
-            {"inputs", header.inputs}};
+            {"inputs", header.inputs},      {"adapter", header.adapter}};
   }
 
   // The `description` attribute and the dimension labels of one dataset.
@@ -335,6 +344,10 @@ struct TraceWriter::Impl {
     write_string_attr(cx, file, "engine", header.engine);
     if (!header.model_path.empty()) write_string_attr(cx, file, "model_path", header.model_path);
     if (!header.tokenizer_sha256.empty()) write_string_attr(cx, file, "tokenizer_sha256", header.tokenizer_sha256);
+    if (!header.adapter_sha256.empty()) {
+      write_string_attr(cx, file, "adapter", header.adapter);
+      write_string_attr(cx, file, "adapter_sha256", header.adapter_sha256);
+    }
     write_string_attr(cx, file, "inputs", join_json(header.inputs));
     write_string_attr(cx, file, "tool", "moelab");
     write_string_attr(cx, file, "tool_version", header.tool_version);

@@ -136,7 +136,9 @@ void run_demo(DemoArgs& a) {
   if (!c.is_moe()) throw Error(fmt::format("{}: demo needs a mixture-of-experts model (it routes tokens to experts)", a.model));
   const Tokenizer tok(ck->tokenizer_path());
   const std::string finetune_data = a.finetune ? finetune_data_for(a) : "";
-  train::DataOptions finetune_data_options{.max_seq_len = kFinetuneSeqLen, .domain = a.finetune_domain};
+  // (A model with a shorter context trains on shorter sequences.)
+  train::DataOptions finetune_data_options{.max_seq_len = std::min<int64_t>(kFinetuneSeqLen, c.max_position_embeddings),
+                                           .domain = a.finetune_domain};
   if (a.finetune) {
     // Read now, so a missing file or a domain it does not have fails before anything runs (the loop reads it again).
     const auto d = train::load_dataset(finetune_data, tok, finetune_data_options);
@@ -286,6 +288,7 @@ void run_demo(DemoArgs& a) {
     auto adapted = make_engine(*ck, EngineOptions{.threads = a.threads, .adapter = fo.output});
     analysis::LossByDomain loss_after;
     TraceRunOptions after_options = trace_options;
+    after_options.adapter = fo.output;
     after_options.on_window_logits = [&](const std::string& domain, std::span<const int32_t> window, const MatrixRF& logits) {
       analysis::add_window_loss(loss_after[domain], window, logits);
     };

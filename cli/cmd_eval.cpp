@@ -120,6 +120,7 @@ void register_eval(CLI::App& app) {
   cmd->callback([] {
     // Counts are checked here (one "moelab: error:" line) rather than by CLI11 validators.
     EvalRequest base;
+    base.adapter = eo.adapter;
     parse_limit(limit_text, base);
     if (shots < -1) throw Error(fmt::format("eval: --num-fewshot must be 0 or more, or -1 for each task's default (got {})", shots));
     if (repeats < 1) throw Error(fmt::format("eval: --repeats must be 1 or more (got {})", repeats));

@@ -76,7 +76,7 @@ void run_trace(TraceArgs& a) {
   analysis::TimingProbe timing("trace");
   const TraceRunOptions options{.window = a.window, .max_tokens = a.max_tokens, .router_logits = a.router_logits,
                                 .prefetch_guess = a.prefetch_guess, .append = a.append, .inputs = a.inputs,
-                                .timing = a.timings ? &timing : nullptr};
+                                .adapter = a.eo.adapter, .timing = a.timings ? &timing : nullptr};
   // Appending: the trace's model, tokenizer and engine are checked before the engine loads (its name as
   // make_engine will give it; the writer checks again with the engine's own).
   if (a.append) {

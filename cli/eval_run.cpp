@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 
 #include "cli/build_info.hpp"
@@ -130,6 +131,7 @@ nlohmann::ordered_json eval_results_json(const std::vector<const EvalOutcome*>& 
   evals::RunInfo info;
   info.model = model_dir;
   info.engine = engine.name();
+  if (!q.adapter.empty()) info.adapter = std::filesystem::absolute(q.adapter).lexically_normal().string();
   info.device = engine.name().rfind("cuda", 0) == 0 ? "cuda" : "cpu";
   info.limit = q.limit_fraction > 0 ? nlohmann::ordered_json(q.limit_fraction)
                : q.limit > 0        ? nlohmann::ordered_json(q.limit)

@@ -18,6 +18,7 @@ namespace moelab::cli {
 struct EvalRequest {
   std::string task, data, fewshot_data;
   std::string reported;  // reported-scores JSON; empty: evals/reported/mixtral-8x7b.json of this repository
+  std::string adapter = {};  // the engine's LoRA adapter folder (--adapter), recorded in the results ("": none)
   int shots = -1;        // -1: the task's default
   int limit = 0;         // 0: every document
   double limit_fraction = 0;  // in (0, 1): that fraction of the documents, rounded up (lm_eval's --limit 0.1)

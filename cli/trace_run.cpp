@@ -129,6 +129,10 @@ analysis::TraceHeader trace_header(const Checkpoint& ck, const std::string& engi
   header.model_path = absolute_path(ck.dir());
   header.tokenizer_sha256 = analysis::sha256_file(ck.tokenizer_path());
   for (const auto& in : o.inputs) header.inputs.push_back(absolute_path(in));
+  if (!o.adapter.empty()) {
+    header.adapter = absolute_path(o.adapter);
+    header.adapter_sha256 = analysis::sha256_file((std::filesystem::path(o.adapter) / "adapter_model.safetensors").string());
+  }
   header.tool_version = MOELAB_VERSION;
   header.window = window;
   header.router_logits = o.router_logits;

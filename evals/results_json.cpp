@@ -136,7 +136,8 @@ ordered_json results_json(const std::vector<TaskRun>& tasks, const RunInfo& info
     for (const auto& [k, v] : m) o[k] = v;
     return o;
   };
-  const std::string model_args = fmt::format("pretrained={},engine={}", info.model, info.engine);
+  std::string model_args = fmt::format("pretrained={},engine={}", info.model, info.engine);
+  if (!info.adapter.empty()) model_args += ",peft=" + info.adapter;  // lm_eval's HFLM names the adapter so
   ordered_json doc = {
       {"results", sorted(results)},
       {"group_subtasks", group_subtasks},

@@ -26,6 +26,7 @@ struct TaskRun {
 
 struct RunInfo {
   std::string model, engine, device = "cpu";
+  std::string adapter;  // the LoRA adapter folder applied (--adapter), as lm_eval's peft= model argument ("": none)
   nlohmann::ordered_json limit = nullptr;  // --limit as given: a count, a fraction, or null for all
   uint64_t seed = 1234;
   double date = 0;                       // Unix time the run started (the harness's "date")

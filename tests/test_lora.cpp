@@ -33,15 +33,18 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "analysis/diff.hpp"
+#include "analysis/trace.hpp"
 #include "core/checkpoint.hpp"
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "core/lora.hpp"
 #include "core/safetensors.hpp"
 #include "core/safetensors_writer.hpp"
+#include "core/sha256.hpp"
 #include "engine_test_util.hpp"
 #include "fixture_util.hpp"
 #include "optimized/cpu/engine.hpp"
@@ -533,6 +536,75 @@ TEST(LoraCli, DiffComparesWithAndWithoutTheAdapter) {
                             tmp.path());
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_NE(r.out.find("cpu-nf4+adapter"), std::string::npos) << r.out;
+}
+
+// A trace and an eval run say which adapter they ran with; a trace never mixes routing with and without one.
+TEST(LoraCli, TracesAndEvalResultsRecordTheAdapter) {
+  TempDir tmp("moelab-lora-provenance");
+  const std::string model = model_dir("mixtral-4e-gqa-f32"), adapter = lora_dir("mixtral-4e-gqa-f32-r4");
+  const std::string other = lora_dir("mixtral-top1-swa-rslora");
+  {
+    std::ofstream in(tmp.file("in.jsonl"));
+    in << R"({"text": "What is 17 + 25? Answer: 42", "domain": "arithmetic"})" << "\n"
+       << R"({"text": "The licensee may copy the program.", "domain": "legal"})" << "\n";
+  }
+  const auto trace = [&](const std::string& out, std::vector<std::string> extra) {
+    std::vector<std::string> args{"trace", "--model", model, "--input", tmp.file("in.jsonl"), "--output", tmp.file(out),
+                                  "--progress", "none"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_moelab(args, tmp.path());
+  };
+  auto r = trace("adapted.h5", {"--adapter", adapter});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto adapted = analysis::read_trace(tmp.file("adapted.h5"));
+  EXPECT_EQ(adapted.attributes["adapter"], fs::absolute(adapter).lexically_normal().string());
+  EXPECT_EQ(adapted.attributes["adapter_sha256"], sha256_file(adapter + "/adapter_model.safetensors"));
+  EXPECT_EQ(adapted.attributes["runs"][0]["adapter"], adapted.attributes["adapter"]);
+  r = trace("base.h5", {});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto base = analysis::read_trace(tmp.file("base.h5"));
+  EXPECT_FALSE(base.attributes.contains("adapter_sha256"));
+  // The adapter changes the routing of this input (else the refusals below would guard nothing visible).
+  EXPECT_NE(base.experts, adapted.experts);
+
+  // Appending across adapters is refused with one line naming the file and both sides; nothing is written.
+  for (const auto& [file, extra, theirs, ours] :
+       {std::tuple<std::string, std::vector<std::string>, std::string, std::string>{"base.h5", {"--adapter", adapter}, "without an adapter", "with the adapter"},
+        {"adapted.h5", {}, "with the adapter", "without an adapter"},
+        {"adapted.h5", {"--adapter", other}, "with the adapter", "with the adapter"}}) {
+    auto args = extra;
+    args.push_back("--append");
+    if (extra.size() == 2 && extra[1] == other) {
+      // (the other fixture adapter belongs to another model: use a copy of this adapter with one byte changed)
+      fs::create_directories(tmp.file("changed"));
+      fs::copy_file(adapter + "/adapter_config.json", tmp.file("changed/adapter_config.json"));
+      auto bytes = read_file_bytes(adapter + "/adapter_model.safetensors");
+      bytes[bytes.size() - 1] ^= 1;  // the last byte of the last factor's last element: still a valid adapter
+      std::ofstream(tmp.file("changed/adapter_model.safetensors"), std::ios::binary) << bytes;
+      args[1] = tmp.file("changed");
+    }
+    r = trace(file, args);
+    EXPECT_NE(r.status, 0) << file;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(tmp.file(file)), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(theirs), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(ours), std::string::npos) << r.err;
+    EXPECT_EQ(analysis::read_trace(tmp.file(file)).num_tokens(), base.num_tokens()) << file;
+  }
+  // The same adapter appends.
+  r = trace("adapted.h5", {"--adapter", adapter, "--append"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(analysis::read_trace(tmp.file("adapted.h5")).num_tokens(), 2 * base.num_tokens());
+
+  // Eval results carry the adapter as lm_eval's peft= model argument.
+  r = run_moelab({"eval", "--model", model, "--adapter", adapter, "--tasks", "rolling", "--data",
+                  fixture("evals/tasks/rolling_test.jsonl"), "--limit", "1", "--output", tmp.file("ev.json"), "--progress",
+                  "none"},
+                 tmp.path());
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(read_file_bytes(tmp.file("ev.json")));
+  EXPECT_EQ(j["config"]["model_args"],
+            "pretrained=" + model + ",engine=ref,peft=" + fs::absolute(adapter).lexically_normal().string());
 }
 
 // moelab merge against the unmerged adapter (F32) and the BF16 rounding of the F32 merge.
