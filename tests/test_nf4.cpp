@@ -322,6 +322,54 @@ TEST(Nf4Quantize, ThreadsDoNotChangeTheResult) {
   EXPECT_EQ(bits(a.offset), bits(b.offset));
 }
 
+// dequantize_into (the trainer's block-at-a-time, threaded path) against the per-element definition
+// out[i] = nf4[code[i]] * absmax[i / blocksize], bit for bit, in float and widened to double: partial last
+// blocks, an odd length (the last block ends on a high nibble), an all-zero block, double quantization
+// over several nested blocks, and tensors large enough that the blocks are split over threads.
+TEST(Nf4Dequantize, IntoABufferEqualsThePerElementFormulaBitForBit) {
+  struct Case {
+    std::vector<int64_t> shape;
+    int blocksize;
+    bool nested;
+  };
+  const std::vector<Case> cases = {
+      {{7, 100}, 64, false},     // 700 = 10 blocks + 60
+      {{3, 333}, 32, true},      // odd: 999 = 31 blocks + 7, the last element alone in its byte
+      {{256, 300}, 4096, true},  // 76800 = 18 blocks + 3072, threaded
+      {{520, 512}, 64, true},    // 4160 blocks: 17 nested blocks, the last partial; threaded
+      {{130, 513}, 128, false},  // 66690, partial, threaded, plain absmax
+  };
+  for (const auto& c : cases) {
+    const int64_t n = c.shape[0] * c.shape[1];
+    auto x = random_normal(size_t(n), 0.02f, 17);
+    for (int64_t i = 0; i < std::min<int64_t>(n, c.blocksize); ++i) x[size_t(i)] = 0.0f;  // an all-zero block
+    auto q = quantize_nf4(x.data(), n, c.blocksize, c.nested);
+    q.shape = c.shape;
+    const auto absmax = block_absmax(q);
+    std::vector<float> expect(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i)
+      expect[size_t(i)] = kCodes[size_t(code_at(q.packed.data(), i))] * absmax[size_t(i / c.blocksize)];
+    const std::string what = fmt::format("shape {}x{} blocksize {} nested {}", c.shape[0], c.shape[1], c.blocksize, c.nested);
+    EXPECT_EQ(first_bit_difference(dequantize(q), expect), -1) << what;
+    for (int threads : {1, 2, 3, 0}) {
+      std::vector<float> f(size_t(n), std::nanf(""));
+      dequantize_into(q, f.data(), threads);
+      EXPECT_EQ(first_bit_difference(f, expect), -1) << what << " threads " << threads;
+      std::vector<double> d(size_t(n), std::nan(""));
+      dequantize_into(q, d.data(), threads);
+      int64_t first_diff = -1;
+      for (int64_t i = 0; i < n && first_diff < 0; ++i) {
+        const double widened = expect[size_t(i)];
+        if (std::memcmp(&d[size_t(i)], &widened, sizeof(double)) != 0) first_diff = i;
+      }
+      EXPECT_EQ(first_diff, -1) << what << " threads " << threads << " (double)";
+    }
+  }
+  QuantizedTensor bad;  // validated like dequantize: no shape
+  std::vector<float> out(4);
+  EXPECT_THROW(dequantize_into(bad, out.data()), Error);
+}
+
 TEST(Nf4Quantize, RejectsBadBlocksizesEmptyAndNonFiniteInput) {
   const auto x = random_normal(256, 1.0f, 17);
   for (int bs : {0, -64, 16, 48, 100, 8192}) EXPECT_THROW(quantize_nf4(x.data(), 256, bs, false), Error) << bs;

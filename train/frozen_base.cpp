@@ -57,31 +57,45 @@ FrozenBase<S>::FrozenBase(const Checkpoint& ck, const BaseOptions& opt) : cfg_(c
 }
 
 template <typename S>
-Mat<S> FrozenBase<S>::matrix(const std::string& name) const {
-  if (!nf4_) return dense_.at(name);
+void FrozenBase<S>::matrix_into(const std::string& name, Mat<S>& out) const {
+  if (!nf4_) {
+    out = dense_.at(name);
+    return;
+  }
   const auto& q = quantized_.at(name);
-  const auto v = nf4::dequantize(q);  // float32, as bitsandbytes' dequantize_4bit returns it
-  const Eigen::Index rows = Eigen::Index(q.shape.at(0)), cols = Eigen::Index(v.size()) / rows;
-  return Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(v.data(), rows, cols)
-      .template cast<S>();
+  const Eigen::Index rows = Eigen::Index(q.shape.at(0)), cols = Eigen::Index(q.numel()) / rows;
+  out.resize(rows, cols);  // keeps the storage when the shape is unchanged
+  // float32 as bitsandbytes' dequantize_4bit returns it (widened exactly for S = double), on the
+  // OpenMP threads the trainer set.
+  nf4::dequantize_into(q, out.data());
+}
+
+template <typename S>
+void FrozenBase<S>::layer_into(int l, LayerBase<S>& w) const {
+  const std::string p = fmt::format("model.layers.{}.self_attn.", l);
+  w.attn_norm = attn_norm_.at(size_t(l));
+  w.ffn_norm = ffn_norm_.at(size_t(l));
+  matrix_into(p + "q_proj.weight", w.wq);
+  matrix_into(p + "k_proj.weight", w.wk);
+  matrix_into(p + "v_proj.weight", w.wv);
+  matrix_into(p + "o_proj.weight", w.wo);
+  if (cfg_.is_moe()) matrix_into(cfg_.router_name(l), w.router);
+  else w.router.resize(0, 0);
+  const size_t E = size_t(cfg_.num_experts);
+  w.w1.resize(E);
+  w.w3.resize(E);
+  w.w2.resize(E);
+  for (size_t e = 0; e < E; ++e) {
+    matrix_into(cfg_.w1_name(l, int(e)), w.w1[e]);
+    matrix_into(cfg_.w3_name(l, int(e)), w.w3[e]);
+    matrix_into(cfg_.w2_name(l, int(e)), w.w2[e]);
+  }
 }
 
 template <typename S>
 LayerBase<S> FrozenBase<S>::layer(int l) const {
-  const std::string p = fmt::format("model.layers.{}.self_attn.", l);
   LayerBase<S> w;
-  w.attn_norm = attn_norm_.at(size_t(l));
-  w.ffn_norm = ffn_norm_.at(size_t(l));
-  w.wq = matrix(p + "q_proj.weight");
-  w.wk = matrix(p + "k_proj.weight");
-  w.wv = matrix(p + "v_proj.weight");
-  w.wo = matrix(p + "o_proj.weight");
-  if (cfg_.is_moe()) w.router = matrix(cfg_.router_name(l));
-  for (int e = 0; e < cfg_.num_experts; ++e) {
-    w.w1.push_back(matrix(cfg_.w1_name(l, e)));
-    w.w3.push_back(matrix(cfg_.w3_name(l, e)));
-    w.w2.push_back(matrix(cfg_.w2_name(l, e)));
-  }
+  layer_into(l, w);
   return w;
 }
 

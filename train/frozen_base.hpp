@@ -27,12 +27,16 @@ class FrozenBase {
   FrozenBase(const Checkpoint& ck, const BaseOptions& opt);
   const ModelConfig& config() const { return cfg_; }
   LayerBase<S> layer(int l) const;  // dequantizes (or copies) layer l's weights
+  // The same into `w`, reusing its matrices' storage when their shapes already match (every layer of a
+  // model has the same shapes): a caller that keeps one LayerBase across layers allocates once, instead
+  // of mapping and faulting in fresh pages for every weight of every layer.
+  void layer_into(int l, LayerBase<S>& w) const;
   const Mat<S>& embedding() const { return embedding_; }  // [vocab, hidden]
   const RowVec<S>& final_norm() const { return final_norm_; }
   const Mat<S>& lm_head() const { return lm_head_; }      // [vocab, hidden]
 
  private:
-  Mat<S> matrix(const std::string& name) const;
+  void matrix_into(const std::string& name, Mat<S>& out) const;
 
   ModelConfig cfg_;
   bool nf4_ = true;

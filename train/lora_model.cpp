@@ -343,9 +343,10 @@ struct LoraModel<S>::Impl {
       for (size_t t = 0; t < batch[s].tokens.size(); ++t) h[s].row(Eigen::Index(t)) = base.embedding().row(batch[s].tokens[t]);
     }
     std::vector<std::vector<LayerCache<S>>> kept(B, std::vector<LayerCache<S>>(size_t(L)));
+    LayerBase<S> w;  // one layer's dequantized weights; its storage is reused by every layer, forward and backward
     for (int l = 0; l < L; ++l) {
       const auto t_layer = Clock::now();
-      const LayerBase<S> w = base.layer(l);
+      base.layer_into(l, w);
       r.dequantize_s += secs(t_layer, Clock::now());
       for (size_t s = 0; s < B; ++s) {
         LayerCache<S> c;
@@ -428,7 +429,7 @@ struct LoraModel<S>::Impl {
     // Backward, layers in reverse.
     for (int l = L - 1; l >= 0; --l) {
       const auto t_layer = Clock::now();
-      const LayerBase<S> w = base.layer(l);
+      base.layer_into(l, w);
       r.dequantize_s += secs(t_layer, Clock::now());
       for (size_t s = 0; s < B; ++s) {
         auto& k = kept[s][size_t(l)];

@@ -105,8 +105,16 @@ QuantizedTensor quantize_nf4(const float* x, int64_t n, int blocksize = 64, bool
 
 // Float32 absmax per block, rebuilt from the nested statistics when nested.
 std::vector<float> block_absmax(const QuantizedTensor& q);
-// Float32 values (cast to q.dtype afterwards to get what bitsandbytes returns).
+// Float32 values (cast to q.dtype afterwards to get what bitsandbytes returns). The per-element
+// definition (one element, one division for its block): the oracle dequantize_into is tested against.
 std::vector<float> dequantize(const QuantizedTensor& q);
+// The same float32 values bit for bit, written straight into out[0..numel) (no intermediate vector):
+// a block at a time (its 16 scaled code values made once, no division per element), the blocks split
+// over `threads` OpenMP threads (0: OpenMP's current default, which the trainer sets from --threads).
+// The double form stores each float32 value widened (exact), for the float64 oracle path. For the
+// trainer, which dequantizes every frozen weight of a layer each time it computes the layer.
+void dequantize_into(const QuantizedTensor& q, float* out, int threads = 0);
+void dequantize_into(const QuantizedTensor& q, double* out, int threads = 0);
 // Checks that the fields are consistent with each other; throws moelab::Error naming `what`.
 void validate(const QuantizedTensor& q, const std::string& what = "NF4 tensor");
 

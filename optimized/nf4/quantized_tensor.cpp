@@ -1,5 +1,9 @@
-// QuantizedTensor: its sizes, its consistency check, and dequantization.
+// QuantizedTensor: its sizes, its consistency check, and dequantization (per element, and by block into
+// a caller's buffer).
 #include <fmt/format.h>
+#include <omp.h>
+
+#include <algorithm>
 
 #include "core/error.hpp"
 #include "optimized/nf4/internal.hpp"
@@ -36,16 +40,50 @@ void validate(const QuantizedTensor& q, const std::string& what) {
   if (q.nested_code.size() != 256) throw bad(fmt::format("nested code map has {} entries, not 256", q.nested_code.size()));
 }
 
+namespace {
+
+// Block b's float32 absmax, rebuilt from the nested statistics when nested: dequantize_blockwise, then
+// `absmax += offset`, two separate float32 roundings (the library builds with -ffp-contract=off, so no
+// fused multiply-add).
+inline float absmax_of_block(const QuantizedTensor& q, size_t b) {
+  if (!q.nested) return q.absmax[b];
+  const float scaled = q.nested_code[q.qabsmax[b]] * q.nested_absmax[b / size_t(q.nested_blocksize)];
+  return scaled + q.offset;
+}
+
+template <typename T>
+void dequantize_blocks(const QuantizedTensor& q, T* out, int threads) {
+  validate(q);
+  const int64_t n = q.numel(), nblocks = q.nblocks(), bs = q.blocksize;
+  const unsigned char* packed = q.packed.data();
+  const int nthreads = threads > 0 ? threads : omp_get_max_threads();
+  // A few blocks are not worth waking threads for (the bundled model's matrices).
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= (int64_t(1) << 16))
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const float a = absmax_of_block(q, size_t(b));
+    T scaled[16];  // the float32 product nf4[c] * absmax, as the per-element formula rounds it, then widened
+    for (size_t c = 0; c < 16; ++c) scaled[c] = T(kCodes[c] * a);
+    // Every allowed blocksize is even, so a block starts on a byte boundary: byte k of the block holds
+    // its elements 2k and 2k+1. The last block may be partial and (odd n) end on a high nibble.
+    const int64_t begin = b * bs, len = std::min(n, begin + bs) - begin;
+    const unsigned char* p = packed + begin / 2;
+    T* o = out + begin;
+    const int64_t pairs = len / 2;
+    for (int64_t k = 0; k < pairs; ++k) {
+      o[2 * k] = scaled[code_at(p, 2 * k)];
+      o[2 * k + 1] = scaled[code_at(p, 2 * k + 1)];
+    }
+    if (len & 1) o[len - 1] = scaled[code_at(p, len - 1)];
+  }
+}
+
+}  // namespace
+
 std::vector<float> block_absmax(const QuantizedTensor& q) {
   validate(q);
   if (!q.nested) return q.absmax;
   std::vector<float> out(q.qabsmax.size());
-  for (size_t b = 0; b < out.size(); ++b) {
-    // dequantize_blockwise, then `absmax += offset`: two separate float32 roundings (the library
-    // builds with -ffp-contract=off, so no fused multiply-add).
-    const float scaled = q.nested_code[q.qabsmax[b]] * q.nested_absmax[b / size_t(q.nested_blocksize)];
-    out[b] = scaled + q.offset;
-  }
+  for (size_t b = 0; b < out.size(); ++b) out[b] = absmax_of_block(q, b);
   return out;
 }
 
@@ -58,5 +96,8 @@ std::vector<float> dequantize(const QuantizedTensor& q) {
   }
   return out;
 }
+
+void dequantize_into(const QuantizedTensor& q, float* out, int threads) { dequantize_blocks(q, out, threads); }
+void dequantize_into(const QuantizedTensor& q, double* out, int threads) { dequantize_blocks(q, out, threads); }
 
 }  // namespace moelab::nf4
