@@ -267,6 +267,7 @@ void CudaNf4Engine::Impl::load_weights(const Checkpoint* ck, uint64_t seed) {
 // The adapter's factors go up once, FP32 as read (row-major, as the products read them). Every module the
 // adapter holds must land on a weight of this engine: one left over would be a silent ignore.
 void CudaNf4Engine::Impl::load_adapter(const LoraAdapter& adapter) {
+  const auto t0 = SteadyClock::now();  // counted in load_seconds with the weights
   size_t placed = 0;
   const auto upload = [&](const std::string& weight, const DeviceMatrix& base) {
     DeviceLora d;
@@ -303,6 +304,7 @@ void CudaNf4Engine::Impl::load_adapter(const LoraAdapter& adapter) {
     throw Error(fmt::format("cuda-nf4: internal: {} of the adapter's {} modules have a weight in this engine ({})", placed,
                             adapter.modules().size(), adapter.dir()));
   MOELAB_CUDA_CHECK(cudaDeviceSynchronize());  // the uploads ran on the legacy default stream (see load_weights)
+  load_seconds += seconds_since(t0);
 }
 
 }  // namespace moelab::cuda
