@@ -90,6 +90,18 @@ double smallest_topk_gap(const analysis::ForwardRecord& rec, int top_k) {
   return gap;
 }
 
+
+// A checkpoint's NF4-dequantized twin (blocksize 64, double quantization: what cuda-nf4 quantizes at load) in a
+// temporary folder that goes with the object, so the reference computes what an exact NF4 engine computes.
+struct DequantizedTwin {
+  explicit DequantizedTwin(const Checkpoint& ck) : dir("moelab-cuda-lora-deq") {
+    cpu::write_dequantized_checkpoint(ck, dir.str(), 64, /*double_quant=*/true);
+    checkpoint = Checkpoint::open(dir.str());
+  }
+  TempDir dir;  // (declared first: removed after the checkpoint is closed)
+  std::unique_ptr<Checkpoint> checkpoint;
+};
+
 class CudaLora : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -98,20 +110,15 @@ class CudaLora : public ::testing::TestWithParam<std::string> {
     adapter = LoraAdapter::load(lora_dir(GetParam()), ck->config());
     expected = std::make_unique<SafetensorsFile>(lora_dir(GetParam()) + "/expected.safetensors");
     tokens = read_i32(*expected, "tokens");
-    dequantized_dir = std::filesystem::temp_directory_path() /
-                      ("moelab-cuda-lora-deq-" + std::to_string(::getpid()) + "-" + GetParam());
-    std::filesystem::remove_all(dequantized_dir);
-    cpu::write_dequantized_checkpoint(*ck, dequantized_dir.string(), 64, /*double_quant=*/true);
-    dequantized = Checkpoint::open(dequantized_dir.string());
+    twin = std::make_unique<DequantizedTwin>(*ck);
+    dequantized = twin->checkpoint.get();
   }
-  void TearDown() override {
-    if (!dequantized_dir.empty()) std::filesystem::remove_all(dequantized_dir);
-  }
-  std::unique_ptr<Checkpoint> ck, dequantized;
+  std::unique_ptr<Checkpoint> ck;
+  std::unique_ptr<DequantizedTwin> twin;
+  const Checkpoint* dequantized = nullptr;
   std::shared_ptr<const LoraAdapter> adapter;
   std::unique_ptr<SafetensorsFile> expected;
   std::vector<int32_t> tokens;
-  std::filesystem::path dequantized_dir;
 };
 
 TEST_P(CudaLora, MatchesReferenceOnDequantizedWeightsEveryLayer) {
@@ -202,19 +209,15 @@ TEST(CudaLoraPremise, LongPromptRoutingIsFarFromATie) {
     SCOPED_TRACE(name);
     const auto ck = Checkpoint::open(model_dir(model_of(name)));
     const auto adapter = LoraAdapter::load(lora_dir(name), ck->config());
-    const auto dir = std::filesystem::temp_directory_path() /
-                     ("moelab-cuda-lora-premise-" + std::to_string(::getpid()) + "-" + name);
-    std::filesystem::remove_all(dir);
-    cpu::write_dequantized_checkpoint(*ck, dir.string(), 64, /*double_quant=*/true);
+    const DequantizedTwin twin(*ck);
     double gap = 0, largest = 0;
     {
-      const auto deq = Checkpoint::open(dir.string());
+      const auto& deq = twin.checkpoint;
       ref::Model<float> reference(*deq, ref::ModelOptions{.adapter = adapter});
       const auto rec = analysis::ForwardRecord::run(reference, long_prompt(ck->config()));
       gap = smallest_topk_gap(rec, ck->config().top_k);
       for (const auto& l : rec.layers) largest = std::max(largest, double(l.router_logits->cwiseAbs().maxCoeff()));
     }
-    std::filesystem::remove_all(dir);
     std::cout << name << ": smallest top-k router-logit gap " << gap << ", largest |router logit| " << largest << "\n";
     EXPECT_LT(largest, 10.0);
     EXPECT_GT(gap, 1e-3);
@@ -339,19 +342,14 @@ class CudaLoraMadeAdapter : public ::testing::TestWithParam<std::string> {
     made = make_adapter(GetParam());
     ck = Checkpoint::open(model_dir(made.model));
     adapter = LoraAdapter::load(made.dir->str(), ck->config());
-    dequantized_dir = std::filesystem::temp_directory_path() /
-                      ("moelab-cuda-lora-made-" + std::to_string(::getpid()) + "-" + GetParam());
-    std::filesystem::remove_all(dequantized_dir);
-    cpu::write_dequantized_checkpoint(*ck, dequantized_dir.string(), 64, /*double_quant=*/true);
-    dequantized = Checkpoint::open(dequantized_dir.string());
-  }
-  void TearDown() override {
-    if (!dequantized_dir.empty()) std::filesystem::remove_all(dequantized_dir);
+    twin = std::make_unique<DequantizedTwin>(*ck);
+    dequantized = twin->checkpoint.get();
   }
   MadeAdapter made;
-  std::unique_ptr<Checkpoint> ck, dequantized;
+  std::unique_ptr<Checkpoint> ck;
+  std::unique_ptr<DequantizedTwin> twin;
+  const Checkpoint* dequantized = nullptr;
   std::shared_ptr<const LoraAdapter> adapter;
-  std::filesystem::path dequantized_dir;
 };
 
 // Both prompts: the fixture's 12 tokens (the experts' GEMV path) and the 60 (their GEMM path). One engine
@@ -428,10 +426,9 @@ TEST(CudaLoraMadeAdapterPremise, AdapterMattersAndComparisonsAreDecidable) {
     }
     const std::shared_ptr<const LoraAdapter> full =
         variant == "dense" ? nullptr : LoraAdapter::load(lora_dir("mixtral-4e-gqa-f32-r4"), cfg);
-    const TempDir dir("moelab-cuda-lora-made-premise");  // removed even when a check throws
-    cpu::write_dequantized_checkpoint(*ck, dir.str(), 64, /*double_quant=*/true);
+    const DequantizedTwin twin(*ck);  // removed even when a check throws
     {
-      const auto deq = Checkpoint::open(dir.str());
+      const auto& deq = twin.checkpoint;
       ref::Model<float> with(*deq, ref::ModelOptions{.adapter = adapter});
       ref::Model<float> without(*deq);
       for (const auto& prompt : variant_prompts(made.model, cfg)) {
