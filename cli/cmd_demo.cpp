@@ -271,7 +271,7 @@ void run_demo(DemoArgs& a) {
     fo.data = finetune_data;
     fo.output = (ft_dir / "adapter").string();
     fo.data_options = finetune_data_options;
-    fo.lora.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3"};  // every linear
+    fo.lora.target_modules = train::parse_target_modules("all", c);
     fo.learning_rate = kFinetuneLearningRate;
     fo.batch_size = kFinetuneBatch;
     fo.max_steps = a.finetune_steps;

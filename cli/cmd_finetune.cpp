@@ -34,26 +34,6 @@ void on_signal(int sig) {
   ::signal(sig, SIG_DFL);
 }
 
-// "all" (or peft's "all-linear"): every Linear the model has that LoRA can adapt; otherwise the list as given.
-std::vector<std::string> target_modules(const std::string& list, const ModelConfig& cfg) {
-  if (list == "all" || list == "all-linear") {
-    if (cfg.is_moe()) return {"q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3"};
-    return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  }
-  std::vector<std::string> out;
-  std::string cur;
-  for (size_t i = 0; i <= list.size(); ++i) {
-    if (i == list.size() || list[i] == ',') {
-      if (cur.empty()) throw Error(fmt::format("--lora-target-modules '{}': an empty name", list));
-      out.push_back(cur);
-      cur.clear();
-    } else if (list[i] != ' ') {
-      cur += list[i];
-    }
-  }
-  return out;
-}
-
 void run(FinetuneArgs& a) {
   if (a.o.model.empty()) a.o.model = default_model_dir();
   if (a.o.data.empty()) {
@@ -68,7 +48,7 @@ void run(FinetuneArgs& a) {
   }
   {
     const auto ck = Checkpoint::open(a.o.model);  // headers only: the config for "all"
-    a.o.lora.target_modules = target_modules(a.targets, ck->config());
+    a.o.lora.target_modules = train::parse_target_modules(a.targets, ck->config());
   }
   a.o.schedule = train::parse_lr_schedule(a.scheduler);
   a.o.base.nf4 = a.base == "nf4";

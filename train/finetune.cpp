@@ -27,6 +27,25 @@ namespace moelab::train {
 
 namespace fs = std::filesystem;
 
+std::vector<std::string> parse_target_modules(const std::string& list, const ModelConfig& cfg) {
+  if (list == "all" || list == "all-linear") {
+    if (cfg.is_moe()) return {"q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3"};
+    return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  }
+  std::vector<std::string> out;
+  std::string cur;
+  for (size_t i = 0; i <= list.size(); ++i) {
+    if (i == list.size() || list[i] == ',') {
+      if (cur.empty()) throw Error(fmt::format("--lora-target-modules '{}': an empty name", list));
+      out.push_back(cur);
+      cur.clear();
+    } else if (list[i] != ' ') {
+      cur += list[i];
+    }
+  }
+  return out;
+}
+
 std::string checkpoint_name(int64_t step) { return fmt::format("checkpoint-{}", step); }
 
 namespace {

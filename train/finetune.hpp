@@ -77,6 +77,11 @@ struct FinetuneSummary {
   int64_t trainable_parameters = 0;
 };
 
+// peft's target_modules from a comma-separated list, or "all" / "all-linear": every Linear of `cfg` LoRA can
+// adapt (the MoE names q/k/v/o_proj, gate, w1, w2, w3; the dense ones q/k/v/o_proj, gate/up/down_proj).
+// Throws moelab::Error for an empty name.
+std::vector<std::string> parse_target_modules(const std::string& list, const ModelConfig& cfg);
+
 // The folder name of the checkpoint after `step` optimizer steps.
 std::string checkpoint_name(int64_t step);
 
