@@ -80,6 +80,7 @@ std::string Tokenizer::token_bytes(int32_t id) const {
 int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
 int Tokenizer::bos_id() const { return sp_->bos_id(); }
 int Tokenizer::eos_id() const { return sp_->eos_id(); }
+int Tokenizer::unk_id() const { return sp_->unk_id(); }
 
 namespace {
 // Length of the prefix of `s` that does not end inside a multi-byte UTF-8 sequence or on the

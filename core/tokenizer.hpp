@@ -28,6 +28,7 @@ class Tokenizer {
   int vocab_size() const;
   int bos_id() const;
   int eos_id() const;
+  int unk_id() const;
 
  private:
   std::string path_;

@@ -7,6 +7,8 @@
 #include <fstream>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.hpp"
 #include "process_util.hpp"
 #include "train/data.hpp"
@@ -136,7 +138,7 @@ TEST_F(TrainData, EveryBadLineIsOneErrorNamingFileAndLine) {
       {ok + "{\"text\": \"unterminated}\n", p + ":2: not valid JSON"},
       {ok + "[\"text\", \"a\"]\n", p + ":2: a line must be a JSON object, not array"},
       {ok + "{\"txt\": \"a\"}\n", p + ":2: unknown field \"txt\""},
-      {ok + "{}\n", p + ":2: no \"text\" and no \"prompt\"/\"completion\" field"},
+      {ok + "{}\n", p + ":2: no \"text\", \"messages\" or \"prompt\"/\"completion\" field"},
       {ok + "{\"text\": 5}\n", p + ":2: \"text\" is number, not a string"},
       {ok + "{\"text\": \"\"}\n", p + ":2: \"text\" is empty"},
       {ok + "{\"text\": \"a\", \"domain\": 3}\n", p + ":2: \"domain\" is number, not a string"},
@@ -150,6 +152,105 @@ TEST_F(TrainData, EveryBadLineIsOneErrorNamingFileAndLine) {
       {"", p + ": no examples"},
       {"\n  \n", p + ": no examples"},
       {ok + "{\"text\": \"\xff\xfe\"}\n", p + ":2: not valid JSON"},
+  };
+  for (const auto& c : cases) {
+    const std::string e = error_of(c.text);
+    EXPECT_EQ(e.rfind(c.want, 0), 0u) << "input:\n" << c.text << "error: " << e;
+    EXPECT_EQ(e.find('\n'), std::string::npos) << "one line: " << e;
+  }
+}
+
+// Conversational data against tests/fixtures/train/chat_data.json: transformers' apply_chat_template with
+// Mixtral-8x7B-Instruct-v0.1's template on the same tokenizer.model, masked as trl's SFTTrainer masks
+// (scripts/make_chat_data_fixture.py). Exact ids and exact targets.
+TEST_F(TrainData, ConversationsTokenizeAsTransformersChatTemplateAndTrl) {
+  std::ifstream f(std::string(MOELAB_FIXTURES) + "/train/chat_data.json");
+  ASSERT_TRUE(f) << "missing fixture";
+  const auto doc = nlohmann::json::parse(f);
+  ASSERT_GE(doc.at("cases").size(), 10u);
+  int conversational = 0, prompt_completion = 0;
+  for (const auto& c : doc.at("cases")) {
+    const std::string line = c.at("line").dump();
+    const auto want_ids = c.at("input_ids").get<std::vector<int32_t>>();
+    const bool has_mask = !c.at("completion_mask").is_null();
+    for (const bool completion_only : {true, false}) {
+      DataOptions o;
+      o.completion_only_loss = completion_only;
+      const auto ds = load_dataset(write("chat.jsonl", line + "\n"), tok(), o);
+      ASSERT_EQ(ds.sequences.size(), 1u) << line;
+      EXPECT_EQ(ds.kind, has_mask ? "conversational prompt-completion" : "conversational") << line;
+      EXPECT_EQ(ds.sequences[0].tokens, want_ids) << line << "\nrendered: " << c.at("rendered").get<std::string>();
+      // trl's labels: every token (messages), or the completion mask when completion-only loss is on; the first
+      // position is never a target (nothing predicts it).
+      std::vector<uint8_t> want(want_ids.size(), 1);
+      if (has_mask && completion_only) want = c.at("completion_mask").get<std::vector<uint8_t>>();
+      want[0] = 0;
+      EXPECT_EQ(ds.sequences[0].target, want) << line << " completion_only_loss=" << completion_only;
+    }
+    (has_mask ? prompt_completion : conversational)++;
+  }
+  EXPECT_GE(conversational, 5);
+  EXPECT_GE(prompt_completion, 4);
+}
+
+TEST_F(TrainData, ConversationsTruncateAndFilterLikeTheOtherKinds) {
+  const std::string line =
+      "{\"messages\": [{\"role\": \"user\", \"content\": \"one two three four\"}, {\"role\": \"assistant\", "
+      "\"content\": \"five six\"}], \"domain\": \"d\"}\n";
+  DataOptions o;
+  const auto full = load_dataset(write("c.jsonl", line), tok(), o);
+  o.max_seq_len = 5;
+  const auto cut = load_dataset(write("c.jsonl", line), tok(), o);
+  EXPECT_EQ(cut.truncated, 1);
+  ASSERT_EQ(cut.sequences.size(), 1u);
+  EXPECT_EQ(cut.sequences[0].tokens,
+            std::vector<int32_t>(full.sequences[0].tokens.begin(), full.sequences[0].tokens.begin() + 5));
+  o.max_seq_len = 1024;
+  o.domain = "d";
+  EXPECT_EQ(load_dataset(write("c.jsonl", line), tok(), o).sequences.size(), 1u);
+  o.domain = "other";
+  EXPECT_NE(error_of(line, o).find("no example with \"domain\" \"other\""), std::string::npos);
+}
+
+TEST_F(TrainData, EveryBadConversationIsOneErrorNamingFileAndLine) {
+  const std::string p = dir.file("bad.jsonl");
+  const std::string ok = "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n";
+  auto msgs = [](const std::string& list) { return "{\"messages\": [" + list + "]}\n"; };
+  const std::string u = "{\"role\": \"user\", \"content\": \"a\"}", a = "{\"role\": \"assistant\", \"content\": \"b\"}",
+                    sys = "{\"role\": \"system\", \"content\": \"s\"}";
+  struct Case {
+    std::string text, want;
+  };
+  const std::vector<Case> cases = {
+      {ok + msgs(u + ", {\"role\": \"tool\", \"content\": \"x\"}"),
+       p + ":2: messages[1].role is \"tool\"; Mixtral-Instruct's chat template knows"},
+      {ok + msgs(u + ", " + u), p + ":2: messages[1] is \"user\" where the chat template needs \"assistant\""},
+      {msgs(a + ", " + u), p + ":1: messages[0] is \"assistant\" where the chat template needs \"user\""},
+      {msgs(sys + ", " + a), p + ":1: messages[1] is \"assistant\" where the chat template needs \"user\""},
+      {msgs(u + ", " + a + ", " + sys), p + ":1: messages[2] is a system message; Mixtral-Instruct's chat template takes one"},
+      {msgs(sys), p + ":1: only a system message"},
+      {msgs("{\"role\": \"user\"}"), p + ":1: messages[0] has no \"content\""},
+      {msgs("{\"content\": \"a\"}"), p + ":1: messages[0] has no \"role\""},
+      {msgs("{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"a\"}]}"),
+       p + ":1: messages[0].content is array, not a string"},
+      {msgs("{\"role\": \"user\", \"content\": null}"), p + ":1: messages[0].content is null, not a string"},
+      {msgs("{\"role\": 3, \"content\": \"a\"}"), p + ":1: messages[0].role is number, not a string"},
+      {msgs("{\"role\": \"user\", \"content\": \"a\", \"name\": \"n\"}"), p + ":1: messages[0]: unknown field \"name\""},
+      {msgs("\"hello\""), p + ":1: messages[0] is string, not an object"},
+      {msgs(""), p + ":1: \"messages\" is an empty list"},
+      {"{\"messages\": \"hi\"}\n", p + ":1: \"messages\" is string, not a list of messages"},
+      {"{\"messages\": [" + u + "], \"text\": \"t\"}\n", p + ":1: \"text\" together with \"messages\""},
+      {"{\"messages\": [" + u + "], \"prompt\": \"t\"}\n", p + ":1: \"messages\" together with \"prompt\"/\"completion\""},
+      {"{\"prompt\": [" + u + "], \"completion\": \"b\"}\n",
+       p + ":1: \"prompt\" is a list of messages but \"completion\" is string"},
+      {"{\"prompt\": \"a\", \"completion\": [" + a + "]}\n",
+       p + ":1: \"completion\" is a list of messages but \"prompt\" is string"},
+      {"{\"prompt\": [" + u + "], \"completion\": []}\n", p + ":1: \"completion\" is an empty list"},
+      {"{\"prompt\": [" + u + "], \"completion\": [" + u + "]}\n",
+       p + ":1: completion[0] is \"user\" where the chat template needs \"assistant\""},
+      {ok + "{\"text\": \"t\"}\n", p + ":2: a text example in a conversational dataset (line 1 is conversational)"},
+      {ok + "{\"prompt\": [" + u + "], \"completion\": [" + a + "]}\n",
+       p + ":2: a conversational prompt-completion example in a conversational dataset"},
   };
   for (const auto& c : cases) {
     const std::string e = error_of(c.text);

@@ -74,6 +74,118 @@ std::string string_field(const nlohmann::json& j, const char* key, const std::st
   return v.get<std::string>();
 }
 
+// --- Conversational data: Mixtral-Instruct's chat template, as transformers renders and tokenizes it ---
+
+struct ChatMessage {
+  std::string role, content;
+  std::string label;  // where it came from, for errors: "messages[2]", "completion[0]"
+};
+
+// Field `key` of line `where`: a non-empty list of {"role": ..., "content": ...} objects.
+std::vector<ChatMessage> parse_messages(const nlohmann::json& j, const char* key, const std::string& where) {
+  const auto& v = j.at(key);
+  if (!v.is_array())
+    throw Error(fmt::format("{}: \"{}\" is {}, not a list of messages", where, key, v.type_name()));
+  if (v.empty()) throw Error(fmt::format("{}: \"{}\" is an empty list", where, key));
+  std::vector<ChatMessage> out;
+  for (size_t i = 0; i < v.size(); ++i) {
+    const std::string label = fmt::format("{}[{}]", key, i);
+    const auto& m = v[i];
+    if (!m.is_object())
+      throw Error(fmt::format("{}: {} is {}, not an object {{\"role\": ..., \"content\": ...}}", where, label,
+                              m.type_name()));
+    for (const auto& [k, value] : m.items())
+      if (k != "role" && k != "content")
+        throw Error(fmt::format("{}: {}: unknown field \"{}\" (a message holds \"role\" and \"content\")", where,
+                                label, k));
+    for (const char* f : {"role", "content"}) {
+      if (!m.contains(f)) throw Error(fmt::format("{}: {} has no \"{}\"", where, label, f));
+      if (!m.at(f).is_string())
+        throw Error(fmt::format("{}: {}.{} is {}, not a string", where, label, f, m.at(f).type_name()));
+    }
+    ChatMessage cm{m.at("role").get<std::string>(), m.at("content").get<std::string>(), label};
+    if (cm.role != "user" && cm.role != "assistant" && cm.role != "system")
+      throw Error(fmt::format("{}: {}.role is \"{}\"; Mixtral-Instruct's chat template knows \"user\", "
+                              "\"assistant\" and one leading \"system\"",
+                              where, label, cm.role));
+    out.push_back(std::move(cm));
+  }
+  return out;
+}
+
+// Checks `messages` as Mixtral-8x7B-Instruct-v0.1's chat template does (it raises where this throws) and
+// renders it to that template's text, with the tokenizer's BOS and EOS pieces written out as in the template:
+//   BOS, then per turn " [INST] " + user + " [/INST]" or " " + assistant + EOS; a leading system message goes
+//   in front of the first user message as system + "\n\n".
+// `prompt_part`: the prompt of a prompt-completion line, which may hold only the system message (the
+// template renders BOS alone); a whole conversation needs a user message.
+std::string render_mixtral_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
+                                const std::string& where, bool prompt_part = false) {
+  size_t first = 0;
+  std::string system;
+  bool has_system = false;
+  if (!messages.empty() && messages[0].role == "system") {
+    system = messages[0].content;
+    has_system = true;
+    first = 1;
+  }
+  std::string text = tok.piece(tok.bos_id());
+  for (size_t i = first; i < messages.size(); ++i) {
+    const auto& m = messages[i];
+    if (m.role == "system")
+      throw Error(fmt::format("{}: {} is a system message; Mixtral-Instruct's chat template takes one, as the "
+                              "first message",
+                              where, m.label));
+    const bool want_user = (i - first) % 2 == 0;
+    if ((m.role == "user") != want_user)
+      throw Error(fmt::format("{}: {} is \"{}\" where the chat template needs \"{}\" (after an optional system "
+                              "message, roles alternate user/assistant/user/...)",
+                              where, m.label, m.role, want_user ? "user" : "assistant"));
+    if (m.role == "user")
+      text += " [INST] " + (i == first && has_system ? system + "\n\n" : std::string()) + m.content + " [/INST]";
+    else
+      text += " " + m.content + tok.piece(tok.eos_id());
+  }
+  if (messages.size() == first && !prompt_part)
+    throw Error(fmt::format("{}: only a system message; a conversation needs a user message", where));
+  return text;
+}
+
+// Tokenizes a rendered chat as transformers' slow LlamaTokenizer (legacy) does with add_special_tokens=False:
+// the text is split at every occurrence of a special token's text (the unknown, BOS and EOS pieces, leftmost
+// first), each special becomes its id, and each piece of text between them is encoded on its own by
+// sentencepiece (which puts its word-boundary space in front of each). A "</s>" written inside a message
+// therefore becomes EOS, as it does in trl.
+std::vector<int32_t> tokenize_rendered(const std::string& text, const Tokenizer& tok) {
+  std::vector<std::pair<std::string, int32_t>> specials;
+  for (int32_t id : {tok.unk_id(), tok.bos_id(), tok.eos_id()})
+    if (id >= 0) specials.emplace_back(tok.piece(id), id);
+  std::vector<int32_t> ids;
+  size_t start = 0;
+  auto flush = [&](size_t end) {
+    if (end > start) {
+      const auto seg = tok.encode(std::string_view(text).substr(start, end - start), /*add_bos=*/false);
+      ids.insert(ids.end(), seg.begin(), seg.end());
+    }
+  };
+  for (size_t i = 0; i < text.size();) {
+    bool matched = false;
+    for (const auto& [piece, id] : specials) {
+      if (!piece.empty() && text.compare(i, piece.size(), piece) == 0) {
+        flush(i);
+        ids.push_back(id);
+        i += piece.size();
+        start = i;
+        matched = true;
+        break;
+      }
+    }
+    if (!matched) ++i;
+  }
+  flush(text.size());
+  return ids;
+}
+
 }  // namespace
 
 Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opt) {
@@ -99,17 +211,31 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
     }
     if (!j.is_object()) throw Error(fmt::format("{}: a line must be a JSON object, not {}", where, j.type_name()));
     for (const auto& [key, value] : j.items())
-      if (key != "text" && key != "prompt" && key != "completion" && key != "domain" && key != "source")
-        throw Error(fmt::format("{}: unknown field \"{}\" (a line holds \"text\", or \"prompt\" and \"completion\"; "
-                                "\"domain\" and \"source\" are read as metadata)", where, key));
+      if (key != "text" && key != "prompt" && key != "completion" && key != "messages" && key != "domain" &&
+          key != "source")
+        throw Error(fmt::format("{}: unknown field \"{}\" (a line holds \"text\", \"messages\", or \"prompt\" and "
+                                "\"completion\"; \"domain\" and \"source\" are read as metadata)", where, key));
     const bool has_text = j.contains("text"), has_prompt = j.contains("prompt"), has_completion = j.contains("completion");
+    const bool has_messages = j.contains("messages");
     std::string kind;
-    if (has_text && !has_prompt && !has_completion) kind = "text";
-    else if (!has_text && has_prompt && has_completion) kind = "prompt-completion";
-    else if (has_text) throw Error(fmt::format("{}: \"text\" together with \"prompt\"/\"completion\"; a line is one kind", where));
+    if (has_text && !has_prompt && !has_completion && !has_messages) kind = "text";
+    else if (has_messages && !has_text && !has_prompt && !has_completion) kind = "conversational";
+    else if (!has_text && !has_messages && has_prompt && has_completion) {
+      // Strings: standard prompt-completion; message lists: conversational. One of each is a mistake.
+      const bool prompt_list = j.at("prompt").is_array(), completion_list = j.at("completion").is_array();
+      if (prompt_list != completion_list)
+        throw Error(fmt::format("{}: \"{}\" is a list of messages but \"{}\" is {}; both are strings or both are "
+                                "message lists", where, prompt_list ? "prompt" : "completion",
+                                prompt_list ? "completion" : "prompt",
+                                j.at(prompt_list ? "completion" : "prompt").type_name()));
+      kind = prompt_list ? "conversational prompt-completion" : "prompt-completion";
+    }
+    else if (has_text) throw Error(fmt::format("{}: \"text\" together with \"{}\"; a line is one kind", where,
+                                               has_messages ? "messages" : "prompt\"/\"completion"));
+    else if (has_messages) throw Error(fmt::format("{}: \"messages\" together with \"prompt\"/\"completion\"; a line is one kind", where));
     else if (has_prompt) throw Error(fmt::format("{}: \"prompt\" without \"completion\"", where));
     else if (has_completion) throw Error(fmt::format("{}: \"completion\" without \"prompt\"", where));
-    else throw Error(fmt::format("{}: no \"text\" and no \"prompt\"/\"completion\" field", where));
+    else throw Error(fmt::format("{}: no \"text\", \"messages\" or \"prompt\"/\"completion\" field", where));
     if (ds.kind.empty()) {
       ds.kind = kind;
       kind_line = line_no;
@@ -131,6 +257,30 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       seq.tokens = tok.encode(t, /*add_bos=*/true);
       seq.tokens.push_back(tok.eos_id());
       seq.target.assign(seq.tokens.size(), 1);
+    } else if (kind == "conversational") {
+      // trl: apply_chat_template(messages) tokenized as is (the template writes BOS and each EOS); every token
+      // is learned (assistant_only_loss is off by default, and Mixtral's template cannot mark assistant spans).
+      const auto messages = parse_messages(j, "messages", where);
+      const std::string rendered = render_mixtral_chat(messages, tok, where);
+      if (!opt.domain.empty() && domain != opt.domain) continue;
+      seq.tokens = tokenize_rendered(rendered, tok);
+      seq.target.assign(seq.tokens.size(), 1);
+    } else if (kind == "conversational prompt-completion") {
+      // trl: the prompt's messages and prompt + completion rendered and tokenized separately; the first
+      // len(prompt ids) positions of the whole are the prompt's.
+      auto messages = parse_messages(j, "prompt", where);
+      const auto completion = parse_messages(j, "completion", where);
+      const size_t prompt_messages = messages.size();
+      messages.insert(messages.end(), completion.begin(), completion.end());
+      const std::string whole = render_mixtral_chat(messages, tok, where);
+      messages.resize(prompt_messages);
+      const std::string prompt = render_mixtral_chat(messages, tok, where, /*prompt_part=*/true);
+      if (!opt.domain.empty() && domain != opt.domain) continue;
+      const size_t prompt_len = tokenize_rendered(prompt, tok).size();
+      seq.tokens = tokenize_rendered(whole, tok);
+      seq.target.assign(seq.tokens.size(), 1);
+      if (opt.completion_only_loss)
+        for (size_t i = 0; i < std::min(prompt_len, seq.target.size()); ++i) seq.target[i] = 0;
     } else {
       const std::string prompt = string_field(j, "prompt", where);
       const std::string completion = string_field(j, "completion", where);

@@ -1,8 +1,10 @@
 #pragma once
-// Training data for `moelab finetune`: JSONL (optionally gzip-compressed), one example per line, in either
-// of trl's two dataset kinds (never mixed in one file):
-//   language modeling   {"text": "..."}
-//   prompt-completion   {"prompt": "...", "completion": "..."}
+// Training data for `moelab finetune`: JSONL (optionally gzip-compressed), one example per line, in one of
+// trl's four dataset kinds (never mixed in one file):
+//   language modeling                  {"text": "..."}
+//   prompt-completion                  {"prompt": "...", "completion": "..."}
+//   conversational language modeling   {"messages": [{"role": "user", "content": "..."}, ...]}
+//   conversational prompt-completion   {"prompt": [messages...], "completion": [messages...]}
 // plus optional string metadata "domain" (selectable with DataOptions::domain) and "source" (ignored). Any
 // other field, a missing or non-string field, an empty text or completion, or a line that is not a JSON
 // object is a moelab::Error naming the file and the line. Blank lines are skipped.
@@ -11,6 +13,29 @@
 // tokens + EOS; for prompt-completion, BOS + tokens(prompt + completion) + EOS with the first
 // len(BOS + tokens(prompt)) positions masked out of the loss (trl's completion_only_loss, its default for
 // prompt-completion data) unless completion_only_loss is off. Then truncated to max_seq_len tokens.
+//
+// Conversational lines are rendered with Mixtral-8x7B-Instruct-v0.1's chat template (its tokenizer_config.json;
+// the Jinja text is in scripts/make_chat_data_fixture.py) and tokenized as transformers' apply_chat_template
+// does, which is what trl calls:
+//   - A message is {"role", "content"}, both strings; role is "user", "assistant" or "system"; no other field.
+//   - Text: BOS, then for each message after an optional leading system message, in turn,
+//       user       " [INST] " + content + " [/INST]"   (the first one as " [INST] " + system + "\n\n" + content ...)
+//       assistant  " " + content + EOS
+//     Roles must alternate user/assistant/... starting with user; a system message anywhere but first, another
+//     role, or only a system message is an error naming the line and the message ("messages[2]"), where the
+//     template raises. A conversation may end with either role, as the template allows.
+//   - Tokens: the rendered text split at each occurrence of the text of the unknown, BOS or EOS token (these
+//     become their ids: a literal "</s>" inside a message becomes EOS, as in transformers and trl), and each
+//     piece between encoded by sentencepiece on its own (with its word-boundary space in front), no BOS/EOS added
+//     (the slow LlamaTokenizer, legacy=True, with add_special_tokens=False). No EOS is appended after the
+//     template's text (trl adds one only to non-conversational data).
+//   - Loss: "messages" learns every token (trl's default: assistant_only_loss is off, and Mixtral's template has
+//     no {% generation %} marks to find assistant spans); conversational prompt-completion masks the first
+//     len(tokens(render(prompt))) positions when completion_only_loss is on (trl's default for prompt-completion),
+//     so with the usual completion [{"role": "assistant", ...}] the targets are the answer's tokens and its EOS.
+//     The prompt may be only a system message (it renders as BOS alone).
+// The first position of every sequence is never a target (nothing predicts it). tests/test_train_data.cpp checks
+// the ids and targets against transformers (tests/fixtures/train/chat_data.json).
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -28,7 +53,7 @@ struct DataOptions {
 
 struct Dataset {
   std::string path;
-  std::string kind;                        // "text" or "prompt-completion"
+  std::string kind;  // "text", "prompt-completion", "conversational" or "conversational prompt-completion"
   std::vector<TrainSequence> sequences;    // in file order
   std::vector<std::string> domains;        // each sequence's "domain" ("" when the line has none)
   int64_t lines = 0;                       // examples read (before the domain filter)
