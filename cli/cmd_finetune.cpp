@@ -89,7 +89,9 @@ void register_finetune(CLI::App& app) {
   auto& o = a.o;
   add_model_option(*cmd, o.model);
   cmd->add_option("--data", o.data,
-                  "Training JSONL (or .jsonl.gz): {\"text\": ...} or {\"prompt\": ..., \"completion\": ...} per line "
+                  "Training JSONL (or .jsonl.gz), one example a line, one kind a file (trl's): {\"text\": ...}, "
+                  "{\"prompt\": ..., \"completion\": ...}, {\"messages\": [{\"role\": \"user\", \"content\": ...}, ...]}, "
+                  "or prompt/completion as message lists (chats use Mixtral-Instruct's [INST] template) "
                   "[default: the model's own corpus, MODEL/corpus/train.jsonl.gz, as the bundled model has]");
   cmd->add_option("--eval-data", o.eval_data,
                   "Held-out JSONL, same format: its loss before, during and after training [default with the model's "

@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include <filesystem>
 #include <fstream>
@@ -15,7 +16,9 @@
 #include <sstream>
 #include <thread>
 
+#include "core/tokenizer.hpp"
 #include "process_util.hpp"
+#include "train/data.hpp"
 
 namespace moelab::test {
 namespace {
@@ -223,6 +226,58 @@ TEST_F(FinetuneCli, SummaryHasTheTimeBreakdownAndPeakMemory) {
     EXPECT_NE(r.out.find(part), std::string::npos) << part << " in " << r.out;
 }
 
+// Conversational data end to end on the bundled model: both of trl's chat kinds train (finite losses, a held-out
+// loss before and after, an adapter written), and the command counts the same sequences, tokens and targets that
+// train::load_dataset gives for the file (whose chat tokenization tests/test_train_data.cpp checks against
+// transformers).
+TEST_F(FinetuneCli, ChatDataTrainsAndWritesAnAdapter) {
+  const std::string bundled = MOELAB_BUNDLED_MODEL;
+  auto chat = [](int i, bool prompt_completion) {
+    const std::string sys = i % 3 == 0 ? "{\"role\": \"system\", \"content\": \"Answer with the shelf.\"}, " : "";
+    const std::string user = fmt::format("{{\"role\": \"user\", \"content\": \"Where is ticket {}?\"}}", 100 + i);
+    const std::string answer =
+        fmt::format("{{\"role\": \"assistant\", \"content\": \"Shelf Q-{}, row {}.\"}}", 7 * i % 90, i % 9);
+    if (prompt_completion) return "{\"prompt\": [" + sys + user + "], \"completion\": [" + answer + "]}\n";
+    return "{\"messages\": [" + sys + user + ", " + answer + "]}\n";
+  };
+  const Tokenizer tok(bundled + "/tokenizer.model");
+  for (const bool prompt_completion : {false, true}) {
+    SCOPED_TRACE(prompt_completion ? "conversational prompt-completion" : "messages");
+    std::string train, eval;
+    for (int i = 0; i < 8; ++i) train += chat(i, prompt_completion);
+    for (int i = 50; i < 53; ++i) eval += chat(i, prompt_completion);
+    const std::string tag = prompt_completion ? "pc" : "msg";
+    const std::string train_file = write("chat-" + tag + ".jsonl", train), eval_file = write("chat-eval-" + tag + ".jsonl", eval);
+    const std::string out = dir.file("chat-out-" + tag);
+    const auto r = moelab({"finetune", "--model", bundled, "--data", train_file, "--eval-data", eval_file, "-o", out,
+                           "--max-steps", "3", "--batch-size", "4", "--max-seq-len", "64", "--learning-rate", "3e-3",
+                           "--threads", "1", "--progress", "none"});
+    ASSERT_EQ(r.status, 0) << r.err << r.out;
+    train::DataOptions o;
+    o.max_seq_len = 64;
+    const auto ds = train::load_dataset(train_file, tok, o);
+    EXPECT_EQ(ds.kind, prompt_completion ? "conversational prompt-completion" : "conversational");
+    EXPECT_NE(r.out.find(fmt::format("finetune: {} sequences ({} tokens, {} to learn) from {}", ds.sequences.size(),
+                                     ds.tokens(), ds.target_tokens(), train_file)),
+              std::string::npos)
+        << r.out;
+    // Completion-only loss leaves far fewer targets than tokens; "messages" learns all but each first token.
+    if (prompt_completion) EXPECT_LT(ds.target_tokens() * 2, ds.tokens());
+    else EXPECT_EQ(ds.target_tokens(), ds.tokens() - int64_t(ds.sequences.size()));
+    for (const char* f : {"adapter_config.json", "adapter_model.safetensors", "train_log.csv", "train_summary.json"})
+      EXPECT_TRUE(fs::is_regular_file(fs::path(out) / f)) << f;
+    const auto rows = csv(fs::path(out) / "train_log.csv");
+    ASSERT_EQ(rows.size(), 5u);  // header, the step-0 evaluation, 3 steps
+    for (size_t s = 2; s < rows.size(); ++s) {
+      const double loss = std::stod(rows[s][2]);
+      EXPECT_TRUE(std::isfinite(loss) && loss > 0) << "step " << rows[s][0] << " loss " << rows[s][2];
+    }
+    const auto sum = json_file(fs::path(out) / "train_summary.json");
+    ASSERT_EQ(sum["eval"].size(), 2u);
+    for (const auto& e : sum["eval"]) EXPECT_TRUE(std::isfinite(e["eval_loss"].get<double>())) << e;
+  }
+}
+
 TEST_F(FinetuneCli, BadDataAndOptionsFailWithOneLine) {
   auto one_line = [](const MoelabRun& r) { return std::count(r.err.begin(), r.err.end(), '\n') == 1; };
   const std::string bad = write("bad.jsonl", fact_line(0) + fact_line(1) + "{\"text\": \"x\", \"label\": 1}\n");
@@ -233,6 +288,16 @@ TEST_F(FinetuneCli, BadDataAndOptionsFailWithOneLine) {
   EXPECT_TRUE(one_line(r)) << r.err;
   EXPECT_NE(r.err.find("moelab: error: " + bad + ":3: unknown field \"label\""), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(dir.file("o1") + "/adapter_model.safetensors"));
+  // A chat line the template cannot render: the same one line, naming the message.
+  const std::string bad_chat = write("bad-chat.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, "
+                                                       "{\"role\": \"user\", \"content\": \"b\"}]}\n");
+  args[std::find(args.begin(), args.end(), "--data") - args.begin() + 1] = bad_chat;
+  const auto rc = moelab(args);
+  EXPECT_EQ(rc.status, 1);
+  EXPECT_TRUE(one_line(rc)) << rc.err;
+  EXPECT_NE(rc.err.find("moelab: error: " + bad_chat + ":1: messages[1] is \"user\" where the chat template needs"),
+            std::string::npos)
+      << rc.err;
 
   // A folder as --data, a missing --eval-data: one line naming the path.
   args = base_args(dir.file("o2"), 2);
