@@ -272,6 +272,101 @@ TEST_F(TrainData, MissingFileAndDirectoryAreClearErrors) {
   }
 }
 
+// trl's own documented example of pack_dataset(strategy="bfd"), seq_length 4: rows of lengths 3, 2, 3, 1 pack as
+// [[1, 2, 3, 9], [6, 7, 8], [4, 5]], i.e. bins {0, 3}, {2}, {1}.
+TEST(PackBfd, TrlsDocumentedExample) {
+  EXPECT_EQ(pack_bfd({3, 2, 3, 1}, 4), (std::vector<std::vector<int64_t>>{{0, 3}, {2}, {1}}));
+}
+
+// Hand-worked cases for the two tie rules: equal lengths go in index order, and among bins with the same space
+// left the one that reached it first is filled first. Capacity 10, lengths 6 6 4 4 3 3 2:
+//   6(#0) new A [4 left]; 6(#1) new B [4]; 4(#2) -> A (4 left, first) [0]; 4(#3) -> B [0];
+//   3(#4) new C [7]; 3(#5) -> C [4]; 2(#6) -> C [2].
+TEST(PackBfd, TiesAsTrl) {
+  EXPECT_EQ(pack_bfd({6, 6, 4, 4, 3, 3, 2}, 10),
+            (std::vector<std::vector<int64_t>>{{0, 2}, {1, 3}, {4, 5, 6}}));
+  // Best fit, not first fit: 7 then 5 open two bins (3 and 5 left); a 3 goes to the tighter one.
+  EXPECT_EQ(pack_bfd({5, 7, 3}, 10), (std::vector<std::vector<int64_t>>{{1, 2}, {0}}));
+  EXPECT_TRUE(pack_bfd({}, 4).empty());
+  EXPECT_THROW(pack_bfd({5}, 4), Error);
+  EXPECT_THROW(pack_bfd({0}, 4), Error);
+}
+
+TEST(PackBfd, EveryItemOnceAndNoBinOverCapacity) {
+  uint64_t state = 12345;
+  auto next = [&] { return (state = state * 6364136223846793005ull + 1442695040888963407ull) >> 33; };
+  for (int trial = 0; trial < 50; ++trial) {
+    const int64_t cap = 8 + int64_t(next() % 120);
+    std::vector<int64_t> lengths(size_t(next() % 200));
+    int64_t total = 0;
+    for (auto& l : lengths) total += (l = 1 + int64_t(next() % uint64_t(cap)));
+    const auto bins = pack_bfd(lengths, cap);
+    std::vector<int> seen(lengths.size(), 0);
+    int64_t packed = 0;
+    for (const auto& b : bins) {
+      ASSERT_FALSE(b.empty());
+      int64_t sum = 0;
+      for (int64_t i : b) sum += lengths[size_t(i)], ++seen[size_t(i)];
+      EXPECT_LE(sum, cap);
+      packed += sum;
+    }
+    EXPECT_EQ(packed, total);
+    for (int c : seen) EXPECT_EQ(c, 1);
+    EXPECT_GE(int64_t(bins.size()), (total + cap - 1) / cap);
+    // No two bins could be merged: otherwise best fit would have put the later bin's first item in the earlier.
+    for (size_t a = 0; a < bins.size(); ++a)
+      for (size_t b = a + 1; b < bins.size(); ++b) {
+        int64_t sa = 0, sb = 0;
+        for (int64_t i : bins[a]) sa += lengths[size_t(i)];
+        for (int64_t i : bins[b]) sb += lengths[size_t(i)];
+        EXPECT_GT(sa + sb, cap) << "bins " << a << " and " << b;
+      }
+  }
+}
+
+TEST_F(TrainData, PackingKeepsEveryTargetTokenOnceWithinMaxSeqLen) {
+  std::string text;
+  for (int i = 0; i < 40; ++i) {
+    std::string words;
+    for (int w = 0; w <= i % 13; ++w) words += " word" + std::to_string(w * i);
+    text += "{\"prompt\": \"Q" + std::to_string(i) + ":\", \"completion\": \"" + words + "\"}\n";
+  }
+  const auto p = write("pack.jsonl", text);
+  DataOptions o;
+  o.max_seq_len = 96;
+  const auto plain = load_dataset(p, tok(), o);
+  o.packing = true;
+  const auto packed = load_dataset(p, tok(), o);
+  // Without packing each sequence is its own unit.
+  ASSERT_EQ(plain.bins.size(), plain.sequences.size());
+  for (size_t i = 0; i < plain.bins.size(); ++i) EXPECT_EQ(plain.bins[i], std::vector<int64_t>{int64_t(i)});
+  // Packing regroups; the sequences (and so every token and target) are the same, each in exactly one bin.
+  ASSERT_EQ(packed.sequences.size(), plain.sequences.size());
+  for (size_t i = 0; i < plain.sequences.size(); ++i) {
+    EXPECT_EQ(packed.sequences[i].tokens, plain.sequences[i].tokens);
+    EXPECT_EQ(packed.sequences[i].target, plain.sequences[i].target);
+  }
+  std::vector<int> seen(packed.sequences.size(), 0);
+  int64_t targets = 0, tokens = 0;
+  for (const auto& bin : packed.bins) {
+    int64_t len = 0;
+    for (int64_t i : bin) {
+      ++seen[size_t(i)];
+      const auto& s = packed.sequences[size_t(i)];
+      len += int64_t(s.tokens.size());
+      for (uint8_t t : s.target) targets += t != 0;
+    }
+    EXPECT_LE(len, o.max_seq_len);
+    tokens += len;
+  }
+  for (int c : seen) EXPECT_EQ(c, 1);
+  EXPECT_EQ(targets, plain.target_tokens());
+  EXPECT_EQ(tokens, plain.tokens());
+  // Short examples: fewer units than sequences, and never fewer than the tokens need.
+  EXPECT_LT(packed.bins.size(), plain.bins.size());
+  EXPECT_GE(int64_t(packed.bins.size()), (tokens + o.max_seq_len - 1) / o.max_seq_len);
+}
+
 TEST(EpochOrder, APermutationFixedBySeedAndEpoch) {
   const auto a = epoch_order(1000, 42, 0);
   std::vector<int64_t> sorted = a;

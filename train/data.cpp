@@ -6,7 +6,10 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <deque>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "core/error.hpp"
 #include "core/regular_file.hpp"
@@ -317,7 +320,45 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
     }
     throw Error(fmt::format("{}: no example has a token to learn within --max-seq-len {}", path, opt.max_seq_len));
   }
+  if (opt.packing) {
+    std::vector<int64_t> lengths;
+    for (const auto& s : ds.sequences) lengths.push_back(int64_t(s.tokens.size()));
+    ds.bins = pack_bfd(lengths, opt.max_seq_len);
+  } else {
+    for (size_t i = 0; i < ds.sequences.size(); ++i) ds.bins.push_back({int64_t(i)});
+  }
   return ds;
+}
+
+std::vector<std::vector<int64_t>> pack_bfd(const std::vector<int64_t>& lengths, int64_t capacity) {
+  std::vector<int64_t> by_length(lengths.size());
+  std::iota(by_length.begin(), by_length.end(), int64_t(0));
+  std::stable_sort(by_length.begin(), by_length.end(),
+                   [&](int64_t a, int64_t b) { return lengths[size_t(a)] > lengths[size_t(b)]; });
+  std::vector<std::vector<int64_t>> bins;
+  std::vector<int64_t> used;
+  // Open bins by remaining space (> 0); each space's bins first-come first-served, as trl's deque per space.
+  std::map<int64_t, std::deque<size_t>> by_space;
+  for (int64_t item : by_length) {
+    const int64_t len = lengths[size_t(item)];
+    if (len < 1 || len > capacity)
+      throw Error(fmt::format("packing: item {} has length {}, outside 1..{}", item, len, capacity));
+    size_t bin;
+    const auto fit = by_space.lower_bound(len);  // the least space that fits
+    if (fit != by_space.end()) {
+      bin = fit->second.front();
+      fit->second.pop_front();
+      if (fit->second.empty()) by_space.erase(fit);
+    } else {
+      bin = bins.size();
+      bins.emplace_back();
+      used.push_back(0);
+    }
+    bins[bin].push_back(item);
+    used[bin] += len;
+    if (used[bin] < capacity) by_space[capacity - used[bin]].push_back(bin);
+  }
+  return bins;
 }
 
 namespace {

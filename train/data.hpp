@@ -49,6 +49,7 @@ struct DataOptions {
   int64_t max_seq_len = 1024;      // trl SFTConfig.max_length
   bool completion_only_loss = true;
   std::string domain;              // keep only lines whose "domain" is this ("": every line)
+  bool packing = false;            // trl SFTConfig.packing (its "bfd" strategy): see Dataset::bins
 };
 
 struct Dataset {
@@ -59,6 +60,13 @@ struct Dataset {
   int64_t lines = 0;                       // examples read (before the domain filter)
   int64_t truncated = 0;                   // sequences cut to max_seq_len
   int64_t dropped_no_target = 0;           // left with no target token (a prompt filling max_seq_len): not kept
+  // The training units: indices into `sequences`, one unit per micro-batch slot. Without packing, one sequence
+  // each ({0}, {1}, ...). With DataOptions::packing, trl's best-fit-decreasing bins (pack_bfd over the sequence
+  // lengths, capacity max_seq_len): whole examples, never split, at most max_seq_len tokens a bin. A bin's
+  // examples stay separate sequences, each attending only to itself with positions from 0: that is what trl's
+  // packed row computes with position_ids reset per example and a varlen (flash) attention, so a step over B
+  // bins equals trl's step over B packed rows with no attention mask to add.
+  std::vector<std::vector<int64_t>> bins;
   int64_t target_tokens() const;
   int64_t tokens() const;
 };
@@ -66,6 +74,13 @@ struct Dataset {
 // Reads and tokenizes `path` (a .jsonl file, or gzip-compressed: detected from its first bytes). Throws
 // moelab::Error for a missing file, a directory, a bad line ("PATH:LINE: ..."), or no examples left.
 Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opt);
+
+// trl's best-fit-decreasing packing (trl.data_utils.pack_dataset, strategy "bfd") of items of the given lengths
+// (each 1..capacity) into bins of `capacity`: items by decreasing length (ties in index order), each into the
+// bin with the least space that still fits it (ties: the bin that reached that space first), else a new bin.
+// Returns the bins in creation order, each with its items in insertion order. Throws for a length outside
+// [1, capacity].
+std::vector<std::vector<int64_t>> pack_bfd(const std::vector<int64_t>& lengths, int64_t capacity);
 
 // The order of `n` examples in epoch `epoch` (0-based): a permutation drawn from (seed, epoch) alone, with
 // our own generator (splitmix64) and Fisher-Yates, so it is the same on every platform and after a resume.
