@@ -73,7 +73,8 @@ TOKENIZER="$ROOT/tests/fixtures/tokenizers/mixtral-8x7b-v0.1.model"
 [[ -x "$MOELAB" ]] || die "$MOELAB missing: build it first (cmake --build $BUILD_DIR --target moelab)"
 [[ -f "$CORPUS" ]] || die "$CORPUS missing (the bundled model's corpus)"
 
-# The machine's vector ISA (what the CPU offers; the build's Eigen SIMD is in each summary's "simd").
+# The machine's vector ISA (what the CPU offers; each summary says which OpenBLAS kernel set ran the frozen
+# weights' products, "blas_kernels", and what Eigen, the rest, was compiled for, "simd").
 cpu_isa() {
   local flags isa=()
   flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
@@ -168,7 +169,7 @@ cells.insert(2, f"{deq:.3f} ({100 * deq / total:.0f}%)")
 mib = lambda b: f"{b / 2**20:.0f}"
 print(f"| {label} | {j['steps']} | {j['tokens']} | {j['tokens_per_s']:.1f} | {total:.2f} | " + " | ".join(cells) +
       f" | {other:.2f} | {mib(j['peak_rss_bytes'])} ({mib(j['peak_rss_before_training_bytes'])}) | {t1 - t0:.1f} |"
-      f" {load} | {j['threads']} | {isa}; Eigen {j['simd'].replace(', ', '+')} |")
+      f" {load} | {j['threads']} | {isa}; OpenBLAS {j.get('blas_kernels', 'not used')}, Eigen {j['simd'].replace(', ', '+')} |")
 PY
 )")
 }

@@ -19,6 +19,7 @@
 #include "core/tokenizer.hpp"
 #include "process_util.hpp"
 #include "train/data.hpp"
+#include "train/products.hpp"
 
 namespace moelab::test {
 namespace {
@@ -207,6 +208,10 @@ TEST_F(FinetuneCli, SummaryHasTheTimeBreakdownAndPeakMemory) {
     EXPECT_GT(sum[k].get<double>(), 0.0) << k;
   }
   ASSERT_TRUE(sum.contains("simd") && sum["simd"].is_string());
+  EXPECT_EQ(sum["threads"].get<int>(), 1);  // base_args' --threads 1: the pool the products ran on
+  // The child loads the same OpenBLAS on the same CPU (and environment) as this test: the same kernel set.
+  ASSERT_TRUE(sum.contains("blas_kernels") && sum["blas_kernels"].is_string());
+  EXPECT_EQ(sum["blas_kernels"].get<std::string>(), train::Products::blas_kernels());
   const double total = sum["train_seconds"], fwd = sum["forward_seconds"], bwd = sum["backward_seconds"],
                optim = sum["optimizer_seconds"], eval = sum["eval_seconds"];
   // Each part is timed inside the loop's interval and the parts do not overlap.

@@ -364,6 +364,14 @@ TEST(Nf4Dequantize, IntoABufferEqualsThePerElementFormulaBitForBit) {
       }
       EXPECT_EQ(first_diff, -1) << what << " threads " << threads << " (double)";
     }
+    // The range form, as the trainer's pool calls it: uneven pieces (one block, then 7, then the rest, the
+    // last range running past the end, which is clamped), each element written once.
+    std::vector<float> pieces(size_t(n), std::nanf(""));
+    const int64_t nb = q.nblocks();
+    dequantize_blocks_into(q, 0, 1, pieces.data());
+    dequantize_blocks_into(q, 1, std::min<int64_t>(nb, 8), pieces.data());
+    dequantize_blocks_into(q, std::min<int64_t>(nb, 8), nb + 5, pieces.data());
+    EXPECT_EQ(first_bit_difference(pieces, expect), -1) << what << " in block ranges";
   }
   QuantizedTensor bad;  // validated like dequantize: no shape
   std::vector<float> out(4);

@@ -3,7 +3,6 @@
 // against the plain backward, the adapter round trip, and bad input.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
-#include <omp.h>
 #include <unistd.h>
 
 #include <Eigen/Core>
@@ -140,17 +139,11 @@ struct FdCase {
 // to be smooth: |f(+h) + f(-h) - 2 f(0)| = h^2 |f''| (~1e-10 |f''|) must stay below 1e-8, which a flip
 // (a jump of ~|gate| * |expert output| >> 1e-8) cannot.
 void check_gradients_fd(const FdCase& c) {
-  // Hundreds of tiny evaluations: threads would only wait on each other (and on a busy machine, far worse).
-  const int threads = Eigen::nbThreads();
-  Eigen::setNbThreads(1);
-  struct Restore {
-    int n;
-    ~Restore() { Eigen::setNbThreads(n); }
-  } restore{threads};
   SCOPED_TRACE(::testing::Message() << c.model << " aux " << c.aux_coef << " dropout " << c.dropout);
   const auto ck = Checkpoint::open(model_dir(c.model));
   const auto& cfg = ck->config();
-  LoraModel<double> model(*ck);  // NF4 base, as training runs
+  // NF4 base, as training runs; one thread: hundreds of tiny evaluations, where threads would only wait.
+  LoraModel<double> model(*ck, {}, 1);
   const auto batch = fd_batch(cfg);
   LossOptions opt;
   opt.router_aux_coef = c.aux_coef;
@@ -478,16 +471,15 @@ TEST(TrainSpeed, BundledModelForwardBackward) {
   LossOptions opt;
   opt.router_aux_coef = 0.02;
   opt.lora_dropout = 0.05;
-  const int threads = Eigen::nbThreads();
+  LoraModel<float> one_thread(*ck, {}, 1);
   for (int variant = 0; variant < 3; ++variant) {
-    // 0, 1: as configured (without and with checkpointing); 2: Eigen's products on one thread, only the
-    // trainer's own loops over heads and experts threaded.
+    // 0, 1: the physical cores (without and with checkpointing); 2: one thread.
     const bool checkpointing = variant == 1;
     opt.gradient_checkpointing = checkpointing;
-    Eigen::setNbThreads(variant == 2 ? 1 : threads);
+    LoraModel<float>& m = variant == 2 ? one_thread : model;
     params.zero_grad();
     const auto t0 = std::chrono::steady_clock::now();
-    const auto r = model.loss_and_grad(batch, params, opt);
+    const auto r = m.loss_and_grad(batch, params, opt);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EXPECT_TRUE(std::isfinite(r.loss));
     EXPECT_GT(r.ce, 5.0);
@@ -495,10 +487,9 @@ TEST(TrainSpeed, BundledModelForwardBackward) {
     double g = 0;
     for (const auto& p : params.params()) g += double(p.grad_b.squaredNorm());
     EXPECT_GT(g, 0);  // B = 0: only B's gradient is nonzero at the first step
-    std::printf("  bundled model, 256 tokens, all modules r=4%s: forward + backward %.3f s (%d threads, Eigen %d)\n",
-                checkpointing ? ", gradient checkpointing" : "", s, omp_get_max_threads(), Eigen::nbThreads());
+    std::printf("  bundled model, 256 tokens, all modules r=4%s: forward + backward %.3f s (%d threads, BLAS %s)\n",
+                checkpointing ? ", gradient checkpointing" : "", s, m.threads(), train::Products::blas_kernels().c_str());
   }
-  Eigen::setNbThreads(threads);
 }
 
 // LoRA dropout as nn.Dropout: a fraction p of the LoRA branch's inputs zeroed, the rest scaled by
@@ -512,9 +503,10 @@ TEST(TrainGrad, DropoutMaskIsNnDropout) {
   lora.b = Mat64::Ones(8, 2);
   lora.scale = 1;
   train::stage::LinearCache<double> c1, c2, c3;
-  train::stage::linear_forward<double>(x, w, &lora, {p, 5}, &c1);
-  train::stage::linear_forward<double>(x, w, &lora, {p, 5}, &c2);
-  train::stage::linear_forward<double>(x, w, &lora, {p, 6}, &c3);
+  const train::Products mm(1);
+  train::stage::linear_forward<double>(mm, x, w, &lora, {p, 5}, &c1);
+  train::stage::linear_forward<double>(mm, x, w, &lora, {p, 5}, &c2);
+  train::stage::linear_forward<double>(mm, x, w, &lora, {p, 6}, &c3);
   const double zeros = double((c1.keep.array() == 0).count()) / double(c1.keep.size());
   EXPECT_NEAR(zeros, p, 5 * std::sqrt(p * (1 - p) / double(c1.keep.size())));
   EXPECT_TRUE(((c1.keep.array() == 0) || (c1.keep.array() == 1 / (1 - p))).all());

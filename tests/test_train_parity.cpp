@@ -348,7 +348,10 @@ TEST_P(TrainParity, MoelabTrainedAdapterGivesPeftLogits) {
   const auto saved = LoraAdapter::load(out.file("adapter"), c.ck->config());
   const auto committed = c.adapter("moelab_adapter");
   ASSERT_EQ(saved->modules().size(), committed->modules().size());
-  const double tol = f32_tol(scalar(*c.expected, "train.factor_spread"));
+  // Both runs are float32 trainings that TenAdamWStepsEqualTorch holds within f32_tol(factor_spread) of
+  // peft's factors; the committed one came from another build (its products on Eigen; OpenBLAS picks its
+  // kernels per CPU), so the two may differ by twice that (triangle inequality), and no more.
+  const double tol = 2 * f32_tol(scalar(*c.expected, "train.factor_spread"));
   for (const auto& [name, f] : committed->modules()) {
     SCOPED_TRACE(name);
     const auto* g = saved->find(name);

@@ -3,7 +3,6 @@
 #include "train/finetune.hpp"
 
 #include <fmt/format.h>
-#include <omp.h>
 #include <sys/resource.h>
 
 #include <Eigen/Core>
@@ -21,6 +20,7 @@
 #include "core/regular_file.hpp"
 #include "core/safetensors_writer.hpp"
 #include "core/tokenizer.hpp"
+#include "train/products.hpp"
 #include "train/train_state.hpp"
 
 namespace moelab::train {
@@ -139,7 +139,6 @@ void write_json_atomic(const fs::path& path, const nlohmann::ordered_json& j) {
 
 FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* stop) {
   check_options(o);
-  if (o.threads > 0) omp_set_num_threads(o.threads);
   const fs::path out(o.output);
   const bool resuming = !o.resume_from.empty();
   {
@@ -168,7 +167,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
       o.max_steps > 0 ? o.max_steps : std::max<int64_t>(1, int64_t(std::ceil(o.num_epochs * double(steps_per_epoch))));
   LrSchedule schedule{o.schedule, warmup_steps_for(o.warmup_steps, o.warmup_ratio, total_steps), total_steps};
 
-  LoraModel<float> model(*ck, o.base);
+  LoraModel<float> model(*ck, o.base, o.threads);
   LoraParams<float> params = LoraParams<float>::init(ck->config(), o.lora, o.seed);
   const std::vector<ParamView> views = param_views(params);
   AdamW adam(o.adam);
@@ -355,8 +354,11 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   j["eval_seconds"] = sum.eval_seconds;
   j["peak_rss_bytes"] = sum.peak_rss_bytes;
   j["peak_rss_before_training_bytes"] = sum.peak_rss_before_training_bytes;
-  j["threads"] = omp_get_max_threads();
-  j["simd"] = Eigen::SimdInstructionSetsInUse();  // what the training's Eigen products were compiled for
+  j["threads"] = model.threads();
+  // What the products ran on: OpenBLAS's kernel set for the frozen weights' products, and the SIMD Eigen was
+  // compiled for (the LoRA factors' small products, attention, norms).
+  j["blas_kernels"] = Products::blas_kernels();
+  j["simd"] = Eigen::SimdInstructionSetsInUse();
   j["trainable_parameters"] = sum.trainable_parameters;
   j["eval"] = nlohmann::json::array();
   for (const auto& e : sum.evals) j["eval"].push_back({{"step", e.step}, {"eval_loss", e.loss}});

@@ -46,7 +46,7 @@ struct FinetuneOptions {
   double router_aux_coef = 0.0;   // 0: off, as transformers does without output_router_logits
   bool gradient_checkpointing = false;
   uint64_t seed = 42;             // transformers' TrainingArguments.seed default
-  int threads = 0;                // OpenMP threads (0: OpenMP's default, every core)
+  int threads = 0;                // the trainer's pool, including the calling thread (0: the physical cores)
   bool show_progress = true;
 };
 

@@ -57,7 +57,7 @@ FrozenBase<S>::FrozenBase(const Checkpoint& ck, const BaseOptions& opt) : cfg_(c
 }
 
 template <typename S>
-void FrozenBase<S>::matrix_into(const std::string& name, Mat<S>& out) const {
+void FrozenBase<S>::matrix_into(const std::string& name, Mat<S>& out, const Products& mm) const {
   if (!nf4_) {
     out = dense_.at(name);
     return;
@@ -65,37 +65,43 @@ void FrozenBase<S>::matrix_into(const std::string& name, Mat<S>& out) const {
   const auto& q = quantized_.at(name);
   const Eigen::Index rows = Eigen::Index(q.shape.at(0)), cols = Eigen::Index(q.numel()) / rows;
   out.resize(rows, cols);  // keeps the storage when the shape is unchanged
-  // float32 as bitsandbytes' dequantize_4bit returns it (widened exactly for S = double), on the
-  // OpenMP threads the trainer set.
-  nf4::dequantize_into(q, out.data());
+  // float32 as bitsandbytes' dequantize_4bit returns it (widened exactly for S = double), in chunks of 2,048
+  // blocks (512 KiB of float output at blocksize 64) on the trainer's pool; every element is written by
+  // one chunk, so the values do not depend on the threads.
+  constexpr int64_t kChunkBlocks = 2048;
+  const int64_t chunks = (q.nblocks() + kChunkBlocks - 1) / kChunkBlocks;
+  mm.parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+    nf4::dequantize_blocks_into(q, c0 * kChunkBlocks, c1 * kChunkBlocks, out.data());
+  });
 }
 
 template <typename S>
-void FrozenBase<S>::layer_into(int l, LayerBase<S>& w) const {
+void FrozenBase<S>::layer_into(int l, LayerBase<S>& w, const Products& mm) const {
   const std::string p = fmt::format("model.layers.{}.self_attn.", l);
   w.attn_norm = attn_norm_.at(size_t(l));
   w.ffn_norm = ffn_norm_.at(size_t(l));
-  matrix_into(p + "q_proj.weight", w.wq);
-  matrix_into(p + "k_proj.weight", w.wk);
-  matrix_into(p + "v_proj.weight", w.wv);
-  matrix_into(p + "o_proj.weight", w.wo);
-  if (cfg_.is_moe()) matrix_into(cfg_.router_name(l), w.router);
+  matrix_into(p + "q_proj.weight", w.wq, mm);
+  matrix_into(p + "k_proj.weight", w.wk, mm);
+  matrix_into(p + "v_proj.weight", w.wv, mm);
+  matrix_into(p + "o_proj.weight", w.wo, mm);
+  if (cfg_.is_moe()) matrix_into(cfg_.router_name(l), w.router, mm);
   else w.router.resize(0, 0);
   const size_t E = size_t(cfg_.num_experts);
   w.w1.resize(E);
   w.w3.resize(E);
   w.w2.resize(E);
   for (size_t e = 0; e < E; ++e) {
-    matrix_into(cfg_.w1_name(l, int(e)), w.w1[e]);
-    matrix_into(cfg_.w3_name(l, int(e)), w.w3[e]);
-    matrix_into(cfg_.w2_name(l, int(e)), w.w2[e]);
+    matrix_into(cfg_.w1_name(l, int(e)), w.w1[e], mm);
+    matrix_into(cfg_.w3_name(l, int(e)), w.w3[e], mm);
+    matrix_into(cfg_.w2_name(l, int(e)), w.w2[e], mm);
   }
 }
 
 template <typename S>
 LayerBase<S> FrozenBase<S>::layer(int l) const {
   LayerBase<S> w;
-  layer_into(l, w);
+  const Products one_thread(1);
+  layer_into(l, w, one_thread);
   return w;
 }
 

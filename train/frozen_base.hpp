@@ -9,6 +9,7 @@
 
 #include "optimized/nf4/nf4.hpp"
 #include "train/lora_model.hpp"
+#include "train/products.hpp"
 
 namespace moelab::train {
 
@@ -30,13 +31,14 @@ class FrozenBase {
   // The same into `w`, reusing its matrices' storage when their shapes already match (every layer of a
   // model has the same shapes): a caller that keeps one LayerBase across layers allocates once, instead
   // of mapping and faulting in fresh pages for every weight of every layer.
-  void layer_into(int l, LayerBase<S>& w) const;
+  // The NF4 blocks are dequantized on `mm`'s pool.
+  void layer_into(int l, LayerBase<S>& w, const Products& mm) const;
   const Mat<S>& embedding() const { return embedding_; }  // [vocab, hidden]
   const RowVec<S>& final_norm() const { return final_norm_; }
   const Mat<S>& lm_head() const { return lm_head_; }      // [vocab, hidden]
 
  private:
-  void matrix_into(const std::string& name, Mat<S>& out) const;
+  void matrix_into(const std::string& name, Mat<S>& out, const Products& mm) const;
 
   ModelConfig cfg_;
   bool nf4_ = true;

@@ -56,9 +56,6 @@ struct LayerCache {
 
 }  // namespace
 
-// Threads only pay off once a sequence is long enough: on a few tokens, waking the team costs more than the
-// work (and on a busy machine far more), so short sequences run on the calling thread.
-static bool parallel(int tokens) { return tokens >= 48; }
 
 template <typename S>
 struct LoraModel<S>::Impl {
@@ -66,8 +63,25 @@ struct LoraModel<S>::Impl {
   const ModelConfig& cfg;
   stage::Rope<S> rope;
 
-  Impl(const Checkpoint& ck, const BaseOptions& opt)
-      : base(ck, opt), cfg(base.config()), rope(cfg.rope_theta, cfg.head_dim) {}
+  Products mm;  // the pool and the frozen weights' products
+
+  Impl(const Checkpoint& ck, const BaseOptions& opt, int threads)
+      : base(ck, opt), cfg(base.config()), rope(cfg.rope_theta, cfg.head_dim), mm(threads) {}
+
+  // body(i) for i in [0, count) (attention heads, experts), one item per chunk on the pool. Threads only pay
+  // off once a sequence is long enough: on a few tokens, waking the pool costs more than the work, so short
+  // sequences run on the calling thread. Each item writes only its own outputs, so the result does not
+  // depend on which thread ran it.
+  template <class Body>
+  void for_each(int tokens, int count, const Body& body) const {
+    if (tokens < 48) {
+      for (int i = 0; i < count; ++i) body(i);
+      return;
+    }
+    mm.parallel_for(count, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) body(int(i));
+    });
+  }
 
   struct Call {
     double dropout = 0;
@@ -87,20 +101,19 @@ struct LoraModel<S>::Impl {
     const int n = int(h_in.rows()), hd = cfg.head_dim, heads = cfg.num_heads, group = cfg.num_heads / cfg.num_kv_heads;
     c.h_in = h_in;
     c.xn1 = rms_norm(h_in, w.attn_norm, cfg.rms_norm_eps, &c.inv1);
-    c.q = linear_forward(c.xn1, w.wq, ad.q.p, dropout_of(ad.q, call, seq), &c.cq);
-    c.k = linear_forward(c.xn1, w.wk, ad.k.p, dropout_of(ad.k, call, seq), &c.ck);
-    c.v = linear_forward(c.xn1, w.wv, ad.v.p, dropout_of(ad.v, call, seq), &c.cv);
+    c.q = linear_forward(mm, c.xn1, w.wq, ad.q.p, dropout_of(ad.q, call, seq), &c.cq);
+    c.k = linear_forward(mm, c.xn1, w.wk, ad.k.p, dropout_of(ad.k, call, seq), &c.ck);
+    c.v = linear_forward(mm, c.xn1, w.wv, ad.v.p, dropout_of(ad.v, call, seq), &c.cv);
     rope.apply(c.q, heads, +1);
     rope.apply(c.k, cfg.num_kv_heads, +1);
     c.attn.resize(n, heads * hd);
     c.p.assign(size_t(heads), Mat<S>());
-#pragma omp parallel for schedule(static) if (parallel(n))
-    for (int h = 0; h < heads; ++h) {
+    for_each(n, heads, [&](int h) {
       const int kvh = h / group;
       c.attn.middleCols(h * hd, hd) = attention_head<S>(c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
                                                         c.v.middleCols(kvh * hd, hd), cfg.sliding_window, c.p[size_t(h)]);
-    }
-    c.h_mid = h_in + linear_forward(c.attn, w.wo, ad.o.p, dropout_of(ad.o, call, seq), &c.co);
+    });
+    c.h_mid = h_in + linear_forward(mm, c.attn, w.wo, ad.o.p, dropout_of(ad.o, call, seq), &c.co);
     c.xn2 = rms_norm(c.h_mid, w.ffn_norm, cfg.rms_norm_eps, &c.inv2);
     route(w, ad, call, seq, c);
     return c.h_mid + moe_forward(w, ad, call, seq, c);
@@ -116,7 +129,7 @@ struct LoraModel<S>::Impl {
       c.gates.setOnes();
       return;
     }
-    const Mat<S> logits = stage::linear_forward(c.xn2, w.router, ad.router.p, dropout_of(ad.router, call, seq), &c.cr);
+    const Mat<S> logits = stage::linear_forward(mm, c.xn2, w.router, ad.router.p, dropout_of(ad.router, call, seq), &c.cr);
     c.probs.resize(n, E);
     std::vector<int> order(static_cast<size_t>(E));
     for (int t = 0; t < n; ++t) {
@@ -146,18 +159,17 @@ struct LoraModel<S>::Impl {
         x.slot.push_back(j);
         x.gate.push_back(c.gates(t, j));
       }
-#pragma omp parallel for schedule(dynamic) if (parallel(n))
-    for (int e = 0; e < E; ++e) {
+    for_each(n, E, [&](int e) {
       auto& x = c.moe[size_t(e)];
-      if (x.rows.empty()) continue;
+      if (x.rows.empty()) return;
       x.x.resize(Eigen::Index(x.rows.size()), c.xn2.cols());
       for (size_t i = 0; i < x.rows.size(); ++i) x.x.row(Eigen::Index(i)) = c.xn2.row(x.rows[i]);
       const auto& a1 = ad.w1[size_t(e)], &a3 = ad.w3[size_t(e)], &a2 = ad.w2[size_t(e)];
-      x.a = linear_forward(x.x, w.w1[size_t(e)], a1.p, dropout_of(a1, call, seq), &x.c1);
-      x.b = linear_forward(x.x, w.w3[size_t(e)], a3.p, dropout_of(a3, call, seq), &x.c3);
+      x.a = linear_forward(mm, x.x, w.w1[size_t(e)], a1.p, dropout_of(a1, call, seq), &x.c1);
+      x.b = linear_forward(mm, x.x, w.w3[size_t(e)], a3.p, dropout_of(a3, call, seq), &x.c3);
       x.m = x.a.unaryExpr([](S v) { return silu(v); }).cwiseProduct(x.b);
-      x.y = linear_forward(x.m, w.w2[size_t(e)], a2.p, dropout_of(a2, call, seq), &x.c2);
-    }
+      x.y = linear_forward(mm, x.m, w.w2[size_t(e)], a2.p, dropout_of(a2, call, seq), &x.c2);
+    });
     Mat<S> out = Mat<S>::Zero(n, c.xn2.cols());
     for (const auto& x : c.moe)
       for (size_t i = 0; i < x.rows.size(); ++i) out.row(x.rows[i]) += x.gate[i] * x.y.row(Eigen::Index(i));
@@ -175,10 +187,9 @@ struct LoraModel<S>::Impl {
     // Experts: out[t] += g · y, y = w2(silu(a) ⊙ b).
     Mat<S> dgates = Mat<S>::Zero(n, k);
     std::vector<Mat<S>> dx_expert(static_cast<size_t>(E));
-#pragma omp parallel for schedule(dynamic) if (parallel(n))
-    for (int e = 0; e < E; ++e) {
+    for_each(n, E, [&](int e) {
       const auto& x = c.moe[size_t(e)];
-      if (x.rows.empty()) continue;
+      if (x.rows.empty()) return;
       const Eigen::Index m = Eigen::Index(x.rows.size());
       Mat<S> dy(m, dh_out.cols());
       for (Eigen::Index i = 0; i < m; ++i) {
@@ -186,16 +197,16 @@ struct LoraModel<S>::Impl {
         dy.row(i) = dh_out.row(t) * x.gate[size_t(i)];
         dgates(t, x.slot[size_t(i)]) = dh_out.row(t).dot(x.y.row(i));  // one expert per (t, slot): no race
       }
-      const Mat<S> dmid = linear_backward(dy, x.m, w.w2[size_t(e)], ad.w2[size_t(e)].grad, x.c2);
+      const Mat<S> dmid = linear_backward(mm, dy, x.m, w.w2[size_t(e)], ad.w2[size_t(e)].grad, x.c2);
       Mat<S> da(x.a.rows(), x.a.cols()), db(x.a.rows(), x.a.cols());
       for (Eigen::Index i = 0; i < da.size(); ++i) {
         const S av = x.a.data()[i];
         da.data()[i] = dmid.data()[i] * x.b.data()[i] * silu_grad(av);
         db.data()[i] = dmid.data()[i] * silu(av);
       }
-      dx_expert[size_t(e)] = linear_backward(da, x.x, w.w1[size_t(e)], ad.w1[size_t(e)].grad, x.c1);
-      dx_expert[size_t(e)] += linear_backward(db, x.x, w.w3[size_t(e)], ad.w3[size_t(e)].grad, x.c3);
-    }
+      dx_expert[size_t(e)] = linear_backward(mm, da, x.x, w.w1[size_t(e)], ad.w1[size_t(e)].grad, x.c1);
+      dx_expert[size_t(e)] += linear_backward(mm, db, x.x, w.w3[size_t(e)], ad.w3[size_t(e)].grad, x.c3);
+    });
     Mat<S> dxn2 = Mat<S>::Zero(n, dh_out.cols());
     for (int e = 0; e < E; ++e) {
       const auto& x = c.moe[size_t(e)];
@@ -216,22 +227,21 @@ struct LoraModel<S>::Impl {
           for (int e = 0; e < E; ++e) dlogits(t, e) += c.probs(t, e) * (S(aux_dprob[size_t(e)]) - pd);
         }
       }
-      dxn2 += linear_backward(dlogits, c.xn2, w.router, ad.router.grad, c.cr);
+      dxn2 += linear_backward(mm, dlogits, c.xn2, w.router, ad.router.grad, c.cr);
     }
     Mat<S> dh_mid = dh_out + rms_norm_backward(dxn2, c.h_mid, w.ffn_norm, c.inv2);
 
     // Attention.
-    const Mat<S> dattn = linear_backward(dh_mid, c.attn, w.wo, ad.o.grad, c.co);
+    const Mat<S> dattn = linear_backward(mm, dh_mid, c.attn, w.wo, ad.o.grad, c.co);
     Mat<S> dq(n, heads * hd);
     std::vector<Mat<S>> dk_head(static_cast<size_t>(heads)), dv_head(static_cast<size_t>(heads));
-#pragma omp parallel for schedule(static) if (parallel(n))
-    for (int h = 0; h < heads; ++h) {
+    for_each(n, heads, [&](int h) {
       const int kvh = h / group;
       Mat<S> dqh;
       attention_head_backward<S>(dattn.middleCols(h * hd, hd), c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
                                  c.v.middleCols(kvh * hd, hd), c.p[size_t(h)], dqh, dk_head[size_t(h)], dv_head[size_t(h)]);
       dq.middleCols(h * hd, hd) = dqh;
-    }
+    });
     Mat<S> dk = Mat<S>::Zero(n, cfg.num_kv_heads * hd), dv = Mat<S>::Zero(n, cfg.num_kv_heads * hd);
     for (int h = 0; h < heads; ++h) {  // the query heads sharing a KV head add up, in head order
       dk.middleCols((h / group) * hd, hd) += dk_head[size_t(h)];
@@ -239,9 +249,9 @@ struct LoraModel<S>::Impl {
     }
     rope.apply(dq, heads, -1);
     rope.apply(dk, cfg.num_kv_heads, -1);
-    Mat<S> dxn1 = linear_backward(dq, c.xn1, w.wq, ad.q.grad, c.cq);
-    dxn1 += linear_backward(dk, c.xn1, w.wk, ad.k.grad, c.ck);
-    dxn1 += linear_backward(dv, c.xn1, w.wv, ad.v.grad, c.cv);
+    Mat<S> dxn1 = linear_backward(mm, dq, c.xn1, w.wq, ad.q.grad, c.cq);
+    dxn1 += linear_backward(mm, dk, c.xn1, w.wk, ad.k.grad, c.ck);
+    dxn1 += linear_backward(mm, dv, c.xn1, w.wv, ad.v.grad, c.cv);
     return dh_mid + rms_norm_backward(dxn1, c.h_in, w.attn_norm, c.inv1);
   }
 
@@ -320,6 +330,7 @@ struct LoraModel<S>::Impl {
     using Clock = std::chrono::steady_clock;
     const auto secs = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
     const auto t_start = Clock::now();
+    const OneEigenThread one_eigen_thread;  // this thread's Eigen products stay on it; the pool does the rest
     double head_backward_s = 0;  // lm_head's and the final norm's backward, inside the cross-entropy loop
     check_batch(batch);
     if (!(dropout >= 0 && dropout < 1)) throw Error(fmt::format("LoRA dropout {} is outside [0, 1)", dropout));
@@ -346,7 +357,7 @@ struct LoraModel<S>::Impl {
     LayerBase<S> w;  // one layer's dequantized weights; its storage is reused by every layer, forward and backward
     for (int l = 0; l < L; ++l) {
       const auto t_layer = Clock::now();
-      base.layer_into(l, w);
+      base.layer_into(l, w, mm);
       r.dequantize_s += secs(t_layer, Clock::now());
       for (size_t s = 0; s < B; ++s) {
         LayerCache<S> c;
@@ -373,7 +384,7 @@ struct LoraModel<S>::Impl {
       const auto& seq = batch[s];
       std::vector<S> inv;
       const Mat<S> xf = stage::rms_norm(h[s], base.final_norm(), cfg.rms_norm_eps, &inv);
-      const Mat<S> logits = xf * base.lm_head().transpose();  // [n, vocab]
+      const Mat<S> logits = mm.x_wt(xf, base.lm_head());  // [n, vocab]
       Mat<S> dlogits;
       if (grad) dlogits = Mat<S>::Zero(logits.rows(), logits.cols());
       for (size_t t = 1; t < seq.tokens.size(); ++t) {
@@ -390,7 +401,7 @@ struct LoraModel<S>::Impl {
       }
       if (grad) {
         const auto t = Clock::now();
-        dh[s] = stage::rms_norm_backward<S>(dlogits * base.lm_head(), h[s], base.final_norm(), inv);
+        dh[s] = stage::rms_norm_backward<S>(mm.dy_w(dlogits, base.lm_head()), h[s], base.final_norm(), inv);
         head_backward_s += secs(t, Clock::now());
       }
     }
@@ -429,7 +440,7 @@ struct LoraModel<S>::Impl {
     // Backward, layers in reverse.
     for (int l = L - 1; l >= 0; --l) {
       const auto t_layer = Clock::now();
-      base.layer_into(l, w);
+      base.layer_into(l, w, mm);
       r.dequantize_s += secs(t_layer, Clock::now());
       for (size_t s = 0; s < B; ++s) {
         auto& k = kept[s][size_t(l)];
@@ -450,7 +461,13 @@ struct LoraModel<S>::Impl {
 };
 
 template <typename S>
-LoraModel<S>::LoraModel(const Checkpoint& ck, BaseOptions base) : impl_(std::make_shared<Impl>(ck, base)) {}
+LoraModel<S>::LoraModel(const Checkpoint& ck, BaseOptions base, int threads)
+    : impl_(std::make_shared<Impl>(ck, base, threads)) {}
+
+template <typename S>
+int LoraModel<S>::threads() const {
+  return impl_->mm.threads();
+}
 
 template <typename S>
 const ModelConfig& LoraModel<S>::config() const {

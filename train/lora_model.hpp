@@ -13,9 +13,10 @@
 // Files: train/lora_params.cpp (targets, init, peft's save format), train/frozen_base.* (the NF4 base,
 // dequantized a layer at a time), train/stages.hpp (each forward stage beside its backward),
 // train/lora_model.cpp (the pass over layers, cross-entropy, the auxiliary loss, checkpointing).
-// Threads: OpenMP over attention heads and experts for sequences of 48 tokens or more, plus Eigen's own
-// threaded products; with the same thread count the results do not depend on scheduling (every parallel
-// write has one owner and sums run in a fixed order).
+// Threads and products: train/products.hpp. One pool per model runs the frozen weights' products (OpenBLAS
+// in float, Eigen in double) in column blocks, the attention heads and the experts (for sequences of 48
+// tokens or more) and the NF4 dequantization; every parallel write has one owner, sums run in a fixed
+// order and the blocks depend on the shapes alone, so the results do not depend on the thread count.
 //   (train/adamw.*, train/schedule.*, train/data.*, cli/cmd_finetune.cpp build the training loop on these)
 #include <cstdint>
 #include <memory>
@@ -119,8 +120,10 @@ struct BaseOptions {
 template <typename S>
 class LoraModel {
  public:
-  LoraModel(const Checkpoint& ck, BaseOptions base = {});
+  // threads: the pool's size, including the calling thread (0: the physical cores).
+  LoraModel(const Checkpoint& ck, BaseOptions base = {}, int threads = 0);
   const ModelConfig& config() const;
+  int threads() const;
 
   // Forward and backward over a batch of sequences (each attends only to itself: no padding needed).
   // Cross-entropy is summed over the batch's target tokens and divided by `normalizer` (the target tokens of

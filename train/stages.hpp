@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "train/lora_model.hpp"
+#include "train/products.hpp"
 
 namespace moelab::train::stage {
 
@@ -39,9 +40,9 @@ inline uint64_t mix(uint64_t x) {
 }
 
 template <typename S>
-Mat<S> linear_forward(const Mat<S>& x, const Mat<S>& w, const LoraParam<S>* lora, const Dropout& drop,
+Mat<S> linear_forward(const Products& mm, const Mat<S>& x, const Mat<S>& w, const LoraParam<S>* lora, const Dropout& drop,
                       LinearCache<S>* cache) {
-  Mat<S> y = x * w.transpose();
+  Mat<S> y = mm.x_wt(x, w);
   if (!lora) return y;
   Mat<S> u;
   if (drop.p > 0) {
@@ -69,8 +70,9 @@ Mat<S> linear_forward(const Mat<S>& x, const Mat<S>& w, const LoraParam<S>* lora
 
 // dx = dy W + s ((dy B) A) ⊙ keep;  dB += s dyᵀ u;  dA += s (dy B)ᵀ dropout(x).
 template <typename S>
-Mat<S> linear_backward(const Mat<S>& dy, const Mat<S>& x, const Mat<S>& w, LoraParam<S>* lora, const LinearCache<S>& c) {
-  Mat<S> dx = dy * w;
+Mat<S> linear_backward(const Products& mm, const Mat<S>& dy, const Mat<S>& x, const Mat<S>& w, LoraParam<S>* lora,
+                       const LinearCache<S>& c) {
+  Mat<S> dx = mm.dy_w(dy, w);
   if (!lora) return dx;
   const Mat<S> g = dy * lora->b;  // [n, r]
   lora->grad_b.noalias() += (dy.transpose() * c.u) * lora->scale;

@@ -115,6 +115,11 @@ std::vector<float> dequantize(const QuantizedTensor& q);
 // trainer, which dequantizes every frozen weight of a layer each time it computes the layer.
 void dequantize_into(const QuantizedTensor& q, float* out, int threads = 0);
 void dequantize_into(const QuantizedTensor& q, double* out, int threads = 0);
+// dequantize_into for the blocks [first_block, last_block) only, on the calling thread: `out` is the whole
+// tensor's output (element i of the tensor at out[i]), so a caller can split the blocks over its own pool.
+// validate(q) first: this does not check q again per call.
+void dequantize_blocks_into(const QuantizedTensor& q, int64_t first_block, int64_t last_block, float* out);
+void dequantize_blocks_into(const QuantizedTensor& q, int64_t first_block, int64_t last_block, double* out);
 // Checks that the fields are consistent with each other; throws moelab::Error naming `what`.
 void validate(const QuantizedTensor& q, const std::string& what = "NF4 tensor");
 

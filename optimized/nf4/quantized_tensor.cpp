@@ -52,14 +52,10 @@ inline float absmax_of_block(const QuantizedTensor& q, size_t b) {
 }
 
 template <typename T>
-void dequantize_blocks(const QuantizedTensor& q, T* out, int threads) {
-  validate(q);
-  const int64_t n = q.numel(), nblocks = q.nblocks(), bs = q.blocksize;
+void dequantize_range(const QuantizedTensor& q, int64_t first_block, int64_t last_block, T* out) {
+  const int64_t n = q.numel(), bs = q.blocksize;
   const unsigned char* packed = q.packed.data();
-  const int nthreads = threads > 0 ? threads : omp_get_max_threads();
-  // A few blocks are not worth waking threads for (the bundled model's matrices).
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n >= (int64_t(1) << 16))
-  for (int64_t b = 0; b < nblocks; ++b) {
+  for (int64_t b = first_block; b < last_block; ++b) {
     const float a = absmax_of_block(q, size_t(b));
     T scaled[16];  // the float32 product nf4[c] * absmax, as the per-element formula rounds it, then widened
     for (size_t c = 0; c < 16; ++c) scaled[c] = T(kCodes[c] * a);
@@ -75,6 +71,16 @@ void dequantize_blocks(const QuantizedTensor& q, T* out, int threads) {
     }
     if (len & 1) o[len - 1] = scaled[code_at(p, len - 1)];
   }
+}
+
+template <typename T>
+void dequantize_blocks(const QuantizedTensor& q, T* out, int threads) {
+  validate(q);
+  const int64_t nblocks = q.nblocks();
+  const int nthreads = threads > 0 ? threads : omp_get_max_threads();
+  // A few blocks are not worth waking threads for (the bundled model's matrices).
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && q.numel() >= (int64_t(1) << 16))
+  for (int64_t b = 0; b < nblocks; ++b) dequantize_range(q, b, b + 1, out);
 }
 
 }  // namespace
@@ -99,5 +105,11 @@ std::vector<float> dequantize(const QuantizedTensor& q) {
 
 void dequantize_into(const QuantizedTensor& q, float* out, int threads) { dequantize_blocks(q, out, threads); }
 void dequantize_into(const QuantizedTensor& q, double* out, int threads) { dequantize_blocks(q, out, threads); }
+void dequantize_blocks_into(const QuantizedTensor& q, int64_t first_block, int64_t last_block, float* out) {
+  dequantize_range(q, std::max<int64_t>(0, first_block), std::min(q.nblocks(), last_block), out);
+}
+void dequantize_blocks_into(const QuantizedTensor& q, int64_t first_block, int64_t last_block, double* out) {
+  dequantize_range(q, std::max<int64_t>(0, first_block), std::min(q.nblocks(), last_block), out);
+}
 
 }  // namespace moelab::nf4

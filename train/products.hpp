@@ -1,0 +1,74 @@
+#pragma once
+// The trainer's threads and its products with the frozen weights.
+//
+// Threads: one cpu::ThreadPool, cpu-nf4's (work claimed in small chunks from a counter; idle workers sleep).
+// A thread the OS deschedules delays only the chunk it holds. OpenMP's static loops and Eigen's threaded
+// GEMM, which the trainer used before, wait at a barrier for it: beside one busy process, two threads
+// trained the bundled model at 0.44x the speed of one thread.
+//
+// Products: Y = X·Wᵀ (a frozen linear's forward) and dX = dY·W (its gradient to the input) are nearly all
+// of a step's arithmetic. In float they run on OpenBLAS's sgemm: Debian's OpenBLAS picks its kernels for
+// the CPU at run time (DYNAMIC_ARCH; OPENBLAS_CORETYPE forces a set), where Eigen here is
+// compiled for the x86-64 baseline and ran 2.5-4x slower on an AVX2 machine. In double (the float64
+// oracle the tests check the float path against) they run on Eigen.
+//
+// Determinism: a product of at least kMinParallelMacs multiply-adds is cut into blocks of kColumnBlock
+// output columns, one work item each; a smaller one is one call. Both depend on the shapes alone, so the
+// result is the same bits on any number of threads and under any scheduling.
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "train/lora_model.hpp"
+
+namespace moelab::cpu {
+class ThreadPool;
+}
+
+namespace moelab::train {
+
+// Eigen threads a large product with OpenMP (this library is compiled with it, through moelab_cpu) unless
+// the calling thread's OpenMP thread count is 1: for the scope of one of these it is, on this thread.
+// LoraModel's passes hold one on the calling thread and Products::parallel_for on every pool thread, so
+// the only threads are the pool's.
+class OneEigenThread {
+ public:
+  OneEigenThread();
+  ~OneEigenThread();
+  OneEigenThread(const OneEigenThread&) = delete;
+  OneEigenThread& operator=(const OneEigenThread&) = delete;
+
+ private:
+  int saved_;
+};
+
+class Products {
+ public:
+  static constexpr int64_t kColumnBlock = 128;
+  static constexpr int64_t kMinParallelMacs = int64_t(1) << 22;
+
+  explicit Products(int threads = 0);  // threads including the caller; 0: the physical cores
+  ~Products();
+  Products(const Products&) = delete;
+  Products& operator=(const Products&) = delete;
+
+  int threads() const;
+  // body(begin, end) over [0, n) in chunks of `grain` on the pool; inline when called from inside a body.
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) const;
+
+  // x [n, in], w [out, in] -> x·wᵀ [n, out].
+  template <typename S>
+  Mat<S> x_wt(const Mat<S>& x, const Mat<S>& w) const;
+  // dy [n, out], w [out, in] -> dy·w [n, in].
+  template <typename S>
+  Mat<S> dy_w(const Mat<S>& dy, const Mat<S>& w) const;
+
+  // The float products' kernel set: OpenBLAS's core name ("Haswell", "SkylakeX", "Prescott", ...).
+  static std::string blas_kernels();
+
+ private:
+  std::unique_ptr<cpu::ThreadPool> pool_;
+};
+
+}  // namespace moelab::train
