@@ -124,6 +124,9 @@ std::vector<ChatMessage> parse_messages(const nlohmann::json& j, const char* key
 // template renders BOS alone); a whole conversation needs a user message.
 std::string render_mixtral_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
                                 const std::string& where, bool prompt_part = false) {
+  if (tok.bos_id() < 0 || tok.eos_id() < 0)
+    throw Error(fmt::format("{}: the tokenizer has no BOS or no EOS token; Mixtral-Instruct's chat template needs both",
+                            where));
   size_t first = 0;
   std::string system;
   bool has_system = false;
