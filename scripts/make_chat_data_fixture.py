@@ -10,13 +10,21 @@ Needs transformers (4.57.x) with sentencepiece and jinja2, as in the benchmark v
 What and why
 ------------
 `moelab finetune` reads trl's conversational dataset kinds ({"messages": [...]} and {"prompt": [...],
-"completion": [...]}) and tokenizes them with Mixtral-8x7B-Instruct-v0.1's chat template (train/data.hpp). The
-oracle here is transformers itself: the template below is the Jinja text of that checkpoint's
+"completion": [...]}) and tokenizes them with Mixtral-8x7B-Instruct-v0.1's chat template (train/data.hpp).
+The oracle here is transformers itself: the template below is the Jinja text of that checkpoint's
 tokenizer_config.json, rendered by transformers' apply_chat_template and tokenized by it with the bundled
-model's tokenizer.model. The tokenizer is transformers' slow LlamaTokenizer with legacy=True (Mixtral's
-setting; the folder has only tokenizer.model, so a temporary tokenizer_config.json selects it, as
-scripts/eval_parity.py does); where this environment can convert it, the fast tokenizer is checked to give the
-same ids (the fixture's "fast_tokenizer_agrees" says whether it was).
+model's tokenizer.model. The tokenizer is transformers' LlamaTokenizer with legacy=False, which is how
+Mixtral-8x7B-Instruct-v0.1's tokenizer behaves since the update that made transformers agree 1-to-1 with
+mistral_common (Mistral's reference: "<s>", "▁[", "INST", "]", "▁user" ..., one word-boundary space after BOS
+and EOS, the template's leading space; legacy=True would add a second one). The folder has only
+tokenizer.model, so a temporary tokenizer_config.json selects it, as scripts/eval_parity.py does. Two more
+oracles are checked and recorded: the fast tokenizer converted from it (the same ids, asserted), and
+mistral_common's V1 rule written out with plain sentencepiece (BOS + encode("[INST] " + user + " [/INST]") +
+encode(answer) + EOS ..., each encode with sentencepiece's prefix space), asserted equal wherever no message is
+empty ("mistral_common_v1_agrees" per case).
+
+legacy=False needs sentencepiece's protobuf module; where its generated module does not import (a protobuf
+older than 5.26), transformers' own copy is used (transformers.utils.sentencepiece_model_pb2_new).
 
 The masks follow trl's SFTTrainer (trl/trainer/sft_trainer.py, tokenize_fn, 2025-2026):
   - "messages": input_ids = apply_chat_template(messages, tokenize=True); no mask (assistant_only_loss is off by
@@ -90,7 +98,7 @@ LINES = [
     {"messages": [S("You are terse."), U("Capital of France?"), A("Paris.")]},
     {"messages": [U("Hello"), A("Hi!"), U("Bye")]},  # ends with the user: the template allows it
     {"messages": [U("  leading spaces\nand a newline"), A("\u00e9t\u00e9 \u2014 caf\u00e9 \U0001f600\ttab")]},
-    {"messages": [U("a literal </s> and <s> in text"), A("ok </s> more <unk> end")]},
+    {"messages": [U("brackets [INST] inside [/INST] text"), A("<b>tags</b> and <s-like> text")]},
     {"messages": [U(""), A("")]},  # empty contents: the template renders them
     {"messages": [S("System only, then a user."), U("x")]},
     {"prompt": [U("What is 3+3?")], "completion": [A("6")]},
@@ -101,12 +109,44 @@ LINES = [
 ]
 
 
+def use_transformers_protobuf_copy():
+    """LlamaTokenizer(legacy=False) and the slow-to-fast converter read the model proto through
+    import_protobuf(), which prefers sentencepiece's generated module; that one needs protobuf >= 5.26."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401
+        return "sentencepiece's"
+    except ImportError:
+        import transformers.convert_slow_tokenizer as csl
+        import transformers.models.llama.tokenization_llama as tl
+        from transformers.utils import sentencepiece_model_pb2_new as pb2
+        csl.import_protobuf = lambda *a, **k: pb2
+        tl.import_protobuf = lambda *a, **k: pb2
+        return "transformers.utils.sentencepiece_model_pb2_new"
+
+
+def mistral_common_v1(sp, messages):
+    """Mistral's V1 instruct tokenization (mistralai/cookbook, concept-deep-dive/tokenization): BOS, then per
+    user message encode("[INST] " + content + " [/INST]") (a leading system message joined to the first user
+    message with a blank line), per assistant message encode(content) + EOS; encode adds the prefix space."""
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    ids = [sp.bos_id()]
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            content = (system + "\n\n" + m["content"]) if (i == 0 and system is not None) else m["content"]
+            ids += sp.encode("[INST] " + content + " [/INST]")
+        else:
+            ids += sp.encode(m["content"]) + [sp.eos_id()]
+    return ids
+
+
 def make_tokenizer_dir(tmp):
     d = os.path.join(tmp, "tok")
     os.makedirs(d)
     shutil.copy(TOKENIZER, os.path.join(d, "tokenizer.model"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+        json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
                    "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                    "clean_up_tokenization_spaces": False, "chat_template": MIXTRAL_INSTRUCT_TEMPLATE}, f)
     return d
@@ -118,36 +158,34 @@ def ids_of(tok, messages, **kw):
 
 
 def main():
+    import sentencepiece as spm
     import transformers
     from transformers import AutoTokenizer, LlamaTokenizerFast
 
+    proto = use_transformers_protobuf_copy()
+    sp = spm.SentencePieceProcessor(model_file=TOKENIZER)
     with tempfile.TemporaryDirectory() as tmp:
         d = make_tokenizer_dir(tmp)
         slow = AutoTokenizer.from_pretrained(d, use_fast=False)
-        assert type(slow).__name__ == "LlamaTokenizer", type(slow).__name__
-        try:  # converting needs a protobuf that sentencepiece's generated module accepts
-            fast = LlamaTokenizerFast.from_pretrained(d, from_slow=True, legacy=True)
-            fast_checked = "yes"
-        except ImportError as e:
-            fast, fast_checked = slow, f"no (cannot convert: {e})"
+        assert type(slow).__name__ == "LlamaTokenizer" and slow.legacy is False, type(slow).__name__
+        fast = LlamaTokenizerFast.from_pretrained(d, from_slow=True, legacy=False)
         cases = []
         for line in LINES:
-            if "messages" in line:
-                ids = ids_of(slow, line["messages"])
-                assert ids == ids_of(fast, line["messages"]), ("fast and slow disagree", line)
-                cases.append({"line": line, "input_ids": ids, "completion_mask": None,
-                              "rendered": slow.apply_chat_template(line["messages"], tokenize=False)})
-            else:
+            messages = line["messages"] if "messages" in line else line["prompt"] + line["completion"]
+            ids = ids_of(slow, messages)
+            assert ids == ids_of(fast, messages), ("fast and slow disagree", line)
+            case = {"line": line, "input_ids": ids, "completion_mask": None,
+                    "rendered": slow.apply_chat_template(messages, tokenize=False),
+                    "mistral_common_v1_agrees": ids == mistral_common_v1(sp, messages)}
+            if all(m["content"] for m in messages):
+                assert case["mistral_common_v1_agrees"], ("differs from mistral_common's rule", line)
+            if "prompt" in line:
                 prompt_ids = ids_of(slow, line["prompt"], add_generation_prompt=True)
-                ids = ids_of(slow, line["prompt"] + line["completion"])
-                assert ids == ids_of(fast, line["prompt"] + line["completion"]), ("fast and slow disagree", line)
                 assert prompt_ids == ids_of(fast, line["prompt"], add_generation_prompt=True), line
                 if ids[:len(prompt_ids)] != prompt_ids:
                     print("warning: the prompt's ids are not a prefix of the whole (trl warns too):", line)
-                cases.append({"line": line, "input_ids": ids,
-                              "completion_mask": [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids)),
-                              "rendered": slow.apply_chat_template(line["prompt"] + line["completion"],
-                                                                   tokenize=False)})
+                case["completion_mask"] = [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
+            cases.append(case)
         # The template's own errors, for the record (the C++ test has its own error cases).
         errors = {}
         for name, msgs in {"non_alternating": [U("a"), U("b")], "tool_role": [U("a"), {"role": "tool", "content": "x"}],
@@ -159,11 +197,12 @@ def main():
                 errors[name] = str(e)
 
     doc = {
-        "generated_by": "scripts/make_chat_data_fixture.py (transformers apply_chat_template, slow LlamaTokenizer "
-                        "legacy=True on models/tiny-mixtral/tokenizer.model; masks as trl's SFTTrainer tokenize_fn)",
+        "generated_by": "scripts/make_chat_data_fixture.py (transformers apply_chat_template, LlamaTokenizer "
+                        "legacy=False on models/tiny-mixtral/tokenizer.model; masks as trl's SFTTrainer tokenize_fn)",
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],
-        "fast_tokenizer_agrees": fast_checked,
+        "tokenizer": "LlamaTokenizer legacy=False; LlamaTokenizerFast converted from it gives the same ids",
+        "protobuf_module": proto,
         "chat_template": MIXTRAL_INSTRUCT_TEMPLATE,
         "template_errors": errors,
         "cases": cases,

@@ -135,6 +135,14 @@ std::string render_mixtral_chat(const std::vector<ChatMessage>& messages, const 
     has_system = true;
     first = 1;
   }
+  // The text of a special token inside a message would be read as that token by transformers (a "</s>" in an
+  // answer becomes EOS, silently, in trl); refused here instead, which also keeps the tokenization below exact.
+  for (const auto& m : messages)
+    for (int32_t id : {tok.unk_id(), tok.bos_id(), tok.eos_id()})
+      if (id >= 0 && m.content.find(tok.piece(id)) != std::string::npos)
+        throw Error(fmt::format("{}: {}.content contains \"{}\", the text of a special token (transformers would read "
+                                "it as that token); remove or escape it",
+                                where, m.label, tok.piece(id)));
   std::string text = tok.piece(tok.bos_id());
   for (size_t i = first; i < messages.size(); ++i) {
     const auto& m = messages[i];
@@ -157,27 +165,31 @@ std::string render_mixtral_chat(const std::vector<ChatMessage>& messages, const 
   return text;
 }
 
-// Tokenizes a rendered chat as transformers' slow LlamaTokenizer (legacy) does with add_special_tokens=False:
-// the text is split at every occurrence of a special token's text (the unknown, BOS and EOS pieces, leftmost
-// first), each special becomes its id, and each piece of text between them is encoded on its own by
-// sentencepiece (which puts its word-boundary space in front of each). A "</s>" written inside a message
-// therefore becomes EOS, as it does in trl.
+// Tokenizes a rendered chat as transformers does for Mixtral-8x7B-Instruct-v0.1 (add_special_tokens=False; its
+// tokenizer since the update that made it agree 1-to-1 with mistral_common, the reference: LlamaTokenizer with
+// legacy=False, or the equivalent fast tokenizer): the text is split at each occurrence of a special token's
+// text (BOS and EOS, written by the template), each becomes its id, and each piece between them is encoded
+// by sentencepiece WITHOUT its word-boundary prefix, the template's own leading space standing for it:
+// " [INST] Hi [/INST] Hello" -> "▁[" "INST" "]" "▁Hi" ... "▁Hello". Every such piece starts with the template's
+// space (render_mixtral_chat refuses special-token text inside messages), so it is encoded as the text after
+// that space with the model's own prefix (Mixtral's sentencepiece adds one and keeps repeated spaces).
 std::vector<int32_t> tokenize_rendered(const std::string& text, const Tokenizer& tok) {
-  std::vector<std::pair<std::string, int32_t>> specials;
-  for (int32_t id : {tok.unk_id(), tok.bos_id(), tok.eos_id()})
-    if (id >= 0) specials.emplace_back(tok.piece(id), id);
+  const std::pair<std::string, int32_t> specials[] = {{tok.piece(tok.bos_id()), tok.bos_id()},
+                                                      {tok.piece(tok.eos_id()), tok.eos_id()}};
   std::vector<int32_t> ids;
   size_t start = 0;
   auto flush = [&](size_t end) {
-    if (end > start) {
-      const auto seg = tok.encode(std::string_view(text).substr(start, end - start), /*add_bos=*/false);
-      ids.insert(ids.end(), seg.begin(), seg.end());
-    }
+    if (end == start) return;
+    if (text[start] != ' ')  // cannot happen for the template's text; a bug if it does
+      throw Error(fmt::format("internal: a chat segment does not start with the template's space: \"{}\"",
+                              text.substr(start, end - start)));
+    const auto seg = tok.encode(std::string_view(text).substr(start + 1, end - start - 1), /*add_bos=*/false);
+    ids.insert(ids.end(), seg.begin(), seg.end());
   };
   for (size_t i = 0; i < text.size();) {
     bool matched = false;
     for (const auto& [piece, id] : specials) {
-      if (!piece.empty() && text.compare(i, piece.size(), piece) == 0) {
+      if (text.compare(i, piece.size(), piece) == 0) {
         flush(i);
         ids.push_back(id);
         i += piece.size();

@@ -24,11 +24,15 @@
 //     Roles must alternate user/assistant/... starting with user; a system message anywhere but first, another
 //     role, or only a system message is an error naming the line and the message ("messages[2]"), where the
 //     template raises. A conversation may end with either role, as the template allows.
-//   - Tokens: the rendered text split at each occurrence of the text of the unknown, BOS or EOS token (these
-//     become their ids: a literal "</s>" inside a message becomes EOS, as in transformers and trl), and each
-//     piece between encoded by sentencepiece on its own (with its word-boundary space in front), no BOS/EOS added
-//     (the slow LlamaTokenizer, legacy=True, with add_special_tokens=False). No EOS is appended after the
-//     template's text (trl adds one only to non-conversational data).
+//   - Tokens: as transformers' apply_chat_template tokenizes that text with Mixtral-8x7B-Instruct-v0.1's tokenizer
+//     (LlamaTokenizer with legacy=False, as its tokenizer has been since it was made to agree 1-to-1 with
+//     mistral_common, Mistral's reference): BOS and EOS are their ids, and each piece of text between them
+//     is encoded by sentencepiece with no word-boundary space of its own, the template's leading space
+//     standing for it: "<s>", "▁[", "INST", "]", "▁Hi", ..., "▁[", "/", "INST", "]", "▁Hello", "</s>". For
+//     messages with content this equals mistral_common's V1 rule (BOS + encode("[INST] " + user + " [/INST]")
+//     + encode(answer) + EOS ...). No BOS/EOS beyond the template's; no EOS appended (trl adds one only to
+//     non-conversational data). The text of a special token ("<s>", "</s>", "<unk>") inside a message is an
+//     error: transformers would read it as that token (an answer's "</s>" becoming EOS, silently, in trl).
 //   - Loss: "messages" learns every token (trl's default: assistant_only_loss is off, and Mixtral's template has
 //     no {% generation %} marks to find assistant spans); conversational prompt-completion masks the first
 //     len(tokens(render(prompt))) positions when completion_only_loss is on (trl's default for prompt-completion),
