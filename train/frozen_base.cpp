@@ -2,7 +2,11 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "core/error.hpp"
+#include "optimized/cpu/quantize.hpp"
 
 namespace moelab::train {
 
@@ -33,9 +37,17 @@ FrozenBase<S>::FrozenBase(const Checkpoint& ck, const BaseOptions& opt) : cfg_(c
   if (nf4_ && !nf4::is_valid_blocksize(opt.blocksize))
     throw Error(fmt::format("NF4 blocksize {} is not one bitsandbytes accepts", opt.blocksize));
   const auto lookup = [&](const std::string& n) { return ck.contains(n) ? &ck.file_of(n) : nullptr; };
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& spec : cfg_.expected_tensors()) shapes[spec.name] = spec.shape;
+  dequantize_isa_ = cpu::best_isa();
   for (const auto& name : cfg_.nf4_weight_names()) {
     if (!nf4_) {
       dense_.emplace(name, read_matrix<S>(ck, name));
+    } else if constexpr (std::is_same_v<S, float>) {
+      const auto& shape = shapes.at(name);
+      matrices_.emplace(name, prequantized ? cpu::map_prequantized(ck, name, shape.at(0), shape.at(1))
+                                           : cpu::quantize_matrix(ck.read_f32(name), shape.at(0), shape.at(1),
+                                                                  opt.blocksize, opt.double_quant));
     } else if (prequantized) {
       quantized_.emplace(name, nf4::read_nf4(lookup, name));
     } else {
@@ -60,6 +72,19 @@ template <typename S>
 void FrozenBase<S>::matrix_into(const std::string& name, Mat<S>& out, const Products& mm) const {
   if (!nf4_) {
     out = dense_.at(name);
+    return;
+  }
+  if constexpr (std::is_same_v<S, float>) {
+    // The SIMD kernels give float(code * absmax) bit for bit (tests/ops: Nf4Dequantize, every instruction
+    // set), as bitsandbytes' dequantize_4bit does; rows in chunks of ~512 KiB of output on the pool.
+    const auto& m = matrices_.at(name);
+    out.resize(m.rows, m.cols);
+    const int64_t rows_per_chunk = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, m.cols));
+    const int64_t chunks = (m.rows + rows_per_chunk - 1) / rows_per_chunk;
+    mm.parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t r0 = c0 * rows_per_chunk, r1 = std::min(m.rows, c1 * rows_per_chunk);
+      cpu::dequantize_rows(dequantize_isa_, m, r0, r1, out.data() + r0 * m.cols);
+    });
     return;
   }
   const auto& q = quantized_.at(name);

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "optimized/cpu/kernels.hpp"
 #include "optimized/nf4/nf4.hpp"
 #include "train/lora_model.hpp"
 #include "train/products.hpp"
@@ -42,7 +43,12 @@ class FrozenBase {
 
   ModelConfig cfg_;
   bool nf4_ = true;
-  std::map<std::string, nf4::QuantizedTensor> quantized_;  // nf4 == true
+  // nf4 == true. S = float: cpu-nf4's matrices (a pre-quantized checkpoint's codes mapped, not copied: the
+  // Checkpoint must outlive the model), dequantized by its SIMD kernels. S = double (the float64 oracle):
+  // optimized/nf4's tensors and its scalar dequantization, the same float32 values widened.
+  std::map<std::string, cpu::Nf4Matrix> matrices_;
+  cpu::Isa dequantize_isa_ = cpu::Isa::Scalar;
+  std::map<std::string, nf4::QuantizedTensor> quantized_;
   std::map<std::string, Mat<S>> dense_;                    // nf4 == false
   std::vector<RowVec<S>> attn_norm_, ffn_norm_;
   Mat<S> embedding_, lm_head_;

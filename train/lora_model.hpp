@@ -120,7 +120,8 @@ struct BaseOptions {
 template <typename S>
 class LoraModel {
  public:
-  // threads: the pool's size, including the calling thread (0: the physical cores).
+  // threads: the pool's size, including the calling thread (0: the physical cores). One model runs one pass
+  // at a time (it keeps one layer's dequantized weights between calls): call it from one thread.
   LoraModel(const Checkpoint& ck, BaseOptions base = {}, int threads = 0);
   const ModelConfig& config() const;
   int threads() const;
