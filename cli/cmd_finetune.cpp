@@ -164,6 +164,9 @@ void register_finetune(CLI::App& app) {
   cmd->add_option("--completion-only-loss", o.data_options.completion_only_loss,
                   "Prompt/completion data: learn only the completion (false: the prompt too)")
       ->capture_default_str();
+  cmd->add_flag("--packing", o.data_options.packing,
+                "Group whole examples into bins of at most --max-seq-len tokens (trl packing=True, best fit "
+                "decreasing); a micro-batch is --batch-size bins, each example still attending only to itself");
   cmd->add_option("--base", a.base, "The frozen base: nf4 (QLoRA, bitsandbytes' NF4 with double quantization) or f32")
       ->capture_default_str()
       ->check(CLI::IsMember({"nf4", "f32"}));

@@ -283,6 +283,32 @@ TEST_F(FinetuneCli, ChatDataTrainsAndWritesAnAdapter) {
   }
 }
 
+// --packing (trl's packing=True, "bfd"): one epoch over bins of whole examples learns every target token exactly
+// once, as one epoch without packing does, in fewer steps (a micro-batch is --batch-size bins).
+TEST_F(FinetuneCli, PackingLearnsEveryTargetOnceAnEpochInFewerSteps) {
+  nlohmann::json sums[2];
+  for (const bool packing : {false, true}) {
+    const std::string out = dir.file(packing ? "packed" : "unpacked");
+    std::vector<std::string> args = {"finetune", "--model", kModel, "--data", train_path, "-o", out,
+                                     "--num-train-epochs", "1", "--batch-size", "2", "--max-seq-len", "160",
+                                     "--threads", "1", "--progress", "none"};
+    if (packing) args.push_back("--packing");
+    const auto r = moelab(args);
+    ASSERT_EQ(r.status, 0) << r.err << r.out;
+    sums[packing] = json_file(fs::path(out) / "train_summary.json");
+  }
+  train::DataOptions o;
+  o.max_seq_len = 160;  // no example is cut, with or without packing
+  const auto ds = train::load_dataset(train_path, Tokenizer(kModel + "/tokenizer.model"), o);
+  EXPECT_EQ(sums[0]["target_tokens"].get<int64_t>(), ds.target_tokens());
+  EXPECT_EQ(sums[1]["target_tokens"].get<int64_t>(), ds.target_tokens());
+  EXPECT_EQ(sums[0]["tokens"].get<int64_t>(), ds.tokens());
+  EXPECT_EQ(sums[1]["tokens"].get<int64_t>(), ds.tokens());
+  ASSERT_EQ(ds.truncated, 0);
+  // Each example is a few dozen tokens: a bin of 160 holds several, so the epoch takes fewer steps.
+  EXPECT_LT(sums[1]["steps"].get<int64_t>(), sums[0]["steps"].get<int64_t>());
+}
+
 TEST_F(FinetuneCli, BadDataAndOptionsFailWithOneLine) {
   auto one_line = [](const MoelabRun& r) { return std::count(r.err.begin(), r.err.end(), '\n') == 1; };
   const std::string bad = write("bad.jsonl", fact_line(0) + fact_line(1) + "{\"text\": \"x\", \"label\": 1}\n");

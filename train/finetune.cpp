@@ -84,7 +84,7 @@ void check_options(const FinetuneOptions& o) {
 nlohmann::json fingerprint(const FinetuneOptions& o, const Dataset& train) {
   std::vector<std::string> targets = o.lora.target_modules;
   std::sort(targets.begin(), targets.end());
-  return {
+  nlohmann::json fp = {
       {"train_sequences", int64_t(train.sequences.size())},
       {"train_tokens", train.tokens()},
       {"train_target_tokens", train.target_tokens()},
@@ -108,6 +108,9 @@ nlohmann::json fingerprint(const FinetuneOptions& o, const Dataset& train) {
       {"router_aux_loss_coef", o.router_aux_coef},
       {"nf4", o.base.nf4},
   };
+  // Only with --packing (the bins decide the batches), so checkpoints written before packing existed resume.
+  if (o.data_options.packing) fp["train_units"] = int64_t(train.bins.size());
+  return fp;
 }
 
 // Mean cross-entropy of the held-out set: every target token counted once, in batches, no dropout.
@@ -160,7 +163,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     DataOptions eo = o.data_options;
     held_out = load_dataset(o.eval_data, tok, eo);
   }
-  const int64_t n = int64_t(train.sequences.size());
+  const int64_t n = int64_t(train.bins.size());  // training units: one sequence each, or --packing's bins
   const int64_t micro_per_epoch = (n + o.batch_size - 1) / o.batch_size;
   const int64_t steps_per_epoch = (micro_per_epoch + o.grad_accum - 1) / o.grad_accum;
   const int64_t total_steps =
@@ -256,12 +259,13 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     int64_t targets = 0, tokens = 0;
     for (int64_t m = micro_begin; m < micro_end; ++m) {
       auto& batch = micro.emplace_back();
-      for (int64_t i = m * o.batch_size; i < std::min((m + 1) * o.batch_size, n); ++i) {
-        const auto& seq = train.sequences[size_t(order[size_t(i)])];
-        batch.push_back(seq);
-        tokens += int64_t(seq.tokens.size());
-        for (uint8_t t : seq.target) targets += t != 0;
-      }
+      for (int64_t i = m * o.batch_size; i < std::min((m + 1) * o.batch_size, n); ++i)
+        for (int64_t e : train.bins[size_t(order[size_t(i)])]) {
+          const auto& seq = train.sequences[size_t(e)];
+          batch.push_back(seq);
+          tokens += int64_t(seq.tokens.size());
+          for (uint8_t t : seq.target) targets += t != 0;
+        }
     }
     double loss = 0, ce = 0, aux = 0;
     for (size_t m = 0; m < micro.size(); ++m) {
