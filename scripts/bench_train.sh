@@ -17,6 +17,10 @@
 #                     FP32 at a time: ~5.8 GB, plus the FP32 embedding and lm_head, 1 GB)
 #   --only WHICH      run one of the two configurations
 #   --threads T       moelab's --threads (default: nproc)
+#   --contention      instead of the table above: the bundled model at --threads 1 and --threads T, on the
+#                     idle machine and beside one busy process (a spinning shell loop, as a build would be),
+#                     two interleaved rounds; tokens/s per run. Two threads must never train slower than one
+#                     when a core is taken (the trainer's pool, train/products.hpp).
 #   --force           run even when the 1-minute load average is >= 1.5; the table then marks every figure
 #                     "NOT VALID" (without it the script refuses: figures beside other work are not figures);
 #                     before each configuration it waits up to MOELAB_BENCH_LOAD_WAIT seconds (default 120)
@@ -37,7 +41,7 @@ cd "$ROOT"
 die() { echo "bench_train: $*" >&2; exit 1; }
 log() { echo "[bench_train $(date -u +%H:%M:%S)] $*" >&2; }
 
-LAYERS=2 ONLY="" THREADS=$(nproc) FORCE=0 OUT="" GC=0
+LAYERS=2 ONLY="" THREADS=$(nproc) FORCE=0 OUT="" GC=0 CONTENTION=0
 B_STEPS=20 B_BATCH=8 B_SEQ=128
 M_STEPS=2 M_BATCH=2 M_SEQ=64
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
@@ -47,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --only) need_value "$@"; ONLY=$2; shift 2 ;;
     --threads) need_value "$@"; THREADS=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
+    --contention) CONTENTION=1; shift ;;
     --out) need_value "$@"; OUT=$2; shift 2 ;;
     --gradient-checkpointing) GC=1; shift ;;
     --bundled-steps) need_value "$@"; B_STEPS=$2; shift 2 ;;
@@ -55,7 +60,7 @@ while [[ $# -gt 0 ]]; do
     --mixtral-steps) need_value "$@"; M_STEPS=$2; shift 2 ;;
     --mixtral-batch) need_value "$@"; M_BATCH=$2; shift 2 ;;
     --mixtral-seq) need_value "$@"; M_SEQ=$2; shift 2 ;;
-    -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -140,6 +145,43 @@ mixtral_checkpoint() {
 [[ $FORCE -eq 1 ]] || check_load > /dev/null  # refuse before making anything
 [[ -n "$OUT" ]] || OUT="$CACHE/train-results-$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$OUT"
+
+if [[ $CONTENTION -eq 1 ]]; then
+  spinner=""
+  trap '[[ -z $spinner ]] || kill "$spinner" 2>/dev/null || true' EXIT
+  declare -A rate
+  for round in 1 2; do
+    for state in idle busy; do
+      # The idle runs wait for a quiet machine (the busy runs' spinner and their own threads raise the load).
+      [[ $state == idle ]] && load=$(check_load) || load=$(load1)
+      if [[ $state == busy ]]; then
+        (while :; do :; done) & spinner=$!
+        sleep 1
+      fi
+      for t in 1 "$THREADS"; do
+        dir="$OUT/contention-$state-t$t-r$round"
+        rm -rf "$dir"
+        "$MOELAB" finetune --model "$ROOT/models/default" --data "$CORPUS" -o "$dir" --max-steps "$B_STEPS" \
+          --batch-size "$B_BATCH" --max-seq-len "$B_SEQ" --save-steps 0 --logging-steps 1000 --threads "$t" \
+          --progress none > "$dir.stdout" 2>&1 || { tail -20 "$dir.stdout" >&2; die "contention run failed"; }
+        r=$(python3 -c 'import json,sys; print("%.0f" % json.load(open(sys.argv[1]))["tokens_per_s"])' "$dir/train_summary.json")
+        rate[$state,$t]+="$r "
+        log "round $round, $state, --threads $t: $r tokens/s (load before: $load)"
+      done
+      if [[ $state == busy ]]; then kill "$spinner"; wait "$spinner" 2>/dev/null || true; spinner=""; fi
+    done
+  done
+  {
+    echo
+    echo "moelab finetune beside a busy process, bundled model ($B_STEPS steps x $B_BATCH x <= $B_SEQ tokens), $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, $ISA"
+    echo
+    echo "| machine | --threads 1: tokens/s (round 1, 2) | --threads $THREADS |"
+    echo "|---|---|---|"
+    for state in idle busy; do echo "| $state | ${rate[$state,1]}| ${rate[$state,$THREADS]}|"; done
+  } | tee "$OUT/contention.md"
+  log "raw outputs: $OUT"
+  exit 0
+fi
 
 ROWS=()
 # run_config LABEL MODEL STEPS BATCH SEQ

@@ -72,13 +72,23 @@ struct LoraModel<S>::Impl {
   Impl(const Checkpoint& ck, const BaseOptions& opt, int threads)
       : base(ck, opt), cfg(base.config()), rope(cfg.rope_theta, cfg.head_dim), mm(threads) {}
 
-  // body(i) for i in [0, count) (attention heads, experts), one item per chunk on the pool. Threads only pay
-  // off once a sequence is long enough: on a few tokens, waking the pool costs more than the work, so short
-  // sequences run on the calling thread. Each item writes only its own outputs, so the result does not
+  // body(i) for i in [0, count) (attention heads, experts), one item per chunk on the pool, when the loop's
+  // work (`macs`, multiply-adds, estimated) is worth it; else on the calling thread. Every parallel section
+  // can stall on a pool thread the OS has descheduled (another process wants its core) for a scheduler
+  // slice, milliseconds: on small layers (the bundled model's experts, ~3 M multiply-adds each) the stalls
+  // cost more than the second thread gives. Each item writes only its own outputs, so the result does not
   // depend on which thread ran it.
+  static constexpr double kMinParallelLoopMacs = double(int64_t(1) << 26);
+  // The forward's multiply-adds of a sequence of n tokens: all heads' scores and weighted values; all experts
+  // (top_k of them per token, three products each).
+  double attention_macs(int n) const { return 2.0 * double(n) * double(n) * cfg.head_dim * cfg.num_heads; }
+  double expert_macs(int n) const {
+    return 3.0 * double(n) * cfg.top_k * double(cfg.hidden_size) * double(cfg.intermediate_size);
+  }
+
   template <class Body>
-  void for_each(int tokens, int count, const Body& body) const {
-    if (tokens < 48) {
+  void for_each(double macs, int count, const Body& body) const {
+    if (macs < kMinParallelLoopMacs) {
       for (int i = 0; i < count; ++i) body(i);
       return;
     }
@@ -112,7 +122,7 @@ struct LoraModel<S>::Impl {
     rope.apply(c.k, cfg.num_kv_heads, +1);
     c.attn.resize(n, heads * hd);
     c.p.assign(size_t(heads), Mat<S>());
-    for_each(n, heads, [&](int h) {
+    for_each(attention_macs(n), heads, [&](int h) {
       const int kvh = h / group;
       c.attn.middleCols(h * hd, hd) = attention_head<S>(c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
                                                         c.v.middleCols(kvh * hd, hd), cfg.sliding_window, c.p[size_t(h)]);
@@ -163,7 +173,7 @@ struct LoraModel<S>::Impl {
         x.slot.push_back(j);
         x.gate.push_back(c.gates(t, j));
       }
-    for_each(n, E, [&](int e) {
+    for_each(expert_macs(n), E, [&](int e) {
       auto& x = c.moe[size_t(e)];
       if (x.rows.empty()) return;
       x.x.resize(Eigen::Index(x.rows.size()), c.xn2.cols());
@@ -191,7 +201,7 @@ struct LoraModel<S>::Impl {
     // Experts: out[t] += g · y, y = w2(silu(a) ⊙ b).
     Mat<S> dgates = Mat<S>::Zero(n, k);
     std::vector<Mat<S>> dx_expert(static_cast<size_t>(E));
-    for_each(n, E, [&](int e) {
+    for_each(2 * expert_macs(n), E, [&](int e) {
       const auto& x = c.moe[size_t(e)];
       if (x.rows.empty()) return;
       const Eigen::Index m = Eigen::Index(x.rows.size());
@@ -239,7 +249,7 @@ struct LoraModel<S>::Impl {
     const Mat<S> dattn = linear_backward(mm, dh_mid, c.attn, w.wo, ad.o.grad, c.co);
     Mat<S> dq(n, heads * hd);
     std::vector<Mat<S>> dk_head(static_cast<size_t>(heads)), dv_head(static_cast<size_t>(heads));
-    for_each(n, heads, [&](int h) {
+    for_each(2 * attention_macs(n), heads, [&](int h) {
       const int kvh = h / group;
       Mat<S> dqh;
       attention_head_backward<S>(dattn.middleCols(h * hd, hd), c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
