@@ -268,13 +268,17 @@ TEST(TrainLoss, Nf4BaseEqualsReferenceOnDequantizedWeights) {
   EXPECT_NEAR(r.loss, r.ce + 0.02 * r.aux, 1e-15 * r.loss);
 }
 
-// The float32 path against float64 on the same factors and NF4 weights (float32 values, exact in both).
+// The float32 path against float64 on the same factors and NF4 weights (float32 values, exact in both), with
+// the float layers dequantized whole and streamed through the products a tile at a time (what Mixtral-sized
+// layers get; forced here on the small fixtures).
 // Tolerance: float32 carries ~6e-8 relative per rounding; through 2-3 layers, softmaxes and ~100-term dot
 // products the measured errors are at most 7e-8 relative on the loss and 3.1e-6 relative L2 on a gradient
 // tensor (fixtures, this batch); we allow 1e-6 and 1e-4 (>= 14x and 30x), while a wrong stage is O(1) off.
 TEST(TrainGrad, Float32MatchesFloat64) {
-  for (const char* name : {"mixtral-4e-gqa-f32", "mixtral-top1-swa", "mistral-dense"}) {
-    SCOPED_TRACE(name);
+  using Nf4Layers = train::BaseOptions::Nf4Layers;
+  for (const char* name : {"mixtral-4e-gqa-f32", "mixtral-top1-swa", "mistral-dense"})
+   for (const Nf4Layers layers : {Nf4Layers::Dequantized, Nf4Layers::Streamed}) {
+    SCOPED_TRACE(::testing::Message() << name << (layers == Nf4Layers::Streamed ? ", streamed" : ", dequantized"));
     const auto ck = Checkpoint::open(model_dir(name));
     const auto& cfg = ck->config();
     const auto batch = fd_batch(cfg);
@@ -285,7 +289,7 @@ TEST(TrainGrad, Float32MatchesFloat64) {
     auto p64 = trained_params<double>(cfg, 8);
     auto p32 = trained_params<float>(cfg, 8);
     LoraModel<double> m64(*ck);
-    LoraModel<float> m32(*ck);
+    LoraModel<float> m32(*ck, {.nf4_layers = layers});
     const auto r64 = m64.loss_and_grad(batch, p64, opt);
     const auto r32 = m32.loss_and_grad(batch, p32, opt);
     EXPECT_NEAR(r32.loss, r64.loss, 1e-6 * r64.loss);
@@ -306,8 +310,9 @@ TEST(TrainGrad, Float32MatchesFloat64) {
         EXPECT_LT(rel, 1e-4) << a.weight_name;
       }
     }
-    std::printf("  %s: loss %.3e relative, largest gradient %.2e relative L2\n", name,
-                std::abs(r32.loss - r64.loss) / r64.loss, worst);
+    std::printf("  %s, %s: loss %.3e relative, largest gradient %.2e relative L2\n", name,
+                layers == Nf4Layers::Streamed ? "streamed" : "dequantized", std::abs(r32.loss - r64.loss) / r64.loss,
+                worst);
   }
 }
 

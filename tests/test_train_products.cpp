@@ -12,8 +12,11 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <vector>
 
 #include "core/error.hpp"
+#include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/quantize.hpp"
 #include "train/products.hpp"
 
 namespace moelab::train {
@@ -104,6 +107,33 @@ TEST(TrainProducts, SameBitsOnAnyThreadCount) {
   ASSERT_GE(24 * 700 * 1100, Products::kMinParallelMacs);  // the blocked path
   EXPECT_TRUE(one.x_wt(x, w) == three.x_wt(x, w));
   EXPECT_TRUE(one.dy_w(dy, w) == three.dy_w(dy, w));
+}
+
+// NF4 weights, dequantized a tile at a time inside the products: the same bound against float64 on the
+// dequantized values (bitsandbytes' float(code x absmax), from the scalar kernel), with several tiles and a
+// partial last one (tiles of max(8, 2^20 / in) rows), a width the SIMD kernels cannot take (1000 % 32 != 0:
+// the scalar fallback), one and three threads giving the same bits.
+TEST(TrainProducts, Nf4WeightsWithinTheDotProductBoundOfTheirValues) {
+  struct Nf4Shape {
+    int64_t n, in, out;
+  };
+  uint64_t seed = 100;
+  for (const auto& s : {Nf4Shape{5, 4096, 600}, Nf4Shape{3, 1000, 2100}, Nf4Shape{1, 64, 40}, Nf4Shape{17, 512, 9000}}) {
+    SCOPED_TRACE(::testing::Message() << "NF4 n " << s.n << ", in " << s.in << ", out " << s.out);
+    const Mat<float> dense = random_matrix<float>(s.out, s.in, seed++);
+    const auto m = cpu::quantize_matrix(std::vector<float>(dense.data(), dense.data() + dense.size()), s.out, s.in, 64,
+                                        /*double_quant=*/true);
+    Mat<float> values(s.out, s.in);
+    cpu::dequantize_rows(cpu::Isa::Scalar, m, 0, s.out, values.data());
+    const Mat<float> x = random_matrix<float>(s.n, s.in, seed++), dy = random_matrix<float>(s.n, s.out, seed++);
+    const Products one(1), three(3);
+    const FrozenMatrix<float> w(m);
+    const Mat<float> y1 = one.x_wt(x, w), dx1 = one.dy_w(dy, w);
+    expect_within_bound(y1, reference_x_wt(x, values), s.in, "x·wᵀ, NF4");
+    expect_within_bound(dx1, reference_dy_w(dy, values), s.out, "dy·w, NF4");
+    EXPECT_TRUE(y1 == three.x_wt(x, w));
+    EXPECT_TRUE(dx1 == three.dy_w(dy, w));
+  }
 }
 
 TEST(TrainProducts, MismatchedInnerDimensionIsAnError) {

@@ -23,6 +23,17 @@ struct LayerBase {
   std::vector<Mat<S>> w1, w3, w2;  // per expert (one for dense models)
 };
 
+// What the training pass reads of one layer. For S = float over an NF4 base whose layers are large in FP32
+// (over 256 MiB: Mixtral's is 5.8 GB) the matrices are the NF4 codes themselves, dequantized a tile at a time
+// inside each product (train/products.hpp), so no layer is held in FP32; otherwise they point into the
+// LayerBase that layer_weights filled (dequantized once for every sequence of the pass).
+template <typename S>
+struct LayerWeights {
+  RowVec<S> attn_norm, ffn_norm;
+  FrozenMatrix<S> wq, wk, wv, wo, router;  // router: empty for dense models
+  std::vector<FrozenMatrix<S>> w1, w3, w2;
+};
+
 template <typename S>
 class FrozenBase {
  public:
@@ -34,6 +45,9 @@ class FrozenBase {
   // of mapping and faulting in fresh pages for every weight of every layer.
   // The NF4 blocks are dequantized on `mm`'s pool.
   void layer_into(int l, LayerBase<S>& w, const Products& mm) const;
+  // Layer l's weights for the pass: NF4 matrices as they are (S = float, NF4 base), or dequantized (copied)
+  // into `buffer` by layer_into and pointed to.
+  void layer_weights(int l, LayerBase<S>& buffer, LayerWeights<S>& w, const Products& mm) const;
   const Mat<S>& embedding() const { return embedding_; }  // [vocab, hidden]
   const RowVec<S>& final_norm() const { return final_norm_; }
   const Mat<S>& lm_head() const { return lm_head_; }      // [vocab, hidden]
@@ -48,6 +62,8 @@ class FrozenBase {
   // optimized/nf4's tensors and its scalar dequantization, the same float32 values widened.
   std::map<std::string, cpu::Nf4Matrix> matrices_;
   cpu::Isa dequantize_isa_ = cpu::Isa::Scalar;
+  static constexpr int64_t kStreamLayersAboveBytes = int64_t(256) << 20;  // a layer's size in FP32
+  bool stream_nf4_ = false;  // layer_weights hands out the NF4 matrices (S = float, a layer above that size)
   std::map<std::string, nf4::QuantizedTensor> quantized_;
   std::map<std::string, Mat<S>> dense_;                    // nf4 == false
   std::vector<RowVec<S>> attn_norm_, ffn_norm_;

@@ -64,9 +64,9 @@ struct LoraModel<S>::Impl {
   stage::Rope<S> rope;
 
   Products mm;  // the pool and the frozen weights' products
-  // One layer's dequantized weights. Its storage is reused by every layer, forward and backward, and by every
-  // call: a fresh buffer per call cost a Mixtral-shaped step seconds of page faults (5.8 GB of new pages
-  // for one layer, written twice a step). A model runs one pass at a time.
+  // One layer's dequantized weights where the pass reads dense matrices (float64, or a float base without
+  // NF4). Its storage is reused by every layer, forward and backward, and by every call (a fresh buffer per
+  // call costs page faults: 5.8 GB of new pages for one Mixtral layer). A model runs one pass at a time.
   mutable LayerBase<S> layer_buffer;
 
   Impl(const Checkpoint& ck, const BaseOptions& opt, int threads)
@@ -109,7 +109,7 @@ struct LoraModel<S>::Impl {
 
   // ---- one layer of one sequence ----
 
-  Mat<S> layer_forward(const LayerBase<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, const Mat<S>& h_in,
+  Mat<S> layer_forward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, const Mat<S>& h_in,
                        LayerCache<S>& c) const {
     using namespace stage;
     const int n = int(h_in.rows()), hd = cfg.head_dim, heads = cfg.num_heads, group = cfg.num_heads / cfg.num_kv_heads;
@@ -134,7 +134,7 @@ struct LoraModel<S>::Impl {
   }
 
   // Router: softmax over all experts, top-k (ties to the lower id), renormalized over the k chosen.
-  void route(const LayerBase<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, LayerCache<S>& c) const {
+  void route(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, LayerCache<S>& c) const {
     const int n = int(c.xn2.rows()), k = cfg.top_k, E = cfg.num_experts;
     c.experts.resize(n, k);
     c.gates.resize(n, k);
@@ -162,7 +162,7 @@ struct LoraModel<S>::Impl {
   }
 
   // Each expert once over its tokens; outputs added with their gates in ascending expert order.
-  Mat<S> moe_forward(const LayerBase<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, LayerCache<S>& c) const {
+  Mat<S> moe_forward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, LayerCache<S>& c) const {
     using namespace stage;
     const int n = int(c.xn2.rows()), E = cfg.num_experts;
     c.moe.assign(size_t(E), ExpertCache<S>());
@@ -192,7 +192,7 @@ struct LoraModel<S>::Impl {
 
   // dL/dh_in from dL/dh_out; `aux_dprob` (per expert, empty when off) is d(coef · aux)/d(router probability),
   // the same for every token.
-  Mat<S> layer_backward(const LayerBase<S>& w, const LayerAdapters<S>& ad, const LayerCache<S>& c, const Mat<S>& dh_out,
+  Mat<S> layer_backward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const LayerCache<S>& c, const Mat<S>& dh_out,
                         const std::vector<double>& aux_dprob) const {
     using namespace stage;
     const int n = int(dh_out.rows()), hd = cfg.head_dim, heads = cfg.num_heads, group = cfg.num_heads / cfg.num_kv_heads;
@@ -368,10 +368,10 @@ struct LoraModel<S>::Impl {
       for (size_t t = 0; t < batch[s].tokens.size(); ++t) h[s].row(Eigen::Index(t)) = base.embedding().row(batch[s].tokens[t]);
     }
     std::vector<std::vector<LayerCache<S>>> kept(B, std::vector<LayerCache<S>>(size_t(L)));
-    LayerBase<S>& w = layer_buffer;
+    LayerWeights<S> w;  // one layer's frozen weights: NF4 as stored (float), or in layer_buffer
     for (int l = 0; l < L; ++l) {
       const auto t_layer = Clock::now();
-      base.layer_into(l, w, mm);
+      base.layer_weights(l, layer_buffer, w, mm);
       r.dequantize_s += secs(t_layer, Clock::now());
       for (size_t s = 0; s < B; ++s) {
         LayerCache<S> c;
@@ -454,7 +454,7 @@ struct LoraModel<S>::Impl {
     // Backward, layers in reverse.
     for (int l = L - 1; l >= 0; --l) {
       const auto t_layer = Clock::now();
-      base.layer_into(l, w, mm);
+      base.layer_weights(l, layer_buffer, w, mm);
       r.dequantize_s += secs(t_layer, Clock::now());
       for (size_t s = 0; s < B; ++s) {
         auto& k = kept[s][size_t(l)];

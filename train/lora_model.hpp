@@ -115,6 +115,10 @@ struct BaseOptions {
   bool nf4 = true;
   int blocksize = 64;
   bool double_quant = true;
+  // How a float pass reads an NF4 layer (train/frozen_base.hpp, LayerWeights): dequantized whole once per
+  // pass, or streamed (tiles dequantized inside each product, no FP32 layer). Auto: streamed when a layer is
+  // over 256 MiB in FP32. The float64 path always dequantizes.
+  enum class Nf4Layers { Auto, Dequantized, Streamed } nf4_layers = Nf4Layers::Auto;
 };
 
 template <typename S>

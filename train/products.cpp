@@ -5,8 +5,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <memory>
+#include <vector>
 
 #include "core/error.hpp"
+#include "optimized/cpu/kernels.hpp"
+#include "optimized/cpu/nf4_matrix.hpp"
 #include "optimized/cpu/thread_pool.hpp"
 
 namespace moelab::train {
@@ -23,12 +27,19 @@ void single_threaded_blas() {
   (void)once;
 }
 
-// C [m, n] (row-major, leading dimension ldc) = A [m, k] · op(B), op(B) = Bᵀ when b_transposed (B [n, k])
-// else B ([k, n]).
+// C [m, n] (row-major, leading dimension ldc) = A [m, k] · op(B) + beta C, op(B) = Bᵀ when b_transposed
+// (B [n, k]) else B ([k, n]).
 void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool b_transposed,
-          float* c, int64_t ldc) {
+          float* c, int64_t ldc, float beta = 0.0f) {
   cblas_sgemm(CblasRowMajor, CblasNoTrans, b_transposed ? CblasTrans : CblasNoTrans, blasint(m), blasint(n), blasint(k),
-              1.0f, a, blasint(lda), b, blasint(ldb), 0.0f, c, blasint(ldc));
+              1.0f, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc));
+}
+
+// Rows of an NF4 weight per dequantized tile: ~4 MiB of FP32, at least 8 rows. The tile is a product's own
+// (per block, or per call), written and read while in cache, where a whole dequantized layer (Mixtral's:
+// 5.8 GB) went through memory twice.
+int64_t nf4_tile_rows(const cpu::Nf4Matrix& m) {
+  return std::max<int64_t>(8, (int64_t(1) << 20) / std::max<int64_t>(1, m.cols));
 }
 
 // Runs block(c0, c1) over the output columns [0, cols): in blocks of kColumnBlock on the pool when the
@@ -52,7 +63,8 @@ void check_inner(const char* what, int64_t a, int64_t b) {
 OneEigenThread::OneEigenThread() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
 OneEigenThread::~OneEigenThread() { omp_set_num_threads(saved_); }
 
-Products::Products(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads > 0 ? threads : cpu::physical_cores())) {
+Products::Products(int threads)
+    : pool_(std::make_unique<cpu::ThreadPool>(threads > 0 ? threads : cpu::physical_cores())), isa_(cpu::best_isa()) {
   single_threaded_blas();
 }
 
@@ -67,9 +79,94 @@ void Products::parallel_for(int64_t n, int64_t grain, const std::function<void(i
   });
 }
 
+template <typename S>
+int64_t FrozenMatrix<S>::rows() const {
+  return dense ? dense->rows() : nf4->rows;
+}
+
+template <typename S>
+int64_t FrozenMatrix<S>::cols() const {
+  return dense ? dense->cols() : nf4->cols;
+}
+
+template struct FrozenMatrix<float>;
+template struct FrozenMatrix<double>;
+
+namespace {
+
+// This thread's tile buffer, grown to `floats` (kept for the thread's life: no allocation, page faults or
+// clearing per tile).
+float* tile_buffer(size_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local size_t size = 0;
+  if (size < floats) {
+    buffer.reset(new float[floats]);
+    size = floats;
+  }
+  return buffer.get();
+}
+
+// x·Wᵀ with W in NF4: per tile of W's rows (= output columns), dequantize into the block's own buffer, then
+// one sgemm; the tiles are the work items.
+Mat<float> nf4_x_wt(const Products& p, cpu::Isa isa, const Mat<float>& x, const cpu::Nf4Matrix& m) {
+  const int64_t n = x.rows(), out = m.rows, in = m.cols, tile = nf4_tile_rows(m);
+  Mat<float> y(n, out);
+  if (n == 0 || out == 0) return y;
+  const int64_t tiles = (out + tile - 1) / tile;
+  const auto run = [&](int64_t t0, int64_t t1) {
+    float* w = tile_buffer(size_t(std::min(tile, out) * in));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * tile, r1 = std::min(out, r0 + tile);
+      cpu::dequantize_rows(isa, m, r0, r1, w);
+      gemm(n, r1 - r0, in, x.data(), in, w, in, true, y.data() + r0, out);
+    }
+  };
+  if (n * out * in >= Products::kMinParallelMacs) p.parallel_for(tiles, 1, run);
+  else run(0, tiles);
+  return y;
+}
+
+// dy·W with W in NF4: dx = Σ over tiles of W's rows of dy[:, tile] · W[tile, :], the tiles in order (each
+// dequantized once, its rows split over the pool), each tile's product split over blocks of dx's columns.
+Mat<float> nf4_dy_w(const Products& p, cpu::Isa isa, const Mat<float>& dy, const cpu::Nf4Matrix& m) {
+  const int64_t n = dy.rows(), out = m.rows, in = m.cols, tile = nf4_tile_rows(m);
+  Mat<float> dx = Mat<float>::Zero(n, in);
+  if (n == 0 || out == 0) return dx;
+  const bool parallel = n * out * in >= Products::kMinParallelMacs;
+  const std::unique_ptr<float[]> tile_values(new float[size_t(std::min(tile, out) * in)]);  // no need to clear
+  float* const w = tile_values.get();
+  const int64_t rows_per_item = std::max<int64_t>(1, (int64_t(1) << 15) / in);
+  const int64_t col_blocks = (in + Products::kColumnBlock - 1) / Products::kColumnBlock;
+  for (int64_t r0 = 0; r0 < out; r0 += tile) {
+    const int64_t r1 = std::min(out, r0 + tile), items = (r1 - r0 + rows_per_item - 1) / rows_per_item;
+    const auto dequantize = [&](int64_t i0, int64_t i1) {
+      const int64_t a = r0 + i0 * rows_per_item, b = std::min(r1, r0 + i1 * rows_per_item);
+      cpu::dequantize_rows(isa, m, a, b, w + (a - r0) * in);
+    };
+    const auto multiply = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c0 = b * Products::kColumnBlock, c1 = std::min(in, c0 + Products::kColumnBlock);
+        gemm(n, c1 - c0, r1 - r0, dy.data() + r0, out, w + c0, in, false, dx.data() + c0, in, 1.0f);
+      }
+    };
+    if (parallel) {
+      p.parallel_for(items, 1, dequantize);
+      p.parallel_for(col_blocks, 1, multiply);
+    } else {
+      dequantize(0, items);
+      multiply(0, col_blocks);
+    }
+  }
+  return dx;
+}
+
+}  // namespace
+
 template <>
-Mat<float> Products::x_wt(const Mat<float>& x, const Mat<float>& w) const {
-  check_inner("x·wᵀ", x.cols(), w.cols());
+Mat<float> Products::x_wt(const Mat<float>& x, const FrozenMatrix<float>& fw) const {
+  check_inner("x·wᵀ", x.cols(), fw.cols());
+  if (fw.nf4) return nf4_x_wt(*this, isa_, x, *fw.nf4);
+  const Mat<float>& w = *fw.dense;
   const int64_t n = x.rows(), out = w.rows(), in = x.cols();
   Mat<float> y(n, out);
   if (n == 0 || out == 0) return y;
@@ -81,8 +178,10 @@ Mat<float> Products::x_wt(const Mat<float>& x, const Mat<float>& w) const {
 }
 
 template <>
-Mat<float> Products::dy_w(const Mat<float>& dy, const Mat<float>& w) const {
-  check_inner("dy·w", dy.cols(), w.rows());
+Mat<float> Products::dy_w(const Mat<float>& dy, const FrozenMatrix<float>& fw) const {
+  check_inner("dy·w", dy.cols(), fw.rows());
+  if (fw.nf4) return nf4_dy_w(*this, isa_, dy, *fw.nf4);
+  const Mat<float>& w = *fw.dense;
   const int64_t n = dy.rows(), out = w.rows(), in = w.cols();
   Mat<float> dx(n, in);
   if (n == 0 || in == 0) return dx;
@@ -94,7 +193,9 @@ Mat<float> Products::dy_w(const Mat<float>& dy, const Mat<float>& w) const {
 }
 
 template <>
-Mat<double> Products::x_wt(const Mat<double>& x, const Mat<double>& w) const {
+Mat<double> Products::x_wt(const Mat<double>& x, const FrozenMatrix<double>& fw) const {
+  if (!fw.dense) throw Error("trainer product x·wᵀ: NF4 weights are read in float only");
+  const Mat<double>& w = *fw.dense;
   check_inner("x·wᵀ", x.cols(), w.cols());
   Mat<double> y(x.rows(), w.rows());
   over_column_blocks(*this, x.rows(), w.rows(), x.cols(), [&](int64_t c0, int64_t c1) {
@@ -104,7 +205,9 @@ Mat<double> Products::x_wt(const Mat<double>& x, const Mat<double>& w) const {
 }
 
 template <>
-Mat<double> Products::dy_w(const Mat<double>& dy, const Mat<double>& w) const {
+Mat<double> Products::dy_w(const Mat<double>& dy, const FrozenMatrix<double>& fw) const {
+  if (!fw.dense) throw Error("trainer product dy·w: NF4 weights are read in float only");
+  const Mat<double>& w = *fw.dense;
   check_inner("dy·w", dy.cols(), w.rows());
   Mat<double> dx(dy.rows(), w.cols());
   over_column_blocks(*this, dy.rows(), w.cols(), w.rows(), [&](int64_t c0, int64_t c1) {

@@ -13,17 +13,21 @@
 // oracle the tests check the float path against) they run on Eigen.
 //
 // Determinism: a product of at least kMinParallelMacs multiply-adds is cut into blocks of kColumnBlock
-// output columns, one work item each; a smaller one is one call. Both depend on the shapes alone, so the
-// result is the same bits on any number of threads and under any scheduling.
+// output columns, one work item each; a smaller one is one call (with an NF4 weight: always the blocks, and
+// dy·W's sum over W's rows in tiles of kColumnBlock rows, in order). All of it depends on the shapes alone,
+// so the result is the same bits on any number of threads and under any scheduling.
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "train/lora_model.hpp"
 
 namespace moelab::cpu {
 class ThreadPool;
+struct Nf4Matrix;
+enum class Isa;
 }
 
 namespace moelab::train {
@@ -43,6 +47,20 @@ class OneEigenThread {
   int saved_;
 };
 
+// A frozen weight [out, in] as the products read it: dense values, or (S = float) NF4 codes that each product
+// dequantizes a tile of rows at a time into a buffer of its own (cpu-nf4's SIMD kernels: float(code x
+// absmax), the values bitsandbytes' dequantize_4bit gives), so no whole matrix is ever held in FP32.
+template <typename S>
+struct FrozenMatrix {
+  const Mat<S>* dense = nullptr;
+  const cpu::Nf4Matrix* nf4 = nullptr;
+  FrozenMatrix() = default;
+  FrozenMatrix(const Mat<S>& m) : dense(&m) {}  // NOLINT: a dense matrix passes as it is
+  explicit FrozenMatrix(const cpu::Nf4Matrix& m) : nf4(&m) {}
+  int64_t rows() const;
+  int64_t cols() const;
+};
+
 class Products {
  public:
   static constexpr int64_t kColumnBlock = 128;
@@ -59,16 +77,17 @@ class Products {
 
   // x [n, in], w [out, in] -> x·wᵀ [n, out].
   template <typename S>
-  Mat<S> x_wt(const Mat<S>& x, const Mat<S>& w) const;
+  Mat<S> x_wt(const Mat<S>& x, const std::type_identity_t<FrozenMatrix<S>>& w) const;
   // dy [n, out], w [out, in] -> dy·w [n, in].
   template <typename S>
-  Mat<S> dy_w(const Mat<S>& dy, const Mat<S>& w) const;
+  Mat<S> dy_w(const Mat<S>& dy, const std::type_identity_t<FrozenMatrix<S>>& w) const;
 
   // The float products' kernel set: OpenBLAS's core name ("Haswell", "SkylakeX", "Prescott", ...).
   static std::string blas_kernels();
 
  private:
   std::unique_ptr<cpu::ThreadPool> pool_;
+  cpu::Isa isa_;  // NF4 dequantization's kernels: the widest this CPU runs (bit-identical on every one)
 };
 
 }  // namespace moelab::train

@@ -40,7 +40,8 @@ inline uint64_t mix(uint64_t x) {
 }
 
 template <typename S>
-Mat<S> linear_forward(const Products& mm, const Mat<S>& x, const Mat<S>& w, const LoraParam<S>* lora, const Dropout& drop,
+Mat<S> linear_forward(const Products& mm, const Mat<S>& x, const std::type_identity_t<FrozenMatrix<S>>& w,
+                      const LoraParam<S>* lora, const Dropout& drop,
                       LinearCache<S>* cache) {
   Mat<S> y = mm.x_wt(x, w);
   if (!lora) return y;
@@ -70,7 +71,8 @@ Mat<S> linear_forward(const Products& mm, const Mat<S>& x, const Mat<S>& w, cons
 
 // dx = dy W + s ((dy B) A) ⊙ keep;  dB += s dyᵀ u;  dA += s (dy B)ᵀ dropout(x).
 template <typename S>
-Mat<S> linear_backward(const Products& mm, const Mat<S>& dy, const Mat<S>& x, const Mat<S>& w, LoraParam<S>* lora,
+Mat<S> linear_backward(const Products& mm, const Mat<S>& dy, const Mat<S>& x, const std::type_identity_t<FrozenMatrix<S>>& w,
+                       LoraParam<S>* lora,
                        const LinearCache<S>& c) {
   Mat<S> dx = mm.dy_w(dy, w);
   if (!lora) return dx;
