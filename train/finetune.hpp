@@ -68,7 +68,7 @@ struct FinetuneSummary {
   // split), the optimizer (clip_grad_norm_, AdamW, zero_grad), the held-out evaluations inside the loop. The
   // rest of `seconds` is batching, the log and checkpoints.
   double forward_seconds = 0, backward_seconds = 0, optimizer_seconds = 0, eval_seconds = 0;
-  double dequantize_seconds = 0;  // of forward + backward: the NF4 base dequantized, a layer at a time
+  double dequantize_seconds = 0;  // of forward + backward: whole NF4 layers dequantized (0 when streamed)
   // The process's peak resident memory (getrusage ru_maxrss) when the loop began (loading the checkpoint,
   // quantizing it, the data) and when it ended (the larger of that and the training's own peak).
   int64_t peak_rss_before_training_bytes = 0, peak_rss_bytes = 0;

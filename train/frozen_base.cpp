@@ -43,7 +43,7 @@ FrozenBase<S>::FrozenBase(const Checkpoint& ck, const BaseOptions& opt) : cfg_(c
   // Stream NF4 tiles through the products (no FP32 layer at all) when a layer would be large in FP32; a small
   // layer is dequantized once per pass and shared by every sequence of the batch, where the products would
   // dequantize each weight again per sequence (the bundled model trained at 2,803 tokens/s streaming against
-  // 4,014 dequantizing, AVX2, load 0.9).
+  // 3,950 dequantizing, AVX2, load 0.9).
   int64_t layer_values = 0;
   for (const auto& name : cfg_.nf4_weight_names())
     if (name.rfind("model.layers.0.", 0) == 0) {

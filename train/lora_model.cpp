@@ -1,8 +1,9 @@
 #include "train/lora_model.hpp"
 
 // The training forward over whole sequences and its backward, layer by layer (stages in train/stages.hpp).
-// Sequences are processed layer-major (every sequence through layer l, then l+1) so each layer's NF4 weights
-// are dequantized once per pass; the backward walks the layers in reverse and dequantizes them again.
+// Sequences are processed layer-major (every sequence through layer l, then l+1) so a small layer's NF4
+// weights are dequantized once per pass (a Mixtral-sized one is streamed through each product instead); the
+// backward walks the layers in reverse and dequantizes them again.
 
 #include <fmt/format.h>
 

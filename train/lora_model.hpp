@@ -7,16 +7,20 @@
 // The forward is transformers' MixtralForCausalLM in training mode over whole sequences (no KV cache), with
 // peft's unmerged lora.Linear on every targeted weight: y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ, W = dequantize(NF4(W))
 // as bitsandbytes' Linear4bit computes it (QLoRA: the gradient reaches the input through the dequantized W).
-// Layout and ownership (DESIGN: train/ depends on core/, reference/ types and optimized/nf4 only):
+// Layout and ownership (DESIGN: train/ depends on core/, reference/ types, optimized/nf4 and optimized/cpu's
+// NF4 matrices, dequantization kernels and thread pool, plus OpenBLAS):
 //   LoraParams<S>  the trainable factors and their gradients, keyed by checkpoint weight name
 //   LoraModel<S>   the frozen base (NF4 or float) + loss_and_grad()
-// Files: train/lora_params.cpp (targets, init, peft's save format), train/frozen_base.* (the NF4 base,
-// dequantized a layer at a time), train/stages.hpp (each forward stage beside its backward),
+// Files: train/lora_params.cpp (targets, init, peft's save format), train/frozen_base.* (the NF4 base: a
+// small layer dequantized whole once per pass, a Mixtral-sized one streamed through the products a tile at a
+// time), train/products.* (threads and the frozen weights' products), train/stages.hpp (each forward stage
+// beside its backward),
 // train/lora_model.cpp (the pass over layers, cross-entropy, the auxiliary loss, checkpointing).
 // Threads and products: train/products.hpp. One pool per model runs the frozen weights' products (OpenBLAS
-// in float, Eigen in double) in column blocks, the attention heads and the experts (for sequences of 48
-// tokens or more) and the NF4 dequantization; every parallel write has one owner, sums run in a fixed
-// order and the blocks depend on the shapes alone, so the results do not depend on the thread count.
+// in float, Eigen in double) in column blocks or NF4 tiles, the attention heads and the experts (when a
+// loop's work is over 2^26 multiply-adds) and the NF4 dequantization; every parallel write has one owner,
+// sums run in a fixed order and the blocks depend on the shapes alone, so the results do not depend on the
+// thread count.
 //   (train/adamw.*, train/schedule.*, train/data.*, cli/cmd_finetune.cpp build the training loop on these)
 #include <cstdint>
 #include <memory>
@@ -105,7 +109,8 @@ struct LossResult {
   // computed in the same loop) and the auxiliary loss; backward = lm_head's and the final norm's backward and
   // the layers in reverse, each layer's NF4 weights dequantized again (with gradient checkpointing, the
   // recomputed layer forward too, as torch counts it). loss() fills forward_s only. dequantize_s: the part of
-  // both spent dequantizing the frozen NF4 weights to S, a layer at a time (FrozenBase::layer).
+  // both spent dequantizing whole layers of the frozen NF4 weights to S (FrozenBase::layer_weights); 0 where
+  // the layers are streamed (the products' tile dequantization is inside forward_s and backward_s).
   double forward_s = 0, backward_s = 0, dequantize_s = 0;
 };
 
@@ -124,9 +129,13 @@ struct BaseOptions {
 template <typename S>
 class LoraModel {
  public:
-  // threads: the pool's size, including the calling thread (0: the physical cores). One model runs one pass
-  // at a time (it keeps one layer's dequantized weights between calls): call it from one thread.
+  // threads: the pool's size, including the calling thread (0: the physical cores). The checkpoint must
+  // outlive the model (a pre-quantized one's NF4 codes are read where they are mapped). One model runs one
+  // pass at a time (it keeps one layer's dequantized weights between calls): call it from one thread; it
+  // cannot be copied.
   LoraModel(const Checkpoint& ck, BaseOptions base = {}, int threads = 0);
+  LoraModel(const LoraModel&) = delete;
+  LoraModel& operator=(const LoraModel&) = delete;
   const ModelConfig& config() const;
   int threads() const;
 

@@ -112,8 +112,10 @@ Mat<float> nf4_x_wt(const Products& p, cpu::Isa isa, const Mat<float>& x, const 
   const int64_t n = x.rows(), out = m.rows, in = m.cols, tile = nf4_tile_rows(m);
   Mat<float> y(n, out);
   if (n == 0 || out == 0) return y;
+  if (in == 0) return Mat<float>::Zero(n, out);
   const int64_t tiles = (out + tile - 1) / tile;
   const auto run = [&](int64_t t0, int64_t t1) {
+    // This thread's buffer: nothing below calls back into Products, so no nested product can reuse it.
     float* w = tile_buffer(size_t(std::min(tile, out) * in));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile, r1 = std::min(out, r0 + tile);
@@ -131,7 +133,7 @@ Mat<float> nf4_x_wt(const Products& p, cpu::Isa isa, const Mat<float>& x, const 
 Mat<float> nf4_dy_w(const Products& p, cpu::Isa isa, const Mat<float>& dy, const cpu::Nf4Matrix& m) {
   const int64_t n = dy.rows(), out = m.rows, in = m.cols, tile = nf4_tile_rows(m);
   Mat<float> dx = Mat<float>::Zero(n, in);
-  if (n == 0 || out == 0) return dx;
+  if (n == 0 || out == 0 || in == 0) return dx;
   const bool parallel = n * out * in >= Products::kMinParallelMacs;
   const std::unique_ptr<float[]> tile_values(new float[size_t(std::min(tile, out) * in)]);  // no need to clear
   float* const w = tile_values.get();

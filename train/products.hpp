@@ -13,9 +13,10 @@
 // oracle the tests check the float path against) they run on Eigen.
 //
 // Determinism: a product of at least kMinParallelMacs multiply-adds is cut into blocks of kColumnBlock
-// output columns, one work item each; a smaller one is one call (with an NF4 weight: always the blocks, and
-// dy·W's sum over W's rows in tiles of kColumnBlock rows, in order). All of it depends on the shapes alone,
-// so the result is the same bits on any number of threads and under any scheduling.
+// output columns, one work item each; a smaller one is one call. With an NF4 weight, x·Wᵀ is cut into tiles
+// of W's rows (~4 MiB of FP32 each, the work items) and dy·W sums over the same tiles in order, each tile's
+// product cut into column blocks. All of it depends on the shapes alone, so the result is the same bits on
+// any number of threads and under any scheduling.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -56,6 +57,7 @@ struct FrozenMatrix {
   const cpu::Nf4Matrix* nf4 = nullptr;
   FrozenMatrix() = default;
   FrozenMatrix(const Mat<S>& m) : dense(&m) {}  // NOLINT: a dense matrix passes as it is
+  FrozenMatrix(Mat<S>&&) = delete;              // would point at a temporary
   explicit FrozenMatrix(const cpu::Nf4Matrix& m) : nf4(&m) {}
   int64_t rows() const;
   int64_t cols() const;

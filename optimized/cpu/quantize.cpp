@@ -1,6 +1,7 @@
 #include "optimized/cpu/quantize.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <filesystem>
 #include <set>
@@ -42,6 +43,10 @@ Nf4Matrix map_prequantized(const Checkpoint& ck, const std::string& name, int64_
   if (q.numel() != rows * cols)
     throw Error(fmt::format("{}: NF4 weight '{}' holds {} values, config.json implies [{}, {}]", ck.file_of(name).path(),
                             name, q.numel(), rows, cols));
+  // The same count in another shape ([in, out]) would be read as the wrong matrix without a word.
+  if (q.shape != std::vector<int64_t>{rows, cols})
+    throw Error(fmt::format("{}: NF4 weight '{}' has quant_state shape [{}], config.json implies [{}, {}]",
+                            ck.file_of(name).path(), name, fmt::join(q.shape, ", "), rows, cols));
   Nf4Matrix m;
   m.rows = rows;
   m.cols = cols;
