@@ -13,12 +13,15 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
 #include "fixture_util.hpp"
+#include "process_util.hpp"
 #include "isa_test_util.hpp"
 #include "optimized/cpu/engine.hpp"
 #include "optimized/nf4/nf4.hpp"
@@ -105,6 +108,42 @@ TEST_P(BnbCheckpointIsa, LogitsMatchTransformers) {
   const double err = rel_l2(got, want);
   RecordProperty("rel_l2_" + isa, fmt::format("{:.3e}", err));
   EXPECT_LT(err, 1e-5);
+}
+
+// A quant_state whose shape is the weight's transposed ([in, out]: the same element count) names the file,
+// the weight and both shapes, on every loader that maps pre-quantized codes (cpu-nf4; the trainer and
+// cuda-nf4 go through the same cpu::map_prequantized), instead of reading the codes as the wrong matrix.
+TEST(BnbCheckpoint, TransposedQuantStateShapeIsAnError) {
+  TempDir dir("moelab-bnb-shape");
+  const std::filesystem::path copy = dir.path() / "model";
+  std::filesystem::copy(model_dir(kModel), copy, std::filesystem::copy_options::recursive);
+  const std::string file = (copy / "model.safetensors").string();
+  std::string bytes = read_file_bytes(file);
+  // The same-length edit inside the one weight's quant_state (its JSON is a U8 tensor in the file).
+  const std::string key = "\"shape\": [64, 128]";
+  const std::string weight = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+  const auto ck0 = Checkpoint::open(copy.string());
+  const auto state = ck0->file_of(weight).bytes(weight + ".quant_state.bitsandbytes__nf4");
+  const std::string json(reinterpret_cast<const char*>(state.data()), state.size());
+  const size_t in_state = json.find(key);
+  ASSERT_NE(in_state, std::string::npos) << json;
+  const size_t at = bytes.find(json);
+  ASSERT_NE(at, std::string::npos);
+  bytes.replace(at + in_state, key.size(), "\"shape\": [128, 64]");
+  {
+    std::ofstream out(file, std::ios::binary | std::ios::trunc);
+    out << bytes;
+  }
+  const auto ck = Checkpoint::open(copy.string());
+  try {
+    cpu::Nf4Engine engine(*ck, cpu::EngineOptions{.isa = "scalar", .activations = "fp32"});
+    FAIL() << "a transposed quant_state loaded";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(weight), std::string::npos) << msg;
+    EXPECT_NE(msg.find("quant_state shape [128, 64], config.json implies [64, 128]"), std::string::npos) << msg;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllIsas, BnbCheckpointIsa, ::testing::ValuesIn(cpu::kAllIsas),
