@@ -12,7 +12,7 @@ per batch, each sequence on its own (no padding), the loss the mean over the bat
   mixtral-shaped   the Mixtral-8x7B shapes with --layers layers, random float32 weights (the values do not
                    change the work), batches of 2 sequences of 64 random tokens (2 steps)
 
-Prints tokens/s per step and overall, torch's threads and the CPU's ISA. Heavy: needs torch, transformers and
+Prints tokens/s per step and overall, the peak resident memory, torch's threads and the CPU's ISA. Heavy: needs torch, transformers and
 peft (.bench-cache/venv, or scripts/setup.sh --dev); the Mixtral shape holds ~6.3 GB of float32 a layer.
 Measure only at a 1-minute load average below 1.5 (the script refuses otherwise unless --force).
 
@@ -25,6 +25,7 @@ import argparse
 import gzip
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -114,7 +115,8 @@ def main() -> int:
         print(f"step {i + 1}/{steps}: {tokens} tokens in {dt:.2f} s ({tokens / dt:.1f} tokens/s)", file=sys.stderr)
     print(f"transformers {__import__('transformers').__version__} + peft {__import__('peft').__version__}, torch "
           f"{torch.__version__}, {a.workload}, {steps} steps, {total_tokens} tokens in {total_s:.2f} s: "
-          f"{total_tokens / total_s:.1f} tokens/s; threads {torch.get_num_threads()}, CPU {cpu_isa()}, "
+          f"{total_tokens / total_s:.1f} tokens/s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; "
+          f"threads {torch.get_num_threads()}, CPU {cpu_isa()}, "
           f"load before {load}{' NOT VALID' if load >= 1.5 else ''}")
     return 0
 
