@@ -111,7 +111,7 @@ TEST(TrainProducts, SameBitsOnAnyThreadCount) {
 
 // NF4 weights, dequantized a tile at a time inside the products: the same bound against float64 on the
 // dequantized values (bitsandbytes' float(code x absmax), from the scalar kernel), with several tiles and a
-// partial last one (tiles of max(8, 2^20 / in) rows), a width the SIMD kernels cannot take (1000 % 32 != 0:
+// partial last one (tiles of max(8, 2^18 / in) rows), a width the SIMD kernels cannot take (1000 % 32 != 0:
 // the scalar fallback), one and three threads giving the same bits.
 TEST(TrainProducts, Nf4WeightsWithinTheDotProductBoundOfTheirValues) {
   struct Nf4Shape {

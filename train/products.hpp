@@ -14,7 +14,7 @@
 //
 // Determinism: a product of at least kMinParallelMacs multiply-adds is cut into blocks of kColumnBlock
 // output columns, one work item each; a smaller one is one call. With an NF4 weight, x·Wᵀ is cut into tiles
-// of W's rows (~4 MiB of FP32 each, the work items) and dy·W sums over the same tiles in order, each tile's
+// of W's rows (~1 MiB of FP32 each, the work items) and dy·W sums over the same tiles in order, each tile's
 // product cut into column blocks. All of it depends on the shapes alone, so the result is the same bits on
 // any number of threads and under any scheduling.
 #include <cstdint>
