@@ -12,6 +12,7 @@
 #include <map>
 
 #include "core/error.hpp"
+#include "optimized/cpu/thread_pool.hpp"
 #include "train/frozen_base.hpp"
 #include "train/stages.hpp"
 
@@ -345,7 +346,7 @@ struct LoraModel<S>::Impl {
     using Clock = std::chrono::steady_clock;
     const auto secs = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
     const auto t_start = Clock::now();
-    const OneEigenThread one_eigen_thread;  // this thread's Eigen products stay on it; the pool does the rest
+    const cpu::OneOpenMpThread one_openmp_thread;  // this thread's Eigen products stay on it; the pool does the rest
     double head_backward_s = 0;  // lm_head's and the final norm's backward, inside the cross-entropy loop
     check_batch(batch);
     if (!(dropout >= 0 && dropout < 1)) throw Error(fmt::format("LoRA dropout {} is outside [0, 1)", dropout));

@@ -2,7 +2,6 @@
 
 #include <cblas.h>
 #include <fmt/format.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <memory>
@@ -61,9 +60,6 @@ void check_inner(const char* what, int64_t a, int64_t b) {
 
 }  // namespace
 
-OneEigenThread::OneEigenThread() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
-OneEigenThread::~OneEigenThread() { omp_set_num_threads(saved_); }
-
 Products::Products(int threads)
     : pool_(std::make_unique<cpu::ThreadPool>(threads > 0 ? threads : cpu::physical_cores())), isa_(cpu::best_isa()) {
   single_threaded_blas();
@@ -75,7 +71,7 @@ int Products::threads() const { return pool_->threads(); }
 
 void Products::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) const {
   pool_->parallel_for(n, grain, [&](int64_t begin, int64_t end) {
-    const OneEigenThread one;
+    const cpu::OneOpenMpThread one;  // Eigen's products stay on this pool thread
     body(begin, end);
   });
 }

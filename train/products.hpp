@@ -33,21 +33,6 @@ enum class Isa;
 
 namespace moelab::train {
 
-// Eigen threads a large product with OpenMP (this library is compiled with it, through moelab_cpu) unless
-// the calling thread's OpenMP thread count is 1: for the scope of one of these it is, on this thread.
-// LoraModel's passes hold one on the calling thread and Products::parallel_for on every pool thread, so
-// the only threads are the pool's.
-class OneEigenThread {
- public:
-  OneEigenThread();
-  ~OneEigenThread();
-  OneEigenThread(const OneEigenThread&) = delete;
-  OneEigenThread& operator=(const OneEigenThread&) = delete;
-
- private:
-  int saved_;
-};
-
 // A frozen weight [out, in] as the products read it: dense values, or (S = float) NF4 codes that each product
 // dequantizes a tile of rows at a time into a buffer of its own (cpu-nf4's SIMD kernels: float(code x
 // absmax), the values bitsandbytes' dequantize_4bit gives), so no whole matrix is ever held in FP32.

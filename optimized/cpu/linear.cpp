@@ -70,14 +70,6 @@ std::vector<MatrixRF> int8_linear_many(const LinearContext& ctx, std::span<const
   return ys;
 }
 
-// Eigen's GEMM opens an OpenMP team of its own unless it is already inside one; inside a pool chunk it
-// must stay on the calling thread.
-struct OneOpenMpThread {
-  int saved = omp_get_max_threads();
-  OneOpenMpThread() { omp_set_num_threads(1); }
-  ~OneOpenMpThread() { omp_set_num_threads(saved); }
-};
-
 MatrixRF fp32_mode_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF& x) {
   const int64_t n = x.rows();
   const bool parallel = n * w.rows * w.cols >= kMinParallelMacs;

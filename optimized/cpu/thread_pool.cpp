@@ -1,5 +1,6 @@
 #include "optimized/cpu/thread_pool.hpp"
 
+#include <omp.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -31,6 +32,9 @@ inline void cpu_relax() {
 }
 
 }  // namespace
+
+OneOpenMpThread::OneOpenMpThread() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
+OneOpenMpThread::~OneOpenMpThread() { omp_set_num_threads(saved_); }
 
 ThreadPool::ThreadPool(int threads) {
   for (int i = 1; i < std::max(1, threads); ++i) workers_.emplace_back([this] { worker_loop(); });

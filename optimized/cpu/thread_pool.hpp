@@ -49,6 +49,21 @@ class ThreadPool {
   std::atomic<bool> failed_{false};
 };
 
+// Eigen's GEMM opens an OpenMP team of its own unless the calling thread is inside one or its OpenMP thread
+// count is 1; for the scope of one of these it is 1 on this thread, so a product run inside a pool chunk (or
+// by a caller that does its threading on a pool) stays on its thread. cpu-nf4's prefill tiles and the
+// trainer's passes (train/products.hpp) hold one.
+class OneOpenMpThread {
+ public:
+  OneOpenMpThread();
+  ~OneOpenMpThread();
+  OneOpenMpThread(const OneOpenMpThread&) = delete;
+  OneOpenMpThread& operator=(const OneOpenMpThread&) = delete;
+
+ private:
+  int saved_;
+};
+
 // The number of physical cores this process may run on (distinct core ids among the CPUs in its
 // affinity mask; hyperthread siblings count once). The default thread count.
 int physical_cores();
