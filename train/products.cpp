@@ -11,6 +11,7 @@
 #include "optimized/cpu/kernels.hpp"
 #include "optimized/cpu/nf4_matrix.hpp"
 #include "optimized/cpu/thread_pool.hpp"
+#include "train/blas_kernels.hpp"
 
 namespace moelab::train {
 
@@ -62,6 +63,9 @@ void check_inner(const char* what, int64_t a, int64_t b) {
 
 Products::Products(int threads)
     : pool_(std::make_unique<cpu::ThreadPool>(threads > 0 ? threads : cpu::physical_cores())), isa_(cpu::best_isa()) {
+  // Before any BLAS call: a kernel set forced with OPENBLAS_CORETYPE that this CPU cannot run would end the
+  // process on an illegal instruction at the first sgemm; this throws a moelab::Error saying so instead.
+  require_runnable_blas_kernels();
   single_threaded_blas();
 }
 

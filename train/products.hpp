@@ -53,7 +53,9 @@ class Products {
   static constexpr int64_t kColumnBlock = 128;
   static constexpr int64_t kMinParallelMacs = int64_t(1) << 22;
 
-  explicit Products(int threads = 0);  // threads including the caller; 0: the physical cores
+  // threads including the caller; 0: the physical cores. Throws moelab::Error when OpenBLAS's kernel set
+  // (forced with OPENBLAS_CORETYPE) uses instructions this CPU lacks (blas_kernels.hpp).
+  explicit Products(int threads = 0);
   ~Products();
   Products(const Products&) = delete;
   Products& operator=(const Products&) = delete;
