@@ -566,7 +566,7 @@ def write_readme(info: dict, nf4_map_note: str) -> None:
         "`scripts/make_train_fixtures.py --check-moelab-adapter`: peft loads it (`PeftModel.from_pretrained` on the",
         "same NF4 base) and records transformers' held-out logits in `<case>/moelab_expected.safetensors`, which the",
         "test compares with moelab's reference engine. The test also checks that a fresh run trains the committed",
-        "factors (within 10x `train.factor_spread`).",
+        "factors (within twice 10x the largest `train.factor_spread` of the cases).",
         "",
     ]
     (OUT / "README.md").write_text("\n".join(lines))

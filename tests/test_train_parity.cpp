@@ -69,6 +69,22 @@ double rel_max(const A& a, const B& b) {
 }
 double f32_tol(double torch_spread) { return std::max(kF32Factor * torch_spread, kF32Floor); }
 
+constexpr const char* kCases[] = {"mixtral-4e-gqa-f32", "mixtral-top1-swa", "mistral-dense"};
+
+// The yardstick of the trained factors: the largest of torch's float32-vs-float64 factor distances over the
+// cases, not the case's own. After 10 AdamW steps a factor element whose gradient is near zero moves by an
+// lr-sized step whose sign rounding can flip (m / sqrt(v) is O(1) whatever |g| is), so the distance is
+// set by a few such elements and one run's value is a sample, not a scale: torch's own runs give 2.8e-5,
+// 2.0e-6 and 3.3e-6 on the three cases with the same recipe (lr, steps, schedule), and moelab's FP32 on
+// four OpenBLAS kernel sets gave 2.6e-6 .. 2.9e-5 on the 2.0e-6 case (measured). The losses and gradient
+// norms, which such elements do not move, keep their per-case 10x.
+double factor_spread_all_cases() {
+  double worst = 0;
+  for (const char* c : kCases)
+    worst = std::max(worst, scalar(SafetensorsFile(train_dir(c) + "/expected.safetensors"), "train.factor_spread"));
+  return worst;
+}
+
 std::string peft_key(const std::string& weight_name, const char* factor) {
   return "base_model.model." + weight_name.substr(0, weight_name.size() - std::string(".weight").size()) + "." +
          factor + ".weight";
@@ -272,9 +288,9 @@ TEST_P(TrainParity, TenAdamWStepsEqualTorch) {
   // Training moved the loss by far more than the tolerance: the check sees every step.
   EXPECT_GT(rel(loss64.front(), loss64.back()), 1000 * f32_tol(loss_spread));
 
-  // The trained factors against peft's (float32 both), at 10x torch's own float32-vs-float64 distance of the
-  // trained factors (train.factor_spread: 2.8e-5 and 2.0e-6; larger than the losses' because AdamW's update
-  // m / sqrt(v) turns a gradient element's relative rounding into an lr-sized step difference).
+  // The trained factors against peft's (float32 both), at 10x torch's largest float32-vs-float64 distance of
+  // the trained factors over the cases (factor_spread_all_cases: larger than the losses' because AdamW's
+  // update m / sqrt(v) turns a gradient element's relative rounding into an lr-sized step difference).
   const auto trained = c.adapter("trained_adapter");
   double worst_factor = 0;
   for (const auto& p : params.params()) {
@@ -282,7 +298,7 @@ TEST_P(TrainParity, TenAdamWStepsEqualTorch) {
     ASSERT_NE(f, nullptr) << p.weight_name;
     worst_factor = std::max({worst_factor, rel_max(p.a, f->a), rel_max(p.b, f->b)});
   }
-  EXPECT_LT(worst_factor, f32_tol(scalar(*c.expected, "train.factor_spread")));
+  EXPECT_LT(worst_factor, f32_tol(factor_spread_all_cases()));
   std::printf("[%s] 10 steps: losses worst %.2e (tol %.2e), grad norms worst %.2e (tol %.2e), factors %.2e\n",
               c.name.c_str(), worst_loss, f32_tol(loss_spread), worst_norm, f32_tol(norm_spread), worst_factor);
 }
@@ -348,10 +364,10 @@ TEST_P(TrainParity, MoelabTrainedAdapterGivesPeftLogits) {
   const auto saved = LoraAdapter::load(out.file("adapter"), c.ck->config());
   const auto committed = c.adapter("moelab_adapter");
   ASSERT_EQ(saved->modules().size(), committed->modules().size());
-  // Both runs are float32 trainings that TenAdamWStepsEqualTorch holds within f32_tol(factor_spread) of
+  // Both runs are float32 trainings that TenAdamWStepsEqualTorch holds within f32_tol(factor_spread_all_cases()) of
   // peft's factors; the committed one came from another build (its products on Eigen; OpenBLAS picks its
   // kernels per CPU), so the two may differ by twice that (triangle inequality), and no more.
-  const double tol = 2 * f32_tol(scalar(*c.expected, "train.factor_spread"));
+  const double tol = 2 * f32_tol(factor_spread_all_cases());
   for (const auto& [name, f] : committed->modules()) {
     SCOPED_TRACE(name);
     const auto* g = saved->find(name);
@@ -370,7 +386,7 @@ TEST_P(TrainParity, MoelabTrainedAdapterGivesPeftLogits) {
 
 // Top-2 + GQA + router aux loss; top-1 + sliding window + rsLoRA; the dense MLP.
 INSTANTIATE_TEST_SUITE_P(Fixtures, TrainParity,
-                         ::testing::Values("mixtral-4e-gqa-f32", "mixtral-top1-swa", "mistral-dense"),
+                         ::testing::Values(std::string(kCases[0]), std::string(kCases[1]), std::string(kCases[2])),
                          [](const auto& info) {
                            std::string n = info.param;
                            std::replace(n.begin(), n.end(), '-', '_');
