@@ -520,6 +520,31 @@ TEST(TrainGrad, DropoutMaskIsNnDropout) {
   EXPECT_TRUE(c1.xd == x.cwiseProduct(c1.keep));
 }
 
+// A batch's sequences are stacked into one matrix (train/lora_model.cpp); each one's rows take their mask
+// from its own stream, counted from its first row: the same mask as the sequence alone, so stacking does
+// not change what training computes. Ranges that miss a row are an error, not an unmasked row.
+TEST(TrainGrad, DropoutRangesGiveEachSequenceItsOwnMask) {
+  const double p = 0.25;
+  const Mat64 x = Mat64::Ones(10, 32), w = Mat64::Zero(4, 32);
+  train::LoraParam<double> lora;
+  lora.a = Mat64::Ones(2, 32);
+  lora.b = Mat64::Ones(4, 2);
+  lora.scale = 1;
+  const train::Products mm(1);
+  train::stage::LinearCache<double> stacked, first, second;
+  train::stage::Dropout d;
+  d.p = p;
+  d.ranges = {{0, 6, 7}, {6, 4, 8}};
+  train::stage::linear_forward<double>(mm, x, w, &lora, d, &stacked);
+  train::stage::linear_forward<double>(mm, Mat64(x.topRows(6)), w, &lora, {p, 7}, &first);
+  train::stage::linear_forward<double>(mm, Mat64(x.bottomRows(4)), w, &lora, {p, 8}, &second);
+  EXPECT_TRUE(stacked.keep.topRows(6) == first.keep);
+  EXPECT_TRUE(stacked.keep.bottomRows(4) == second.keep);
+  EXPECT_FALSE(stacked.keep.topRows(4) == second.keep);  // another stream, another mask
+  d.ranges = {{0, 6, 7}};
+  EXPECT_THROW(train::stage::linear_forward<double>(mm, x, w, &lora, d, &stacked), std::logic_error);
+}
+
 // A pre-quantized checkpoint (transformers + bitsandbytes' own 4-bit file) is read with its NF4 codes:
 // a fresh adapter's loss equals the cross-entropy of the logits transformers computed with that model
 // (tests/fixtures/models/mixtral-4e-bnb-nf4/expected.safetensors, FP32). Tolerance: cpu-nf4 reading the

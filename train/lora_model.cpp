@@ -1,9 +1,13 @@
 #include "train/lora_model.hpp"
 
 // The training forward over whole sequences and its backward, layer by layer (stages in train/stages.hpp).
-// Sequences are processed layer-major (every sequence through layer l, then l+1) so a small layer's NF4
-// weights are dequantized once per pass (a Mixtral-sized one is streamed through each product instead); the
-// backward walks the layers in reverse and dequantizes them again.
+// The batch's sequences are stacked into one matrix of rows (Rows below) and go through each layer together:
+// every product with a frozen weight (the projections, the router, each expert over its tokens from all the
+// sequences) is one product per batch. A small layer's NF4 weights are dequantized once per pass; a
+// Mixtral-sized one is streamed through each product a tile at a time, so stacking is what makes that
+// once per batch instead of once per sequence (and the GEMMs taller). Only attention, RoPE positions, the
+// dropout masks and the cross-entropy see the sequences apart. The backward walks the layers in reverse and
+// dequantizes them again.
 
 #include <fmt/format.h>
 
@@ -34,9 +38,29 @@ struct LayerAdapters {
   std::vector<Adapted<S>> w1, w3, w2;  // per expert
 };
 
+// The batch's sequences stacked: sequence s is rows [begin[s], begin[s] + len[s]).
+struct Rows {
+  std::vector<int64_t> begin, len;
+  std::vector<int> pos;  // per row: its position in its sequence (RoPE)
+  std::vector<int> seq;  // per row: its sequence (dropout streams)
+  int64_t total = 0;
+  explicit Rows(std::span<const TrainSequence> batch) {
+    for (size_t s = 0; s < batch.size(); ++s) {
+      begin.push_back(total);
+      len.push_back(int64_t(batch[s].tokens.size()));
+      for (size_t t = 0; t < batch[s].tokens.size(); ++t) {
+        pos.push_back(int(t));
+        seq.push_back(int(s));
+      }
+      total += int64_t(batch[s].tokens.size());
+    }
+  }
+  size_t count() const { return begin.size(); }
+};
+
 template <typename S>
 struct ExpertCache {
-  std::vector<int> rows, slot;  // routed tokens (ascending) and the top-k rank that chose this expert
+  std::vector<int> rows, slot;  // routed rows of the stacked batch (ascending) and the top-k rank that chose this expert
   std::vector<S> gate;
   Mat<S> x, a, b, m, y;  // input rows, w1 x, w3 x, silu(a) ⊙ b, output (before the gate)
   stage::LinearCache<S> c1, c3, c2;
@@ -48,7 +72,7 @@ template <typename S>
 struct LayerCache {
   Mat<S> h_in, xn1, q, k, v, attn, h_mid, xn2;  // q, k after RoPE; attn before o_proj
   std::vector<S> inv1, inv2;                    // RMSNorm 1/rms per token
-  std::vector<Mat<S>> p;                        // attention probabilities per head [n, n]
+  std::vector<Mat<S>> p;                        // attention probabilities per (sequence, head) [n, n]
   stage::LinearCache<S> cq, ck, cv, co, cr;
   Mat<S> probs;        // router softmax [n, experts]
   MatrixRI experts;    // [n, top_k], highest probability first
@@ -104,39 +128,71 @@ struct LoraModel<S>::Impl {
     uint64_t seed = 0;
   };
 
-  stage::Dropout dropout_of(const Adapted<S>& a, const Call& call, size_t seq) const {
-    if (!a.p || call.dropout <= 0) return {};
-    return {call.dropout, stage::mix(stage::mix(call.seed) ^ (a.id << 24) ^ uint64_t(seq))};
+  // The mask stream of weight `a` for sequence `seq`: the same whether the sequence is alone or stacked.
+  static uint64_t stream_of(const Adapted<S>& a, const Call& call, int seq) {
+    return stage::mix(stage::mix(call.seed) ^ (a.id << 24) ^ uint64_t(seq));
   }
 
-  // ---- one layer of one sequence ----
+  // Dropout over the stacked batch: each sequence's rows from its own stream.
+  stage::Dropout dropout_of(const Adapted<S>& a, const Call& call, const Rows& rows) const {
+    stage::Dropout d;
+    if (!a.p || call.dropout <= 0) return d;
+    d.p = call.dropout;
+    for (size_t s = 0; s < rows.count(); ++s) d.ranges.push_back({rows.begin[s], rows.len[s], stream_of(a, call, int(s))});
+    return d;
+  }
 
-  Mat<S> layer_forward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, const Mat<S>& h_in,
-                       LayerCache<S>& c) const {
+  // Dropout over an expert's gathered rows (ascending, so each sequence's are consecutive).
+  stage::Dropout dropout_of(const Adapted<S>& a, const Call& call, const Rows& rows, const std::vector<int>& picked) const {
+    stage::Dropout d;
+    if (!a.p || call.dropout <= 0) return d;
+    d.p = call.dropout;
+    for (size_t i = 0; i < picked.size(); ++i) {
+      const int seq = rows.seq[size_t(picked[i])];
+      if (i == 0 || rows.seq[size_t(picked[i - 1])] != seq) d.ranges.push_back({int64_t(i), 0, stream_of(a, call, seq)});
+      ++d.ranges.back().rows;
+    }
+    return d;
+  }
+
+  // The attention's multiply-adds over the batch's sequences.
+  double attention_macs(const Rows& rows) const {
+    double macs = 0;
+    for (const int64_t n : rows.len) macs += attention_macs(int(n));
+    return macs;
+  }
+
+  // ---- one layer of the stacked batch ----
+
+  Mat<S> layer_forward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, const Rows& rows,
+                       const Mat<S>& h_in, LayerCache<S>& c) const {
     using namespace stage;
-    const int n = int(h_in.rows()), hd = cfg.head_dim, heads = cfg.num_heads, group = cfg.num_heads / cfg.num_kv_heads;
+    const int hd = cfg.head_dim, heads = cfg.num_heads, group = cfg.num_heads / cfg.num_kv_heads;
     c.h_in = h_in;
     c.xn1 = rms_norm(h_in, w.attn_norm, cfg.rms_norm_eps, &c.inv1);
-    c.q = linear_forward(mm, c.xn1, w.wq, ad.q.p, dropout_of(ad.q, call, seq), &c.cq);
-    c.k = linear_forward(mm, c.xn1, w.wk, ad.k.p, dropout_of(ad.k, call, seq), &c.ck);
-    c.v = linear_forward(mm, c.xn1, w.wv, ad.v.p, dropout_of(ad.v, call, seq), &c.cv);
-    rope.apply(c.q, heads, +1);
-    rope.apply(c.k, cfg.num_kv_heads, +1);
-    c.attn.resize(n, heads * hd);
-    c.p.assign(size_t(heads), Mat<S>());
-    for_each(attention_macs(n), heads, [&](int h) {
-      const int kvh = h / group;
-      c.attn.middleCols(h * hd, hd) = attention_head<S>(c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
-                                                        c.v.middleCols(kvh * hd, hd), cfg.sliding_window, c.p[size_t(h)]);
+    c.q = linear_forward(mm, c.xn1, w.wq, ad.q.p, dropout_of(ad.q, call, rows), &c.cq);
+    c.k = linear_forward(mm, c.xn1, w.wk, ad.k.p, dropout_of(ad.k, call, rows), &c.ck);
+    c.v = linear_forward(mm, c.xn1, w.wv, ad.v.p, dropout_of(ad.v, call, rows), &c.cv);
+    rope.apply(c.q, heads, +1, rows.pos);
+    rope.apply(c.k, cfg.num_kv_heads, +1, rows.pos);
+    c.attn.resize(rows.total, heads * hd);
+    c.p.assign(rows.count() * size_t(heads), Mat<S>());
+    // One item per (sequence, head): each sequence attends only to its own rows.
+    for_each(attention_macs(rows), int(rows.count()) * heads, [&](int item) {
+      const int s = item / heads, h = item % heads, kvh = h / group;
+      const int64_t r0 = rows.begin[size_t(s)], n = rows.len[size_t(s)];
+      c.attn.block(r0, h * hd, n, hd) =
+          attention_head<S>(c.q.block(r0, h * hd, n, hd), c.k.block(r0, kvh * hd, n, hd), c.v.block(r0, kvh * hd, n, hd),
+                            cfg.sliding_window, c.p[size_t(item)]);
     });
-    c.h_mid = h_in + linear_forward(mm, c.attn, w.wo, ad.o.p, dropout_of(ad.o, call, seq), &c.co);
+    c.h_mid = h_in + linear_forward(mm, c.attn, w.wo, ad.o.p, dropout_of(ad.o, call, rows), &c.co);
     c.xn2 = rms_norm(c.h_mid, w.ffn_norm, cfg.rms_norm_eps, &c.inv2);
-    route(w, ad, call, seq, c);
-    return c.h_mid + moe_forward(w, ad, call, seq, c);
+    route(w, ad, call, rows, c);
+    return c.h_mid + moe_forward(w, ad, call, rows, c);
   }
 
   // Router: softmax over all experts, top-k (ties to the lower id), renormalized over the k chosen.
-  void route(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, LayerCache<S>& c) const {
+  void route(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, const Rows& rows, LayerCache<S>& c) const {
     const int n = int(c.xn2.rows()), k = cfg.top_k, E = cfg.num_experts;
     c.experts.resize(n, k);
     c.gates.resize(n, k);
@@ -145,7 +201,7 @@ struct LoraModel<S>::Impl {
       c.gates.setOnes();
       return;
     }
-    const Mat<S> logits = stage::linear_forward(mm, c.xn2, w.router, ad.router.p, dropout_of(ad.router, call, seq), &c.cr);
+    const Mat<S> logits = stage::linear_forward(mm, c.xn2, w.router, ad.router.p, dropout_of(ad.router, call, rows), &c.cr);
     c.probs.resize(n, E);
     std::vector<int> order(static_cast<size_t>(E));
     for (int t = 0; t < n; ++t) {
@@ -163,8 +219,9 @@ struct LoraModel<S>::Impl {
     }
   }
 
-  // Each expert once over its tokens; outputs added with their gates in ascending expert order.
-  Mat<S> moe_forward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, size_t seq, LayerCache<S>& c) const {
+  // Each expert once over its tokens (of every sequence); outputs added with their gates in ascending expert order.
+  Mat<S> moe_forward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Call& call, const Rows& rows,
+                     LayerCache<S>& c) const {
     using namespace stage;
     const int n = int(c.xn2.rows()), E = cfg.num_experts;
     c.moe.assign(size_t(E), ExpertCache<S>());
@@ -181,10 +238,10 @@ struct LoraModel<S>::Impl {
       x.x.resize(Eigen::Index(x.rows.size()), c.xn2.cols());
       for (size_t i = 0; i < x.rows.size(); ++i) x.x.row(Eigen::Index(i)) = c.xn2.row(x.rows[i]);
       const auto& a1 = ad.w1[size_t(e)], &a3 = ad.w3[size_t(e)], &a2 = ad.w2[size_t(e)];
-      x.a = linear_forward(mm, x.x, w.w1[size_t(e)], a1.p, dropout_of(a1, call, seq), &x.c1);
-      x.b = linear_forward(mm, x.x, w.w3[size_t(e)], a3.p, dropout_of(a3, call, seq), &x.c3);
+      x.a = linear_forward(mm, x.x, w.w1[size_t(e)], a1.p, dropout_of(a1, call, rows, x.rows), &x.c1);
+      x.b = linear_forward(mm, x.x, w.w3[size_t(e)], a3.p, dropout_of(a3, call, rows, x.rows), &x.c3);
       x.m = x.a.unaryExpr([](S v) { return silu(v); }).cwiseProduct(x.b);
-      x.y = linear_forward(mm, x.m, w.w2[size_t(e)], a2.p, dropout_of(a2, call, seq), &x.c2);
+      x.y = linear_forward(mm, x.m, w.w2[size_t(e)], a2.p, dropout_of(a2, call, rows, x.rows), &x.c2);
     });
     Mat<S> out = Mat<S>::Zero(n, c.xn2.cols());
     for (const auto& x : c.moe)
@@ -194,8 +251,8 @@ struct LoraModel<S>::Impl {
 
   // dL/dh_in from dL/dh_out; `aux_dprob` (per expert, empty when off) is d(coef · aux)/d(router probability),
   // the same for every token.
-  Mat<S> layer_backward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const LayerCache<S>& c, const Mat<S>& dh_out,
-                        const std::vector<double>& aux_dprob) const {
+  Mat<S> layer_backward(const LayerWeights<S>& w, const LayerAdapters<S>& ad, const Rows& rows, const LayerCache<S>& c,
+                        const Mat<S>& dh_out, const std::vector<double>& aux_dprob) const {
     using namespace stage;
     const int n = int(dh_out.rows()), hd = cfg.head_dim, heads = cfg.num_heads, group = cfg.num_heads / cfg.num_kv_heads;
     const int E = cfg.num_experts, k = cfg.top_k;
@@ -250,21 +307,26 @@ struct LoraModel<S>::Impl {
     // Attention.
     const Mat<S> dattn = linear_backward(mm, dh_mid, c.attn, w.wo, ad.o.grad, c.co);
     Mat<S> dq(n, heads * hd);
-    std::vector<Mat<S>> dk_head(static_cast<size_t>(heads)), dv_head(static_cast<size_t>(heads));
-    for_each(2 * attention_macs(n), heads, [&](int h) {
-      const int kvh = h / group;
+    const int items = int(rows.count()) * heads;  // (sequence, head) as in the forward
+    std::vector<Mat<S>> dk_head(static_cast<size_t>(items)), dv_head(static_cast<size_t>(items));
+    for_each(2 * attention_macs(rows), items, [&](int item) {
+      const int s = item / heads, h = item % heads, kvh = h / group;
+      const int64_t r0 = rows.begin[size_t(s)], len = rows.len[size_t(s)];
       Mat<S> dqh;
-      attention_head_backward<S>(dattn.middleCols(h * hd, hd), c.q.middleCols(h * hd, hd), c.k.middleCols(kvh * hd, hd),
-                                 c.v.middleCols(kvh * hd, hd), c.p[size_t(h)], dqh, dk_head[size_t(h)], dv_head[size_t(h)]);
-      dq.middleCols(h * hd, hd) = dqh;
+      attention_head_backward<S>(dattn.block(r0, h * hd, len, hd), c.q.block(r0, h * hd, len, hd),
+                                 c.k.block(r0, kvh * hd, len, hd), c.v.block(r0, kvh * hd, len, hd), c.p[size_t(item)], dqh,
+                                 dk_head[size_t(item)], dv_head[size_t(item)]);
+      dq.block(r0, h * hd, len, hd) = dqh;
     });
     Mat<S> dk = Mat<S>::Zero(n, cfg.num_kv_heads * hd), dv = Mat<S>::Zero(n, cfg.num_kv_heads * hd);
-    for (int h = 0; h < heads; ++h) {  // the query heads sharing a KV head add up, in head order
-      dk.middleCols((h / group) * hd, hd) += dk_head[size_t(h)];
-      dv.middleCols((h / group) * hd, hd) += dv_head[size_t(h)];
+    for (int item = 0; item < items; ++item) {  // the query heads sharing a KV head add up, in head order
+      const int s = item / heads, h = item % heads;
+      const int64_t r0 = rows.begin[size_t(s)], len = rows.len[size_t(s)];
+      dk.block(r0, (h / group) * hd, len, hd) += dk_head[size_t(item)];
+      dv.block(r0, (h / group) * hd, len, hd) += dv_head[size_t(item)];
     }
-    rope.apply(dq, heads, -1);
-    rope.apply(dk, cfg.num_kv_heads, -1);
+    rope.apply(dq, heads, -1, rows.pos);
+    rope.apply(dk, cfg.num_kv_heads, -1, rows.pos);
     Mat<S> dxn1 = linear_backward(mm, dq, c.xn1, w.wq, ad.q.grad, c.cq);
     dxn1 += linear_backward(mm, dk, c.xn1, w.wk, ad.k.grad, c.ck);
     dxn1 += linear_backward(mm, dv, c.xn1, w.wv, ad.v.grad, c.cv);
@@ -354,6 +416,7 @@ struct LoraModel<S>::Impl {
     const bool grad = grads != nullptr;
     const bool aux_on = opt.router_aux_coef != 0 && cfg.is_moe();
     const Call call{opt.training ? dropout : 0.0, opt.dropout_seed};
+    const Rows rows(batch);
     const size_t B = batch.size();
     const int L = cfg.num_layers;
 
@@ -363,43 +426,43 @@ struct LoraModel<S>::Impl {
     const int64_t norm = normalizer > 0 ? normalizer : r.targets;
     if (norm <= 0) throw Error("training batch has no target tokens (every target flag after the first token is 0)");
 
-    // Forward, layer-major.
-    std::vector<Mat<S>> h(B);
-    for (size_t s = 0; s < B; ++s) {
-      h[s].resize(Eigen::Index(batch[s].tokens.size()), cfg.hidden_size);
-      for (size_t t = 0; t < batch[s].tokens.size(); ++t) h[s].row(Eigen::Index(t)) = base.embedding().row(batch[s].tokens[t]);
-    }
-    std::vector<std::vector<LayerCache<S>>> kept(B, std::vector<LayerCache<S>>(size_t(L)));
+    // Forward: the stacked batch through each layer.
+    Mat<S> h(rows.total, cfg.hidden_size);
+    for (size_t s = 0; s < B; ++s)
+      for (size_t t = 0; t < batch[s].tokens.size(); ++t)
+        h.row(rows.begin[s] + Eigen::Index(t)) = base.embedding().row(batch[s].tokens[t]);
+    std::vector<LayerCache<S>> kept(static_cast<size_t>(L));
     LayerWeights<S> w;  // one layer's frozen weights: NF4 as stored (float), or in layer_buffer
     for (int l = 0; l < L; ++l) {
       const auto t_layer = Clock::now();
       base.layer_weights(l, layer_buffer, w, mm);
       r.dequantize_s += secs(t_layer, Clock::now());
-      for (size_t s = 0; s < B; ++s) {
-        LayerCache<S> c;
-        Mat<S> out = layer_forward(w, ad[size_t(l)], call, s, h[s], c);
-        auto& k = kept[s][size_t(l)];
-        if (grad && !opt.gradient_checkpointing) {
-          k = std::move(c);
-        } else {
-          if (grad) k.h_in = std::move(c.h_in);
-          if (aux_on) {
-            k.probs = std::move(c.probs);
-            k.experts = std::move(c.experts);
-          }
+      LayerCache<S> c;
+      Mat<S> out = layer_forward(w, ad[size_t(l)], call, rows, h, c);
+      auto& k = kept[size_t(l)];
+      if (grad && !opt.gradient_checkpointing) {
+        k = std::move(c);
+      } else {
+        if (grad) k.h_in = std::move(c.h_in);
+        if (aux_on) {
+          k.probs = std::move(c.probs);
+          k.experts = std::move(c.experts);
         }
-        h[s] = std::move(out);
       }
+      h = std::move(out);
     }
 
-    // Cross-entropy: token t (target) predicted from the logits at t - 1.
+    // Cross-entropy: token t (target) predicted from the logits at t - 1. One sequence at a time: the logits
+    // are [n, vocab], the largest matrix of the pass, and lm_head is dense (nothing to dequantize).
     double ce_sum = 0;
-    std::vector<Mat<S>> dh(B);
+    Mat<S> dh;
+    if (grad) dh.resize(rows.total, cfg.hidden_size);
     const S inv_norm = S(1) / S(norm);
     for (size_t s = 0; s < B; ++s) {
       const auto& seq = batch[s];
       std::vector<S> inv;
-      const Mat<S> xf = stage::rms_norm(h[s], base.final_norm(), cfg.rms_norm_eps, &inv);
+      const Mat<S> hs = h.middleRows(rows.begin[s], rows.len[s]);
+      const Mat<S> xf = stage::rms_norm(hs, base.final_norm(), cfg.rms_norm_eps, &inv);
       const Mat<S> logits = mm.x_wt(xf, base.lm_head());  // [n, vocab]
       Mat<S> dlogits;
       if (grad) dlogits = Mat<S>::Zero(logits.rows(), logits.cols());
@@ -417,7 +480,8 @@ struct LoraModel<S>::Impl {
       }
       if (grad) {
         const auto t = Clock::now();
-        dh[s] = stage::rms_norm_backward<S>(mm.dy_w(dlogits, base.lm_head()), h[s], base.final_norm(), inv);
+        dh.middleRows(rows.begin[s], rows.len[s]) =
+            stage::rms_norm_backward<S>(mm.dy_w(dlogits, base.lm_head()), hs, base.final_norm(), inv);
         head_backward_s += secs(t, Clock::now());
       }
     }
@@ -431,11 +495,11 @@ struct LoraModel<S>::Impl {
       const int E = cfg.num_experts;
       std::vector<double> count(size_t(E), 0), prob(size_t(E), 0);
       double N = 0;
-      for (size_t s = 0; s < B; ++s)
+      for (size_t s = 0; s < B; ++s)  // sequence by sequence, then layer by layer: a fixed summation order
         for (int l = 0; l < L; ++l) {
-          const auto& k = kept[s][size_t(l)];
-          N += double(k.probs.rows());
-          for (Eigen::Index t = 0; t < k.probs.rows(); ++t) {
+          const auto& k = kept[size_t(l)];
+          N += double(rows.len[s]);
+          for (Eigen::Index t = rows.begin[s]; t < rows.begin[s] + rows.len[s]; ++t) {
             for (int e = 0; e < E; ++e) prob[size_t(e)] += double(k.probs(t, e));
             for (Eigen::Index j = 0; j < k.experts.cols(); ++j) count[size_t(k.experts(t, j))] += 1;
           }
@@ -458,18 +522,16 @@ struct LoraModel<S>::Impl {
       const auto t_layer = Clock::now();
       base.layer_weights(l, layer_buffer, w, mm);
       r.dequantize_s += secs(t_layer, Clock::now());
-      for (size_t s = 0; s < B; ++s) {
-        auto& k = kept[s][size_t(l)];
-        if (opt.gradient_checkpointing) {
-          LayerCache<S> c;
-          const Mat<S> h_in = std::move(k.h_in);
-          layer_forward(w, ad[size_t(l)], call, s, h_in, c);  // the same code, masks and routing as the forward
-          dh[s] = layer_backward(w, ad[size_t(l)], c, dh[s], aux_dprob);
-        } else {
-          dh[s] = layer_backward(w, ad[size_t(l)], k, dh[s], aux_dprob);
-        }
-        k = LayerCache<S>();
+      auto& k = kept[size_t(l)];
+      if (opt.gradient_checkpointing) {
+        LayerCache<S> c;
+        const Mat<S> h_in = std::move(k.h_in);
+        layer_forward(w, ad[size_t(l)], call, rows, h_in, c);  // the same code, masks and routing as the forward
+        dh = layer_backward(w, ad[size_t(l)], rows, c, dh, aux_dprob);
+      } else {
+        dh = layer_backward(w, ad[size_t(l)], rows, k, dh, aux_dprob);
       }
+      k = LayerCache<S>();
     }
     r.backward_s = head_backward_s + secs(t_loss, Clock::now());
     return r;

@@ -1,5 +1,8 @@
 #pragma once
-// The training forward's stages, each with its backward beside it, over one sequence (rows = tokens).
+// The training forward's stages, each with its backward beside it. Rows are tokens; a matrix may hold a
+// batch's sequences one after the other (train/lora_model.cpp stacks them so every frozen weight is read once
+// per batch): the row-wise stages do not care, RoPE takes each row's position, dropout each sequence's
+// stream, and attention runs on one sequence's rows.
 // Written apart from reference/model.cpp on purpose (the reference is under comparison elsewhere), with
 // the same arithmetic in the forward where it matters (RMSNorm, RoPE angles, softmax, silu), so a fresh
 // adapter's loss matches the reference engine's to rounding.
@@ -10,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <stdexcept>
 #include <vector>
 
 #include "train/lora_model.hpp"
@@ -20,8 +24,18 @@ namespace moelab::train::stage {
 // ---- Linear with peft's unmerged LoRA: y = x Wᵀ + s · (dropout(x) Aᵀ) Bᵀ ----
 
 struct Dropout {
-  double p = 0;         // 0: off (evaluation, or lora_dropout 0)
-  uint64_t stream = 0;  // seeds this call's mask: the same stream gives the same mask (checkpointing recomputes)
+  // Rows [row0, row0 + rows) draw their mask from `stream` (rows < 0: to the last row), element i of the
+  // range (row-major, counted from the range's first element) from counter i: a sequence gets the same mask
+  // whether it is alone in the matrix or stacked with others, and the same stream gives the same mask
+  // (checkpointing recomputes).
+  struct Range {
+    int64_t row0 = 0, rows = -1;
+    uint64_t stream = 0;
+  };
+  double p = 0;               // 0: off (evaluation, or lora_dropout 0)
+  std::vector<Range> ranges;  // must cover every row when p > 0
+  Dropout() = default;
+  Dropout(double p_, uint64_t stream) : p(p_), ranges{{0, -1, stream}} {}  // one stream for the whole matrix
 };
 
 template <typename S>
@@ -52,9 +66,16 @@ Mat<S> linear_forward(const Products& mm, const Mat<S>& x, const std::type_ident
     const S kept = S(1) / S(1 - drop.p);
     const double threshold = drop.p * 18446744073709551616.0;  // p · 2^64: P(draw < threshold) = p
     Mat<S> keep(x.rows(), x.cols());
-    const uint64_t base = mix(drop.stream);
-    for (Eigen::Index i = 0; i < keep.size(); ++i)
-      keep.data()[i] = double(mix(base + uint64_t(i) * 0x9E3779B97F4A7C15ull)) < threshold ? S(0) : kept;
+    int64_t covered = 0;
+    for (const auto& range : drop.ranges) {
+      const int64_t rows = range.rows < 0 ? x.rows() - range.row0 : range.rows;
+      const uint64_t base = mix(range.stream);
+      S* out = keep.data() + range.row0 * x.cols();
+      for (int64_t i = 0; i < rows * x.cols(); ++i)
+        out[i] = double(mix(base + uint64_t(i) * 0x9E3779B97F4A7C15ull)) < threshold ? S(0) : kept;
+      covered += rows;
+    }
+    if (covered != x.rows()) throw std::logic_error("dropout ranges do not cover the input's rows");
     Mat<S> xd = x.cwiseProduct(keep);
     u = xd * lora->a.transpose();
     if (cache) {
@@ -114,7 +135,7 @@ Mat<S> rms_norm_backward(const Mat<S>& dy, const Mat<S>& x, const RowVec<S>& wei
   return dx;
 }
 
-// ---- Rotate-half RoPE: dimension i pairs with i + head_dim/2, token t at position t ----
+// ---- Rotate-half RoPE: dimension i pairs with i + head_dim/2, row t at position pos[t] ----
 
 template <typename S>
 struct Rope {
@@ -124,10 +145,10 @@ struct Rope {
     for (int i = 0; i < hd / 2; ++i) inv_freq.push_back(S(1) / std::pow(S(theta), S(2 * i) / S(hd)));
   }
   // sign +1: the forward rotation by angle; -1: its transpose (rotation by -angle), the backward.
-  void apply(Mat<S>& x, int heads, int sign) const {
+  void apply(Mat<S>& x, int heads, int sign, const std::vector<int>& pos_of_row) const {
     const int half = head_dim / 2;
     for (Eigen::Index t = 0; t < x.rows(); ++t) {
-      const S pos = S(t);
+      const S pos = S(pos_of_row[size_t(t)]);
       for (int i = 0; i < half; ++i) {
         const S angle = pos * inv_freq[size_t(i)];
         const S c = std::cos(angle), s = sign > 0 ? std::sin(angle) : -std::sin(angle);
