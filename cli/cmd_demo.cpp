@@ -43,6 +43,7 @@
 #include "core/spawn.hpp"
 #include "core/tokenizer.hpp"
 #include "train/data.hpp"
+#include "train/blas_kernels.hpp"
 #include "train/finetune.hpp"
 
 namespace moelab::cli {
@@ -140,6 +141,8 @@ void run_demo(DemoArgs& a) {
   train::DataOptions finetune_data_options{.max_seq_len = std::min<int64_t>(kFinetuneSeqLen, c.max_position_embeddings),
                                            .domain = a.finetune_domain};
   if (a.finetune) {
+    // Checked now, like the data below: an OPENBLAS_CORETYPE this CPU cannot run fails before steps 1-6 run.
+    train::require_runnable_blas_kernels();
     // Read now, so a missing file or a domain it does not have fails before anything runs (the loop reads it again).
     const auto d = train::load_dataset(finetune_data, tok, finetune_data_options);
     if (int64_t(d.sequences.size()) < kFinetuneBatch)

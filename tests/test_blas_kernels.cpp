@@ -16,6 +16,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "process_util.hpp"
@@ -139,20 +140,20 @@ ProgramRun run_with_env(const std::vector<std::string>& args, const std::string&
   return wait_program(rc == 0 ? pid : -1, 120, out, err);
 }
 
-TEST(BlasKernelsCli, FinetuneWithAKernelSetThisCpuLacksIsOneErrorLine) {
-  // The set to force: SkylakeX when this CPU lacks AVX-512 (the common case), else any set it lacks (an
-  // AVX-512 CPU made since 2012 lacks the Bulldozer family's FMA4).
+// The set to force: SkylakeX when this CPU lacks AVX-512 (the common case), else any set it lacks (an
+// AVX-512 CPU made since 2012 lacks the Bulldozer family's FMA4); empty when it lacks none.
+std::pair<std::string, std::vector<std::string>> a_kernel_set_this_cpu_lacks() {
   std::vector<std::string> candidates = blas_kernel_sets();
   candidates.insert(candidates.begin(), "SkylakeX");
-  std::string forced;
-  std::vector<std::string> lacking;
   for (const auto& set : candidates) {
-    lacking = missing_flags(*blas_kernel_flags(set));
-    if (!lacking.empty()) {
-      forced = set;
-      break;
-    }
+    auto lacking = missing_flags(*blas_kernel_flags(set));
+    if (!lacking.empty()) return {set, lacking};
   }
+  return {};
+}
+
+TEST(BlasKernelsCli, FinetuneWithAKernelSetThisCpuLacksIsOneErrorLine) {
+  const auto [forced, lacking] = a_kernel_set_this_cpu_lacks();
   if (forced.empty()) GTEST_SKIP() << "this CPU runs every OpenBLAS kernel set in the table: none to force that it lacks";
 
   TempDir dir("moelab-blas-kernels-cli");
@@ -174,6 +175,21 @@ TEST(BlasKernelsCli, FinetuneWithAKernelSetThisCpuLacksIsOneErrorLine) {
   EXPECT_NE(r.err.find("unset OPENBLAS_CORETYPE"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_FALSE(fs::exists(dir.path() / "out" / "adapter_model.safetensors"));
+}
+
+// The demo checks before its first step, not at step 7 after the others have run.
+TEST(BlasKernelsCli, DemoRefusesAKernelSetThisCpuLacksBeforeItsFirstStep) {
+  const auto [forced, lacking] = a_kernel_set_this_cpu_lacks();
+  if (forced.empty()) GTEST_SKIP() << "this CPU runs every OpenBLAS kernel set in the table: none to force that it lacks";
+  TempDir dir("moelab-blas-kernels-demo");
+  const ProgramRun r = run_with_env({MOELAB_BIN, "demo", "-o", dir.file("report"), "--threads", "1", "--progress", "none"},
+                                    "OPENBLAS_CORETYPE", forced, dir.path());
+  ASSERT_FALSE(r.timed_out);
+  EXPECT_EQ(r.signal, 0) << r.err;
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(r.err.rfind("moelab: error: OPENBLAS_CORETYPE=" + forced + " forces", 0), 0u) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_EQ(r.out.find("== [1/8]"), std::string::npos) << r.out;  // no step ran
 }
 
 }  // namespace
