@@ -208,6 +208,12 @@ if ls "$here"/.device-debs/*.deb > /dev/null 2>&1; then
                   "-DOPENBLAS_LIBRARY=$blas/libopenblas.so"
                   "-DOPENBLAS_INCLUDE_DIR=$prefix/usr/include/$arch/openblas-pthread"
                   "-DHDF5_ROOT=$prefix/usr/lib/$arch/hdf5/serial" "-DHDF5_NO_FIND_PACKAGE_CONFIG_FILE=ON")
+    # The multiarch include folder (openssl/opensslconf.h, which httplib.h reaches) is a default search
+    # folder of the compiler under /usr, not under the prefix; pkg-config drops it as a system folder.
+    # Searched after everything else, and it holds no glibc headers (above).
+    for lang in C CXX CUDA; do
+      cmake_extra+=("-DCMAKE_${lang}_STANDARD_INCLUDE_DIRECTORIES=$prefix/usr/include/$arch")
+    done
   fi
 fi
 
@@ -240,7 +246,7 @@ fi
 jobs=${MOELAB_DEVICE_JOBS:-$(nproc)}
 
 if [ "$mode" = cpu-build ]; then
-  step build 1500 cmake --build "$build" -j "$jobs" --target moelab
+  step build 1500 cmake --build "$build" -j "$jobs" --target moelab || finish
   step moelab_version 30 "$build/moelab" --version
   finish
 fi
