@@ -16,8 +16,8 @@
 namespace moelab::cli {
 
 struct EvalRequest {
-  std::string task, data, fewshot_data;
-  std::string reported;  // reported-scores JSON; empty: evals/reported/mixtral-8x7b.json of this repository
+  std::string task, data, fewshot_data = {};  // `= {}`: designated initializers may leave it out
+  std::string reported = {};  // reported-scores JSON; empty: evals/reported/mixtral-8x7b.json of this repository
   std::string adapter = {};  // the engine's LoRA adapter folder (--adapter), recorded in the results ("": none)
   int shots = -1;        // -1: the task's default
   int limit = 0;         // 0: every document

@@ -22,7 +22,7 @@ struct TraceRunOptions {
   bool prefetch_guess = false;  // also the next-layer gate's guesses (analysis/prefetch_guess.hpp)
   bool append = false;       // add to the trace in `out` (refused when it exists and this is false)
   std::vector<std::string> inputs;  // the input files, recorded in the trace (absolute)
-  std::string adapter;               // the engine's LoRA adapter folder (--adapter), recorded in the trace ("": none)
+  std::string adapter = {};          // the engine's LoRA adapter folder (--adapter), recorded in the trace ("": none)
   analysis::TimingProbe* timing = nullptr;  // also observes every call when given
   // Called after each window with its text's domain, its tokens and the logits the engine computed for it
   // (one row per token: row i predicts token i + 1), so a pass that needs the logits (the demo's held-out
