@@ -56,9 +56,9 @@ pack() {  # the working folder into OUTDIR/device_check.tgz (temp, then renamed)
   echo "- host: $(. /etc/os-release 2> /dev/null && echo "$PRETTY_NAME"), $(nproc) cores, $(c++ --version 2> /dev/null | head -n 1)," \
        "$(nvcc --version 2> /dev/null | tail -n 1), $(cmake --version | head -n 1)"
   echo
-  echo "| step | exit | seconds |"
-  echo "|---|---|---|"
 } > "$summary"
+table_head() { echo "| step | exit | seconds |"; echo "|---|---|---|"; }
+table_head >> "$summary"
 
 step() {  # step NAME TIMEOUT_S CMD...: CMD under a timeout (clipped to the budget), log in WORK/NAME.log
   local name=$1 limit=$2
@@ -66,9 +66,13 @@ step() {  # step NAME TIMEOUT_S CMD...: CMD under a timeout (clipped to the budg
   local left=$(( budget - ($(date +%s) - start) - 10 )) t0 rc
   [ "$limit" -gt "$left" ] && limit=$left
   t0=$(date +%s)
-  if [ "$limit" -lt 5 ]; then
+  if [ "$limit" -lt 5 ]; then  # one row, no log tail: the steps after it say the same
     echo "not run: the call's budget (${budget} s) is spent" > "$work/$name.log"
-    rc=124
+    printf '%s\t%s\t%s\n' "$name" "not-run" 0 >> "$work/steps.tsv"
+    echo "| $name | not run (budget spent) | 0 |" >> "$summary"
+    echo "[device_check] $name: not run (budget spent)"
+    failed=1
+    return 124
   elif declare -F "$1" > /dev/null; then  # a function of this script (no timeout: it runs no program that waits)
     "$@" > "$work/$name.log" 2>&1
     rc=$?
@@ -83,7 +87,7 @@ step() {  # step NAME TIMEOUT_S CMD...: CMD under a timeout (clipped to the budg
   if [ "$rc" != 0 ]; then
     failed=1
     { echo; echo "<details><summary>$name: last lines of $name.log</summary>"; echo; echo '```'
-      tail -n 25 "$work/$name.log" | cut -c 1-300; echo '```'; echo "</details>"; echo; } >> "$summary"
+      tail -n 25 "$work/$name.log" | cut -c 1-300; echo '```'; echo "</details>"; echo; table_head; } >> "$summary"
   fi
   pack
   return "$rc"
@@ -264,13 +268,14 @@ if [ "$mode" = check ]; then
       echo "Failed tests and their messages:"
       echo
       echo '```'
-      grep '^\[  FAILED  \]' "$work/device_tests.log" | sort -u | head -n 60
+      grep '^\[  FAILED  \] [A-Za-z_]' "$work/device_tests.log" | sed 's/ ([0-9]* ms)$//' | sort -u | head -n 60
       echo
       # Each failure's message: from gtest's "file:line: Failure" to the next "[ ... ]" line.
       awk '/: Failure$/ {on = 1} /^\[ / {on = 0} on' "$work/device_tests.log" | cut -c 1-300 | head -n 200
       echo '```'
     fi
     echo
+    table_head
   } >> "$summary"
 
   # ---- 4. The layer diff on every fixture model, BF16 and FP32 products. ----
