@@ -5,7 +5,10 @@ scripts/bench_train.sh times moelab on two workloads; this times what a user wou
 transformers' MixtralForCausalLM in float32 (bitsandbytes' 4-bit layers need a GPU, so the frozen base here
 is float32: the products are the same shapes, without moelab's dequantization) with peft's LoRA (r=8,
 alpha=16, dropout 0.05 on q/k/v/o: moelab finetune's defaults), torch.optim.AdamW at 2e-4, one optimizer step
-per batch, each sequence on its own (no padding), the loss the mean over the batch's target tokens.
+per batch, each sequence on its own (no padding), the loss the mean over the batch's target tokens. With
+--padded-batch the batch's sequences go through as one padded batch instead, as trl's SFTTrainer collates
+them by default (right padding to the longest, attention mask, labels -100 on the padding): one product
+per weight per batch, as moelab computes since 8b08e04 (moelab stacks the sequences without padding).
 
   bundled          models/default (its own weights), batches of 8 corpus lines cut to 128 tokens (BOS + text
                    + EOS, sentencepiece), as `bench_train.sh`'s bundled run (20 steps)
@@ -18,6 +21,7 @@ Measure only at a 1-minute load average below 1.5 (the script refuses otherwise 
 
   .bench-cache/venv/bin/python scripts/bench_train_vs_torch.py bundled [--threads 2]
   .bench-cache/venv/bin/python scripts/bench_train_vs_torch.py mixtral-shaped [--layers 2] [--threads 2]
+  (either with --padded-batch)
 """
 from __future__ import annotations
 
@@ -63,7 +67,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=0, help="default: 20 bundled, 2 mixtral-shaped")
+    ap.add_argument("--batch", type=int, default=0, help="sequences a step; default: 8 bundled, 2 mixtral-shaped")
     ap.add_argument("--force", action="store_true", help="run at load >= 1.5 (figures marked NOT VALID)")
+    ap.add_argument("--padded-batch", action="store_true", help="one padded forward per batch (trl's default collation)")
     a = ap.parse_args()
     load = load_avg()
     if load >= 1.5 and not a.force:
@@ -80,7 +86,7 @@ def main() -> int:
     if a.workload == "bundled":
         model = MixtralForCausalLM.from_pretrained(str(ROOT / "models/default"), dtype=torch.float32)
         steps = a.steps or 20
-        batches = bundled_batches(steps, 8, 128)
+        batches = bundled_batches(steps, a.batch or 8, 128)
     else:
         cfg = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers,
                             num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
@@ -91,7 +97,8 @@ def main() -> int:
         print(f"made the model in {time.time() - t0:.0f} s", file=sys.stderr)
         steps = a.steps or 2
         gen = torch.Generator().manual_seed(1)
-        batches = [[torch.randint(3, 32000, (64,), generator=gen).tolist() for _ in range(2)] for _ in range(steps)]
+        batches = [[torch.randint(3, 32000, (64,), generator=gen).tolist() for _ in range(a.batch or 2)]
+                   for _ in range(steps)]
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -101,11 +108,25 @@ def main() -> int:
     for i, batch in enumerate(batches):
         t0 = time.time()
         targets = sum(len(s) - 1 for s in batch)
-        for s in batch:
-            ids = torch.tensor([s])
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum") / targets
+        if a.padded_batch:
+            width = max(len(s) for s in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for r, s in enumerate(batch):
+                ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+                labels[r, :len(s)] = torch.tensor(s)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                     ignore_index=-100, reduction="sum") / targets
             loss.backward()
+        else:
+            for s in batch:
+                ids = torch.tensor([s])
+                logits = model(input_ids=ids).logits[0, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum") / targets
+                loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.time() - t0
@@ -114,7 +135,7 @@ def main() -> int:
         total_s += dt
         print(f"step {i + 1}/{steps}: {tokens} tokens in {dt:.2f} s ({tokens / dt:.1f} tokens/s)", file=sys.stderr)
     print(f"transformers {__import__('transformers').__version__} + peft {__import__('peft').__version__}, torch "
-          f"{torch.__version__}, {a.workload}, {steps} steps, {total_tokens} tokens in {total_s:.2f} s: "
+          f"{torch.__version__}, {a.workload}{', padded batches' if a.padded_batch else ''}, {steps} steps, {total_tokens} tokens in {total_s:.2f} s: "
           f"{total_tokens / total_s:.1f} tokens/s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; "
           f"threads {torch.get_num_threads()}, CPU {cpu_isa()}, "
           f"load before {load}{' NOT VALID' if load >= 1.5 else ''}")
