@@ -94,7 +94,8 @@ step() {  # step NAME TIMEOUT_S CMD...: CMD under a timeout (clipped to the budg
 }
 
 # ---- 1. Dependencies: the fetched .debs, unpacked once into the prefix and made to work from there. ----
-arch=$(gcc -print-multiarch 2> /dev/null || echo x86_64-linux-gnu)
+arch=$(gcc -print-multiarch 2> /dev/null || true)
+arch=${arch:-x86_64-linux-gnu}  # (gcc may succeed and print nothing)
 # Never unpacked, whatever .device-debs holds: the C library, its headers and the compiler's runtime
 # belong to the image (bookworm's libstdc++ ahead of the image's on LD_LIBRARY_PATH: "GLIBCXX_3.4.32 not
 # found"; bookworm's glibc headers ahead of the image's: a mismatched libc). fetch_device_debs.sh leaves
@@ -299,16 +300,16 @@ fi
 
 # ---- mode bench: benchmarks and the end-to-end profile (a second call; build-device/ is kept). ----
 step build 300 cmake --build "$build" -j "$jobs" --target moelab moelab_bench_cuda || finish
-# Each repetition short; Google Benchmark's JSON kept. The synthetic decode builds a 25 GB model per cache
-# setting: it gets most of the time.
-step bench 300 "$build/moelab_bench_cuda" --benchmark_min_time=0.2 --benchmark_out="$work/bench.json" \
-  --benchmark_out_format=json
-# End to end through the CLI: the synthetic full-size model, all experts resident and 4 per layer.
+# The end-to-end profiles (prefill and decode tokens/s of the full-size synthetic model) come first, so a
+# slow build cannot crowd them out; the kernel benchmarks (each repetition short, Google Benchmark JSON kept)
+# take what is left of the budget.
 step profile_synthetic 90 "$build/moelab" profile --synthetic mixtral-8x7b --engine cuda-nf4 --totals-only \
   --n-prompt 128 --n-gen 32 --repetitions 2 --context 1024 --json "$work/profile_synthetic.json"
 step profile_synthetic_cache4 120 "$build/moelab" profile --synthetic mixtral-8x7b --engine cuda-nf4 --totals-only \
   --n-prompt 128 --n-gen 32 --repetitions 2 --context 1024 --gpu-expert-cache 4 --gpu-expert-prefetch \
   --json "$work/profile_synthetic_cache4.json"
+step bench 300 "$build/moelab_bench_cuda" --benchmark_min_time=0.2 --benchmark_out="$work/bench.json" \
+  --benchmark_out_format=json
 {
   echo
   for f in "$work"/profile_synthetic*.json; do
