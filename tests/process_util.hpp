@@ -63,10 +63,11 @@ struct ProgramRun {
   std::string out, err;
 };
 
-// Starts argv[0] with argv (no shell, stdin from /dev/null); stdout and stderr go to the two files.
-// Returns the pid, or -1 when the program could not be started.
+// Starts argv[0] with argv (no shell, stdin from /dev/null); stdout and stderr go to the two files; the
+// environment is `envp` (null-terminated; null: this process's). Returns the pid, or -1 when the program
+// could not be started.
 inline pid_t spawn_program(const std::vector<std::string>& args, const std::filesystem::path& out_file,
-                           const std::filesystem::path& err_file) {
+                           const std::filesystem::path& err_file, char* const* envp = nullptr) {
   std::vector<std::string> all = args;
   std::vector<char*> argv;
   for (auto& a : all) argv.push_back(a.data());
@@ -77,7 +78,7 @@ inline pid_t spawn_program(const std::vector<std::string>& args, const std::file
   posix_spawn_file_actions_addopen(&fa, 2, err_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
   pid_t pid = -1;
-  const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+  const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), envp ? envp : environ);
   posix_spawn_file_actions_destroy(&fa);
   return rc == 0 ? pid : -1;
 }
