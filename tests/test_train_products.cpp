@@ -136,6 +136,52 @@ TEST(TrainProducts, Nf4WeightsWithinTheDotProductBoundOfTheirValues) {
   }
 }
 
+// The small products (LoRA factors, attention per head): every transpose combination, alpha and an
+// accumulating beta, against float64. alpha = 0.5 and beta = 1 scale exactly, so the bound is that of a dot
+// product of k + 1 terms (the k products and C's old value): γ_{k+1} (|alpha| Σ|a||b| + |C|).
+template <typename S>
+void check_gemm() {
+  uint64_t seed = 200;
+  struct GemmShape {
+    int64_t m, n, k;
+  };
+  for (const auto& s : {GemmShape{5, 7, 3}, GemmShape{64, 8, 128}, GemmShape{8, 128, 64}, GemmShape{1, 1, 1},
+                        GemmShape{3, 4, 0}, GemmShape{0, 4, 5}, GemmShape{130, 33, 257}})
+    for (const Op op_a : {Op::N, Op::T})
+      for (const Op op_b : {Op::N, Op::T}) {
+        SCOPED_TRACE(::testing::Message() << "m " << s.m << ", n " << s.n << ", k " << s.k << ", op_a "
+                                          << (op_a == Op::T ? "T" : "N") << ", op_b " << (op_b == Op::T ? "T" : "N"));
+        const Mat<S> a = op_a == Op::T ? random_matrix<S>(s.k, s.m, seed++) : random_matrix<S>(s.m, s.k, seed++);
+        const Mat<S> b = op_b == Op::T ? random_matrix<S>(s.n, s.k, seed++) : random_matrix<S>(s.k, s.n, seed++);
+        const Mat<S> c0 = random_matrix<S>(s.m, s.n, seed++);
+        const Mat<double> ad = a.template cast<double>(), bd = b.template cast<double>();
+        const Mat<double> opa = op_a == Op::T ? Mat<double>(ad.transpose()) : ad;
+        const Mat<double> opb = op_b == Op::T ? Mat<double>(bd.transpose()) : bd;
+        const Mat<double> mag = opa.cwiseAbs() * opb.cwiseAbs();
+
+        const Mat<S> plain = product(a, op_a, b, op_b);
+        expect_within_bound(plain, Reference{opa * opb, mag}, s.k, "op(a)·op(b)");
+
+        Mat<S> acc = c0;
+        gemm(a, op_a, b, op_b, S(0.5), S(1), acc);
+        expect_within_bound(acc, Reference{0.5 * (opa * opb) + c0.template cast<double>(),
+                                           0.5 * mag + c0.template cast<double>().cwiseAbs()},
+                            s.k + 1, "c + 0.5 op(a)·op(b)");
+      }
+}
+
+TEST(TrainProducts, SmallFloatProductsWithinTheDotProductBound) { check_gemm<float>(); }
+TEST(TrainProducts, SmallDoubleProductsWithinTheDotProductBound) { check_gemm<double>(); }
+
+TEST(TrainProducts, SmallProductShapeErrors) {
+  const Mat<float> a = random_matrix<float>(2, 3, 1), b = random_matrix<float>(4, 5, 2);
+  EXPECT_THROW(product(a, Op::N, b, Op::N), Error);  // inner 3 against 4
+  Mat<float> c = random_matrix<float>(3, 3, 3);
+  EXPECT_THROW(gemm(a, Op::N, b, Op::T, 1.0f, 1.0f, c), Error);  // inner 3 against 5
+  const Mat<float> bt = random_matrix<float>(5, 3, 4);
+  EXPECT_THROW(gemm(a, Op::N, bt, Op::T, 1.0f, 1.0f, c), Error);  // [2, 5] into [3, 3]
+}
+
 TEST(TrainProducts, MismatchedInnerDimensionIsAnError) {
   const Products mm(1);
   const Mat<float> x = random_matrix<float>(2, 3, 1), w = random_matrix<float>(4, 5, 2);

@@ -273,9 +273,9 @@ struct LoraModel<S>::Impl {
       const Mat<S> dmid = linear_backward(mm, dy, x.m, w.w2[size_t(e)], ad.w2[size_t(e)].grad, x.c2);
       Mat<S> da(x.a.rows(), x.a.cols()), db(x.a.rows(), x.a.cols());
       for (Eigen::Index i = 0; i < da.size(); ++i) {
-        const S av = x.a.data()[i];
-        da.data()[i] = dmid.data()[i] * x.b.data()[i] * silu_grad(av);
-        db.data()[i] = dmid.data()[i] * silu(av);
+        const SiluAndGrad<S> sa = silu_and_grad(x.a.data()[i]);
+        da.data()[i] = dmid.data()[i] * x.b.data()[i] * sa.grad;
+        db.data()[i] = dmid.data()[i] * sa.value;
       }
       dx_expert[size_t(e)] = linear_backward(mm, da, x.x, w.w1[size_t(e)], ad.w1[size_t(e)].grad, x.c1);
       dx_expert[size_t(e)] += linear_backward(mm, db, x.x, w.w3[size_t(e)], ad.w3[size_t(e)].grad, x.c3);
@@ -470,13 +470,16 @@ struct LoraModel<S>::Impl {
         if (!seq.target[t]) continue;
         const Eigen::Index row = Eigen::Index(t - 1);
         const S mx = logits.row(row).maxCoeff();
-        const auto ex = (logits.row(row).array() - mx).exp();
-        const S sum = ex.sum();
-        ce_sum += double(mx + std::log(sum) - logits(row, seq.tokens[t]));
-        if (grad) {
-          dlogits.row(row) = ex.matrix() * (inv_norm / sum);
+        S sum;
+        if (grad) {  // the exponentials once, in dlogits' row (a lazy expression would compute them twice)
+          dlogits.row(row) = (logits.row(row).array() - mx).exp().matrix();
+          sum = dlogits.row(row).sum();
+          dlogits.row(row) *= inv_norm / sum;
           dlogits(row, seq.tokens[t]) -= inv_norm;
+        } else {
+          sum = (logits.row(row).array() - mx).exp().sum();
         }
+        ce_sum += double(mx + std::log(sum) - logits(row, seq.tokens[t]));
       }
       if (grad) {
         const auto t = Clock::now();

@@ -221,6 +221,56 @@ Mat<double> Products::dy_w(const Mat<double>& dy, const FrozenMatrix<double>& fw
   return dx;
 }
 
+namespace {
+
+void check_gemm(const char* what, int64_t inner_a, int64_t inner_b, int64_t m, int64_t n, int64_t c_rows, int64_t c_cols,
+                bool resize) {
+  if (inner_a != inner_b) throw Error(fmt::format("trainer product {}: inner dimensions {} and {} differ", what, inner_a, inner_b));
+  if (!resize && (c_rows != m || c_cols != n))
+    throw Error(fmt::format("trainer product {}: accumulating a [{}, {}] product into a [{}, {}] matrix", what, m, n,
+                            c_rows, c_cols));
+}
+
+}  // namespace
+
+template <>
+void gemm(const Mat<float>& a, Op op_a, const Mat<float>& b, Op op_b, float alpha, float beta, Mat<float>& c) {
+  const bool ta = op_a == Op::T, tb = op_b == Op::T;
+  const int64_t m = ta ? a.cols() : a.rows(), k = ta ? a.rows() : a.cols();
+  const int64_t n = tb ? b.rows() : b.cols(), kb = tb ? b.cols() : b.rows();
+  check_gemm("op(a)·op(b)", k, kb, m, n, c.rows(), c.cols(), beta == 0.0f);
+  if (beta == 0.0f) c.resize(m, n);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // OpenBLAS reads no operand then, but its leading dimensions must still be >= 1
+    if (beta == 0.0f) c.setZero();
+    else c *= beta;
+    return;
+  }
+  single_threaded_blas();
+  // Row-major storage: a stored matrix's leading dimension is its column count, transposed or not.
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, blasint(m), blasint(n),
+              blasint(k), alpha, a.data(), blasint(a.cols()), b.data(), blasint(b.cols()), beta, c.data(), blasint(n));
+}
+
+template <>
+void gemm(const Mat<double>& a, Op op_a, const Mat<double>& b, Op op_b, double alpha, double beta, Mat<double>& c) {
+  const bool ta = op_a == Op::T, tb = op_b == Op::T;
+  const int64_t m = ta ? a.cols() : a.rows(), k = ta ? a.rows() : a.cols();
+  const int64_t n = tb ? b.rows() : b.cols(), kb = tb ? b.cols() : b.rows();
+  check_gemm("op(a)·op(b)", k, kb, m, n, c.rows(), c.cols(), beta == 0.0);
+  const auto apply = [&](const auto& x, const auto& y) {
+    if (beta == 0.0) c.noalias() = alpha * (x * y);
+    else {
+      c *= beta;
+      c.noalias() += alpha * (x * y);
+    }
+  };
+  if (ta && tb) apply(a.transpose(), b.transpose());
+  else if (ta) apply(a.transpose(), b);
+  else if (tb) apply(a, b.transpose());
+  else apply(a, b);
+}
+
 std::string Products::blas_kernels() { return openblas_get_corename(); }
 
 }  // namespace moelab::train

@@ -48,6 +48,22 @@ struct FrozenMatrix {
   int64_t cols() const;
 };
 
+// The trainer's other products: the LoRA factors' (x·Aᵀ, u·Bᵀ and their gradients) and attention's per
+// head. C = alpha · op(A) · op(B) + beta · C, op(X) = Xᵀ with Op::T; C is resized when beta is 0. In float on
+// OpenBLAS, whose kernels are picked for this CPU at run time (Eigen here is compiled for the x86-64 baseline:
+// these products, ~10% of a step on the bundled model, ran 2-3x slower on it); in double on Eigen. One call
+// on the calling thread: they run inside the pool's items (experts, heads) or are too small to split.
+enum class Op { N, T };
+template <typename S>
+void gemm(const Mat<S>& a, Op op_a, const Mat<S>& b, Op op_b, S alpha, S beta, Mat<S>& c);
+// alpha · op(A) · op(B), a new matrix.
+template <typename S>
+Mat<S> product(const Mat<S>& a, Op op_a, const Mat<S>& b, Op op_b, S alpha = S(1)) {
+  Mat<S> c;
+  gemm(a, op_a, b, op_b, alpha, S(0), c);
+  return c;
+}
+
 class Products {
  public:
   static constexpr int64_t kColumnBlock = 128;

@@ -77,15 +77,15 @@ Mat<S> linear_forward(const Products& mm, const Mat<S>& x, const std::type_ident
     }
     if (covered != x.rows()) throw std::logic_error("dropout ranges do not cover the input's rows");
     Mat<S> xd = x.cwiseProduct(keep);
-    u = xd * lora->a.transpose();
+    u = product(xd, Op::N, lora->a, Op::T);
     if (cache) {
       cache->keep = std::move(keep);
       cache->xd = std::move(xd);
     }
   } else {
-    u = x * lora->a.transpose();
+    u = product(x, Op::N, lora->a, Op::T);
   }
-  y += (u * lora->b.transpose()) * lora->scale;
+  gemm(u, Op::N, lora->b, Op::T, S(lora->scale), S(1), y);  // y += s · u Bᵀ
   if (cache) cache->u = std::move(u);
   return y;
 }
@@ -97,12 +97,12 @@ Mat<S> linear_backward(const Products& mm, const Mat<S>& dy, const Mat<S>& x, co
                        const LinearCache<S>& c) {
   Mat<S> dx = mm.dy_w(dy, w);
   if (!lora) return dx;
-  const Mat<S> g = dy * lora->b;  // [n, r]
-  lora->grad_b.noalias() += (dy.transpose() * c.u) * lora->scale;
-  lora->grad_a.noalias() += (g.transpose() * (c.xd.size() ? c.xd : x)) * lora->scale;
-  Mat<S> dxl = (g * lora->a) * lora->scale;
-  if (c.keep.size()) dxl = dxl.cwiseProduct(c.keep);
-  dx += dxl;
+  const S s = S(lora->scale);
+  const Mat<S> g = product(dy, Op::N, lora->b, Op::N);  // [n, r]
+  gemm(dy, Op::T, c.u, Op::N, s, S(1), lora->grad_b);
+  gemm(g, Op::T, c.xd.size() ? c.xd : x, Op::N, s, S(1), lora->grad_a);
+  if (c.keep.size()) dx += product(g, Op::N, lora->a, Op::N, s).cwiseProduct(c.keep);
+  else gemm(g, Op::N, lora->a, Op::N, s, S(1), dx);
   return dx;
 }
 
@@ -174,7 +174,7 @@ template <typename S>
 Mat<S> attention_head(const Mat<S>& q, const Mat<S>& k, const Mat<S>& v, int window, Mat<S>& p) {
   const int n = int(q.rows());
   const S scale = S(1) / std::sqrt(S(q.cols()));
-  p = (q * k.transpose()) * scale;
+  p = product(q, Op::N, k, Op::T, scale);
   for (int t = 0; t < n; ++t) {
     const int first = first_key(t, window), len = t - first + 1;
     auto s = p.row(t).segment(first, len);
@@ -183,7 +183,7 @@ Mat<S> attention_head(const Mat<S>& q, const Mat<S>& k, const Mat<S>& v, int win
     p.row(t).head(first).setZero();
     p.row(t).tail(n - 1 - t).setZero();
   }
-  return p * v;
+  return product(p, Op::N, v, Op::N);
 }
 
 // dS = P ⊙ (dP − rowsum(dP ⊙ P)) with dP = dO Vᵀ;  dq = dS k / √hd;  dk = dSᵀ q / √hd;  dv = Pᵀ dO.
@@ -191,24 +191,30 @@ template <typename S>
 void attention_head_backward(const Mat<S>& d_out, const Mat<S>& q, const Mat<S>& k, const Mat<S>& v, const Mat<S>& p,
                              Mat<S>& dq, Mat<S>& dk, Mat<S>& dv) {
   const S scale = S(1) / std::sqrt(S(q.cols()));
-  Mat<S> ds = d_out * v.transpose();  // dP
+  Mat<S> ds = product(d_out, Op::N, v, Op::T);  // dP
   for (Eigen::Index t = 0; t < ds.rows(); ++t) {
     const S dot = ds.row(t).dot(p.row(t));
     ds.row(t) = p.row(t).cwiseProduct((ds.row(t).array() - dot).matrix());
   }
-  dq = (ds * k) * scale;
-  dk = (ds.transpose() * q) * scale;
-  dv = p.transpose() * d_out;
+  dq = product(ds, Op::N, k, Op::N, scale);
+  dk = product(ds, Op::T, q, Op::N, scale);
+  dv = product(p, Op::T, d_out, Op::N);
 }
 
 // ---- SwiGLU: silu(a) = a σ(a), silu'(a) = σ(a) (1 + a (1 − σ(a))) ----
 
 template <typename S>
 S silu(S a) { return a / (S(1) + std::exp(-a)); }
+// Both from one exponential (the experts' backward evaluates them for every element); the value is silu(a)'s
+// bits exactly.
 template <typename S>
-S silu_grad(S a) {
-  const S sg = S(1) / (S(1) + std::exp(-a));
-  return sg * (S(1) + a * (S(1) - sg));
+struct SiluAndGrad {
+  S value, grad;
+};
+template <typename S>
+SiluAndGrad<S> silu_and_grad(S a) {
+  const S e = std::exp(-a), sg = S(1) / (S(1) + e);
+  return {a / (S(1) + e), sg * (S(1) + a * (S(1) - sg))};
 }
 
 }  // namespace moelab::train::stage
