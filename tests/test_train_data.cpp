@@ -1,6 +1,7 @@
 // Training data (train/data.hpp) on the bundled model's tokenizer: trl's tokenization of both dataset kinds,
 // truncation, the domain filter, gzip input, one clear error per kind of bad line, and the epoch order.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -126,6 +127,126 @@ TEST_F(TrainData, GzipReadsAsPlain) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find(cut + ": not a valid gzip file"), std::string::npos) << e.what();
   }
+}
+
+// Zero bytes after the last gzip member (block padding) are the end of the data, as `gzip -dc` and the eval
+// reader (evals/docs.cpp) take them; other bytes there are still an error.
+TEST_F(TrainData, GzipZeroPaddingIsIgnoredOtherTrailingBytesAreNot) {
+  const std::string text = "{\"text\": \"first line\"}\n{\"text\": \"second\"}\n";
+  const std::string gz = dir.file("p.jsonl.gz");
+  gzFile f = gzopen(gz.c_str(), "wb");
+  ASSERT_NE(f, nullptr);
+  gzwrite(f, text.data(), unsigned(text.size()));
+  gzclose(f);
+  const std::string bytes = test::read_file_bytes(gz);
+  const auto padded = write("padded.jsonl.gz", bytes + std::string(512, '\0'));
+  const auto ds = load_dataset(padded, tok(), {});
+  EXPECT_EQ(ds.sequences.size(), 2u);
+  const auto junk = write("junk.jsonl.gz", bytes + std::string(8, '\0') + "junk");
+  EXPECT_THROW(load_dataset(junk, tok(), {}), Error);
+}
+
+// A number JSON can write but a double cannot hold (nlohmann's out_of_range, not a parse_error) is the same one
+// line naming the file and line as any bad JSON.
+TEST_F(TrainData, NumberOverflowIsAnErrorNamingTheLine) {
+  const auto e = error_of("{\"text\": \"a\"}\n{\"text\": \"b\", \"source\": 1e400}\n");
+  EXPECT_NE(e.find(dir.file("bad.jsonl") + ":2: not valid JSON"), std::string::npos) << e;
+}
+
+// Field names and roles come from the file: shown escaped, so the error stays one line and a terminal escape
+// is never sent raw.
+TEST_F(TrainData, FileStringsInErrorsAreEscaped) {
+  for (const std::string line :
+       {std::string("{\"text\": \"x\", \"evil\\nmoelab: ok\\u001b[2J\": 1}\n"),
+        std::string("{\"messages\": [{\"role\": \"user\\nmoelab: ok\\u001b[2J\", \"content\": \"a\"}]}\n"),
+        std::string("{\"messages\": [{\"role\": \"user\", \"content\": \"a\", \"x\\u001b\": 1}]}\n")}) {
+    const auto e = error_of(line);
+    ASSERT_FALSE(e.empty()) << line;
+    EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+    EXPECT_EQ(e.find('\x1b'), std::string::npos) << e;
+    EXPECT_NE(e.find(dir.file("bad.jsonl") + ":1: "), std::string::npos) << e;
+  }
+  DataOptions o;
+  o.domain = "a\nb";
+  const auto e = error_of("{\"text\": \"x\", \"domain\": \"c\\u001b\"}\n", o);
+  EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+  EXPECT_EQ(e.find('\x1b'), std::string::npos) << e;
+}
+
+// Only a prefix of a long text is tokenized (data.hpp): on every line of the bundled corpus, for several
+// --max-seq-len, the prefix's first tokens are the whole text's, and the dataset equals one built from whole
+// texts. The short lengths make most lines long enough to be cut, so the cut itself is what is checked.
+TEST_F(TrainData, TokenizingAPrefixGivesTheWholeTextsFirstTokens) {
+  const std::string corpus = std::string(MOELAB_BUNDLED_MODEL) + "/corpus/train.jsonl.gz";
+  const size_t token_bytes = max_token_bytes(tok());
+  EXPECT_GE(token_bytes, 5u);
+  std::vector<std::string> texts;
+  {
+    DataOptions all;
+    all.max_seq_len = 1 << 20;
+    // The corpus's texts, read back through the JSON (load_dataset keeps tokens only).
+    gzFile f = gzopen(corpus.c_str(), "rb");
+    ASSERT_NE(f, nullptr);
+    std::string raw;
+    char buf[1 << 16];
+    for (int n; (n = gzread(f, buf, sizeof buf)) > 0;) raw.append(buf, size_t(n));
+    gzclose(f);
+    size_t pos = 0;
+    while (pos < raw.size()) {
+      size_t end = raw.find('\n', pos);
+      if (end == std::string::npos) end = raw.size();
+      if (end > pos) texts.push_back(nlohmann::json::parse(raw.substr(pos, end - pos)).at("text").get<std::string>());
+      pos = end + 1;
+    }
+  }
+  ASSERT_GT(texts.size(), 100u);
+  int64_t cut = 0, cut_mid_word = 0;
+  for (const int64_t n : {2, 7, 32, 128}) {
+    DataOptions o;
+    o.max_seq_len = n;
+    const auto ds = load_dataset(corpus, tok(), o);
+    ASSERT_EQ(ds.sequences.size(), texts.size());
+    for (size_t i = 0; i < texts.size(); ++i) {
+      auto whole = tok().encode(texts[i], true);
+      whole.push_back(tok().eos_id());
+      whole.resize(std::min(whole.size(), size_t(n)));
+      ASSERT_EQ(ds.sequences[i].tokens, whole) << "line " << i + 1 << ", max_seq_len " << n;
+      const auto prefix = tokenization_prefix(texts[i], n, token_bytes);
+      if (prefix.size() < texts[i].size()) {
+        ++cut;
+        cut_mid_word += texts[i][prefix.size()] != ' ';
+        auto first = tok().encode(prefix, true);
+        ASSERT_GT(first.size(), size_t(n));
+        first.resize(size_t(n));
+        whole.resize(size_t(n));
+        ASSERT_EQ(first, whole) << "line " << i + 1 << ", max_seq_len " << n;
+      }
+    }
+  }
+  EXPECT_GT(cut, int64_t(texts.size()));  // most lines, at the short lengths
+  RecordProperty("cut", std::to_string(cut));
+  RecordProperty("cut_mid_word", std::to_string(cut_mid_word));
+}
+
+// One very long line costs memory for its first --max-seq-len tokens, not for its length: 8 MB of text
+// (sentencepiece needs hundreds of bytes per byte it tokenizes: gigabytes for the whole line) stays within a
+// small fraction of that.
+TEST_F(TrainData, AVeryLongLineIsNotTokenizedWhole) {
+  std::string text = "{\"text\": \"";
+  for (int i = 0; text.size() < (8u << 20); ++i) text += "word" + std::to_string(i % 1000) + " ";
+  text += "end\"}\n";
+  const auto p = write("long.jsonl", text);
+  rusage before{}, after{};
+  getrusage(RUSAGE_SELF, &before);
+  DataOptions o;
+  o.max_seq_len = 64;
+  const auto ds = load_dataset(p, tok(), o);
+  getrusage(RUSAGE_SELF, &after);
+  ASSERT_EQ(ds.sequences.size(), 1u);
+  EXPECT_EQ(ds.sequences[0].tokens.size(), 64u);
+  EXPECT_EQ(ds.truncated, 1);
+  // ru_maxrss in KiB: the file, its JSON and a string copy are some 40 MB; tokenizing it whole took over 2 GB.
+  EXPECT_LT(after.ru_maxrss - before.ru_maxrss, 400 * 1024) << "peak grew by " << (after.ru_maxrss - before.ru_maxrss) << " KiB";
 }
 
 TEST_F(TrainData, EveryBadLineIsOneErrorNamingFileAndLine) {

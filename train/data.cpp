@@ -13,6 +13,7 @@
 
 #include "core/error.hpp"
 #include "core/regular_file.hpp"
+#include "core/safetensors.hpp"  // printable()
 
 namespace moelab::train {
 
@@ -49,8 +50,12 @@ std::string read_maybe_gzip(const std::string& path) {
     zs.avail_out = sizeof buf;
     rc = inflate(&zs, Z_NO_FLUSH);
     if (rc == Z_STREAM_END && zs.avail_in > 0) {
-      // Concatenated gzip members (as `cat a.gz b.gz` makes): go on with the next one.
       out.append(buf, sizeof buf - zs.avail_out);
+      // Zero bytes after the last member (tape and block-device padding; `gzip -dc` ignores it, and so does
+      // the eval reader, evals/docs.cpp): the end of the data.
+      const auto* rest = zs.next_in;
+      if (std::all_of(rest, rest + zs.avail_in, [](Bytef b) { return b == 0; })) break;
+      // Concatenated gzip members (as `cat a.gz b.gz` makes): go on with the next one.
       inflateReset(&zs);
       rc = Z_OK;
       continue;
@@ -100,7 +105,7 @@ std::vector<ChatMessage> parse_messages(const nlohmann::json& j, const char* key
     for (const auto& [k, value] : m.items())
       if (k != "role" && k != "content")
         throw Error(fmt::format("{}: {}: unknown field \"{}\" (a message holds \"role\" and \"content\")", where,
-                                label, k));
+                                label, printable(k)));
     for (const char* f : {"role", "content"}) {
       if (!m.contains(f)) throw Error(fmt::format("{}: {} has no \"{}\"", where, label, f));
       if (!m.at(f).is_string())
@@ -110,7 +115,7 @@ std::vector<ChatMessage> parse_messages(const nlohmann::json& j, const char* key
     if (cm.role != "user" && cm.role != "assistant" && cm.role != "system")
       throw Error(fmt::format("{}: {}.role is \"{}\"; Mixtral-Instruct's chat template knows \"user\", "
                               "\"assistant\" and one leading \"system\"",
-                              where, label, cm.role));
+                              where, label, printable(cm.role)));
     out.push_back(std::move(cm));
   }
   return out;
@@ -154,7 +159,7 @@ std::string render_mixtral_chat(const std::vector<ChatMessage>& messages, const 
     if ((m.role == "user") != want_user)
       throw Error(fmt::format("{}: {} is \"{}\" where the chat template needs \"{}\" (after an optional system "
                               "message, roles alternate user/assistant/user/...)",
-                              where, m.label, m.role, want_user ? "user" : "assistant"));
+                              where, m.label, printable(m.role), want_user ? "user" : "assistant"));
     if (m.role == "user")
       text += " [INST] " + (i == first && has_system ? system + "\n\n" : std::string()) + m.content + " [/INST]";
     else
@@ -206,9 +211,57 @@ std::vector<int32_t> tokenize_rendered(const std::string& text, const Tokenizer&
 
 }  // namespace
 
+size_t max_token_bytes(const Tokenizer& tok) {
+  // A special token's text ("<s>", "</s>", "<unk>") stands in rendered chats for one token: count it too.
+  size_t most = 5;
+  for (int32_t id = 0; id < tok.vocab_size(); ++id) most = std::max(most, tok.token_bytes(id).size());
+  return most;
+}
+
+std::string_view tokenization_prefix(std::string_view text, int64_t max_tokens, size_t token_bytes) {
+  const size_t need = size_t(max_tokens) * token_bytes;  // the first max_tokens tokens lie within these bytes
+  if (text.size() <= 2 * need) return text;
+  // Cut before a lone space between two non-spaces in [need, 2 * need]: sentencepiece's pieces hold its word
+  // boundary only in front (or in runs of spaces), so no piece spans such a space and the tokens before it
+  // are the same with or without the text after it.
+  for (size_t p = std::min(2 * need, text.size() - 2); p > need; --p)
+    if (text[p] == ' ' && text[p - 1] != ' ' && text[p + 1] != ' ') return text.substr(0, p);
+  // One word longer than `need` bytes: cut at a character boundary 2 * need bytes in; the pieces it changes
+  // are at its end, far past the first max_tokens tokens.
+  size_t p = 2 * need;
+  while (p > 0 && (uint8_t(text[p]) & 0xC0) == 0x80) --p;
+  return text.substr(0, p);
+}
+
+namespace {
+
+// The first max_tokens tokens of `encode(text)`, tokenizing only tokenization_prefix(text) (memory bounded by
+// max_tokens, not the line: sentencepiece needs hundreds of bytes per byte of text). Where the prefix gives no
+// more tokens than that (pieces longer than any in the vocabulary: runs of unknown characters merged into one
+// <unk>), the whole text is tokenized instead, so the result is always the whole text's first tokens.
+template <typename Encode>
+std::vector<int32_t> first_tokens(const std::string& text, int64_t max_tokens, size_t token_bytes, Encode encode) {
+  const std::string_view prefix = tokenization_prefix(text, max_tokens, token_bytes);
+  if (prefix.size() < text.size()) {
+    auto ids = encode(std::string(prefix));
+    if (int64_t(ids.size()) > max_tokens) {
+      ids.resize(size_t(max_tokens) + 1);  // one more than fits: the caller still sees a sequence it cuts
+      return ids;
+    }
+  }
+  return encode(text);
+}
+
+}  // namespace
+
 Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opt) {
   if (opt.max_seq_len < 2) throw Error(fmt::format("max sequence length {} is too short (at least 2)", opt.max_seq_len));
   const std::string text = read_maybe_gzip(path);
+  // Only a bounded prefix of each text is tokenized (first_tokens): the first max_seq_len tokens are all that
+  // is kept.
+  const size_t token_bytes = max_token_bytes(tok);
+  auto encode_with_bos = [&](const std::string& t) { return tok.encode(t, /*add_bos=*/true); };
+  auto encode_rendered = [&](const std::string& t) { return tokenize_rendered(t, tok); };
   Dataset ds;
   ds.path = path;
   int64_t kind_line = 0;  // the line that fixed the file's kind
@@ -224,7 +277,9 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {
+      // Every kind: a syntax error (parse_error), and also a number too large for a double, "1e400", which
+      // nlohmann reports as out_of_range.
       throw Error(fmt::format("{}: not valid JSON ({})", where, e.what()));
     }
     if (!j.is_object()) throw Error(fmt::format("{}: a line must be a JSON object, not {}", where, j.type_name()));
@@ -232,7 +287,8 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       if (key != "text" && key != "prompt" && key != "completion" && key != "messages" && key != "domain" &&
           key != "source")
         throw Error(fmt::format("{}: unknown field \"{}\" (a line holds \"text\", \"messages\", or \"prompt\" and "
-                                "\"completion\"; \"domain\" and \"source\" are read as metadata)", where, key));
+                                "\"completion\"; \"domain\" and \"source\" are read as metadata)", where,
+                                printable(key)));
     const bool has_text = j.contains("text"), has_prompt = j.contains("prompt"), has_completion = j.contains("completion");
     const bool has_messages = j.contains("messages");
     std::string kind;
@@ -272,7 +328,7 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       const std::string t = string_field(j, "text", where);
       if (t.empty()) throw Error(fmt::format("{}: \"text\" is empty", where));
       if (!opt.domain.empty() && domain != opt.domain) continue;
-      seq.tokens = tok.encode(t, /*add_bos=*/true);
+      seq.tokens = first_tokens(t, opt.max_seq_len, token_bytes, encode_with_bos);
       seq.tokens.push_back(tok.eos_id());
       seq.target.assign(seq.tokens.size(), 1);
     } else if (kind == "conversational") {
@@ -281,7 +337,7 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       const auto messages = parse_messages(j, "messages", where);
       const std::string rendered = render_mixtral_chat(messages, tok, where);
       if (!opt.domain.empty() && domain != opt.domain) continue;
-      seq.tokens = tokenize_rendered(rendered, tok);
+      seq.tokens = first_tokens(rendered, opt.max_seq_len, token_bytes, encode_rendered);
       seq.target.assign(seq.tokens.size(), 1);
     } else if (kind == "conversational prompt-completion") {
       // trl: the prompt's messages and prompt + completion rendered and tokenized separately; the first
@@ -294,8 +350,8 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       messages.resize(prompt_messages);
       const std::string prompt = render_mixtral_chat(messages, tok, where, /*prompt_part=*/true);
       if (!opt.domain.empty() && domain != opt.domain) continue;
-      const size_t prompt_len = tokenize_rendered(prompt, tok).size();
-      seq.tokens = tokenize_rendered(whole, tok);
+      const size_t prompt_len = first_tokens(prompt, opt.max_seq_len, token_bytes, encode_rendered).size();
+      seq.tokens = first_tokens(whole, opt.max_seq_len, token_bytes, encode_rendered);
       seq.target.assign(seq.tokens.size(), 1);
       if (opt.completion_only_loss)
         for (size_t i = 0; i < std::min(prompt_len, seq.target.size()); ++i) seq.target[i] = 0;
@@ -306,8 +362,8 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
       if (!opt.domain.empty() && domain != opt.domain) continue;
       // trl: the prompt alone and the prompt + completion tokenized separately; the first len(prompt ids)
       // positions of the whole are the prompt's.
-      const size_t prompt_len = tok.encode(prompt, true).size();
-      seq.tokens = tok.encode(prompt + completion, true);
+      const size_t prompt_len = first_tokens(prompt, opt.max_seq_len, token_bytes, encode_with_bos).size();
+      seq.tokens = first_tokens(prompt + completion, opt.max_seq_len, token_bytes, encode_with_bos);
       seq.tokens.push_back(tok.eos_id());
       seq.target.assign(seq.tokens.size(), 1);
       if (opt.completion_only_loss)
@@ -330,8 +386,9 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
   if (ds.sequences.empty()) {
     if (!opt.domain.empty()) {
       std::string present;
-      for (const auto& d : domains_seen) present += (present.empty() ? "" : ", ") + (d.empty() ? "(none)" : d);
-      throw Error(fmt::format("{}: no example with \"domain\" \"{}\" (domains present: {})", path, opt.domain, present));
+      for (const auto& d : domains_seen) present += (present.empty() ? "" : ", ") + (d.empty() ? "(none)" : printable(d));
+      throw Error(fmt::format("{}: no example with \"domain\" \"{}\" (domains present: {})", path,
+                              printable(opt.domain), present));
     }
     throw Error(fmt::format("{}: no example has a token to learn within --max-seq-len {}", path, opt.max_seq_len));
   }

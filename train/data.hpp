@@ -79,6 +79,16 @@ struct Dataset {
 // moelab::Error for a missing file, a directory, a bad line ("PATH:LINE: ..."), or no examples left.
 Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOptions& opt);
 
+// Tokenizing a long line costs sentencepiece hundreds of bytes of memory per byte of text, so load_dataset
+// tokenizes only a prefix of each text big enough for max_seq_len tokens: with B = max_token_bytes(tok) (the
+// most bytes of text one token stands for), the first N tokens come from at most N * B bytes, and the text is
+// cut before a lone space between N * B and 2 * N * B bytes in (a word boundary no sentencepiece piece spans,
+// so the tokens before it do not depend on what follows), or at 2 * N * B bytes inside one longer word. Texts
+// up to 2 * N * B bytes are tokenized whole. tests/test_train_data.cpp checks on the bundled corpus that the
+// prefix's first N tokens are the whole text's.
+size_t max_token_bytes(const Tokenizer& tok);
+std::string_view tokenization_prefix(std::string_view text, int64_t max_tokens, size_t token_bytes);
+
 // trl's best-fit-decreasing packing (trl.data_utils.pack_dataset, strategy "bfd") of items of the given lengths
 // (each 1..capacity) into bins of `capacity`: items by decreasing length (ties in index order), each into the
 // bin with the least space that still fits it (ties: the bin that reached that space first), else a new bin.
