@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <numeric>
+#include <random>
 #include <set>
 #include <span>
 #include <string>
@@ -518,6 +519,47 @@ TEST(TrainGrad, DropoutMaskIsNnDropout) {
   EXPECT_TRUE(c1.keep == c2.keep);
   EXPECT_FALSE(c1.keep == c3.keep);
   EXPECT_TRUE(c1.xd == x.cwiseProduct(c1.keep));
+}
+
+// The mask loop compares integer draws against first_kept_draw(p) and splits the rows over the pool; the
+// mask must be the definition's, double(draw) < p · 2^64 per element, on any thread count. 300 x 128 floats
+// take the parallel path; p from tiny to 0.9.
+TEST(TrainGrad, DropoutMaskIsItsDefinitionOnAnyThreadCount) {
+  std::mt19937_64 gen(3);
+  std::normal_distribution<float> normal;
+  train::Mat<float> x(300, 128), w = train::Mat<float>::Zero(8, 128);
+  for (int64_t i = 0; i < x.size(); ++i) x.data()[i] = normal(gen);
+  train::LoraParam<float> lora;
+  lora.a = train::Mat<float>::Ones(2, 128);
+  lora.b = train::Mat<float>::Ones(8, 2);
+  lora.scale = 1;
+  const train::Products one(1), three(3);
+  for (const double p : {1e-12, 0.05, 0.1, 0.5, 0.9}) {
+    SCOPED_TRACE(::testing::Message() << "p " << p);
+    const uint64_t v0 = train::stage::first_kept_draw(p);
+    const double threshold = p * 18446744073709551616.0;
+    EXPECT_GE(double(v0), threshold);                 // v0 is kept ...
+    if (v0 > 0) EXPECT_LT(double(v0 - 1), threshold);  // ... and the draw below it is dropped
+    train::stage::Dropout d;
+    d.p = p;
+    d.ranges = {{0, 100, 11}, {100, -1, 12}};
+    train::stage::LinearCache<float> c1, c3;
+    train::stage::linear_forward<float>(one, x, w, &lora, d, &c1);
+    train::stage::linear_forward<float>(three, x, w, &lora, d, &c3);
+    EXPECT_TRUE(c1.keep == c3.keep);
+    EXPECT_TRUE(c1.xd == c3.xd);
+    int64_t wrong = 0;
+    for (int64_t r = 0; r < x.rows(); ++r) {
+      const uint64_t base = train::stage::mix(r < 100 ? 11 : 12);
+      const int64_t r0 = r < 100 ? 0 : 100;
+      for (int64_t j = 0; j < x.cols(); ++j) {
+        const uint64_t draw = train::stage::mix(base + uint64_t((r - r0) * x.cols() + j) * 0x9E3779B97F4A7C15ull);
+        const float expected = double(draw) < threshold ? 0.0f : 1.0f / float(1 - p);
+        wrong += c1.keep(r, j) != expected || c1.xd(r, j) != x(r, j) * expected;
+      }
+    }
+    EXPECT_EQ(wrong, 0);
+  }
 }
 
 // A batch's sequences are stacked into one matrix (train/lora_model.cpp); each one's rows take their mask

@@ -53,6 +53,23 @@ inline uint64_t mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// nn.Dropout's draw for element i of a stream: dropped when double(draw) < p · 2^64, i.e. with probability p.
+inline uint64_t dropout_draw(uint64_t stream_base, int64_t i) { return mix(stream_base + uint64_t(i) * 0x9E3779B97F4A7C15ull); }
+
+// The smallest draw that is kept: double(draw) >= p · 2^64. Converting is monotone, so the dropped draws are
+// exactly those below it, and the mask loop compares integers (x86-64 before AVX-512 has no unsigned 64-bit
+// to double conversion: the compiler's branchy sequence was most of the loop). Same masks as the definition.
+inline uint64_t first_kept_draw(double p) {
+  const double threshold = p * 18446744073709551616.0;
+  uint64_t lo = 0, hi = ~uint64_t(0);  // double(hi) = 2^64 > threshold for p < 1
+  while (lo < hi) {
+    const uint64_t mid = lo + (hi - lo) / 2;
+    if (double(mid) >= threshold) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
 template <typename S>
 Mat<S> linear_forward(const Products& mm, const Mat<S>& x, const std::type_identity_t<FrozenMatrix<S>>& w,
                       const LoraParam<S>* lora, const Dropout& drop,
@@ -61,22 +78,42 @@ Mat<S> linear_forward(const Products& mm, const Mat<S>& x, const std::type_ident
   if (!lora) return y;
   Mat<S> u;
   if (drop.p > 0) {
-    // nn.Dropout: each element zeroed with probability p, the rest scaled by 1/(1-p). Element i's draw is
-    // SplitMix64 at counter i: cheap, and the same mask whenever the stream is the same.
+    // nn.Dropout: each element zeroed with probability p, the rest scaled by 1/(1-p). Element i of a range
+    // draws SplitMix64 at counter i: cheap, the same mask whenever the stream is the same, and independent of
+    // which thread draws it, so the rows are split over the pool (each work item a piece of one range).
     const S kept = S(1) / S(1 - drop.p);
-    const double threshold = drop.p * 18446744073709551616.0;  // p · 2^64: P(draw < threshold) = p
-    Mat<S> keep(x.rows(), x.cols());
+    const uint64_t first_kept = first_kept_draw(drop.p);
+    const int64_t cols = x.cols();
+    struct Piece {
+      int64_t row0, row1, range_row0;
+      uint64_t base;
+    };
+    std::vector<Piece> pieces;
+    const int64_t rows_per_piece = std::max<int64_t>(1, (int64_t(1) << 13) / std::max<int64_t>(1, cols));
     int64_t covered = 0;
     for (const auto& range : drop.ranges) {
       const int64_t rows = range.rows < 0 ? x.rows() - range.row0 : range.rows;
-      const uint64_t base = mix(range.stream);
-      S* out = keep.data() + range.row0 * x.cols();
-      for (int64_t i = 0; i < rows * x.cols(); ++i)
-        out[i] = double(mix(base + uint64_t(i) * 0x9E3779B97F4A7C15ull)) < threshold ? S(0) : kept;
+      if (range.row0 < 0 || rows < 0 || range.row0 + rows > x.rows())
+        throw std::logic_error("dropout range outside the input's rows");
+      for (int64_t r = range.row0; r < range.row0 + rows; r += rows_per_piece)
+        pieces.push_back({r, std::min(range.row0 + rows, r + rows_per_piece), range.row0, mix(range.stream)});
       covered += rows;
     }
     if (covered != x.rows()) throw std::logic_error("dropout ranges do not cover the input's rows");
-    Mat<S> xd = x.cwiseProduct(keep);
+    Mat<S> keep(x.rows(), cols), xd(x.rows(), cols);
+    const auto draw = [&](int64_t p0, int64_t p1) {
+      for (int64_t k = p0; k < p1; ++k) {
+        const Piece& piece = pieces[size_t(k)];
+        for (int64_t r = piece.row0; r < piece.row1; ++r)
+          for (int64_t j = 0; j < cols; ++j) {
+            const S m = dropout_draw(piece.base, (r - piece.range_row0) * cols + j) < first_kept ? S(0) : kept;
+            keep(r, j) = m;
+            xd(r, j) = x(r, j) * m;
+          }
+      }
+    };
+    if (x.size() >= (int64_t(1) << 15)) mm.parallel_for(int64_t(pieces.size()), 1, draw);
+    else draw(0, int64_t(pieces.size()));
     u = product(xd, Op::N, lora->a, Op::T);
     if (cache) {
       cache->keep = std::move(keep);
