@@ -39,6 +39,7 @@
 #include "core/generate.hpp"
 #include "core/model_presets.hpp"
 #include "core/progress.hpp"
+#include "core/regular_file.hpp"
 #include "core/safetensors_writer.hpp"
 #include "core/spawn.hpp"
 #include "core/tokenizer.hpp"
@@ -74,7 +75,8 @@ constexpr double kFinetuneLearningRate = 2e-3;
 std::string finetune_data_for(const DemoArgs& a) {
   if (!a.finetune_data.empty()) return a.finetune_data;
   const auto own = fs::path(a.model) / "corpus" / "train.jsonl.gz";
-  if (fs::exists(own)) return own.string();
+  std::error_code ec;
+  if (fs::exists(own, ec)) return own.string();
   return (fs::path(default_model_dir()) / "corpus" / "train.jsonl.gz").string();
 }
 
@@ -83,7 +85,8 @@ std::string finetune_data_for(const DemoArgs& a) {
 std::string corpus_for(const DemoArgs& a) {
   if (!a.corpus.empty()) return a.corpus;
   const auto own = fs::path(a.model) / "corpus" / "heldout.jsonl";
-  if (fs::exists(own)) return own.string();
+  std::error_code ec;
+  if (fs::exists(own, ec)) return own.string();
   return (fs::path(default_model_dir()) / "corpus" / "heldout.jsonl").string();
 }
 
@@ -117,6 +120,42 @@ std::string plotting_python() {
 
 void heading(int step, const std::string& what) { fmt::print("\n== [{}/8] {}\n", step, what); }
 
+// The demo replaces what an earlier demo wrote in its folder (the trace, step 7's finetune/), so it must only
+// ever run in a folder that is new, empty, or a demo's: one holding this marker (written when the folder is
+// taken), or, from demos before the marker existed, an index.json of format "moelab-demo-v1".
+constexpr const char* kDemoMarker = ".moelab-demo";
+
+bool is_demo_folder(const fs::path& out) {
+  std::error_code ec;
+  if (fs::is_regular_file(out / kDemoMarker, ec)) return true;
+  try {
+    const auto index = nlohmann::json::parse(read_regular_file((out / "index.json").string(), "demo index", 1u << 26));
+    return index.is_object() && index.value("format", "") == "moelab-demo-v1";
+  } catch (const std::exception&) {
+    return false;  // no index.json, or not a demo's
+  }
+}
+
+// Creates --output (or takes an empty or earlier demo's folder) and marks it as the demo's; anything else is
+// refused before the demo runs or removes anything.
+void take_output_folder(const fs::path& out) {
+  std::error_code ec;
+  const auto type = fs::status(out, ec).type();
+  if (ec && type != fs::file_type::not_found) throw Error(fmt::format("{}: --output: {}", out.string(), ec.message()));
+  if (type != fs::file_type::not_found) {
+    if (type != fs::file_type::directory) throw Error(fmt::format("{}: --output exists and is not a folder", out.string()));
+    const bool empty = fs::is_empty(out, ec);
+    if (ec) throw Error(fmt::format("{}: --output: {}", out.string(), ec.message()));
+    if (!empty && !is_demo_folder(out))
+      throw Error(fmt::format("{}: --output holds files no demo wrote (no {} marker); the demo replaces its own "
+                              "outputs there, so give a new or empty folder",
+                              out.string(), kDemoMarker));
+  }
+  fs::create_directories(out, ec);
+  if (ec) throw Error(fmt::format("{}: cannot create the output folder: {}", out.string(), ec.message()));
+  write_file_atomic((out / kDemoMarker).string(), "written by moelab demo: the demo may replace its outputs here\n");
+}
+
 void run_demo(DemoArgs& a) {
   const auto started = std::chrono::steady_clock::now();
   if (a.model.empty()) a.model = default_model_dir();
@@ -127,8 +166,8 @@ void run_demo(DemoArgs& a) {
   const auto texts = analysis::read_trace_inputs({corpus}, {});
   const auto hs_inputs = read_eval_inputs({.task = "hellaswag", .data = hellaswag, .shots = 0, .limit = a.hellaswag_items});
   const auto wt_inputs = read_eval_inputs({.task = "wikitext", .data = wikitext});
-  fs::create_directories(a.out);
   const fs::path out(a.out);
+  take_output_folder(out);
 
   const auto ck = Checkpoint::open(a.model, /*show_progress=*/true);
   const auto& c = ck->config();
@@ -184,7 +223,10 @@ void run_demo(DemoArgs& a) {
   // 3. Routing trace of the held-out corpus. A fresh file each run (the demo's trace is not appended to).
   heading(3, fmt::format("routing trace of the held-out corpus ({})", corpus));
   const auto trace_path = (out / "routing-trace.h5").string();
-  fs::remove(trace_path);
+  {
+    std::error_code ec;
+    fs::remove(trace_path, ec);  // an earlier demo's (take_output_folder checked the folder is the demo's)
+  }
   // The held-out loss per domain is gathered from the same forward passes (step 7 compares it).
   analysis::LossByDomain loss_before;
   TraceRunOptions trace_options{.window = std::min(256, ref->max_context()), .router_logits = true, .prefetch_guess = true,
@@ -247,7 +289,11 @@ void run_demo(DemoArgs& a) {
   // 6. Evals on both engines.
   heading(6, "evals on both engines: HellaSwag (0-shot) and WikiText-2 slices, beside Mixtral-8x7B's reported scores");
   nlohmann::json evals_index = nlohmann::json::array();
-  fs::create_directories(out / "evals");
+  {
+    std::error_code ec;
+    fs::create_directories(out / "evals", ec);
+    if (ec) throw Error(fmt::format("{}: cannot create it: {}", (out / "evals").string(), ec.message()));
+  }
   for (const auto* inputs : {&hs_inputs, &wt_inputs})
     for (Engine* e : engines) {
       const auto o = run_eval(*e, tok, a.model, *inputs);
@@ -268,7 +314,13 @@ void run_demo(DemoArgs& a) {
     heading(7, fmt::format("fine-tune (QLoRA) on '{}' for {} steps; then the held-out loss and the expert load per "
                            "domain, base against adapted", a.finetune_domain, a.finetune_steps));
     const fs::path ft_dir = out / "finetune";
-    fs::remove_all(ft_dir);  // the demo's own folder: a fresh run each time (finetune refuses a non-empty output)
+    {
+      // An earlier demo's (take_output_folder checked the folder is the demo's): a fresh run each time, as
+      // finetune refuses a non-empty output.
+      std::error_code ec;
+      fs::remove_all(ft_dir, ec);
+      if (ec) throw Error(fmt::format("{}: cannot remove the earlier demo's fine-tune: {}", ft_dir.string(), ec.message()));
+    }
     train::FinetuneOptions fo;
     fo.model = a.model;
     fo.data = finetune_data;

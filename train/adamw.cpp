@@ -96,6 +96,15 @@ void AdamW::restore(std::span<const ParamView> params, const State& s, const std
     if (m->second.size() != p.value.size() || v->second.size() != p.value.size())
       throw Error(fmt::format("{}: optimizer state for {} has {} values, the adapter {}", where, p.name,
                               m->second.size(), p.value.size()));
+    // A second moment is a running mean of squares: a negative one would make sqrt(v) NaN in the next update.
+    // (The reader has already refused non-finite values.) A step count below 1 would zero the bias corrections.
+    for (size_t j = 0; j < v->second.size(); ++j)
+      if (!(v->second[j] >= 0.0f))
+        throw Error(fmt::format("{}: exp_avg_sq.{} element {} is {}; a second moment is never negative", where, p.name,
+                                j, v->second[j]));
+    if (t->second < 1)
+      throw Error(fmt::format("{}: optimizer step count {} for {}; a saved state has taken at least one step", where,
+                              t->second, p.name));
     exp_avg_.push_back(m->second);
     exp_avg_sq_.push_back(v->second);
     step_.push_back(t->second);

@@ -7,6 +7,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -18,7 +19,9 @@
 #include "core/error.hpp"
 #include "core/progress.hpp"
 #include "core/regular_file.hpp"
+#include "core/safetensors.hpp"
 #include "core/safetensors_writer.hpp"
+#include "core/sha256.hpp"
 #include "core/tokenizer.hpp"
 #include "train/products.hpp"
 #include "train/train_state.hpp"
@@ -69,19 +72,59 @@ void check_options(const FinetuneOptions& o) {
   if (o.grad_accum < 1) throw Error(fmt::format("--gradient-accumulation-steps {} must be at least 1", o.grad_accum));
   if (!(o.learning_rate > 0) || !std::isfinite(o.learning_rate))
     throw Error(fmt::format("--learning-rate {} must be positive", o.learning_rate));
-  if (o.max_steps <= 0 && !(o.num_epochs > 0)) throw Error("--num-train-epochs must be positive (or give --max-steps)");
+  if (o.max_steps <= 0 && !(o.num_epochs > 0 && std::isfinite(o.num_epochs)))
+    throw Error(fmt::format("--num-train-epochs {} must be positive and finite (or give --max-steps)", o.num_epochs));
   if (!(o.warmup_ratio >= 0 && o.warmup_ratio <= 1)) throw Error(fmt::format("--warmup-ratio {} is outside [0, 1]", o.warmup_ratio));
   if (o.warmup_steps < 0) throw Error("--warmup-steps must not be negative");
   if (!(o.adam.beta1 >= 0 && o.adam.beta1 < 1) || !(o.adam.beta2 >= 0 && o.adam.beta2 < 1))
     throw Error("--adam-beta1 and --adam-beta2 must be in [0, 1)");
-  if (!(o.adam.eps >= 0)) throw Error("--adam-epsilon must not be negative");
-  if (!(o.adam.weight_decay >= 0)) throw Error("--weight-decay must not be negative");
+  // torch.optim.AdamW refuses only eps < 0 and weight_decay < 0. Stricter here: eps = 0 divides 0 by 0 for a
+  // value whose gradient has been exactly 0 so far (a fresh lora_A's, when lora_B starts at 0), and an infinite
+  // eps or decay makes the update NaN; either would train a NaN adapter.
+  if (!(o.adam.eps > 0 && std::isfinite(o.adam.eps)))
+    throw Error(fmt::format("--adam-epsilon {} must be positive and finite", o.adam.eps));
+  if (!(o.adam.weight_decay >= 0 && std::isfinite(o.adam.weight_decay)))
+    throw Error(fmt::format("--weight-decay {} must be finite and not negative", o.adam.weight_decay));
   if (o.router_aux_coef < 0) throw Error("--router-aux-loss-coef must not be negative");
   if (o.eval_batch_size < 1) throw Error("--eval-batch-size must be at least 1");
 }
 
+// The base model's identity for the resume fingerprint, cheap (no pass over the weights): config.json's bytes,
+// each shard's size and header (tensor names, dtypes, shapes, offsets), and 64 bytes at the start, middle and
+// end of every tensor. Two checkpoints with the same shapes but other weights differ there (trained weights
+// differ nearly everywhere); the folder's path is not part of it, so a moved model still resumes.
+std::string base_model_identity(const Checkpoint& ck) {
+  std::string h = read_regular_file((fs::path(ck.dir()) / "config.json").string(), "model config");
+  for (const auto& shard : ck.shards()) {
+    std::error_code ec;
+    const auto size = fs::file_size(shard->path(), ec);
+    h += fmt::format("\nshard {} {}\n", fs::path(shard->path()).filename().string(), ec ? 0 : size);
+    for (const auto& [name, t] : shard->tensors()) {
+      h += fmt::format("{} {} {} {} {}\n", name, dtype_name(t.dtype), shape_str(t.shape), t.begin, t.end);
+      const auto bytes = shard->bytes(t);
+      const size_t n = std::min<size_t>(64, bytes.size());
+      for (const size_t at : {size_t(0), (bytes.size() - n) / 2, bytes.size() - n})
+        h.append(reinterpret_cast<const char*>(bytes.data() + at), n);
+    }
+  }
+  return sha256_hex(h);
+}
+
+// A hash of the tokenized training set (every sequence's tokens and targets, in file order): a resume on other
+// text with the same counts would otherwise continue silently.
+std::string train_data_sha256(const Dataset& train) {
+  std::string h;
+  for (const auto& seq : train.sequences) {
+    const int64_t len = int64_t(seq.tokens.size());
+    h.append(reinterpret_cast<const char*>(&len), sizeof len);
+    h.append(reinterpret_cast<const char*>(seq.tokens.data()), seq.tokens.size() * sizeof(int32_t));
+    h.append(reinterpret_cast<const char*>(seq.target.data()), seq.target.size());
+  }
+  return sha256_hex(h);
+}
+
 // The options a resumed run must share with the run that wrote the checkpoint (the step count may change).
-nlohmann::json fingerprint(const FinetuneOptions& o, const Dataset& train) {
+nlohmann::json fingerprint(const FinetuneOptions& o, const Dataset& train, const std::string& model_identity) {
   std::vector<std::string> targets = o.lora.target_modules;
   std::sort(targets.begin(), targets.end());
   nlohmann::json fp = {
@@ -107,6 +150,8 @@ nlohmann::json fingerprint(const FinetuneOptions& o, const Dataset& train) {
       {"target_modules", targets},
       {"router_aux_loss_coef", o.router_aux_coef},
       {"nf4", o.base.nf4},
+      {"base_model_identity", model_identity},
+      {"train_data_sha256", train_data_sha256(train)},
   };
   // Only with --packing (the bins decide the batches), so checkpoints written before packing existed resume.
   if (o.data_options.packing) fp["train_units"] = int64_t(train.bins.size());
@@ -138,21 +183,69 @@ void write_json_atomic(const fs::path& path, const nlohmann::ordered_json& j) {
   write_file_atomic(path.string(), j.dump(2) + "\n");
 }
 
+// A resume in the checkpoint's own folder continues that run from `step`: what the folder holds from later on
+// (the final adapter and summary of a run that went further, its checkpoints past `step`) would otherwise sit
+// beside the new run's files as if they were its own. They are removed, with a line naming them.
+void remove_later_outputs(const fs::path& out, int64_t step) {
+  std::vector<fs::path> later;
+  std::error_code ec;
+  for (const char* name : {"adapter_config.json", "adapter_model.safetensors", "train_summary.json"})
+    if (fs::symlink_status(out / name, ec).type() != fs::file_type::not_found) later.push_back(out / name);
+  for (fs::directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind("checkpoint-", 0) != 0) continue;
+    const std::string digits = name.substr(11);
+    if (digits.empty() || digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (std::stoll(digits) > step) later.push_back(it->path());
+  }
+  if (ec) throw Error(fmt::format("{}: cannot list the output folder: {}", out.string(), ec.message()));
+  if (later.empty()) return;
+  std::sort(later.begin(), later.end());
+  std::string names;
+  for (const auto& p : later) {
+    fs::remove_all(p, ec);
+    if (ec) throw Error(fmt::format("{}: cannot remove it: {}", p.string(), ec.message()));
+    names += (names.empty() ? "" : ", ") + p.filename().string();
+  }
+  std::printf("finetune: resuming at step %lld in %s: removed the earlier run's outputs from after that step: %s\n",
+              (long long)step, out.string().c_str(), names.c_str());
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* stop) {
   check_options(o);
   const fs::path out(o.output);
   const bool resuming = !o.resume_from.empty();
+  // --output is new or empty; a resume may also continue in the checkpoint's own folder (OUTPUT of
+  // OUTPUT/checkpoint-STEP), and only there, so a resume never writes into a folder of something else.
+  bool resume_in_place = false;
   {
     std::error_code ec;
     const auto st = fs::symlink_status(out, ec);
+    if (ec && st.type() != fs::file_type::not_found)
+      throw Error(fmt::format("{}: --output: {}", out.string(), ec.message()));
+    if (st.type() == fs::file_type::symlink)
+      throw Error(fmt::format("{}: --output is a symbolic link; give the folder it points to, or a new folder",
+                              out.string()));
     if (st.type() != fs::file_type::not_found) {
       if (st.type() != fs::file_type::directory)
         throw Error(fmt::format("{}: --output exists and is not a folder", out.string()));
-      if (!resuming && !fs::is_empty(out, ec))
+      const bool empty = fs::is_empty(out, ec);
+      if (ec) throw Error(fmt::format("{}: --output: {}", out.string(), ec.message()));
+      if (resuming) {
+        const fs::path ck_dir = fs::path(o.resume_from).lexically_normal();
+        // (A trailing slash leaves an empty last name: its parent is then the checkpoint itself.)
+        const fs::path ck_parent = (ck_dir.has_filename() ? ck_dir : ck_dir.parent_path()).parent_path();
+        resume_in_place = fs::equivalent(ck_parent.empty() ? fs::path(".") : ck_parent, out, ec) && !ec;
+      }
+      if (!empty && !resume_in_place)
         throw Error(fmt::format("{}: --output is not empty; choose a new folder, or continue a run in it with "
-                                "--resume-from-checkpoint {}/checkpoint-STEP", out.string(), out.string()));
+                                "--resume-from-checkpoint {}/checkpoint-STEP{}", out.string(), out.string(),
+                                resuming ? fmt::format(" (a resume writes into the checkpoint's own folder or a new "
+                                                       "one; {} is in neither)", o.resume_from)
+                                         : std::string()));
     }
   }
   const auto ck = Checkpoint::open(o.model, o.show_progress);
@@ -166,8 +259,13 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   const int64_t n = int64_t(train.bins.size());  // training units: one sequence each, or --packing's bins
   const int64_t micro_per_epoch = (n + o.batch_size - 1) / o.batch_size;
   const int64_t steps_per_epoch = (micro_per_epoch + o.grad_accum - 1) / o.grad_accum;
-  const int64_t total_steps =
-      o.max_steps > 0 ? o.max_steps : std::max<int64_t>(1, int64_t(std::ceil(o.num_epochs * double(steps_per_epoch))));
+  // The epochs' step count is checked as a double before it becomes an integer (1e300 epochs would not fit).
+  constexpr int64_t kMaxTotalSteps = int64_t(1) << 40;
+  const double epoch_steps = std::ceil(o.num_epochs * double(steps_per_epoch));
+  if (o.max_steps <= 0 && !(epoch_steps <= double(kMaxTotalSteps)))
+    throw Error(fmt::format("--num-train-epochs {} makes {:.4g} steps of {} per epoch, more than {}", o.num_epochs,
+                            epoch_steps, steps_per_epoch, kMaxTotalSteps));
+  const int64_t total_steps = o.max_steps > 0 ? o.max_steps : std::max<int64_t>(1, int64_t(epoch_steps));
   LrSchedule schedule{o.schedule, warmup_steps_for(o.warmup_steps, o.warmup_ratio, total_steps), total_steps};
 
   LoraModel<float> model(*ck, o.base, o.threads);
@@ -175,19 +273,26 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   const std::vector<ParamView> views = param_views(params);
   AdamW adam(o.adam);
   TrainCounters counters;
-  const nlohmann::json print = fingerprint(o, train);
+  const nlohmann::json print = fingerprint(o, train, base_model_identity(*ck));
 
-  fs::create_directories(out);
+  {
+    std::error_code ec;
+    fs::create_directories(out, ec);
+    if (ec) throw Error(fmt::format("{}: cannot create the output folder: {}", out.string(), ec.message()));
+  }
   const fs::path log_path = out / "train_log.csv";
   if (resuming) {
     read_train_checkpoint(o.resume_from, views, adam, counters, print);
     if (counters.step > total_steps)
-      throw Error(fmt::format("{}: the checkpoint is at step {}, past this run's {} steps", o.resume_from, counters.step,
-                              total_steps));
+      throw Error(fmt::format("{}: the checkpoint is at step {}, past this run's {} steps",
+                              (fs::path(o.resume_from) / "trainer_state.json").string(), counters.step, total_steps));
+    if (resume_in_place) remove_later_outputs(out, counters.step);
     // The log continues from the checkpoint's copy: rows of steps after it (an earlier run went further) go.
     const fs::path saved_log = fs::path(o.resume_from) / "train_log.csv";
-    write_file_atomic(log_path.string(), fs::exists(saved_log) ? read_regular_file(saved_log.string(), "training log")
-                                                               : std::string(kLogHeader));
+    std::error_code ec;
+    const bool has_log = fs::exists(saved_log, ec);
+    write_file_atomic(log_path.string(), has_log ? read_regular_file(saved_log.string(), "training log")
+                                                 : std::string(kLogHeader));
   } else {
     write_file_atomic(log_path.string(), kLogHeader);
   }
@@ -285,6 +390,16 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
                               loss, s + 1, grad_norm));
     const double lr = o.learning_rate * schedule.factor(s);
     adam.step(views, lr);
+    // The update itself can overflow (a finite gradient and a huge step) where the loss and gradient were fine:
+    // stop before anything of this step is written, so the last checkpoint stays the last good state and no
+    // NaN adapter is ever saved as complete.
+    for (const auto& v : views)
+      for (size_t i = 0; i < v.value.size(); ++i)
+        if (!std::isfinite(v.value[i]))
+          throw Error(fmt::format("step {}: AdamW's update made {} element {} {} (learning rate {:.3g}); nothing of "
+                                  "this step was written{}; try a lower --learning-rate", s + 1, v.name, i, v.value[i],
+                                  lr, sum.last_checkpoint.empty() ? std::string()
+                                                                  : "; the last checkpoint is " + sum.last_checkpoint));
     params.zero_grad();
     sum.optimizer_seconds += seconds_since(t_optimizer);
 

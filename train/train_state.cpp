@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 
@@ -21,7 +22,18 @@ namespace {
 constexpr const char* kFormat = "moelab-finetune-checkpoint";
 constexpr int kVersion = 1;
 
-std::string describe(const nlohmann::json& v) { return v.is_null() ? "nothing" : v.dump(); }
+// A fingerprint value for an error line: JSON (control characters escaped by dump), cut short past 200
+// characters so a huge value from a damaged file stays one readable line.
+std::string describe(const nlohmann::json& v) {
+  if (v.is_null()) return "nothing";
+  std::string s = v.dump();
+  if (s.size() > 200) s = s.substr(0, 200) + "...";
+  return s;
+}
+
+// trainer_state.json nests three levels; far deeper nesting is a damaged or hostile file, refused while parsing
+// (nlohmann's recursive destructor and dump would overflow the stack on a value nested 100000 deep).
+constexpr int kMaxStateDepth = 16;
 
 }  // namespace
 
@@ -70,14 +82,28 @@ void write_train_checkpoint(const std::string& dir, const LoraParams<float>& par
 void read_train_checkpoint(const std::string& dir, std::span<const ParamView> views, AdamW& adam, TrainCounters& c,
                            const nlohmann::json& fingerprint) {
   const std::string state_path = (fs::path(dir) / "trainer_state.json").string();
-  if (!fs::is_directory(dir))
+  std::error_code ec;
+  // error_code forms: a symbolic-link loop or an unreadable parent is one line naming the path, not an exception
+  // from the standard library.
+  const auto dir_type = fs::status(dir, ec).type();
+  if (ec && dir_type != fs::file_type::not_found)
+    throw Error(fmt::format("{}: --resume-from-checkpoint: {}", dir, ec.message()));
+  if (dir_type != fs::file_type::directory)
     throw Error(fmt::format("{}: --resume-from-checkpoint is not a folder (give OUTPUT/checkpoint-STEP)", dir));
-  if (!fs::exists(state_path))
+  const auto state_type = fs::status(state_path, ec).type();
+  if (ec && state_type != fs::file_type::not_found) throw Error(fmt::format("{}: {}", state_path, ec.message()));
+  if (state_type == fs::file_type::not_found)
     throw Error(fmt::format("{}: no trainer_state.json; not a moelab finetune checkpoint", dir));
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(read_regular_file(state_path, "trainer state"));
-    if (j.value("format", "") != kFormat || j.value("version", 0) != kVersion)
+    j = nlohmann::json::parse(read_regular_file(state_path, "trainer state"),
+                              [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+                                if (depth > kMaxStateDepth)
+                                  throw Error(fmt::format("{}: nested more than {} levels deep; not a trainer state",
+                                                          state_path, kMaxStateDepth));
+                                return true;
+                              });
+    if (!j.is_object() || j.value("format", "") != kFormat || j.value("version", 0) != kVersion)
       throw Error(fmt::format("{}: not a {} version {} file", state_path, kFormat, kVersion));
     c.step = j.at("step").get<int64_t>();
     c.epoch = j.at("epoch").get<double>();
@@ -85,11 +111,35 @@ void read_train_checkpoint(const std::string& dir, std::span<const ParamView> vi
     c.tokens = j.at("tokens").get<int64_t>();
     c.target_tokens = j.at("target_tokens").get<int64_t>();
     c.evals = j.at("evals");
+    // Each evaluation is {"step": S, "eval_loss": L} with S no later than the checkpoint (the loop reads them).
+    if (!c.evals.is_array()) throw Error(fmt::format("{}: \"evals\" is {}, not a list", state_path, c.evals.type_name()));
+    for (const auto& e : c.evals) {
+      if (!e.is_object() || !e.contains("step") || !e.contains("eval_loss") || !e.at("step").is_number_integer() ||
+          !e.at("eval_loss").is_number())
+        throw Error(fmt::format("{}: an entry of \"evals\" is not {{\"step\": integer, \"eval_loss\": number}}",
+                                state_path));
+      const int64_t s = e.at("step").get<int64_t>();
+      if (s < 0 || s > c.step)
+        throw Error(fmt::format("{}: \"evals\" has step {}, outside 0..{} (the checkpoint's step)", state_path, s, c.step));
+    }
   } catch (const nlohmann::json::exception& e) {
     throw Error(fmt::format("{}: {}", state_path, e.what()));
   }
-  const auto& saved = j["fingerprint"];
+  // Counters a run can have reached: a negative step would index the data order out of range, a negative
+  // count or a non-finite time would be carried into the log and the summary.
+  if (c.step < 0) throw Error(fmt::format("{}: \"step\" is {}; a step count is never negative", state_path, c.step));
+  if (c.tokens < 0 || c.target_tokens < 0 || c.target_tokens > c.tokens)
+    throw Error(fmt::format("{}: \"tokens\" {} and \"target_tokens\" {} are not counts (0 <= target_tokens <= tokens)",
+                            state_path, c.tokens, c.target_tokens));
+  if (!(std::isfinite(c.epoch) && c.epoch >= 0) || !(std::isfinite(c.elapsed_s) && c.elapsed_s >= 0))
+    throw Error(fmt::format("{}: \"epoch\" {} and \"elapsed_s\" {} must be finite and not negative", state_path,
+                            c.epoch, c.elapsed_s));
+  const nlohmann::json saved = j.contains("fingerprint") && j["fingerprint"].is_object() ? j["fingerprint"]
+                                                                                        : nlohmann::json::object();
   for (const auto& [key, value] : fingerprint.items()) {
+    // The model's and the data's identities were added to the fingerprint later: a checkpoint written before
+    // has neither, and resumes on the other keys alone.
+    if (!saved.contains(key) && (key == "base_model_identity" || key == "train_data_sha256")) continue;
     const nlohmann::json was = saved.contains(key) ? saved[key] : nlohmann::json();
     if (was != value)
       throw Error(fmt::format("{}: the checkpoint was trained with {} = {}, this run has {}; a resume must use the "
@@ -102,6 +152,14 @@ void read_train_checkpoint(const std::string& dir, std::span<const ParamView> vi
   } catch (const nlohmann::json::exception& e) {
     throw Error(fmt::format("{}: adamw_steps: {}", state_path, e.what()));
   }
+  // AdamW steps once per optimizer step, every tensor together: its counts are the checkpoint's step (a count
+  // of 0 or below would make the bias corrections 1 - beta^t zero or negative, the update NaN or reversed).
+  if (c.step > 0 && st.steps.empty())
+    throw Error(fmt::format("{}: \"adamw_steps\" is empty at step {}", state_path, c.step));
+  for (const auto& [name, t] : st.steps)
+    if (t != c.step)
+      throw Error(fmt::format("{}: \"adamw_steps\" of {} is {}, not the checkpoint's step {}", state_path,
+                              printable(name), t, c.step));
   auto read = [&](const std::string& name, size_t n) {
     if (!f.contains(name)) throw Error(fmt::format("{}: no tensor {}", f.path(), name));
     const auto& t = f.info(name);

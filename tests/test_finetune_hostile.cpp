@@ -1,0 +1,282 @@
+// `moelab finetune` and `moelab demo` on hostile input (the twelfth session's review): a damaged trainer state,
+// options that make AdamW's update non-finite, a resume into someone else's folder or beside a later run's
+// outputs, another model or other data under the same checkpoint, epochs that do not fit, paths the filesystem
+// refuses, and a demo folder the demo did not write. Each gets one line naming the file and exit status 1, and
+// nothing of anyone else's is overwritten or removed. Runs the real binary on a small fixture model.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <tuple>
+#include <nlohmann/json.hpp>
+
+#include "core/safetensors.hpp"
+#include "core/safetensors_writer.hpp"
+#include "process_util.hpp"
+
+namespace moelab::test {
+namespace {
+
+namespace fs = std::filesystem;
+const std::string kModel = std::string(MOELAB_FIXTURES) + "/models/mixtral-4e-gqa-f32";
+
+bool one_line(const MoelabRun& r) { return std::count(r.err.begin(), r.err.end(), '\n') == 1; }
+
+class FinetuneHostile : public ::testing::Test {
+ protected:
+  TempDir dir{"moelab-finetune-hostile"};
+  std::string data;
+  void SetUp() override {
+    std::string text;
+    for (int i = 0; i < 8; ++i)
+      text += fmt::format("{{\"text\": \"Ticket {} is filed under shelf Q-{} in the zebra archive.\"}}\n", 100 + i, 7 * i);
+    data = write("train.jsonl", text);
+  }
+  std::string write(const std::string& name, const std::string& text) {
+    std::ofstream(dir.file(name), std::ios::binary) << text;
+    return dir.file(name);
+  }
+  MoelabRun moelab(const std::vector<std::string>& args) {
+    const fs::path d = dir.path() / fmt::format("run{}", runs_++);
+    fs::create_directories(d);
+    return run_moelab(args, d);
+  }
+  std::vector<std::string> args(const std::string& out, int steps, const std::string& model = kModel) const {
+    return {"finetune", "--model", model, "--data", data, "-o", out, "--max-steps", std::to_string(steps),
+            "--batch-size", "2", "--max-seq-len", "32", "--save-steps", "1", "--threads", "1", "--progress", "none"};
+  }
+  static std::vector<std::string> with(std::vector<std::string> a, const std::vector<std::string>& more) {
+    a.insert(a.end(), more.begin(), more.end());
+    return a;
+  }
+  // A copy of `checkpoint` whose trainer_state.json has been changed by `edit`.
+  std::string edited_checkpoint(const std::string& checkpoint, const std::string& name,
+                                const std::function<void(nlohmann::json&)>& edit) {
+    const fs::path copy = dir.path() / "edited" / name / "checkpoint-1";
+    fs::create_directories(copy.parent_path());
+    fs::copy(checkpoint, copy, fs::copy_options::recursive);
+    auto j = nlohmann::json::parse(read_file_bytes(copy / "trainer_state.json"));
+    edit(j);
+    std::ofstream(copy / "trainer_state.json") << j.dump();
+    return copy.string();
+  }
+  int runs_ = 0;
+};
+
+// Negative or impossible counters, evaluations of the wrong shape, AdamW step counts that are not the
+// checkpoint's, a negative second moment: one line naming the file; before, a step of -1 crashed (SIGSEGV),
+// a wrong "evals" ended in an internal error, and the AdamW values trained a NaN adapter reported complete.
+TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {
+  const std::string run = dir.file("run");
+  ASSERT_EQ(moelab(args(run, 2)).status, 0);
+  const std::string good = run + "/checkpoint-1";
+  const std::vector<std::pair<std::string, std::function<void(nlohmann::json&)>>> cases = {
+      {"step-minus-1", [](nlohmann::json& j) { j["step"] = -1; }},
+      {"step-min", [](nlohmann::json& j) { j["step"] = std::numeric_limits<int64_t>::min(); }},
+      {"tokens-negative", [](nlohmann::json& j) { j["tokens"] = -5; }},
+      {"evals-number-list", [](nlohmann::json& j) { j["evals"] = nlohmann::json::array({1}); }},
+      {"evals-string", [](nlohmann::json& j) { j["evals"] = "abc"; }},
+      {"evals-null-loss", [](nlohmann::json& j) { j["evals"] = {{{"step", 0}, {"eval_loss", nullptr}}}; }},
+      {"evals-no-step", [](nlohmann::json& j) { j["evals"] = {{{"eval_loss", 1.0}}}; }},
+      {"adamw-steps-minus-1", [](nlohmann::json& j) { for (auto& [k, v] : j["adamw_steps"].items()) v = -1; }},
+      {"adamw-steps-zero", [](nlohmann::json& j) { for (auto& [k, v] : j["adamw_steps"].items()) v = 0; }},
+  };
+  for (const auto& [name, edit] : cases) {
+    const std::string ck = edited_checkpoint(good, name, edit);
+    const auto r = moelab(with(args(dir.file("out-" + name), 2), {"--resume-from-checkpoint", ck}));
+    EXPECT_EQ(r.status, 1) << name << ": " << r.err;
+    EXPECT_TRUE(one_line(r)) << name << ": " << r.err;
+    EXPECT_NE(r.err.find("moelab: error: " + ck + "/trainer_state.json: "), std::string::npos) << name << ": " << r.err;
+    EXPECT_FALSE(fs::exists(dir.file("out-" + name) + "/adapter_model.safetensors")) << name;
+  }
+  // A negative second moment in optimizer.safetensors (finite, so the reader's own check passes it).
+  const std::string ck = edited_checkpoint(good, "negative-exp-avg-sq", [](nlohmann::json&) {});
+  {
+    const std::string path = ck + "/optimizer.safetensors";
+    std::vector<std::vector<float>> values;
+    std::vector<std::string> names;
+    std::map<std::string, std::string> meta;
+    {
+      const SafetensorsFile f(path);
+      meta = f.metadata();
+      for (const auto& [name, t] : f.tensors()) {
+        names.push_back(name);
+        values.push_back(f.read_f32(name));
+        if (name.rfind("exp_avg_sq.", 0) == 0 && names.size() > 0 && values.back().size() > 0) values.back()[0] = -1.0f;
+      }
+    }
+    std::vector<TensorToWrite> tensors;
+    for (size_t i = 0; i < names.size(); ++i)
+      tensors.push_back(make_f32_tensor(names[i], {int64_t(values[i].size())}, values[i].data()));
+    write_safetensors(path, tensors, meta);
+  }
+  const auto r = moelab(with(args(dir.file("out-negative"), 2), {"--resume-from-checkpoint", ck}));
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_TRUE(one_line(r)) << r.err;
+  EXPECT_NE(r.err.find("a second moment is never negative"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir.file("out-negative") + "/adapter_model.safetensors"));
+}
+
+// --adam-epsilon 0 (0/0 on a gradient that has been exactly 0) and a non-finite --weight-decay are refused up
+// front; a finite decay so large the update overflows stops at that step with one line, and writes no adapter
+// (before: exit 0, "completed": true, a NaN adapter).
+TEST_F(FinetuneHostile, AdamWOptionsAndANonFiniteUpdate) {
+  for (const auto& [opt, value, want] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"--adam-epsilon", "0", "--adam-epsilon 0 must be positive and finite"},
+           {"--adam-epsilon", "inf", "--adam-epsilon inf must be positive and finite"},
+           {"--weight-decay", "inf", "--weight-decay inf must be finite and not negative"},
+           {"--weight-decay", "nan", "--weight-decay nan must be finite and not negative"}}) {
+    const std::string out = dir.file("opt" + std::to_string(runs_));
+    const auto r = moelab(with(args(out, 1), {opt, value}));
+    EXPECT_EQ(r.status, 1) << opt << " " << value << ": " << r.err;
+    EXPECT_TRUE(one_line(r)) << r.err;
+    EXPECT_NE(r.err.find(want), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(out + "/adapter_model.safetensors"));
+  }
+  const std::string out = dir.file("overflow");
+  const auto r = moelab(with(args(out, 1), {"--weight-decay", "1e300", "--learning-rate", "1e-3"}));
+  EXPECT_EQ(r.status, 1) << r.err << r.out;
+  EXPECT_TRUE(one_line(r)) << r.err;
+  EXPECT_NE(r.err.find("step 1: AdamW's update made"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(out + "/adapter_model.safetensors"));
+  EXPECT_FALSE(fs::exists(out + "/train_summary.json"));
+  EXPECT_FALSE(fs::exists(out + "/checkpoint-1"));
+}
+
+// A resume writes into the checkpoint's own folder or a new one, never into another folder with files in it;
+// in its own folder, the final adapter, the summary and the checkpoints of a run that went further are removed
+// (with a line naming them) so they never sit beside the new run's files.
+TEST_F(FinetuneHostile, ResumeOnlyInItsOwnFolderAndNeverBesideALaterRunsOutputs) {
+  const std::string run = dir.file("run");
+  ASSERT_EQ(moelab(args(run, 3)).status, 0);
+  ASSERT_TRUE(fs::exists(run + "/checkpoint-3") && fs::exists(run + "/adapter_model.safetensors"));
+  // Someone else's folder.
+  const std::string victim = dir.file("victim");
+  fs::create_directories(victim);
+  std::ofstream(victim + "/train_log.csv") << "precious\n";
+  std::ofstream(victim + "/adapter_config.json") << "{\"precious\": true}\n";
+  const auto v = moelab(with(args(victim, 3), {"--resume-from-checkpoint", run + "/checkpoint-1"}));
+  EXPECT_EQ(v.status, 1) << v.err;
+  EXPECT_TRUE(one_line(v)) << v.err;
+  EXPECT_NE(v.err.find(victim + ": --output is not empty"), std::string::npos) << v.err;
+  EXPECT_EQ(read_file_bytes(fs::path(victim) / "train_log.csv"), "precious\n");
+  EXPECT_EQ(read_file_bytes(fs::path(victim) / "adapter_config.json"), "{\"precious\": true}\n");
+  // Its own folder (given with a trailing slash): the later run's outputs go first. No checkpoint is saved by
+  // this run (--save-steps 0), so every checkpoint left is from before step 1.
+  auto a = with(args(run, 2), {"--resume-from-checkpoint", run + "/checkpoint-1/"});
+  a[std::find(a.begin(), a.end(), "--save-steps") - a.begin() + 1] = "0";
+  const auto r = moelab(a);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("finetune: resuming at step 1 in " + run + ": removed the earlier run's outputs from after that "
+                       "step: adapter_config.json, adapter_model.safetensors, checkpoint-2, checkpoint-3, "
+                       "train_summary.json"),
+            std::string::npos)
+      << r.out;
+  EXPECT_TRUE(fs::exists(run + "/checkpoint-1"));
+  EXPECT_FALSE(fs::exists(run + "/checkpoint-2"));
+  EXPECT_FALSE(fs::exists(run + "/checkpoint-3"));
+  const auto sum = nlohmann::json::parse(read_file_bytes(fs::path(run) / "train_summary.json"));
+  EXPECT_EQ(sum["steps"], 2);
+  EXPECT_EQ(sum["total_steps"], 2);
+}
+
+// The fingerprint holds the base model's identity and the tokenized data's hash: a model with the same shapes
+// but other weights, or the same lines in another order (every count equal), is refused naming what differs.
+TEST_F(FinetuneHostile, ResumeNoticesAnotherModelOrOtherData) {
+  const std::string run = dir.file("run");
+  ASSERT_EQ(moelab(args(run, 2)).status, 0);
+  const std::string ck = run + "/checkpoint-1";
+  // The same model copied elsewhere resumes (the path is not part of its identity).
+  const std::string copy = dir.file("model-copy");
+  fs::copy(kModel, copy, fs::copy_options::recursive);
+  const auto same = moelab(with(args(dir.file("same"), 2, copy), {"--resume-from-checkpoint", ck}));
+  EXPECT_EQ(same.status, 0) << same.err;
+  // One weight's lowest mantissa byte changed: the same shapes, another model.
+  {
+    std::string bytes = read_file_bytes(fs::path(copy) / "model.safetensors");
+    uint64_t header = 0;
+    std::memcpy(&header, bytes.data(), 8);
+    bytes[8 + header] = char(bytes[8 + header] ^ 1);
+    std::ofstream(fs::path(copy) / "model.safetensors", std::ios::binary | std::ios::trunc) << bytes;
+  }
+  const auto m = moelab(with(args(dir.file("other-model"), 2, copy), {"--resume-from-checkpoint", ck}));
+  EXPECT_EQ(m.status, 1) << m.err;
+  EXPECT_TRUE(one_line(m)) << m.err;
+  EXPECT_NE(m.err.find("the checkpoint was trained with base_model_identity = "), std::string::npos) << m.err;
+  // The same lines in reverse order.
+  std::string text = read_file_bytes(data), reversed;
+  std::vector<std::string> lines;
+  for (size_t p = 0, e; p < text.size(); p = e + 1) lines.push_back(text.substr(p, (e = text.find('\n', p)) - p + 1));
+  for (auto it = lines.rbegin(); it != lines.rend(); ++it) reversed += *it;
+  data = write("reversed.jsonl", reversed);
+  const auto d = moelab(with(args(dir.file("other-data"), 2), {"--resume-from-checkpoint", ck}));
+  EXPECT_EQ(d.status, 1) << d.err;
+  EXPECT_TRUE(one_line(d)) << d.err;
+  EXPECT_NE(d.err.find("the checkpoint was trained with train_data_sha256 = "), std::string::npos) << d.err;
+}
+
+// --num-train-epochs that is not finite, or makes more steps than fit, is one line (before: 1e300 and inf
+// silently trained one step, an out-of-range float-to-integer conversion).
+TEST_F(FinetuneHostile, EpochsMustBeFiniteAndFit) {
+  for (const auto& [epochs, want] : std::vector<std::pair<std::string, std::string>>{
+           {"inf", "--num-train-epochs inf must be positive and finite"},
+           {"nan", "--num-train-epochs nan must be positive and finite"},
+           {"1e300", "--num-train-epochs 1e+300 makes 4e+300 steps of 4 per epoch, more than 1099511627776"}}) {
+    const std::string out = dir.file("epochs" + std::to_string(runs_));
+    auto a = args(out, 1);
+    const auto at = std::find(a.begin(), a.end(), "--max-steps") - a.begin();
+    a.erase(a.begin() + at, a.begin() + at + 2);
+    const auto r = moelab(with(a, {"--num-train-epochs", epochs}));
+    EXPECT_EQ(r.status, 1) << epochs << ": " << r.err;
+    EXPECT_TRUE(one_line(r)) << r.err;
+    EXPECT_NE(r.err.find(want), std::string::npos) << r.err;
+  }
+}
+
+// Paths the filesystem refuses are one line naming the path, not a standard-library exception: an output
+// under a file, a symbolic-link loop as the checkpoint; a symbolic link as --output is named as one.
+TEST_F(FinetuneHostile, PathsTheFilesystemRefusesAreOneLine) {
+  const std::string file = write("afile", "x");
+  const auto under = moelab(args(file + "/sub", 1));
+  EXPECT_EQ(under.status, 1) << under.err;
+  EXPECT_TRUE(one_line(under)) << under.err;
+  EXPECT_NE(under.err.find("moelab: error: " + file + "/sub: "), std::string::npos) << under.err;
+  const std::string loop = dir.file("loop");
+  fs::create_symlink(loop, loop);
+  const auto l = moelab(with(args(dir.file("out-loop"), 1), {"--resume-from-checkpoint", loop}));
+  EXPECT_EQ(l.status, 1) << l.err;
+  EXPECT_TRUE(one_line(l)) << l.err;
+  EXPECT_NE(l.err.find("moelab: error: " + loop + ": --resume-from-checkpoint: "), std::string::npos) << l.err;
+  fs::create_directories(dir.file("empty"));
+  fs::create_directory_symlink(dir.file("empty"), dir.file("link"));
+  const auto s = moelab(args(dir.file("link"), 1));
+  EXPECT_EQ(s.status, 1) << s.err;
+  EXPECT_NE(s.err.find(dir.file("link") + ": --output is a symbolic link"), std::string::npos) << s.err;
+}
+
+// The demo replaces its own earlier outputs only: a folder with files no demo wrote is refused before anything
+// runs, and they stay (before: OUT/finetune was removed whole).
+TEST_F(FinetuneHostile, DemoNeverRemovesAFolderItDidNotWrite) {
+  const std::string out = dir.file("demo");
+  fs::create_directories(out + "/finetune");
+  std::ofstream(out + "/finetune/precious.txt") << "important\n";
+  const auto r = moelab({"demo", "--model", kModel, "--finetune-data", data, "--finetune-domain", "", "--finetune-steps",
+                         "1", "--hellaswag-items", "1", "-o", out, "--no-plots", "--threads", "1"});
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_TRUE(one_line(r)) << r.err;
+  EXPECT_NE(r.err.find(out + ": --output holds files no demo wrote"), std::string::npos) << r.err;
+  EXPECT_EQ(read_file_bytes(fs::path(out) / "finetune/precious.txt"), "important\n");
+  // A file as --output: one line, not a filesystem exception.
+  const auto f = moelab({"demo", "--model", kModel, "-o", write("afile", "x") + "/sub", "--no-plots"});
+  EXPECT_EQ(f.status, 1) << f.err;
+  EXPECT_TRUE(one_line(f)) << f.err;
+}
+
+}  // namespace
+}  // namespace moelab::test
