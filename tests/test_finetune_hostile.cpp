@@ -79,7 +79,9 @@ TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {
   const std::vector<std::pair<std::string, std::function<void(nlohmann::json&)>>> cases = {
       {"step-minus-1", [](nlohmann::json& j) { j["step"] = -1; }},
       {"step-min", [](nlohmann::json& j) { j["step"] = std::numeric_limits<int64_t>::min(); }},
+      {"step-fraction", [](nlohmann::json& j) { j["step"] = 1.5; }},
       {"tokens-negative", [](nlohmann::json& j) { j["tokens"] = -5; }},
+      {"fingerprint-not-object", [](nlohmann::json& j) { j["fingerprint"] = nlohmann::json::array({1}); }},
       {"evals-number-list", [](nlohmann::json& j) { j["evals"] = nlohmann::json::array({1}); }},
       {"evals-string", [](nlohmann::json& j) { j["evals"] = "abc"; }},
       {"evals-null-loss", [](nlohmann::json& j) { j["evals"] = {{{"step", 0}, {"eval_loss", nullptr}}}; }},

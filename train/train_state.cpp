@@ -105,6 +105,12 @@ void read_train_checkpoint(const std::string& dir, std::span<const ParamView> vi
                               });
     if (!j.is_object() || j.value("format", "") != kFormat || j.value("version", 0) != kVersion)
       throw Error(fmt::format("{}: not a {} version {} file", state_path, kFormat, kVersion));
+    // Counts are integers: nlohmann would truncate 1.5 to 1 without a word.
+    for (const char* key : {"step", "tokens", "target_tokens"})
+      if (!j.at(key).is_number_integer())
+        throw Error(fmt::format("{}: \"{}\" is {}, not an integer", state_path, key, j.at(key).dump().substr(0, 40)));
+    if (!j.contains("fingerprint") || !j.at("fingerprint").is_object())
+      throw Error(fmt::format("{}: no \"fingerprint\" object", state_path));
     c.step = j.at("step").get<int64_t>();
     c.epoch = j.at("epoch").get<double>();
     c.elapsed_s = j.at("elapsed_s").get<double>();
@@ -134,8 +140,7 @@ void read_train_checkpoint(const std::string& dir, std::span<const ParamView> vi
   if (!(std::isfinite(c.epoch) && c.epoch >= 0) || !(std::isfinite(c.elapsed_s) && c.elapsed_s >= 0))
     throw Error(fmt::format("{}: \"epoch\" {} and \"elapsed_s\" {} must be finite and not negative", state_path,
                             c.epoch, c.elapsed_s));
-  const nlohmann::json saved = j.contains("fingerprint") && j["fingerprint"].is_object() ? j["fingerprint"]
-                                                                                        : nlohmann::json::object();
+  const nlohmann::json& saved = j.at("fingerprint");
   for (const auto& [key, value] : fingerprint.items()) {
     // The model's and the data's identities were added to the fingerprint later: a checkpoint written before
     // has neither, and resumes on the other keys alone.
