@@ -13,6 +13,7 @@
 #include "cli/options.hpp"
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
+#include "core/lora.hpp"
 #include "train/finetune.hpp"
 
 namespace moelab::cli {
@@ -104,7 +105,8 @@ void register_finetune(CLI::App& app) {
   cmd->add_option("--resume-from-checkpoint", o.resume_from,
                   "Continue from OUTPUT/checkpoint-STEP with the same data and options (bit for bit)");
   // peft LoraConfig
-  cmd->add_option("--lora-r", o.lora.rank, "LoRA rank")->capture_default_str()->check(CLI::Range(1, 1 << 20));
+  // The bound LoraAdapter::load reads: finetune never writes an adapter moelab would then refuse.
+  cmd->add_option("--lora-r", o.lora.rank, "LoRA rank")->capture_default_str()->check(CLI::Range(1, kMaxLoraRank));
   cmd->add_option("--lora-alpha", o.lora.alpha, "LoRA alpha (scale alpha / r)")->capture_default_str();
   cmd->add_option("--lora-dropout", o.lora.dropout, "Dropout on the LoRA branch's input while training")
       ->capture_default_str()

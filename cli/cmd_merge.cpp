@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -33,6 +34,24 @@ struct MergeArgs {
   double shard_mb = 4096;
 };
 
+// --shard-size-mb's range, checked before the size is converted to bytes (a NaN or 1e300 converted to an
+// integer is undefined behaviour): about 1 KB (tests write tiny shards) to 1 TiB.
+constexpr double kMinShardMb = 0.001, kMaxShardMb = 1 << 20;
+
+// A merged weight must be finite in the dtype written: W + scale * B A can overflow float where the adapter
+// or the base weight is extreme, and a finite float beyond BF16's range rounds to Inf. A checkpoint with an
+// Inf is refused by every reader afterwards, so the merge stops here, naming the tensor, before the output
+// folder is renamed into place (the caller removes it).
+void check_merged_finite(const std::vector<float>& values, DType dtype, const std::string& tensor, const std::string& source) {
+  for (size_t i = 0; i < values.size(); ++i) {
+    const bool finite = std::isfinite(values[i]) && (dtype != DType::BF16 || std::isfinite(bf16_to_f32(f32_to_bf16(values[i]))));
+    if (!finite)
+      throw Error(fmt::format("{}: merging gives tensor '{}' the value {} at element {}{}, which a checkpoint cannot hold; "
+                              "nothing was written", source, tensor, values[i], i,
+                              std::isfinite(values[i]) ? " (beyond BF16's range)" : ""));
+  }
+}
+
 // Writes the merged checkpoint into the (new, empty) folder `dir`; returns how many weights were adapted.
 size_t write_merged(const Checkpoint& ck, const LoraAdapter& adapter, const MergeArgs& a, const fs::path& dir) {
   const auto& c = ck.config();
@@ -53,6 +72,7 @@ size_t write_merged(const Checkpoint& ck, const LoraAdapter& adapter, const Merg
       w += delta;
       ++merged;
     }
+    check_merged_finite(values, dtype, spec.name, adapter.find(spec.name) ? adapter.dir() : ck.dir());
     TensorToWrite t{spec.name, dtype, spec.shape, {}};
     if (dtype == DType::F32) {
       t.data.resize(values.size() * sizeof(float));
@@ -90,6 +110,9 @@ size_t write_merged(const Checkpoint& ck, const LoraAdapter& adapter, const Merg
 }
 
 void run_merge(const MergeArgs& a) {
+  if (!(a.shard_mb >= kMinShardMb && a.shard_mb <= kMaxShardMb))
+    throw Error(fmt::format("--shard-size-mb must be a size in MiB from {} to {}, got {}", kMinShardMb, int64_t(kMaxShardMb),
+                            a.shard_mb));
   const fs::path out_dir = output_folder(a.out, "merge");
   std::error_code ec;
   if (fs::symlink_status(out_dir, ec).type() != fs::file_type::not_found)
@@ -137,7 +160,7 @@ void register_merge(CLI::App& app) {
   cmd->add_option("--dtype", a.dtype, "Weights' dtype: f32, or bf16 (rounded to nearest even)")
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
-  cmd->add_option("--shard-size-mb", a.shard_mb, "Largest shard")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--shard-size-mb", a.shard_mb, "Largest shard")->capture_default_str();  // range: run_merge
   add_progress_option(*cmd);
   cmd->callback([] { run_merge(a); });
 }

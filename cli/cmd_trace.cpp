@@ -20,6 +20,7 @@
 #include "core/checkpoint.hpp"
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "core/lora.hpp"
 #include "core/progress.hpp"
 #include "core/safetensors_writer.hpp"
 #include "core/tokenizer.hpp"
@@ -80,6 +81,9 @@ void run_trace(TraceArgs& a) {
   // Appending: the trace's model, tokenizer and engine are checked before the engine loads (its name as
   // make_engine will give it; the writer checks again with the engine's own).
   if (a.append) {
+    // The adapter is read and checked first: the header hashes its weights file, which must be a sound
+    // adapter (and a regular file) before anything reads it.
+    if (!a.eo.adapter.empty()) LoraAdapter::load(a.eo.adapter, cfg);
     const auto name = a.eo.engine == "ref" && a.eo.precision == "f64" ? std::string("ref-f64") : a.eo.engine;
     analysis::check_appendable(a.out, trace_header(*ck, name, a.window, options, texts));
   }

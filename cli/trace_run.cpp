@@ -15,6 +15,7 @@
 #include "analysis/timing.hpp"
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "core/lora.hpp"
 #include "core/progress.hpp"
 
 namespace moelab::cli {
@@ -131,7 +132,8 @@ analysis::TraceHeader trace_header(const Checkpoint& ck, const std::string& engi
   for (const auto& in : o.inputs) header.inputs.push_back(absolute_path(in));
   if (!o.adapter.empty()) {
     header.adapter = absolute_path(o.adapter);
-    header.adapter_sha256 = analysis::sha256_file((std::filesystem::path(o.adapter) / "adapter_model.safetensors").string());
+    header.adapter_sha256 = analysis::sha256_file((std::filesystem::path(o.adapter) / kAdapterWeightsFile).string(),
+                                                  "adapter weights");
   }
   header.tool_version = MOELAB_VERSION;
   header.window = window;

@@ -8,12 +8,14 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <re2/re2.h>
+
 #include <algorithm>
 #include <cctype>
+#include <cfloat>
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <set>
 
 #include "core/error.hpp"
@@ -26,7 +28,21 @@ namespace {
 namespace fs = std::filesystem;
 using ojson = nlohmann::ordered_json;  // rank_pattern / alpha_pattern are tried in the file's order, as peft does
 
-constexpr int kMaxRank = 1 << 16;
+// A peft config is a flat object whose deepest field (layer_replication, a list of pairs) is 3 levels down;
+// nothing past this depth is read, so a document nested deeper is refused while it is parsed, before any
+// recursive walk over it (serializing one 200,000 levels deep for a message overflowed the stack).
+constexpr int kMaxJsonDepth = 64;
+// Regular expressions from the config (target_modules, exclude_modules, layers_pattern, rank_pattern and
+// alpha_pattern keys) are matched by RE2, in time linear in the name matched, never by backtracking. The
+// longest a real one gets is a few hundred bytes (an alternation of module names); this is far above that.
+constexpr size_t kMaxPatternBytes = 4096;
+constexpr int64_t kMaxPatternMemory = 8 << 20;  // RE2's compiled-program and DFA budget, per expression
+// ordered_json (rank_pattern is tried in the file's order) finds each new key of an object by a linear
+// search, so parsing an object of n fields costs n^2 / 2 string comparisons: 200,000 fields took tens of
+// seconds. A peft config has a few dozen fields, and a rank_pattern at most one per module of the model.
+constexpr size_t kMaxObjectFields = 16384;
+// How much of a value from the file an error message shows.
+constexpr size_t kShownBytes = 60;
 const char* const kAdaptable = "the attention projections q_proj/k_proj/v_proj/o_proj, the router gate and the experts' w1/w2/w3 "
                                "(gate_proj/up_proj/down_proj in a dense model)";
 
@@ -98,10 +114,46 @@ bool list_matches(const std::vector<std::string>& list, const std::string& key) 
   return false;
 }
 
+// The first `max` bytes of `s` or fewer, never ending inside a UTF-8 character.
+std::string_view utf8_prefix(std::string_view s, size_t max) {
+  if (s.size() <= max) return s;
+  size_t cut = max;
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
+  return s.substr(0, cut);
+}
+
+// A string from the file for a message: at most `max` bytes, "..." when cut, escaped for one terminal line
+// (a message never carries a megabyte-long field or a control character).
+std::string clipped(std::string_view s, size_t max = kShownBytes) {
+  if (s.size() <= max) return printable(s);
+  return printable(utf8_prefix(s, max - 3)) + "...";
+}
+
+// A JSON value as dump() writes it, but only its first `budget` bytes or so: containers are written element
+// by element, and strings cut, until the budget is spent, so a huge value is never serialized whole.
+void preview(const ojson& v, std::string& out, size_t budget) {
+  if (v.is_string()) {
+    out += ojson(std::string(utf8_prefix(v.get_ref<const std::string&>(), budget))).dump();
+  } else if (v.is_array() || v.is_object()) {
+    out += v.is_array() ? '[' : '{';
+    for (auto it = v.begin(); it != v.end(); ++it) {
+      if (out.size() > budget) return;
+      if (it != v.begin()) out += ',';
+      if (v.is_object()) out += ojson(std::string(utf8_prefix(it.key(), budget))).dump() + ":";
+      preview(*it, out, budget);
+    }
+    out += v.is_array() ? ']' : '}';
+  } else {
+    out += v.dump();  // a number, true/false or null: short
+  }
+}
+
 bool is_empty_value(const ojson& v) {
   return v.is_null() || (v.is_boolean() && !v.get<bool>()) || (v.is_array() && v.empty()) ||
          (v.is_object() && v.empty()) || (v.is_string() && v.get<std::string>().empty());
 }
+
+using Regex = std::shared_ptr<const RE2>;  // RE2 objects cannot be copied or moved
 
 class ConfigReader {
  public:
@@ -119,8 +171,9 @@ class ConfigReader {
       throw error(field, fmt::format("is {}: {}", shown(j_.at(field)), why));
   }
   static std::string shown(const ojson& v) {
-    std::string s = v.dump();
-    if (s.size() > 60) s = s.substr(0, 57) + "...";
+    std::string s;
+    preview(v, s, kShownBytes);
+    if (s.size() > kShownBytes) s = std::string(utf8_prefix(s, kShownBytes - 3)) + "...";
     return printable(s);
   }
   std::vector<std::string> string_list(const char* field) const {
@@ -133,14 +186,22 @@ class ConfigReader {
     }
     return out;
   }
-  // A regular expression from a field (Python's re syntax; what std::regex's ECMAScript grammar cannot
-  // read is refused, never approximated).
-  std::regex regex(const std::string& field, const std::string& pattern) const {
-    try {
-      return std::regex(pattern, std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      throw error(field, fmt::format("'{}' is not a regular expression moelab can read ({})", printable(pattern), e.what()));
-    }
+  // A regular expression from a field, compiled by RE2: peft matches with Python's re, and what RE2's
+  // syntax cannot read (lookarounds, backreferences, possessive quantifiers) is refused, never approximated.
+  // RE2 matches in time linear in the text, so no pattern can make a match hang, and its compilation is
+  // bounded by the pattern's length and kMaxPatternMemory.
+  Regex regex(const std::string& field, const std::string& pattern) const {
+    if (pattern.size() > kMaxPatternBytes)
+      throw error(field, fmt::format("holds a regular expression of {} bytes ('{}'): at most {} are read", pattern.size(),
+                                     clipped(pattern), kMaxPatternBytes));
+    RE2::Options options;
+    options.set_log_errors(false);  // the reason goes into the one error line, not onto stderr
+    options.set_max_mem(kMaxPatternMemory);
+    auto re = std::make_shared<const RE2>(pattern, options);
+    if (!re->ok())
+      throw error(field, fmt::format("'{}' is not a regular expression moelab can read (RE2: {})", clipped(pattern),
+                                     clipped(re->error(), 200)));
+    return re;
   }
 
   const std::string& path() const { return path_; }
@@ -153,31 +214,34 @@ class ConfigReader {
 // peft's target selection, for one adapter_config.json.
 struct Selection {
   bool regex_target = false;
-  std::regex target_regex;
+  Regex target_regex;
   std::vector<std::string> target_list;
   bool regex_exclude = false;
-  std::regex exclude_regex;
+  Regex exclude_regex;
   std::vector<std::string> exclude_list;
   std::vector<int> layers;  // layers_to_transform (empty: every layer)
-  std::vector<std::regex> layer_index_patterns;
-  std::vector<std::pair<std::regex, int>> rank_pattern;
-  std::vector<std::pair<std::regex, double>> alpha_pattern;
+  std::vector<Regex> layer_index_patterns;
+  std::vector<std::pair<Regex, int>> rank_pattern;
+  std::vector<std::pair<Regex, double>> alpha_pattern;
 
   bool excluded(const std::string& key) const {
-    if (regex_exclude) return std::regex_match(key, exclude_regex);
+    if (regex_exclude) return RE2::FullMatch(key, *exclude_regex);
     return list_matches(exclude_list, key);
   }
   // check_target_module_exists without the exclusion.
   bool targeted(const std::string& key) const {
-    if (regex_target) return std::regex_match(key, target_regex);
+    if (regex_target) return RE2::FullMatch(key, *target_regex);
     if (std::find(target_list.begin(), target_list.end(), key) != target_list.end()) return true;
     if (!list_matches(target_list, key)) return false;
     if (layers.empty()) return true;
     for (const auto& p : layer_index_patterns) {
-      std::smatch m;
-      if (std::regex_search(key, m, p)) {
-        const std::string idx = m[m.size() - 1].str();
-        if (idx.size() > 9) return false;
+      // A search; the layer index is the last group, the (\d+) each pattern ends with.
+      std::vector<re2::StringPiece> groups(size_t(p->NumberOfCapturingGroups()) + 1);
+      if (p->Match(key, 0, key.size(), RE2::UNANCHORED, groups.data(), int(groups.size()))) {
+        const std::string idx = groups.back().data() ? std::string(groups.back().data(), groups.back().size()) : "";
+        // Empty when the pattern's own '|' matched without that group: no layer index.
+        if (idx.empty() || idx.size() > 9 || !std::all_of(idx.begin(), idx.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+          return false;
         return std::find(layers.begin(), layers.end(), std::stoi(idx)) != layers.end();
       }
     }
@@ -216,7 +280,7 @@ Parsed parse_config(const std::string& path, const ojson& j, const ModelConfig& 
   for (const auto& [key, value] : j.items())
     if (!kRead.count(key) && !kNoEffect.count(key) && !is_empty_value(value))
       throw Error(fmt::format("{}: field '{}' is {}: not a LoraConfig field moelab knows (peft 0.21.2's are read); "
-                              "refused rather than ignored", path, printable(key), ConfigReader::shown(value)));
+                              "refused rather than ignored", path, clipped(key), ConfigReader::shown(value)));
 
   if (c.has("task_type")) {
     const auto& t = c.at("task_type");
@@ -255,8 +319,8 @@ Parsed parse_config(const std::string& path, const ojson& j, const ModelConfig& 
 
   Parsed p;
   if (!c.has("r")) throw c.error("r", "is missing");
-  if (!c.at("r").is_number_integer() || c.at("r").get<int64_t>() <= 0 || c.at("r").get<int64_t>() > kMaxRank)
-    throw c.error("r", fmt::format("is {}: the rank is an integer from 1 to {}", ConfigReader::shown(c.at("r")), kMaxRank));
+  if (!c.at("r").is_number_integer() || c.at("r").get<int64_t>() <= 0 || c.at("r").get<int64_t>() > kMaxLoraRank)
+    throw c.error("r", fmt::format("is {}: the rank is an integer from 1 to {}", ConfigReader::shown(c.at("r")), kMaxLoraRank));
   p.r = int(c.at("r").get<int64_t>());
   if (!c.has("lora_alpha")) throw c.error("lora_alpha", "is missing");
   if (!c.at("lora_alpha").is_number() || !std::isfinite(c.at("lora_alpha").get<double>()))
@@ -323,16 +387,22 @@ Parsed parse_config(const std::string& path, const ojson& j, const ModelConfig& 
   for (const char* field : {"rank_pattern", "alpha_pattern"}) {
     if (!c.has(field)) continue;
     if (!c.at(field).is_object()) throw c.error(field, "is not an object of pattern: value");
+    // Each key is a regular expression compiled once and tried on every selected module: a file needs at most
+    // one per module of the model, and 200,000 keys took 45 s to compile.
+    const size_t max_keys = std::max<size_t>(4096, model_modules(cfg).size());
+    if (c.at(field).size() > max_keys)
+      throw c.error(field, fmt::format("has {} patterns: at most {} are read (this {} has {} modules)", c.at(field).size(),
+                                       max_keys, cfg.arch_name(), model_modules(cfg).size()));
     for (const auto& [key, value] : c.at(field).items()) {
-      const std::regex re = c.regex(field, "(.*\\.)?(" + key + ")");
+      const Regex re = c.regex(field, "(.*\\.)?(" + key + ")");
       if (std::string(field) == "rank_pattern") {
-        if (!value.is_number_integer() || value.get<int64_t>() <= 0 || value.get<int64_t>() > kMaxRank)
-          throw c.error(field, fmt::format("gives '{}' the rank {}: a rank is an integer from 1 to {}", printable(key),
-                                           ConfigReader::shown(value), kMaxRank));
+        if (!value.is_number_integer() || value.get<int64_t>() <= 0 || value.get<int64_t>() > kMaxLoraRank)
+          throw c.error(field, fmt::format("gives '{}' the rank {}: a rank is an integer from 1 to {}", clipped(key),
+                                           ConfigReader::shown(value), kMaxLoraRank));
         s.rank_pattern.emplace_back(re, int(value.get<int64_t>()));
       } else {
         if (!value.is_number() || !std::isfinite(value.get<double>()))
-          throw c.error(field, fmt::format("gives '{}' the alpha {}: a number is expected", printable(key), ConfigReader::shown(value)));
+          throw c.error(field, fmt::format("gives '{}' the alpha {}: a number is expected", clipped(key), ConfigReader::shown(value)));
         s.alpha_pattern.emplace_back(re, value.get<double>());
       }
     }
@@ -344,7 +414,18 @@ ojson read_config_json(const std::string& path) {
   const std::string text = read_regular_file(path, "adapter config", 16u << 20);
   std::string duplicate;
   std::set<std::string> keys;  // the top-level object's
+  std::vector<size_t> fields(kMaxJsonDepth + 1);  // fields read so far in the open object at each depth
   const auto callback = [&](int depth, ojson::parse_event_t event, ojson& parsed) {
+    // nlohmann's parser keeps its own stack, so this is reached at any depth; stopping here keeps every
+    // later walk over the document (messages, destruction) shallow.
+    if ((event == ojson::parse_event_t::object_start || event == ojson::parse_event_t::array_start) &&
+        depth >= kMaxJsonDepth)
+      throw Error(fmt::format("{}: nested more than {} levels deep (a peft adapter config is a flat object of fields)",
+                              path, kMaxJsonDepth));
+    if (event == ojson::parse_event_t::object_start) fields[size_t(depth) + 1] = 0;  // its keys come at depth + 1
+    if (event == ojson::parse_event_t::key && ++fields[size_t(depth)] > kMaxObjectFields)
+      throw Error(fmt::format("{}: an object of more than {} fields (a peft adapter config has a few dozen, and a "
+                              "rank_pattern at most one per module)", path, kMaxObjectFields));
     if (event == ojson::parse_event_t::key && depth == 1 && !keys.insert(parsed.get<std::string>()).second &&
         duplicate.empty())
       duplicate = parsed.get<std::string>();
@@ -354,21 +435,32 @@ ojson read_config_json(const std::string& path) {
   try {
     j = ojson::parse(text, callback);
   } catch (const ojson::exception& e) {
-    throw Error(fmt::format("{}: not valid JSON ({})", path, e.what()));
+    throw Error(fmt::format("{}: not valid JSON ({})", path, clipped(e.what(), 300)));
   }
-  if (!duplicate.empty()) throw Error(fmt::format("{}: field '{}' appears twice", path, printable(duplicate)));
+  if (!duplicate.empty()) throw Error(fmt::format("{}: field '{}' appears twice", path, clipped(duplicate)));
   return j;
+}
+
+// What `path` is (following links); not_found when nothing is there. Any other failure (a symlink loop, a
+// folder that cannot be searched) is a moelab::Error naming the path, not a filesystem_error.
+fs::file_type type_of(const fs::path& path) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (st.type() == fs::file_type::not_found) return st.type();
+  if (ec) throw Error(fmt::format("{}: cannot be read ({})", path.string(), ec.message()));
+  return st.type();
 }
 
 }  // namespace
 
 std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, const ModelConfig& cfg) {
-  if (!fs::is_directory(dir))
+  if (type_of(dir) != fs::file_type::directory)
     throw Error(fmt::format("{}: not a directory (expected a peft adapter folder with {} and {})", dir, kAdapterConfigFile,
                             kAdapterWeightsFile));
   const std::string config_path = (fs::path(dir) / kAdapterConfigFile).string();
   const std::string weights_path = (fs::path(dir) / kAdapterWeightsFile).string();
-  if (!fs::exists(config_path)) throw Error(fmt::format("{}: missing (a peft adapter folder has one)", config_path));
+  if (type_of(config_path) == fs::file_type::not_found)
+    throw Error(fmt::format("{}: missing (a peft adapter folder has one)", config_path));
   const ojson j = read_config_json(config_path);
   const Parsed p = parse_config(config_path, j, cfg);
 
@@ -388,14 +480,14 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, con
     for (const auto& m : modules) any = any || m.name == t || ends_with(m.name, "." + t);
     if (!any)
       throw Error(fmt::format("{}: field 'target_modules' names '{}', which is no module of this {} (it adapts {})",
-                              config_path, printable(t), cfg.arch_name(), kAdaptable));
+                              config_path, clipped(t), cfg.arch_name(), kAdaptable));
   }
   if (targeted.empty())
     throw Error(fmt::format("{}: field 'target_modules' selects no module of this {} (it adapts {})", config_path,
                             cfg.arch_name(), kAdaptable));
 
-  if (!fs::exists(weights_path)) {
-    if (fs::exists(fs::path(dir) / "adapter_model.bin"))
+  if (type_of(weights_path) == fs::file_type::not_found) {
+    if (type_of(fs::path(dir) / "adapter_model.bin") != fs::file_type::not_found)
       throw Error(fmt::format("{}: missing; adapter_model.bin (a pickle) is not read: save the adapter with "
                               "safe_serialization=True", weights_path));
     throw Error(fmt::format("{}: missing (a peft adapter folder has one)", weights_path));
@@ -449,17 +541,24 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, con
     LoraFactors f;
     f.rank = p.r;
     for (const auto& [re, rank] : p.sel.rank_pattern)
-      if (std::regex_match(module, re)) {
+      if (RE2::FullMatch(module, *re)) {
         f.rank = rank;
         break;
       }
     f.alpha = p.alpha;
     for (const auto& [re, alpha] : p.sel.alpha_pattern)
-      if (std::regex_match(module, re)) {
+      if (RE2::FullMatch(module, *re)) {
         f.alpha = alpha;
         break;
       }
     f.scale = p.rslora ? f.alpha / std::sqrt(double(f.rank)) : f.alpha / double(f.rank);
+    // The engines and merge multiply by float(scale): one past float's range is an Inf (or, times a zero
+    // factor, a NaN) in every output.
+    if (!(std::fabs(f.scale) <= double(FLT_MAX)))
+      throw Error(fmt::format("{}: module '{}' gets the scale {:g} (lora_alpha {:g} / {}r {}, fields 'lora_alpha'{} and 'r'), "
+                              "beyond float's range ({:g})", config_path, module, f.scale, f.alpha,
+                              p.rslora ? "sqrt " : "", f.rank, p.sel.alpha_pattern.empty() ? "" : " / 'alpha_pattern'",
+                              double(FLT_MAX)));
     const TensorInfo& ta = *it->second.first;
     const TensorInfo& tb = *it->second.second;
     const std::vector<int64_t> want_a{f.rank, m->in}, want_b{m->out, f.rank};
@@ -478,6 +577,17 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, con
     f.b.resize(m->out, f.rank);
     file.read_f32(ta, 0, ta.numel(), f.a.data(), /*check_finite=*/true);
     file.read_f32(tb, 0, tb.numel(), f.b.data(), /*check_finite=*/true);
+    // scale * B (A x) on an input with |x_j| <= 1, and each element of merge's scale * B A, is at most this
+    // in magnitude. Real adapters are many orders below float's range (|A|, |B| ~ 1e-2 .. 1, scale ~ 1 .. 100,
+    // r * in ~ 1e6); one whose bound passes it can turn a model's outputs into Inf and NaN, so it is refused
+    // here rather than run.
+    const double a_max = f.a.size() ? double(f.a.cwiseAbs().maxCoeff()) : 0.0;
+    const double b_max = f.b.size() ? double(f.b.cwiseAbs().maxCoeff()) : 0.0;
+    const double bound = std::fabs(f.scale) * b_max * a_max * double(f.rank) * double(m->in);
+    if (!(bound <= double(FLT_MAX)))
+      throw Error(fmt::format("{}: the factors of '{}' can overflow float: |scale| {:g} x max|lora_B| {:g} x max|lora_A| {:g} "
+                              "x r {} x in {} = {:g}, beyond float's range ({:g})", weights_path, module, std::fabs(f.scale),
+                              b_max, a_max, f.rank, m->in, bound, double(FLT_MAX)));
     adapter->modules_.emplace(m->weight, std::move(f));
   }
   return adapter;

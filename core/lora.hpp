@@ -52,6 +52,10 @@ class LoraAdapter {
   std::map<std::string, LoraFactors> modules_;
 };
 
+// The largest LoRA rank moelab reads (adapter_config.json's r and rank_pattern) and trains (finetune
+// --lora-r): one bound, so that finetune never writes an adapter that moelab then refuses to read.
+inline constexpr int kMaxLoraRank = 1 << 16;
+
 // The name of the file/field an error is about, for tests and messages.
 inline constexpr const char* kAdapterConfigFile = "adapter_config.json";
 inline constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";

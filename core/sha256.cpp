@@ -4,12 +4,16 @@
 
 #include <fmt/format.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
+#include <vector>
 
 #include "core/error.hpp"
+#include "core/regular_file.hpp"
 
 namespace moelab {
 
@@ -26,7 +30,7 @@ constexpr std::array<uint32_t, 64> kRound = {
 
 uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 
-void compress(std::array<uint32_t, 8>& h, const unsigned char* block) {
+void compress(uint32_t* h, const unsigned char* block) {
   uint32_t w[64];
   for (int i = 0; i < 16; ++i)
     w[i] = uint32_t(block[4 * i]) << 24 | uint32_t(block[4 * i + 1]) << 16 | uint32_t(block[4 * i + 2]) << 8 |
@@ -47,30 +51,69 @@ void compress(std::array<uint32_t, 8>& h, const unsigned char* block) {
 
 }  // namespace
 
-std::string sha256_hex(std::string_view bytes) {
-  std::array<uint32_t, 8> h = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                               0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+void Sha256::update(std::string_view bytes) {
   const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
   size_t n = bytes.size();
-  for (; n >= 64; p += 64, n -= 64) compress(h, p);
+  total_ += n;
+  if (in_block_ > 0) {
+    const size_t take = std::min(n, sizeof block_ - in_block_);
+    std::memcpy(block_ + in_block_, p, take);
+    in_block_ += take, p += take, n -= take;
+    if (in_block_ < sizeof block_) return;
+    compress(h_, block_);
+    in_block_ = 0;
+  }
+  for (; n >= 64; p += 64, n -= 64) compress(h_, p);
+  std::memcpy(block_, p, n);
+  in_block_ = n;
+}
+
+std::string Sha256::hex() {
   unsigned char tail[128] = {};
-  std::memcpy(tail, p, n);
-  tail[n] = 0x80;
-  const size_t tail_len = n + 9 <= 64 ? 64 : 128;
-  const uint64_t bits = uint64_t(bytes.size()) * 8;
+  std::memcpy(tail, block_, in_block_);
+  tail[in_block_] = 0x80;
+  const size_t tail_len = in_block_ + 9 <= 64 ? 64 : 128;
+  const uint64_t bits = total_ * 8;
   for (int i = 0; i < 8; ++i) tail[tail_len - 1 - size_t(i)] = static_cast<unsigned char>(bits >> (8 * i));
-  for (size_t at = 0; at < tail_len; at += 64) compress(h, tail + at);
+  for (size_t at = 0; at < tail_len; at += 64) compress(h_, tail + at);
   std::string hex;
-  for (uint32_t x : h) hex += fmt::format("{:08x}", x);
+  for (uint32_t x : h_) hex += fmt::format("{:08x}", x);
   return hex;
 }
 
-std::string sha256_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(fmt::format("{}: cannot read ({})", path, std::strerror(errno)));
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) throw Error(fmt::format("{}: cannot read", path));
-  return sha256_hex(bytes);
+std::string sha256_hex(std::string_view bytes) {
+  Sha256 h;
+  h.update(bytes);
+  return h.hex();
+}
+
+std::string sha256_file(const std::string& path, const char* what) {
+  // O_NONBLOCK open and fstat first (open_regular_file): a FIFO or /dev/zero named where a file is meant
+  // would otherwise block or be read forever. The file is then read in chunks up to the size fstat gave.
+  uint64_t size = 0;
+  const int fd = open_regular_file(path, what, &size);
+  Sha256 h;
+  std::vector<char> buf(1 << 20);
+  uint64_t done = 0;
+  for (;;) {
+    const ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int e = errno;
+      ::close(fd);
+      throw Error(fmt::format("{}: cannot read {} ({})", path, what, std::strerror(e)));
+    }
+    if (n == 0) break;
+    done += uint64_t(n);
+    if (done > size) {
+      ::close(fd);
+      throw Error(fmt::format("{}: {} grew past its {} bytes while being hashed", path, what, size));
+    }
+    h.update(std::string_view(buf.data(), size_t(n)));
+  }
+  ::close(fd);
+  if (done != size) throw Error(fmt::format("{}: {} shrank from {} to {} bytes while being hashed", path, what, size, done));
+  return h.hex();
 }
 
 }  // namespace moelab
