@@ -34,10 +34,6 @@ struct MergeArgs {
   double shard_mb = 4096;
 };
 
-// --shard-size-mb's range, checked before the size is converted to bytes (a NaN or 1e300 converted to an
-// integer is undefined behaviour): about 1 KB (tests write tiny shards) to 1 TiB.
-constexpr double kMinShardMb = 0.001, kMaxShardMb = 1 << 20;
-
 // A merged weight must be finite in the dtype written: W + scale * B A can overflow float where the adapter
 // or the base weight is extreme, and a finite float beyond BF16's range rounds to Inf. A checkpoint with an
 // Inf is refused by every reader afterwards, so the merge stops here, naming the tensor, before the output
@@ -56,7 +52,7 @@ void check_merged_finite(const std::vector<float>& values, DType dtype, const st
 size_t write_merged(const Checkpoint& ck, const LoraAdapter& adapter, const MergeArgs& a, const fs::path& dir) {
   const auto& c = ck.config();
   const DType dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
-  SafetensorsShardWriter shards(dir, int64_t(a.shard_mb * double(1 << 20)), {{"format", "pt"}});
+  SafetensorsShardWriter shards(dir, shard_size_bytes(a.shard_mb), {{"format", "pt"}});
   const auto specs = c.expected_tensors();
   int64_t input_bytes = 0;
   for (const auto& spec : specs) input_bytes += int64_t(ck.info(spec.name).nbytes());
@@ -110,9 +106,6 @@ size_t write_merged(const Checkpoint& ck, const LoraAdapter& adapter, const Merg
 }
 
 void run_merge(const MergeArgs& a) {
-  if (!(a.shard_mb >= kMinShardMb && a.shard_mb <= kMaxShardMb))
-    throw Error(fmt::format("--shard-size-mb must be a size in MiB from {} to {}, got {}", kMinShardMb, int64_t(kMaxShardMb),
-                            a.shard_mb));
   const fs::path out_dir = output_folder(a.out, "merge");
   std::error_code ec;
   if (fs::symlink_status(out_dir, ec).type() != fs::file_type::not_found)
@@ -160,7 +153,7 @@ void register_merge(CLI::App& app) {
   cmd->add_option("--dtype", a.dtype, "Weights' dtype: f32, or bf16 (rounded to nearest even)")
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
-  cmd->add_option("--shard-size-mb", a.shard_mb, "Largest shard")->capture_default_str();  // range: run_merge
+  add_shard_size_option(*cmd, a.shard_mb);
   add_progress_option(*cmd);
   cmd->callback([] { run_merge(a); });
 }

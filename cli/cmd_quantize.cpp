@@ -132,7 +132,7 @@ QuantizeSizes write_quantized(const Checkpoint& ck, const QuantizeArgs& a, const
   const auto specs = c.expected_tensors();
   // One tensor at a time: read (its pages released from this process once converted), quantized on
   // every thread, spilled to disk; memory stays at one tensor's FP32 copy and its NF4 form.
-  SafetensorsShardWriter shards(out_dir, int64_t(a.shard_mb * double(1 << 20)), {{"format", "pt"}});
+  SafetensorsShardWriter shards(out_dir, shard_size_bytes(a.shard_mb), {{"format", "pt"}});
   int64_t input_bytes = 0;
   for (const auto& spec : specs) input_bytes += int64_t(ck.info(spec.name).nbytes());
   Progress progress("quantizing", input_bytes, /*enabled=*/true, Progress::Unit::Bytes);
@@ -220,7 +220,7 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--blocksize", a.blocksize, "NF4 block size")->capture_default_str()
       ->check(CLI::IsMember({32, 64, 128, 256, 512, 1024, 2048, 4096}));
   cmd->add_flag("--no-double-quant", a.no_double_quant, "Keep absmax in FP32 (bnb_4bit_use_double_quant=false)");
-  cmd->add_option("--shard-size-mb", a.shard_mb, "Largest shard")->capture_default_str()->check(CLI::PositiveNumber);
+  add_shard_size_option(*cmd, a.shard_mb);
   cmd->add_flag("--force", a.force, "Replace the checkpoint already in --output (swapped atomically once the new one is "
                                     "complete; the old files are then deleted)");
   cmd->callback([] { run_quantize(a); });

@@ -4,8 +4,11 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <stdexcept>
+#include <string>
 
 #include "cli/token_input.hpp"
+#include "core/error.hpp"
 #include "core/progress.hpp"
 #include "core/tokenizer.hpp"
 
@@ -82,6 +85,31 @@ void add_progress_option(CLI::App& cmd) {
          "bar, lines or none")
       ->check(CLI::IsMember({"auto", "bar", "lines", "none"}))
       ->default_str("auto");
+}
+
+void add_shard_size_option(CLI::App& cmd, double& mib) {
+  cmd.add_option("--shard-size-mb", mib, "Largest output shard, MiB")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](const std::string& v) -> std::string {
+            double x = 0;
+            try {
+              x = std::stod(v);
+            } catch (const std::exception&) {
+              return "not a number";
+            }
+            if (!(x >= kMinShardMb && x <= kMaxShardMb))  // NaN fails both comparisons
+              return fmt::format("must be a size in MiB from {} to {}, got {}", kMinShardMb, int64_t(kMaxShardMb), v);
+            return "";
+          },
+          "MiB", "shard size"));
+}
+
+int64_t shard_size_bytes(double mib) {
+  if (!(mib >= kMinShardMb && mib <= kMaxShardMb))
+    throw Error(fmt::format("--shard-size-mb must be a size in MiB from {} to {}, got {}", kMinShardMb,
+                            int64_t(kMaxShardMb), mib));
+  return int64_t(mib * double(1 << 20));
 }
 
 namespace {

@@ -49,6 +49,13 @@ void warn_deprecated(const std::string& old_name, const std::string& new_name);
 // --progress auto|bar|lines|none, applied process-wide (core/progress.hpp).
 void add_progress_option(CLI::App& cmd);
 
+// --shard-size-mb (quantize, merge): the largest output shard in MiB, about 1 KB (tests write tiny shards) to
+// 1 TiB. Checked while parsing, before anything converts it to bytes: a NaN or 1e300 converted to an integer
+// is undefined behaviour (it gave 127 one-tensor shards).
+constexpr double kMinShardMb = 0.001, kMaxShardMb = 1 << 20;
+void add_shard_size_option(CLI::App& cmd, double& mib);
+int64_t shard_size_bytes(double mib);  // mib within the range above
+
 // For a parse error in `sub`: the option among its names nearest to the unknown `given` ("--promt" ->
 // "--prompt"), or "" when none is close (edit distance at most 2, and less than half the name).
 std::string nearest_option(const CLI::App& sub, const std::string& given);

@@ -300,6 +300,26 @@ TEST_F(CliHardening, InfInEmbeddingOrLmHeadFailsOnEveryEngine) {
 
 // ------------------------------------------------------------------ item 11: quantize --output
 
+// --shard-size-mb is one shared option (cli/options.hpp) on quantize and merge, its range checked while
+// parsing: quantize used to take nan and 1e300 and convert them to bytes (undefined behaviour).
+TEST_F(CliHardening, QuantizeShardSizeMustBeASaneNumber) {
+  for (const char* size : {"nan", "1e300", "inf", "0", "-1", "1e-9", "2e6", "x"}) {
+    SCOPED_TRACE(size);
+    const auto out = tmp / "q-shards";
+    const Outcome r = moelab({"quantize", "--model", model_dir(kF32), "--output", out.string(),
+                              std::string("--shard-size-mb=") + size});
+    EXPECT_FALSE(r.timed_out);
+    EXPECT_EQ(r.signal, 0) << r.err;
+    EXPECT_NE(r.exit_code, 0) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find("--shard-size-mb"), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(out));  // refused before anything is written
+  }
+  const Outcome ok = moelab({"quantize", "--model", model_dir(kF32), "--output", (tmp / "q-ok").string(),
+                             "--shard-size-mb", "0.001"});
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+}
+
 TEST_F(CliHardening, QuantizeNeverMixesTwoCheckpointsInOneFolder) {
   const auto out = tmp / "q";
   // A sharded NF4 checkpoint of the 8-expert model first.
