@@ -14,6 +14,7 @@
 #include "core/checkpoint.hpp"
 #include "core/error.hpp"
 #include "core/lora.hpp"
+#include "core/regular_file.hpp"
 #include "train/finetune.hpp"
 
 namespace moelab::cli {
@@ -41,10 +42,10 @@ void run(FinetuneArgs& a) {
     // The model's own corpus (the bundled model ships one): its training part, and its held-out part for the
     // evaluation unless --eval-data names another file.
     const std::filesystem::path corpus = std::filesystem::path(a.o.model) / "corpus";
-    if (!std::filesystem::exists(corpus / "train.jsonl.gz"))
+    if (path_type(corpus / "train.jsonl.gz") == std::filesystem::file_type::not_found)
       throw Error(fmt::format("--data is required: {} has no corpus/train.jsonl.gz to default to", a.o.model));
     a.o.data = (corpus / "train.jsonl.gz").string();
-    if (a.o.eval_data.empty() && std::filesystem::exists(corpus / "heldout.jsonl"))
+    if (a.o.eval_data.empty() && path_type(corpus / "heldout.jsonl") != std::filesystem::file_type::not_found)
       a.o.eval_data = (corpus / "heldout.jsonl").string();
   }
   {

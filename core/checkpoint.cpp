@@ -17,7 +17,7 @@ namespace fs = std::filesystem;
 
 
 std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_progress) {
-  if (!fs::is_directory(dir)) throw Error(fmt::format("{}: not a directory (expected a checkpoint folder)", dir));
+  if (path_type(dir) != fs::file_type::directory) throw Error(fmt::format("{}: not a directory (expected a checkpoint folder)", dir));
   std::unique_ptr<Checkpoint> ck(new Checkpoint());
   ck->dir_ = dir;
   const fs::path root(dir);
@@ -27,7 +27,7 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
   const fs::path index = root / "model.safetensors.index.json";
   std::vector<std::string> shard_names;
   std::map<std::string, std::string> weight_map;  // tensor -> shard file name
-  if (fs::exists(index)) {
+  if (path_type(index) != fs::file_type::not_found) {
     const std::string text = read_regular_file(index.string(), "safetensors index", 256u << 20);
     nlohmann::json j;
     try {
@@ -48,10 +48,10 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
       if (seen.insert(f).second) shard_names.push_back(f);
     }
     for (const auto& f : shard_names)
-      if (!fs::exists(root / f))
+      if (path_type(root / f) == fs::file_type::not_found)
         throw Error(fmt::format("{}: missing shard (listed in {})", printable((root / f).string()),
                                 index.filename().string()));
-  } else if (fs::exists(single)) {
+  } else if (path_type(single) != fs::file_type::not_found) {
     shard_names.push_back("model.safetensors");
   } else {
     throw Error(fmt::format("{}: no model.safetensors or model.safetensors.index.json", dir));

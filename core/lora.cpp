@@ -441,25 +441,16 @@ ojson read_config_json(const std::string& path) {
   return j;
 }
 
-// What `path` is (following links); not_found when nothing is there. Any other failure (a symlink loop, a
-// folder that cannot be searched) is a moelab::Error naming the path, not a filesystem_error.
-fs::file_type type_of(const fs::path& path) {
-  std::error_code ec;
-  const fs::file_status st = fs::status(path, ec);
-  if (st.type() == fs::file_type::not_found) return st.type();
-  if (ec) throw Error(fmt::format("{}: cannot be read ({})", path.string(), ec.message()));
-  return st.type();
-}
 
 }  // namespace
 
 std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, const ModelConfig& cfg) {
-  if (type_of(dir) != fs::file_type::directory)
+  if (path_type(dir) != fs::file_type::directory)
     throw Error(fmt::format("{}: not a directory (expected a peft adapter folder with {} and {})", dir, kAdapterConfigFile,
                             kAdapterWeightsFile));
   const std::string config_path = (fs::path(dir) / kAdapterConfigFile).string();
   const std::string weights_path = (fs::path(dir) / kAdapterWeightsFile).string();
-  if (type_of(config_path) == fs::file_type::not_found)
+  if (path_type(config_path) == fs::file_type::not_found)
     throw Error(fmt::format("{}: missing (a peft adapter folder has one)", config_path));
   const ojson j = read_config_json(config_path);
   const Parsed p = parse_config(config_path, j, cfg);
@@ -486,8 +477,8 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, con
     throw Error(fmt::format("{}: field 'target_modules' selects no module of this {} (it adapts {})", config_path,
                             cfg.arch_name(), kAdaptable));
 
-  if (type_of(weights_path) == fs::file_type::not_found) {
-    if (type_of(fs::path(dir) / "adapter_model.bin") != fs::file_type::not_found)
+  if (path_type(weights_path) == fs::file_type::not_found) {
+    if (path_type(fs::path(dir) / "adapter_model.bin") != fs::file_type::not_found)
       throw Error(fmt::format("{}: missing; adapter_model.bin (a pickle) is not read: save the adapter with "
                               "safe_serialization=True", weights_path));
     throw Error(fmt::format("{}: missing (a peft adapter folder has one)", weights_path));

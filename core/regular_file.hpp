@@ -10,8 +10,10 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fmt/format.h>
 #include <string>
+#include <system_error>
 
 #include "core/error.hpp"
 
@@ -25,6 +27,17 @@ inline const char* file_type_name(mode_t mode) {
   if (S_ISBLK(mode)) return "a block device";
   if (S_ISSOCK(mode)) return "a socket";
   return "not a regular file";
+}
+
+// What `path` is, following links; not_found when nothing is there. Any other failure (a symlink loop, a
+// folder that cannot be searched) is a moelab::Error naming the path: std::filesystem's throwing forms
+// would end the program as an "internal error" without saying which file the user should look at.
+inline std::filesystem::file_type path_type(const std::filesystem::path& path) {
+  std::error_code ec;
+  const std::filesystem::file_status st = std::filesystem::status(path, ec);
+  if (st.type() == std::filesystem::file_type::not_found) return st.type();
+  if (ec) throw Error(fmt::format("{}: cannot be read ({})", path.string(), ec.message()));
+  return st.type();
 }
 
 // Opens `path` read-only; throws moelab::Error "<path>: cannot open <what> (<reason>)" or

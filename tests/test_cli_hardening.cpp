@@ -300,6 +300,25 @@ TEST_F(CliHardening, InfInEmbeddingOrLmHeadFailsOnEveryEngine) {
 
 // ------------------------------------------------------------------ item 11: quantize --output
 
+// A --model that is a symlink loop: std::filesystem's throwing calls ended every command as "internal
+// error" (exit 2) without the file named as a moelab error; now one line naming it (core/regular_file.hpp
+// path_type), through Checkpoint::open and finetune's default corpus.
+TEST_F(CliHardening, ModelFolderThatIsASymlinkLoopIsOneLine) {
+  const auto a = tmp / "loop-a", b = tmp / "loop-b";
+  fs::create_directory_symlink(b, a);
+  fs::create_directory_symlink(a, b);
+  const std::vector<std::vector<std::string>> commands = {
+      {"inspect", "--model", a.string()},
+      {"generate", "--model", a.string(), "-p", "hi", "-n", "1"},
+      {"quantize", "--model", a.string(), "--output", (tmp / "q-loop").string()},
+      {"finetune", "--model", a.string(), "--output", (tmp / "ft-loop").string(), "--max-steps", "1"},
+  };
+  for (const auto& args : commands) {
+    SCOPED_TRACE(args[0]);
+    expect_one_line_error(moelab(args), {a.string(), "Too many levels of symbolic links"});
+  }
+}
+
 // --shard-size-mb is one shared option (cli/options.hpp) on quantize and merge, its range checked while
 // parsing: quantize used to take nan and 1e300 and convert them to bytes (undefined behaviour).
 TEST_F(CliHardening, QuantizeShardSizeMustBeASaneNumber) {
