@@ -85,7 +85,9 @@ int main(int argc, char** argv) {
     return 1;
   } catch (const std::bad_alloc&) {
     std::fflush(stdout);
-    fmt::print(stderr, "moelab: error: out of memory (try --stream, or a smaller --context)\n");
+    const auto subs = app.get_subcommands();
+    const std::string advice = subs.empty() ? "" : moelab::cli::out_of_memory_advice(*subs.front());
+    fmt::print(stderr, "moelab: error: out of memory{}\n", advice.empty() ? "" : " (" + advice + ")");
     return 1;
   } catch (const std::exception& e) {
     std::fflush(stdout);

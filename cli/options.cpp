@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "cli/token_input.hpp"
 #include "core/error.hpp"
@@ -110,6 +112,23 @@ int64_t shard_size_bytes(double mib) {
     throw Error(fmt::format("--shard-size-mb must be a size in MiB from {} to {}, got {}", kMinShardMb,
                             int64_t(kMaxShardMb), mib));
   return int64_t(mib * double(1 << 20));
+}
+
+std::string out_of_memory_advice(const CLI::App& sub) {
+  static const std::pair<const char*, const char*> kAdvice[] = {
+      {"--stream", "--stream"},
+      {"--context", "a smaller --context"},
+      {"--batch-size", "a smaller --batch-size"},
+      {"--max-seq-len", "a smaller --max-seq-len"},
+      {"--gradient-checkpointing", "--gradient-checkpointing"},
+  };
+  std::vector<std::string> found;
+  for (const auto& [option, advice] : kAdvice)
+    if (sub.get_option_no_throw(option) != nullptr) found.push_back(advice);
+  if (found.empty()) return "";
+  std::string text = "try " + found[0];
+  for (size_t i = 1; i < found.size(); ++i) text += (i + 1 == found.size() ? ", or " : ", ") + found[i];
+  return text;
 }
 
 namespace {

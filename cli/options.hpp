@@ -56,6 +56,11 @@ constexpr double kMinShardMb = 0.001, kMaxShardMb = 1 << 20;
 void add_shard_size_option(CLI::App& cmd, double& mib);
 int64_t shard_size_bytes(double mib);  // mib within the range above
 
+// The advice after "out of memory" for the subcommand that ran: only options it has (--stream and a smaller
+// --context for the engines; a smaller --batch-size / --max-seq-len and --gradient-checkpointing for
+// finetune, ...), "" when it has none of them.
+std::string out_of_memory_advice(const CLI::App& sub);
+
 // For a parse error in `sub`: the option among its names nearest to the unknown `given` ("--promt" ->
 // "--prompt"), or "" when none is close (edit distance at most 2, and less than half the name).
 std::string nearest_option(const CLI::App& sub, const std::string& given);

@@ -319,6 +319,29 @@ TEST_F(CliHardening, ModelFolderThatIsASymlinkLoopIsOneLine) {
   }
 }
 
+// Out of memory ends in one line whose advice names only options the command has: it said "try --stream, or
+// a smaller --context" on every command, and finetune has neither. finetune on 64 sequences of 1024 tokens
+// keeps 64 x 4 heads x 1024^2 floats of attention probabilities per layer (1 GiB): past a 2 GB address
+// space (ulimit -v, set by /bin/sh for the child; the arguments are passed as "$@", not interpolated).
+TEST_F(CliHardening, OutOfMemoryAdviceNamesOnlyTheCommandsOwnOptions) {
+  const auto data = tmp / "long.jsonl";
+  {
+    std::ofstream f(data);
+    for (int i = 0; i < 64; ++i) {
+      std::string text;
+      for (int w = 0; w < 1500; ++w) text += "word" + std::to_string((i * 7 + w) % 97) + " ";
+      f << "{\"text\": \"" << text << "\"}\n";
+    }
+  }
+  std::vector<std::string> all{"/bin/sh", "-c", "ulimit -v 2000000 && exec \"$0\" \"$@\"", MOELAB_BIN, "finetune",
+                               "--model", MOELAB_BUNDLED_MODEL, "--data", data.string(), "--output", (tmp / "ft").string(),
+                               "--batch-size", "64", "--max-seq-len", "1024", "--max-steps", "1", "--progress", "none"};
+  const Outcome r = wait_program(spawn_program(all, tmp / "stdout.txt", tmp / "stderr.txt"), 120, tmp / "stdout.txt",
+                                 tmp / "stderr.txt");
+  expect_error_last(r, {"out of memory (try a smaller --batch-size, a smaller --max-seq-len, or --gradient-checkpointing)"});
+  EXPECT_EQ(r.err.find("--stream"), std::string::npos) << r.err;
+}
+
 // --shard-size-mb is one shared option (cli/options.hpp) on quantize and merge, its range checked while
 // parsing: quantize used to take nan and 1e300 and convert them to bytes (undefined behaviour).
 TEST_F(CliHardening, QuantizeShardSizeMustBeASaneNumber) {
