@@ -169,23 +169,49 @@ TEST_F(FinetuneHostile, ResumeOnlyInItsOwnFolderAndNeverBesideALaterRunsOutputs)
   EXPECT_NE(v.err.find(victim + ": --output is not empty"), std::string::npos) << v.err;
   EXPECT_EQ(read_file_bytes(fs::path(victim) / "train_log.csv"), "precious\n");
   EXPECT_EQ(read_file_bytes(fs::path(victim) / "adapter_config.json"), "{\"precious\": true}\n");
-  // Its own folder (given with a trailing slash): the later run's outputs go first. No checkpoint is saved by
-  // this run (--save-steps 0), so every checkpoint left is from before step 1.
+  // Its own folder (given with a trailing slash): the later run's outputs are moved aside first, nothing deleted.
+  // No checkpoint is saved by this run (--save-steps 0), so every checkpoint left at the top is from before step 1.
+  const std::string adapter_before = read_file_bytes(fs::path(run) / "adapter_model.safetensors");
   auto a = with(args(run, 2), {"--resume-from-checkpoint", run + "/checkpoint-1/"});
   a[std::find(a.begin(), a.end(), "--save-steps") - a.begin() + 1] = "0";
   const auto r = moelab(a);
   ASSERT_EQ(r.status, 0) << r.err;
-  EXPECT_NE(r.out.find("finetune: resuming at step 1 in " + run + ": removed the earlier run's outputs from after that "
-                       "step: adapter_config.json, adapter_model.safetensors, checkpoint-2, checkpoint-3, "
-                       "train_summary.json"),
+  EXPECT_NE(r.out.find("finetune: resuming at step 1 in " + run + ": moving the earlier run's outputs from after that "
+                       "step into superseded-at-step-1: adapter_config.json, adapter_model.safetensors, checkpoint-2, "
+                       "checkpoint-3, train_summary.json"),
             std::string::npos)
       << r.out;
   EXPECT_TRUE(fs::exists(run + "/checkpoint-1"));
   EXPECT_FALSE(fs::exists(run + "/checkpoint-2"));
   EXPECT_FALSE(fs::exists(run + "/checkpoint-3"));
+  EXPECT_TRUE(fs::exists(run + "/superseded-at-step-1/checkpoint-2/adapter_model.safetensors"));
+  EXPECT_TRUE(fs::exists(run + "/superseded-at-step-1/checkpoint-3/adapter_model.safetensors"));
+  EXPECT_EQ(read_file_bytes(fs::path(run) / "superseded-at-step-1" / "adapter_model.safetensors"), adapter_before);
   const auto sum = nlohmann::json::parse(read_file_bytes(fs::path(run) / "train_summary.json"));
   EXPECT_EQ(sum["steps"], 2);
   EXPECT_EQ(sum["total_steps"], 2);
+}
+
+// The checkpoint resumed from is never moved, whatever its folder's name says: checkpoint-1 renamed
+// checkpoint-10 and resumed from (its state says step 1) was deleted as "later than step 1", and the log,
+// read from it afterwards, silently restarted. A second resume moves into a numbered sibling.
+TEST_F(FinetuneHostile, ResumeNeverMovesTheCheckpointItResumesFrom) {
+  const std::string run = dir.file("run");
+  ASSERT_EQ(moelab(args(run, 3)).status, 0);
+  fs::rename(run + "/checkpoint-1", run + "/checkpoint-10");
+  auto a = with(args(run, 3), {"--resume-from-checkpoint", run + "/checkpoint-10"});
+  a[std::find(a.begin(), a.end(), "--save-steps") - a.begin() + 1] = "0";
+  const auto r = moelab(a);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_TRUE(fs::exists(run + "/checkpoint-10/trainer_state.json"));
+  EXPECT_TRUE(fs::exists(run + "/superseded-at-step-1/checkpoint-2"));
+  const std::string log = read_file_bytes(fs::path(run) / "train_log.csv");
+  EXPECT_NE(log.find("\n1,"), std::string::npos) << "the step-1 row from the checkpoint's log is gone:\n" << log;
+  // Again from the same checkpoint: the run just finished is set aside beside the first one.
+  const auto again = moelab(a);
+  ASSERT_EQ(again.status, 0) << again.err;
+  EXPECT_TRUE(fs::exists(run + "/superseded-at-step-1-2/adapter_model.safetensors"));
+  EXPECT_TRUE(fs::exists(run + "/superseded-at-step-1/checkpoint-2"));
 }
 
 // The fingerprint holds the base model's identity and the tokenized data's hash: a model with the same shapes

@@ -185,8 +185,10 @@ void write_json_atomic(const fs::path& path, const nlohmann::ordered_json& j) {
 
 // A resume in the checkpoint's own folder continues that run from `step`: what the folder holds from later on
 // (the final adapter and summary of a run that went further, its checkpoints past `step`) would otherwise sit
-// beside the new run's files as if they were its own. They are removed, with a line naming them.
-void remove_later_outputs(const fs::path& out, int64_t step) {
+// beside the new run's files as if they were its own. They are moved, not deleted (a mistyped step must not
+// throw work away), into OUT/superseded-at-step-STEP (-2, -3, ... when that exists), with a line saying so
+// before anything moves. The checkpoint being resumed from stays where it is whatever its folder's name says.
+void set_aside_later_outputs(const fs::path& out, int64_t step, const fs::path& resume_from) {
   std::vector<fs::path> later;
   std::error_code ec;
   for (const char* name : {"adapter_config.json", "adapter_model.safetensors", "train_summary.json"})
@@ -196,20 +198,27 @@ void remove_later_outputs(const fs::path& out, int64_t step) {
     if (name.rfind("checkpoint-", 0) != 0) continue;
     const std::string digits = name.substr(11);
     if (digits.empty() || digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::error_code same_ec;
+    if (fs::equivalent(it->path(), resume_from, same_ec)) continue;
     if (std::stoll(digits) > step) later.push_back(it->path());
   }
   if (ec) throw Error(fmt::format("{}: cannot list the output folder: {}", out.string(), ec.message()));
   if (later.empty()) return;
   std::sort(later.begin(), later.end());
+  fs::path aside = out / fmt::format("superseded-at-step-{}", step);
+  for (int k = 2; fs::symlink_status(aside, ec).type() != fs::file_type::not_found; ++k)
+    aside = out / fmt::format("superseded-at-step-{}-{}", step, k);
   std::string names;
-  for (const auto& p : later) {
-    fs::remove_all(p, ec);
-    if (ec) throw Error(fmt::format("{}: cannot remove it: {}", p.string(), ec.message()));
-    names += (names.empty() ? "" : ", ") + p.filename().string();
-  }
-  std::printf("finetune: resuming at step %lld in %s: removed the earlier run's outputs from after that step: %s\n",
-              (long long)step, out.string().c_str(), names.c_str());
+  for (const auto& p : later) names += (names.empty() ? "" : ", ") + p.filename().string();
+  std::printf("finetune: resuming at step %lld in %s: moving the earlier run's outputs from after that step into %s: %s\n",
+              (long long)step, out.string().c_str(), aside.filename().string().c_str(), names.c_str());
   std::fflush(stdout);
+  if (!fs::create_directory(aside, ec) || ec)
+    throw Error(fmt::format("{}: cannot create it: {}", aside.string(), ec ? ec.message() : "it appeared meanwhile"));
+  for (const auto& p : later) {
+    fs::rename(p, aside / p.filename(), ec);
+    if (ec) throw Error(fmt::format("{}: cannot move it into {}: {}", p.string(), aside.string(), ec.message()));
+  }
 }
 
 }  // namespace
@@ -286,7 +295,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     if (counters.step > total_steps)
       throw Error(fmt::format("{}: the checkpoint is at step {}, past this run's {} steps",
                               (fs::path(o.resume_from) / "trainer_state.json").string(), counters.step, total_steps));
-    if (resume_in_place) remove_later_outputs(out, counters.step);
+    if (resume_in_place) set_aside_later_outputs(out, counters.step, fs::path(o.resume_from));
     // The log continues from the checkpoint's copy: rows of steps after it (an earlier run went further) go.
     const fs::path saved_log = fs::path(o.resume_from) / "train_log.csv";
     std::error_code ec;
