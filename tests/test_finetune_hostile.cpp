@@ -122,6 +122,7 @@ TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {
   EXPECT_EQ(r.status, 1) << r.err;
   EXPECT_TRUE(one_line(r)) << r.err;
   EXPECT_NE(r.err.find("a second moment is never negative"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(ck + "/optimizer.safetensors: "), std::string::npos) << "names the file: " << r.err;
   EXPECT_FALSE(fs::exists(dir.file("out-negative") + "/adapter_model.safetensors"));
 }
 
@@ -146,14 +147,16 @@ TEST_F(FinetuneHostile, AdamWOptionsAndANonFiniteUpdate) {
   EXPECT_EQ(r.status, 1) << r.err << r.out;
   EXPECT_TRUE(one_line(r)) << r.err;
   EXPECT_NE(r.err.find("step 1: AdamW's update made"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--weight-decay"), std::string::npos) << "the advice names the decay too: " << r.err;
   EXPECT_FALSE(fs::exists(out + "/adapter_model.safetensors"));
   EXPECT_FALSE(fs::exists(out + "/train_summary.json"));
   EXPECT_FALSE(fs::exists(out + "/checkpoint-1"));
 }
 
 // A resume writes into the checkpoint's own folder or a new one, never into another folder with files in it;
-// in its own folder, the final adapter, the summary and the checkpoints of a run that went further are removed
-// (with a line naming them) so they never sit beside the new run's files.
+// in its own folder, the final adapter, the summary and the checkpoints of a run that went further are moved
+// aside (with a line naming them) so they never sit beside the new run's files. A mistyped checkpoint is said to
+// be one (it was reported as the folder rule's "not empty").
 TEST_F(FinetuneHostile, ResumeOnlyInItsOwnFolderAndNeverBesideALaterRunsOutputs) {
   const std::string run = dir.file("run");
   ASSERT_EQ(moelab(args(run, 3)).status, 0);
@@ -169,6 +172,12 @@ TEST_F(FinetuneHostile, ResumeOnlyInItsOwnFolderAndNeverBesideALaterRunsOutputs)
   EXPECT_NE(v.err.find(victim + ": --output is not empty"), std::string::npos) << v.err;
   EXPECT_EQ(read_file_bytes(fs::path(victim) / "train_log.csv"), "precious\n");
   EXPECT_EQ(read_file_bytes(fs::path(victim) / "adapter_config.json"), "{\"precious\": true}\n");
+  const auto typo = moelab(with(args(victim, 3), {"--resume-from-checkpoint", run + "/checkpoint-99"}));
+  EXPECT_EQ(typo.status, 1) << typo.err;
+  EXPECT_TRUE(one_line(typo)) << typo.err;
+  EXPECT_NE(typo.err.find(run + "/checkpoint-99: --resume-from-checkpoint is not a checkpoint folder"), std::string::npos)
+      << typo.err;
+  EXPECT_EQ(read_file_bytes(fs::path(victim) / "train_log.csv"), "precious\n");
   // Its own folder (given with a trailing slash): the later run's outputs are moved aside first, nothing deleted.
   // No checkpoint is saved by this run (--save-steps 0), so every checkpoint left at the top is from before step 1.
   const std::string adapter_before = read_file_bytes(fs::path(run) / "adapter_model.safetensors");

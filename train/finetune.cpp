@@ -244,6 +244,9 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
       const bool empty = fs::is_empty(out, ec);
       if (ec) throw Error(fmt::format("{}: --output: {}", out.string(), ec.message()));
       if (resuming) {
+        // A mistyped checkpoint is that, not a folder-rule error (which would name the wrong problem).
+        if (path_type(o.resume_from) != fs::file_type::directory)
+          throw Error(fmt::format("{}: --resume-from-checkpoint is not a checkpoint folder", o.resume_from));
         const fs::path ck_dir = fs::path(o.resume_from).lexically_normal();
         // (A trailing slash leaves an empty last name: its parent is then the checkpoint itself.)
         const fs::path ck_parent = (ck_dir.has_filename() ? ck_dir : ck_dir.parent_path()).parent_path();
@@ -331,6 +334,12 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   auto evaluate = [&](int64_t step) {
     if (held_out.sequences.empty()) return double(NAN);
     const double l = eval_loss(model, held_out, params, o.eval_batch_size);
+    // A NaN or Inf would be written as null into trainer_state.json, which a resume then refuses: stop here,
+    // as for the training loss.
+    if (!std::isfinite(l))
+      throw Error(fmt::format("the held-out loss on {} became {} at step {}{}", o.eval_data, l, step,
+                              sum.last_checkpoint.empty() ? std::string()
+                                                          : "; the last checkpoint is " + sum.last_checkpoint));
     counters.evals.push_back({{"step", step}, {"eval_loss", l}});
     sum.evals.push_back({step, l});
     std::printf("finetune: step %lld: held-out loss %.4f (%lld target tokens of %s)\n", (long long)step, l,
@@ -406,7 +415,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
       for (size_t i = 0; i < v.value.size(); ++i)
         if (!std::isfinite(v.value[i]))
           throw Error(fmt::format("step {}: AdamW's update made {} element {} {} (learning rate {:.3g}); nothing of "
-                                  "this step was written{}; try a lower --learning-rate", s + 1, v.name, i, v.value[i],
+                                  "this step was written{}; try a lower --learning-rate or --weight-decay", s + 1, v.name, i, v.value[i],
                                   lr, sum.last_checkpoint.empty() ? std::string()
                                                                   : "; the last checkpoint is " + sum.last_checkpoint));
     params.zero_grad();

@@ -182,7 +182,7 @@ void read_train_checkpoint(const std::string& dir, std::span<const ParamView> vi
       st.tensors["exp_avg_sq." + v.name] = read("exp_avg_sq." + v.name, v.value.size());
     }
   }
-  adam.restore(views, st, dir);
+  adam.restore(views, st, f.path());  // its errors name the file the moments came from
 }
 
 }  // namespace moelab::train
