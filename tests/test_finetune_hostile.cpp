@@ -87,7 +87,7 @@ TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {
       {"evals-null-loss", [](nlohmann::json& j) { j["evals"] = {{{"step", 0}, {"eval_loss", nullptr}}}; }},
       {"evals-no-step", [](nlohmann::json& j) { j["evals"] = {{{"eval_loss", 1.0}}}; }},
       {"adamw-steps-minus-1", [](nlohmann::json& j) { for (auto& [k, v] : j["adamw_steps"].items()) v = -1; }},
-      {"adamw-steps-zero", [](nlohmann::json& j) { for (auto& [k, v] : j["adamw_steps"].items()) v = 0; }},
+      {"adamw-steps-past-the-step", [](nlohmann::json& j) { for (auto& [k, v] : j["adamw_steps"].items()) v = 2; }},
   };
   for (const auto& [name, edit] : cases) {
     const std::string ck = edited_checkpoint(good, name, edit);
@@ -123,6 +123,15 @@ TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {
   EXPECT_TRUE(one_line(r)) << r.err;
   EXPECT_NE(r.err.find("a second moment is never negative"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find(ck + "/optimizer.safetensors: "), std::string::npos) << "names the file: " << r.err;
+  // Step counts of 0 (a tensor that never had a gradient, as an unrouted expert's factors) with moments that
+  // are not zero: the two files disagree.
+  const std::string zero = edited_checkpoint(good, "adamw-steps-zero",
+                                             [](nlohmann::json& j) { for (auto& [k, v] : j["adamw_steps"].items()) v = 0; });
+  const auto z = moelab(with(args(dir.file("out-zero"), 2), {"--resume-from-checkpoint", zero}));
+  EXPECT_EQ(z.status, 1) << z.err;
+  EXPECT_TRUE(one_line(z)) << z.err;
+  EXPECT_NE(z.err.find(zero + "/optimizer.safetensors: "), std::string::npos) << z.err;
+  EXPECT_NE(z.err.find("has taken no step but its moments are not zero"), std::string::npos) << z.err;
   EXPECT_FALSE(fs::exists(dir.file("out-negative") + "/adapter_model.safetensors"));
 }
 

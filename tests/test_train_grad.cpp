@@ -317,6 +317,39 @@ TEST(TrainGrad, Float32MatchesFloat64) {
   }
 }
 
+// An expert no token reaches gets no gradient: has_grad stays false (torch: its grad is None, and AdamW skips
+// it; tests/test_train_loop.cpp) and its gradients stay zero; only experts' factors can be left out, and each
+// layer's reached expert has them. Two tokens, top-1 routing: at most two of each layer's experts are reached.
+TEST(TrainGrad, UnroutedExpertsHaveNoGradient) {
+  const auto ck = Checkpoint::open(model_dir("mixtral-top1-swa"));
+  const auto& cfg = ck->config();
+  ASSERT_EQ(cfg.top_k, 1);
+  ASSERT_GE(cfg.num_experts, 3);
+  LoraModel<float> model(*ck);
+  auto params = trained_params<float>(cfg, 3);
+  const std::vector<TrainSequence> batch = {make_sequence(2, cfg.vocab_size, 5)};
+  model.loss_and_grad(batch, params, {});
+  int without = 0;
+  std::vector<int> reached_w2(size_t(cfg.num_layers), 0);
+  for (const auto& p : params.params()) {
+    if (!p.has_grad) {
+      ++without;
+      EXPECT_TRUE(p.grad_a.isZero(0) && p.grad_b.isZero(0)) << p.weight_name;
+      EXPECT_NE(p.weight_name.find(".experts."), std::string::npos) << p.weight_name;
+    }
+    for (int l = 0; l < cfg.num_layers; ++l)
+      for (int e = 0; e < cfg.num_experts; ++e)
+        if (p.has_grad && p.weight_name == cfg.w2_name(l, e)) ++reached_w2[size_t(l)];
+  }
+  EXPECT_GE(without, 3 * (cfg.num_experts - 2) * cfg.num_layers);  // w1, w2, w3 of each unreached expert
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    EXPECT_GE(reached_w2[size_t(l)], 1) << "layer " << l;
+    EXPECT_LE(reached_w2[size_t(l)], 2) << "layer " << l;
+  }
+  params.zero_grad();
+  for (const auto& p : params.params()) EXPECT_FALSE(p.has_grad) << p.weight_name;
+}
+
 // Gradient checkpointing recomputes each layer in the backward with the same code, masks and routing:
 // the loss and every gradient are equal bit for bit.
 TEST(TrainGrad, CheckpointingIsBitIdentical) {

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <fstream>
 #include <limits>
+#include <memory>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "core/safetensors.hpp"
@@ -77,6 +79,56 @@ TEST(AdamWTorch, SixStepsMatchTorch) {
   }
   EXPECT_EQ(opt.steps_taken(), steps);
   RecordProperty("worst_ulps", std::to_string(worst_ulps));
+}
+
+// Tensors without a gradient on some steps (an expert's LoRA factors when no token was routed to it): torch
+// skips them in clip_grad_norm_ and AdamW (no decay, no moment update, their own step count unchanged), on
+// tests/fixtures/train/adamw/grad_none.* (scripts/make_adamw_grad_none_fixture.py, torch itself). Before,
+// moelab stepped them with a zero gradient: momentum and decay moved them on steps torch leaves them alone.
+// Tolerance as in SixStepsMatchTorch: 2 ulps of the parameter per step taken.
+TEST(AdamWTorch, TensorsWithoutAGradientAreSkippedAsTorch) {
+  const SafetensorsFile f(fixture("train/adamw/grad_none.safetensors"));
+  const auto meta = read_json(fixture("train/adamw/grad_none.json"));
+  const int steps = meta["steps"];
+  const size_t n = meta["shapes"].size();
+  std::set<std::pair<int, size_t>> no_grad;
+  for (const auto& x : meta["no_grad"]) no_grad.insert({x[0].get<int>(), x[1].get<size_t>()});
+  Tensors t;
+  for (size_t i = 0; i < n; ++i) {
+    t.value.push_back(read_vec(f, "param." + std::to_string(i)));
+    t.grad.emplace_back(t.value.back().size());
+  }
+  const std::unique_ptr<bool[]> has(new bool[n]());  // the flags the views point at (LoraParam::has_grad)
+  std::vector<ParamView> views = t.views();
+  for (size_t i = 0; i < n; ++i) views[i].has_grad = &has[i];
+  AdamW opt({meta["beta1"], meta["beta2"], meta["eps"], meta["weight_decay"]});
+  for (int s = 0; s < steps; ++s) {
+    for (size_t i = 0; i < n; ++i) {
+      has[i] = !no_grad.count({s, i});
+      // A tensor without a gradient gets garbage in its buffer: it must be neither counted nor used.
+      if (has[i]) {
+        const auto g = read_vec(f, fmt::format("grad.{}.{}", s, i));
+        std::copy(g.begin(), g.end(), t.grad[i].begin());  // into the buffer the view spans
+      } else {
+        std::fill(t.grad[i].begin(), t.grad[i].end(), 1e3f);
+      }
+    }
+    const double total = clip_grad_norm(views, meta["clip_max_norm"].get<double>());
+    EXPECT_NEAR(total, read_vec(f, fmt::format("clip.total.{}", s))[0], 1e-6 * total) << "step " << s;
+    opt.step(views, meta["lrs"][s].get<double>());
+    for (size_t i = 0; i < n; ++i) {
+      const auto want = read_vec(f, fmt::format("after.{}.{}", s, i));
+      for (size_t j = 0; j < want.size(); ++j)
+        ASSERT_LE(std::abs(double(t.value[i][j]) - double(want[j])), 2.0 * (s + 1) * ulp(want[j]))
+            << "step " << s << " tensor " << i << " element " << j;
+    }
+  }
+  // Each tensor counted its own steps: tensor 1 had none on two steps, tensor 2 on two.
+  const auto st = opt.state(views);
+  EXPECT_EQ(st.steps.at("t0"), steps);
+  EXPECT_EQ(st.steps.at("t1"), steps - 2);
+  EXPECT_EQ(st.steps.at("t2"), steps - 2);
+  EXPECT_EQ(opt.steps_taken(), steps);
 }
 
 TEST(AdamWTorch, StateRoundTripContinuesIdentically) {

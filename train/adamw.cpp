@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.hpp"
@@ -16,8 +17,10 @@ namespace moelab::train {
 std::vector<ParamView> param_views(LoraParams<float>& params) {
   std::vector<ParamView> views;
   for (auto& p : params.params()) {
-    views.push_back({p.weight_name + ".lora_A", {p.a.data(), size_t(p.a.size())}, {p.grad_a.data(), size_t(p.grad_a.size())}});
-    views.push_back({p.weight_name + ".lora_B", {p.b.data(), size_t(p.b.size())}, {p.grad_b.data(), size_t(p.grad_b.size())}});
+    views.push_back({p.weight_name + ".lora_A", {p.a.data(), size_t(p.a.size())}, {p.grad_a.data(), size_t(p.grad_a.size())},
+                     &p.has_grad});
+    views.push_back({p.weight_name + ".lora_B", {p.b.data(), size_t(p.b.size())}, {p.grad_b.data(), size_t(p.grad_b.size())},
+                     &p.has_grad});
   }
   return views;
 }
@@ -51,6 +54,7 @@ void AdamW::step(std::span<const ParamView> params, double lr) {
     if (p.value.size() != m.size() || p.grad.size() != m.size())
       throw Error(fmt::format("AdamW: {} has {} values and {} gradients, the optimizer state {}", p.name,
                               p.value.size(), p.grad.size(), m.size()));
+    if (!p.active()) continue;  // torch: grad is None
     const int64_t t = ++step_[i];
     if (cfg_.weight_decay != 0) {
       const float decay = float(1.0 - lr * cfg_.weight_decay);
@@ -70,6 +74,12 @@ void AdamW::step(std::span<const ParamView> params, double lr) {
       p.value[j] = p.value[j] + neg_step_size * (m[j] / denom);
     }
   }
+}
+
+int64_t AdamW::steps_taken() const {
+  int64_t most = 0;
+  for (const int64_t t : step_) most = std::max(most, t);
+  return most;
 }
 
 AdamW::State AdamW::state(std::span<const ParamView> params) const {
@@ -102,9 +112,15 @@ void AdamW::restore(std::span<const ParamView> params, const State& s, const std
       if (!(v->second[j] >= 0.0f))
         throw Error(fmt::format("{}: exp_avg_sq.{} element {} is {}; a second moment is never negative", where, p.name,
                                 j, v->second[j]));
-    if (t->second < 1)
-      throw Error(fmt::format("{}: optimizer step count {} for {}; a saved state has taken at least one step", where,
-                              t->second, p.name));
+    // 0 is a tensor that has had no gradient yet (an expert no token reached): its moments are still zero.
+    if (t->second < 0)
+      throw Error(fmt::format("{}: optimizer step count {} for {}; a step count is never negative", where, t->second,
+                              p.name));
+    if (t->second == 0)
+      for (size_t j = 0; j < v->second.size(); ++j)
+        if (v->second[j] != 0.0f || m->second[j] != 0.0f)
+          throw Error(fmt::format("{}: {} has taken no step but its moments are not zero (element {})", where,
+                                  p.name, j));
     exp_avg_.push_back(m->second);
     exp_avg_sq_.push_back(v->second);
     step_.push_back(t->second);
@@ -118,6 +134,7 @@ double clip_grad_norm(std::span<const ParamView> params, double max_norm) {
   // here; the result is rounded to float32 as torch's tensor is.
   double total_sq = 0;
   for (const auto& p : params) {
+    if (!p.active()) continue;  // torch leaves out parameters whose grad is None
     double sq = 0;
     for (float g : p.grad) sq += double(g) * double(g);
     const float norm = float(std::sqrt(sq));
@@ -130,7 +147,8 @@ double clip_grad_norm(std::span<const ParamView> params, double max_norm) {
     if (coef > 1.0f) coef = 1.0f;
     if (coef != 1.0f)
       for (const auto& p : params)
-        for (float& g : p.grad) g *= coef;
+        if (p.active())
+          for (float& g : p.grad) g *= coef;
   }
   return total;
 }

@@ -14,10 +14,16 @@
 namespace moelab::train {
 
 // One trainable tensor: its values and its gradient (same length), named for saving and error messages.
+// has_grad (null: always) says whether the tensor has a gradient this step; torch's is None for a tensor no
+// pass reached (a LoRA factor of an expert no token was routed to: transformers' Mixtral runs only the experts
+// it routes to), and then clip_grad_norm_ leaves it out and AdamW skips it: no decay, no moment update, no
+// step counted.
 struct ParamView {
   std::string name;
   std::span<float> value;
   std::span<float> grad;
+  const bool* has_grad = nullptr;
+  bool active() const { return !has_grad || *has_grad; }
 };
 
 // Every factor of `params` in a fixed order: for each adapted weight, "<weight>.lora_A" then "<weight>.lora_B".
@@ -36,7 +42,8 @@ class AdamW {
 
   // One optimizer step over `params` at learning rate `lr` (the scheduler's value for this step). The first
   // call creates the state (zero moments, step 0) for each tensor; later calls must pass the same tensors in
-  // the same order and sizes (moelab::Error otherwise).
+  // the same order and sizes (moelab::Error otherwise). A tensor without a gradient (ParamView::active) is
+  // skipped, as torch skips a parameter whose grad is None: each tensor counts its own steps.
   void step(std::span<const ParamView> params, double lr);
 
   // State for a checkpoint: the moments as tensors "exp_avg.<name>" / "exp_avg_sq.<name>" in `tensors`,
@@ -47,7 +54,7 @@ class AdamW {
   };
   State state(std::span<const ParamView> params) const;
   void restore(std::span<const ParamView> params, const State& state, const std::string& where);
-  int64_t steps_taken() const { return step_.empty() ? 0 : step_.front(); }
+  int64_t steps_taken() const;  // the most steps any tensor has taken
 
  private:
   AdamWConfig cfg_;

@@ -57,6 +57,9 @@ struct LoraParam {
   S scale = 0;
   Mat<S> a, b;              // [r, in], [out, r]
   Mat<S> grad_a, grad_b;    // accumulated by loss_and_grad (+=), cleared by zero_grad
+  // Whether a pass since zero_grad reached these factors: an expert no token was routed to is not (its grad
+  // in torch is None, and AdamW then leaves the tensor and its state alone; train/adamw.hpp).
+  bool has_grad = false;
 };
 
 template <typename S>

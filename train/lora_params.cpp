@@ -200,6 +200,7 @@ void LoraParams<S>::zero_grad() {
   for (auto& p : params_) {
     p.grad_a.setZero(p.a.rows(), p.a.cols());
     p.grad_b.setZero(p.b.rows(), p.b.cols());
+    p.has_grad = false;
   }
 }
 

@@ -135,6 +135,7 @@ Mat<S> linear_backward(const Products& mm, const Mat<S>& dy, const Mat<S>& x, co
   Mat<S> dx = mm.dy_w(dy, w);
   if (!lora) return dx;
   const S s = S(lora->scale);
+  lora->has_grad = true;
   const Mat<S> g = product(dy, Op::N, lora->b, Op::N);  // [n, r]
   gemm(dy, Op::T, c.u, Op::N, s, S(1), lora->grad_b);
   gemm(g, Op::T, c.xd.size() ? c.xd : x, Op::N, s, S(1), lora->grad_a);
