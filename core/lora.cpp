@@ -8,6 +8,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 #include <re2/re2.h>
 
 #include <algorithm>
@@ -33,10 +35,16 @@ using ojson = nlohmann::ordered_json;  // rank_pattern / alpha_pattern are tried
 // recursive walk over it (serializing one 200,000 levels deep for a message overflowed the stack).
 constexpr int kMaxJsonDepth = 64;
 // Regular expressions from the config (target_modules, exclude_modules, layers_pattern, rank_pattern and
-// alpha_pattern keys) are matched by RE2, in time linear in the name matched, never by backtracking. The
+// alpha_pattern keys) are matched by RE2, in time linear in the name matched, where RE2 can read them. The
 // longest a real one gets is a few hundred bytes (an alternation of module names); this is far above that.
 constexpr size_t kMaxPatternBytes = 4096;
 constexpr int64_t kMaxPatternMemory = 8 << 20;  // RE2's compiled-program and DFA budget, per expression
+// A pattern with a lookaround or a backreference (Python's re reads them, RE2 cannot) is matched by PCRE2,
+// which backtracks: these bound one match, so a pathological pattern ends in an error within milliseconds
+// instead of running for hours. A real pattern over a module name needs a few hundred steps.
+constexpr uint32_t kPcre2MatchLimit = 100000;
+constexpr uint32_t kPcre2DepthLimit = 10000;
+constexpr uint32_t kPcre2HeapLimitKiB = 16 * 1024;
 // ordered_json (rank_pattern is tried in the file's order) finds each new key of an object by a linear
 // search, so parsing an object of n fields costs n^2 / 2 string comparisons: 200,000 fields took tens of
 // seconds. A peft config has a few dozen fields, and a rank_pattern at most one per module of the model.
@@ -153,7 +161,107 @@ bool is_empty_value(const ojson& v) {
          (v.is_object() && v.empty()) || (v.is_string() && v.get<std::string>().empty());
 }
 
-using Regex = std::shared_ptr<const RE2>;  // RE2 objects cannot be copied or moved
+// What a pattern's text holds that decides how it can be read: syntax only a backtracking matcher reads,
+// or syntax that RE2 and PCRE2 read differently from Python's re (a silent wrong answer if compiled).
+struct PatternScan {
+  bool backtracking_only = false;  // a lookaround or a backreference
+  std::string misread;             // why the pattern is refused; empty when nothing is misread
+};
+
+PatternScan scan_pattern(const std::string& p) {
+  PatternScan scan;
+  bool in_class = false;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const char ch = p[i];
+    const char next = i + 1 < p.size() ? p[i + 1] : '\0';
+    if (ch == '\\') {  // an escape: the next character is never syntax
+      if (!in_class && next >= '1' && next <= '9') scan.backtracking_only = true;
+      ++i;
+    } else if (in_class) {
+      if (ch == '[' && next == ':' && scan.misread.empty())
+        scan.misread = "has a POSIX class '[:...:]': Python reads '[[:digit:]]' as the characters '[', ':', 'd', ... "
+                       "followed by ']', RE2 as a class of digits; list the characters instead (e.g. [0-9])";
+      if (ch == ']') in_class = false;
+    } else if (ch == '[') {
+      in_class = true;
+      // A ']' first in the class (after an optional '^') is one of its characters, not its end.
+      if (next == '^') ++i;
+      if (i + 1 < p.size() && p[i + 1] == ']') ++i;
+    } else if (ch == '{' && next == ',') {
+      if (scan.misread.empty())
+        scan.misread = "has a '{,n}' quantifier: Python reads it as '{0,n}', RE2 as the text '{,n}'; write {0,n}";
+    } else if (ch == '(' && (p.compare(i, 3, "(?=") == 0 || p.compare(i, 3, "(?!") == 0 || p.compare(i, 4, "(?<=") == 0 ||
+                             p.compare(i, 4, "(?<!") == 0 || p.compare(i, 4, "(?P=") == 0)) {
+      scan.backtracking_only = true;
+    }
+  }
+  return scan;
+}
+
+// A regular expression from one field of an adapter_config.json, compiled by RE2 or, where it needs a
+// lookaround or a backreference, by PCRE2 with bounded matching. Copies share the compiled program.
+class Regex {
+ public:
+  Regex() = default;
+  Regex(std::shared_ptr<const RE2> re2, std::string path, std::string field, std::string pattern)
+      : re2_(std::move(re2)), path_(std::move(path)), field_(std::move(field)), pattern_(std::move(pattern)) {}
+  Regex(std::shared_ptr<pcre2_code> code, std::shared_ptr<pcre2_match_context> limits, std::string path, std::string field,
+        std::string pattern)
+      : pcre2_(std::move(code)), pcre2_limits_(std::move(limits)), path_(std::move(path)), field_(std::move(field)),
+        pattern_(std::move(pattern)) {}
+
+  // Python's re.fullmatch.
+  bool full_match(const std::string& text) const {
+    if (re2_) return RE2::FullMatch(text, *re2_);
+    std::string unused;
+    return pcre2_match_at(text, PCRE2_ANCHORED | PCRE2_ENDANCHORED, unused);
+  }
+  // Python's re.search; on a match `last_group` is the last capturing group's text (empty when that group
+  // took no part in the match).
+  bool search(const std::string& text, std::string& last_group) const {
+    last_group.clear();
+    if (re2_) {
+      std::vector<re2::StringPiece> groups(size_t(re2_->NumberOfCapturingGroups()) + 1);
+      if (!re2_->Match(text, 0, text.size(), RE2::UNANCHORED, groups.data(), int(groups.size()))) return false;
+      if (groups.back().data()) last_group.assign(groups.back().data(), groups.back().size());
+      return true;
+    }
+    return pcre2_match_at(text, 0, last_group);
+  }
+
+ private:
+  bool pcre2_match_at(const std::string& text, uint32_t options, std::string& last_group) const {
+    const std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> data(
+        pcre2_match_data_create_from_pattern(pcre2_.get(), nullptr), &pcre2_match_data_free);
+    if (!data) throw std::bad_alloc();
+    const int rc = pcre2_match(pcre2_.get(), reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), 0, options,
+                               data.get(), pcre2_limits_.get());
+    if (rc == PCRE2_ERROR_NOMATCH) return false;
+    if (rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT || rc == PCRE2_ERROR_HEAPLIMIT)
+      throw Error(fmt::format("{}: field '{}' holds '{}', which backtracks past moelab's limit ({} steps) on the module "
+                              "name '{}': simplify it (a lookaround or backreference is matched by backtracking)",
+                              path_, field_, clipped(pattern_), kPcre2MatchLimit, clipped(text)));
+    if (rc < 0) {
+      PCRE2_UCHAR message[256];
+      pcre2_get_error_message(rc, message, sizeof message);
+      throw Error(fmt::format("{}: field '{}': matching '{}' against '{}' failed (PCRE2: {})", path_, field_,
+                              clipped(pattern_), clipped(text), reinterpret_cast<const char*>(message)));
+    }
+    uint32_t groups = 0;
+    pcre2_pattern_info(pcre2_.get(), PCRE2_INFO_CAPTURECOUNT, &groups);
+    if (groups > 0 && uint32_t(rc) > groups) {  // rc: 1 + the highest group that took part
+      const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(data.get());
+      if (ovector[2 * groups] != PCRE2_UNSET)
+        last_group = text.substr(ovector[2 * groups], ovector[2 * groups + 1] - ovector[2 * groups]);
+    }
+    return true;
+  }
+
+  std::shared_ptr<const RE2> re2_;  // RE2 objects cannot be copied or moved
+  std::shared_ptr<pcre2_code> pcre2_;
+  std::shared_ptr<pcre2_match_context> pcre2_limits_;
+  std::string path_, field_, pattern_;
+};
 
 class ConfigReader {
  public:
@@ -186,22 +294,44 @@ class ConfigReader {
     }
     return out;
   }
-  // A regular expression from a field, compiled by RE2: peft matches with Python's re, and what RE2's
-  // syntax cannot read (lookarounds, backreferences, possessive quantifiers) is refused, never approximated.
-  // RE2 matches in time linear in the text, so no pattern can make a match hang, and its compilation is
-  // bounded by the pattern's length and kMaxPatternMemory.
+  // A regular expression from a field. peft matches with Python's re. RE2 reads what it can, matching in
+  // time linear in the text, with compilation bounded by the pattern's length and kMaxPatternMemory. What
+  // RE2 refuses because it needs backtracking (a lookaround or a backreference, which Python reads) goes to
+  // PCRE2, whose matching is bounded by kPcre2*Limit. Syntax both read differently from Python ('{,n}',
+  // '[[:digit:]]') is refused, and so is anything else RE2 cannot read: never approximated.
   Regex regex(const std::string& field, const std::string& pattern) const {
     if (pattern.size() > kMaxPatternBytes)
       throw error(field, fmt::format("holds a regular expression of {} bytes ('{}'): at most {} are read", pattern.size(),
                                      clipped(pattern), kMaxPatternBytes));
+    const PatternScan scan = scan_pattern(pattern);
+    if (!scan.misread.empty()) throw error(field, fmt::format("holds '{}', which {}", clipped(pattern), scan.misread));
     RE2::Options options;
     options.set_log_errors(false);  // the reason goes into the one error line, not onto stderr
-    options.set_max_mem(kMaxPatternMemory);
+    options.set_max_mem(kMaxPatternMemory);  // UTF-8, as by default; PCRE2_UTF below matches it
     auto re = std::make_shared<const RE2>(pattern, options);
-    if (!re->ok())
+    if (re->ok()) return Regex(re, path_, field, pattern);
+    const bool needs_backtracking = scan.backtracking_only && (re->error_code() == RE2::ErrorBadPerlOp ||
+                                                               re->error_code() == RE2::ErrorBadEscape);
+    if (!needs_backtracking)
       throw error(field, fmt::format("'{}' is not a regular expression moelab can read (RE2: {})", clipped(pattern),
                                      clipped(re->error(), 200)));
-    return re;
+    int code_error = 0;
+    PCRE2_SIZE error_offset = 0;
+    std::shared_ptr<pcre2_code> code(pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                                                   PCRE2_UTF | PCRE2_NEVER_BACKSLASH_C, &code_error, &error_offset, nullptr),
+                                     &pcre2_code_free);
+    if (!code) {
+      PCRE2_UCHAR message[256];
+      pcre2_get_error_message(code_error, message, sizeof message);
+      throw error(field, fmt::format("'{}' is not a regular expression moelab can read (PCRE2: {} at offset {})",
+                                     clipped(pattern), reinterpret_cast<const char*>(message), error_offset));
+    }
+    std::shared_ptr<pcre2_match_context> limits(pcre2_match_context_create(nullptr), &pcre2_match_context_free);
+    if (!limits) throw std::bad_alloc();
+    pcre2_set_match_limit(limits.get(), kPcre2MatchLimit);
+    pcre2_set_depth_limit(limits.get(), kPcre2DepthLimit);
+    pcre2_set_heap_limit(limits.get(), kPcre2HeapLimitKiB);
+    return Regex(code, limits, path_, field, pattern);
   }
 
   const std::string& path() const { return path_; }
@@ -225,20 +355,19 @@ struct Selection {
   std::vector<std::pair<Regex, double>> alpha_pattern;
 
   bool excluded(const std::string& key) const {
-    if (regex_exclude) return RE2::FullMatch(key, *exclude_regex);
+    if (regex_exclude) return exclude_regex.full_match(key);
     return list_matches(exclude_list, key);
   }
   // check_target_module_exists without the exclusion.
   bool targeted(const std::string& key) const {
-    if (regex_target) return RE2::FullMatch(key, *target_regex);
+    if (regex_target) return target_regex.full_match(key);
     if (std::find(target_list.begin(), target_list.end(), key) != target_list.end()) return true;
     if (!list_matches(target_list, key)) return false;
     if (layers.empty()) return true;
     for (const auto& p : layer_index_patterns) {
       // A search; the layer index is the last group, the (\d+) each pattern ends with.
-      std::vector<re2::StringPiece> groups(size_t(p->NumberOfCapturingGroups()) + 1);
-      if (p->Match(key, 0, key.size(), RE2::UNANCHORED, groups.data(), int(groups.size()))) {
-        const std::string idx = groups.back().data() ? std::string(groups.back().data(), groups.back().size()) : "";
+      std::string idx;
+      if (p.search(key, idx)) {
         // Empty when the pattern's own '|' matched without that group: no layer index.
         if (idx.empty() || idx.size() > 9 || !std::all_of(idx.begin(), idx.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
           return false;
@@ -532,13 +661,13 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, con
     LoraFactors f;
     f.rank = p.r;
     for (const auto& [re, rank] : p.sel.rank_pattern)
-      if (RE2::FullMatch(module, *re)) {
+      if (re.full_match(module)) {
         f.rank = rank;
         break;
       }
     f.alpha = p.alpha;
     for (const auto& [re, alpha] : p.sel.alpha_pattern)
-      if (RE2::FullMatch(module, *re)) {
+      if (re.full_match(module)) {
         f.alpha = alpha;
         break;
       }

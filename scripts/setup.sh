@@ -22,7 +22,7 @@ debian_packages=(
   build-essential cmake pkg-config git ca-certificates
   libeigen3-dev nlohmann-json3-dev libhdf5-dev libsentencepiece-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev libfmt-dev
-  zlib1g-dev libbz2-dev libcpp-httplib-dev libopenblas-pthread-dev libre2-dev curl
+  zlib1g-dev libbz2-dev libcpp-httplib-dev libopenblas-pthread-dev libre2-dev libpcre2-dev curl
   python3 python3-venv
 )
 

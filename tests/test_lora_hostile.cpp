@@ -12,6 +12,7 @@
 #include <cstring>
 #include <future>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -199,25 +200,158 @@ TEST_F(LoraHostile, CatastrophicBacktrackingPatternsFinishAtOnce) {
   }
 }
 
-TEST_F(LoraHostile, PatternsOnlyPythonReadsAreRefusedWithRe2sReason) {
-  // peft matches with Python's re; RE2 has no lookarounds or backreferences. Such a pattern is refused
-  // (naming the file, the field and RE2's reason), never approximated.
+// The adapter's tensors for exactly `modules` (named_modules() names), the rest dropped: what peft saves
+// when target_modules selects just those.
+void keep_tensors_of(const AdapterDir& a, const std::set<std::string>& modules) {
+  a.edit_tensors([&](std::vector<TensorToWrite>& ts) {
+    std::erase_if(ts, [&](const TensorToWrite& t) {
+      const std::string prefix = "base_model.model.";
+      const size_t lora = t.name.find(".lora_");
+      return t.name.rfind(prefix, 0) != 0 || lora == std::string::npos ||
+             !modules.count(t.name.substr(prefix.size(), lora - prefix.size()));
+    });
+  });
+}
+
+// The checkpoint weight names of an adapter's adapted modules.
+std::set<std::string> adapted(const LoraAdapter& adapter) {
+  std::set<std::string> names;
+  for (const auto& [name, factors] : adapter.modules()) names.insert(name);
+  return names;
+}
+
+std::set<std::string> weights_of(const std::set<std::string>& modules) {
+  std::set<std::string> names;
+  for (const auto& m : modules) names.insert(m + ".weight");
+  return names;
+}
+
+TEST_F(LoraHostile, LookaroundsAndBackreferencesSelectWhatPythonsReSelects) {
+  // peft matches with Python's re, which reads lookarounds and backreferences; RE2 has neither, so these go
+  // to PCRE2. Each expected set is what Python 3's re.fullmatch selected from this model's
+  // named_modules() (2 layers, 4 experts), checked by hand.
+  ASSERT_EQ(cfg().num_layers, 2);
+  ASSERT_EQ(cfg().num_experts, 4);
+  const std::string L0 = "model.layers.0.", L1 = "model.layers.1.";
+  struct Case {
+    std::string target_modules;
+    std::set<std::string> selected;
+  };
+  for (const Case& c : {
+           // the peft idiom: attention projections, nothing inside the MoE block
+           Case{R"(^(?!.*block_sparse_moe).*\.(q_proj|k_proj|v_proj|o_proj))",
+                {L0 + "self_attn.q_proj", L0 + "self_attn.k_proj", L0 + "self_attn.v_proj", L0 + "self_attn.o_proj",
+                 L1 + "self_attn.q_proj", L1 + "self_attn.k_proj", L1 + "self_attn.v_proj", L1 + "self_attn.o_proj"}},
+           Case{R"((?!.*layers\.1\.).*\.(q_proj|w2))",
+                {L0 + "self_attn.q_proj", L0 + "block_sparse_moe.experts.0.w2", L0 + "block_sparse_moe.experts.1.w2",
+                 L0 + "block_sparse_moe.experts.2.w2", L0 + "block_sparse_moe.experts.3.w2"}},
+           Case{R"(.*(?<!layers\.0)\.self_attn\.(q_proj|v_proj))", {L1 + "self_attn.q_proj", L1 + "self_attn.v_proj"}},
+           // a backreference: expert e of layer e
+           Case{R"(model\.layers\.(\d)\.block_sparse_moe\.experts\.\1\.w(1|3))",
+                {L0 + "block_sparse_moe.experts.0.w1", L0 + "block_sparse_moe.experts.0.w3",
+                 L1 + "block_sparse_moe.experts.1.w1", L1 + "block_sparse_moe.experts.1.w3"}},
+       }) {
+    SCOPED_TRACE(c.target_modules);
+    AdapterDir a(kAdapter);
+    a.edit_config([&](ojson& j) {
+      j["target_modules"] = c.target_modules;
+      j.erase("rank_pattern");  // the kept tensors all have rank 4 but w2's, which the file's rank_pattern gives 2
+    });
+    keep_tensors_of(a, c.selected);
+    if (c.target_modules.find("w2") != std::string::npos) a.edit_config([](ojson& j) { j["rank_pattern"] = {{"w2", 2}}; });
+    const LoadOutcome o = load_within(a.str(), cfg());
+    ASSERT_TRUE(o.finished);
+    ASSERT_TRUE(o.loaded) << o.error;
+    EXPECT_EQ(adapted(*LoraAdapter::load(a.str(), cfg())), weights_of(c.selected));
+  }
+  {  // exclude_modules with a backreference (expert e's w<e>), alpha_pattern with a lookbehind
+    AdapterDir a(kAdapter);
+    a.edit_config([](ojson& j) {
+      j["exclude_modules"] = R"(.*experts\.(\d)\.w\1)";
+      j["alpha_pattern"] = {{R"((?<=self_attn\.)q_proj)", 5}, {"gate", 3}};
+    });
+    const std::set<std::string> excluded = {L0 + "block_sparse_moe.experts.1.w1", L0 + "block_sparse_moe.experts.2.w2",
+                                            L0 + "block_sparse_moe.experts.3.w3", L1 + "block_sparse_moe.experts.1.w1",
+                                            L1 + "block_sparse_moe.experts.2.w2", L1 + "block_sparse_moe.experts.3.w3"};
+    a.edit_tensors([&](std::vector<TensorToWrite>& ts) {
+      std::erase_if(ts, [&](const TensorToWrite& t) {
+        for (const auto& m : excluded)
+          if (t.name.find("." + m + ".lora_") != std::string::npos) return true;
+        return false;
+      });
+    });
+    const LoadOutcome o = load_within(a.str(), cfg());
+    ASSERT_TRUE(o.finished);
+    ASSERT_TRUE(o.loaded) << o.error;
+    const auto adapter = LoraAdapter::load(a.str(), cfg());
+    EXPECT_EQ(adapter->modules().size(), size_t(cfg().num_layers * (4 + 1 + 3 * cfg().num_experts)) - excluded.size());
+    for (const auto& m : excluded) EXPECT_EQ(adapter->find(m + ".weight"), nullptr) << m;
+    EXPECT_EQ(adapter->find(L1 + "self_attn.q_proj.weight")->alpha, 5);
+    EXPECT_EQ(adapter->find(L1 + "self_attn.k_proj.weight")->alpha, 8);
+    EXPECT_EQ(adapter->find(L1 + "block_sparse_moe.gate.weight")->alpha, 3);
+  }
+}
+
+TEST_F(LoraHostile, CatastrophicBacktrackingPatternsWithLookaroundsEndAtTheMatchLimit) {
+  // PCRE2 backtracks: a full match of this over "model.layers.0.self_attn.q_proj" took Python's re minutes
+  // and more. The match limit ends it at once, with an error naming the field and the pattern.
+  const std::string hang = "^(?!q)(.*)*(.*)*(.*)*(.*)*(.*)*_";
+  for (const char* field : {"target_modules", "exclude_modules", "alpha_pattern", "layers_pattern"}) {
+    SCOPED_TRACE(field);
+    AdapterDir a(kAdapter);
+    a.edit_config([&](ojson& j) {
+      if (std::string(field) == "alpha_pattern") {
+        j[field] = {{hang, 5}};
+      } else if (std::string(field) == "layers_pattern") {  // a search for the layer index
+        j["layers_to_transform"] = {0};
+        j[field] = hang;
+      } else {
+        j[field] = hang;
+      }
+    });
+    expect_refusal(a, {kAdapterConfigFile, std::string("field '") + field + "'", "^(?!q)(.*)*", "backtracks past moelab's limit"});
+  }
+  // A pattern PCRE2 can tell cannot match (no 'Z' in any name) is not tried at all: nothing is selected.
+  AdapterDir a(kAdapter);
+  a.edit_config([](ojson& j) { j["target_modules"] = "(?=x)?(a|a|.)*(a|a|.)*(a|a|.)*(a|a|.)*Z"; });
+  expect_refusal(a, {kAdapterConfigFile, "'target_modules' selects no module"});
+}
+
+TEST_F(LoraHostile, SyntaxPythonReadsDifferentlyIsRefused) {
+  // Python reads '{,1}' as '{0,1}'; RE2 (and PCRE2 before 10.43) as the text "{,1}", so 'w{,1}2' would give
+  // no module the alpha Python gives every w2. '[[:digit:]]' is a class of digits to RE2, of '[', ':', 'd',
+  // ... to Python. Both are refused, naming the field and the pattern.
   struct Case {
     const char* field;
     std::string pattern;
-    const char* reason;
+    const char* advice;
   };
-  for (const Case& c : {Case{"target_modules", "(?=.*q_proj).*_proj", "(?="},
-                        Case{"target_modules", "(?!.*k_proj).*(q|v)_proj", "(?!"},
-                        Case{"exclude_modules", "(.*)\\1", "\\1"}, Case{"rank_pattern", "(?<=self_attn\\.)q_proj", "(?<"}}) {
+  for (const Case& c : {Case{"alpha_pattern", "w{,1}2", "write {0,n}"}, Case{"target_modules", R"(.*\.w{,1})", "write {0,n}"},
+                        Case{"exclude_modules", R"(.*experts\.[[:digit:]]\.w1)", "POSIX class"},
+                        Case{"rank_pattern", R"((?<=\.)w[^[:alpha:]])", "POSIX class"}}) {
     SCOPED_TRACE(c.pattern);
     AdapterDir a(kAdapter);
     a.edit_config([&](ojson& j) {
-      if (std::string(c.field) == "rank_pattern") j["rank_pattern"] = {{c.pattern, 2}};
+      if (std::string(c.field).ends_with("_pattern")) j[c.field] = {{c.pattern, 2}};
       else j[c.field] = c.pattern;
     });
-    expect_refusal(a, {kAdapterConfigFile, std::string("'") + c.field + "'", "RE2: ", c.reason});
+    expect_refusal(a, {kAdapterConfigFile, std::string("'") + c.field + "'", c.pattern, c.advice});
   }
+  // Inside a class or after a backslash, '{,' is a character: 'w[{,]' and 'w\{,' are read as Python reads them.
+  AdapterDir a(kAdapter);
+  a.edit_config([](ojson& j) { j["alpha_pattern"] = {{"w[{,]2", 5}, {R"(w\{,2)", 5}, {"gate", 3}}; });
+  expect_loads(a);
+}
+
+TEST_F(LoraHostile, PatternsNeitherEngineReadsAreRefusedWithRe2sReason) {
+  // What RE2 refuses for another reason than a lookaround or a backreference is still refused with its reason.
+  AdapterDir a(kAdapter);
+  a.edit_config([](ojson& j) { j["target_modules"] = R"(.*\.(q_proj|k_proj)"; });
+  expect_refusal(a, {kAdapterConfigFile, "'target_modules'", "RE2: missing )"});
+  // A lookaround PCRE2 cannot compile either: its reason, from PCRE2.
+  AdapterDir b(kAdapter);
+  b.edit_config([](ojson& j) { j["target_modules"] = R"((?<=a+)q_proj)"; });
+  expect_refusal(b, {kAdapterConfigFile, "'target_modules'", "PCRE2: "});
 }
 
 TEST_F(LoraHostile, LongPatternsAreRefusedWithAShortMessage) {
