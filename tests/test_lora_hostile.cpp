@@ -1,7 +1,6 @@
 // Hostile peft adapters (the hostile-input review of 2026-12-02, findings 1, 2, 3, 5, 7, 10, 13, 16, 17):
 // what a crafted adapter_config.json, adapter_model.safetensors or merge option gets. Each ends in one
-// error line naming the file, in well under a second, or runs as before; none crashes, hangs or writes
-// Inf weights. Inputs that crashed or hung the old reader run in a child process (the real binary, with
+// error line naming the file, or runs as before; none crashes, hangs or writes Inf weights. Inputs that crashed or hung the old reader run in a child process (the real binary, with
 // a time limit), so that a regression fails the test instead of killing or stalling the test program;
 // the loader's own checks run in this process, each load on a thread with a time limit.
 #include <gtest/gtest.h>
@@ -77,11 +76,12 @@ class LoraHostile : public ::testing::Test {
   void SetUp() override { ck = Checkpoint::open(model_dir(kModel)); }
   const ModelConfig& cfg() const { return ck->config(); }
 
-  // Loads `a`, expecting a refusal in well under a second whose message holds every needle, on one line.
+  // Loads `a`, expecting a refusal whose message holds every needle, on one line. Only a hang is checked (5 s,
+  // against the milliseconds a load takes): a unit test asserts no speed (CI runs beside other tests), and the
+  // matchers it guards against ran for minutes or for ever.
   void expect_refusal(const AdapterDir& a, const std::vector<std::string>& needles) const {
     const LoadOutcome o = load_within(a.str(), cfg());
     ASSERT_TRUE(o.finished) << "still loading after 5 s (a backtracking or unbounded step)";
-    EXPECT_LT(o.seconds, 1.0);
     ASSERT_FALSE(o.loaded) << "loaded; expected a refusal";
     EXPECT_EQ(o.error.find("not a moelab::Error"), std::string::npos) << o.error;
     EXPECT_EQ(o.error.find('\n'), std::string::npos) << o.error;
@@ -91,7 +91,6 @@ class LoraHostile : public ::testing::Test {
   void expect_loads(const AdapterDir& a) const {
     const LoadOutcome o = load_within(a.str(), cfg());
     ASSERT_TRUE(o.finished) << "still loading after 5 s (a backtracking or unbounded step)";
-    EXPECT_LT(o.seconds, 1.0);
     EXPECT_TRUE(o.loaded) << o.error;
   }
 
