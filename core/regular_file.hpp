@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <fmt/format.h>
 #include <string>
 #include <system_error>
@@ -62,33 +63,44 @@ inline int open_regular_file(const std::string& path, const char* what, uint64_t
   return fd;
 }
 
-// The whole of a regular file, at most `max_bytes` (a config or index larger than that is refused).
-inline std::string read_regular_file(const std::string& path, const char* what, uint64_t max_bytes = 1ull << 30) {
+// Reads `path`'s regular file to its end: on_open(size) first, with the size fstat gave (it may refuse by
+// throwing), then chunk(data, n) for each piece of up to `chunk_bytes` (which may throw too); the file is
+// closed either way. Errors name the path: cannot open, not a regular file, cannot read.
+template <class OnOpen, class Chunk>
+void read_regular_file_chunks(const std::string& path, const char* what, size_t chunk_bytes, const OnOpen& on_open,
+                              const Chunk& chunk) {
   uint64_t size = 0;
   const int fd = open_regular_file(path, what, &size);
-  if (size > max_bytes) {
-    ::close(fd);
-    throw Error(fmt::format("{}: {} is {} bytes, more than the {} bytes allowed", path, what, size, max_bytes));
-  }
-  std::string text;
-  text.reserve(size_t(size));
-  char buf[1 << 16];
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  on_open(size);
+  const std::unique_ptr<char[]> buf(new char[chunk_bytes]);
   for (;;) {
-    const ssize_t n = ::read(fd, buf, sizeof buf);
+    const ssize_t n = ::read(fd, buf.get(), chunk_bytes);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      const int e = errno;
-      ::close(fd);
-      throw Error(fmt::format("{}: cannot read {} ({})", path, what, std::strerror(e)));
-    }
-    if (n == 0) break;
-    text.append(buf, size_t(n));
-    if (text.size() > max_bytes) {
-      ::close(fd);
-      throw Error(fmt::format("{}: {} grew past the {} bytes allowed while being read", path, what, max_bytes));
-    }
+    if (n < 0) throw Error(fmt::format("{}: cannot read {} ({})", path, what, std::strerror(errno)));
+    if (n == 0) return;
+    chunk(buf.get(), size_t(n));
   }
-  ::close(fd);
+}
+
+// The whole of a regular file, at most `max_bytes` (a config or index larger than that is refused).
+inline std::string read_regular_file(const std::string& path, const char* what, uint64_t max_bytes = 1ull << 30) {
+  std::string text;
+  read_regular_file_chunks(
+      path, what, size_t(1) << 16,
+      [&](uint64_t size) {
+        if (size > max_bytes)
+          throw Error(fmt::format("{}: {} is {} bytes, more than the {} bytes allowed", path, what, size, max_bytes));
+        text.reserve(size_t(size));
+      },
+      [&](const char* data, size_t n) {
+        text.append(data, n);
+        if (text.size() > max_bytes)
+          throw Error(fmt::format("{}: {} grew past the {} bytes allowed while being read", path, what, max_bytes));
+      });
   return text;
 }
 

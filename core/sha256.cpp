@@ -88,30 +88,17 @@ std::string sha256_hex(std::string_view bytes) {
 }
 
 std::string sha256_file(const std::string& path, const char* what) {
-  // O_NONBLOCK open and fstat first (open_regular_file): a FIFO or /dev/zero named where a file is meant
+  // O_NONBLOCK open and fstat first (core/regular_file.hpp): a FIFO or /dev/zero named where a file is meant
   // would otherwise block or be read forever. The file is then read in chunks up to the size fstat gave.
-  uint64_t size = 0;
-  const int fd = open_regular_file(path, what, &size);
   Sha256 h;
-  std::vector<char> buf(1 << 20);
-  uint64_t done = 0;
-  for (;;) {
-    const ssize_t n = ::read(fd, buf.data(), buf.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      const int e = errno;
-      ::close(fd);
-      throw Error(fmt::format("{}: cannot read {} ({})", path, what, std::strerror(e)));
-    }
-    if (n == 0) break;
-    done += uint64_t(n);
-    if (done > size) {
-      ::close(fd);
-      throw Error(fmt::format("{}: {} grew past its {} bytes while being hashed", path, what, size));
-    }
-    h.update(std::string_view(buf.data(), size_t(n)));
-  }
-  ::close(fd);
+  uint64_t size = 0, done = 0;
+  read_regular_file_chunks(
+      path, what, size_t(1) << 20, [&](uint64_t s) { size = s; },
+      [&](const char* data, size_t n) {
+        done += uint64_t(n);
+        if (done > size) throw Error(fmt::format("{}: {} grew past its {} bytes while being hashed", path, what, size));
+        h.update(std::string_view(data, n));
+      });
   if (done != size) throw Error(fmt::format("{}: {} shrank from {} to {} bytes while being hashed", path, what, size, done));
   return h.hex();
 }

@@ -223,22 +223,29 @@ Mat<double> Products::dy_w(const Mat<double>& dy, const FrozenMatrix<double>& fw
 
 namespace {
 
-void check_gemm(const char* what, int64_t inner_a, int64_t inner_b, int64_t m, int64_t n, int64_t c_rows, int64_t c_cols,
-                bool resize) {
-  if (inner_a != inner_b) throw Error(fmt::format("trainer product {}: inner dimensions {} and {} differ", what, inner_a, inner_b));
-  if (!resize && (c_rows != m || c_cols != n))
-    throw Error(fmt::format("trainer product {}: accumulating a [{}, {}] product into a [{}, {}] matrix", what, m, n,
-                            c_rows, c_cols));
+// op(A) [m, k] · op(B) [k, n] into C: the shapes, checked (inner dimensions; C's when accumulating).
+struct GemmShape {
+  int64_t m, n, k;
+  bool ta, tb;
+};
+
+template <typename S>
+GemmShape gemm_shape(const Mat<S>& a, Op op_a, const Mat<S>& b, Op op_b, const Mat<S>& c, bool accumulate) {
+  const bool ta = op_a == Op::T, tb = op_b == Op::T;
+  const GemmShape g{ta ? a.cols() : a.rows(), tb ? b.rows() : b.cols(), ta ? a.rows() : a.cols(), ta, tb};
+  const int64_t kb = tb ? b.cols() : b.rows();
+  if (g.k != kb) throw Error(fmt::format("trainer product op(a)·op(b): inner dimensions {} and {} differ", g.k, kb));
+  if (accumulate && (c.rows() != g.m || c.cols() != g.n))
+    throw Error(fmt::format("trainer product op(a)·op(b): accumulating a [{}, {}] product into a [{}, {}] matrix", g.m,
+                            g.n, c.rows(), c.cols()));
+  return g;
 }
 
 }  // namespace
 
 template <>
 void gemm(const Mat<float>& a, Op op_a, const Mat<float>& b, Op op_b, float alpha, float beta, Mat<float>& c) {
-  const bool ta = op_a == Op::T, tb = op_b == Op::T;
-  const int64_t m = ta ? a.cols() : a.rows(), k = ta ? a.rows() : a.cols();
-  const int64_t n = tb ? b.rows() : b.cols(), kb = tb ? b.cols() : b.rows();
-  check_gemm("op(a)·op(b)", k, kb, m, n, c.rows(), c.cols(), beta == 0.0f);
+  const auto [m, n, k, ta, tb] = gemm_shape(a, op_a, b, op_b, c, beta != 0.0f);
   if (beta == 0.0f) c.resize(m, n);
   if (m == 0 || n == 0) return;
   if (k == 0) {  // OpenBLAS reads no operand then, but its leading dimensions must still be >= 1
@@ -255,9 +262,7 @@ void gemm(const Mat<float>& a, Op op_a, const Mat<float>& b, Op op_b, float alph
 template <>
 void gemm(const Mat<double>& a, Op op_a, const Mat<double>& b, Op op_b, double alpha, double beta, Mat<double>& c) {
   const bool ta = op_a == Op::T, tb = op_b == Op::T;
-  const int64_t m = ta ? a.cols() : a.rows(), k = ta ? a.rows() : a.cols();
-  const int64_t n = tb ? b.rows() : b.cols(), kb = tb ? b.cols() : b.rows();
-  check_gemm("op(a)·op(b)", k, kb, m, n, c.rows(), c.cols(), beta == 0.0);
+  gemm_shape(a, op_a, b, op_b, c, beta != 0.0);
   const auto apply = [&](const auto& x, const auto& y) {
     if (beta == 0.0) c.noalias() = alpha * (x * y);
     else {
