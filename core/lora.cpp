@@ -41,8 +41,12 @@ constexpr size_t kMaxPatternBytes = 4096;
 constexpr int64_t kMaxPatternMemory = 8 << 20;  // RE2's compiled-program and DFA budget, per expression
 // A pattern with a lookaround or a backreference (Python's re reads them, RE2 cannot) is matched by PCRE2,
 // which backtracks: these bound one match, so a pathological pattern ends in an error within milliseconds
-// instead of running for hours. A real pattern over a module name needs a few hundred steps.
-constexpr uint32_t kPcre2MatchLimit = 100000;
+// instead of running for hours. A real pattern over a module name needs a few hundred to a few thousand steps.
+// Every pattern is tried on every module (928 on Mixtral-8x7B), so the number of backtracking patterns in one
+// config is bounded too: 4096 rank_pattern keys each just under the step limit took 50 s on a 34-module model
+// (review); 16 patterns x 928 names x 20,000 steps is about a second.
+constexpr uint32_t kPcre2MatchLimit = 20000;
+constexpr int kMaxBacktrackingPatterns = 16;
 constexpr uint32_t kPcre2DepthLimit = 10000;
 constexpr uint32_t kPcre2HeapLimitKiB = 16 * 1024;
 // ordered_json (rank_pattern is tried in the file's order) finds each new key of an object by a linear
@@ -237,10 +241,14 @@ class Regex {
     const int rc = pcre2_match(pcre2_.get(), reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), 0, options,
                                data.get(), pcre2_limits_.get());
     if (rc == PCRE2_ERROR_NOMATCH) return false;
-    if (rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT || rc == PCRE2_ERROR_HEAPLIMIT)
-      throw Error(fmt::format("{}: field '{}' holds '{}', which backtracks past moelab's limit ({} steps) on the module "
+    if (rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT || rc == PCRE2_ERROR_HEAPLIMIT) {
+      const std::string limit = rc == PCRE2_ERROR_MATCHLIMIT ? fmt::format("{} steps", kPcre2MatchLimit)
+                                : rc == PCRE2_ERROR_DEPTHLIMIT ? fmt::format("a depth of {}", kPcre2DepthLimit)
+                                                               : fmt::format("{} KiB of memory", kPcre2HeapLimitKiB);
+      throw Error(fmt::format("{}: field '{}' holds '{}', which backtracks past moelab's limit ({}) on the module "
                               "name '{}': simplify it (a lookaround or backreference is matched by backtracking)",
-                              path_, field_, clipped(pattern_), kPcre2MatchLimit, clipped(text)));
+                              path_, field_, clipped(pattern_), limit, clipped(text)));
+    }
     if (rc < 0) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(rc, message, sizeof message);
@@ -305,16 +313,21 @@ class ConfigReader {
                                      clipped(pattern), kMaxPatternBytes));
     const PatternScan scan = scan_pattern(pattern);
     if (!scan.misread.empty()) throw error(field, fmt::format("holds '{}', which {}", clipped(pattern), scan.misread));
-    RE2::Options options;
-    options.set_log_errors(false);  // the reason goes into the one error line, not onto stderr
-    options.set_max_mem(kMaxPatternMemory);  // UTF-8, as by default; PCRE2_UTF below matches it
-    auto re = std::make_shared<const RE2>(pattern, options);
-    if (re->ok()) return Regex(re, path_, field, pattern);
-    const bool needs_backtracking = scan.backtracking_only && (re->error_code() == RE2::ErrorBadPerlOp ||
-                                                               re->error_code() == RE2::ErrorBadEscape);
-    if (!needs_backtracking)
+    // A lookaround or backreference goes to PCRE2 directly: RE2 may read some of that text otherwise than
+    // Python does (it takes '\12' as an octal escape, where Python's re reads a backreference to group 12).
+    if (!scan.backtracking_only) {
+      RE2::Options options;
+      options.set_log_errors(false);  // the reason goes into the one error line, not onto stderr
+      options.set_max_mem(kMaxPatternMemory);  // UTF-8, as by default; PCRE2_UTF below matches it
+      auto re = std::make_shared<const RE2>(pattern, options);
+      if (re->ok()) return Regex(re, path_, field, pattern);
       throw error(field, fmt::format("'{}' is not a regular expression moelab can read (RE2: {})", clipped(pattern),
                                      clipped(re->error(), 200)));
+    }
+    if (++backtracking_patterns_ > kMaxBacktrackingPatterns)
+      throw error(field, fmt::format("holds '{}', the {}th pattern with a lookaround or backreference: at most {} are "
+                                     "read (each is matched by backtracking against every module)",
+                                     clipped(pattern), backtracking_patterns_, kMaxBacktrackingPatterns));
     int code_error = 0;
     PCRE2_SIZE error_offset = 0;
     std::shared_ptr<pcre2_code> code(pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
@@ -339,6 +352,7 @@ class ConfigReader {
  private:
   std::string path_;
   const ojson& j_;
+  mutable int backtracking_patterns_ = 0;  // compiled for PCRE2 so far (kMaxBacktrackingPatterns)
 };
 
 // peft's target selection, for one adapter_config.json.

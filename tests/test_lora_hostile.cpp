@@ -3,6 +3,7 @@
 // error line naming the file, or runs as before; none crashes, hangs or writes Inf weights. Inputs that crashed or hung the old reader run in a child process (the real binary, with
 // a time limit), so that a regression fails the test instead of killing or stalling the test program;
 // the loader's own checks run in this process, each load on a thread with a time limit.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
@@ -249,6 +250,8 @@ TEST_F(LoraHostile, LookaroundsAndBackreferencesSelectWhatPythonsReSelects) {
            Case{R"(model\.layers\.(\d)\.block_sparse_moe\.experts\.\1\.w(1|3))",
                 {L0 + "block_sparse_moe.experts.0.w1", L0 + "block_sparse_moe.experts.0.w3",
                  L1 + "block_sparse_moe.experts.1.w1", L1 + "block_sparse_moe.experts.1.w3"}},
+           // a two-digit backreference (to the empty group 12), which RE2 would read as the octal escape \n
+           Case{R"(.*\.(g)(a)(t)(e)()()()()()()()()\12)", {L0 + "block_sparse_moe.gate", L1 + "block_sparse_moe.gate"}},
        }) {
     SCOPED_TRACE(c.target_modules);
     AdapterDir a(kAdapter);
@@ -288,6 +291,23 @@ TEST_F(LoraHostile, LookaroundsAndBackreferencesSelectWhatPythonsReSelects) {
     EXPECT_EQ(adapter->find(L1 + "self_attn.q_proj.weight")->alpha, 5);
     EXPECT_EQ(adapter->find(L1 + "self_attn.k_proj.weight")->alpha, 8);
     EXPECT_EQ(adapter->find(L1 + "block_sparse_moe.gate.weight")->alpha, 3);
+  }
+}
+
+// Each backtracking pattern is tried on every module, so their number is bounded too: 4096 alpha_pattern keys,
+// each just under the step limit, took 50 s on this 34-module model (and would take ~20 minutes on
+// Mixtral-8x7B). 16 load; the 17th is refused.
+TEST_F(LoraHostile, AtMostSixteenPatternsWithLookaroundsAreRead) {
+  for (const int keys : {16, 17}) {
+    SCOPED_TRACE(keys);
+    AdapterDir a(kAdapter);
+    a.edit_config([&](ojson& j) {
+      ojson alpha = ojson::object();
+      for (int k = 0; k < keys; ++k) alpha[fmt::format("(?!x{})q_proj", k)] = 16;
+      j["alpha_pattern"] = alpha;
+    });
+    if (keys == 16) expect_loads(a);
+    else expect_refusal(a, {"adapter_config.json", "alpha_pattern", "at most 16"});
   }
 }
 

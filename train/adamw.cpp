@@ -107,7 +107,7 @@ void AdamW::restore(std::span<const ParamView> params, const State& s, const std
       throw Error(fmt::format("{}: optimizer state for {} has {} values, the adapter {}", where, p.name,
                               m->second.size(), p.value.size()));
     // A second moment is a running mean of squares: a negative one would make sqrt(v) NaN in the next update.
-    // (The reader has already refused non-finite values.) A step count below 1 would zero the bias corrections.
+    // (The reader has already refused non-finite values.) Step counts run from 0 (no gradient yet) to the step.
     for (size_t j = 0; j < v->second.size(); ++j)
       if (!(v->second[j] >= 0.0f))
         throw Error(fmt::format("{}: exp_avg_sq.{} element {} is {}; a second moment is never negative", where, p.name,

@@ -206,11 +206,14 @@ void set_aside_later_outputs(const fs::path& out, int64_t step, const fs::path& 
   if (later.empty()) return;
   std::sort(later.begin(), later.end());
   fs::path aside = out / fmt::format("superseded-at-step-{}", step);
-  for (int k = 2; fs::symlink_status(aside, ec).type() != fs::file_type::not_found; ++k)
+  for (int k = 2; path_type(aside) != fs::file_type::not_found; ++k) {  // path_type throws on a stat error
+    if (k > 10000) throw Error(fmt::format("{}: 10000 superseded-at-step-{} folders already; remove some", out.string(), step));
     aside = out / fmt::format("superseded-at-step-{}-{}", step, k);
+  }
   std::string names;
   for (const auto& p : later) names += (names.empty() ? "" : ", ") + p.filename().string();
-  std::printf("finetune: resuming at step %lld in %s: moving the earlier run's outputs from after that step into %s: %s\n",
+  std::printf("finetune: resuming at step %lld in %s: moving the earlier run's outputs from after that step into %s "
+              "(with a copy of its train_log.csv): %s\n",
               (long long)step, out.string().c_str(), aside.filename().string().c_str(), names.c_str());
   std::fflush(stdout);
   if (!fs::create_directory(aside, ec) || ec)
@@ -218,6 +221,13 @@ void set_aside_later_outputs(const fs::path& out, int64_t step, const fs::path& 
   for (const auto& p : later) {
     fs::rename(p, aside / p.filename(), ec);
     if (ec) throw Error(fmt::format("{}: cannot move it into {}: {}", p.string(), aside.string(), ec.message()));
+  }
+  // The log is rewritten from the checkpoint's copy next: the later run's rows past its last checkpoint would
+  // be lost, so its log is kept beside its other outputs.
+  if (path_type(out / "train_log.csv") == fs::file_type::regular) {
+    fs::copy_file(out / "train_log.csv", aside / "train_log.csv", ec);
+    if (ec) throw Error(fmt::format("{}: cannot copy it into {}: {}", (out / "train_log.csv").string(), aside.string(),
+                                    ec.message()));
   }
 }
 
@@ -230,6 +240,10 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   // --output is new or empty; a resume may also continue in the checkpoint's own folder (OUTPUT of
   // OUTPUT/checkpoint-STEP), and only there, so a resume never writes into a folder of something else.
   bool resume_in_place = false;
+  // A mistyped checkpoint is that, not a folder-rule error (which would name the wrong problem), and is found
+  // before --output is created (a failed resume left an empty new folder behind).
+  if (resuming && path_type(o.resume_from) != fs::file_type::directory)
+    throw Error(fmt::format("{}: --resume-from-checkpoint is not a checkpoint folder", o.resume_from));
   {
     std::error_code ec;
     const auto st = fs::symlink_status(out, ec);
@@ -244,9 +258,6 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
       const bool empty = fs::is_empty(out, ec);
       if (ec) throw Error(fmt::format("{}: --output: {}", out.string(), ec.message()));
       if (resuming) {
-        // A mistyped checkpoint is that, not a folder-rule error (which would name the wrong problem).
-        if (path_type(o.resume_from) != fs::file_type::directory)
-          throw Error(fmt::format("{}: --resume-from-checkpoint is not a checkpoint folder", o.resume_from));
         const fs::path ck_dir = fs::path(o.resume_from).lexically_normal();
         // (A trailing slash leaves an empty last name: its parent is then the checkpoint itself.)
         const fs::path ck_parent = (ck_dir.has_filename() ? ck_dir : ck_dir.parent_path()).parent_path();
