@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "core/tokenizer.hpp"
+#include "moelab_run_fixture.hpp"
 #include "process_util.hpp"
 #include "train/data.hpp"
 #include "train/products.hpp"
@@ -35,9 +36,9 @@ std::string fact_line(int i) {
                      7 * i % 90, i % 9);
 }
 
-class FinetuneCli : public ::testing::Test {
+class FinetuneCli : public MoelabRunsInATempDir {
  protected:
-  TempDir dir{"moelab-finetune-cli"};
+  FinetuneCli() : MoelabRunsInATempDir("moelab-finetune-cli") {}
   std::string train_path, eval_path;
   void SetUp() override {
     std::string train, eval;
@@ -45,15 +46,6 @@ class FinetuneCli : public ::testing::Test {
     for (int i = 50; i < 54; ++i) eval += fact_line(i);
     train_path = write("train.jsonl", train);
     eval_path = write("eval.jsonl", eval);
-  }
-  std::string write(const std::string& name, const std::string& text) {
-    std::ofstream(dir.file(name), std::ios::binary) << text;
-    return dir.file(name);
-  }
-  MoelabRun moelab(const std::vector<std::string>& args) {
-    const fs::path d = dir.path() / fmt::format("run{}", runs_++);
-    fs::create_directories(d);
-    return run_moelab(args, d);
   }
   // A short run's options: small batches, --max-seq-len within the lines, two micro-batches per step, the
   // default LoRA dropout (so the resume tests cover the dropout masks too).
@@ -76,7 +68,6 @@ class FinetuneCli : public ::testing::Test {
     }
     return rows;
   }
-  int runs_ = 0;
 };
 
 TEST_F(FinetuneCli, ShortRunLowersHeldOutLossAndWritesAPeftAdapter) {

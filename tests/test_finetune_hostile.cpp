@@ -18,6 +18,7 @@
 
 #include "core/safetensors.hpp"
 #include "core/safetensors_writer.hpp"
+#include "moelab_run_fixture.hpp"
 #include "process_util.hpp"
 
 namespace moelab::test {
@@ -28,24 +29,15 @@ const std::string kModel = std::string(MOELAB_FIXTURES) + "/models/mixtral-4e-gq
 
 bool one_line(const MoelabRun& r) { return std::count(r.err.begin(), r.err.end(), '\n') == 1; }
 
-class FinetuneHostile : public ::testing::Test {
+class FinetuneHostile : public MoelabRunsInATempDir {
  protected:
-  TempDir dir{"moelab-finetune-hostile"};
+  FinetuneHostile() : MoelabRunsInATempDir("moelab-finetune-hostile") {}
   std::string data;
   void SetUp() override {
     std::string text;
     for (int i = 0; i < 8; ++i)
       text += fmt::format("{{\"text\": \"Ticket {} is filed under shelf Q-{} in the zebra archive.\"}}\n", 100 + i, 7 * i);
     data = write("train.jsonl", text);
-  }
-  std::string write(const std::string& name, const std::string& text) {
-    std::ofstream(dir.file(name), std::ios::binary) << text;
-    return dir.file(name);
-  }
-  MoelabRun moelab(const std::vector<std::string>& args) {
-    const fs::path d = dir.path() / fmt::format("run{}", runs_++);
-    fs::create_directories(d);
-    return run_moelab(args, d);
   }
   std::vector<std::string> args(const std::string& out, int steps, const std::string& model = kModel) const {
     return {"finetune", "--model", model, "--data", data, "-o", out, "--max-steps", std::to_string(steps),
@@ -66,10 +58,9 @@ class FinetuneHostile : public ::testing::Test {
     std::ofstream(copy / "trainer_state.json") << j.dump();
     return copy.string();
   }
-  int runs_ = 0;
 };
 
-// Negative or impossible counters, evaluations of the wrong shape, AdamW step counts that are not the
+// Negative or impossible counters, evaluations of the wrong shape, AdamW step counts outside 0 to the
 // checkpoint's, a negative second moment: one line naming the file; before, a step of -1 crashed (SIGSEGV),
 // a wrong "evals" ended in an internal error, and the AdamW values trained a NaN adapter reported complete.
 TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {

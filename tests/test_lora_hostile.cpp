@@ -44,7 +44,6 @@ struct LoadOutcome {
   bool finished = false;  // false: still running after the time limit (a hang)
   bool loaded = false;
   std::string error;      // the moelab::Error's message, or another exception's type and message
-  double seconds = 0;
 };
 
 // LoraAdapter::load on a thread, waited for at most `limit_s`: a regression to a backtracking matcher fails
@@ -52,7 +51,6 @@ struct LoadOutcome {
 LoadOutcome load_within(const std::string& dir, const ModelConfig& cfg, double limit_s = 5) {
   auto result = std::make_shared<std::promise<LoadOutcome>>();
   auto done = result->get_future();
-  const auto start = std::chrono::steady_clock::now();
   std::thread([result, dir, cfg] {
     LoadOutcome o;
     o.finished = true;
@@ -68,7 +66,6 @@ LoadOutcome load_within(const std::string& dir, const ModelConfig& cfg, double l
   }).detach();
   if (done.wait_for(std::chrono::duration<double>(limit_s)) != std::future_status::ready) return {};
   LoadOutcome o = done.get();
-  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return o;
 }
 
