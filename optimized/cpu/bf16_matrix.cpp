@@ -88,7 +88,7 @@ void bf16_matrix_rows(Isa isa, const Bf16Matrix& w, const float* x, int64_t x_st
 MatrixRF bf16_linear(Isa isa, const Bf16Matrix& w, const MatrixRF& x, ThreadPool* pool) {
   const int64_t n = x.rows();
   MatrixRF y(n, w.rows);
-  for_row_chunks(w.rows, w.cols, n * w.rows * w.cols, pool, [&](int64_t r0, int64_t r1) {
+  for_row_chunks(w.rows, w.cols, 2 * w.cols, n, pool, [&](int64_t r0, int64_t r1) {
     bf16_matrix_rows(isa, w, x.data(), w.cols, int(n), y.data() + r0, w.rows, r0, r1);
   });
   return y;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/error.hpp"
+#include "optimized/cpu/row_chunks.hpp"
 
 namespace moelab::cpu {
 namespace {
@@ -15,6 +16,12 @@ namespace {
 // Rows per parallel work item: ~64 KiB of packed codes, small enough that a descheduled thread holds
 // back little and a chunk stays in L2 while a tile of tokens reads it.
 int64_t row_chunk(const Nf4Matrix& w) { return std::max<int64_t>(4, (128 * 1024) / std::max<int64_t>(1, w.cols)); }
+
+// Rows per work item of the int8 path: read-once stretches for decode (streaming_row_chunk), row_chunk's
+// 64 KiB when a larger token tile reuses each item from L2.
+int64_t q8_row_chunk(const Nf4Matrix& w, int64_t tokens, const ThreadPool* pool) {
+  return tokens > kGemvMaxTokens ? row_chunk(w) : streaming_row_chunk(w.rows, w.cols / 2, pool, row_chunk(w));
+}
 
 // Tokens per tile of the int8 path: their activations (cols bytes each) stay in L2 while a row chunk is
 // swept; each chunk of codes is read once per tile.
@@ -51,16 +58,18 @@ std::vector<MatrixRF> int8_linear_many(const LinearContext& ctx, std::span<const
   const int64_t tile = token_tile(w0), tiles = (n + tile - 1) / tile;
   std::vector<MatrixRF> ys;
   std::vector<int64_t> first_item{0};
+  std::vector<int64_t> chunk_rows;
   for (const auto* w : ws) {
     ys.emplace_back(n, w->rows);
-    first_item.push_back(first_item.back() + (w->rows + row_chunk(*w) - 1) / row_chunk(*w) * tiles);
+    chunk_rows.push_back(q8_row_chunk(*w, std::min(n, tile), ctx.pool));
+    first_item.push_back(first_item.back() + (w->rows + chunk_rows.back() - 1) / chunk_rows.back() * tiles);
   }
   run(ctx.pool, parallel, first_item.back(), [&](int64_t i0, int64_t i1) {
     size_t m = 0;
     for (int64_t i = i0; i < i1; ++i) {
       while (i >= first_item[m + 1]) ++m;
       const Nf4Matrix& w = *ws[m];
-      const int64_t chunk = row_chunk(w), chunks = (w.rows + chunk - 1) / chunk, j = i - first_item[m];
+      const int64_t chunk = chunk_rows[m], chunks = (w.rows + chunk - 1) / chunk, j = i - first_item[m];
       const int64_t t0 = (j / chunks) * tile, t1 = std::min(n, t0 + tile);
       const int64_t r0 = (j % chunks) * chunk, r1 = std::min(w.rows, r0 + chunk);
       gemv_q8(ctx.isa, w, q.data() + t0 * nq, nq, d.data() + t0 * nd, nd, int(t1 - t0), ys[m].data() + t0 * w.rows + r0,

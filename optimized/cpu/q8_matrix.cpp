@@ -90,7 +90,7 @@ MatrixRF q8_linear(Isa isa, const Q8Matrix& w, const MatrixRF& x, ThreadPool* po
   std::vector<float> d(size_t(n * nd));
   for (int64_t t = 0; t < n; ++t) quantize_q8(x.row(t).data(), w.cols, q.data() + t * w.cols, d.data() + t * nd);
   MatrixRF y(n, w.rows);
-  for_row_chunks(w.rows, w.cols, n * w.rows * w.cols, pool, [&](int64_t r0, int64_t r1) {
+  for_row_chunks(w.rows, w.cols, w.cols, n, pool, [&](int64_t r0, int64_t r1) {
     q8_matrix_rows(isa, w, q.data(), d.data(), w.cols, nd, int(n), y.data() + r0, w.rows, r0, r1);
   });
   return y;

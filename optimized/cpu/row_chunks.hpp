@@ -1,6 +1,6 @@
 #pragma once
-// Rows of a dense [rows, cols] matrix (the lm_head's formats) in chunks of ~64 KiB, each chunk one
-// work item of the pool; small products stay on the calling thread.
+// Rows of a matrix in chunks, each chunk one work item of the pool; small products stay on the calling
+// thread.
 #include <algorithm>
 #include <cstdint>
 
@@ -9,14 +9,30 @@
 
 namespace moelab::cpu {
 
+// Rows per work item when a matrix is read once per call (decode: up to kGemvMaxTokens tokens), so
+// memory is the limit: ~256 KiB stretches of the stored rows (row_bytes each), which each thread reads
+// in order and the hardware prefetcher follows, but at least four items per thread so that a thread the
+// OS deschedules holds back little, and never fewer than min_rows. On the 2-core Zen 5 of
+// benchmarks/README.md, w1 (14336 x 4096 NF4) on two threads moved 27 GB/s in 64 KiB items and 34 GB/s
+// in 256 KiB ones.
+inline int64_t streaming_row_chunk(int64_t rows, int64_t row_bytes, const ThreadPool* pool, int64_t min_rows) {
+  const int64_t threads = pool ? pool->threads() : 1;
+  const int64_t stretch = (256 * 1024) / std::max<int64_t>(1, row_bytes);
+  const int64_t balanced = (rows + 4 * threads - 1) / (4 * threads);
+  return std::max(min_rows, std::min(stretch, balanced));
+}
+
+// A dense [rows, cols] matrix (the lm_head's formats) of row_bytes per row: ~64 KiB chunks for many
+// tokens (each chunk is reused from cache by every token), streaming_row_chunk for a few.
 template <class Body>  // body(r0, r1)
-void for_row_chunks(int64_t rows, int64_t cols, int64_t macs, ThreadPool* pool, const Body& body) {
-  const int64_t chunk = std::max<int64_t>(8, (64 * 1024) / std::max<int64_t>(1, cols));
+void for_row_chunks(int64_t rows, int64_t cols, int64_t row_bytes, int64_t tokens, ThreadPool* pool, const Body& body) {
+  const int64_t cached = std::max<int64_t>(8, (64 * 1024) / std::max<int64_t>(1, cols));
+  const int64_t chunk = tokens > kGemvMaxTokens ? cached : streaming_row_chunk(rows, row_bytes, pool, cached);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   const auto run = [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) body(c * chunk, std::min(rows, (c + 1) * chunk));
   };
-  if (pool && macs >= kMinParallelMacs) pool->parallel_for(chunks, 1, run);
+  if (pool && tokens * rows * cols >= kMinParallelMacs) pool->parallel_for(chunks, 1, run);
   else run(0, chunks);
 }
 
