@@ -133,19 +133,15 @@ bool q8_simd_kernel(Isa isa, const Nf4Matrix& w) {
   return bytes > 0 && w.cols % (2 * bytes) == 0 && w.blocksize >= 64;
 }
 
-int64_t q8_scales(Isa isa, const Nf4Matrix& w) {
-  return q8_simd_kernel(isa, w) ? w.cols / 8 : (w.cols + kQ8Group - 1) / kQ8Group;
-}
+int64_t q8_scales(Isa, const Nf4Matrix& w) { return (w.cols + kQ8Group - 1) / kQ8Group; }
 
 void prepare_q8(Isa isa, const Nf4Matrix& w, const float* x, int8_t* q, float* d) {
   if (!q8_simd_kernel(isa, w)) return quantize_q8(x, w.cols, q, d);
   // Scratch for the natural order, reused: this runs per token and matrix on the decode path.
   thread_local std::vector<int8_t> natural_q;
-  thread_local std::vector<float> natural_d;
   natural_q.resize(size_t(w.cols));
-  natural_d.resize(size_t((w.cols + kQ8Group - 1) / kQ8Group));
-  quantize_q8(x, w.cols, natural_q.data(), natural_d.data());
-  lay_out_q8(vector_bytes(isa), natural_q.data(), natural_d.data(), w.cols, q, d);
+  quantize_q8(x, w.cols, natural_q.data(), d);
+  lay_out_q8(vector_bytes(isa), natural_q.data(), w.cols, q);
 }
 
 void gemv_q8(Isa isa, const Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d, int64_t d_stride, int n,

@@ -45,13 +45,14 @@ void dequantize_rows(Isa isa, const Nf4Matrix& w, int64_t r0, int64_t r1, float*
 //   y[r] = sum over (weight block b, activation group g) of absmax[b] * d[g] / 127 * sum_i kNf4Int8[code_i] * q_i,
 // the FP32 sum of those per-segment terms. The scale `d` the kernels read already holds the 1/127.
 inline constexpr int kQ8Group = 32;
-// Sizes of one token's prepared activations for `isa` and `w`: int8 values and FP32 scales.
+// Sizes of one token's prepared activations for `isa` and `w`: int8 values and FP32 scales (one per
+// 32-element group on every kernel set).
 int64_t q8_values(const Nf4Matrix& w);
 int64_t q8_scales(Isa isa, const Nf4Matrix& w);
 // The plain rule above, in natural order: q[cols], d[ceil(cols / 32)] (d includes the 1/127).
 void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d);
 // Quantizes x and lays it out for `isa`'s kernel (the SIMD kernels read each chunk of 2 x vector-width
-// elements as its even then its odd elements, and each scale repeated once per int32 lane it covers).
+// elements as its even then its odd elements; the scales stay in natural order, one per group).
 void prepare_q8(Isa isa, const Nf4Matrix& w, const float* x, int8_t* q, float* d);
 // y[t * y_stride + r - r0] for tokens t < n (any n) from prepared activations q + t * q_stride,
 // d + t * d_stride. Kernels decode each block of codes once for up to four tokens.
@@ -61,8 +62,8 @@ void gemv_q8(Isa isa, const Nf4Matrix& w, const int8_t* q, int64_t q_stride, con
 // cols a multiple of 2 x the vector width in bytes, blocksize >= 64.
 bool q8_simd_kernel(Isa isa, const Nf4Matrix& w);
 // The SIMD kernels' activation layout for vectors of `vector_bytes` (32: AVX2, 64: AVX-512), from the
-// natural order quantize_q8 writes: q_out gets cols values, d_out cols / 8 scales.
-void lay_out_q8(int vector_bytes, const int8_t* q, const float* d, int64_t cols, int8_t* q_out, float* d_out);
+// natural order quantize_q8 writes: q_out gets the cols values reordered (the scales need no reordering).
+void lay_out_q8(int vector_bytes, const int8_t* q, int64_t cols, int8_t* q_out);
 
 // Per-ISA implementations (kernels_<isa>.cpp), called through the dispatchers above.
 namespace scalar {

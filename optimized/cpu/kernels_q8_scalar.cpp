@@ -62,16 +62,16 @@ void gemv_q8(const Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float*
 
 namespace moelab::cpu {
 
-void lay_out_q8(int vector_bytes, const int8_t* q, const float* d, int64_t cols, int8_t* q_out, float* d_out) {
+void lay_out_q8(int vector_bytes, const int8_t* q, int64_t cols, int8_t* q_out) {
   const int64_t chunk = 2 * vector_bytes;
   for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
     // Even elements meet the high nibbles, odd ones the low nibbles, without shuffles in the kernel.
+    // (int32 lane L of the kernel's sums then covers elements c0 + 8L .. c0 + 8L + 7, all in group
+    // (c0 + 8L) / 32: the kernels spread the natural-order scales to lanes themselves, group_scales.)
     for (int64_t j = 0; j < vector_bytes; ++j) {
       q_out[c0 + j] = q[c0 + 2 * j];
       q_out[c0 + vector_bytes + j] = q[c0 + 2 * j + 1];
     }
-    // int32 lane L of the kernel's sums covers elements c0 + 8L .. c0 + 8L + 7, all in group (c0 + 8L) / 32.
-    for (int64_t lane = 0; lane < vector_bytes / 4; ++lane) d_out[c0 / 8 + lane] = d[(c0 + 8 * lane) / kQ8Group];
   }
 }
 

@@ -37,7 +37,7 @@ MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, 
         const int8_t* x = q + t * q_stride + c;
         typename V::I s = V::dot(V::zero(), ah, V::sign8(V::load(x), wh));
         s = V::dot(s, al, V::sign8(V::load(x + V::kBytes), wl));
-        acc[t] = V::fma(V::cvt(s), V::mul(V::loadf(d + t * d_stride + c / 8), a), acc[t]);
+        acc[t] = V::fma(V::cvt(s), V::mul(V::group_scales(d + t * d_stride, c), a), acc[t]);
       }
     }
 #pragma GCC unroll 4

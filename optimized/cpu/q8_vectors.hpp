@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "optimized/cpu/nf4_matrix.hpp"
 
@@ -37,6 +38,14 @@ struct Avx2 {
   MOELAB_AVX2 F zerof() { return _mm256_setzero_ps(); }
   MOELAB_AVX2 F cvt(I v) { return _mm256_cvtepi32_ps(v); }
   MOELAB_AVX2 F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  // The activation scale of each int32 lane for the chunk at column c: d holds one scale per 32-element
+  // group (quantize_q8's natural order, 4 bytes per 32 activations, so the scales of a 14336-wide row stay
+  // out of the way of the rows' codes in L1); lanes 0-3 take group c / 32, lanes 4-7 the next.
+  MOELAB_AVX2 F group_scales(const float* d, int64_t c) {
+    double two;  // d[g], d[g + 1] as one 8-byte broadcast (a plain load), then spread to the halves
+    std::memcpy(&two, d + c / 32, sizeof two);
+    return _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_set1_pd(two)), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
   MOELAB_AVX2 F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   MOELAB_AVX2 F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   // The absmax of each int32 lane's block for the chunk at flat element index e (blocksize >= 64, so
@@ -74,6 +83,11 @@ struct Avx512 {
   MOELAB_AVX512 F zerof() { return _mm512_setzero_ps(); }
   MOELAB_AVX512 F cvt(I v) { return _mm512_cvtepi32_ps(v); }
   MOELAB_AVX512 F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  // As Avx2::group_scales: lanes 4g .. 4g + 3 take group c / 32 + g.
+  MOELAB_AVX512 F group_scales(const float* d, int64_t c) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_broadcast_f32x4(_mm_loadu_ps(d + c / 32)));
+  }
   MOELAB_AVX512 F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   MOELAB_AVX512 F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   // A 128-element chunk spans two blocks of 64 (lanes 0-7 and 8-15), or lies in one larger block.
