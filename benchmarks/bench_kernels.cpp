@@ -156,6 +156,37 @@ void BM_Nf4GemvInt8(benchmark::State& state, Shape s, Isa isa) {
   state.SetItemsProcessed(int64_t(state.iterations()) * n);
 }
 
+// One token, the int8 kernel over the pool in work items of state.range(0) KiB of codes each: the engine
+// uses 256 KiB items for decode (streaming_row_chunk) and 64 KiB ones for token tiles; this shows what
+// the item size alone changes when each item is read once from DRAM.
+void BM_Nf4GemvInt8Items(benchmark::State& state, Shape s, Isa isa) {
+  const int64_t bytes = s.rows * s.cols / 2 + s.rows * s.cols / 64 + s.rows * s.cols / 64 / 256 * 4;
+  const int copies = int(std::max<int64_t>(1, kStreamBytes / bytes));
+  std::vector<Nf4Matrix> w;
+  for (int c = 0; c < copies; ++c) w.push_back(random_nf4(s.rows, s.cols, uint32_t(c)));
+  const MatrixRF x = MatrixRF::Random(1, s.cols);
+  std::vector<int8_t> q(size_t(moelab::cpu::q8_values(w[0])));
+  std::vector<float> d(size_t(moelab::cpu::q8_scales(isa, w[0])));
+  moelab::cpu::prepare_q8(isa, w[0], x.data(), q.data(), d.data());
+  const int64_t item_rows = std::max<int64_t>(1, state.range(0) * 1024 / (s.cols / 2));
+  const int64_t items = (s.rows + item_rows - 1) / item_rows;
+  std::vector<float> y(size_t(s.rows));
+  int c = 0;
+  for (auto _ : state) {
+    const Nf4Matrix& wc = w[size_t(c)];
+    moelab::cpu::default_pool().parallel_for(items, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r0 = i * item_rows, r1 = std::min(s.rows, r0 + item_rows);
+        moelab::cpu::gemv_q8(isa, wc, q.data(), 0, d.data(), 0, 1, y.data() + r0, 0, r0, r1);
+      }
+    });
+    benchmark::DoNotOptimize(y.data());
+    c = (c + 1) % copies;
+  }
+  set_bandwidth_counters(state, bytes);
+  state.counters["item_rows"] = double(item_rows);
+}
+
 void BM_Nf4Gemv(benchmark::State& state, Shape s, Isa isa) {
   const int64_t bytes = s.rows * s.cols / 2 + s.rows * s.cols / 64 * 4;
   const int copies = int(std::max<int64_t>(1, kStreamBytes / bytes));
@@ -343,6 +374,12 @@ int main(int argc, char** argv) {
         benchmark::RegisterBenchmark((std::string("Nf4GemvInt8/") + s.name + "/" + moelab::cpu::isa_name(isa)).c_str(),
                                      BM_Nf4GemvInt8, s, isa)
             ->Arg(1)->Arg(4)->Arg(64)->Unit(benchmark::kMicrosecond)->UseRealTime();
+  for (const auto& s : kShapes)
+    for (Isa isa : {Isa::Avx512Vnni, Isa::Avx2})
+      if (moelab::cpu::isa_supported(isa))
+        benchmark::RegisterBenchmark((std::string("Nf4GemvInt8Items/") + s.name + "/" + moelab::cpu::isa_name(isa)).c_str(),
+                                     BM_Nf4GemvInt8Items, s, isa)
+            ->Arg(64)->Arg(256)->Unit(benchmark::kMicrosecond)->UseRealTime();
   for (const auto& s : kShapes) {
     for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
       if (moelab::cpu::isa_supported(isa))

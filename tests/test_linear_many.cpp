@@ -61,8 +61,10 @@ TEST_P(Nf4LinearMany, Int8ResultDoesNotDependOnThreadsOrWorkItems) {
   const cpu::Isa isa = GetParam();
   MOELAB_SKIP_UNLESS_RUNS_HERE(isa);
   std::mt19937 rng(11);
-  // 2560 rows of 1024 columns: 1.3 MiB of codes, above the parallel threshold, several stretches.
-  const auto w = random_nf4(2560, 1024, 64, rng);
+  // 4608 rows of 1024 columns: 2.3 MiB of codes, above the parallel threshold (kMinParallelMacs) even
+  // for one token, several read-once stretches.
+  const auto w = random_nf4(4608, 1024, 64, rng);
+  ASSERT_GE(int64_t(w.rows) * w.cols, cpu::kMinParallelMacs);
   for (const int n : {1, 3, 4, 5, 9}) {
     MatrixRF x(n, 1024);
     std::normal_distribution<float> normal(0.0f, 1.0f);

@@ -18,7 +18,8 @@ namespace {
 int64_t row_chunk(const Nf4Matrix& w) { return std::max<int64_t>(4, (128 * 1024) / std::max<int64_t>(1, w.cols)); }
 
 // Rows per work item of the int8 path: read-once stretches for decode (streaming_row_chunk), row_chunk's
-// 64 KiB when a larger token tile reuses each item from L2.
+// 64 KiB when a larger token tile reuses each item from L2. (Rows wider than 48 Ki columns get token
+// tiles of 4, token_tile, so prefill there also takes the read-once stretches.)
 int64_t q8_row_chunk(const Nf4Matrix& w, int64_t tokens, const ThreadPool* pool) {
   return tokens > kGemvMaxTokens ? row_chunk(w) : streaming_row_chunk(w.rows, w.cols / 2, pool, row_chunk(w));
 }

@@ -42,7 +42,9 @@ inline constexpr int64_t kMinParallelMacs = int64_t(1) << 22;
 // Y = X · Wᵀ with FP32 W (the lm_head and embedding in their exact form), rows split over the pool.
 MatrixRF fp32_linear(const MatrixRF& x, const MatrixRF& w, ThreadPool* pool = nullptr);
 
-// FP32-mode batches up to this many tokens use the GEMV path.
+// FP32-mode batches up to this many tokens use the GEMV path; up to this many tokens per call (or per
+// token tile), the int8 path and the lm_head formats read each matrix once and use long read-once work
+// items (streaming_row_chunk, row_chunks.hpp).
 inline constexpr int kGemvMaxTokens = 4;
 
 // y += scale · (x Aᵀ) Bᵀ in FP32 for a LoRA-adapted weight (peft's unmerged lora.Linear: the base product,

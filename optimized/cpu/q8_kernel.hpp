@@ -4,7 +4,8 @@
 //
 // Per chunk of 2 x kBytes codes and row: one load, two nibble masks, two table shuffles (code -> int8),
 // two absolute values, decoded once for up to four tokens; per token: two sign flips, two dot products
-// into int32 lanes, one conversion and one FMA with (activation scale x block absmax).
+// into int32 lanes, the activation scales spread to lanes (a broadcast load and a permute, group_scales),
+// one conversion and one FMA with (activation scale x block absmax).
 #ifndef MOELAB_Q8_TARGET
 #error "define MOELAB_Q8_TARGET before including q8_kernel.hpp"
 #endif

@@ -12,9 +12,9 @@ namespace moelab::cpu {
 // Rows per work item when a matrix is read once per call (decode: up to kGemvMaxTokens tokens), so
 // memory is the limit: ~256 KiB stretches of the stored rows (row_bytes each), which each thread reads
 // in order and the hardware prefetcher follows, but at least four items per thread so that a thread the
-// OS deschedules holds back little, and never fewer than min_rows. On the 2-core Zen 5 of
-// benchmarks/README.md, w1 (14336 x 4096 NF4) on two threads moved 27 GB/s in 64 KiB items and 34 GB/s
-// in 256 KiB ones.
+// OS deschedules holds back little, and never fewer than min_rows. On a 2-core Zen 5, w1 (14336 x 4096
+// NF4) on two threads moved 27.5 GB/s in 64 KiB items and 33.7 GB/s in 256 KiB ones
+// (benchmarks/README.md, "cpu-nf4 against llama.cpp on an AVX-512 machine").
 inline int64_t streaming_row_chunk(int64_t rows, int64_t row_bytes, const ThreadPool* pool, int64_t min_rows) {
   const int64_t threads = pool ? pool->threads() : 1;
   const int64_t stretch = (256 * 1024) / std::max<int64_t>(1, row_bytes);
@@ -22,8 +22,9 @@ inline int64_t streaming_row_chunk(int64_t rows, int64_t row_bytes, const Thread
   return std::max(min_rows, std::min(stretch, balanced));
 }
 
-// A dense [rows, cols] matrix (the lm_head's formats) of row_bytes per row: ~64 KiB chunks for many
-// tokens (each chunk is reused from cache by every token), streaming_row_chunk for a few.
+// A dense [rows, cols] matrix (the lm_head's formats) of row_bytes per row: for many tokens, chunks of
+// 64 Ki elements (64 KiB of q8 rows, 128 KiB of bf16 ones), each reused from cache by every token of the
+// call; streaming_row_chunk for a few.
 template <class Body>  // body(r0, r1)
 void for_row_chunks(int64_t rows, int64_t cols, int64_t row_bytes, int64_t tokens, ThreadPool* pool, const Body& body) {
   const int64_t cached = std::max<int64_t>(8, (64 * 1024) / std::max<int64_t>(1, cols));
