@@ -123,8 +123,14 @@ std::string out_of_memory_advice(const CLI::App& sub) {
       {"--gradient-checkpointing", "--gradient-checkpointing"},
   };
   std::vector<std::string> found;
-  for (const auto& [option, advice] : kAdvice)
-    if (sub.get_option_no_throw(option) != nullptr) found.push_back(advice);
+  for (const auto& [option, advice] : kAdvice) {
+    const CLI::Option* o = sub.get_option_no_throw(option);
+    if (o == nullptr) continue;
+    // A switch already given is no advice: finetune with --gradient-checkpointing said "try ... or
+    // --gradient-checkpointing".
+    if (std::string(advice) == option && o->count() > 0) continue;
+    found.push_back(advice);
+  }
   if (found.empty()) return "";
   std::string text = "try " + found[0];
   for (size_t i = 1; i < found.size(); ++i) text += (i + 1 == found.size() ? ", or " : ", ") + found[i];

@@ -58,7 +58,7 @@ int64_t shard_size_bytes(double mib);  // mib within the range above
 
 // The advice after "out of memory" for the subcommand that ran: only options it has (--stream and a smaller
 // --context for the engines; a smaller --batch-size / --max-seq-len and --gradient-checkpointing for
-// finetune, ...), "" when it has none of them.
+// finetune, ...), "" when it has none of them; a switch the command line already gave is left out.
 std::string out_of_memory_advice(const CLI::App& sub);
 
 // For a parse error in `sub`: the option among its names nearest to the unknown `given` ("--promt" ->

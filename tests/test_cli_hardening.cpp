@@ -340,6 +340,14 @@ TEST_F(CliHardening, OutOfMemoryAdviceNamesOnlyTheCommandsOwnOptions) {
                                  tmp / "stderr.txt");
   expect_error_last(r, {"out of memory (try a smaller --batch-size, a smaller --max-seq-len, or --gradient-checkpointing)"});
   EXPECT_EQ(r.err.find("--stream"), std::string::npos) << r.err;
+  // With --gradient-checkpointing given (one layer's 1 GiB of probabilities still does not fit), the advice
+  // no longer suggests it.
+  all.push_back("--gradient-checkpointing");
+  *std::find(all.begin(), all.end(), (tmp / "ft").string()) = (tmp / "ft-checkpointing").string();
+  const Outcome c = wait_program(spawn_program(all, tmp / "stdout.txt", tmp / "stderr.txt"), 120, tmp / "stdout.txt",
+                                 tmp / "stderr.txt");
+  expect_error_last(c, {"out of memory (try a smaller --batch-size, or a smaller --max-seq-len)"});
+  EXPECT_EQ(c.err.find("--gradient-checkpointing"), std::string::npos) << c.err;
 }
 
 // --shard-size-mb is one shared option (cli/options.hpp) on quantize and merge, its range checked while
