@@ -19,6 +19,8 @@ import sys
 
 import torch
 from safetensors.torch import save_file
+
+from adamw_fixture_setup import HYPER, initial_tensors, torch_adamw
 from transformers.optimization import (get_constant_schedule, get_constant_schedule_with_warmup,
                                        get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup)
 
@@ -31,13 +33,11 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     g = torch.Generator().manual_seed(15)
     shapes = [(4, 16), (24, 4), (7,)]
-    params = [torch.randn(s, generator=g, dtype=torch.float32) * 0.1 for s in shapes]
-    tensors = {f"param.{i}": p.clone() for i, p in enumerate(params)}
-    hp = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    tensors = {}
+    params = initial_tensors(g, shapes, tensors)
+    hp = HYPER
     lrs = [2e-4 * f for f in (0.25, 0.5, 1.0, 1.0, 0.75, 0.1)]
-    ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = torch.optim.AdamW(ps, lr=lrs[0], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
-                            weight_decay=hp["weight_decay"], amsgrad=False, foreach=False)
+    ps, opt = torch_adamw(params, lrs[0])
     for s in range(STEPS):
         for group in opt.param_groups:
             group["lr"] = lrs[s]

@@ -17,6 +17,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from adamw_fixture_setup import HYPER, initial_tensors, torch_adamw
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "train", "adamw")
 STEPS = 5
 NONE = {(1, 1), (3, 1), (0, 2), (1, 2)}  # (step, tensor) without a gradient; tensor 2's first step is step 2
@@ -26,13 +28,11 @@ CLIP = 0.05
 def main():
     g = torch.Generator().manual_seed(16)
     shapes = [(4, 8), (8, 4), (5,)]
-    params = [torch.randn(s, generator=g, dtype=torch.float32) * 0.1 for s in shapes]
-    tensors = {f"param.{i}": p.clone() for i, p in enumerate(params)}
-    hp = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    tensors = {}
+    params = initial_tensors(g, shapes, tensors)
+    hp = HYPER
     lrs = [1e-3 * f for f in (0.5, 1.0, 1.0, 0.8, 0.3)]
-    ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = torch.optim.AdamW(ps, lr=lrs[0], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
-                            weight_decay=hp["weight_decay"], amsgrad=False, foreach=False)
+    ps, opt = torch_adamw(params, lrs[0])
     for s in range(STEPS):
         for group in opt.param_groups:
             group["lr"] = lrs[s]
