@@ -136,13 +136,23 @@ void set_bandwidth_counters(benchmark::State& state, int64_t bytes_per_iter) {
         double(state.iterations()) * double(bytes_per_iter) / g_read_bandwidth, benchmark::Counter::kIsRate);
 }
 
-// One token through an NF4 matrix in the int8 path (decode): bytes are what the kernel streams (codes +
-// compact absmax, 4.13 bits per weight).
-void BM_Nf4GemvInt8(benchmark::State& state, Shape s, Isa isa) {
-  const int64_t bytes = s.rows * s.cols / 2 + s.rows * s.cols / 64 + s.rows * s.cols / 64 / 256 * 4;
-  const int copies = int(std::max<int64_t>(1, kStreamBytes / bytes));
+// What the int8 kernels stream per pass of an NF4 matrix: codes + compact absmax, 4.13 bits per weight.
+int64_t int8_streamed_bytes(const Shape& s) {
+  return s.rows * s.cols / 2 + s.rows * s.cols / 64 + s.rows * s.cols / 64 / 256 * 4;
+}
+
+// Enough copies of a random NF4 matrix of shape s (>= kStreamBytes in all) that every pass reads DRAM.
+std::vector<Nf4Matrix> streamed_copies(const Shape& s, int64_t bytes) {
   std::vector<Nf4Matrix> w;
-  for (int c = 0; c < copies; ++c) w.push_back(random_nf4(s.rows, s.cols, uint32_t(c)));
+  for (int64_t c = 0; c < std::max<int64_t>(1, kStreamBytes / bytes); ++c) w.push_back(random_nf4(s.rows, s.cols, uint32_t(c)));
+  return w;
+}
+
+// One token through an NF4 matrix in the int8 path (decode): bytes are what the kernel streams.
+void BM_Nf4GemvInt8(benchmark::State& state, Shape s, Isa isa) {
+  const int64_t bytes = int8_streamed_bytes(s);
+  const std::vector<Nf4Matrix> w = streamed_copies(s, bytes);
+  const int copies = int(w.size());
   const int n = int(state.range(0));
   MatrixRF x = MatrixRF::Random(n, s.cols);
   const moelab::cpu::LinearContext ctx{isa, moelab::cpu::Activations::Int8, &moelab::cpu::default_pool()};
@@ -160,13 +170,12 @@ void BM_Nf4GemvInt8(benchmark::State& state, Shape s, Isa isa) {
 // uses 256 KiB items for decode (streaming_row_chunk) and 64 KiB ones for token tiles; this shows what
 // the item size alone changes when each item is read once from DRAM.
 void BM_Nf4GemvInt8Items(benchmark::State& state, Shape s, Isa isa) {
-  const int64_t bytes = s.rows * s.cols / 2 + s.rows * s.cols / 64 + s.rows * s.cols / 64 / 256 * 4;
-  const int copies = int(std::max<int64_t>(1, kStreamBytes / bytes));
-  std::vector<Nf4Matrix> w;
-  for (int c = 0; c < copies; ++c) w.push_back(random_nf4(s.rows, s.cols, uint32_t(c)));
+  const int64_t bytes = int8_streamed_bytes(s);
+  const std::vector<Nf4Matrix> w = streamed_copies(s, bytes);
+  const int copies = int(w.size());
   const MatrixRF x = MatrixRF::Random(1, s.cols);
   std::vector<int8_t> q(size_t(moelab::cpu::q8_values(w[0])));
-  std::vector<float> d(size_t(moelab::cpu::q8_scales(isa, w[0])));
+  std::vector<float> d(size_t(moelab::cpu::q8_scales(w[0])));
   moelab::cpu::prepare_q8(isa, w[0], x.data(), q.data(), d.data());
   const int64_t item_rows = std::max<int64_t>(1, state.range(0) * 1024 / (s.cols / 2));
   const int64_t items = (s.rows + item_rows - 1) / item_rows;

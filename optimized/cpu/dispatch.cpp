@@ -133,8 +133,6 @@ bool q8_simd_kernel(Isa isa, const Nf4Matrix& w) {
   return bytes > 0 && w.cols % (2 * bytes) == 0 && w.blocksize >= 64;
 }
 
-int64_t q8_scales(Isa, const Nf4Matrix& w) { return (w.cols + kQ8Group - 1) / kQ8Group; }
-
 void prepare_q8(Isa isa, const Nf4Matrix& w, const float* x, int8_t* q, float* d) {
   if (!q8_simd_kernel(isa, w)) return quantize_q8(x, w.cols, q, d);
   // Scratch for the natural order, reused: this runs per token and matrix on the decode path.

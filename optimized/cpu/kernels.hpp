@@ -45,10 +45,10 @@ void dequantize_rows(Isa isa, const Nf4Matrix& w, int64_t r0, int64_t r1, float*
 //   y[r] = sum over (weight block b, activation group g) of absmax[b] * d[g] / 127 * sum_i kNf4Int8[code_i] * q_i,
 // the FP32 sum of those per-segment terms. The scale `d` the kernels read already holds the 1/127.
 inline constexpr int kQ8Group = 32;
-// Sizes of one token's prepared activations for `isa` and `w`: int8 values and FP32 scales (one per
-// 32-element group on every kernel set).
+// Sizes of one token's prepared activations for `w`: int8 values and FP32 scales (one per 32-element
+// group), the same on every kernel set.
 int64_t q8_values(const Nf4Matrix& w);
-int64_t q8_scales(Isa isa, const Nf4Matrix& w);
+int64_t q8_scales(const Nf4Matrix& w);
 // The plain rule above, in natural order: q[cols], d[ceil(cols / 32)] (d includes the 1/127).
 void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d);
 // Quantizes x and lays it out for `isa`'s kernel (the SIMD kernels read each chunk of 2 x vector-width

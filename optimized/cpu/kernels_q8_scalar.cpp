@@ -31,6 +31,7 @@ void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
 }
 
 int64_t q8_values(const Nf4Matrix& w) { return w.cols; }
+int64_t q8_scales(const Nf4Matrix& w) { return (w.cols + kQ8Group - 1) / kQ8Group; }
 
 namespace scalar {
 using nf4::code_at;

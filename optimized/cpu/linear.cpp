@@ -35,18 +35,17 @@ void run(ThreadPool* pool, bool parallel, int64_t items, const std::function<voi
 
 // Matrices that read the same activations in the same int8 layout (q/k/v; an expert's w1/w3): x is
 // quantized once, and all their row chunks are one parallel section, one synchronization.
-bool same_q8_layout(Isa isa, std::span<const Nf4Matrix* const> ws) {
+// (The layout depends on cols and, through q8_simd_kernel, on the blocksize.)
+bool same_q8_layout(std::span<const Nf4Matrix* const> ws) {
   for (const auto* w : ws)
-    if (w->cols != ws[0]->cols || w->blocksize != ws[0]->blocksize || q8_values(*w) != q8_values(*ws[0]) ||
-        q8_scales(isa, *w) != q8_scales(isa, *ws[0]))
-      return false;
+    if (w->cols != ws[0]->cols || w->blocksize != ws[0]->blocksize) return false;
   return true;
 }
 
 std::vector<MatrixRF> int8_linear_many(const LinearContext& ctx, std::span<const Nf4Matrix* const> ws, const MatrixRF& x) {
   const Nf4Matrix& w0 = *ws[0];
   const int64_t n = x.rows();
-  const int64_t nq = q8_values(w0), nd = q8_scales(ctx.isa, w0);
+  const int64_t nq = q8_values(w0), nd = q8_scales(w0);
   std::vector<int8_t> q(size_t(n * nq));
   std::vector<float> d(size_t(n * nd));
   int64_t macs = 0;
@@ -129,7 +128,7 @@ MatrixRF nf4_linear(const LinearContext& ctx, const Nf4Matrix& w, const MatrixRF
 
 std::vector<MatrixRF> nf4_linear_many(const LinearContext& ctx, std::span<const Nf4Matrix* const> ws, const MatrixRF& x) {
   if (ws.empty()) return {};
-  if (ctx.activations == Activations::Int8 && same_q8_layout(ctx.isa, ws)) return int8_linear_many(ctx, ws, x);
+  if (ctx.activations == Activations::Int8 && same_q8_layout(ws)) return int8_linear_many(ctx, ws, x);
   std::vector<MatrixRF> ys;  // the check mode, or layouts that differ: one matrix at a time
   for (const auto* w : ws) ys.push_back(nf4_linear(ctx, *w, x));
   return ys;
