@@ -151,6 +151,17 @@ TEST_F(FinetuneHostile, AdamWOptionsAndANonFiniteUpdate) {
   EXPECT_FALSE(fs::exists(out + "/adapter_model.safetensors"));
   EXPECT_FALSE(fs::exists(out + "/train_summary.json"));
   EXPECT_FALSE(fs::exists(out + "/checkpoint-1"));
+  // Nothing of a run that stopped before its first step stays behind (its log held only a header), so the same
+  // command with a sane decay goes into the same folder; a folder that was there and empty is left empty.
+  EXPECT_FALSE(fs::exists(out)) << "the run made " << out << " and should have taken it back";
+  fs::create_directories(dir.file("was-empty"));
+  const auto e = moelab(with(args(dir.file("was-empty"), 1), {"--weight-decay", "1e300", "--learning-rate", "1e-3"}));
+  EXPECT_EQ(e.status, 1) << e.err;
+  EXPECT_TRUE(fs::is_directory(dir.file("was-empty")));
+  EXPECT_TRUE(fs::is_empty(dir.file("was-empty")));
+  const auto retry = moelab(args(out, 1));
+  EXPECT_EQ(retry.status, 0) << retry.err;
+  EXPECT_TRUE(fs::exists(out + "/adapter_model.safetensors"));
 }
 
 // A resume writes into the checkpoint's own folder or a new one, never into another folder with files in it;

@@ -11,8 +11,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <utility>
 
 #include "core/checkpoint.hpp"
 #include "core/clock.hpp"
@@ -231,6 +233,30 @@ void set_aside_later_outputs(const fs::path& out, int64_t step, const fs::path& 
   }
 }
 
+// A fresh run that stops before its first step (out of memory, a non-finite loss or update at step 1, a
+// non-finite held-out loss at step 0) has written only its log's header: it takes that back, and the folder
+// when the run made it, so the same command with a fix goes into the same --output (the folder rule refused
+// it before). Once a step is logged, the log is the user's record and stays.
+class UndoOutputsOfAFailedStart {
+ public:
+  UndoOutputsOfAFailedStart(fs::path out, fs::path log, bool made_out)
+      : out_(std::move(out)), log_(std::move(log)), made_out_(made_out) {}
+  UndoOutputsOfAFailedStart(const UndoOutputsOfAFailedStart&) = delete;
+  UndoOutputsOfAFailedStart& operator=(const UndoOutputsOfAFailedStart&) = delete;
+  void keep() { armed_ = false; }
+  ~UndoOutputsOfAFailedStart() {
+    if (!armed_ || std::uncaught_exceptions() == 0) return;
+    std::error_code ec;  // best effort: the error being reported matters more than a file left behind
+    fs::remove(log_, ec);
+    if (made_out_) fs::remove(out_, ec);  // removes only an empty folder
+  }
+
+ private:
+  fs::path out_, log_;
+  bool made_out_;
+  bool armed_ = true;
+};
+
 }  // namespace
 
 FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* stop) {
@@ -298,12 +324,16 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   TrainCounters counters;
   const nlohmann::json print = fingerprint(o, train, base_model_identity(*ck));
 
+  bool made_out = false;
   {
     std::error_code ec;
-    fs::create_directories(out, ec);
+    made_out = fs::create_directories(out, ec);
     if (ec) throw Error(fmt::format("{}: cannot create the output folder: {}", out.string(), ec.message()));
   }
   const fs::path log_path = out / "train_log.csv";
+  // A resume's log holds the checkpoint's rows already: it stays whatever happens.
+  UndoOutputsOfAFailedStart undo_failed_start(out, log_path, made_out && !resuming);
+  if (resuming) undo_failed_start.keep();
   if (resuming) {
     read_train_checkpoint(o.resume_from, views, adam, counters, print);
     if (counters.step > total_steps)
@@ -453,6 +483,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
                        fmt_double(ce), fmt_double(aux), fmt_double(lr), fmt_double(grad_norm), counters.tokens, tps,
                        counters.elapsed_s, fmt_double(el));
     log.flush();
+    undo_failed_start.keep();
     if (o.logging_steps > 0 && (counters.step % o.logging_steps == 0 || counters.step == total_steps)) {
       std::printf("step %lld/%lld  epoch %.2f  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tok/s\n", (long long)counters.step,
                   (long long)total_steps, counters.epoch, loss, lr, grad_norm, tps);
