@@ -196,6 +196,24 @@ void BM_Nf4GemvInt8Items(benchmark::State& state, Shape s, Isa isa) {
   state.counters["item_rows"] = double(item_rows);
 }
 
+// One token on one thread over rows of shape s that stay in L2 (512 KiB of codes, read again every
+// iteration): the kernel's own speed with DRAM out of the picture. Decode reads DRAM at the probe's rate
+// only if this is well above the probe's share per core.
+void BM_Nf4GemvInt8Cached(benchmark::State& state, Shape s, Isa isa) {
+  const int64_t rows = std::max<int64_t>(1, (512 * 1024) / (s.cols / 2));
+  const Nf4Matrix w = random_nf4(rows, s.cols, 7);
+  const MatrixRF x = MatrixRF::Random(1, s.cols);
+  std::vector<int8_t> q(size_t(moelab::cpu::q8_values(w)));
+  std::vector<float> d(size_t(moelab::cpu::q8_scales(w)));
+  moelab::cpu::prepare_q8(isa, w, x.data(), q.data(), d.data());
+  std::vector<float> y(static_cast<size_t>(rows));
+  for (auto _ : state) {
+    moelab::cpu::gemv_q8(isa, w, q.data(), 0, d.data(), 0, 1, y.data(), 0, 0, rows);
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * int8_streamed_bytes(Shape{s.name, rows, s.cols}));
+}
+
 void BM_Nf4Gemv(benchmark::State& state, Shape s, Isa isa) {
   const int64_t bytes = s.rows * s.cols / 2 + s.rows * s.cols / 64 * 4;
   const int copies = int(std::max<int64_t>(1, kStreamBytes / bytes));
@@ -389,6 +407,12 @@ int main(int argc, char** argv) {
         benchmark::RegisterBenchmark((std::string("Nf4GemvInt8Items/") + s.name + "/" + moelab::cpu::isa_name(isa)).c_str(),
                                      BM_Nf4GemvInt8Items, s, isa)
             ->Arg(64)->Arg(256)->Unit(benchmark::kMicrosecond)->UseRealTime();
+  for (const auto& s : kShapes)
+    for (Isa isa : moelab::cpu::kAllIsas)
+      if (moelab::cpu::isa_supported(isa) && isa != Isa::Scalar)
+        benchmark::RegisterBenchmark((std::string("Nf4GemvInt8Cached/") + s.name + "/" + moelab::cpu::isa_name(isa)).c_str(),
+                                     BM_Nf4GemvInt8Cached, s, isa)
+            ->Unit(benchmark::kMicrosecond);
   for (const auto& s : kShapes) {
     for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Scalar})
       if (moelab::cpu::isa_supported(isa))

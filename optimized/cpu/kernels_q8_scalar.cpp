@@ -2,6 +2,7 @@
 // any block alignment. Every SIMD int8 kernel is tested against this one and against float64.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "optimized/cpu/kernels.hpp"
 
@@ -30,7 +31,7 @@ void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
   }
 }
 
-int64_t q8_values(const Nf4Matrix& w) { return w.cols; }
+int64_t q8_values(const Nf4Matrix& w) { return w.cols + 4 * ((w.cols + kQ8Group - 1) / kQ8Group); }
 int64_t q8_scales(const Nf4Matrix& w) { return (w.cols + kQ8Group - 1) / kQ8Group; }
 
 namespace scalar {
@@ -68,11 +69,20 @@ void lay_out_q8(int vector_bytes, const int8_t* q, int64_t cols, int8_t* q_out) 
   for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
     // Even elements meet the high nibbles, odd ones the low nibbles, without shuffles in the kernel.
     // (int32 lane L of the kernel's sums then covers elements c0 + 8L .. c0 + 8L + 7, all in group
-    // (c0 + 8L) / 32: the kernels spread the natural-order scales to lanes themselves, group_scales.)
+    // (c0 + 8L) / 32: the kernels spread the natural-order scales and group sums to lanes themselves.)
     for (int64_t j = 0; j < vector_bytes; ++j) {
       q_out[c0 + j] = q[c0 + 2 * j];
       q_out[c0 + vector_bytes + j] = q[c0 + 2 * j + 1];
     }
+  }
+}
+
+void write_q8_group_sums(const int8_t* q, int64_t cols, int8_t* out) {
+  for (int64_t g0 = 0; g0 < cols; g0 += kQ8Group) {
+    int32_t sum = 0;
+    for (int64_t i = g0; i < std::min(cols, g0 + kQ8Group); ++i) sum += q[i];
+    const int32_t v = -128 * sum;  // |v| <= 128 * 32 * 127
+    std::memcpy(out + 4 * (g0 / kQ8Group), &v, sizeof v);
   }
 }
 

@@ -74,5 +74,14 @@ inline constexpr int8_t kNf4Int8[16] = {
     nf4_int8_code(4),  nf4_int8_code(5),  nf4_int8_code(6),  nf4_int8_code(7),
     nf4_int8_code(8),  nf4_int8_code(9),  nf4_int8_code(10), nf4_int8_code(11),
     nf4_int8_code(12), nf4_int8_code(13), nf4_int8_code(14), nf4_int8_code(15)};
+// kNf4Int8 + 128 (1 .. 255) as the VNNI kernels read it: vpdpbusd multiplies an unsigned byte by a signed one,
+// so these kernels take the weight unsigned and subtract 128 x the activations' sum (q8's group sums) instead
+// of flipping signs on every product.
+constexpr uint8_t nf4_uint8_code(int code) { return uint8_t(nf4_int8_code(code) + 128); }
+inline constexpr uint8_t kNf4Uint8[16] = {
+    nf4_uint8_code(0),  nf4_uint8_code(1),  nf4_uint8_code(2),  nf4_uint8_code(3),
+    nf4_uint8_code(4),  nf4_uint8_code(5),  nf4_uint8_code(6),  nf4_uint8_code(7),
+    nf4_uint8_code(8),  nf4_uint8_code(9),  nf4_uint8_code(10), nf4_uint8_code(11),
+    nf4_uint8_code(12), nf4_uint8_code(13), nf4_uint8_code(14), nf4_uint8_code(15)};
 
 }  // namespace moelab::cpu

@@ -2,19 +2,49 @@
 // one translation unit per instruction set, which defines MOELAB_Q8_TARGET (its target attribute)
 // first; everything here has internal linkage, so the copies never meet at link time.
 //
-// Per chunk of 2 x kBytes codes and row: one load, two nibble masks, two table shuffles (code -> int8),
-// two absolute values, decoded once for up to four tokens; per token: two sign flips, two dot products
-// into int32 lanes, the activation scales spread to lanes (a broadcast load and a permute, group_scales),
-// one conversion and one FMA with (activation scale x block absmax).
+// Per row: its absmax decoded once, one FP32 per 32-element group (table lookups, then vector arithmetic).
+// Per chunk of 2 x kBytes codes: one load, two nibble masks, two table shuffles (code -> weight byte),
+// shared by up to four tokens; per token: two dot products into int32 lanes, one conversion, and one FMA
+// with (activation scale x absmax) spread to the lanes (two 4-float loads, a multiply, a permute).
+// With VNNI the weight bytes are unsigned (code + 128) and each chunk's sums start from -128 x its groups'
+// activation sums (a load and a masked permute); without it, absolute weights and sign-flipped activations
+// (vpmaddubsw would saturate on 255 x 127). Measured on Zen 5 (benchmarks/README.md): the unsigned weights
+// and the per-row absmax took the L2-resident avx512-vnni GEMV from ~17 to ~25 GB/s of codes per core.
 #ifndef MOELAB_Q8_TARGET
 #error "define MOELAB_Q8_TARGET before including q8_kernel.hpp"
 #endif
 #include <algorithm>
 #include <bit>
+#include <vector>
 
 #include "optimized/cpu/q8_vectors.hpp"
 
 namespace {
+
+// nested_code[absmax_code[b + k]] for k < n, into out, as plain loads and stores, once per row: out of line
+// and unvectorized, because GCC -O3 otherwise fuses the lookups into dozens of vector inserts (a quarter of
+// the GEMV's time), and a gather instruction is worse still on Zen 5 (a third).
+MOELAB_Q8_TARGET __attribute__((noinline, optimize("no-tree-slp-vectorize", "no-tree-loop-vectorize"))) void nested_lookup(
+    const moelab::cpu::Nf4Matrix& w, int64_t b, int64_t n, float* out) {
+  const uint8_t* code = w.absmax_code.data() + b;
+  const float* table = w.nested_code.data();
+#pragma GCC unroll 8
+  for (int64_t k = 0; k < n; ++k) out[k] = table[code[k]];
+}
+
+// The absmax of each 32-element group of row r, a[g] (a block of 64 serves two groups), decoded from the
+// compact form once per row instead of once per chunk and token set: the chunk loop then reads one FP32 per
+// group beside the activation scales, with no dependent table lookups in it. Bit for bit block_absmax.
+inline void row_group_absmax(const moelab::cpu::Nf4Matrix& w, int64_t r, int shift, float* a) {
+  const int64_t base = r * w.cols, groups = w.cols / 32;
+  int64_t decoded = -1;  // (a block can start before the row and end after it: blocks are over the flat tensor)
+  float v = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t b = (base + 32 * g) >> shift;
+    if (b != decoded) v = w.block_absmax(decoded = b);
+    a[g] = v;
+  }
+}
 
 template <class V, int T>
 MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d,
@@ -22,23 +52,49 @@ MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, 
   constexpr int64_t kChunk = 2 * V::kBytes;
   const int shift = std::countr_zero(unsigned(w.blocksize));
   const typename V::I table = V::table();
+  // Whole vectors of blocks of 64 per row, each inside one nested group of 256 (so from a multiple of
+  // kAbsmaxBlocks): Mixtral's 4096- and 14336-wide rows. Anything else decodes block by block.
+  const bool vector_absmax = w.blocksize == 64 && (w.cols / 64) % V::kAbsmaxBlocks == 0;
+  // The absmax per group of the current row, then the nested_code value of each of its blocks; reused.
+  const int64_t groups = w.cols / 32, blocks = w.cols / 64;
+  thread_local std::vector<float> scratch;
+  scratch.resize(size_t(groups + blocks));
+  float* const a = scratch.data();
+  float* const nested = a + groups;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = r * w.cols;
-    const uint8_t* codes = w.packed + base / 2;
+    const uint8_t* codes = w.packed + r * w.cols / 2;
+    if (vector_absmax) {
+      const int64_t b0 = r * blocks;
+      if (w.double_quantized()) nested_lookup(w, b0, blocks, nested);
+      for (int64_t k = 0; k < blocks; k += V::kAbsmaxBlocks) V::group_absmax_64(w, b0 + k, nested + k, a + 2 * k);
+    } else {
+      row_group_absmax(w, r, shift, a);
+    }
     typename V::F acc[T];
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) acc[t] = V::zerof();
-    for (int64_t c = 0; c < w.cols; c += kChunk) {
-      const typename V::I raw = V::load(codes + c / 2);
+    // Group index g (kChunk / 32 groups per chunk) drives every pointer: codes at 16 bytes per group, the
+    // activations at 32, the group sums, scales and absmax at one each.
+    for (int64_t g = 0; g < groups; g += kChunk / 32) {
+      const typename V::I raw = V::load(codes + 16 * g);
       const typename V::I wh = V::lookup(table, V::high_nibbles(raw)), wl = V::lookup(table, V::low_nibbles(raw));
-      const typename V::I ah = V::abs8(wh), al = V::abs8(wl);
-      const typename V::F a = V::block_scales(w, base + c, shift);
+      if constexpr (V::kUnsignedWeights) {
 #pragma GCC unroll 4
-      for (int t = 0; t < T; ++t) {
-        const int8_t* x = q + t * q_stride + c;
-        typename V::I s = V::dot(V::zero(), ah, V::sign8(V::load(x), wh));
-        s = V::dot(s, al, V::sign8(V::load(x + V::kBytes), wl));
-        acc[t] = V::fma(V::cvt(s), V::mul(V::group_scales(d + t * d_stride, c), a), acc[t]);
+        for (int t = 0; t < T; ++t) {
+          const int8_t* x = q + t * q_stride;
+          typename V::I s = V::group_sums(reinterpret_cast<const int32_t*>(x + w.cols) + g);
+          s = V::dot(V::dot(s, wh, V::load(x + 32 * g)), wl, V::load(x + 32 * g + V::kBytes));
+          acc[t] = V::fma(V::cvt(s), V::scales(d + t * d_stride + g, a + g), acc[t]);
+        }
+      } else {
+        const typename V::I ah = V::abs8(wh), al = V::abs8(wl);
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) {
+          const int8_t* x = q + t * q_stride + 32 * g;
+          typename V::I s = V::dot(V::zero(), ah, V::sign8(V::load(x), wh));
+          s = V::dot(s, al, V::sign8(V::load(x + V::kBytes), wl));
+          acc[t] = V::fma(V::cvt(s), V::scales(d + t * d_stride + g, a + g), acc[t]);
+        }
       }
     }
 #pragma GCC unroll 4

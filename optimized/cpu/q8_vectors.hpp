@@ -5,7 +5,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "optimized/cpu/nf4_matrix.hpp"
 
@@ -21,6 +20,8 @@ struct Avx2 {
   using I = __m256i;
   using F = __m256;
   static constexpr int kBytes = 32;
+  // vpmaddubsw's int16 pairs would saturate on 255 x 127: the kernels without VNNI keep signed weights.
+  static constexpr bool kUnsignedWeights = false;
   MOELAB_AVX2 I load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   MOELAB_AVX2 I table() { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Int8))); }
   MOELAB_AVX2 I low_nibbles(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0f)); }
@@ -37,20 +38,32 @@ struct Avx2 {
   }
   MOELAB_AVX2 F zerof() { return _mm256_setzero_ps(); }
   MOELAB_AVX2 F cvt(I v) { return _mm256_cvtepi32_ps(v); }
-  MOELAB_AVX2 F loadf(const float* p) { return _mm256_loadu_ps(p); }
-  // The activation scale of each int32 lane for the chunk at column c: d holds one scale per 32-element
-  // group (quantize_q8's natural order, 4 bytes per 32 activations, so the scales of a 14336-wide row stay
-  // out of the way of the rows' codes in L1); lanes 0-3 take group c / 32, lanes 4-7 the next.
-  MOELAB_AVX2 F group_scales(const float* d, int64_t c) {
-    double two;  // d[g], d[g + 1] as one 8-byte broadcast (a plain load), then spread to the halves
-    std::memcpy(&two, d + c / 32, sizeof two);
-    return _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_set1_pd(two)), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  // The scale of each int32 lane for a chunk: activation scale times weight absmax, both one per 32-element
+  // group in natural order from the chunk's first group on (d from quantize_q8, 4 bytes per 32 activations
+  // so the scales of a 14336-wide row stay out of the way of the rows' codes in L1; a from the row's decoded
+  // absmax). Lanes 0-3 take d[0] a[0], lanes 4-7 d[1] a[1]: two products, then spread to the halves.
+  MOELAB_AVX2 F scales(const float* d, const float* a) {
+    const __m128 two = _mm_mul_ps(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(d))),
+                                  _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a))));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
   }
-  MOELAB_AVX2 F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   MOELAB_AVX2 F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  // The absmax of each int32 lane's block for the chunk at flat element index e (blocksize >= 64, so
-  // a 64-element chunk lies in one block).
-  MOELAB_AVX2 F block_scales(const Nf4Matrix& w, int64_t e, int shift) { return _mm256_set1_ps(w.block_absmax(e >> shift)); }
+  // Blocks of 64 at a time (kAbsmaxBlocks of them from block b, inside one nested group of 256): their
+  // absmax for each of their 32-element groups, a[2k] = a[2k + 1] = absmax of block b + k, from their
+  // nested_code values (nested_lookup). The same two roundings as Nf4Matrix::block_absmax (a multiply, then
+  // an add; no fused multiply-add).
+  static constexpr int kAbsmaxBlocks = 8;
+  MOELAB_AVX2 void group_absmax_64(const Nf4Matrix& w, int64_t b, const float* nested, float* a) {
+    __m256 v;
+    if (w.double_quantized()) {
+      v = _mm256_mul_ps(_mm256_loadu_ps(nested), _mm256_set1_ps(w.nested_absmax[size_t(b >> 8)]));
+      v = _mm256_add_ps(v, _mm256_set1_ps(w.offset));
+    } else {
+      v = _mm256_loadu_ps(w.absmax.data() + b);
+    }
+    _mm256_storeu_ps(a, _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+    _mm256_storeu_ps(a + 8, _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+  }
   MOELAB_AVX2 float reduce(F v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -58,9 +71,19 @@ struct Avx2 {
   }
 };
 
-// AVX-VNNI: vpdpbusd adds the four u8 x s8 products into int32 without an int16 step.
+// AVX-VNNI: vpdpbusd adds the four u8 x s8 products into int32 without an int16 step, so the weights go in
+// unsigned (kNf4Uint8) and each group's sums start from -128 x its activations' sum.
 struct Avx2Vnni : Avx2 {
+  static constexpr bool kUnsignedWeights = true;
+  MOELAB_AVX2_VNNI I table() { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Uint8))); }
   MOELAB_AVX2_VNNI I dot(I acc, I u, I s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+  // A chunk starts its lanes from -128 x the sums of its two groups, s[0] and s[1] (write_q8_group_sums):
+  // lane 0 takes the first, lane 4 the second, the rest 0 (a group's four lanes share one scale, so one lane
+  // carries it; the int32 total is exact either way).
+  MOELAB_AVX2_VNNI I group_sums(const int32_t* s) {
+    const __m256i two = _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
+    return _mm256_blend_epi32(_mm256_setzero_si256(), _mm256_permutevar8x32_epi32(two, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)), 0x11);
+  }
 };
 
 // 64-byte vectors: 128 codes per load, int32 lanes 4g..4g+3 from the chunk's 32-element group g.
@@ -68,6 +91,7 @@ struct Avx512 {
   using I = __m512i;
   using F = __m512;
   static constexpr int kBytes = 64;
+  static constexpr bool kUnsignedWeights = false;  // as Avx2
   MOELAB_AVX512 I load(const void* p) { return _mm512_loadu_si512(p); }
   MOELAB_AVX512 I table() { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Int8))); }
   MOELAB_AVX512 I low_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0f)); }
@@ -82,25 +106,37 @@ struct Avx512 {
   }
   MOELAB_AVX512 F zerof() { return _mm512_setzero_ps(); }
   MOELAB_AVX512 F cvt(I v) { return _mm512_cvtepi32_ps(v); }
-  MOELAB_AVX512 F loadf(const float* p) { return _mm512_loadu_ps(p); }
-  // As Avx2::group_scales: lanes 4g .. 4g + 3 take group c / 32 + g.
-  MOELAB_AVX512 F group_scales(const float* d, int64_t c) {
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                 _mm512_broadcast_f32x4(_mm_loadu_ps(d + c / 32)));
+  // As Avx2::scales: lanes 4g .. 4g + 3 take d[g] a[g].
+  MOELAB_AVX512 F scales(const float* d, const float* a) {
+    const __m128 four = _mm_mul_ps(_mm_loadu_ps(d), _mm_loadu_ps(a));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), _mm512_castps128_ps512(four));
   }
-  MOELAB_AVX512 F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   MOELAB_AVX512 F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  // A 128-element chunk spans two blocks of 64 (lanes 0-7 and 8-15), or lies in one larger block.
-  MOELAB_AVX512 F block_scales(const Nf4Matrix& w, int64_t e, int shift) {
-    const int64_t b = e >> shift;
-    if (shift > 6) return _mm512_set1_ps(w.block_absmax(b));
-    return _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(w.block_absmax(b)), _mm512_set1_ps(w.block_absmax(b + 1)));
+  // As Avx2::group_absmax_64, 16 blocks at a time.
+  static constexpr int kAbsmaxBlocks = 16;
+  MOELAB_AVX512 void group_absmax_64(const Nf4Matrix& w, int64_t b, const float* nested, float* a) {
+    __m512 v;
+    if (w.double_quantized()) {
+      v = _mm512_mul_ps(_mm512_loadu_ps(nested), _mm512_set1_ps(w.nested_absmax[size_t(b >> 8)]));
+      v = _mm512_add_ps(v, _mm512_set1_ps(w.offset));
+    } else {
+      v = _mm512_loadu_ps(w.absmax.data() + b);
+    }
+    _mm512_storeu_ps(a, _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v));
+    _mm512_storeu_ps(a + 16, _mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), v));
   }
   MOELAB_AVX512 float reduce(F v) { return _mm512_reduce_add_ps(v); }
 };
 
+// As Avx2Vnni, 16 lanes: lane 4g takes s[g].
 struct Avx512Vnni : Avx512 {
+  static constexpr bool kUnsignedWeights = true;
+  MOELAB_AVX512_VNNI I table() { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Uint8))); }
   MOELAB_AVX512_VNNI I dot(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  MOELAB_AVX512_VNNI I group_sums(const int32_t* s) {
+    return _mm512_maskz_permutexvar_epi32(__mmask16(0x1111), _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                          _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
+  }
 };
 
 #undef MOELAB_AVX2

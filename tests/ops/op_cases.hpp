@@ -59,6 +59,11 @@ inline constexpr MatrixShape kMatrixShapes[] = {
     {"bs4096_cols512", 2, 512, 4096, true, false},
     {"bs4096_cols6144", 3, 6144, 4096, true, false},
     {"bs64_rows5_cols1024", 5, 1024, 64, true, false},
+    // The int8 kernels decode a row's absmax a vector of blocks at a time when blocks of 64 fill whole
+    // vectors (8 per AVX2 vector, 16 per AVX-512 one), block by block otherwise: 512 columns take the first
+    // on AVX2 and the second on AVX-512; the FP32 absmax (no double quantization) takes the vector path too.
+    {"bs64_cols512", 3, 512, 64, true, false},
+    {"bs64_no_dq_cols1024", 3, 1024, 64, false, false},
     {"bs64_rows11_cols1024", 11, 1024, 64, true, false},
     {"w2_like_bs64_rows4", 4, 8192 + 128, 64, true, false},
     {"w2_like_bs64", 11, 8192 + 128, 64, true, false},
