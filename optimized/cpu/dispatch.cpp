@@ -136,14 +136,14 @@ bool q8_simd_kernel(Isa isa, const Nf4Matrix& w) {
 void prepare_q8(Isa isa, const Nf4Matrix& w, const float* x, int8_t* q, float* d) {
   if (!q8_simd_kernel(isa, w)) {
     quantize_q8(x, w.cols, q, d);
-    return write_q8_group_sums(q, w.cols, q + w.cols);
+    return write_q8_lane_sums(q, w.cols, q + w.cols);
   }
   // Scratch for the natural order, reused: this runs per token and matrix on the decode path.
   thread_local std::vector<int8_t> natural_q;
   natural_q.resize(size_t(w.cols));
   quantize_q8(x, w.cols, natural_q.data(), d);
   lay_out_q8(vector_bytes(isa), natural_q.data(), w.cols, q);
-  write_q8_group_sums(natural_q.data(), w.cols, q + w.cols);
+  write_q8_lane_sums(natural_q.data(), w.cols, q + w.cols);
 }
 
 void gemv_q8(Isa isa, const Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d, int64_t d_stride, int n,

@@ -46,8 +46,8 @@ void dequantize_rows(Isa isa, const Nf4Matrix& w, int64_t r0, int64_t r1, float*
 // the FP32 sum of those per-segment terms. The scale `d` the kernels read already holds the 1/127.
 inline constexpr int kQ8Group = 32;
 // Sizes of one token's prepared activations for `w`, the same on every kernel set: q8_values bytes (the cols
-// int8 values, then one int32 per 32-element group, -128 x the group's sum, from which the unsigned-weight
-// VNNI kernels start: write_q8_group_sums) and q8_scales FP32 scales (one per group).
+// int8 values, then one int16 per 8 of them, minus their sum, from which the unsigned-weight VNNI kernels
+// start: write_q8_lane_sums) and q8_scales FP32 scales (one per 32-element group).
 int64_t q8_values(const Nf4Matrix& w);
 int64_t q8_scales(const Nf4Matrix& w);
 // The plain rule above, in natural order: q[cols], d[ceil(cols / 32)] (d includes the 1/127).
@@ -65,8 +65,9 @@ bool q8_simd_kernel(Isa isa, const Nf4Matrix& w);
 // The SIMD kernels' activation layout for vectors of `vector_bytes` (32: AVX2, 64: AVX-512), from the
 // natural order quantize_q8 writes: q_out gets the cols values reordered (the scales need no reordering).
 void lay_out_q8(int vector_bytes, const int8_t* q, int64_t cols, int8_t* q_out);
-// out (4 bytes per group, unaligned): -128 x the sum of each 32-element group of natural-order q.
-void write_q8_group_sums(const int8_t* q, int64_t cols, int8_t* out);
+// out (2 bytes per 8 values, unaligned, little-endian int16): minus the sum of each run of 8 natural-order
+// q values, which is what one int32 lane of the SIMD kernels covers (lay_out_q8).
+void write_q8_lane_sums(const int8_t* q, int64_t cols, int8_t* out);
 
 // Per-ISA implementations (kernels_<isa>.cpp), called through the dispatchers above.
 namespace scalar {

@@ -31,7 +31,7 @@ void quantize_q8(const float* x, int64_t cols, int8_t* q, float* d) {
   }
 }
 
-int64_t q8_values(const Nf4Matrix& w) { return w.cols + 4 * ((w.cols + kQ8Group - 1) / kQ8Group); }
+int64_t q8_values(const Nf4Matrix& w) { return w.cols + 2 * ((w.cols + 7) / 8); }
 int64_t q8_scales(const Nf4Matrix& w) { return (w.cols + kQ8Group - 1) / kQ8Group; }
 
 namespace scalar {
@@ -77,12 +77,12 @@ void lay_out_q8(int vector_bytes, const int8_t* q, int64_t cols, int8_t* q_out) 
   }
 }
 
-void write_q8_group_sums(const int8_t* q, int64_t cols, int8_t* out) {
-  for (int64_t g0 = 0; g0 < cols; g0 += kQ8Group) {
-    int32_t sum = 0;
-    for (int64_t i = g0; i < std::min(cols, g0 + kQ8Group); ++i) sum += q[i];
-    const int32_t v = -128 * sum;  // |v| <= 128 * 32 * 127
-    std::memcpy(out + 4 * (g0 / kQ8Group), &v, sizeof v);
+void write_q8_lane_sums(const int8_t* q, int64_t cols, int8_t* out) {
+  for (int64_t i0 = 0; i0 < cols; i0 += 8) {
+    int16_t sum = 0;  // |sum| <= 8 x 127
+    for (int64_t i = i0; i < std::min(cols, i0 + 8); ++i) sum = int16_t(sum + q[i]);
+    const int16_t v = int16_t(-sum);
+    std::memcpy(out + 2 * (i0 / 8), &v, sizeof v);  // x86: little-endian, as the kernels' widening load reads it
   }
 }
 

@@ -5,10 +5,12 @@
 // Per row: its absmax decoded once, one FP32 per 32-element group (table lookups, then vector arithmetic).
 // Per chunk of 2 x kBytes codes: one load, two nibble masks, two table shuffles (code -> weight byte),
 // shared by up to four tokens; per token: two dot products into int32 lanes, one conversion, and one FMA
-// with (activation scale x absmax) spread to the lanes (two 4-float loads, a multiply, a permute).
-// With VNNI the weight bytes are unsigned (code + 128) and each chunk's sums start from -128 x its groups'
-// activation sums (a load and a masked permute); without it, absolute weights and sign-flipped activations
-// (vpmaddubsw would saturate on 255 x 127). Measured on Zen 5 (benchmarks/README.md): the unsigned weights
+// with (activation scale x absmax) spread to the lanes (two loads of a chunk's group values, a multiply, a
+// permute).
+// With VNNI the weight bytes are unsigned (code + 128) and each int32 lane starts from -128 x the sum of its
+// own 8 activations (a widening load and a shift), so it ends at exactly the signed product's value; without
+// VNNI, absolute weights and sign-flipped activations (vpmaddubsw would saturate on 255 x 127). Either way
+// every lane holds the same integer, so all kernel sets give the same FP32 result for the same width. Measured on Zen 5 (benchmarks/README.md): the unsigned weights
 // and the per-row absmax took the L2-resident avx512-vnni GEMV from ~17 to ~25 GB/s of codes per core.
 #ifndef MOELAB_Q8_TARGET
 #error "define MOELAB_Q8_TARGET before including q8_kernel.hpp"
@@ -33,7 +35,7 @@ MOELAB_Q8_TARGET __attribute__((noinline, optimize("no-tree-slp-vectorize", "no-
 }
 
 // The absmax of each 32-element group of row r, a[g] (a block of 64 serves two groups), decoded from the
-// compact form once per row instead of once per chunk and token set: the chunk loop then reads one FP32 per
+// compact form once per row and set of up to four tokens instead of once per chunk: the chunk loop then reads one FP32 per
 // group beside the activation scales, with no dependent table lookups in it. Bit for bit block_absmax.
 inline void row_group_absmax(const moelab::cpu::Nf4Matrix& w, int64_t r, int shift, float* a) {
   const int64_t base = r * w.cols, groups = w.cols / 32;
@@ -82,7 +84,8 @@ MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, 
 #pragma GCC unroll 4
         for (int t = 0; t < T; ++t) {
           const int8_t* x = q + t * q_stride;
-          typename V::I s = V::group_sums(reinterpret_cast<const int32_t*>(x + w.cols) + g);
+          // (The lane sums follow the token's cols values: 4 int16, 8 bytes, per group.)
+          typename V::I s = V::lane_sums(x + w.cols + 8 * g);
           s = V::dot(V::dot(s, wh, V::load(x + 32 * g)), wl, V::load(x + 32 * g + V::kBytes));
           acc[t] = V::fma(V::cvt(s), V::scales(d + t * d_stride + g, a + g), acc[t]);
         }

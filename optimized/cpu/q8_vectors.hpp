@@ -72,17 +72,16 @@ struct Avx2 {
 };
 
 // AVX-VNNI: vpdpbusd adds the four u8 x s8 products into int32 without an int16 step, so the weights go in
-// unsigned (kNf4Uint8) and each group's sums start from -128 x its activations' sum.
+// unsigned (kNf4Uint8) and each lane's sum starts from -128 x its activations' sum.
 struct Avx2Vnni : Avx2 {
   static constexpr bool kUnsignedWeights = true;
   MOELAB_AVX2_VNNI I table() { return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Uint8))); }
   MOELAB_AVX2_VNNI I dot(I acc, I u, I s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
-  // A chunk starts its lanes from -128 x the sums of its two groups, s[0] and s[1] (write_q8_group_sums):
-  // lane 0 takes the first, lane 4 the second, the rest 0 (a group's four lanes share one scale, so one lane
-  // carries it; the int32 total is exact either way).
-  MOELAB_AVX2_VNNI I group_sums(const int32_t* s) {
-    const __m256i two = _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
-    return _mm256_blend_epi32(_mm256_setzero_si256(), _mm256_permutevar8x32_epi32(two, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)), 0x11);
+  // A chunk's int32 lanes start from -128 x the sum of each lane's own 8 activations (s: one int16 per 8
+  // natural-order activations, little-endian, write_q8_lane_sums), so every lane ends at exactly the signed kernels'
+  // value: the FP32 conversion, scaling and accumulation that follow are the same as theirs, bit for bit.
+  MOELAB_AVX2_VNNI I lane_sums(const int8_t* s) {
+    return _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))), 7);
   }
 };
 
@@ -128,14 +127,13 @@ struct Avx512 {
   MOELAB_AVX512 float reduce(F v) { return _mm512_reduce_add_ps(v); }
 };
 
-// As Avx2Vnni, 16 lanes: lane 4g takes s[g].
+// As Avx2Vnni, 16 lanes.
 struct Avx512Vnni : Avx512 {
   static constexpr bool kUnsignedWeights = true;
   MOELAB_AVX512_VNNI I table() { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Uint8))); }
   MOELAB_AVX512_VNNI I dot(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
-  MOELAB_AVX512_VNNI I group_sums(const int32_t* s) {
-    return _mm512_maskz_permutexvar_epi32(__mmask16(0x1111), _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                          _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
+  MOELAB_AVX512_VNNI I lane_sums(const int8_t* s) {
+    return _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))), 7);
   }
 };
 

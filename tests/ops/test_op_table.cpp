@@ -424,6 +424,43 @@ TEST(Q8Quantize, CompactAbsmaxDecodesToTheFp32AbsmaxBitForBit) {
   EXPECT_LT(w.streamed_bytes(), w.packed_bytes() + int64_t(w.absmax.size() * sizeof(float)));
 }
 
+// Two exactness claims of the int8 kernels, bit for bit: the VNNI kernels (unsigned weights, each int32 lane
+// starting from -128 x its activations' sum) end every lane at the signed kernels' integer, so they give the
+// same FP32 result as the kernels of the same width without VNNI; and a row's absmax decoded from the
+// compact form (per row, a vector of blocks at a time or block by block) is the FP32 absmax.
+TEST(Q8Kernels, VnniAndTheCompactAbsmaxChangeNoBit) {
+  cpu::ThreadPool pool(2);
+  const std::pair<Isa, Isa> widths[] = {{Isa::Avx2, Isa::Avx2Vnni}, {Isa::Avx512, Isa::Avx512Vnni}};
+  int compared = 0;
+  for (const MatrixShape& s : {MatrixShape{"wide", 5, 14336, 64, true, false}, MatrixShape{"cols1024", 7, 1024, 64, true, false},
+                               MatrixShape{"cols512", 3, 512, 64, true, false}, MatrixShape{"bs256", 3, 1024, 256, true, false}}) {
+    const auto w = make_matrix(s, 3);
+    auto plain = make_matrix(s, 3);  // the same codes and FP32 absmax, without the compact form
+    plain.absmax_code.clear();
+    plain.nested_absmax.clear();
+    ASSERT_TRUE(w.double_quantized());
+    ASSERT_FALSE(plain.double_quantized());
+    for (int n : {1, 3, 4, 5}) {
+      const MatrixRF x = activations(n, s.cols, uint32_t(7 * n));
+      auto int8 = [&](Isa isa, const Nf4Matrix& m) { return cpu::nf4_linear(cpu::LinearContext{isa, cpu::Activations::Int8, &pool}, m, x); };
+      for (Isa isa : cpu::kAllIsas) {
+        if (!cpu::isa_supported(isa)) continue;
+        const MatrixRF a = int8(isa, w), b = int8(isa, plain);
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), size_t(a.size()) * sizeof(float)), 0)
+            << cpu::isa_name(isa) << " " << s.name << " n=" << n << ": compact absmax differs from the FP32 one";
+      }
+      for (const auto& [signed_isa, vnni_isa] : widths) {
+        if (!cpu::isa_supported(vnni_isa)) continue;
+        const MatrixRF a = int8(signed_isa, w), b = int8(vnni_isa, w);
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), size_t(a.size()) * sizeof(float)), 0)
+            << cpu::isa_name(vnni_isa) << " against " << cpu::isa_name(signed_isa) << " " << s.name << " n=" << n;
+        ++compared;
+      }
+    }
+  }
+  if (compared == 0) GTEST_SKIP() << "this CPU has neither AVX-VNNI nor AVX-512 VNNI: no VNNI kernel to compare";
+}
+
 // The run-time ISA detection, which decides every SKIP above, agrees with the kernel's view of this CPU
 // (/proc/cpuinfo flags, which the kernel clears when the OS does not save the registers). AVX-VNNI is
 // read from CPUID directly (clang 14's __builtin_cpu_supports has no "avxvnni").
