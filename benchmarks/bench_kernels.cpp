@@ -197,8 +197,9 @@ void BM_Nf4GemvInt8Items(benchmark::State& state, Shape s, Isa isa) {
 }
 
 // One token on one thread over rows of shape s that stay in L2 (512 KiB of codes, read again every
-// iteration): the kernel's own speed with DRAM out of the picture. Decode reads DRAM at the probe's rate
-// only if this is well above the probe's share per core.
+// iteration; L2 on a CPU with >= 1 MiB of it per core, as Zen 4/5 and recent Xeons, else L3): the kernel's
+// own speed with DRAM out of the picture. Decode reads DRAM at the probe's rate only if this is well above
+// the probe's share per core.
 void BM_Nf4GemvInt8Cached(benchmark::State& state, Shape s, Isa isa) {
   const int64_t rows = std::max<int64_t>(1, (512 * 1024) / (s.cols / 2));
   const Nf4Matrix w = random_nf4(rows, s.cols, 7);

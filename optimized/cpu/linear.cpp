@@ -24,8 +24,8 @@ int64_t q8_row_chunk(const Nf4Matrix& w, int64_t tokens, const ThreadPool* pool)
   return tokens > kGemvMaxTokens ? row_chunk(w) : streaming_row_chunk(w.rows, w.cols / 2, pool, row_chunk(w));
 }
 
-// Tokens per tile of the int8 path: their activations (cols bytes each) stay in L2 while a row chunk is
-// swept; each chunk of codes is read once per tile.
+// Tokens per tile of the int8 path: their activations (q8_values: cols + cols / 4 bytes each) stay in L2
+// while a row chunk is swept; each chunk of codes is read once per tile.
 int64_t token_tile(const Nf4Matrix& w) { return std::clamp<int64_t>((192 * 1024) / std::max<int64_t>(1, w.cols), 4, 64); }
 
 void run(ThreadPool* pool, bool parallel, int64_t items, const std::function<void(int64_t, int64_t)>& body) {

@@ -83,5 +83,10 @@ inline constexpr uint8_t kNf4Uint8[16] = {
     nf4_uint8_code(4),  nf4_uint8_code(5),  nf4_uint8_code(6),  nf4_uint8_code(7),
     nf4_uint8_code(8),  nf4_uint8_code(9),  nf4_uint8_code(10), nf4_uint8_code(11),
     nf4_uint8_code(12), nf4_uint8_code(13), nf4_uint8_code(14), nf4_uint8_code(15)};
+static_assert([] {
+  for (int k = 0; k < 16; ++k)
+    if (kNf4Int8[k] < -127 || int(kNf4Uint8[k]) != kNf4Int8[k] + 128) return false;
+  return true;
+}(), "the VNNI kernels' unsigned weights are the int8 codes + 128, each in 1 .. 255");
 
 }  // namespace moelab::cpu

@@ -26,13 +26,19 @@ namespace {
 // nested_code[absmax_code[b + k]] for k < n, into out, as plain loads and stores, once per row: out of line
 // and unvectorized, because GCC -O3 otherwise fuses the lookups into dozens of vector inserts (a quarter of
 // the GEMV's time), and a gather instruction is worse still on Zen 5 (a third).
-MOELAB_Q8_TARGET __attribute__((noinline, optimize("no-tree-slp-vectorize", "no-tree-loop-vectorize"))) void nested_lookup(
+#if defined(__GNUC__) && !defined(__clang__)
+#define MOELAB_SCALAR_LOOP __attribute__((noinline, optimize("no-tree-slp-vectorize", "no-tree-loop-vectorize")))
+#else
+#define MOELAB_SCALAR_LOOP __attribute__((noinline))  // clang has no per-function optimize attribute
+#endif
+MOELAB_Q8_TARGET MOELAB_SCALAR_LOOP void nested_lookup(
     const moelab::cpu::Nf4Matrix& w, int64_t b, int64_t n, float* out) {
   const uint8_t* code = w.absmax_code.data() + b;
   const float* table = w.nested_code.data();
 #pragma GCC unroll 8
   for (int64_t k = 0; k < n; ++k) out[k] = table[code[k]];
 }
+#undef MOELAB_SCALAR_LOOP
 
 // The absmax of each 32-element group of row r, a[g] (a block of 64 serves two groups), decoded from the
 // compact form once per row and set of up to four tokens instead of once per chunk: the chunk loop then reads one FP32 per
