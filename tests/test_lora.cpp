@@ -293,8 +293,9 @@ TEST(LoraAdapter, SelectionFollowsPeft) {
 class LoraBadAdapter : public ::testing::Test {
  protected:
   // `moelab forward` on the fixture model with `adapter` (no shell, time limit), then the one-line check.
-  void expect_refused(const std::string& adapter, const std::vector<std::string>& needles,
-                      const std::vector<std::string>& extra = {}) {
+  // Returns the error line.
+  std::string expect_refused(const std::string& adapter, const std::vector<std::string>& needles,
+                             const std::vector<std::string>& extra = {}) {
     TempDir out("moelab-lora-run");
     std::vector<std::string> args{MOELAB_BIN, "forward", "--model", model_dir("mixtral-4e-gqa-f32"), "--adapter", adapter,
                                   "--token-ids", "1,329,439", "--progress", "none", "-o", out.file("f.safetensors")};
@@ -307,6 +308,7 @@ class LoraBadAdapter : public ::testing::Test {
     EXPECT_EQ(r.err.rfind("moelab: error: ", 0), 0u) << r.err;
     for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in: " << r.err;
     EXPECT_FALSE(fs::exists(out.file("f.safetensors")));
+    return r.err;
   }
   static std::string a_name(const std::string& module) { return "base_model.model." + module + ".lora_A.weight"; }
   static std::string b_name(const std::string& module) { return "base_model.model." + module + ".lora_B.weight"; }
@@ -404,6 +406,20 @@ TEST_F(LoraBadAdapter, UnknownTargetsAreNamed) {
       ts.push_back(t);
     });
     expect_refused(a.str(), {kAdapterWeightsFile, "model.layers.7.self_attn.q_proj", "no module"});
+  }
+  for (const std::string suffix : {".lora_A.weight", ".lora_C.weight"}) {
+    // a tensor name 100 000 bytes long (no module, or no LoRA factor): one short line naming both its ends
+    SCOPED_TRACE(suffix);
+    AdapterCopy a(kCase);
+    const std::string name = "base_model.model.model.layers.0." + std::string(100000, 'x') + ".q_proj" + suffix;
+    a.edit_tensors([&](std::vector<TensorToWrite>& ts) {
+      auto t = ts.front();
+      t.name = name;
+      ts.push_back(t);
+    });
+    const std::string err = expect_refused(a.str(), {kAdapterWeightsFile, "'base_model.model.model.layers.0.xxx",
+                                                     "xxx...xxx", "xxx.q_proj" + suffix + "'"});
+    EXPECT_LT(err.size(), 1000u) << "the name was not shortened: " << err.size() << " bytes";
   }
   {  // a DoRA magnitude vector in the file
     AdapterCopy a(kCase);
