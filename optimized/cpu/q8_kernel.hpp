@@ -54,30 +54,37 @@ inline void row_group_absmax(const moelab::cpu::Nf4Matrix& w, int64_t r, int shi
   }
 }
 
+// Whole vectors of blocks of 64 per row, each inside one nested group of 256 (so from a multiple of
+// kAbsmaxBlocks): Mixtral's 4096- and 14336-wide rows. Anything else decodes block by block.
+template <class V>
+bool vector_absmax(const moelab::cpu::Nf4Matrix& w) {
+  return w.blocksize == 64 && (w.cols / 64) % V::kAbsmaxBlocks == 0;
+}
+
+// Row r's absmax per 32-element group into a (cols / 32 floats); nested: cols / 64 floats of scratch.
+template <class V>
+MOELAB_Q8_TARGET void decode_row_absmax(const moelab::cpu::Nf4Matrix& w, int64_t r, float* nested, float* a) {
+  if (!vector_absmax<V>(w)) return row_group_absmax(w, r, std::countr_zero(unsigned(w.blocksize)), a);
+  const int64_t blocks = w.cols / 64, b0 = r * blocks;
+  if (w.double_quantized()) nested_lookup(w, b0, blocks, nested);
+  for (int64_t k = 0; k < blocks; k += V::kAbsmaxBlocks) V::group_absmax_64(w, b0 + k, nested + k, a + 2 * k);
+}
+
+// Rows r0 .. r1 for T tokens. `decoded`: the rows' absmax per group, decoded once by the caller for all its
+// sets of four tokens (row r at (r - r0) x cols / 32), or null to decode each row here.
 template <class V, int T>
 MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d,
-                              int64_t d_stride, float* y, int64_t y_stride, int64_t r0, int64_t r1) {
+                              int64_t d_stride, float* y, int64_t y_stride, int64_t r0, int64_t r1, const float* decoded) {
   constexpr int64_t kChunk = 2 * V::kBytes;
-  const int shift = std::countr_zero(unsigned(w.blocksize));
   const typename V::I table = V::table();
-  // Whole vectors of blocks of 64 per row, each inside one nested group of 256 (so from a multiple of
-  // kAbsmaxBlocks): Mixtral's 4096- and 14336-wide rows. Anything else decodes block by block.
-  const bool vector_absmax = w.blocksize == 64 && (w.cols / 64) % V::kAbsmaxBlocks == 0;
+  const int64_t groups = w.cols / 32;
   // The absmax per group of the current row, then the nested_code value of each of its blocks; reused.
-  const int64_t groups = w.cols / 32, blocks = w.cols / 64;
   thread_local std::vector<float> scratch;
-  scratch.resize(size_t(groups + blocks));
-  float* const a = scratch.data();
-  float* const nested = a + groups;
+  if (!decoded) scratch.resize(size_t(groups + groups / 2));
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* codes = w.packed + r * w.cols / 2;
-    if (vector_absmax) {
-      const int64_t b0 = r * blocks;
-      if (w.double_quantized()) nested_lookup(w, b0, blocks, nested);
-      for (int64_t k = 0; k < blocks; k += V::kAbsmaxBlocks) V::group_absmax_64(w, b0 + k, nested + k, a + 2 * k);
-    } else {
-      row_group_absmax(w, r, shift, a);
-    }
+    const float* a = decoded ? decoded + (r - r0) * groups : scratch.data();
+    if (!decoded) decode_row_absmax<V>(w, r, scratch.data() + groups, scratch.data());
     typename V::F acc[T];
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) acc[t] = V::zerof();
@@ -111,20 +118,30 @@ MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, 
   }
 }
 
-// Tokens four at a time over the same rows: each block of codes is decoded once per four tokens.
+// Tokens four at a time over the same rows: each block of codes is decoded once per four tokens, and
+// each row's absmax once per call (prefill's token tiles make several sets of four).
 template <class V>
-void q8_gemv(const moelab::cpu::Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d, int64_t d_stride, int n,
-             float* y, int64_t y_stride, int64_t r0, int64_t r1) {
+MOELAB_Q8_TARGET void q8_gemv(const moelab::cpu::Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d,
+                              int64_t d_stride, int n, float* y, int64_t y_stride, int64_t r0, int64_t r1) {
+  const float* decoded = nullptr;
+  if (n > 4) {
+    const int64_t groups = w.cols / 32;
+    thread_local std::vector<float> rows_absmax;
+    rows_absmax.resize(size_t((r1 - r0) * groups + groups / 2));
+    float* nested = rows_absmax.data() + (r1 - r0) * groups;
+    for (int64_t r = r0; r < r1; ++r) decode_row_absmax<V>(w, r, nested, rows_absmax.data() + (r - r0) * groups);
+    decoded = rows_absmax.data();
+  }
   int t = 0;
   for (; t + 4 <= n; t += 4)
-    q8_rows<V, 4>(w, q + t * q_stride, q_stride, d + t * d_stride, d_stride, y + t * y_stride, y_stride, r0, r1);
+    q8_rows<V, 4>(w, q + t * q_stride, q_stride, d + t * d_stride, d_stride, y + t * y_stride, y_stride, r0, r1, decoded);
   const int rest = n - t;
   const int8_t* qt = q + t * q_stride;
   const float* dt = d + t * d_stride;
   float* yt = y + t * y_stride;
-  if (rest == 3) q8_rows<V, 3>(w, qt, q_stride, dt, d_stride, yt, y_stride, r0, r1);
-  if (rest == 2) q8_rows<V, 2>(w, qt, q_stride, dt, d_stride, yt, y_stride, r0, r1);
-  if (rest == 1) q8_rows<V, 1>(w, qt, q_stride, dt, d_stride, yt, y_stride, r0, r1);
+  if (rest == 3) q8_rows<V, 3>(w, qt, q_stride, dt, d_stride, yt, y_stride, r0, r1, decoded);
+  if (rest == 2) q8_rows<V, 2>(w, qt, q_stride, dt, d_stride, yt, y_stride, r0, r1, decoded);
+  if (rest == 1) q8_rows<V, 1>(w, qt, q_stride, dt, d_stride, yt, y_stride, r0, r1, decoded);
 }
 
 }  // namespace
