@@ -39,11 +39,11 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
       throw Error(fmt::format("{}: no 'weight_map' object", index.string()));
     std::set<std::string> seen;
     for (const auto& [name, file] : j["weight_map"].items()) {
-      if (!file.is_string()) throw Error(fmt::format("{}: weight_map['{}'] is not a file name", index.string(), printable(name)));
+      if (!file.is_string()) throw Error(fmt::format("{}: weight_map['{}'] is not a file name", index.string(), printable_name(name)));
       const auto f = file.get<std::string>();
       if (f.find('/') != std::string::npos || f == "..")
         throw Error(fmt::format("{}: shard name '{}' for '{}' is not a plain file name", index.string(),
-                                printable(f), printable(name)));
+                                printable_name(f), printable_name(name)));
       weight_map[name] = f;
       if (seen.insert(f).second) shard_names.push_back(f);
     }
@@ -71,20 +71,20 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
         auto it = weight_map.find(name);
         if (it == weight_map.end()) {
           ck->warnings_.push_back(
-              fmt::format("{}: tensor '{}' is not listed in the index", shard->path(), printable(name)));
+              fmt::format("{}: tensor '{}' is not listed in the index", shard->path(), printable_name(name)));
           continue;
         }
         if (it->second != shard_file) continue;  // the index says it lives elsewhere
       }
       if (!ck->where_.emplace(name, shard.get()).second)
-        throw Error(fmt::format("{}: tensor '{}' also appears in {}", shard->path(), printable(name),
+        throw Error(fmt::format("{}: tensor '{}' also appears in {}", shard->path(), printable_name(name),
                                 ck->where_[name]->path()));
     }
   }
   for (const auto& [name, file] : weight_map)
     if (!ck->where_.count(name))
       throw Error(fmt::format("{}: tensor '{}' is listed in the index for this shard but is not in it",
-                              printable((root / file).string()), printable(name)));
+                              printable((root / file).string()), printable_name(name)));
   ck->validate_against_config();
   return ck;
 }
@@ -138,14 +138,14 @@ void Checkpoint::validate_against_config() {
   for (const auto& [name, file] : where_)
     if (!expected.count(name) && !is_nf4_aux(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
       warnings_.push_back(fmt::format("{}: tensor '{}' is not used by a {} with this config", file->path(),
-                                      printable(name), config_.arch_name()));
+                                      printable_name(name), config_.arch_name()));
 }
 
 std::string Checkpoint::tokenizer_path() const { return (fs::path(dir_) / "tokenizer.model").string(); }
 
 const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
   auto it = where_.find(name);
-  if (it == where_.end()) throw Error(fmt::format("{}: no tensor named '{}'", dir_, printable(name)));
+  if (it == where_.end()) throw Error(fmt::format("{}: no tensor named '{}'", dir_, printable_name(name)));
   return *it->second;
 }
 

@@ -141,17 +141,6 @@ std::string clipped(std::string_view s, size_t max = kShownBytes) {
   return printable(utf8_prefix(s, max - 3)) + "...";
 }
 
-// A tensor name from the file for a message: whole up to 256 bytes (every name peft writes for Mixtral is
-// under 100), else its first and last 120 bytes around "...", so a hostile megabyte-long name still gives a
-// short line that shows where the name goes wrong at either end.
-std::string clipped_name(std::string_view s) {
-  constexpr size_t kWhole = 256, kEnd = 120;
-  if (s.size() <= kWhole) return printable(s);
-  size_t tail = s.size() - kEnd;
-  while (tail < s.size() && (static_cast<unsigned char>(s[tail]) & 0xC0) == 0x80) ++tail;  // a whole UTF-8 character
-  return printable(utf8_prefix(s, kEnd)) + "..." + printable(s.substr(tail));
-}
-
 // A JSON value as dump() writes it, but only its first `budget` bytes or so: containers are written element
 // by element, and strings cut, until the budget is spent, so a huge value is never serialized whole.
 void preview(const ojson& v, std::string& out, size_t budget) {
@@ -653,7 +642,7 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, con
       else if (name.find("modules_to_save") != std::string::npos) hint = " (modules_to_save: not supported)";
       else if (name.find("lora_embedding_") != std::string::npos) hint = " (LoRA on an embedding: not supported)";
       throw Error(fmt::format("{}: tensor '{}' is not a LoRA factor moelab reads (base_model.model.<module>.lora_A.weight "
-                              "or .lora_B.weight){}", weights_path, clipped_name(name), hint));
+                              "or .lora_B.weight){}", weights_path, printable_name(name), hint));
     }
     const std::string module = name.substr(prefix.size(), name.size() - prefix.size() - std::string(".lora_A.weight").size());
     if (!targeted.count(module)) {
@@ -662,13 +651,13 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, con
         if (m.name == module) known = &m;
       if (!known)
         throw Error(fmt::format("{}: tensor '{}' is for '{}', which is no module of this {} (num_hidden_layers {}, "
-                                "num_local_experts {})", weights_path, clipped_name(name), clipped_name(module), cfg.arch_name(),
+                                "num_local_experts {})", weights_path, printable_name(name), printable_name(module), cfg.arch_name(),
                                 cfg.num_layers, cfg.num_experts));
       if (known->weight.empty())
         throw Error(fmt::format("{}: tensor '{}' adapts '{}' ({}), which moelab does not adapt (it adapts {})", weights_path,
-                                clipped_name(name), module, known->kind, kAdaptable));
+                                printable_name(name), module, known->kind, kAdaptable));
       throw Error(fmt::format("{}: tensor '{}' adapts '{}', which {}'s field 'target_modules' does not select", weights_path,
-                              clipped_name(name), module, kAdapterConfigFile));
+                              printable_name(name), module, kAdapterConfigFile));
     }
     auto& slot = found[module];
     (is_a ? slot.first : slot.second) = &info;
@@ -711,11 +700,11 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const std::string& dir, con
       const auto& want = t == &ta ? want_a : want_b;
       if (t->shape != want)
         throw Error(fmt::format("{}: tensor '{}' has shape {} but the model's '{}' is [{}, {}] (out, in) and the rank is {} "
-                                "(field 'r'{} of {}), so it must be {}", weights_path, clipped_name(t->name), shape_str(t->shape),
+                                "(field 'r'{} of {}), so it must be {}", weights_path, printable_name(t->name), shape_str(t->shape),
                                 module, m->out, m->in, f.rank, p.sel.rank_pattern.empty() ? "" : " / 'rank_pattern'",
                                 kAdapterConfigFile, shape_str(want)));
       if (!dtype_is_float_convertible(t->dtype))
-        throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected F32, F16, BF16 or F64", weights_path, clipped_name(t->name),
+        throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected F32, F16, BF16 or F64", weights_path, printable_name(t->name),
                                 dtype_name(t->dtype)));
     }
     f.a.resize(f.rank, m->in);

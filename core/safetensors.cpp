@@ -49,6 +49,17 @@ std::string printable(std::string_view s) {
   return out;
 }
 
+std::string printable_name(std::string_view s) {
+  constexpr size_t kWhole = 256, kEnd = 120;
+  if (s.size() <= kWhole) return printable(s);
+  // Cut on UTF-8 character boundaries (the header parser has checked the text is UTF-8).
+  auto continuation = [&](size_t i) { return (static_cast<unsigned char>(s[i]) & 0xC0) == 0x80; };
+  size_t head = kEnd, tail = s.size() - kEnd;
+  while (head > 0 && continuation(head)) --head;
+  while (tail < s.size() && continuation(tail)) ++tail;
+  return printable(s.substr(0, head)) + "..." + printable(s.substr(tail));
+}
+
 namespace {
 
 // nlohmann keeps the last of duplicate keys silently; the format forbids duplicates, so we look
@@ -71,13 +82,13 @@ json parse_header_json(const std::string& path, std::string_view text) {
     throw Error(fmt::format("{}: safetensors header is not valid JSON ({})", path, e.what()));
   }
   if (!duplicate.empty())
-    throw Error(fmt::format("{}: safetensors header has duplicate key '{}'", path, printable(duplicate)));
+    throw Error(fmt::format("{}: safetensors header has duplicate key '{}'", path, printable_name(duplicate)));
   return header;
 }
 
 TensorInfo parse_entry(const std::string& path, const std::string& name, const json& entry) {
   auto bad = [&](const std::string& what) {
-    return Error(fmt::format("{}: tensor '{}': {}", path, printable(name), what));
+    return Error(fmt::format("{}: tensor '{}': {}", path, printable_name(name), what));
   };
   if (!entry.is_object()) throw bad("header entry is not an object");
   if (!entry.contains("dtype") || !entry["dtype"].is_string()) throw bad("missing or non-string 'dtype'");
@@ -86,13 +97,13 @@ TensorInfo parse_entry(const std::string& path, const std::string& name, const j
       entry["data_offsets"].size() != 2)
     throw bad("missing 'data_offsets' [begin, end]");
   for (const auto& [key, _] : entry.items())
-    if (key != "dtype" && key != "shape" && key != "data_offsets") throw bad("unknown field '" + printable(key) + "'");
+    if (key != "dtype" && key != "shape" && key != "data_offsets") throw bad("unknown field '" + printable_name(key) + "'");
 
   TensorInfo t;
   t.name = name;
   const auto dtype_text = entry["dtype"].get<std::string>();
   auto dtype = parse_dtype(dtype_text);
-  if (!dtype) throw bad("unknown dtype '" + printable(dtype_text) + "'");
+  if (!dtype) throw bad("unknown dtype '" + printable_name(dtype_text) + "'");
   t.dtype = *dtype;
   for (const auto& d : entry["shape"]) {
     if (!d.is_number_unsigned()) throw bad("shape entries must be non-negative integers");
@@ -155,7 +166,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       if (name == "__metadata__") {
         if (!entry.is_object()) throw Error(fmt::format("{}: __metadata__ is not an object", path));
         for (const auto& [k, v] : entry.items()) {
-          if (!v.is_string()) throw Error(fmt::format("{}: __metadata__ value '{}' is not a string", path, printable(k)));
+          if (!v.is_string()) throw Error(fmt::format("{}: __metadata__ value '{}' is not a string", path, printable_name(k)));
           metadata_[k] = v.get<std::string>();
         }
         continue;
@@ -171,13 +182,13 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     for (const TensorInfo* t : by_offset) {
       if (t->end > buffer_size)
         throw Error(fmt::format("{}: tensor '{}': data [{}, {}] runs past the end of the {}-byte data buffer "
-                                "(file truncated?)", path, printable(t->name), t->begin, t->end, buffer_size));
+                                "(file truncated?)", path, printable_name(t->name), t->begin, t->end, buffer_size));
       if (t->begin < cursor)
         throw Error(fmt::format("{}: tensor '{}': data [{}, {}] overlaps the previous tensor (ends at {})",
-                                path, printable(t->name), t->begin, t->end, cursor));
+                                path, printable_name(t->name), t->begin, t->end, cursor));
       if (t->begin > cursor)
         throw Error(fmt::format("{}: tensor '{}': gap of {} unused bytes before its data at {}", path,
-                                printable(t->name), t->begin - cursor, t->begin));
+                                printable_name(t->name), t->begin - cursor, t->begin));
       cursor = t->end;
     }
     if (cursor != buffer_size)
@@ -197,7 +208,7 @@ SafetensorsFile::~SafetensorsFile() {
 
 const TensorInfo& SafetensorsFile::info(const std::string& name) const {
   auto it = tensors_.find(name);
-  if (it == tensors_.end()) throw Error(fmt::format("{}: no tensor named '{}'", path_, printable(name)));
+  if (it == tensors_.end()) throw Error(fmt::format("{}: no tensor named '{}'", path_, printable_name(name)));
   return it->second;
 }
 
@@ -217,9 +228,9 @@ void SafetensorsFile::release(const TensorInfo& t) const {
 void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst, bool check_finite) const {
   if (!dtype_is_float_convertible(t.dtype))
     throw Error(fmt::format("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16, F64)", path_,
-                            printable(t.name), dtype_name(t.dtype)));
+                            printable_name(t.name), dtype_name(t.dtype)));
   if (first < 0 || count < 0 || first + count > t.numel())
-    throw Error(fmt::format("{}: tensor '{}': element range [{}, {}) outside its {} elements", path_, printable(t.name),
+    throw Error(fmt::format("{}: tensor '{}': element range [{}, {}) outside its {} elements", path_, printable_name(t.name),
                             first, first + count, t.numel()));
   const int bytes_per = dtype_bits(t.dtype) / 8;
   const std::byte* src = data_ + t.begin + uint64_t(first) * bytes_per;
@@ -239,7 +250,7 @@ void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count
 
 Error SafetensorsFile::non_finite_error(const TensorInfo& t, int64_t element, float value) const {
   return Error(fmt::format("{}: tensor '{}': element {} is {} (a non-finite weight: the checkpoint is corrupt)", path_,
-                           printable(t.name), element, std::isnan(value) ? "NaN" : value > 0 ? "+Inf" : "-Inf"));
+                           printable_name(t.name), element, std::isnan(value) ? "NaN" : value > 0 ? "+Inf" : "-Inf"));
 }
 
 int64_t SafetensorsFile::check_finite(const TensorInfo& t) const {

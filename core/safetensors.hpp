@@ -35,6 +35,10 @@ int64_t shape_numel(const std::vector<int64_t>& shape);    // product of the dim
 // Tensor names, keys and shard names come from files: control characters in them would break a
 // one-line error message, so messages show them escaped (\n, \xNN).
 std::string printable(std::string_view s);
+// A name from a file (tensor, key) for a message: printable(), whole up to 256 bytes of the name (every
+// name in a Mixtral checkpoint or peft adapter is under 100), else its first and last 120 bytes around
+// "...", so a hostile megabyte-long name still gives a short line that shows both its ends.
+std::string printable_name(std::string_view s);
 
 class SafetensorsFile {
  public:

@@ -88,10 +88,9 @@ TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {
     EXPECT_NE(r.err.find("moelab: error: " + ck + "/trainer_state.json: "), std::string::npos) << name << ": " << r.err;
     EXPECT_FALSE(fs::exists(dir.file("out-" + name) + "/adapter_model.safetensors")) << name;
   }
-  // A negative second moment in optimizer.safetensors (finite, so the reader's own check passes it).
-  const std::string ck = edited_checkpoint(good, "negative-exp-avg-sq", [](nlohmann::json&) {});
-  {
-    const std::string path = ck + "/optimizer.safetensors";
+  // Sets the first element of every optimizer tensor whose name starts with `prefix` to `value`.
+  auto edit_moments = [](const std::string& ck_dir, const std::string& prefix, float value) {
+    const std::string path = ck_dir + "/optimizer.safetensors";
     std::vector<std::vector<float>> values;
     std::vector<std::string> names;
     std::map<std::string, std::string> meta;
@@ -101,14 +100,28 @@ TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {
       for (const auto& [name, t] : f.tensors()) {
         names.push_back(name);
         values.push_back(f.read_f32(name));
-        if (name.rfind("exp_avg_sq.", 0) == 0 && names.size() > 0 && values.back().size() > 0) values.back()[0] = -1.0f;
+        if (name.rfind(prefix, 0) == 0 && values.back().size() > 0) values.back()[0] = value;
       }
     }
     std::vector<TensorToWrite> tensors;
     for (size_t i = 0; i < names.size(); ++i)
       tensors.push_back(make_f32_tensor(names[i], {int64_t(values[i].size())}, values[i].data()));
     write_safetensors(path, tensors, meta);
+  };
+  // A first moment of 3e38 (finite, as the reader requires): the resumed step's update overflows. The new
+  // folder the resume made (with its copy of the checkpoint's log) is taken back, as for a fresh run.
+  {
+    const std::string huge = edited_checkpoint(good, "huge-exp-avg", [](nlohmann::json&) {});
+    edit_moments(huge, "exp_avg.", 3e38f);
+    const std::string out = dir.file("out-huge-exp-avg");
+    const auto h = moelab(with(args(out, 2), {"--resume-from-checkpoint", huge}));
+    EXPECT_EQ(h.status, 1) << h.err;
+    EXPECT_NE(h.err.find("step 2: AdamW's update made"), std::string::npos) << h.err;
+    EXPECT_FALSE(fs::exists(out)) << "the resume made " << out << " and should have taken it back";
   }
+  // A negative second moment in optimizer.safetensors (finite, so the reader's own check passes it).
+  const std::string ck = edited_checkpoint(good, "negative-exp-avg-sq", [](nlohmann::json&) {});
+  edit_moments(ck, "exp_avg_sq.", -1.0f);
   const auto r = moelab(with(args(dir.file("out-negative"), 2), {"--resume-from-checkpoint", ck}));
   EXPECT_EQ(r.status, 1) << r.err;
   EXPECT_TRUE(one_line(r)) << r.err;

@@ -532,6 +532,20 @@ TEST(SafetensorsValidation, UnknownDtype) {
   expect_rejected(num, {"layer.w", "dtype"});
 }
 
+// A name 100 000 bytes long in an invalid entry: the message shows its two ends around "...", not all of it.
+TEST(SafetensorsValidation, HugeNamesAreShortenedInMessages) {
+  TempDir dir;
+  const std::string name = "model.layers.0." + std::string(100000, 'x') + ".w1.weight";
+  const std::string path = dir.file("huge_name.safetensors");
+  write_crafted(path, "{" + entry(name, "F33", "[1]", 0, 4) + "}", 4);
+  expect_rejected(path, {"'model.layers.0.xxx", "xxx...xxx", "xxx.w1.weight'", "F33"});
+  EXPECT_LT(open_error(path).size(), 1000u);
+  const std::string dup = dir.file("huge_dup.safetensors");
+  write_crafted(dup, "{" + entry(name, "F32", "[1]", 0, 4) + "," + entry(name, "F32", "[1]", 4, 8) + "}", 8);
+  expect_rejected(dup, {"duplicate", "xxx...xxx"});
+  EXPECT_LT(open_error(dup).size(), 1000u);
+}
+
 TEST(SafetensorsValidation, MissingDtype) {
   TempDir dir;
   const std::string path = dir.file("no_dtype.safetensors");

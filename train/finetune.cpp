@@ -233,10 +233,13 @@ void set_aside_later_outputs(const fs::path& out, int64_t step, const fs::path& 
   }
 }
 
-// A fresh run that stops before its first step (out of memory, a non-finite loss or update at step 1, a
-// non-finite held-out loss at step 0) has written only its log's header: it takes that back, and the folder
-// when the run made it, so the same command with a fix goes into the same --output (the folder rule refused
-// it before). Once a step is logged, the log is the user's record and stays.
+// A run that stops with an error before its first step is logged (std::bad_alloc, a non-finite loss or
+// update at step 1, a non-finite held-out loss at step 0, ...) has written nothing but its log (the header and
+// perhaps the step-0 held-out row, or a resume's copy of the checkpoint's log): it takes the log back, and the
+// folder when the run made it, so the same command with a fix goes into the same --output (the folder rule
+// refused it before). A resume in the checkpoint's own folder keeps the log it rewrote. Once a step is
+// logged, the log is the user's record and stays. (A process the kernel kills outright, as its out-of-memory
+// killer does, runs no destructor: its log stays.)
 class UndoOutputsOfAFailedStart {
  public:
   UndoOutputsOfAFailedStart(fs::path out, fs::path log, bool made_out)
@@ -245,7 +248,7 @@ class UndoOutputsOfAFailedStart {
   UndoOutputsOfAFailedStart& operator=(const UndoOutputsOfAFailedStart&) = delete;
   void keep() { armed_ = false; }
   ~UndoOutputsOfAFailedStart() {
-    if (!armed_ || std::uncaught_exceptions() == 0) return;
+    if (!armed_ || std::uncaught_exceptions() <= uncaught_at_start_) return;  // only when an error leaves the run
     std::error_code ec;  // best effort: the error being reported matters more than a file left behind
     fs::remove(log_, ec);
     if (made_out_) fs::remove(out_, ec);  // removes only an empty folder
@@ -255,6 +258,7 @@ class UndoOutputsOfAFailedStart {
   fs::path out_, log_;
   bool made_out_;
   bool armed_ = true;
+  int uncaught_at_start_ = std::uncaught_exceptions();
 };
 
 }  // namespace
@@ -331,9 +335,8 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     if (ec) throw Error(fmt::format("{}: cannot create the output folder: {}", out.string(), ec.message()));
   }
   const fs::path log_path = out / "train_log.csv";
-  // A resume's log holds the checkpoint's rows already: it stays whatever happens.
-  UndoOutputsOfAFailedStart undo_failed_start(out, log_path, made_out && !resuming);
-  if (resuming) undo_failed_start.keep();
+  UndoOutputsOfAFailedStart undo_failed_start(out, log_path, made_out);
+  if (resume_in_place) undo_failed_start.keep();
   if (resuming) {
     read_train_checkpoint(o.resume_from, views, adam, counters, print);
     if (counters.step > total_steps)

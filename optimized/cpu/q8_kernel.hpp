@@ -41,7 +41,8 @@ MOELAB_Q8_TARGET MOELAB_SCALAR_LOOP void nested_lookup(
 #undef MOELAB_SCALAR_LOOP
 
 // The absmax of each 32-element group of row r, a[g] (a block of 64 serves two groups), decoded from the
-// compact form once per row and set of up to four tokens instead of once per chunk: the chunk loop then reads one FP32 per
+// compact form once per row (per call with more than four tokens, else per set of up to four) instead of
+// once per chunk: the chunk loop then reads one FP32 per
 // group beside the activation scales, with no dependent table lookups in it. Bit for bit block_absmax.
 inline void row_group_absmax(const moelab::cpu::Nf4Matrix& w, int64_t r, int shift, float* a) {
   const int64_t base = r * w.cols, groups = w.cols / 32;
@@ -119,7 +120,8 @@ MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, 
 }
 
 // Tokens four at a time over the same rows: each block of codes is decoded once per four tokens, and
-// each row's absmax once per call (prefill's token tiles make several sets of four).
+// each row's absmax once per call (prefill's token tiles make several sets of four). The callers' row
+// ranges are work items of 64-256 KiB of codes, so the decoded absmax (cols / 32 floats a row) stays small.
 template <class V>
 MOELAB_Q8_TARGET void q8_gemv(const moelab::cpu::Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d,
                               int64_t d_stride, int n, float* y, int64_t y_stride, int64_t r0, int64_t r1) {
