@@ -44,8 +44,8 @@ MOELAB_Q8_TARGET MOELAB_SCALAR_LOOP void nested_lookup(
 
 // The absmax of each 32-element group of row r, a[g] (a block of 64 serves two groups), decoded from the
 // compact form once per row (per call with more than four tokens, else per set of up to four) instead of
-// once per chunk: the chunk loop then reads one FP32 per
-// group beside the activation scales, with no dependent table lookups in it. Bit for bit block_absmax.
+// once per chunk: the chunk loop then reads one FP32 per group beside the activation scales, with no
+// dependent table lookups in it. Bit for bit block_absmax.
 inline void row_group_absmax(const moelab::cpu::Nf4Matrix& w, int64_t r, int shift, float* a) {
   const int64_t base = r * w.cols, groups = w.cols / 32;
   int64_t decoded = -1;  // (a block can start before the row and end after it: blocks are over the flat tensor)
@@ -127,6 +127,9 @@ MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, 
 template <class V>
 MOELAB_Q8_TARGET void q8_gemv(const moelab::cpu::Nf4Matrix& w, const int8_t* q, int64_t q_stride, const float* d,
                               int64_t d_stride, int n, float* y, int64_t y_stride, int64_t r0, int64_t r1) {
+  // Decode (n <= 4) decodes each row just before its products instead: decoding a stretch of rows up front
+  // (one pass, or 16 KiB of absmax at a time) was slower there in every interleaved round measured, as the
+  // code stream from DRAM pauses while it runs.
   const float* decoded = nullptr;
   if (n > 4) {
     const int64_t groups = w.cols / 32;
