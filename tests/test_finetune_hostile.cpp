@@ -175,6 +175,54 @@ TEST_F(FinetuneHostile, AdamWOptionsAndANonFiniteUpdate) {
   const auto retry = moelab(args(out, 1));
   EXPECT_EQ(retry.status, 0) << retry.err;
   EXPECT_TRUE(fs::exists(out + "/adapter_model.safetensors"));
+  // Every folder the run made on the way is taken back (before: only the last of new/a/b), none that was there.
+  const auto nested = moelab(with(args(dir.file("new") + "/a/b/", 1), {"--weight-decay", "1e300", "--learning-rate", "1e-3"}));
+  EXPECT_EQ(nested.status, 1) << nested.err;
+  EXPECT_FALSE(fs::exists(dir.file("new")));
+  EXPECT_TRUE(fs::is_directory(dir.path()));
+}
+
+// A held-out loss that becomes NaN stops the run at that step with one line naming the data and the last
+// checkpoint (a NaN would be written as null into trainer_state.json, which a resume refuses). The steps
+// before it stay: their log rows and their checkpoint, which resumes; no adapter or summary is written as if
+// the run had ended. Learning rate 0 at step 1 (warmup), then 5e29: every lora_B element moves by about
+// the learning rate, so the layer outputs overflow FP32 and the RMSNorm that follows makes inf / inf.
+TEST_F(FinetuneHostile, ANonFiniteHeldOutLossStopsAtThatStep) {
+  const std::string held = write("held.jsonl", "{\"text\": \"Ticket 301 is filed under shelf Q-9.\"}\n");
+  const std::string out = dir.file("held-out");
+  const auto r = moelab(with(args(out, 3), {"--eval-data", held, "--eval-steps", "1", "--warmup-steps", "2",
+                                            "--learning-rate", "1e30"}));
+  EXPECT_EQ(r.status, 1) << r.err << r.out;
+  EXPECT_TRUE(one_line(r)) << r.err;
+  EXPECT_NE(r.err.find("the held-out loss on " + held + " became"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("nan at step 2; the last checkpoint is " + out + "/checkpoint-1: resume from it with a lower "
+                       "--learning-rate"), std::string::npos) << r.err;
+  EXPECT_NE(r.out.find("step 1: held-out loss"), std::string::npos) << r.out;
+  const std::string log = read_file_bytes(fs::path(out) / "train_log.csv");
+  EXPECT_NE(log.find("\n1,"), std::string::npos) << log;
+  EXPECT_EQ(log.find("\n2,"), std::string::npos) << "step 2 is not logged: " << log;
+  EXPECT_FALSE(fs::exists(out + "/checkpoint-2"));
+  EXPECT_FALSE(fs::exists(out + "/adapter_model.safetensors"));
+  EXPECT_FALSE(fs::exists(out + "/train_summary.json"));
+  const auto state = nlohmann::json::parse(read_file_bytes(fs::path(out) / "checkpoint-1" / "trainer_state.json"));
+  EXPECT_EQ(state.dump().find("null"), std::string::npos) << state.dump();
+  // The checkpoint it names resumes with a lower learning rate, as the line advises, and says so; the options
+  // that decide the data order, the masks or the shapes still may not change.
+  const std::vector<std::string> resume = {"--eval-data", held, "--eval-steps", "1", "--warmup-steps", "2",
+                                           "--resume-from-checkpoint", out + "/checkpoint-1"};
+  const auto other_seed = moelab(with(with(args(out, 3), resume), {"--learning-rate", "1e-3", "--seed", "7"}));
+  EXPECT_EQ(other_seed.status, 1) << other_seed.err;
+  EXPECT_NE(other_seed.err.find("the checkpoint was trained with seed = 42, this run has 7"), std::string::npos)
+      << other_seed.err;
+  const auto resumed = moelab(with(with(args(out, 3), resume), {"--learning-rate", "1e-3", "--max-grad-norm", "0.5"}));
+  EXPECT_EQ(resumed.status, 0) << resumed.err;
+  EXPECT_NE(resumed.out.find("finetune: resuming with learning_rate = 0.001 (the checkpoint's run had 1e+30)\n"),
+            std::string::npos) << resumed.out;
+  EXPECT_NE(resumed.out.find("finetune: resuming with max_grad_norm = 0.5 (the checkpoint's run had 1.0)\n"),
+            std::string::npos) << resumed.out;
+  EXPECT_TRUE(fs::exists(out + "/adapter_model.safetensors"));
+  const auto ck3 = nlohmann::json::parse(read_file_bytes(fs::path(out) / "checkpoint-3" / "trainer_state.json"));
+  EXPECT_EQ(ck3.at("fingerprint").at("learning_rate"), 1e-3) << "a later resume compares with the new rate";
 }
 
 // A resume writes into the checkpoint's own folder or a new one, never into another folder with files in it;

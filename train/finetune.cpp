@@ -125,7 +125,8 @@ std::string train_data_sha256(const Dataset& train) {
   return sha256_hex(h);
 }
 
-// The options a resumed run must share with the run that wrote the checkpoint (the step count may change).
+// The options a resumed run must share with the run that wrote the checkpoint (the step count may change, and
+// so may the learning rate, the weight decay and the clipping: read_train_checkpoint says so).
 nlohmann::json fingerprint(const FinetuneOptions& o, const Dataset& train, const std::string& model_identity) {
   std::vector<std::string> targets = o.lora.target_modules;
   std::sort(targets.begin(), targets.end());
@@ -236,14 +237,16 @@ void set_aside_later_outputs(const fs::path& out, int64_t step, const fs::path& 
 // A run that stops with an error before its first step is logged (std::bad_alloc, a non-finite loss or
 // update at step 1, a non-finite held-out loss at step 0, ...) has written nothing but its log (the header and
 // perhaps the step-0 held-out row, or a resume's copy of the checkpoint's log): it takes the log back, and the
-// folder when the run made it, so the same command with a fix goes into the same --output (the folder rule
+// folders the run made for --output (all of new/a/b when none was there), so the same command with a fix goes into the same --output (the folder rule
 // refused it before). A resume in the checkpoint's own folder keeps the log it rewrote. Once a step is
 // logged, the log is the user's record and stays. (A process the kernel kills outright, as its out-of-memory
 // killer does, runs no destructor: its log stays.)
 class UndoOutputsOfAFailedStart {
  public:
-  UndoOutputsOfAFailedStart(fs::path out, fs::path log, bool made_out)
-      : out_(std::move(out)), log_(std::move(log)), made_out_(made_out) {}
+  // made_from: the outermost folder the run created on the way to out (out itself, or an ancestor of it that
+  // did not exist before: --output new/a/b makes three), empty when out was already there.
+  UndoOutputsOfAFailedStart(fs::path out, fs::path log, fs::path made_from)
+      : out_(std::move(out)), log_(std::move(log)), made_from_(std::move(made_from)) {}
   UndoOutputsOfAFailedStart(const UndoOutputsOfAFailedStart&) = delete;
   UndoOutputsOfAFailedStart& operator=(const UndoOutputsOfAFailedStart&) = delete;
   void keep() { armed_ = false; }
@@ -251,12 +254,15 @@ class UndoOutputsOfAFailedStart {
     if (!armed_ || std::uncaught_exceptions() <= uncaught_at_start_) return;  // only when an error leaves the run
     std::error_code ec;  // best effort: the error being reported matters more than a file left behind
     fs::remove(log_, ec);
-    if (made_out_) fs::remove(out_, ec);  // removes only an empty folder
+    if (made_from_.empty()) return;
+    // Each folder made, innermost first; fs::remove takes only an empty one, so nothing else is touched.
+    for (fs::path p = out_; !p.empty(); p = p.parent_path()) {
+      if (!fs::remove(p, ec) || p == made_from_) break;
+    }
   }
 
  private:
-  fs::path out_, log_;
-  bool made_out_;
+  fs::path out_, log_, made_from_;
   bool armed_ = true;
   int uncaught_at_start_ = std::uncaught_exceptions();
 };
@@ -328,17 +334,23 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   TrainCounters counters;
   const nlohmann::json print = fingerprint(o, train, base_model_identity(*ck));
 
-  bool made_out = false;
+  fs::path made_from;  // the outermost folder created below, if any
+  fs::path out_folder = out.lexically_normal();
+  if (!out_folder.has_filename()) out_folder = out_folder.parent_path();  // "a/b/" is the folder a/b
   {
     std::error_code ec;
-    made_out = fs::create_directories(out, ec);
+    for (fs::path p = out_folder; p.has_relative_path() && fs::symlink_status(p, ec).type() == fs::file_type::not_found;
+         p = p.parent_path())
+      made_from = p;
+    if (!fs::create_directories(out, ec)) made_from.clear();
     if (ec) throw Error(fmt::format("{}: cannot create the output folder: {}", out.string(), ec.message()));
   }
   const fs::path log_path = out / "train_log.csv";
-  UndoOutputsOfAFailedStart undo_failed_start(out, log_path, made_out);
+  UndoOutputsOfAFailedStart undo_failed_start(out_folder, log_path, made_from);
   if (resume_in_place) undo_failed_start.keep();
   if (resuming) {
-    read_train_checkpoint(o.resume_from, views, adam, counters, print);
+    for (const auto& change : read_train_checkpoint(o.resume_from, views, adam, counters, print))
+      std::printf("finetune: resuming with %s\n", change.c_str());
     if (counters.step > total_steps)
       throw Error(fmt::format("{}: the checkpoint is at step {}, past this run's {} steps",
                               (fs::path(o.resume_from) / "trainer_state.json").string(), counters.step, total_steps));
@@ -375,6 +387,14 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   if (resuming) std::printf("finetune: resumed from %s at step %lld\n", o.resume_from.c_str(), (long long)counters.step);
   std::fflush(stdout);
 
+  // What to do after a stop on a non-finite value: lower `what`, from the last good checkpoint where there is
+  // one (a resume may change the learning rate, the weight decay and the clipping; read_train_checkpoint).
+  const std::string resumed_from = resuming ? o.resume_from : std::string();
+  auto lower = [&](const char* what) {
+    const std::string& ck = sum.last_checkpoint.empty() ? resumed_from : sum.last_checkpoint;
+    return ck.empty() ? fmt::format("; try a lower {}", what)
+                      : fmt::format("; the last checkpoint is {}: resume from it with a lower {}", ck, what);
+  };
   auto evaluate = [&](int64_t step) {
     if (held_out.sequences.empty()) return double(NAN);
     const double l = eval_loss(model, held_out, params, o.eval_batch_size);
@@ -382,8 +402,7 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     // as for the training loss.
     if (!std::isfinite(l))
       throw Error(fmt::format("the held-out loss on {} became {} at step {}{}", o.eval_data, l, step,
-                              sum.last_checkpoint.empty() ? std::string()
-                                                          : "; the last checkpoint is " + sum.last_checkpoint));
+                              lower("--learning-rate")));
     counters.evals.push_back({{"step", step}, {"eval_loss", l}});
     sum.evals.push_back({step, l});
     std::printf("finetune: step %lld: held-out loss %.4f (%lld target tokens of %s)\n", (long long)step, l,
@@ -448,8 +467,8 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
     const auto t_optimizer = std::chrono::steady_clock::now();
     const double grad_norm = clip_grad_norm(views, o.max_grad_norm);
     if (!std::isfinite(loss) || !std::isfinite(grad_norm))
-      throw Error(fmt::format("the training loss became {} at step {} (gradient norm {}); try a lower --learning-rate",
-                              loss, s + 1, grad_norm));
+      throw Error(fmt::format("the training loss became {} at step {} (gradient norm {}){}", loss, s + 1, grad_norm,
+                              lower("--learning-rate")));
     const double lr = o.learning_rate * schedule.factor(s);
     adam.step(views, lr);
     // The update itself can overflow (a finite gradient and a huge step) where the loss and gradient were fine:
@@ -459,9 +478,8 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
       for (size_t i = 0; i < v.value.size(); ++i)
         if (!std::isfinite(v.value[i]))
           throw Error(fmt::format("step {}: AdamW's update made {} element {} {} (learning rate {:.3g}); nothing of "
-                                  "this step was written{}; try a lower --learning-rate or --weight-decay", s + 1, v.name, i, v.value[i],
-                                  lr, sum.last_checkpoint.empty() ? std::string()
-                                                                  : "; the last checkpoint is " + sum.last_checkpoint));
+                                  "this step was written{}", s + 1, v.name, i, v.value[i], lr,
+                                  lower("--learning-rate or --weight-decay")));
     params.zero_grad();
     sum.optimizer_seconds += seconds_since(t_optimizer);
 

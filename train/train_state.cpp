@@ -79,8 +79,8 @@ void write_train_checkpoint(const std::string& dir, const LoraParams<float>& par
   }
 }
 
-void read_train_checkpoint(const std::string& dir, std::span<const ParamView> views, AdamW& adam, TrainCounters& c,
-                           const nlohmann::json& fingerprint) {
+std::vector<std::string> read_train_checkpoint(const std::string& dir, std::span<const ParamView> views, AdamW& adam,
+                                               TrainCounters& c, const nlohmann::json& fingerprint) {
   const std::string state_path = (fs::path(dir) / "trainer_state.json").string();
   std::error_code ec;
   // error_code forms: a symbolic-link loop or an unreadable parent is one line naming the path, not an exception
@@ -141,11 +141,17 @@ void read_train_checkpoint(const std::string& dir, std::span<const ParamView> vi
     throw Error(fmt::format("{}: \"epoch\" {} and \"elapsed_s\" {} must be finite and not negative", state_path,
                             c.epoch, c.elapsed_s));
   const nlohmann::json& saved = j.at("fingerprint");
+  std::vector<std::string> changed;
   for (const auto& [key, value] : fingerprint.items()) {
     // The model's and the data's identities were added to the fingerprint later: a checkpoint written before
     // has neither, and resumes on the other keys alone.
     if (!saved.contains(key) && (key == "base_model_identity" || key == "train_data_sha256")) continue;
     const nlohmann::json was = saved.contains(key) ? saved[key] : nlohmann::json();
+    const bool adjustable = key == "learning_rate" || key == "weight_decay" || key == "max_grad_norm";
+    if (was != value && adjustable && was.is_number()) {
+      changed.push_back(fmt::format("{} = {} (the checkpoint's run had {})", key, describe(value), describe(was)));
+      continue;
+    }
     if (was != value)
       throw Error(fmt::format("{}: the checkpoint was trained with {} = {}, this run has {}; a resume must use the "
                               "same data and training options", dir, key, describe(was), describe(value)));
@@ -184,6 +190,7 @@ void read_train_checkpoint(const std::string& dir, std::span<const ParamView> vi
     }
   }
   adam.restore(views, st, f.path());  // its errors name the file the moments came from
+  return changed;
 }
 
 }  // namespace moelab::train

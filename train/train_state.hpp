@@ -35,7 +35,10 @@ void write_train_checkpoint(const std::string& dir, const LoraParams<float>& par
 
 // Reads DIR into params (values), adam and counters; checks every fingerprint key against `fingerprint`
 // (a difference is a moelab::Error naming the key and both values) and every tensor against `views`.
-void read_train_checkpoint(const std::string& dir, std::span<const ParamView> views, AdamW& adam, TrainCounters& counters,
+// Three options may change on a resume, as after a run that diverged: learning_rate, weight_decay and
+// max_grad_norm (they decide no data order, mask or tensor shape); each one changed is returned as
+// "KEY = NEW (the checkpoint's run had OLD)", for the caller to say.
+std::vector<std::string> read_train_checkpoint(const std::string& dir, std::span<const ParamView> views, AdamW& adam, TrainCounters& counters,
                            const nlohmann::json& fingerprint);
 
 }  // namespace moelab::train
