@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <set>
 
 #include "core/error.hpp"
 
@@ -239,9 +240,9 @@ constexpr const char* kUnlabeled = "(unlabeled)";
 
 }  // namespace
 
-StatsReport compute_stats(const TraceData& tr, bool by_domain) {
+StatsReport compute_stats(const TraceData& tr, bool by_domain, const std::string& source) {
   validate_trace(tr);
-  if (tr.num_tokens() == 0) throw Error("trace: no tokens to compute statistics on");
+  if (tr.num_tokens() == 0) throw Error(source + ": no tokens to compute statistics on");
   StatsReport r;
   r.num_layers = tr.num_layers;
   r.top_k = tr.top_k;
@@ -252,6 +253,25 @@ StatsReport compute_stats(const TraceData& tr, bool by_domain) {
   r.baseline_first_choice = first_choice_baseline(tr.num_experts);
   r.baseline_first_or_second = first_or_second_baseline(tr.num_experts, tr.top_k);
   r.trace_attributes = tr.attributes;
+
+  // Each group's co-selection tables are layers x experts^2 doubles however few tokens the trace holds (a
+  // 300 KB trace of 65536 layers and 256 experts asked for 32 GiB, twice): refused before anything is
+  // allocated. Mixtral-8x7B's take 16 KiB a group; DeepSeek-V3's (61 layers of 256 experts) 32 MiB.
+  {
+    std::set<int32_t> domains;
+    if (by_domain) {
+      for (int64_t s = 0; s < tr.num_sequences(); ++s)
+        domains.insert(tr.sequence_domain.empty() ? -1 : std::max<int32_t>(-1, tr.sequence_domain[size_t(s)]));
+    }
+    constexpr double kBudgetBytes = double(uint64_t(8) << 30);
+    const double e = double(tr.num_experts);
+    const double bytes = double(1 + domains.size()) * double(tr.num_layers) * (e * e + 4 * e) * 8.0 * 2.0;
+    if (bytes > kBudgetBytes)
+      throw Error(fmt::format("{}: {} layers of {} experts in {} group(s) need {:.1f} GiB for the co-selection "
+                              "tables, more than the {:.0f} GiB moelab stats allows{}", source, tr.num_layers, tr.num_experts,
+                              1 + domains.size(), bytes / double(1 << 30), kBudgetBytes / double(1 << 30),
+                              by_domain ? "; try without --by-domain" : ""));
+  }
 
   GroupAccumulator all(tr);
   for (int64_t s = 0; s < tr.num_sequences(); ++s) all.add_sequence(s);

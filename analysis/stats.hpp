@@ -90,6 +90,7 @@ struct StatsReport {
 void validate_trace(const TraceData& trace);
 
 // Validates, then computes every statistic overall and, with by_domain, per domain.
-StatsReport compute_stats(const TraceData& trace, bool by_domain);
+// `source` names the trace in error messages (its file).
+StatsReport compute_stats(const TraceData& trace, bool by_domain, const std::string& source = "trace");
 
 }  // namespace moelab::analysis

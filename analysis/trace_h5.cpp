@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cerrno>
 #include <ctime>
 #include <limits>
@@ -14,6 +15,7 @@
 #include <set>
 
 #include "core/error.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::analysis::h5 {
 
@@ -422,7 +424,7 @@ nlohmann::json read_attr_json(const H5Context& cx, hid_t obj, const std::string&
   if (values.empty()) return nullptr;
   // model_config, runs and inputs are JSON documents stored as strings; give them back as JSON.
   if ((name == "model_config" || name == "runs" || name == "inputs") && values[0].is_string()) {
-    auto parsed = nlohmann::json::parse(values[0].get<std::string>(), nullptr, false);
+    auto parsed = parse_json_bounded(values[0].get<std::string>(), cx.path + ": attribute " + name, false);
     if (!parsed.is_discarded()) return parsed;
   }
   return values[0];
@@ -544,14 +546,33 @@ Id open_row_dataset(const H5Context& cx, hid_t file, const char* name) {
   const bool floats = n == kGates || n == kLogits;
   dims_of(cx, probe, name, rows_3d ? 3 : 1);
   check_type(cx, probe, name, floats ? H5T_FLOAT : H5T_INTEGER, floats ? "floating-point" : "integer");
+  // Integers exactly as the format stores them: they are read with HDF5's conversion, which saturates, so an
+  // int8 -1 in /experts would read as expert 0 and an int64 token id past 2^31 as 2^31 - 1, without a word.
+  if (!floats) {
+    const bool one_byte = n == kExperts || n == kGuess;
+    const size_t want_size = one_byte ? 1 : n == kOffsets ? 8 : 4;
+    const H5T_sign_t want_sign = one_byte ? H5T_SGN_NONE : H5T_SGN_2;
+    Id type(cx.id(H5Dget_type(probe), "cannot read the type of /" + n));
+    const size_t size = H5Tget_size(type);
+    const H5T_sign_t sign = H5Tget_sign(type);
+    if (size != want_size || sign != want_sign)
+      throw Error(fmt::format("{}: not a moelab trace: /{} holds {}-byte {} integers, the format's are {}-byte {}",
+                              cx.path, n, size, sign == H5T_SGN_NONE ? "unsigned" : "signed", want_size,
+                              want_sign == H5T_SGN_NONE ? "unsigned" : "signed"));
+  }
   const Id dapl = row_dataset_access(probe);
   return Id(cx.id(H5Dopen2(file, name, dapl), fmt::format("cannot open /{}", name)));
 }
 
-void write_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, const void* data, int64_t first,
-                int64_t rows) {
+void write_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, const void* data, size_t data_elems,
+                int64_t first, int64_t rows) {
   if (rows == 0) return;
   auto dims = dims_of(cx, dset, name);
+  uint64_t row_elems = 1;
+  for (size_t i = 1; i < dims.size(); ++i) row_elems *= dims[i];
+  if (dims.empty() || row_elems * uint64_t(rows) != data_elems)
+    throw Error(fmt::format("{}: /{} has rows of {} values in the file, this run writes rows of {}; write to a new file",
+                            cx.path, name, row_elems, data_elems / size_t(rows)));
   dims[0] = hsize_t(first + rows);
   cx.ok(H5Dset_extent(dset, dims.data()), fmt::format("cannot extend /{}", name));
   Id fspace(cx.id(H5Dget_space(dset), fmt::format("cannot extend /{}", name)));
@@ -719,14 +740,19 @@ Id open_for_reading(const H5Context& cx) {
 Committed read_committed(const H5Context& cx, hid_t offsets_dset) {
   const auto dims = dims_of(cx, offsets_dset, kOffsets, 1);
   if (dims[0] < 1) cx.damaged(fmt::format("/{} is empty (it starts with a 0)", kOffsets));
-  Id fspace(cx.id(H5Dget_space(offsets_dset), "cannot read /sequence_offsets"));
-  const hsize_t last = dims[0] - 1, one = 1;
-  cx.ok(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, &last, nullptr, &one, nullptr), "cannot read /sequence_offsets");
-  Id mspace(H5Screate_simple(1, &one, nullptr));
-  int64_t end = 0;
-  cx.ok(H5Dread(offsets_dset, H5T_NATIVE_INT64, mspace, fspace, H5P_DEFAULT, &end), "cannot read /sequence_offsets");
-  if (end < 0) cx.damaged(fmt::format("/{} ends at {}", kOffsets, end));
-  return {int64_t(last), end};
+  // Every offset, not only the last (8 bytes a sequence): an append shrinks every dataset to the last one, so
+  // offsets that decrease somewhere before it (a damaged file) would have it cut committed rows and write over
+  // them, where read_trace refuses the same file.
+  const int64_t n = int64_t(dims[0]);
+  const auto raw = read_rows_raw(cx, offsets_dset, kOffsets, H5T_NATIVE_INT64, sizeof(int64_t), n, 1, false);
+  std::vector<int64_t> offsets(static_cast<size_t>(n));
+  std::memcpy(offsets.data(), raw.data(), raw.size());
+  if (offsets[0] != 0) cx.damaged(fmt::format("/{} starts at {}, not 0", kOffsets, offsets[0]));
+  for (int64_t i = 1; i < n; ++i)
+    if (offsets[size_t(i)] < offsets[size_t(i) - 1])
+      cx.damaged(fmt::format("/{} decreases at entry {} ({} after {})", kOffsets, i, offsets[size_t(i)],
+                             offsets[size_t(i) - 1]));
+  return {n - 1, offsets.back()};
 }
 
 void check_rows_cover(const H5Context& cx, const Committed& c, std::initializer_list<std::pair<hid_t, const char*>> row_sets,

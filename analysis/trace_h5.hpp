@@ -130,9 +130,11 @@ std::optional<int64_t> read_int_attr(const H5Context& cx, hid_t obj, const char*
 Id create_row_dataset(const H5Context& cx, hid_t file, const char* name, hid_t type, std::vector<hsize_t> row_shape,
                       int64_t chunk_tokens, int deflate_level);
 Id open_row_dataset(const H5Context& cx, hid_t file, const char* name);
-// Writes `rows` rows at row `first`, growing the dataset to first + rows.
-void write_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, const void* data, int64_t first,
-                int64_t rows);
+// Writes `rows` rows at row `first`, growing the dataset to first + rows. `data_elems` is how many elements
+// `data` holds: a dataset whose rows in the file are of another width (a damaged or foreign trace appended
+// to) is an error naming it, never a read past `data`.
+void write_rows(const H5Context& cx, hid_t dset, const char* name, hid_t mem_type, const void* data, size_t data_elems,
+                int64_t first, int64_t rows);
 // Reads rows [0, rows) of a dataset whose row holds `row_elems` elements of `elem_size` bytes, a few
 // chunks at a time. An unreadable chunk (a torn index block of a killed writer, damage) throws, naming
 // `moelab trace --repair`; with `salvage`, the rows before the first unreadable chunk come back instead.

@@ -10,6 +10,7 @@
 
 #include "analysis/trace.hpp"
 #include "core/error.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::analysis {
 
@@ -38,7 +39,7 @@ void read_jsonl(const std::string& path, const std::string& file_domain, std::ve
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.find_first_not_of(" \t") == std::string::npos) continue;
     const std::string where = fmt::format("{}:{}", path, number);
-    const auto j = nlohmann::json::parse(line, nullptr, false);
+    const auto j = parse_json_bounded(line, where, false);
     if (j.is_discarded()) throw Error(fmt::format("{}: not valid JSON", where));
     if (!j.is_object()) throw Error(fmt::format("{}: expected a JSON object with a \"text\" field", where));
     if (!j.contains("text")) throw Error(fmt::format("{}: record has no \"text\" field", where));

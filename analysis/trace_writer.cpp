@@ -183,6 +183,20 @@ void check_same_trace(const H5Context& cx, hid_t file, hid_t experts, hid_t gate
     if (d.size() != 3 || d[1] != want_k[0] || d[2] != want_k[1])
       throw Error(fmt::format("{}: /{} does not have shape [N, {}, {}]", cx.path, name, want_k[0], want_k[1]));
   }
+  // The optional datasets too (open_row_dataset checks every rank and number type): each row this run writes
+  // must be a row of the file's, not only of the same rank (write_rows checks again).
+  const struct {
+    const char* name;
+    bool present;
+    hsize_t last;
+  } optional[] = {{kLogits, file_has_logits, hsize_t(header.num_experts)}, {kGuess, file_has_guess, hsize_t(header.top_k)}};
+  for (const auto& o : optional) {
+    if (!o.present) continue;
+    const Id dset = open_row_dataset(cx, file, o.name);
+    const auto d = dims_of(cx, dset, o.name);
+    if (d.size() != 3 || d[1] != want_k[0] || d[2] != o.last)
+      throw Error(fmt::format("{}: /{} does not have shape [N, {}, {}]", cx.path, o.name, want_k[0], o.last));
+  }
 }
 
 }  // namespace
@@ -336,7 +350,7 @@ struct TraceWriter::Impl {
     if (header.router_logits) logits = create_row_dataset(cx, file, kLogits, half, {L, E}, ct, options.deflate_level);
     if (header.prefetch_guess) guess = create_row_dataset(cx, file, kGuess, H5T_STD_U8LE, {L, K}, ct, options.deflate_level);
     const int64_t zero = 0;
-    write_rows(cx, offsets, kOffsets, H5T_NATIVE_INT64, &zero, 0, 1);
+    write_rows(cx, offsets, kOffsets, H5T_NATIVE_INT64, &zero, 1, 0, 1);
 
     add_new_domains();
     write_strings_attr(cx, domain, "domain_names", domain_names);
@@ -469,19 +483,19 @@ struct TraceWriter::Impl {
     }
     const int64_t n = buffered_tokens(), s = int64_t(buf_lengths.size());
     // 1. The rows, made durable before anything points at them.
-    write_rows(cx, tokens, kTokens, H5T_NATIVE_INT32, buf_tokens.data(), file_tokens, n);
-    write_rows(cx, experts, kExperts, H5T_NATIVE_UINT8, buf_experts.data(), file_tokens, n);
-    write_rows(cx, gates, kGates, H5T_NATIVE_FLOAT, buf_gates.data(), file_tokens, n);
-    if (logits.valid()) write_rows(cx, logits, kLogits, half, buf_logits.data(), file_tokens, n);
-    if (guess.valid()) write_rows(cx, guess, kGuess, H5T_NATIVE_UINT8, buf_guess.data(), file_tokens, n);
-    write_rows(cx, domain, kDomain, H5T_NATIVE_INT32, buf_domain.data(), file_sequences, s);
+    write_rows(cx, tokens, kTokens, H5T_NATIVE_INT32, buf_tokens.data(), buf_tokens.size(), file_tokens, n);
+    write_rows(cx, experts, kExperts, H5T_NATIVE_UINT8, buf_experts.data(), buf_experts.size(), file_tokens, n);
+    write_rows(cx, gates, kGates, H5T_NATIVE_FLOAT, buf_gates.data(), buf_gates.size(), file_tokens, n);
+    if (logits.valid()) write_rows(cx, logits, kLogits, half, buf_logits.data(), buf_logits.size(), file_tokens, n);
+    if (guess.valid()) write_rows(cx, guess, kGuess, H5T_NATIVE_UINT8, buf_guess.data(), buf_guess.size(), file_tokens, n);
+    write_rows(cx, domain, kDomain, H5T_NATIVE_INT32, buf_domain.data(), buf_domain.size(), file_sequences, s);
     for (hid_t d : {hid_t(tokens), hid_t(experts), hid_t(gates), hid_t(logits), hid_t(guess), hid_t(domain)})
       if (d >= 0) cx.ok(H5Dflush(d), "cannot flush");
     // 2. The commit: the new sequence ends, appended to /sequence_offsets.
     std::vector<int64_t> ends;
     int64_t end = file_tokens;
     for (int64_t len : buf_lengths) ends.push_back(end += len);
-    write_rows(cx, offsets, kOffsets, H5T_NATIVE_INT64, ends.data(), file_sequences + 1, s);
+    write_rows(cx, offsets, kOffsets, H5T_NATIVE_INT64, ends.data(), ends.size(), file_sequences + 1, s);
     cx.ok(H5Dflush(offsets), "cannot flush");
     cx.ok(H5Fflush(file, H5F_SCOPE_LOCAL), "cannot flush");
     file_tokens += n;

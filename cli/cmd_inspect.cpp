@@ -8,6 +8,7 @@
 #include "cli/engines.hpp"
 #include "cli/options.hpp"
 #include "core/checkpoint.hpp"
+#include "core/regular_file.hpp"
 #include "core/config.hpp"
 #include "core/error.hpp"
 #include "core/progress.hpp"
@@ -104,7 +105,7 @@ void register_inspect(CLI::App& app) {
     }
     fmt::print("\ncheckpoint        {} shard(s), {} tensors, {} of data\n", ck->shards().size(), count,
                human_bytes(bytes));
-    fmt::print("tokenizer         {}\n", std::filesystem::exists(ck->tokenizer_path()) ? ck->tokenizer_path()
+    fmt::print("tokenizer         {}\n", path_type(ck->tokenizer_path()) != std::filesystem::file_type::not_found ? ck->tokenizer_path()
                                                                                       : "missing (tokenizer.model)");
     fmt::print("validation        every tensor the config implies is present with the right shape\n");
     if (check_values) {

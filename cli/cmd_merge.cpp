@@ -23,6 +23,7 @@
 #include "core/regular_file.hpp"
 #include "core/safetensors_shards.hpp"
 #include "core/safetensors_writer.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -86,13 +87,13 @@ size_t write_merged(const Checkpoint& ck, const LoraAdapter& adapter, const Merg
   progress.finish();
   shards.finish();
   for (const char* file : {"tokenizer.model", "generation_config.json"})
-    if (fs::exists(fs::path(ck.dir()) / file)) fs::copy_file(fs::path(ck.dir()) / file, dir / file);
+    copy_if_present(fs::path(ck.dir()) / file, dir / file);
   // config.json last (a folder left by an interrupted run is not mistaken for a checkpoint), with its
   // dtype saying what the weights now are.
   const std::string config_path = (fs::path(ck.dir()) / "config.json").string();
   nlohmann::ordered_json config;
   try {
-    config = nlohmann::ordered_json::parse(read_regular_file(config_path, "config"));
+    config = parse_json_bounded<nlohmann::ordered_json>(read_regular_file(config_path, "config"), config_path);
   } catch (const nlohmann::json::exception& e) {
     throw Error(fmt::format("{}: not valid JSON ({})", config_path, e.what()));
   }

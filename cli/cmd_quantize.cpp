@@ -28,6 +28,7 @@
 #include "core/safetensors_shards.hpp"
 #include "core/safetensors_writer.hpp"
 #include "optimized/nf4/nf4.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -37,7 +38,7 @@ namespace fs = std::filesystem;
 nlohmann::json read_json(const fs::path& p) {
   const std::string text = read_regular_file(p.string(), "config");
   try {
-    return nlohmann::json::parse(text);
+    return parse_json_bounded(text, p.string());
   } catch (const nlohmann::json::exception& e) {
     throw Error(fmt::format("{}: not valid JSON ({})", p.string(), e.what()));
   }
@@ -161,8 +162,7 @@ QuantizeSizes write_quantized(const Checkpoint& ck, const QuantizeArgs& a, const
   }
   progress.finish();
   shards.finish();
-  if (fs::exists(ck.tokenizer_path()))
-    fs::copy_file(ck.tokenizer_path(), out_dir / "tokenizer.model", fs::copy_options::overwrite_existing);
+  copy_if_present(ck.tokenizer_path(), out_dir / "tokenizer.model");
   // config.json last: a folder left by an interrupted run is not mistaken for a checkpoint.
   auto config = read_json(fs::path(a.model) / "config.json");
   config["quantization_config"] = {{"quant_method", "bitsandbytes"},

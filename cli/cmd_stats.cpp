@@ -21,7 +21,7 @@ void register_stats(CLI::App& app) {
       ->delimiter(',');
   cmd->callback([] {
     const auto trace = analysis::read_trace(trace_path);
-    const auto report = analysis::compute_stats(trace, by_domain);
+    const auto report = analysis::compute_stats(trace, by_domain, trace_path);
     fmt::print("{}", report.table(layers));
     if (!json_out.empty()) {
       auto j = report.to_json();

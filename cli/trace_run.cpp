@@ -17,6 +17,7 @@
 #include "core/error.hpp"
 #include "core/lora.hpp"
 #include "core/progress.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::cli {
 namespace {
@@ -45,7 +46,7 @@ nlohmann::json read_config_json(const ModelConfig& cfg) {
   std::ifstream in(cfg.source);
   std::stringstream ss;
   ss << in.rdbuf();
-  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+  auto j = parse_json_bounded(ss.str(), cfg.source, false);
   if (!in || j.is_discarded()) throw Error(fmt::format("{}: cannot read the config again", cfg.source));
   return j;
 }

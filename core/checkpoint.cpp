@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "core/regular_file.hpp"
 #include "core/progress.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab {
 
@@ -31,7 +32,7 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir, bool show_p
     const std::string text = read_regular_file(index.string(), "safetensors index", 256u << 20);
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(text);
+      j = parse_json_bounded(text, index.string());
     } catch (const nlohmann::json::exception& e) {
       throw Error(fmt::format("{}: not valid JSON ({})", index.string(), e.what()));
     }

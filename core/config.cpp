@@ -9,6 +9,7 @@
 
 #include "core/error.hpp"
 #include "core/regular_file.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab {
 
@@ -57,7 +58,7 @@ ModelConfig ModelConfig::from_json_file(const std::string& path) {
 ModelConfig ModelConfig::from_json_text(const std::string& text, const std::string& source) {
   json j;
   try {
-    j = json::parse(text);
+    j = parse_json_bounded(text, source);
   } catch (const json::exception& e) {
     throw Error(fmt::format("{}: not valid JSON ({})", source, e.what()));
   }

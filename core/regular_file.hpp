@@ -41,6 +41,19 @@ inline std::filesystem::file_type path_type(const std::filesystem::path& path) {
   return st.type();
 }
 
+// Copies the regular file `from` to `to` (replacing it) when `from` exists; a link loop, a FIFO or a folder
+// there, or a failed copy, is a moelab::Error naming the file (std::filesystem's throwing forms would end the
+// program as an "internal error").
+inline void copy_if_present(const std::filesystem::path& from, const std::filesystem::path& to) {
+  const auto type = path_type(from);
+  if (type == std::filesystem::file_type::not_found) return;
+  if (type != std::filesystem::file_type::regular)
+    throw Error(fmt::format("{}: not a regular file; nothing was copied from it", from.string()));
+  std::error_code ec;
+  std::filesystem::copy_file(from, to, std::filesystem::copy_options::overwrite_existing, ec);
+  if (ec) throw Error(fmt::format("{}: cannot copy to {} ({})", from.string(), to.string(), ec.message()));
+}
+
 // Opens `path` read-only; throws moelab::Error "<path>: cannot open <what> (<reason>)" or
 // "<path>: <what> is a FIFO (named pipe), not a regular file" without ever blocking. The returned
 // descriptor is blocking again and close-on-exec; `size` receives the file's size.

@@ -14,7 +14,7 @@ namespace moelab {
 
 Tokenizer::Tokenizer(const std::string& model_path)
     : path_(model_path), sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
-  if (!std::filesystem::exists(model_path)) throw Error(fmt::format("{}: tokenizer model not found", model_path));
+  if (path_type(model_path) == std::filesystem::file_type::not_found) throw Error(fmt::format("{}: tokenizer model not found", model_path));
   // Read here (a FIFO or a directory is refused, never blocks), then parsed from memory.
   const std::string bytes = read_regular_file(model_path, "tokenizer model", 1u << 30);
   const auto status = sp_->LoadFromSerializedProto(bytes);

@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "evals/lm_eval_samples.hpp"
 #include "evals/python_format.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::evals {
 
@@ -184,7 +185,7 @@ std::optional<Reported> find_reported(const std::string& path, const std::string
   if (!f) return std::nullopt;
   json doc;
   try {
-    doc = json::parse(f);
+    doc = parse_json_bounded(f, path);
   } catch (const json::exception& e) {
     throw Error(fmt::format("{}: reported scores file is not valid JSON: {}", path, e.what()));
   }

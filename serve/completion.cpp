@@ -185,14 +185,19 @@ ChoiceResult Completer::run(const PreparedRequest& p, size_t index, const std::f
   };
   const auto entry = [&](std::span<const float> row, int32_t token, std::string bytes, size_t offset) {
     const RowLogSoftmax lsm(row);
-    LogprobEntry e{token, {}, lsm(token), std::vector<std::pair<std::string, double>>{}, offset};
+    LogprobEntry e{token, {}, lsm(token), std::vector<TopLogprob>{}, offset, {}};
     bool has_token = false;
     for (const int32_t t : top_tokens(row, top_n)) {
-      e.top->emplace_back(token_display(tok_.token_bytes(t)), lsm(t));
+      const std::string b = tok_.token_bytes(t);
+      e.top->push_back({token_display(b), lsm(t), b, false});
       has_token = has_token || t == token;
     }
-    if (!has_token) e.top->emplace_back(token_display(tok_.token_bytes(token)), *e.logprob);
+    if (!has_token) {
+      const std::string b = tok_.token_bytes(token);
+      e.top->push_back({token_display(b), *e.logprob, b, true});
+    }
     e.token = token_display(bytes);
+    e.bytes = std::move(bytes);
     return e;
   };
 
@@ -219,7 +224,7 @@ ChoiceResult Completer::run(const PreparedRequest& p, size_t index, const std::f
     size_t offset = 0;
     if (want) {
       std::string b = bytes_in_text(ids[0]);
-      d.logprobs.push_back({ids[0], token_display(b), std::nullopt, std::nullopt, 0});
+      d.logprobs.push_back({ids[0], token_display(b), std::nullopt, std::nullopt, 0, b});
       offset += char_count(b);
     }
     if (n > 1 && (want || m > 0)) {

@@ -32,12 +32,24 @@ namespace moelab::serve {
 // prompt's first token, which nothing predicts), the most likely tokens at that position (plus the token
 // itself when it is not among them; none for a prompt's first token), and where its text starts in the
 // returned text (in characters).
+// One of a position's most likely tokens: its text as shown (token_display), its log-probability, its
+// bytes as they are (chat's "bytes" field, from which a client rebuilds a character split over tokens), and
+// whether it is the position's own token added because it was not among the top N (the completions API
+// shows it, as OpenAI's legacy one does; chat lists exactly top_logprobs entries).
+struct TopLogprob {
+  std::string token;
+  double logprob = 0;
+  std::string bytes;
+  bool added = false;
+};
+
 struct LogprobEntry {
   int32_t id = 0;
   std::string token;
   std::optional<double> logprob;
-  std::optional<std::vector<std::pair<std::string, double>>> top;
+  std::optional<std::vector<TopLogprob>> top;
   size_t text_offset = 0;
+  std::string bytes;  // the token's bytes as they are (token is token_display of them)
 };
 
 // Text that became final, with the log-probabilities of the tokens that produced it (streaming).

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "serve/api_error.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::serve {
 
@@ -13,8 +14,11 @@ namespace {
 
 using nlohmann::json;
 
-// A short description of a JSON value for an error message: its type, and the value when short.
+// A short description of a JSON value for an error message: its type, and the value when short. An array or
+// object is described by its size only: dump recurses once per nesting level, and a 2 MB body of nested
+// brackets would overflow the stack (the parser and the destructor do not recurse).
 std::string describe(const json& v) {
+  if (v.is_structured()) return fmt::format("{} of {} {}", v.type_name(), v.size(), v.is_array() ? "elements" : "members");
   std::string text = v.dump(-1, ' ', false, json::error_handler_t::replace);
   if (text.size() > 40) text = text.substr(0, 37) + "...";
   return fmt::format("{} {}", v.type_name(), text);
@@ -141,13 +145,17 @@ void parse_common(const json& body, CompletionRequest& r) {
   if (r.max_tokens < 0) throw bad_field("max_tokens", fmt::format("'max_tokens' must be 0 or more, got {}", r.max_tokens));
   if (const json* v = field(body, "temperature")) {
     r.temperature = get_number(*v, "temperature");
-    if (r.temperature < 0)
-      throw bad_field("temperature", fmt::format("'temperature' must be 0 or more, got {}", r.temperature));
+    // The sampler works in FP32: a value FP32 cannot hold (1e39 becomes inf, 1e-50 becomes 0) is refused here, as
+    // the client's error, not by the sampler after the prompt's forward pass as a server error.
+    if (r.temperature < 0 || !std::isfinite(float(r.temperature)))
+      throw bad_field("temperature", fmt::format("'temperature' must be 0 or more and at most {:g}, got {}",
+                                                 std::numeric_limits<float>::max(), r.temperature));
   }
   if (const json* v = field(body, "top_p")) {
     r.top_p = get_number(*v, "top_p");
-    if (!(r.top_p > 0 && r.top_p <= 1))
-      throw bad_field("top_p", fmt::format("'top_p' must be in (0, 1], got {}", r.top_p));
+    if (!(r.top_p > 0 && r.top_p <= 1) || !(float(r.top_p) > 0))
+      throw bad_field("top_p", fmt::format("'top_p' must be in (0, 1] and at least {:g}, got {}",
+                                           std::numeric_limits<float>::denorm_min(), r.top_p));
   }
   if (const json* v = field(body, "top_k")) {
     r.top_k = get_int(*v, "top_k");
@@ -186,7 +194,9 @@ void check_object(const json& body) {
 
 json parse_json_body(const std::string& body) {
   try {
-    return json::parse(body);
+    return parse_json_bounded(body, "the request body");
+  } catch (const Error& e) {
+    throw ApiError(400, e.what(), "invalid_request_error", "", "invalid_json");
   } catch (const json::parse_error& e) {
     throw ApiError(400, fmt::format("malformed JSON in the request body: {}", e.what()), "invalid_request_error", "",
                    "invalid_json");

@@ -15,8 +15,8 @@ ojson completion_logprobs_json(const std::vector<LogprobEntry>& entries) {
     lps.push_back(e.logprob ? ojson(*e.logprob) : ojson(nullptr));
     if (e.top) {
       ojson t = ojson::object();
-      for (const auto& [tok, lp] : *e.top)
-        if (!t.contains(tok)) t[tok] = lp;  // two ids with the same text: the more likely one
+      for (const auto& top : *e.top)
+        if (!t.contains(top.token)) t[top.token] = top.logprob;  // two ids with the same text: the more likely one
       tops.push_back(std::move(t));
     } else {
       tops.push_back(nullptr);
@@ -46,10 +46,11 @@ ojson chat_logprobs_json(const std::vector<LogprobEntry>& entries) {
   for (const auto& e : entries) {
     ojson top = ojson::array();
     if (e.top)
-      for (const auto& [tok, lp] : *e.top) top.push_back(ojson{{"token", tok}, {"logprob", lp}, {"bytes", bytes_of(tok)}});
+      for (const auto& t : *e.top)
+        if (!t.added) top.push_back(ojson{{"token", t.token}, {"logprob", t.logprob}, {"bytes", bytes_of(t.bytes)}});
     content.push_back(ojson{{"token", e.token},
                             {"logprob", e.logprob ? ojson(*e.logprob) : ojson(nullptr)},
-                            {"bytes", bytes_of(e.token)},
+                            {"bytes", bytes_of(e.bytes)},
                             {"top_logprobs", std::move(top)}});
   }
   return ojson{{"content", std::move(content)}};

@@ -49,8 +49,10 @@ const char* reason(int status) {
     case 404: return "not found";
     case 405: return "method not allowed";
     case 408: return "request timeout";
+    case 411: return "length required";
     case 413: return "request body too large";
     case 414: return "request URI too long";
+    case 415: return "unsupported media type";
     case 429: return "too many requests";
     case 500: return "internal server error";
     case 503: return "service unavailable";
@@ -397,18 +399,29 @@ struct Server::Impl {
     // Before the body is read: a declared length over the limit is refused at once (httplib itself would
     // read and discard the whole body first, however long the client takes to send it), and the connection
     // is closed, since the body is never read.
+    // httplib 0.11 applies the body limit to a declared Content-Length only: a chunked body, a POST without a
+    // length (read until the client closes) and a compressed one (inflated while read: a 5 MB gzip bomb is
+    // 5 GB) would each be held in memory whole, whatever --max-body says. So a body must come with its
+    // length (411 otherwise) and uncompressed (415); every OpenAI client and lm-eval's requests send it so.
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       t_request_start = Clock::now();
+      const auto refuse = [&](int status) {
+        res.status = status;
+        res.set_header("Connection", "close");
+        return httplib::Server::HandlerResponse::Handled;  // the error handler writes the body
+      };
+      if (req.has_header("Transfer-Encoding")) return refuse(411);
+      const std::string encoding = req.get_header_value("Content-Encoding");
+      if (!encoding.empty() && encoding != "identity") return refuse(415);
+      const bool has_body = req.method == "POST" || req.method == "PUT" || req.method == "PATCH" ||
+                            req.method == "DELETE" || req.method == "PRI";
+      if (has_body && !req.has_header("Content-Length")) return refuse(411);
       const std::string length = req.get_header_value("Content-Length");
       if (!length.empty()) {
         errno = 0;
         char* end = nullptr;
         const unsigned long long n = std::strtoull(length.c_str(), &end, 10);
-        if (errno == ERANGE || (end && *end == '\0' && n > opts.max_body)) {
-          res.status = 413;
-          res.set_header("Connection", "close");
-          return httplib::Server::HandlerResponse::Handled;  // the error handler writes the body
-        }
+        if (errno == ERANGE || (end && *end == '\0' && n > opts.max_body)) return refuse(413);
       }
       return httplib::Server::HandlerResponse::Unhandled;
     });
@@ -421,6 +434,11 @@ struct Server::Impl {
       std::string message = reason(res.status);
       if (res.status == 404) message = fmt::format("no such endpoint: {} {}", req.method, req.path);
       if (res.status == 413) message = "the request body is larger than the server accepts (--max-body)";
+      if (res.status == 411)
+        message = "send the request body with a Content-Length header (chunked transfer encoding is not accepted)";
+      if (res.status == 415)
+        message = fmt::format("the request body must not be compressed (Content-Encoding: {})",
+                              req.get_header_value("Content-Encoding").substr(0, 40));
       res.set_content(dump(ojson(ApiError::error_body(message, type_for(res.status), "", ""))), "application/json");
       return httplib::Server::HandlerResponse::Handled;
     }));

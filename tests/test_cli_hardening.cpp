@@ -220,6 +220,30 @@ TEST_F(CliHardening, TenMillionLayersIsRefusedBeforeAllocating) {
   expect_one_line_error(r, {model.string(), "missing tensor 'model.layers.2.input_layernorm.weight'"});
 }
 
+// JSON nested 300,000 levels deep (600 KB) in a config, a data line, an eval record, a trace input: parsing
+// it is harmless, but describing, copying or comparing it recurses once per level; it is refused while parsed,
+// with one line naming the file (and line). Before: a stack overflow (SIGSEGV) where the value was later shown
+// in a message or copied.
+TEST_F(CliHardening, DeeplyNestedJsonIsOneLineNeverAStackOverflow) {
+  const std::string deep = std::string(300000, '[') + std::string(300000, ']');
+  auto cfg = json::parse(read_file_bytes(fixture("configs/mixtral-8x7b-v0.1.json")));
+  std::string text = cfg.dump();
+  text.insert(text.size() - 1, ", \"rope_scaling\": " + deep);
+  std::ofstream(tmp / "config.json") << text;
+  expect_one_line_error(moelab({"inspect", "--config", (tmp / "config.json").string()}, 60),
+                        {(tmp / "config.json").string() + ": JSON nested more than 64 levels deep"});
+  const std::string model = model_dir(kF32);
+  std::ofstream(tmp / "lines.jsonl") << "\n{\"text\": \"x\", \"extra\": " << deep << "}\n";
+  const std::string lines = (tmp / "lines.jsonl").string();
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"finetune", "--model", model, "--data", lines, "--output", (tmp / "ft").string(), "--max-steps", "1"},
+           {"trace", "--model", model, "--input", lines, "--output", (tmp / "t.h5").string()},
+           {"eval", "--model", model, "--tasks", "hellaswag", "--data", lines}}) {
+    const Outcome r = moelab(args, 60);
+    expect_error_last(r, {lines + ":2: JSON nested more than 64 levels deep"});
+  }
+}
+
 TEST_F(CliHardening, InspectNeverPrintsNegativeSizes) {
   // The largest config the bounds allow: every count and MiB figure inspect prints is positive.
   auto cfg = json::parse(read_file_bytes(fixture("configs/mixtral-8x7b-v0.1.json")));
@@ -316,6 +340,18 @@ TEST_F(CliHardening, ModelFolderThatIsASymlinkLoopIsOneLine) {
   for (const auto& args : commands) {
     SCOPED_TRACE(args[0]);
     expect_one_line_error(moelab(args), {a.string(), "Too many levels of symbolic links"});
+  }
+  // The same for the tokenizer inside a good folder (before: "internal error: filesystem error", exit 2).
+  const auto model = copy_model(kF32);
+  const auto tok = model / "tokenizer.model";
+  fs::remove(tok);
+  fs::create_symlink(tok, tok);
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"inspect", "--model", model.string()},
+           {"generate", "--model", model.string(), "-p", "hi", "-n", "1"},
+           {"quantize", "--model", model.string(), "--output", (tmp / "q-tok").string()}}) {
+    SCOPED_TRACE(args[0]);
+    expect_error_last(moelab(args), {tok.string(), "Too many levels of symbolic links"});
   }
 }
 

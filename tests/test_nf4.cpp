@@ -884,6 +884,24 @@ TEST(Nf4Serialized, BadInputsAreClearErrors) {
          set_json(ts, j);
        },
        kQuantStateSuffix},
+      // Statistics that make a block's absmax inf (code x nested absmax + offset in float32): before, read
+      // without a word, and every product through the weight was inf or NaN.
+      {"nested_offset past float32",
+       [](auto& ts) {
+         auto j = good_json();
+         j.replace(j.find("0.5"), 3, "1e39");
+         set_json(ts, j);
+       },
+       "nested offset inf is not finite"},
+      {"nested code and nested absmax whose product overflows",
+       [](auto& ts) {
+         const float big = 3e38f;
+         for (const char* name : {"m.weight.nested_quant_map", "m.weight.nested_absmax"}) {
+           auto& t = tensor(ts, name);
+           std::memcpy(t.data.data(), &big, 4);
+         }
+       },
+       "past float32's range"},
       {"quant state as a 2-D F32 tensor",
        [](auto& ts) {
          auto& t = tensor(ts, std::string("m.weight") + kQuantStateSuffix);

@@ -35,6 +35,8 @@
 #include "process_util.hpp"
 #include "reference/model.hpp"
 #include "serve/chat.hpp"
+#include "serve/completion.hpp"
+#include "serve/response.hpp"
 #include "serve/server.hpp"
 
 #include <httplib.h>
@@ -546,6 +548,10 @@ TEST_F(ServeTest, BadRequestsGetStatusAndErrorBody) {
       {c, R"({"prompt": "x", "temperature": "hot"})", 400, "temperature", "invalid_type"},
       {c, R"({"prompt": "x", "temperature": -0.5})", 400, "temperature", "invalid_value"},
       {c, R"({"prompt": "x", "top_p": 0})", 400, "top_p", "invalid_value"},
+      // Finite doubles FP32 cannot hold (inf, 0): before, the sampler refused them after the prompt's forward
+      // pass, a 500 server_error.
+      {c, R"({"prompt": "x", "temperature": 1e39})", 400, "temperature", "invalid_value"},
+      {c, R"({"prompt": "x", "top_p": 1e-50, "temperature": 0})", 400, "top_p", "invalid_value"},
       {c, R"({"prompt": "x", "top_k": -2})", 400, "top_k", "invalid_value"},
       {c, R"({"prompt": "x", "seed": "s"})", 400, "seed", "invalid_type"},
       {c, R"({"prompt": "x", "echo": "yes"})", 400, "echo", "invalid_type"},
@@ -583,6 +589,22 @@ TEST_F(ServeTest, BadRequestsGetStatusAndErrorBody) {
     EXPECT_EQ(status, k.status) << k.path << " " << k.body << " -> " << j.dump();
     expect_error_body(j, "invalid_request_error", k.param);
     EXPECT_EQ(j["error"]["code"], k.code) << k.body << " -> " << j.dump();
+  }
+  // A body of nested brackets (2 MB, under --max-body's default): before, describing it in the error message
+  // (dump recurses once per level) overflowed the stack and took the whole server down.
+  for (const std::string& open : {std::string("["), std::string("{\"a\":")}) {
+    std::string deep;
+    for (int i = 0; i < 500000; ++i) deep += open;
+    deep += "1";
+    for (int i = 0; i < 500000; ++i) deep += open == "[" ? "]" : "}";
+    for (const auto& [path, body] : std::vector<std::pair<std::string, std::string>>{
+             {c, deep}, {chat, R"({"messages": )" + deep + "}"}}) {
+      auto [status, j] = post(path, body);
+      EXPECT_EQ(status, 400) << j.dump().substr(0, 200);
+      expect_error_body(j, "invalid_request_error");
+      EXPECT_EQ(j["error"]["code"], "invalid_json");
+      EXPECT_EQ(j["error"]["message"], "the request body: JSON nested more than 64 levels deep");
+    }
   }
   // Unknown endpoints and methods: 404 with the same error shape.
   auto cl = client();
@@ -623,6 +645,57 @@ TEST_F(ServeTest, BodyOverTheLimitIs413) {
   EXPECT_EQ(got.rfind("HTTP/1.1 413 ", 0), 0u) << got;
   EXPECT_NE(got.find("{\"error\":{\"message\":"), std::string::npos) << got;
   EXPECT_TRUE(closed) << "the connection stays open after a refused body";
+}
+
+// Bodies whose size the server cannot know before reading them: chunked (411), without a Content-Length (411),
+// or compressed (415: a small gzip body can inflate to gigabytes). httplib would read each of them into
+// memory whole, past --max-body; each is refused before its body is read, and the connection is closed.
+TEST_F(ServeTest, BodiesOfUnknownSizeAreRefusedBeforeReading) {
+  serve::ServerOptions o;
+  o.max_body = 4096;
+  start(o);
+  for (const auto& [head, status] : std::vector<std::pair<std::string, std::string>>{
+           {"Transfer-Encoding: chunked\r\n", "411"},
+           {"", "411"},
+           {"Content-Encoding: gzip\r\nContent-Length: 100\r\n", "415"},
+           {"Content-Encoding: br\r\nContent-Length: 100\r\n", "415"}}) {
+    RawSocket s(port);
+    ASSERT_GE(s.fd, 0);
+    // A body that never ends: only a refusal before reading answers in time.
+    ASSERT_TRUE(s.send_all("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + head +
+                           "\r\n1000000\r\n{\"prompt\": \""));
+    const auto t0 = Clock::now();
+    std::string got = s.read_until("}}", 10);
+    EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 3.0) << head;
+    EXPECT_EQ(got.rfind("HTTP/1.1 " + status + " ", 0), 0u) << head << " -> " << got;
+    EXPECT_NE(got.find("{\"error\":{\"message\":"), std::string::npos) << got;
+  }
+  // Content-Encoding: identity is no encoding; a plain body is served as before.
+  auto [ok_status, ok] = post("/v1/completions", std::string(R"({"prompt": "x", "max_tokens": 1})"), httplib::Headers{{"Content-Encoding", "identity"}});
+  EXPECT_EQ(ok_status, 200) << ok.dump();
+}
+
+// Chat log-probabilities: "bytes" holds the token's own bytes (a client rebuilds a character split over
+// byte-fallback tokens from them), never the bytes of its "bytes:\xNN" display form; top_logprobs lists
+// exactly the number asked for (the completions API's extra entry for the chosen token is not chat's).
+TEST(ServeResponse, ChatLogprobBytesAreTheTokensOwn) {
+  serve::LogprobEntry e;
+  e.token = serve::token_display("\xE2");
+  e.bytes = "\xE2";
+  e.logprob = -0.5;
+  e.top = std::vector<serve::TopLogprob>{{"a", -0.1, "a", false}, {e.token, -0.5, "\xE2", true}};
+  serve::ChoiceResult choice;
+  choice.text = "x";
+  choice.logprobs = {e};
+  const auto j = serve::chat_json(serve::ResponseMeta{}, choice, true);
+  const auto& c = j["choices"][0]["logprobs"]["content"][0];
+  EXPECT_EQ(c["token"], "bytes:\\xe2");
+  EXPECT_EQ(c["bytes"], nlohmann::ordered_json::array({0xE2})) << c.dump();
+  ASSERT_EQ(c["top_logprobs"].size(), 1u) << c.dump();
+  EXPECT_EQ(c["top_logprobs"][0]["bytes"], nlohmann::ordered_json::array({'a'}));
+  // The completions API keeps the chosen token beside the top N, as OpenAI's legacy API does.
+  const auto legacy = serve::completion_logprobs_json({e});
+  EXPECT_EQ(legacy["top_logprobs"][0].size(), 2u) << legacy.dump();
 }
 
 // --api-key: a missing or wrong key is 401 (with an error body) on every endpoint but /health.

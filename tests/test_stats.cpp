@@ -473,3 +473,28 @@ TEST(StatsCli, TraceFileToTablesAndJson) {
 
 }  // namespace
 }  // namespace moelab::test
+
+namespace moelab::test {
+namespace {
+
+// The co-selection tables are layers x experts^2 doubles per group whatever the token count: a one-token trace
+// of 65536 layers and 256 experts (a 300 KB file) asked for 32 GiB twice, an out-of-memory kill. Refused
+// before allocating, naming the trace; a real model's shape (Mixtral: 32 x 8) is far below the bound.
+TEST(StatsBounds, CoselectionTablesPastTheBudgetAreRefused) {
+  TraceBuilder b(65536, 1, 256, {"a"});
+  b.sequence(std::vector<std::vector<Route>>(1, std::vector<Route>(65536, Route{255})), 0);
+  try {
+    compute_stats(b.tr, false, "huge.h5");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("huge.h5: 65536 layers of 256 experts in 1 group(s) need 65.0 GiB"),
+              std::string::npos) << e.what();
+  }
+  TraceBuilder m(32, 2, 8, {"a", "b"});
+  m.sequence({std::vector<Route>(32, Route{0, 1}), std::vector<Route>(32, Route{2, 3})}, 0);
+  m.sequence({std::vector<Route>(32, Route{4, 5})}, 1);
+  EXPECT_EQ(compute_stats(m.tr, true, "mixtral.h5").domains.size(), 2u);
+}
+
+}  // namespace
+}  // namespace moelab::test

@@ -1617,6 +1617,11 @@ TEST(TraceCorrupt, WrongRankTypeOrShapeIsRefused) {
       {"tokens", H5T_IEEE_F64LE, {13}, "/tokens is not integer"},
       {"router_logits", H5T_NATIVE_FLOAT, {13, 2}, "/router_logits has 2 dimensions"},
       {"gates", H5T_NATIVE_FLOAT, {13, 3, 2}, "/experts and /gates"},
+      // Integers of another width or sign: HDF5's conversion saturates, so an int8 -1 read as expert 0 and an
+      // int64 token id past 2^31 as 2^31 - 1, silently.
+      {"experts", H5T_NATIVE_INT8, {13, 2, 2}, "/experts holds 1-byte signed integers, the format's are 1-byte unsigned"},
+      {"tokens", H5T_NATIVE_INT64, {13}, "/tokens holds 8-byte signed integers, the format's are 4-byte signed"},
+      {"sequence_offsets", H5T_NATIVE_INT32, {3}, "/sequence_offsets holds 4-byte signed integers, the format's are 8-byte"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.needle);
@@ -1670,6 +1675,53 @@ TEST(TraceCorrupt, WrongRankTypeOrShapeIsRefused) {
     H5Dclose(dd), H5Fclose(f);
   }
   expect_error([&] { analysis::read_trace(path); }, {path, "damaged trace", "claims"});
+}
+
+// An append checks what it will write into: /router_logits of another width (before: rows of the file's
+// width were written out of a buffer of the model's, a heap over-read) and /sequence_offsets that decrease
+// before their last entry (before: every dataset was cut to the last offset, deleting committed rows, and the
+// run exit 0). The file is left as it was.
+TEST(TraceCorrupt, AppendChecksEveryDatasetAndEveryOffset) {
+  TempDir tmp;
+  const auto h = small_header(true);
+  const auto make = [&](const std::string& path) {
+    TraceWriter w(path, h);
+    add(w, make_sequence(1, 9, h, 0));
+    add(w, make_sequence(2, 4, h, 1));
+  };
+  const auto logits_path = tmp.file("logits.h5");
+  make(logits_path);
+  {
+    const hid_t f = H5Fopen(logits_path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    ASSERT_GE(H5Ldelete(f, "router_logits", H5P_DEFAULT), 0);
+    const hsize_t dims[3] = {13, 2, 8}, max[3] = {H5S_UNLIMITED, 2, 8}, chunk[3] = {16, 2, 8};
+    const hid_t sp = H5Screate_simple(3, dims, max), pl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(pl, 3, chunk);
+    const hid_t d = H5Dcreate2(f, "router_logits", H5T_IEEE_F32LE, sp, H5P_DEFAULT, pl, H5P_DEFAULT);
+    ASSERT_GE(d, 0);
+    H5Dclose(d), H5Pclose(pl), H5Sclose(sp), H5Fclose(f);
+  }
+  expect_error([&] { TraceWriter w(logits_path, h, kAppend); }, {logits_path, "/router_logits does not have shape [N, 2, 4]"});
+
+  const auto offsets_path = tmp.file("offsets.h5");
+  make(offsets_path);
+  {
+    const hid_t f = H5Fopen(offsets_path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    const hid_t d = H5Dopen2(f, "sequence_offsets", H5P_DEFAULT);
+    const int64_t offsets[3] = {0, 9, 5};  // was 0, 9, 13
+    ASSERT_GE(H5Dwrite(d, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, offsets), 0);
+    H5Dclose(d), H5Fclose(f);
+  }
+  expect_error([&] { TraceWriter w(offsets_path, h, kAppend); }, {offsets_path, "decreases at entry 2 (5 after 9)"});
+  const hid_t f = H5Fopen(offsets_path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  const hid_t d = H5Dopen2(f, "experts", H5P_DEFAULT), sp = H5Dget_space(d);
+  hsize_t dims[3] = {};
+  H5Sget_simple_extent_dims(sp, dims, nullptr);
+  EXPECT_EQ(dims[0], 13u) << "the rows after the bad offset are still there";
+  H5Sclose(sp), H5Dclose(d), H5Fclose(f);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 
 #include "core/error.hpp"
 #include "core/regular_file.hpp"
+#include "core/json_bounded.hpp"
 #include "core/safetensors.hpp"  // printable()
 
 namespace moelab::train {
@@ -276,7 +277,7 @@ Dataset load_dataset(const std::string& path, const Tokenizer& tok, const DataOp
     const std::string where = fmt::format("{}:{}", path, line_no);
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(line);
+      j = parse_json_bounded(line, where);
     } catch (const nlohmann::json::exception& e) {
       // Every kind: a syntax error (parse_error), and also a number too large for a double, "1e400", which
       // nlohmann reports as out_of_range.

@@ -4,6 +4,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "core/error.hpp"
 #include "optimized/nf4/internal.hpp"
@@ -38,6 +40,24 @@ void validate(const QuantizedTensor& q, const std::string& what) {
     throw bad(fmt::format("{} nested absmax values for {} blocks (nested blocksize {})", q.nested_absmax.size(), nb,
                           q.nested_blocksize));
   if (q.nested_code.size() != 256) throw bad(fmt::format("nested code map has {} entries, not 256", q.nested_code.size()));
+  // Each block's absmax is code x nested_absmax + offset in float32: every term finite, and no sum past float32's
+  // range (an offset of 1e39, or codes and nested values of 3e38, would dequantize to inf and NaN without a word;
+  // bitsandbytes' are at most 1, a few hundred, and the mean absmax).
+  if (!std::isfinite(q.offset)) throw bad(fmt::format("nested offset {} is not finite", q.offset));
+  double max_code = 0, max_nested = 0;
+  for (size_t k = 0; k < q.nested_code.size(); ++k) {
+    if (!std::isfinite(q.nested_code[k])) throw bad(fmt::format("nested code map entry {} is {}", k, q.nested_code[k]));
+    max_code = std::max(max_code, std::fabs(double(q.nested_code[k])));
+  }
+  for (size_t g = 0; g < q.nested_absmax.size(); ++g) {
+    if (!std::isfinite(q.nested_absmax[g])) throw bad(fmt::format("nested absmax {} is {}", g, q.nested_absmax[g]));
+    max_nested = std::max(max_nested, std::fabs(double(q.nested_absmax[g])));
+  }
+  const double bound = max_code * max_nested + std::fabs(double(q.offset));
+  if (!(bound <= double(std::numeric_limits<float>::max())))
+    throw bad(fmt::format("its nested statistics give block absmax values up to {:.3g}, past float32's range "
+                          "(nested code up to {:.3g}, nested absmax up to {:.3g}, offset {:.3g})",
+                          bound, max_code, max_nested, q.offset));
 }
 
 namespace {

@@ -8,6 +8,7 @@
 #include "core/error.hpp"
 #include "optimized/nf4/internal.hpp"
 #include "optimized/nf4/nf4.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::nf4 {
 
@@ -36,8 +37,8 @@ QuantStateJson parse_quant_state(const SafetensorsFile& f, const TensorInfo& t) 
   const auto bytes = f.bytes(t);
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(reinterpret_cast<const char*>(bytes.data()),
-                              reinterpret_cast<const char*>(bytes.data()) + bytes.size());
+    j = parse_json_bounded(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()),
+                           fmt::format("{}: tensor '{}': quant state", f.path(), printable_name(t.name)));
   } catch (const nlohmann::json::exception& e) {
     throw bad(fmt::format("is not valid JSON ({})", e.what()));
   }
@@ -145,7 +146,8 @@ class Nf4Reader {
     } else {
       q.absmax = read<float>(w_ + ".absmax", DType::F32, {nb});
     }
-    validate(q, w_);
+    const SafetensorsFile* wf = find_(w_);
+    validate(q, fmt::format("{}: NF4 weight '{}'", wf ? wf->path() : std::string("checkpoint"), printable_name(w_)));
     return q;
   }
 
