@@ -18,7 +18,9 @@ using nlohmann::json;
 // object is described by its size only: dump recurses once per nesting level, and a 2 MB body of nested
 // brackets would overflow the stack (the parser and the destructor do not recurse).
 std::string describe(const json& v) {
-  if (v.is_structured()) return fmt::format("{} of {} {}", v.type_name(), v.size(), v.is_array() ? "elements" : "members");
+  if (v.is_structured())
+    return fmt::format("{} of {} {}{}", v.type_name(), v.size(), v.is_array() ? "element" : "member",
+                       v.size() == 1 ? "" : "s");
   std::string text = v.dump(-1, ' ', false, json::error_handler_t::replace);
   if (text.size() > 40) text = text.substr(0, 37) + "...";
   return fmt::format("{} {}", v.type_name(), text);

@@ -7,6 +7,9 @@
 #include "core/engine.hpp"
 
 #include <httplib.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
@@ -16,6 +19,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "core/engine.hpp"
@@ -41,6 +45,50 @@ std::string dump(const ojson& j) { return j.dump(-1, ' ', false, ojson::error_ha
 
 // When this thread started on its current request (set before routing; read by the logger).
 thread_local Clock::time_point t_request_start{};
+
+// Set when this thread refused a request before reading its body: the connection must end with the answer.
+// httplib 0.11 keeps a connection alive unless the *request* asked to close (a response's "Connection: close"
+// is only a header), and gives handlers no socket, so the unread body would be parsed as the connection's
+// next request. The logger, which runs once the answer is written, shuts the connection down instead.
+thread_local bool t_close_after_answer = false;
+
+// Shuts down this process's TCP connection whose local port is `local_port` and whose peer is
+// (`peer_ip`, `peer_port`), found among its descriptors by getsockname/getpeername (no two connections share
+// all three); httplib's next read on it then ends and it closes the socket itself. Linux (/proc/self/fd).
+void shutdown_connection(int local_port, const std::string& peer_ip, int peer_port) {
+  const auto port_and_ip = [](const sockaddr_storage& a, int& port, std::string& ip) {
+    char text[INET6_ADDRSTRLEN] = {};
+    if (a.ss_family == AF_INET) {
+      const auto& v4 = reinterpret_cast<const sockaddr_in&>(a);
+      port = ntohs(v4.sin_port);
+      ip = inet_ntop(AF_INET, &v4.sin_addr, text, sizeof text) ? text : "";
+      return true;
+    }
+    if (a.ss_family == AF_INET6) {
+      const auto& v6 = reinterpret_cast<const sockaddr_in6&>(a);
+      port = ntohs(v6.sin6_port);
+      ip = inet_ntop(AF_INET6, &v6.sin6_addr, text, sizeof text) ? text : "";
+      return true;
+    }
+    return false;
+  };
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd", ec)) {
+    const int fd = std::atoi(entry.path().filename().c_str());
+    sockaddr_storage local{}, peer{};
+    socklen_t local_len = sizeof local, peer_len = sizeof peer;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
+        ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0)
+      continue;
+    int lport = 0, pport = 0;
+    std::string lip, pip;
+    if (!port_and_ip(local, lport, lip) || !port_and_ip(peer, pport, pip)) continue;
+    if (lport == local_port && pport == peer_port && pip == peer_ip) {
+      ::shutdown(fd, SHUT_RDWR);
+      return;
+    }
+  }
+}
 
 const char* reason(int status) {
   switch (status) {
@@ -398,7 +446,7 @@ struct Server::Impl {
     http.set_tcp_nodelay(true);
     // Before the body is read: a declared length over the limit is refused at once (httplib itself would
     // read and discard the whole body first, however long the client takes to send it), and the connection
-    // is closed, since the body is never read.
+    // is closed, since the body is never read (t_close_after_answer).
     // httplib 0.11 applies the body limit to a declared Content-Length only: a chunked body, a POST without a
     // length (read until the client closes) and a compressed one (inflated while read: a 5 MB gzip bomb is
     // 5 GB) would each be held in memory whole, whatever --max-body says. So a body must come with its
@@ -408,14 +456,16 @@ struct Server::Impl {
       const auto refuse = [&](int status) {
         res.status = status;
         res.set_header("Connection", "close");
+        t_close_after_answer = true;
         return httplib::Server::HandlerResponse::Handled;  // the error handler writes the body
       };
+      // Only GET and POST have routes; another method (whose body httplib would read too) ends here.
+      if (req.method != "GET" && req.method != "POST" && req.method != "HEAD" && req.method != "OPTIONS")
+        return refuse(405);
       if (req.has_header("Transfer-Encoding")) return refuse(411);
       const std::string encoding = req.get_header_value("Content-Encoding");
       if (!encoding.empty() && encoding != "identity") return refuse(415);
-      const bool has_body = req.method == "POST" || req.method == "PUT" || req.method == "PATCH" ||
-                            req.method == "DELETE" || req.method == "PRI";
-      if (has_body && !req.has_header("Content-Length")) return refuse(411);
+      if (req.method == "POST" && !req.has_header("Content-Length")) return refuse(411);
       const std::string length = req.get_header_value("Content-Length");
       if (!length.empty()) {
         errno = 0;
@@ -433,6 +483,8 @@ struct Server::Impl {
                            t_request_start == Clock::time_point{} ? 0.0 : since(t_request_start));
       std::string message = reason(res.status);
       if (res.status == 404) message = fmt::format("no such endpoint: {} {}", req.method, req.path);
+      if (res.status == 405) message = fmt::format("method not allowed: {} {} (only GET and POST are served)",
+                                                   req.method.substr(0, 40), req.path.substr(0, 200));
       if (res.status == 413) message = "the request body is larger than the server accepts (--max-body)";
       if (res.status == 411)
         message = "send the request body with a Content-Length header (chunked transfer encoding is not accepted)";
@@ -457,6 +509,10 @@ struct Server::Impl {
     http.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
       const double secs = t_request_start == Clock::time_point{} ? 0.0 : since(t_request_start);
       t_request_start = {};
+      if (t_close_after_answer) {
+        t_close_after_answer = false;
+        shutdown_connection(req.local_port, req.remote_addr, req.remote_port);
+      }
       if (opts.log_requests) {
         std::fflush(stdout);
         fmt::print(stderr, "[serve] {} {} {} {:.3f}s\n", req.method, req.path, res.status, secs);

@@ -175,11 +175,15 @@ TEST_F(FinetuneHostile, AdamWOptionsAndANonFiniteUpdate) {
   const auto retry = moelab(args(out, 1));
   EXPECT_EQ(retry.status, 0) << retry.err;
   EXPECT_TRUE(fs::exists(out + "/adapter_model.safetensors"));
-  // Every folder the run made on the way is taken back (before: only the last of new/a/b), none that was there.
-  const auto nested = moelab(with(args(dir.file("new") + "/a/b/", 1), {"--weight-decay", "1e300", "--learning-rate", "1e-3"}));
-  EXPECT_EQ(nested.status, 1) << nested.err;
-  EXPECT_FALSE(fs::exists(dir.file("new")));
-  EXPECT_TRUE(fs::is_directory(dir.path()));
+  // Every folder the run made on the way is taken back (before: only the last of new/a/b), none that was there
+  // (the empty folder e), also through a ".." (new/../x makes new and x).
+  fs::create_directories(dir.file("e"));
+  for (const std::string& o : {dir.file("e") + "/new/a/b/", dir.file("e") + "/new/../x/a"}) {
+    const auto nested = moelab(with(args(o, 1), {"--weight-decay", "1e300", "--learning-rate", "1e-3"}));
+    EXPECT_EQ(nested.status, 1) << nested.err;
+    EXPECT_TRUE(fs::is_directory(dir.file("e"))) << o;
+    EXPECT_TRUE(fs::is_empty(dir.file("e"))) << o << " left folders behind";
+  }
 }
 
 // A held-out loss that becomes NaN stops the run at that step with one line naming the data and the last

@@ -255,9 +255,12 @@ class UndoOutputsOfAFailedStart {
     std::error_code ec;  // best effort: the error being reported matters more than a file left behind
     fs::remove(log_, ec);
     if (made_from_.empty()) return;
-    // Each folder made, innermost first; fs::remove takes only an empty one, so nothing else is touched.
+    // Each folder made, innermost first; fs::remove takes only an empty one, so nothing else is touched. A
+    // "." or ".." names no folder of its own (new/../x made new, then x).
     for (fs::path p = out_; !p.empty(); p = p.parent_path()) {
-      if (!fs::remove(p, ec) || p == made_from_) break;
+      const fs::path name = p.filename();
+      if (name != "." && name != ".." && !fs::remove(p, ec)) break;
+      if (p == made_from_) break;
     }
   }
 
@@ -335,8 +338,9 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   const nlohmann::json print = fingerprint(o, train, base_model_identity(*ck));
 
   fs::path made_from;  // the outermost folder created below, if any
-  fs::path out_folder = out.lexically_normal();
-  if (!out_folder.has_filename()) out_folder = out_folder.parent_path();  // "a/b/" is the folder a/b
+  // As given, not normalized: create_directories makes new for new/../x, and x after it.
+  fs::path out_folder = out;
+  while (!out_folder.empty() && !out_folder.has_filename()) out_folder = out_folder.parent_path();  // "a/b/": a/b
   {
     std::error_code ec;
     for (fs::path p = out_folder; p.has_relative_path() && fs::symlink_status(p, ec).type() == fs::file_type::not_found;
