@@ -9,6 +9,7 @@
 #include <httplib.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netdb.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "core/engine.hpp"
@@ -46,32 +48,36 @@ std::string dump(const ojson& j) { return j.dump(-1, ' ', false, ojson::error_ha
 // When this thread started on its current request (set before routing; read by the logger).
 thread_local Clock::time_point t_request_start{};
 
-// Set when this thread refused a request before reading its body: the connection must end with the answer.
-// httplib 0.11 keeps a connection alive unless the *request* asked to close (a response's "Connection: close"
-// is only a header), and gives handlers no socket, so the unread body would be parsed as the connection's
-// next request. The logger, which runs once the answer is written, shuts the connection down instead.
+// A connection whose request was refused before its body was read: that body is still on the socket (and
+// perhaps in httplib's read buffer), and httplib 0.11 keeps a connection alive unless the *request* asked to
+// close, giving handlers no socket. So the connection is marked here (httplib serves one connection at a time
+// per thread, all its requests on that thread): the logger, which runs once the answer is written, shuts it
+// down, and any further "request" read from it (the body's bytes) is refused unrun, its answer going nowhere.
+struct ConnectionId {
+  std::string local_addr, remote_addr;
+  int local_port = -1, remote_port = -1;
+  bool operator==(const ConnectionId&) const = default;
+};
+ConnectionId connection_of(const httplib::Request& req) {
+  return {req.local_addr, req.remote_addr, req.local_port, req.remote_port};
+}
 thread_local bool t_close_after_answer = false;
+thread_local std::optional<ConnectionId> t_doomed;
 
-// Shuts down this process's TCP connection whose local port is `local_port` and whose peer is
-// (`peer_ip`, `peer_port`), found among its descriptors by getsockname/getpeername (no two connections share
-// all three); httplib's next read on it then ends and it closes the socket itself. Linux (/proc/self/fd).
-void shutdown_connection(int local_port, const std::string& peer_ip, int peer_port) {
-  const auto port_and_ip = [](const sockaddr_storage& a, int& port, std::string& ip) {
-    char text[INET6_ADDRSTRLEN] = {};
-    if (a.ss_family == AF_INET) {
-      const auto& v4 = reinterpret_cast<const sockaddr_in&>(a);
-      port = ntohs(v4.sin_port);
-      ip = inet_ntop(AF_INET, &v4.sin_addr, text, sizeof text) ? text : "";
-      return true;
-    }
-    if (a.ss_family == AF_INET6) {
-      const auto& v6 = reinterpret_cast<const sockaddr_in6&>(a);
-      port = ntohs(v6.sin6_port);
-      ip = inet_ntop(AF_INET6, &v6.sin6_addr, text, sizeof text) ? text : "";
-      return true;
-    }
-    return false;
-  };
+// An address as httplib 0.11 writes req.remote_addr and req.local_addr (getnameinfo, numeric host).
+std::string numeric_host(const sockaddr_storage& a, socklen_t len, int& port) {
+  char host[NI_MAXHOST] = {}, serv[NI_MAXSERV] = {};
+  if (::getnameinfo(reinterpret_cast<const sockaddr*>(&a), len, host, sizeof host, serv, sizeof serv,
+                    NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+    return "";
+  port = std::atoi(serv);
+  return host;
+}
+
+// Shuts down this process's TCP connection `c`, found among its descriptors by getsockname/getpeername
+// (local and remote address and port: unique); httplib's next write on it fails and it closes the socket.
+// Linux (/proc/self/fd). The descriptor is the calling thread's own connection, which only this thread closes.
+void shutdown_connection(const ConnectionId& c) {
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd", ec)) {
     const int fd = std::atoi(entry.path().filename().c_str());
@@ -80,10 +86,10 @@ void shutdown_connection(int local_port, const std::string& peer_ip, int peer_po
     if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
         ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0)
       continue;
-    int lport = 0, pport = 0;
-    std::string lip, pip;
-    if (!port_and_ip(local, lport, lip) || !port_and_ip(peer, pport, pip)) continue;
-    if (lport == local_port && pport == peer_port && pip == peer_ip) {
+    ConnectionId id;
+    id.local_addr = numeric_host(local, local_len, id.local_port);
+    id.remote_addr = numeric_host(peer, peer_len, id.remote_port);
+    if (id == c) {
       ::shutdown(fd, SHUT_RDWR);
       return;
     }
@@ -453,12 +459,20 @@ struct Server::Impl {
     // length (411 otherwise) and uncompressed (415); every OpenAI client and lm-eval's requests send it so.
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       t_request_start = Clock::now();
+      const ConnectionId conn = connection_of(req);
       const auto refuse = [&](int status) {
         res.status = status;
         res.set_header("Connection", "close");
+        if (status == 405) res.set_header("Allow", "GET, POST, HEAD, OPTIONS");
         t_close_after_answer = true;
+        t_doomed = conn;
         return httplib::Server::HandlerResponse::Handled;  // the error handler writes the body
       };
+      // Bytes of a refused request's body, read as a request: never run (their answer goes nowhere). Once the
+      // connection is shut down its addresses cannot be read (getpeername: not connected), so a request without
+      // them on this thread is that connection's too; a new connection always has them.
+      if (t_doomed && (*t_doomed == conn || conn.remote_port < 0 || conn.remote_addr.empty())) return refuse(400);
+      t_doomed.reset();  // a new connection on this thread
       // Only GET and POST have routes; another method (whose body httplib would read too) ends here.
       if (req.method != "GET" && req.method != "POST" && req.method != "HEAD" && req.method != "OPTIONS")
         return refuse(405);
@@ -468,10 +482,12 @@ struct Server::Impl {
       if (req.method == "POST" && !req.has_header("Content-Length")) return refuse(411);
       const std::string length = req.get_header_value("Content-Length");
       if (!length.empty()) {
-        errno = 0;
-        char* end = nullptr;
-        const unsigned long long n = std::strtoull(length.c_str(), &end, 10);
-        if (errno == ERANGE || (end && *end == '\0' && n > opts.max_body)) return refuse(413);
+        // Digits only: httplib reads "100000000000x" as 1e11 and would wait for that many bytes.
+        if (length.size() > 19 || length.find_first_not_of("0123456789") != std::string::npos) return refuse(400);
+        const unsigned long long n = std::strtoull(length.c_str(), nullptr, 10);
+        if (n > opts.max_body) return refuse(413);
+        // GET, HEAD and OPTIONS bodies are never read by httplib 0.11: one would be parsed as the next request.
+        if (n > 0 && req.method != "POST") return refuse(400);
       }
       return httplib::Server::HandlerResponse::Unhandled;
     });
@@ -483,6 +499,8 @@ struct Server::Impl {
                            t_request_start == Clock::time_point{} ? 0.0 : since(t_request_start));
       std::string message = reason(res.status);
       if (res.status == 404) message = fmt::format("no such endpoint: {} {}", req.method, req.path);
+      if (res.status == 400 && t_close_after_answer)
+        message = "a request this server cannot read: a Content-Length of digits only, and a body on POST only";
       if (res.status == 405) message = fmt::format("method not allowed: {} {} (only GET and POST are served)",
                                                    req.method.substr(0, 40), req.path.substr(0, 200));
       if (res.status == 413) message = "the request body is larger than the server accepts (--max-body)";
@@ -511,7 +529,7 @@ struct Server::Impl {
       t_request_start = {};
       if (t_close_after_answer) {
         t_close_after_answer = false;
-        shutdown_connection(req.local_port, req.remote_addr, req.remote_port);
+        shutdown_connection(connection_of(req));
       }
       if (opts.log_requests) {
         std::fflush(stdout);

@@ -176,13 +176,14 @@ TEST_F(FinetuneHostile, AdamWOptionsAndANonFiniteUpdate) {
   EXPECT_EQ(retry.status, 0) << retry.err;
   EXPECT_TRUE(fs::exists(out + "/adapter_model.safetensors"));
   // Every folder the run made on the way is taken back (before: only the last of new/a/b), none that was there
-  // (the empty folder e), also through a ".." (new/../x makes new and x).
-  fs::create_directories(dir.file("e"));
-  for (const std::string& o : {dir.file("e") + "/new/a/b/", dir.file("e") + "/new/../x/a"}) {
+  // (the empty folders e and e/kept), also through a ".." (new/../x makes new and x; new/../kept makes new only).
+  fs::create_directories(dir.file("e") + "/kept");
+  for (const std::string& o : {dir.file("e") + "/new/a/b/", dir.file("e") + "/new/../x/a", dir.file("e") + "/new/../kept/a"}) {
     const auto nested = moelab(with(args(o, 1), {"--weight-decay", "1e300", "--learning-rate", "1e-3"}));
     EXPECT_EQ(nested.status, 1) << nested.err;
-    EXPECT_TRUE(fs::is_directory(dir.file("e"))) << o;
-    EXPECT_TRUE(fs::is_empty(dir.file("e"))) << o << " left folders behind";
+    EXPECT_TRUE(fs::is_directory(dir.file("e") + "/kept")) << o << " removed a folder it did not make";
+    EXPECT_TRUE(fs::is_empty(dir.file("e") + "/kept")) << o;
+    EXPECT_EQ(std::distance(fs::directory_iterator(dir.file("e")), fs::directory_iterator()), 1) << o << " left folders behind";
   }
 }
 

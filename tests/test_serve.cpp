@@ -660,15 +660,18 @@ TEST_F(ServeTest, BodiesOfUnknownSizeAreRefusedBeforeReading) {
            {"POST /v1/completions HTTP/1.1\r\n", "411"},
            {"POST /v1/completions HTTP/1.1\r\nContent-Encoding: gzip\r\nContent-Length: 100\r\n", "415"},
            {"POST /v1/completions HTTP/1.1\r\nContent-Encoding: br\r\nContent-Length: 100\r\n", "415"},
-           {"DELETE /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", "405"}}) {
+           {"DELETE /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", "405"},
+           {"POST /v1/completions HTTP/1.1\r\nContent-Length: 100000000000x\r\n", "400"},
+           {"GET /health HTTP/1.1\r\nContent-Length: 20\r\n", "400"}}) {
     RawSocket s(port);
     ASSERT_GE(s.fd, 0);
-    // A body that never ends, holding what would parse as a request: only a refusal before reading answers in
-    // time, and only a closed connection keeps the body from being read as the next request.
-    ASSERT_TRUE(s.send_all(request + "Host: x\r\nContent-Type: application/json\r\n\r\n" +
-                           "GET /health HTTP/1.1\r\nHost: x\r\n\r\n{\"prompt\": \""));
+    // The headers, then (once refused) a "body" that is a whole request of its own: only a refusal before
+    // reading answers in time, and the inner request, still on the socket after the answer, must never run
+    // (httplib would read it as the connection's next request).
+    ASSERT_TRUE(s.send_all(request + "Host: x\r\nContent-Type: application/json\r\n\r\n"));
     const auto t0 = Clock::now();
     std::string got = s.read_until("}}", 10);
+    s.send_all(http_post_raw("/v1/completions", R"({"prompt": "x", "max_tokens": 1})"));  // may find it shut
     bool closed = false;
     got += s.read_until("", 3, &closed);
     EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 2.5) << request;
@@ -677,6 +680,11 @@ TEST_F(ServeTest, BodiesOfUnknownSizeAreRefusedBeforeReading) {
     EXPECT_NE(got.find("{\"error\":{\"message\":"), std::string::npos) << got;
     EXPECT_EQ(got.find("HTTP/1.1", 1), std::string::npos) << "a second answer, to the body: " << got;
   }
+  auto c = client();
+  const auto metrics = c->Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_EQ(metrics->body.find("moelab_requests_total{endpoint=\"/v1/completions\",status=\"200\"}"), std::string::npos)
+      << "a request inside a refused body ran:\n" << metrics->body;
   // Content-Encoding: identity is no encoding; a plain body is served as before.
   auto [ok_status, ok] = post("/v1/completions", std::string(R"({"prompt": "x", "max_tokens": 1})"), httplib::Headers{{"Content-Encoding", "identity"}});
   EXPECT_EQ(ok_status, 200) << ok.dump();

@@ -237,35 +237,39 @@ void set_aside_later_outputs(const fs::path& out, int64_t step, const fs::path& 
 // A run that stops with an error before its first step is logged (std::bad_alloc, a non-finite loss or
 // update at step 1, a non-finite held-out loss at step 0, ...) has written nothing but its log (the header and
 // perhaps the step-0 held-out row, or a resume's copy of the checkpoint's log): it takes the log back, and the
-// folders the run made for --output (all of new/a/b when none was there), so the same command with a fix goes into the same --output (the folder rule
-// refused it before). A resume in the checkpoint's own folder keeps the log it rewrote. Once a step is
+// folders the run made for --output (all of new/a/b when none was there), so the same command with a fix goes
+// into the same --output (the folder rule refused it before). A resume in the checkpoint's own folder keeps the log it rewrote. Once a step is
 // logged, the log is the user's record and stays. (A process the kernel kills outright, as its out-of-memory
 // killer does, runs no destructor: its log stays.)
 class UndoOutputsOfAFailedStart {
  public:
-  // made_from: the outermost folder the run created on the way to out (out itself, or an ancestor of it that
-  // did not exist before: --output new/a/b makes three), empty when out was already there.
-  UndoOutputsOfAFailedStart(fs::path out, fs::path log, fs::path made_from)
-      : out_(std::move(out)), log_(std::move(log)), made_from_(std::move(made_from)) {}
+  explicit UndoOutputsOfAFailedStart(fs::path log) : log_(std::move(log)) {}
   UndoOutputsOfAFailedStart(const UndoOutputsOfAFailedStart&) = delete;
   UndoOutputsOfAFailedStart& operator=(const UndoOutputsOfAFailedStart&) = delete;
+  // Creates `out` folder by folder, remembering each one this call made (--output new/a/b makes three; new/../x
+  // makes new, then x), so the undo removes exactly those and never a folder that was there.
+  void create_folders(const fs::path& out) {
+    fs::path p;
+    for (const fs::path& part : out) {
+      p /= part;
+      if (part.empty() || part == "." || part == ".." || part == p.root_path() || p == p.root_name()) continue;
+      std::error_code ec;
+      if (fs::create_directory(p, ec)) made_.push_back(p);
+      if (ec) throw Error(fmt::format("{}: cannot create the output folder: {}", out.string(), ec.message()));
+    }
+  }
   void keep() { armed_ = false; }
   ~UndoOutputsOfAFailedStart() {
     if (!armed_ || std::uncaught_exceptions() <= uncaught_at_start_) return;  // only when an error leaves the run
     std::error_code ec;  // best effort: the error being reported matters more than a file left behind
     fs::remove(log_, ec);
-    if (made_from_.empty()) return;
-    // Each folder made, innermost first; fs::remove takes only an empty one, so nothing else is touched. A
-    // "." or ".." names no folder of its own (new/../x made new, then x).
-    for (fs::path p = out_; !p.empty(); p = p.parent_path()) {
-      const fs::path name = p.filename();
-      if (name != "." && name != ".." && !fs::remove(p, ec)) break;
-      if (p == made_from_) break;
-    }
+    for (auto it = made_.rbegin(); it != made_.rend(); ++it)  // innermost first; only while empty
+      if (!fs::remove(*it, ec)) break;
   }
 
  private:
-  fs::path out_, log_, made_from_;
+  fs::path log_;
+  std::vector<fs::path> made_;
   bool armed_ = true;
   int uncaught_at_start_ = std::uncaught_exceptions();
 };
@@ -337,20 +341,9 @@ FinetuneSummary run_finetune(const FinetuneOptions& o, const std::atomic<bool>* 
   TrainCounters counters;
   const nlohmann::json print = fingerprint(o, train, base_model_identity(*ck));
 
-  fs::path made_from;  // the outermost folder created below, if any
-  // As given, not normalized: create_directories makes new for new/../x, and x after it.
-  fs::path out_folder = out;
-  while (!out_folder.empty() && !out_folder.has_filename()) out_folder = out_folder.parent_path();  // "a/b/": a/b
-  {
-    std::error_code ec;
-    for (fs::path p = out_folder; p.has_relative_path() && fs::symlink_status(p, ec).type() == fs::file_type::not_found;
-         p = p.parent_path())
-      made_from = p;
-    if (!fs::create_directories(out, ec)) made_from.clear();
-    if (ec) throw Error(fmt::format("{}: cannot create the output folder: {}", out.string(), ec.message()));
-  }
   const fs::path log_path = out / "train_log.csv";
-  UndoOutputsOfAFailedStart undo_failed_start(out_folder, log_path, made_from);
+  UndoOutputsOfAFailedStart undo_failed_start(log_path);
+  undo_failed_start.create_folders(out);
   if (resume_in_place) undo_failed_start.keep();
   if (resuming) {
     for (const auto& change : read_train_checkpoint(o.resume_from, views, adam, counters, print))

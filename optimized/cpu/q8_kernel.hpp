@@ -102,11 +102,11 @@ MOELAB_Q8_TARGET void q8_rows(const moelab::cpu::Nf4Matrix& w, const int8_t* q, 
     // Group index g (kChunk / 32 groups per chunk) drives every pointer: codes at 16 bytes per group, the
     // activations at 32, the group sums, scales and absmax at one each.
     for (int64_t g = 0; g < groups; g += kChunk / 32) {
-      // Each cache line of codes is asked for kPrefetchBytes before its load. Past the matrix's end the address
-      // is only an integer (no pointer past the array is formed) and the prefetch never faults.
-      const auto ahead = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(codes + 16 * g) + kPrefetchBytes);
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      if constexpr (kChunk > 64) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      // The line kPrefetchBytes ahead of this pass's codes (a pass reads 64 bytes with AVX-512, 32 with AVX2).
+      // Past the matrix's end the address is only an integer (no pointer past the array is formed), and a
+      // prefetch never faults.
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(codes + 16 * g) + kPrefetchBytes),
+                   _MM_HINT_T0);
       const typename V::I raw = V::load(codes + 16 * g);
       const typename V::I wh = V::lookup(table, V::high_nibbles(raw)), wl = V::lookup(table, V::low_nibbles(raw));
       if constexpr (V::kUnsignedWeights) {
