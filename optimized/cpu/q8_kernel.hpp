@@ -75,10 +75,10 @@ MOELAB_Q8_TARGET void decode_row_absmax(const moelab::cpu::Nf4Matrix& w, int64_t
 }
 
 // The codes are asked for this far ahead of the loads. The stream is sequential and the hardware prefetchers
-// follow it, but not far enough ahead for a kernel this fast: on Zen 5 (benchmarks/README.md, medians of six
-// interleaved rounds, one token from DRAM, two threads) a w2-shaped matrix went from 19.6 to 22.3 GB/s with
-// the avx512-vnni kernels and from 13.6 to 18.6 with avx2, and cpu-nf4's decode from 26.0 to 30.4 tokens/s;
-// 2 KiB ahead measured as 1 KiB.
+// follow it, but not always far enough ahead for a kernel this fast: on a noisy Zen 5 VM (benchmarks/README.md,
+// medians of interleaved rounds, two threads) one token from DRAM through a w2-shaped matrix was faster with
+// it in most rounds (avx512-vnni 19.6 -> 22.3 GB/s, avx2 13.6 -> 18.6), and cpu-nf4's prefill in every round;
+// 2 KiB ahead measured as 1 KiB. It changes no value.
 constexpr int64_t kPrefetchBytes = 1024;
 
 // Rows r0 .. r1 for T tokens. `decoded`: the rows' absmax per group, decoded once by the caller for all its
