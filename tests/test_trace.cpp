@@ -1583,16 +1583,19 @@ TEST(TraceCorrupt, NonRegularFilesAreRefused) {
   expect_error([&] { analysis::read_trace(fifo); }, {fifo, "not a regular file"});
 }
 
+// A trace of two sequences (9 and 4 tokens) under header h, for the tests that damage it.
+void write_two_sequences(const std::string& path, const TraceHeader& h) {
+  TraceWriter w(path, h);
+  add(w, make_sequence(1, 9, h, 0));
+  add(w, make_sequence(2, 4, h, 1));
+}
+
 // Datasets whose rank or type is not the layout's, and shapes that lie: refused before any read, naming
 // the dataset.
 TEST(TraceCorrupt, WrongRankTypeOrShapeIsRefused) {
   TempDir tmp;
   const auto h = small_header(true);
-  const auto make = [&](const std::string& path) {
-    TraceWriter w(path, h);
-    add(w, make_sequence(1, 9, h, 0));
-    add(w, make_sequence(2, 4, h, 1));
-  };
+  const auto make = [&](const std::string& path) { write_two_sequences(path, h); };
   // Replaces dataset `name` with one of another rank or type.
   const auto replace = [&](const std::string& path, const char* name, hid_t type, std::vector<hsize_t> dims) {
     const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
@@ -1684,11 +1687,7 @@ TEST(TraceCorrupt, WrongRankTypeOrShapeIsRefused) {
 TEST(TraceCorrupt, AppendChecksEveryDatasetAndEveryOffset) {
   TempDir tmp;
   const auto h = small_header(true);
-  const auto make = [&](const std::string& path) {
-    TraceWriter w(path, h);
-    add(w, make_sequence(1, 9, h, 0));
-    add(w, make_sequence(2, 4, h, 1));
-  };
+  const auto make = [&](const std::string& path) { write_two_sequences(path, h); };
   const auto logits_path = tmp.file("logits.h5");
   make(logits_path);
   {
