@@ -43,6 +43,7 @@
 #include "core/safetensors_writer.hpp"
 #include "core/spawn.hpp"
 #include "core/tokenizer.hpp"
+#include "core/json_bounded.hpp"
 #include "train/data.hpp"
 #include "train/blas_kernels.hpp"
 #include "train/finetune.hpp"
@@ -129,7 +130,8 @@ bool is_demo_folder(const fs::path& out) {
   std::error_code ec;
   if (fs::is_regular_file(out / kDemoMarker, ec)) return true;
   try {
-    const auto index = nlohmann::json::parse(read_regular_file((out / "index.json").string(), "demo index", 1u << 26));
+    const std::string index_path = (out / "index.json").string();
+    const auto index = parse_json_bounded(read_regular_file(index_path, "demo index", 1u << 26), index_path);
     return index.is_object() && index.value("format", "") == "moelab-demo-v1";
   } catch (const std::exception&) {
     return false;  // no index.json, or not a demo's

@@ -546,6 +546,16 @@ TEST(SafetensorsValidation, HugeNamesAreShortenedInMessages) {
   EXPECT_LT(open_error(dup).size(), 1000u);
 }
 
+// A header nested 200,000 levels deep (in __metadata__) is refused while parsed, naming the file: nothing may
+// later walk it recursively.
+TEST(SafetensorsValidation, DeeplyNestedHeaderIsRefused) {
+  TempDir dir;
+  const std::string path = dir.file("deep.safetensors");
+  write_crafted(path, R"({"__metadata__": )" + std::string(200000, '[') + std::string(200000, ']') + "," +
+                          entry("w", "F32", "[1]", 0, 4) + "}", 4);
+  expect_rejected(path, {"safetensors header nested more than 64 levels deep"});
+}
+
 TEST(SafetensorsValidation, MissingDtype) {
   TempDir dir;
   const std::string path = dir.file("no_dtype.safetensors");
