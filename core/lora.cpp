@@ -23,6 +23,7 @@
 #include "core/error.hpp"
 #include "core/regular_file.hpp"
 #include "core/safetensors.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab {
 namespace {
@@ -31,9 +32,9 @@ namespace fs = std::filesystem;
 using ojson = nlohmann::ordered_json;  // rank_pattern / alpha_pattern are tried in the file's order, as peft does
 
 // A peft config is a flat object whose deepest field (layer_replication, a list of pairs) is 3 levels down;
-// nothing past this depth is read, so a document nested deeper is refused while it is parsed, before any
-// recursive walk over it (serializing one 200,000 levels deep for a message overflowed the stack).
-constexpr int kMaxJsonDepth = 64;
+// nothing past kJsonNestingLimit (core/json_bounded.hpp) is read, so a document nested deeper is refused while
+// it is parsed, before any recursive walk over it (serializing one 200,000 levels deep for a message
+// overflowed the stack).
 // Regular expressions from the config (target_modules, exclude_modules, layers_pattern, rank_pattern and
 // alpha_pattern keys) are matched by RE2, in time linear in the name matched, where RE2 can read them. The
 // longest a real one gets is a few hundred bytes (an alternation of module names); this is far above that.
@@ -557,14 +558,13 @@ ojson read_config_json(const std::string& path) {
   const std::string text = read_regular_file(path, "adapter config", 16u << 20);
   std::string duplicate;
   std::set<std::string> keys;  // the top-level object's
-  std::vector<size_t> fields(kMaxJsonDepth + 1);  // fields read so far in the open object at each depth
+  std::vector<size_t> fields(kJsonNestingLimit + 1);  // fields read so far in the open object at each depth
   const auto callback = [&](int depth, ojson::parse_event_t event, ojson& parsed) {
     // nlohmann's parser keeps its own stack, so this is reached at any depth; stopping here keeps every
     // later walk over the document (messages, destruction) shallow.
-    if ((event == ojson::parse_event_t::object_start || event == ojson::parse_event_t::array_start) &&
-        depth >= kMaxJsonDepth)
+    if (opens_past<ojson>(depth, event, kJsonNestingLimit))
       throw Error(fmt::format("{}: nested more than {} levels deep (a peft adapter config is a flat object of fields)",
-                              path, kMaxJsonDepth));
+                              path, kJsonNestingLimit));
     if (event == ojson::parse_event_t::object_start) fields[size_t(depth) + 1] = 0;  // its keys come at depth + 1
     if (event == ojson::parse_event_t::key && ++fields[size_t(depth)] > kMaxObjectFields)
       throw Error(fmt::format("{}: an object of more than {} fields (a peft adapter config has a few dozen, and a "

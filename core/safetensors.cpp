@@ -70,8 +70,7 @@ json parse_header_json(const std::string& path, std::string_view text) {
   std::vector<std::set<std::string>> keys_by_depth(4);
   auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
     // A header is three levels deep; far deeper is refused before anything walks it (core/json_bounded.hpp).
-    if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
-        depth >= kJsonNestingLimit)
+    if (opens_past<json>(depth, event, kJsonNestingLimit))
       throw Error(fmt::format("{}: safetensors header nested more than {} levels deep", path, kJsonNestingLimit));
     if (event == json::parse_event_t::object_start && depth < 3) keys_by_depth[depth + 1].clear();
     if (event == json::parse_event_t::key && depth <= 2) {

@@ -28,10 +28,6 @@ class Tokenizer;
 
 namespace moelab::serve {
 
-// One position's log-probabilities: the token there (its text as bytes), its log-probability (none for a
-// prompt's first token, which nothing predicts), the most likely tokens at that position (plus the token
-// itself when it is not among them; none for a prompt's first token), and where its text starts in the
-// returned text (in characters).
 // One of a position's most likely tokens: its text as shown (token_display), its log-probability, its
 // bytes as they are (chat's "bytes" field, from which a client rebuilds a character split over tokens), and
 // whether it is the position's own token added because it was not among the top N (the completions API
@@ -43,6 +39,10 @@ struct TopLogprob {
   bool added = false;
 };
 
+// One position's log-probabilities: the token there (its text as bytes), its log-probability (none for a
+// prompt's first token, which nothing predicts), the most likely tokens at that position (plus the token
+// itself when it is not among them; none for a prompt's first token), and where its text starts in the
+// returned text (in characters).
 struct LogprobEntry {
   int32_t id = 0;
   std::string token;

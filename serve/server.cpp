@@ -61,7 +61,6 @@ struct ConnectionId {
 ConnectionId connection_of(const httplib::Request& req) {
   return {req.local_addr, req.remote_addr, req.local_port, req.remote_port};
 }
-thread_local bool t_close_after_answer = false;
 thread_local std::optional<ConnectionId> t_doomed;
 
 // An address as httplib 0.11 writes req.remote_addr and req.local_addr (getnameinfo, numeric host).
@@ -452,7 +451,7 @@ struct Server::Impl {
     http.set_tcp_nodelay(true);
     // Before the body is read: a declared length over the limit is refused at once (httplib itself would
     // read and discard the whole body first, however long the client takes to send it), and the connection
-    // is closed, since the body is never read (t_close_after_answer).
+    // is closed, since the body is never read (t_doomed).
     // httplib 0.11 applies the body limit to a declared Content-Length only: a chunked body, a POST without a
     // length (read until the client closes) and a compressed one (inflated while read: a 5 MB gzip bomb is
     // 5 GB) would each be held in memory whole, whatever --max-body says. So a body must come with its
@@ -464,7 +463,6 @@ struct Server::Impl {
         res.status = status;
         res.set_header("Connection", "close");
         if (status == 405) res.set_header("Allow", "GET, POST, HEAD, OPTIONS");
-        t_close_after_answer = true;
         t_doomed = conn;
         return httplib::Server::HandlerResponse::Handled;  // the error handler writes the body
       };
@@ -499,7 +497,7 @@ struct Server::Impl {
                            t_request_start == Clock::time_point{} ? 0.0 : since(t_request_start));
       std::string message = reason(res.status);
       if (res.status == 404) message = fmt::format("no such endpoint: {} {}", req.method, req.path);
-      if (res.status == 400 && t_close_after_answer)
+      if (res.status == 400 && t_doomed)
         message = "a request this server cannot read: a Content-Length of digits only, and a body on POST only";
       if (res.status == 405) message = fmt::format("method not allowed: {} {} (only GET and POST are served)",
                                                    req.method.substr(0, 40), req.path.substr(0, 200));
@@ -527,10 +525,8 @@ struct Server::Impl {
     http.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
       const double secs = t_request_start == Clock::time_point{} ? 0.0 : since(t_request_start);
       t_request_start = {};
-      if (t_close_after_answer) {
-        t_close_after_answer = false;
-        shutdown_connection(connection_of(req));
-      }
+      // The refused request's own answer (later ones on the shut connection have no addresses).
+      if (t_doomed && *t_doomed == connection_of(req)) shutdown_connection(*t_doomed);
       if (opts.log_requests) {
         std::fflush(stdout);
         fmt::print(stderr, "[serve] {} {} {} {:.3f}s\n", req.method, req.path, res.status, secs);

@@ -79,6 +79,11 @@ TEST_F(FinetuneHostile, DamagedTrainerStateIsOneErrorNamingIt) {
       {"evals-no-step", [](nlohmann::json& j) { j["evals"] = {{{"eval_loss", 1.0}}}; }},
       {"adamw-steps-minus-1", [](nlohmann::json& j) { for (auto& [k, v] : j["adamw_steps"].items()) v = -1; }},
       {"adamw-steps-past-the-step", [](nlohmann::json& j) { for (auto& [k, v] : j["adamw_steps"].items()) v = 2; }},
+      {"nested-past-16-levels", [](nlohmann::json& j) {
+         nlohmann::json deep = 1;
+         for (int i = 0; i < 20; ++i) deep = nlohmann::json::array({deep});
+         j["extra"] = deep;
+       }},
   };
   for (const auto& [name, edit] : cases) {
     const std::string ck = edited_checkpoint(good, name, edit);

@@ -238,8 +238,8 @@ void set_aside_later_outputs(const fs::path& out, int64_t step, const fs::path& 
 // update at step 1, a non-finite held-out loss at step 0, ...) has written nothing but its log (the header and
 // perhaps the step-0 held-out row, or a resume's copy of the checkpoint's log): it takes the log back, and the
 // folders the run made for --output (all of new/a/b when none was there), so the same command with a fix goes
-// into the same --output (the folder rule refused it before). A resume in the checkpoint's own folder keeps the log it rewrote. Once a step is
-// logged, the log is the user's record and stays. (A process the kernel kills outright, as its out-of-memory
+// into the same --output (the folder rule refused it before). A resume in the checkpoint's own folder keeps
+// the log it rewrote. Once a step is logged, the log is the user's record and stays. (A process the kernel kills outright, as its out-of-memory
 // killer does, runs no destructor: its log stays.)
 class UndoOutputsOfAFailedStart {
  public:
@@ -252,7 +252,7 @@ class UndoOutputsOfAFailedStart {
     fs::path p;
     for (const fs::path& part : out) {
       p /= part;
-      if (part.empty() || part == "." || part == ".." || part == p.root_path() || p == p.root_name()) continue;
+      if (part.empty() || part == "." || part == ".." || !p.has_relative_path()) continue;  // (or the root)
       std::error_code ec;
       if (fs::create_directory(p, ec)) made_.push_back(p);
       if (ec) throw Error(fmt::format("{}: cannot create the output folder: {}", out.string(), ec.message()));

@@ -12,6 +12,7 @@
 #include "core/regular_file.hpp"
 #include "core/safetensors.hpp"
 #include "core/safetensors_writer.hpp"
+#include "core/json_bounded.hpp"
 
 namespace moelab::train {
 
@@ -96,13 +97,7 @@ std::vector<std::string> read_train_checkpoint(const std::string& dir, std::span
     throw Error(fmt::format("{}: no trainer_state.json; not a moelab finetune checkpoint", dir));
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(read_regular_file(state_path, "trainer state"),
-                              [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
-                                if (depth > kMaxStateDepth)
-                                  throw Error(fmt::format("{}: nested more than {} levels deep; not a trainer state",
-                                                          state_path, kMaxStateDepth));
-                                return true;
-                              });
+    j = parse_json_bounded(read_regular_file(state_path, "trainer state"), state_path, true, kMaxStateDepth);
     if (!j.is_object() || j.value("format", "") != kFormat || j.value("version", 0) != kVersion)
       throw Error(fmt::format("{}: not a {} version {} file", state_path, kFormat, kVersion));
     // Counts are integers: nlohmann would truncate 1.5 to 1 without a word.
